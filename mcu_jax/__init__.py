@@ -1,0 +1,3 @@
+"""mcu-jax: Mode Connectivity Unlearning in JAX/Flax."""
+
+__version__ = "0.1.0"
