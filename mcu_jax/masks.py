@@ -1,0 +1,206 @@
+"""The per-tensor parameter mask of MCU (paper section 2.3) and a random mask of equal budget.
+
+A mask is a pytree of Python bools with the structure of the parameters: ``True`` marks a tensor
+of the control point theta_c that curve training may change; all others stay frozen.
+
+Budget rule (used by :func:`parameter_mask` and :func:`random_mask`): with ``N`` the total
+number of elements, a fraction ``f`` gives the integer budget ``B = floor(f * N)``. Tensors are
+visited in a fixed order and a tensor is taken *while the running element count before taking
+it is below B*. So ``f = 0`` takes nothing, ``f = 1`` takes every visited tensor, and the count
+taken ends in ``[B, B + size of the last tensor taken)`` unless the tensors run out first. This
+is the rule of the authors' release (``generate_weight_mask.py``: ``int(N * k)`` and
+``if count < threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mcu_jax import pytrees
+
+PyTree = Any
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return value
+
+
+def _take_in_order(order: Sequence[str], sizes: dict[str, int], budget: int) -> set[str]:
+    """Paths taken from ``order`` while the running element count is below ``budget``."""
+    taken: set[str] = set()
+    count = 0
+    for path in order:
+        if count >= budget:
+            break
+        taken.add(path)
+        count += sizes[path]
+    return taken
+
+
+def tensor_importance(grads: PyTree) -> PyTree:
+    """Importance of each tensor: L2 norm of its gradient divided by its number of elements.
+
+    Returns a pytree of Python floats (computed in float64 on the host); empty tensors get 0.
+    """
+
+    def importance(g: Any) -> float:
+        g = np.asarray(g, dtype=np.float64)
+        return float(np.linalg.norm(g.ravel()) / g.size) if g.size else 0.0
+
+    return jax.tree_util.tree_map(importance, grads)
+
+
+def parameter_mask(
+    grads_retain: PyTree, grads_forget: PyTree, k: float = 0.5, k_r: float = 0.1
+) -> PyTree:
+    """MCU mask from the gradients at theta_o on D_r and on D_f (paper eqs. 3-5).
+
+    1. Visit tensors in descending retain importance and *drop* them under the budget rule with
+       fraction ``k_r`` (the tensors most important for D_r never move).
+    2. Visit the remaining tensors in descending forget importance and *keep* them under the
+       budget rule with fraction ``k``.
+
+    Both ``k`` and ``k_r`` are fractions of the total number of elements (not of tensors); see
+    the module docstring for the exact boundary. Ties in importance are broken by path string
+    (ascending), so the result is deterministic. Unlike the release, a dropped tensor is never
+    kept in step 2 (the paper's ``m = m_r & m_f``; the release re-enters dropped tensors with
+    importance 0, which matters only when the remaining tensors cannot fill the k budget).
+    Returns a pytree of Python bools shaped like ``grads_retain``.
+    """
+    k = _check_fraction("k", k)
+    k_r = _check_fraction("k_r", k_r)
+    pytrees.check_compatible(grads_retain=grads_retain, grads_forget=grads_forget)
+    imp_r = pytrees.flatten(tensor_importance(grads_retain))
+    imp_f = pytrees.flatten(tensor_importance(grads_forget))
+    for name, imp in (("grads_retain", imp_r), ("grads_forget", imp_f)):
+        for path, value in imp.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name} has a non-finite gradient at leaf {path!r}")
+    sizes = {p: math.prod(np.shape(g)) for p, g in pytrees.flatten(grads_retain).items()}
+    total = sum(sizes.values())
+
+    by_retain = sorted(sizes, key=lambda p: (-imp_r[p], p))
+    dropped = _take_in_order(by_retain, sizes, math.floor(k_r * total))
+    remaining = [p for p in sizes if p not in dropped]
+    by_forget = sorted(remaining, key=lambda p: (-imp_f[p], p))
+    kept = _take_in_order(by_forget, sizes, math.floor(k * total))
+    return pytrees.unflatten(grads_retain, {p: p in kept for p in sizes})
+
+
+def random_mask(params: PyTree, fraction: float, key: jax.Array) -> PyTree:
+    """Keep whole tensors in a random order (from ``key``) under the budget rule.
+
+    The element budget matches :func:`parameter_mask`'s ``k``, for the paper's Figure 2
+    comparison. Deterministic for a given key and parameter structure.
+    """
+    fraction = _check_fraction("fraction", fraction)
+    sizes = {p: math.prod(np.shape(v)) for p, v in pytrees.flatten(params).items()}
+    paths = sorted(sizes)
+    perm = np.asarray(jax.random.permutation(key, len(paths))) if paths else []
+    order = [paths[i] for i in perm]
+    kept = _take_in_order(order, sizes, math.floor(fraction * sum(sizes.values())))
+    return pytrees.unflatten(params, {p: p in kept for p in sizes})
+
+
+def mask_summary(mask: PyTree, params: PyTree) -> str:
+    """One line: how many elements and tensors of ``params`` the mask keeps."""
+    flat_mask = pytrees.flatten(mask)
+    sizes = {p: math.prod(np.shape(v)) for p, v in pytrees.flatten(params).items()}
+    if set(flat_mask) != set(sizes):
+        raise ValueError("mask and params have different leaf paths")
+    total = sum(sizes.values())
+    kept = sum(s for p, s in sizes.items() if flat_mask[p])
+    n_kept = sum(bool(v) for v in flat_mask.values())
+    frac_e = 100.0 * kept / total if total else 0.0
+    frac_t = 100.0 * n_kept / len(sizes) if sizes else 0.0
+    return (
+        f"mask keeps {kept:,} of {total:,} elements ({frac_e:.2f}%) in "
+        f"{n_kept} of {len(sizes)} tensors ({frac_t:.2f}%)"
+    )
+
+
+def _check_indices(name: str, idx: Any, n: int) -> np.ndarray:
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-d integer index array, got {idx.dtype} {idx.shape}")
+    if idx.size == 0:
+        raise ValueError(f"{name} is empty; the gradient over an empty set is undefined")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"{name} has indices outside [0, {n}): min {idx.min()}, max {idx.max()}")
+    return idx.astype(np.int32)
+
+
+def mask_gradients(
+    model: Any,
+    variables: PyTree,
+    x: Any,
+    y: Any,
+    retain_idx: Any,
+    forget_idx: Any,
+    mean: Any,
+    std: Any,
+    batch_size: int = 256,
+) -> tuple[PyTree, PyTree]:
+    """Gradients of the mean cross-entropy at theta_o over all of D_r and all of D_f.
+
+    ``x`` is uint8 NHWC, ``y`` int labels, ``retain_idx``/``forget_idx`` index into them. BatchNorm
+    runs in evaluation mode (``train=False``), so samples are independent and the per-batch
+    gradient of the summed per-sample loss can be added up exactly; the last partial batch is
+    padded and the padding weighted by zero, so one compiled step serves every batch. Returns
+    ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
+    """
+    from mcu_jax.data.transforms import normalize  # written concurrently; import on use
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if x.dtype != jnp.uint8 or x.ndim != 4:
+        raise ValueError(f"x must be uint8 images (N, H, W, C), got {x.dtype} {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    n = x.shape[0]
+    retain_idx = _check_indices("retain_idx", retain_idx, n)
+    forget_idx = _check_indices("forget_idx", forget_idx, n)
+    params = variables["params"]
+    others = {name: v for name, v in variables.items() if name != "params"}
+
+    @jax.jit
+    def accumulate(acc, params, others, x, y, idx, weight):
+        xb = normalize(jnp.take(x, idx, axis=0), mean, std)
+
+        def summed_loss(p):
+            logits = model.apply({"params": p, **others}, xb, train=False)
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), jnp.take(y, idx, axis=0)
+            )
+            return jnp.sum(ce * weight)
+
+        grads = jax.grad(summed_loss)(params)
+        return jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+
+    def mean_grad(idx: np.ndarray) -> PyTree:
+        bs = min(batch_size, idx.size)
+        acc = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        for start in range(0, idx.size, bs):
+            chunk = idx[start : start + bs]
+            weight = np.zeros(bs, np.float32)
+            weight[: chunk.size] = 1.0
+            padded = np.zeros(bs, np.int32)
+            padded[: chunk.size] = chunk
+            acc = accumulate(acc, params, others, x, y, jnp.asarray(padded), jnp.asarray(weight))
+        return jax.tree_util.tree_map(
+            lambda a, p: (a / idx.size).astype(jnp.result_type(p)), acc, params
+        )
+
+    return mean_grad(retain_idx), mean_grad(forget_idx)
