@@ -1,0 +1,78 @@
+"""BatchNorm statistics recomputed for a given set of parameters (paper section 2.5).
+
+A point theta(t) on a curve has no running statistics of its own, so they are measured
+with one pass in train mode over a data set. The model is cloned with ``bn_momentum=0``,
+which makes a train-mode call write exactly the current batch's mean and (biased)
+variance; the per-batch statistics are then averaged with weights equal to the batch
+sizes (the cumulative average that PyTorch's ``update_bn`` forms with ``momentum=None``,
+except that we average the biased variances BatchNorm itself normalises with).
+
+Everything is a pure function of ``params`` so a sweep can ``vmap`` it over many t.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcu_jax.data.batching import eval_batches
+from mcu_jax.data.device import Images
+from mcu_jax.data.transforms import normalize
+
+
+def bn_batches(indices, batch_size: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """Full (S, B) index batches and the remainder (r,) covering ``indices`` once (None when
+    there is no full batch or no remainder)."""
+    indices = np.asarray(indices, np.int32)
+    if indices.size == 0:
+        raise ValueError("BatchNorm statistics need a non-empty data set")
+    full, rest = eval_batches(indices, min(batch_size, indices.size))
+    return (full if full.shape[0] else None), (rest if rest.shape[0] else None)
+
+
+def batch_statistics(model, params, template, images: Images, batches, rest):
+    """Size-weighted mean of per-batch BatchNorm statistics (pure; jit/vmap friendly).
+
+    ``template`` is any batch_stats pytree of the model (only its structure is used);
+    ``batches``/``rest`` come from :func:`bn_batches`. Returns a new batch_stats pytree.
+    """
+    if not jax.tree.leaves(template):
+        return template
+    model0 = model.clone(bn_momentum=0.0)
+
+    def stats(idx):
+        x = normalize(images.x[idx], images.mean, images.std)
+        _, new = model0.apply(
+            {"params": params, "batch_stats": template}, x, train=True, mutable=["batch_stats"]
+        )
+        return new["batch_stats"]
+
+    total = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), template)
+    count = 0
+    if batches is not None:
+
+        def body(acc, idx):
+            s = stats(idx)
+            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, s), None
+
+        summed, _ = jax.lax.scan(body, total, batches)
+        b = batches.shape[1]
+        total = jax.tree.map(lambda a: a * b, summed)
+        count += batches.shape[0] * b
+    if rest is not None:
+        r = rest.shape[0]
+        total = jax.tree.map(lambda a, s: a + r * s.astype(jnp.float32), total, stats(rest))
+        count += r
+    return jax.tree.map(lambda a, t: (a / count).astype(t.dtype), total, template)
+
+
+def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128) -> dict:
+    """``variables`` with batch_stats recomputed over ``images[indices]``."""
+    batches, rest = bn_batches(indices, batch_size)
+    params, template = variables["params"], variables["batch_stats"]
+    stats = _batch_statistics_jit(model, params, template, images, batches, rest)
+    return {"params": params, "batch_stats": stats}
+
+
+_batch_statistics_jit = jax.jit(batch_statistics, static_argnums=0)

@@ -1,0 +1,130 @@
+"""Orbax checkpoints: resumable training states and exported models.
+
+Two uses:
+* :class:`Checkpointer` keeps the last few states of a running loop (one per epoch), written
+  atomically by orbax (a half-written step is never listed), so a killed run resumes from the
+  newest complete one.
+* :func:`save_model` / :func:`load_model` store a finished model's variables plus JSON
+  metadata (reference accuracies, config, split seed, ...) so later phases reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = "state"
+_META = "meta"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Converts numpy scalars/arrays and tuples in ``obj`` into plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray | jax.Array):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class Checkpointer:
+    """Saves ``(state pytree, metadata dict)`` per step under ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(_STATE, _META)
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, metadata: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _META: ocp.args.JsonSave(_jsonable(metadata or {})),
+            }
+        )
+        self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
+            ),
+        )
+        return out[_STATE], dict(out[_META] or {})
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def save_model(directory: str | os.PathLike, variables: Any, metadata: dict | None = None) -> None:
+    """Writes a finished model: variables with orbax, then ``metadata.json`` last.
+
+    The metadata file doubles as the completion marker: :func:`model_exists` is true only
+    once both parts are on disk.
+    """
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "variables"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(target, variables, force=True)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    tmp = directory / "metadata.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(metadata or {}), indent=2, sort_keys=True))
+    tmp.replace(directory / "metadata.json")
+
+
+def model_exists(directory: str | os.PathLike) -> bool:
+    directory = Path(directory)
+    return (directory / "metadata.json").is_file() and (directory / "variables").is_dir()
+
+
+def load_model(directory: str | os.PathLike, template: Any = None) -> tuple[Any, dict]:
+    """Loads ``(variables, metadata)`` written by :func:`save_model`.
+
+    Without a template the arrays come back as numpy/jax arrays in nested dicts, which is
+    what ``model.apply`` expects.
+    """
+    directory = Path(directory).resolve()
+    if not model_exists(directory):
+        raise FileNotFoundError(
+            f"no finished model in {directory} (expected variables/ and metadata.json)"
+        )
+    ckptr = ocp.StandardCheckpointer()
+    if template is None:
+        variables = ckptr.restore(directory / "variables")
+    else:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        variables = ckptr.restore(directory / "variables", abstract)
+    ckptr.close()
+    metadata = json.loads((directory / "metadata.json").read_text())
+    return variables, metadata

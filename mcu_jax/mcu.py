@@ -1,0 +1,261 @@
+"""Curve training (paper sections 2.2-2.4): learn the control point theta_c of a Bezier
+curve between theta_o and theta_p so that points on it forget D_f and keep D_r.
+
+Per minibatch (drawn from the shuffled union of the retain subset and D_f): sample
+t ~ U(0, 1), form phi(t) from (theta_o, theta_c, theta_p), run the model in train mode and
+minimise CE(retain part) - beta * CE(forget part). Only theta_c's tensors selected by the
+parameter mask are differentiated and updated: gradients of the other tensors are never
+formed (that is where the mask's speed-up comes from) and they stay bit-for-bit at their
+initial value. beta is either fixed or adaptive (section 2.4), recomputed after every batch
+from that batch's train-mode accuracies at the sampled t and used for the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from mcu_jax import checkpoint, curves, loop, pytrees
+from mcu_jax.data.device import Images
+from mcu_jax.data.transforms import prepare_batch
+from mcu_jax.evaluation import per_sample_outputs
+
+BETA_MODES = ("adaptive", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCUConfig:
+    """Curve-training hyperparameters; defaults are the paper's CIFAR-10 random setting."""
+
+    epochs: int = 10  # paper: 10 random forgetting, 5 class-wise
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    beta_mode: str = "adaptive"  # "adaptive" (MCU_beta) or "fixed" (MCU)
+    beta: float = 0.2  # the fixed beta (paper's ablation default)
+    beta_values: tuple[float, float, float] = (0.0, 0.1, 0.5)  # adaptive cases 1, 2, 3
+    beta_init: float = 0.5  # adaptive beta of the first batch
+    augment: bool = True  # the data set's training augmentation during curve training
+    steps_per_call: int = 50
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.beta_mode not in BETA_MODES:
+            raise ValueError(f"beta_mode must be one of {BETA_MODES}, got {self.beta_mode!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs >= 0 and batch_size >= 1 required, got {self.epochs}, {self.batch_size}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.beta_values) != 3:
+            raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
+
+
+def adaptive_beta(acc_forget, acc_retain, ref_train, ref_val, values=(0.0, 0.1, 0.5)):
+    """The three-case rule of section 2.4 (accuracies in percent), as printed in the paper.
+
+    1. acc_forget <= ref_val                                      -> values[0]
+    2. acc_forget > ref_val and
+       (acc_forget - ref_val) / ref_val < (acc_retain - ref_train) / ref_train -> values[1]
+    3. otherwise                                                  -> values[2]
+
+    Class-wise forgetting passes ref_val = 0: case 2's ratio is then undefined and the case
+    counts as false (never NaN), so beta is values[0] only once the class is fully forgotten.
+    Works on scalars or arrays and under jit.
+    """
+    acc_f = jnp.asarray(acc_forget, jnp.float32)
+    acc_r = jnp.asarray(acc_retain, jnp.float32)
+    ref_t = jnp.asarray(ref_train, jnp.float32)
+    ref_v = jnp.asarray(ref_val, jnp.float32)
+    safe_v = jnp.where(ref_v > 0, ref_v, 1.0)
+    safe_t = jnp.where(ref_t > 0, ref_t, 1.0)
+    case1 = acc_f <= ref_v
+    case2 = (ref_v > 0) & ((acc_f - ref_v) / safe_v < (acc_r - ref_t) / safe_t)
+    v = jnp.asarray(values, jnp.float32)
+    return jnp.where(case1, v[0], jnp.where(case2, v[1], v[2]))
+
+
+def split_loss(per_sample_loss, is_forget):
+    """Means of the retain and forget parts of a batch; an empty part gives 0, never NaN."""
+    f = is_forget.astype(per_sample_loss.dtype)
+    r = 1.0 - f
+    n_f, n_r = f.sum(), r.sum()
+    mean_r = (per_sample_loss * r).sum() / jnp.maximum(n_r, 1.0)
+    mean_f = (per_sample_loss * f).sum() / jnp.maximum(n_f, 1.0)
+    return mean_r, mean_f, n_r, n_f
+
+
+class CurveState(struct.PyTreeNode):
+    trainable: dict  # path -> array: theta_c's masked tensors
+    opt_state: Any
+    beta: jax.Array  # beta for the next batch
+
+
+class CurveConsts(struct.PyTreeNode):
+    theta_o: Any
+    theta_p: Any
+    frozen: dict  # path -> array: theta_c's tensors outside the mask
+    batch_stats: Any
+    images: Images
+    is_forget: jax.Array  # (N,) bool over the training set
+    refs: jax.Array  # (2,) Acc_o(D_train), forget reference (Acc_o(D_v) or 0), percent
+
+
+def control_point(params_template, trainable: dict, frozen: dict):
+    """theta_c rebuilt from its trained and frozen parts."""
+    return pytrees.unflatten(params_template, {**frozen, **trainable})
+
+
+def make_curve_step(model, tx, config: MCUConfig, params_template):
+    """The jit-able per-batch MCU step ``(state, consts, idx, key) -> (state, metrics)``."""
+    values = tuple(float(v) for v in config.beta_values)
+
+    def step(state: CurveState, c: CurveConsts, idx, key):
+        k_t, k_aug, k_drop = jax.random.split(key, 3)
+        t = jax.random.uniform(k_t, ())
+        imgs = c.images
+        kind = imgs.augment if config.augment else "none"
+        x = prepare_batch(k_aug, imgs.x[idx], imgs.mean, imgs.std, kind, True)
+        y = imgs.y[idx]
+        is_f = c.is_forget[idx]
+        beta = state.beta if config.beta_mode == "adaptive" else jnp.float32(config.beta)
+
+        def objective(trainable):
+            theta_c = control_point(params_template, trainable, c.frozen)
+            params = curves.bezier(c.theta_o, theta_c, c.theta_p, t)
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": c.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": k_drop},
+            )
+            out = per_sample_outputs(logits, y)
+            ce_r, ce_f, n_r, n_f = split_loss(out["loss"], is_f)
+            acc_r, acc_f, _, _ = split_loss(100.0 * out["correct"], is_f)
+            loss = ce_r - beta * ce_f
+            return loss, dict(ce_r=ce_r, ce_f=ce_f, acc_r=acc_r, acc_f=acc_f, n_r=n_r, n_f=n_f)
+
+        grads, m = jax.grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        if config.beta_mode == "adaptive":
+            proposed = adaptive_beta(m["acc_f"], m["acc_r"], c.refs[0], c.refs[1], values)
+            # Keep beta when a sub-batch is empty: its accuracy is undefined.
+            next_beta = jnp.where((m["n_r"] > 0) & (m["n_f"] > 0), proposed, beta)
+        else:
+            next_beta = beta
+        loss = m["ce_r"] - beta * m["ce_f"]
+        metrics = {"loss": loss, "beta": beta, "t": t, **m}
+        return CurveState(trainable, opt_state, next_beta.astype(jnp.float32)), metrics
+
+    return step
+
+
+def _summarize(values: tuple[float, ...]):
+    def summarize(m: dict) -> dict:
+        out = {k: float(np.mean(m[k])) for k in ("loss", "ce_r", "ce_f", "acc_r", "acc_f", "t")}
+        beta = np.asarray(m["beta"])
+        out["beta_mean"] = float(beta.mean())
+        out["beta_hist"] = {f"{v:g}": int(np.sum(np.isclose(beta, v))) for v in values}
+        return out
+
+    return summarize
+
+
+@dataclasses.dataclass
+class CurveResult:
+    theta_c: Any  # params pytree of the trained control point
+    mask: Any  # pytree of bools: which tensors were trained
+    history: list[dict]
+    minutes: float
+
+
+def train_curve(
+    model,
+    theta_o: dict,
+    theta_p: dict,
+    images: Images,
+    retain_subset,
+    forget,
+    refs: dict,
+    config: MCUConfig,
+    key: jax.Array,
+    *,
+    mask: Any = None,
+    theta_c: Any = None,
+    class_wise: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> CurveResult:
+    """Trains theta_c of the Bezier curve theta_o -> theta_p (variables dicts).
+
+    ``refs`` holds theta_o's reference accuracies in percent (keys "train" and "val");
+    class-wise forgetting uses 0 as the forget reference. ``mask`` (pytree of bools per
+    params tensor, default all True) selects the trained tensors; ``theta_c`` defaults to
+    the midpoint, so the initial curve is the straight line.
+    """
+    p_o, p_p = theta_o["params"], theta_p["params"]
+    pytrees.check_compatible(theta_o=p_o, theta_p=p_p)
+    if theta_c is None:
+        theta_c = curves.midpoint(p_o, p_p)
+    pytrees.check_compatible(theta_o=p_o, theta_c=theta_c)
+    if mask is None:
+        mask = jax.tree.map(lambda _: True, p_o)
+    flat_c = pytrees.flatten(theta_c)
+    flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
+    if set(flat_mask) != set(flat_c):
+        raise ValueError("mask must have one boolean per parameter tensor of theta_o")
+    trainable = {k: v for k, v in flat_c.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
+    if not trainable:
+        raise ValueError("the parameter mask selects no tensor: nothing to train")
+    retain_subset = np.asarray(retain_subset)
+    forget = np.asarray(forget)
+    if forget.size == 0:
+        raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
+    if retain_subset.size == 0:
+        raise ValueError("the retain subset is empty: curve training needs retain data")
+    is_forget = np.zeros(images.num_examples, bool)
+    is_forget[forget] = True
+    ref_forget = 0.0 if class_wise else float(refs["val"])
+    consts = CurveConsts(
+        theta_o=p_o,
+        theta_p=p_p,
+        frozen=frozen,
+        batch_stats=theta_o.get("batch_stats", {}),
+        images=images,
+        is_forget=jnp.asarray(is_forget),
+        refs=jnp.asarray([float(refs["train"]), ref_forget], jnp.float32),
+    )
+    tx = optax.sgd(config.lr, momentum=config.momentum or None)
+    state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
+    runner = loop.make_runner(make_curve_step(model, tx, config, p_o))
+    loop_cfg = loop.LoopConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        steps_per_call=config.steps_per_call,
+        progress=config.progress,
+        desc=f"MCU ({config.beta_mode} beta)",
+    )
+    pool = np.concatenate([retain_subset, forget])
+    ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    start = time.perf_counter()
+    try:
+        state, history = loop.run_epochs(
+            runner, state, consts, pool, key, loop_cfg, ckpt, _summarize(config.beta_values)
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    minutes = (time.perf_counter() - start) / 60.0
+    theta_c = control_point(p_o, state.trainable, frozen)
+    return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes)

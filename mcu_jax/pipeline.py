@@ -1,0 +1,227 @@
+"""MCU in one call: mask -> curve training -> t-sweep -> model selection -> exported model.
+
+``run_mcu`` takes the two end points (theta_o and a pre-unlearned theta_p from any method),
+the data split and theta_o's reference accuracies, and returns everything the paper reports
+about one curve: the trained control point, the sweep over t, the effective region, the
+optimal t* (predicted by interpolation, then materialised and measured for real) and the
+variables of theta(t*), exported as an ordinary model checkpoint when ``out_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mcu_jax import bn, checkpoint, curves, evaluation, masks, pytrees, selection, sweep
+from mcu_jax.data.device import Images
+from mcu_jax.mcu import MCUConfig, train_curve
+
+BN_SETS = ("retain", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """How the path is evaluated and the model chosen (paper section 2.5)."""
+
+    num_t: int = 20  # uniform sweep points in [0, 1]
+    t_lo: float = 0.75  # t* is searched in [t_lo, t_hi]
+    t_hi: float = 1.0
+    include_test: bool = True  # the release leaves the test term out of the gap
+    bn_set: str = "retain"  # BatchNorm statistics over D_r ("train": the release's choice)
+    bn_batch_size: int = 128
+    eval_batch_size: int = 500
+    strategy: str = "auto"  # sweep over t: "vmap", "map" or "auto" (per backend)
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.num_t < 4:
+            raise ValueError(f"num_t must be >= 4 for a cubic interpolant, got {self.num_t}")
+        if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
+            raise ValueError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
+        if self.bn_set not in BN_SETS:
+            raise ValueError(f"bn_set must be one of {BN_SETS}, got {self.bn_set!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+    """The parameter mask of section 2.3 (fractions of all parameter elements)."""
+
+    enabled: bool = True
+    k: float = 0.5
+    k_r: float = 0.1
+    batch_size: int = 256
+
+    def __post_init__(self):
+        for name in ("k", "k_r"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclasses.dataclass
+class MCUOutput:
+    theta_c: Any
+    mask: Any
+    history: list[dict]
+    sweep: sweep.SweepResult
+    gaps: np.ndarray  # (T,) alignment gap per sweep point
+    region: list[tuple[float, float]]
+    t_star: float
+    predicted_gap: float
+    measured: dict[str, float]  # accuracies (percent) of theta(t*) measured for real
+    measured_gap: float
+    variables: dict  # theta(t*) with recomputed BatchNorm statistics
+    minutes: dict[str, float]  # per phase: mask, curve, selection
+
+    def summary(self) -> dict:
+        """The JSON-friendly part of the result (no arrays of parameters)."""
+        return {
+            "t_star": self.t_star,
+            "predicted_gap": self.predicted_gap,
+            "measured_gap": self.measured_gap,
+            "measured": self.measured,
+            "region": [list(r) for r in self.region],
+            "sweep": {
+                "ts": self.sweep.ts.tolist(),
+                "acc": {k: v.tolist() for k, v in self.sweep.acc.items()},
+                "gap": self.gaps.tolist(),
+            },
+            "history": self.history,
+            "minutes": self.minutes,
+            "mask": masks.mask_summary(self.mask, self.theta_c),
+        }
+
+
+def _eval_sets(train: Images, test: Images, split) -> dict[str, tuple[Images, Any]]:
+    sets = {
+        "retain": (train, split.retain),
+        "forget": (train, split.forget),
+        "test": (test, split.test),
+    }
+    if split.scenario == "class":
+        sets["test_retain"] = (test, split.test_retain)
+        sets["test_forget"] = (test, split.test_forget)
+    return sets
+
+
+def _gap(acc: dict, refs: dict, class_wise: bool, include_test: bool):
+    """Alignment gap; class-wise: forget reference 0 and the test term on D_tr."""
+    return selection.alignment_gap(
+        acc["retain"],
+        acc["forget"],
+        acc["test_retain"] if class_wise else acc["test"],
+        ref_train=refs["train"],
+        ref_val=refs["val"],
+        include_test=include_test,
+        ref_forget=0.0 if class_wise else refs["val"],
+    )
+
+
+def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig) -> Any:
+    """The section-2.3 mask from gradients at theta_o over all of D_r and D_f."""
+    if not config.enabled:
+        return jax.tree.map(lambda _: True, theta_o["params"])
+    g_r, g_f = masks.mask_gradients(
+        model, theta_o, train.x, train.y, split.retain, split.forget,
+        train.mean, train.std, batch_size=config.batch_size,
+    )
+    return masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
+
+
+def run_mcu(
+    model,
+    theta_o: dict,
+    theta_p: dict,
+    train: Images,
+    test: Images,
+    split,
+    refs: dict,
+    key: jax.Array,
+    mcu_config: MCUConfig | None = None,
+    mask_config: MaskConfig | None = None,
+    selection_config: SelectionConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> MCUOutput:
+    """Runs MCU between theta_o and theta_p (variables dicts) on ``split``.
+
+    ``refs`` are theta_o's reference accuracies in percent (keys "train", "val"), measured
+    once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
+    training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
+    exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``.
+    """
+    mcu_config = mcu_config or MCUConfig()
+    mask_config = mask_config or MaskConfig()
+    selection_config = selection_config or SelectionConfig()
+    pytrees.check_compatible(theta_o=theta_o["params"], theta_p=theta_p["params"])
+    if len(split.forget) == 0:
+        raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
+    class_wise = split.scenario == "class"
+    out = Path(out_dir) if out_dir is not None else None
+    minutes = {}
+
+    start = time.perf_counter()
+    mask = _cached_mask(out, theta_o["params"]) if out is not None else None
+    if mask is None:
+        mask = compute_mask(model, theta_o, train, split, mask_config)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "mask.json").write_text(
+                json.dumps({k: bool(v) for k, v in pytrees.flatten(mask).items()}, indent=1)
+            )
+    minutes["mask"] = (time.perf_counter() - start) / 60.0
+
+    curve_key, _ = jax.random.split(key)
+    result = train_curve(
+        model, theta_o, theta_p, train, split.retain_subset, split.forget, refs,
+        mcu_config, curve_key, mask=mask, class_wise=class_wise,
+        checkpoint_dir=out / "curve" if out is not None else None,
+    )
+    minutes["curve"] = result.minutes
+
+    start = time.perf_counter()
+    sc = selection_config
+    ts = selection.uniform_ts(sc.num_t)
+    bn_idx = split.retain if sc.bn_set == "retain" else np.arange(train.num_examples)
+    points = [theta_o["params"], result.theta_c, theta_p["params"]]
+    template = theta_o.get("batch_stats", {})
+    eval_sets = _eval_sets(train, test, split)
+    sw = sweep.sweep(
+        model, points, ts, template, (train, bn_idx), eval_sets,
+        bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
+        strategy=sc.strategy, chunk_size=sc.chunk_size,
+    )
+    gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
+    region = selection.effective_region(ts, gaps)
+    t_star, predicted = selection.optimal_t(ts, gaps, lo=sc.t_lo, hi=sc.t_hi)
+    params = curves.bezier(*points, float(t_star))
+    variables = bn.recompute(
+        model, {"params": params, "batch_stats": template}, train, bn_idx, sc.bn_batch_size
+    )
+    measured = evaluation.evaluate_sets(model, variables, eval_sets, sc.eval_batch_size)
+    measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
+    minutes["selection"] = (time.perf_counter() - start) / 60.0
+
+    output = MCUOutput(
+        theta_c=result.theta_c, mask=mask, history=result.history, sweep=sw, gaps=gaps,
+        region=region, t_star=float(t_star), predicted_gap=float(predicted),
+        measured=measured, measured_gap=measured_gap, variables=variables, minutes=minutes,
+    )
+    if out is not None:
+        checkpoint.save_model(out / "model", variables, {"t_star": float(t_star)})
+        (out / "mcu.json").write_text(json.dumps(output.summary(), indent=2))
+    return output
+
+
+def _cached_mask(out: Path, params) -> Any:
+    path = out / "mask.json"
+    if not path.is_file():
+        return None
+    flat = json.loads(path.read_text())
+    return pytrees.unflatten(params, flat)

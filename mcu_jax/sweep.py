@@ -1,0 +1,173 @@
+"""Many points t of a curve evaluated in one compiled call (paper section 2.5).
+
+For every t: form theta(t) from the curve's points, recompute its BatchNorm statistics with
+one train-mode pass over a chosen set (default D_r), then evaluate it in evaluation mode on
+named sets (D_r, D_f, D_t, and D_tf class-wise), optionally keeping per-sample true-class
+probabilities for the MIA metric. All t of a chunk run together under ``jax.vmap`` (or one
+after another under ``lax.map``, which XLA's CPU backend runs much faster for convolutions
+whose weights differ per t); batches run under ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcu_jax import bn, curves, pytrees
+from mcu_jax.data.device import Images
+from mcu_jax.data.transforms import normalize
+from mcu_jax.evaluation import per_sample_outputs
+
+CURVES = ("bezier", "bernstein", "polychain")
+STRATEGIES = ("auto", "vmap", "map")
+
+
+def curve_point(kind: str, points: Sequence[Any], t):
+    """theta(t) on the curve of ``kind`` through/controlled by ``points``."""
+    if kind == "bezier":
+        if len(points) != 3:
+            raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)}")
+        return curves.bezier(points[0], points[1], points[2], t)
+    if kind == "bernstein":
+        return curves.bernstein(points, t)
+    if kind == "polychain":
+        return curves.polychain(points, t)
+    raise ValueError(f"unknown curve {kind!r}; known: {CURVES}")
+
+
+def resolve_strategy(strategy: str) -> str:
+    """'auto' picks lax.map on CPU and vmap on accelerators (measured; see docs)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return strategy
+
+
+def _padded_batches(indices, batch_size: int):
+    """(S, B) index batches padded by repeating the first index, and (S, B) validity."""
+    indices = np.asarray(indices, np.int32)
+    n = indices.shape[0]
+    if n == 0:
+        return jnp.zeros((0, 1), jnp.int32), jnp.zeros((0, 1), jnp.float32)
+    batch_size = min(batch_size, n)
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    idx = np.concatenate([indices, np.full(pad, indices[0], np.int32)])
+    valid = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return jnp.asarray(idx.reshape(steps, batch_size)), jnp.asarray(valid.reshape(steps, -1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kind", "strategy", "return_probs"))
+def _sweep_chunk(
+    points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs
+):
+    bn_images, bn_full, bn_rest = bn_data
+
+    def per_t(t):
+        params = curve_point(kind, points, t)
+        stats = bn.batch_statistics(model, params, template, bn_images, bn_full, bn_rest)
+        variables = {"params": params, "batch_stats": stats}
+        result = {}
+        for name, (images, batches, valid) in eval_data.items():
+
+            def body(_, xs, images=images):
+                idx, v = xs
+                x = normalize(images.x[idx], images.mean, images.std)
+                out = per_sample_outputs(model.apply(variables, x, train=False), images.y[idx])
+                return None, (out["correct"] * v, out["prob"])
+
+            _, (correct, prob) = jax.lax.scan(body, None, (batches, valid))
+            result[name] = {"correct": correct.sum()}
+            if return_probs:
+                result[name]["prob"] = prob.reshape(-1)
+        return result
+
+    if strategy == "vmap":
+        return jax.vmap(per_t)(ts)
+    return jax.lax.map(per_t, ts)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    ts: np.ndarray  # (T,)
+    acc: dict[str, np.ndarray]  # name -> (T,) accuracy in percent
+    probs: dict[str, np.ndarray] | None  # name -> (T, n) true-class probabilities
+
+
+def sweep(
+    model,
+    points: Sequence[Any],
+    ts,
+    template: Any,
+    bn_set: tuple[Images, Any],
+    eval_sets: dict[str, tuple[Images, Any]],
+    *,
+    curve: str = "bezier",
+    bn_batch_size: int = 128,
+    eval_batch_size: int = 500,
+    return_probs: bool = False,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> SweepResult:
+    """Evaluates the curve at every t in ``ts``.
+
+    Args:
+      points: the curve's params pytrees, e.g. ``[theta_o, theta_c, theta_p]``.
+      template: a batch_stats pytree of the model (structure only; ``{}`` without BN).
+      bn_set: ``(images, indices)`` for recomputing BatchNorm statistics at every t.
+      eval_sets: ``name -> (images, indices)`` to evaluate at every t.
+      chunk_size: how many t run together; smaller chunks bound memory (the stacked
+        parameters and activations of a chunk). Default: all of them.
+    """
+    ts = np.asarray(ts, np.float32).reshape(-1)
+    if ts.size == 0:
+        raise ValueError("ts is empty")
+    if np.any((ts < 0) | (ts > 1)) or not np.all(np.isfinite(ts)):
+        raise ValueError(f"every t must lie in [0, 1], got {ts}")
+    if curve not in CURVES:
+        raise ValueError(f"unknown curve {curve!r}; known: {CURVES}")
+    first = points[0]
+    for i, p in enumerate(points[1:], start=1):
+        pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
+    strategy = resolve_strategy(strategy)
+    chunk = ts.size if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bn_images, bn_idx = bn_set
+    bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size))
+    eval_data = {
+        name: (images, *_padded_batches(idx, eval_batch_size))
+        for name, (images, idx) in eval_sets.items()
+    }
+    sizes = {name: len(np.asarray(idx)) for name, (_, idx) in eval_sets.items()}
+    outs = []
+    for lo in range(0, ts.size, chunk):
+        part = ts[lo : lo + chunk]
+        padded = np.concatenate([part, np.full(chunk - part.size, part[-1], np.float32)])
+        out = _sweep_chunk(
+            list(points),
+            jnp.asarray(padded),
+            template,
+            bn_data,
+            eval_data,
+            model=model,
+            kind=curve,
+            strategy=strategy,
+            return_probs=return_probs,
+        )
+        outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
+    acc = {}
+    probs = {} if return_probs else None
+    for name, n in sizes.items():
+        correct = np.concatenate([o[name]["correct"] for o in outs])
+        acc[name] = 100.0 * correct / n if n else np.full(ts.size, np.nan)
+        if return_probs:
+            probs[name] = np.concatenate([o[name]["prob"][:, :n] for o in outs])
+    return SweepResult(ts=ts, acc=acc, probs=probs)

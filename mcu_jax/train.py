@@ -1,0 +1,235 @@
+"""Ordinary supervised training: the original model theta_o, the retrained model RT, and
+the shared loop the pre-unlearning methods build on.
+
+``fit`` trains any model on any index pool of a device-resident image set with SGD
+(momentum, weight decay, cosine or constant learning rate). The per-batch objective is a
+``loss_fn(logits, labels, aux, key) -> (loss, metrics)``, so methods such as gradient
+ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from mcu_jax import checkpoint, evaluation, loop
+from mcu_jax.data.device import Images
+from mcu_jax.data.transforms import prepare_batch
+
+LossFn = Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """SGD training hyperparameters (defaults: the paper's CIFAR-10 theta_o / RT schedule)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" (to 0 over the run) or "constant"
+    steps_per_call: int = 50
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.steps_per_call < 1:
+            raise ValueError(
+                f"epochs >= 0, batch_size >= 1 and steps_per_call >= 1 are required, got "
+                f"epochs={self.epochs}, batch_size={self.batch_size}, "
+                f"steps_per_call={self.steps_per_call}"
+            )
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+class TrainState(struct.PyTreeNode):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size) if n >= batch_size else 1
+
+
+def make_optimizer(
+    config: TrainConfig, total_steps: int, update_mask: Any = None
+) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay (as torch.optim.SGD).
+
+    ``update_mask`` (a pytree of bool or 0/1 arrays shaped like the params) multiplies the
+    FINAL update, so masked-out weights never move, weight decay and momentum included.
+    """
+    if config.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(config.lr, max(1, total_steps))
+    else:
+        lr = config.lr
+    parts = []
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.sgd(lr, momentum=config.momentum or None))
+    if update_mask is not None:
+        parts.append(multiply_updates(update_mask))
+    return optax.chain(*parts)
+
+
+def multiply_updates(mask: Any) -> optax.GradientTransformation:
+    """Multiplies each update leaf by the matching mask leaf (zero update where 0/False)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        out = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mask)
+        return out, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def cross_entropy_loss(logits, labels, aux, key) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy and batch accuracy (percent): the default objective."""
+    del aux, key
+    out = evaluation.per_sample_outputs(logits, labels)
+    return out["loss"].mean(), {"loss": out["loss"].mean(), "acc": 100 * out["correct"].mean()}
+
+
+def make_step(model, loss_fn: LossFn, tx: optax.GradientTransformation) -> loop.Step:
+    """One SGD step on the batch ``images[idx]`` with train-mode BatchNorm."""
+
+    def step(state: TrainState, consts, idx, key):
+        images, aux = consts
+        k_aug, k_drop, k_loss = jax.random.split(key, 3)
+        x = prepare_batch(k_aug, images.x[idx], images.mean, images.std, images.augment, True)
+        y = images.y[idx]
+        aux_b = jax.tree.map(lambda a: a[idx], aux)
+
+        def objective(params):
+            logits, new = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": k_drop},
+            )
+            loss, metrics = loss_fn(logits, y, aux_b, k_loss)
+            return loss, (metrics, new.get("batch_stats", state.batch_stats))
+
+        grads, (metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, batch_stats, opt_state), metrics
+
+    return step
+
+
+def fit(
+    model,
+    variables: dict,
+    images: Images,
+    pool,
+    config: TrainConfig,
+    key: jax.Array,
+    *,
+    loss_fn: LossFn = cross_entropy_loss,
+    aux: Any = None,
+    update_mask: Any = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    desc: str = "train",
+) -> tuple[dict, list[dict]]:
+    """Trains ``variables`` on the training indices ``pool``; returns (variables, history).
+
+    ``aux`` is a pytree of per-example arrays (leading axis = number of images) handed to
+    ``loss_fn`` for the batch, e.g. a forget flag. With ``checkpoint_dir`` every epoch is
+    checkpointed and an interrupted run resumes where it stopped.
+    """
+    pool = np.asarray(pool)
+    if pool.size == 0:
+        raise ValueError(f"{desc}: the training index set is empty")
+    total = config.epochs * steps_per_epoch(pool.size, config.batch_size)
+    tx = make_optimizer(config, total, update_mask)
+    params = variables["params"]
+    state = TrainState(params, variables.get("batch_stats", {}), tx.init(params))
+    runner = loop.make_runner(make_step(model, loss_fn, tx))
+    loop_cfg = loop.LoopConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        steps_per_call=config.steps_per_call,
+        progress=config.progress,
+        desc=desc,
+    )
+    ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    try:
+        state, history = loop.run_epochs(
+            runner, state, (images, aux), pool, key, loop_cfg, ckpt
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return state.variables, history
+
+
+def reference_accuracies(model, variables, train: Images, test: Images, split) -> dict:
+    """theta_o's reference accuracies (percent, evaluation mode) used by adaptive beta and
+    model selection: Acc_o(D_train), Acc_o(D_v) and Acc_o(D_t)."""
+    return {
+        "train": evaluation.accuracy(model, variables, train, np.arange(train.num_examples)),
+        "val": evaluation.accuracy(model, variables, test, split.val),
+        "test": evaluation.accuracy(model, variables, test, split.test),
+    }
+
+
+def train_model(
+    model,
+    images: Images,
+    pool,
+    config: TrainConfig,
+    key: jax.Array,
+    input_shape: tuple[int, ...],
+    out_dir: str | os.PathLike,
+    metadata: dict | None = None,
+    desc: str = "train",
+) -> tuple[dict, dict]:
+    """Trains a fresh model on ``pool`` and saves it to ``out_dir`` (reused if already there).
+
+    Returns (variables, metadata); metadata holds the history, wall-clock minutes and
+    whatever the caller passed (config, split seed, ...).
+    """
+    from mcu_jax.models import init_variables
+
+    out_dir = Path(out_dir)
+    if checkpoint.model_exists(out_dir):
+        return checkpoint.load_model(out_dir)
+    init_key, train_key = jax.random.split(key)
+    variables = init_variables(model, init_key, input_shape)
+    start = time.perf_counter()
+    variables, history = fit(
+        model, variables, images, pool, config, train_key,
+        checkpoint_dir=out_dir / "progress", desc=desc,
+    )
+    meta = dict(metadata or {})
+    meta.update(
+        history=history,
+        minutes=(time.perf_counter() - start) / 60.0,
+        train_config=dataclasses.asdict(config),
+    )
+    checkpoint.save_model(out_dir, variables, meta)
+    return variables, meta

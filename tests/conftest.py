@@ -1,0 +1,42 @@
+"""Shared tiny fixtures: the digits set, a split, and a briefly trained small CNN."""
+
+import jax
+import numpy as np
+import pytest
+
+from mcu_jax import train
+from mcu_jax.data import Images, load_dataset, make_split
+from mcu_jax.models import create, init_variables
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_split(digits):
+    return make_split(digits, "random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_images(digits):
+    return Images.from_dataset(digits, "train"), Images.from_dataset(digits, "test")
+
+
+@pytest.fixture(scope="session")
+def small_model(digits):
+    return create("cnn_small", digits.num_classes)
+
+
+@pytest.fixture(scope="session")
+def theta_o(digits, digits_images, small_model):
+    """cnn_small trained for 3 epochs on all of the digits training set."""
+    train_images, _ = digits_images
+    variables = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    config = train.TrainConfig(epochs=3, lr=0.05, progress=False)
+    variables, _ = train.fit(
+        small_model, variables, train_images, np.arange(digits.num_train), config,
+        jax.random.PRNGKey(1),
+    )
+    return variables

@@ -1,0 +1,146 @@
+"""Adaptive beta, the MCU loss, and curve training (mask honoured, resume exact)."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import curves, mcu, pytrees, train
+from mcu_jax.mcu import MCUConfig, adaptive_beta, split_loss
+
+REFS = {"train": 100.0, "val": 90.0}
+
+
+@pytest.mark.parametrize(
+    "acc_f, acc_r, expected",
+    [
+        (80.0, 100.0, 0.0),  # case 1: forgotten below the validation reference
+        (90.0, 100.0, 0.0),  # boundary: equal counts as forgotten
+        (95.0, 99.0, 0.5),  # rel_f = 0.056 >= rel_r = -0.01: case 3
+        (90.0001, 100.0, 0.5),  # rel_f > 0 = rel_r: not case 2
+        (95.0, 106.0, 0.1),  # rel_f = 0.056 < rel_r = 0.06: case 2
+        (99.0, 110.0, 0.1),  # rel_f = 0.1 < 0.1? no -> boundary
+    ],
+)
+def test_adaptive_beta_cases(acc_f, acc_r, expected):
+    if acc_f == 99.0:
+        expected = 0.5  # (99-90)/90 = 0.1 is not < (110-100)/100 = 0.1
+    beta = adaptive_beta(acc_f, acc_r, REFS["train"], REFS["val"])
+    assert float(beta) == pytest.approx(expected)
+
+
+def test_adaptive_beta_class_wise_zero_reference_is_never_nan():
+    # Forget reference 0: beta is 0 only when the class is fully forgotten, never case 2.
+    betas = adaptive_beta(jnp.array([0.0, 0.5, 50.0]), jnp.array([100.0, 200.0, 200.0]),
+                          100.0, 0.0)
+    np.testing.assert_array_equal(np.asarray(betas), [0.0, 0.5, 0.5])
+    assert np.isfinite(np.asarray(betas)).all()
+
+
+def test_adaptive_beta_is_jittable_and_takes_custom_values():
+    f = jax.jit(lambda a, b: adaptive_beta(a, b, 100.0, 90.0, values=(1.0, 2.0, 3.0)))
+    np.testing.assert_array_equal(
+        np.asarray(f(jnp.array([80.0, 95.0, 95.0]), jnp.array([100.0, 106.0, 99.0]))),
+        [1.0, 2.0, 3.0],
+    )
+
+
+def test_split_loss_empty_forget_part_is_finite():
+    losses = jnp.array([1.0, 2.0, 3.0])
+    mean_r, mean_f, n_r, n_f = split_loss(losses, jnp.zeros(3, bool))
+    assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == 0.0
+    assert float(n_f) == 0.0
+    mean_r, mean_f, _, _ = split_loss(losses, jnp.array([True, False, True]))
+    assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == pytest.approx(2.0)
+    g = jax.grad(lambda v: split_loss(v, jnp.ones(3, bool))[0])(losses)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.fixture(scope="module")
+def theta_p(theta_o, digits_images, digits_split, small_model):
+    """A quick gradient-ascent model as the pre-unlearned end point."""
+    train_images, _ = digits_images
+
+    def ga(logits, labels, aux, key):
+        loss, metrics = train.cross_entropy_loss(logits, labels, aux, key)
+        return -loss, metrics
+
+    config = train.TrainConfig(epochs=1, lr=0.01, schedule="constant", progress=False)
+    variables, _ = train.fit(small_model, theta_o, train_images, digits_split.forget, config,
+                             jax.random.PRNGKey(5), loss_fn=ga)
+    return variables
+
+
+def _train(small_model, theta_o, theta_p, images, split, config, key, **kw):
+    return mcu.train_curve(small_model, theta_o, theta_p, images, split.retain_subset,
+                           split.forget, REFS, config, key, **kw)
+
+
+def test_unmasked_tensors_are_bit_for_bit_unchanged(theta_o, theta_p, digits_images,
+                                                    digits_split, small_model):
+    train_images, _ = digits_images
+    flat = pytrees.flatten(theta_o["params"])
+    names = sorted(flat)
+    trained = set(names[::2])
+    mask = pytrees.unflatten(theta_o["params"], {k: k in trained for k in names})
+    config = MCUConfig(epochs=2, progress=False, lr=0.05)
+    result = _train(small_model, theta_o, theta_p, train_images, digits_split, config,
+                    jax.random.PRNGKey(0), mask=mask)
+    start = pytrees.flatten(curves.midpoint(theta_o["params"], theta_p["params"]))
+    end = pytrees.flatten(result.theta_c)
+    for k in names:
+        if k in trained:
+            assert not np.array_equal(end[k], start[k]), k
+        else:
+            np.testing.assert_array_equal(end[k], start[k])
+    assert len(result.history) == 2
+    assert set(result.history[0]["beta_hist"]) == {"0", "0.1", "0.5"}
+
+
+def test_fixed_beta_mode_uses_its_beta(theta_o, theta_p, digits_images, digits_split,
+                                       small_model):
+    train_images, _ = digits_images
+    config = MCUConfig(epochs=1, beta_mode="fixed", beta=0.3, progress=False)
+    result = _train(small_model, theta_o, theta_p, train_images, digits_split, config,
+                    jax.random.PRNGKey(0))
+    assert result.history[0]["beta_mean"] == pytest.approx(0.3)
+
+
+def test_curve_training_resumes_identically(tmp_path, theta_o, theta_p, digits_images,
+                                            digits_split, small_model):
+    train_images, _ = digits_images
+    config = MCUConfig(epochs=3, progress=False, steps_per_call=2)
+    key = jax.random.PRNGKey(4)
+    straight = _train(small_model, theta_o, theta_p, train_images, digits_split, config, key)
+    _train(small_model, theta_o, theta_p, train_images, digits_split, config, key,
+           checkpoint_dir=tmp_path / "curve")
+    shutil.rmtree(tmp_path / "curve" / "3")  # killed during the last epoch
+    resumed = _train(small_model, theta_o, theta_p, train_images, digits_split, config, key,
+                     checkpoint_dir=tmp_path / "curve")
+    for a, b in zip(jax.tree.leaves(straight.theta_c), jax.tree.leaves(resumed.theta_c),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.history == straight.history
+
+
+def test_curve_training_rejects_bad_input(theta_o, theta_p, digits_images, digits_split,
+                                          small_model):
+    train_images, _ = digits_images
+    config = MCUConfig(epochs=1, progress=False)
+    with pytest.raises(ValueError, match="forget set"):
+        mcu.train_curve(small_model, theta_o, theta_p, train_images, digits_split.retain_subset,
+                        np.array([], int), REFS, config, jax.random.PRNGKey(0))
+    none = jax.tree.map(lambda _: False, theta_o["params"])
+    with pytest.raises(ValueError, match="selects no tensor"):
+        _train(small_model, theta_o, theta_p, train_images, digits_split, config,
+               jax.random.PRNGKey(0), mask=none)
+    bad = {"params": {**theta_p["params"]}, "batch_stats": theta_p["batch_stats"]}
+    first = sorted(bad["params"])[0]
+    bad["params"][first] = jax.tree.map(lambda a: a[..., :1], bad["params"][first])
+    with pytest.raises(ValueError, match=first):
+        _train(small_model, theta_o, bad, train_images, digits_split, config,
+               jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="beta_mode"):
+        MCUConfig(beta_mode="sometimes")

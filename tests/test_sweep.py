@@ -1,0 +1,121 @@
+"""BatchNorm recomputation and the vectorised t-sweep against independent loops."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import bn, curves, evaluation, sweep
+from mcu_jax.data import Images
+
+
+class DenseBN(nn.Module):
+    """Dense -> BatchNorm -> Dense: the BN input is x @ W + b, easy to compute in numpy."""
+
+    num_classes: int = 3
+    bn_momentum: float = 0.9
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(5, name="hidden")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, name="bn")(x)
+        return nn.Dense(self.num_classes)(nn.relu(x))
+
+
+def test_recompute_is_the_size_weighted_mean_of_batch_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(23, 2, 2, 1), dtype=np.uint8)
+    images = Images.from_arrays(x, rng.integers(0, 3, 23), (0.5,), (0.25,))
+    model = DenseBN()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)), train=False)
+    idx = rng.permutation(23)[:21]
+    out = bn.recompute(model, variables, images, idx, batch_size=8)  # 8 + 8 + 5
+    w = np.asarray(variables["params"]["hidden"]["kernel"], np.float64)
+    b = np.asarray(variables["params"]["hidden"]["bias"], np.float64)
+    h = ((x[idx] / 255.0 - 0.5) / 0.25).reshape(21, -1) @ w + b
+    parts = [h[:8], h[8:16], h[16:]]
+    mean = sum(len(p) * p.mean(0) for p in parts) / 21
+    var = sum(len(p) * p.var(0) for p in parts) / 21
+    np.testing.assert_allclose(out["batch_stats"]["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["batch_stats"]["bn"]["var"], var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def curve_points(theta_o):
+    """theta_o, a perturbed control point and a perturbed end point."""
+    leaves, treedef = jax.tree.flatten(theta_o["params"])
+    keys = jax.random.split(jax.random.PRNGKey(3), 2 * len(leaves))
+
+    def perturb(offset, scale):
+        return jax.tree.unflatten(treedef, [
+            p + scale * jax.random.normal(keys[offset + i], p.shape) * (jnp.std(p) + 1e-3)
+            for i, p in enumerate(leaves)
+        ])
+
+    return [theta_o["params"], perturb(0, 0.5), perturb(len(leaves), 0.3)]
+
+
+def _loop_reference(model, points, ts, template, train_images, bn_idx, sets):
+    acc, probs = {n: [] for n in sets}, {n: [] for n in sets}
+    for t in ts:
+        params = curves.bezier(*points, float(t))
+        variables = bn.recompute(model, {"params": params, "batch_stats": template},
+                                 train_images, bn_idx, batch_size=128)
+        for name, (images, idx) in sets.items():
+            out = evaluation.outputs(model, variables, images, idx)
+            acc[name].append(100 * out["correct"].mean())
+            probs[name].append(out["prob"])
+    return acc, probs
+
+
+@pytest.mark.parametrize("strategy, chunk", [("vmap", None), ("map", 3)])
+def test_sweep_equals_loop_over_t(strategy, chunk, curve_points, theta_o, digits_images,
+                                  digits_split, small_model):
+    train_images, test_images = digits_images
+    ts = np.array([0.0, 0.3, 0.55, 0.8, 1.0], np.float32)
+    sets = {
+        "retain": (train_images, digits_split.retain[:300]),
+        "forget": (train_images, digits_split.forget),
+        "test": (test_images, digits_split.test),
+    }
+    bn_idx = digits_split.retain[:400]
+    result = sweep.sweep(small_model, curve_points, ts, theta_o["batch_stats"],
+                         (train_images, bn_idx), sets, return_probs=True,
+                         strategy=strategy, chunk_size=chunk, eval_batch_size=128)
+    acc, probs = _loop_reference(small_model, curve_points, ts, theta_o["batch_stats"],
+                                 train_images, bn_idx, sets)
+    for name in sets:
+        np.testing.assert_allclose(result.acc[name], acc[name], atol=1e-3)
+        np.testing.assert_allclose(result.probs[name], np.stack(probs[name]), atol=1e-4)
+    assert result.probs["forget"].shape == (5, len(digits_split.forget))
+
+
+def test_sweep_at_t0_is_theta_o_with_recomputed_statistics(curve_points, theta_o,
+                                                           digits_images, digits_split,
+                                                           small_model):
+    train_images, _ = digits_images
+    idx = digits_split.retain[:200]
+    result = sweep.sweep(small_model, curve_points, [0.0], theta_o["batch_stats"],
+                         (train_images, idx), {"r": (train_images, idx)})
+    variables = bn.recompute(small_model, theta_o, train_images, idx)
+    assert result.acc["r"][0] == pytest.approx(
+        evaluation.accuracy(small_model, variables, train_images, idx), abs=1e-4)
+
+
+def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_model):
+    train_images, _ = digits_images
+    sets = {"r": (train_images, np.arange(10))}
+    args = (small_model, curve_points)
+    bn_set = (train_images, np.arange(10))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sweep.sweep(*args, [0.5, 1.5], theta_o["batch_stats"], bn_set, sets)
+    with pytest.raises(ValueError, match="strategy"):
+        sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, strategy="pmap")
+    with pytest.raises(ValueError, match="unknown curve"):
+        sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, curve="spline")
+    bad = [curve_points[0], curve_points[1], {"other": jnp.zeros(3)}]
+    with pytest.raises(ValueError, match="mismatch"):
+        sweep.sweep(small_model, bad, [0.5], theta_o["batch_stats"], bn_set, sets)

@@ -1,0 +1,131 @@
+"""Ordinary training, evaluation and checkpoints on the digits set with a small CNN."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import checkpoint, evaluation, loop, train
+from mcu_jax.models import init_variables
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def test_training_reduces_loss(digits, digits_images, small_model):
+    train_images, _ = digits_images
+    pool = np.arange(digits.num_train)
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    before = evaluation.outputs(small_model, v0, train_images, pool)["loss"].mean()
+    config = train.TrainConfig(epochs=2, lr=0.05, progress=False)
+    v1, history = train.fit(small_model, v0, train_images, pool, config, jax.random.PRNGKey(1))
+    after = evaluation.outputs(small_model, v1, train_images, pool)["loss"].mean()
+    assert after < 0.5 * before
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    # fit must not consume (donate) the caller's arrays.
+    assert np.isfinite(np.asarray(jax.tree.leaves(v0)[0])).all()
+
+
+def test_reference_accuracies_in_percent(theta_o, digits_images, digits_split, small_model):
+    train_images, test_images = digits_images
+    refs = train.reference_accuracies(small_model, theta_o, train_images, test_images, digits_split)
+    assert set(refs) == {"train", "val", "test"}
+    assert all(50.0 < v <= 100.0 for v in refs.values())
+
+
+def test_accuracy_matches_numpy(theta_o, digits, digits_images, small_model):
+    train_images, _ = digits_images
+    idx = np.arange(0, digits.num_train, 3)  # not a multiple of the batch size
+    out = evaluation.outputs(small_model, theta_o, train_images, idx, batch_size=64)
+    x = (digits.x_train[idx] / 255.0 - np.array(digits.mean)) / np.array(digits.std)
+    logits = small_model.apply(theta_o, jnp.asarray(x, jnp.float32), train=False)
+    expected = np.asarray(jnp.argmax(logits, -1)) == digits.y_train[idx]
+    np.testing.assert_array_equal(out["correct"], expected.astype(np.float32))
+
+
+def test_model_checkpoint_round_trip(tmp_path, theta_o):
+    checkpoint.save_model(tmp_path / "m", theta_o, {"refs": {"train": 99.5}, "seed": 3})
+    assert checkpoint.model_exists(tmp_path / "m")
+    restored, meta = checkpoint.load_model(tmp_path / "m")
+    assert _leaves_equal(restored, theta_o)
+    assert jax.tree.structure(restored) == jax.tree.structure(theta_o)
+    assert meta == {"refs": {"train": 99.5}, "seed": 3}
+    with pytest.raises(FileNotFoundError, match="no finished model"):
+        checkpoint.load_model(tmp_path / "missing")
+
+
+def test_interrupted_training_resumes_identically(tmp_path, digits, digits_images, small_model):
+    train_images, _ = digits_images
+    pool = np.arange(0, digits.num_train, 2)
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    config = train.TrainConfig(epochs=3, lr=0.05, progress=False, steps_per_call=2)
+    key = jax.random.PRNGKey(7)
+    straight, hist = train.fit(small_model, v0, train_images, pool, config, key)
+    ckpt_dir = tmp_path / "progress"
+    train.fit(small_model, v0, train_images, pool, config, key, checkpoint_dir=ckpt_dir)
+    # Simulate a kill during epoch 3: only the epoch-2 checkpoint survives.
+    shutil.rmtree(ckpt_dir / "3")
+    resumed, hist2 = train.fit(
+        small_model, v0, train_images, pool, config, key, checkpoint_dir=ckpt_dir
+    )
+    assert _leaves_equal(straight, resumed)
+    assert [h["epoch"] for h in hist2] == [1, 2, 3]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, digits, digits_images,
+                                                           small_model):
+    train_images, _ = digits_images
+    pool = np.arange(digits.num_train)
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    ckpt_dir = tmp_path / "progress"
+    one = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    train.fit(small_model, v0, train_images, pool, one, jax.random.PRNGKey(1),
+              checkpoint_dir=ckpt_dir)
+
+    def nan_loss(logits, labels, aux, key):
+        loss, metrics = train.cross_entropy_loss(logits, labels, aux, key)
+        return loss * jnp.nan, {**metrics, "loss": loss * jnp.nan}
+
+    two = train.TrainConfig(epochs=2, lr=0.05, progress=False)
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 1\d"):
+        train.fit(small_model, v0, train_images, pool, two, jax.random.PRNGKey(1),
+                  loss_fn=nan_loss, checkpoint_dir=ckpt_dir)
+    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+        assert ckpt.latest_step() == 1
+
+
+def test_update_mask_freezes_weights_exactly(digits, digits_images, small_model, theta_o):
+    train_images, _ = digits_images
+    mask = jax.tree.map(lambda p: (np.arange(p.size) % 2 == 0).reshape(p.shape),
+                        theta_o["params"])
+    config = train.TrainConfig(epochs=2, lr=0.05, weight_decay=5e-3, progress=False)
+    out, _ = train.fit(small_model, theta_o, train_images, np.arange(digits.num_train), config,
+                       jax.random.PRNGKey(2), update_mask=mask)
+    for before, after, m in zip(jax.tree.leaves(theta_o["params"]),
+                                jax.tree.leaves(out["params"]), jax.tree.leaves(mask),
+                                strict=True):
+        np.testing.assert_array_equal(np.asarray(after)[~m], np.asarray(before)[~m])
+    changed = [np.any(np.asarray(a) != np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(theta_o["params"]), jax.tree.leaves(out["params"]), strict=True)]
+    assert any(changed)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="schedule"):
+        train.TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="batch_size"):
+        train.TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        train.TrainConfig(lr=-1.0)
+
+
+def test_empty_pool_is_rejected(digits_images, small_model, theta_o):
+    train_images, _ = digits_images
+    with pytest.raises(ValueError, match="empty"):
+        train.fit(small_model, theta_o, train_images, np.array([], int),
+                  train.TrainConfig(epochs=1, progress=False), jax.random.PRNGKey(0))
