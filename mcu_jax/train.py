@@ -91,7 +91,7 @@ def make_optimizer(
 
 
 def multiply_updates(mask: Any) -> optax.GradientTransformation:
-    """Multiplies each update leaf by the matching mask leaf (zero update where 0/False)."""
+    """Zeroes each update where the matching mask leaf is 0/False (even an inf update)."""
 
     def init(params):
         del params
@@ -99,7 +99,7 @@ def multiply_updates(mask: Any) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        out = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mask)
+        out = jax.tree.map(lambda u, m: jnp.where(jnp.asarray(m, bool), u, 0), updates, mask)
         return out, state
 
     return optax.GradientTransformation(init, update)

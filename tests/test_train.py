@@ -129,3 +129,23 @@ def test_empty_pool_is_rejected(digits_images, small_model, theta_o):
     with pytest.raises(ValueError, match="empty"):
         train.fit(small_model, theta_o, train_images, np.array([], int),
                   train.TrainConfig(epochs=1, progress=False), jax.random.PRNGKey(0))
+
+
+def test_scanned_and_unrolled_runners_agree(digits, digits_images, small_model, theta_o):
+    train_images, _ = digits_images
+    config = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    tx = train.make_optimizer(config, 10)
+    step = train.make_step(small_model, train.cross_entropy_loss, tx)
+    batches = jnp.arange(3 * 64).reshape(3, 64)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    outs = []
+    for unrolled in (True, False):
+        state = train.TrainState(theta_o["params"], theta_o["batch_stats"],
+                                 tx.init(theta_o["params"]))
+        state = jax.tree.map(jnp.array, state)
+        runner = loop.make_runner(step, unrolled=unrolled)
+        outs.append(runner(state, (train_images, None), batches, keys))
+    (s1, m1), (s2, m2) = outs
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)

@@ -1,0 +1,251 @@
+"""What every pre-unlearning method shares: its inputs, its result and its hyperparameters.
+
+A method turns the original model theta_o into a pre-unlearned model theta_p (the far end
+point of the MCU curve). It is a function
+
+    method(model, theta_o, data, config, key, *, checkpoint_dir=None) -> MethodResult
+
+with ``theta_o`` the Flax variables ``{"params", "batch_stats"}``, ``data`` a
+:class:`MethodData`, ``config`` a :class:`MethodConfig` and ``key`` a ``jax.random`` key.
+``checkpoint_dir`` (optional) is handed to :func:`mcu_jax.train.fit`, so an interrupted method
+resumes at its last finished epoch. A method never modifies ``theta_o`` (``fit`` donates its
+input buffers, so methods train on a copy).
+
+:func:`default_config` gives the paper's hyperparameters (``NOTES.md``, "Baselines"); every
+field can be overridden with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcu_jax.data.device import Images
+from mcu_jax.train import TrainConfig
+
+SCENARIOS = ("random", "class")
+SETTINGS = ("cifar10", "cifar100", "tinyimagenet")
+BN_MODES = ("recompute", "arithmetic", "original")
+_SETTING_ALIASES = {"tiny_imagenet": "tinyimagenet", "tiny-imagenet": "tinyimagenet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodData:
+    """The data a method may use: device-resident train/test images, the split and the
+    model's input shape ((H, W, C) or (N, H, W, C), for a fresh initialisation)."""
+
+    train: Images
+    test: Images
+    split: Any  # mcu_jax.data.splits.Split
+    input_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """theta_p and how it was made.
+
+    ``variables``: ``{"params", "batch_stats"}`` of theta_p; ``minutes``: wall-clock minutes
+    of the method (when reused from disk, the minutes of the run that made it); ``history``:
+    per-epoch metrics of its training loop; ``info``: method-specific extras (e.g. SalUn's
+    mask, NegTV's alpha); ``reused``: True when :func:`~mcu_jax.methods.produce` loaded it.
+    """
+
+    variables: dict
+    minutes: float
+    history: list[dict]
+    info: dict = dataclasses.field(default_factory=dict)
+    reused: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Hyperparameters of a pre-unlearning method (SGD as ``torch.optim.SGD``).
+
+    Common: ``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``, ``schedule``
+    ("constant" or "cosine" to 0 over the run), ``steps_per_call`` (steps compiled into one
+    call) and ``progress`` (progress bar). Method-specific (ignored by the others):
+
+    - ``beta``: NegGrad+'s weight of the forget loss (loss = CE_r - beta CE_f);
+    - ``fraction``: SalUn's share of all parameter elements that may change;
+    - ``alpha``: NegTV's scale of the negated task vector;
+    - ``ft_epochs``: NegTV's epochs of fine-tuning on D_f (None: ``epochs``);
+    - ``bn``: NegTV's BatchNorm statistics for the new parameters: "recompute" (over D_r,
+      the default), "arithmetic" (the same task arithmetic on the running statistics,
+      variances clipped at 0) or "original" (theta_o's statistics);
+    - ``grad_batch_size``: batch size of SalUn's evaluation-mode gradient pass over D_f (a
+      speed/memory knob only: the summed gradient is exact for any batch size).
+    """
+
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    beta: float = 0.15
+    alpha: float = 0.9
+    fraction: float = 0.5
+    ft_epochs: int | None = None
+    bn: str = "recompute"
+    grad_batch_size: int = 256
+    steps_per_call: int = 50
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"MethodConfig: {name}={getattr(self, name)!r}; expected {expected}")
+
+        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
+            value = getattr(self, name)
+            lowest = 0 if name == "epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lowest:
+                bad(name, f"an int >= {lowest}")
+        if self.ft_epochs is not None and (
+            isinstance(self.ft_epochs, bool)
+            or not isinstance(self.ft_epochs, int | np.integer)
+            or self.ft_epochs < 0
+        ):
+            bad("ft_epochs", "None or an int >= 0")
+        for name in ("lr", "momentum", "weight_decay", "beta", "alpha", "fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+                bad(name, "a number")
+            if not math.isfinite(value):
+                bad(name, "a finite number")
+        if self.lr <= 0:
+            bad("lr", "a positive number")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", "a number in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "a number >= 0")
+        if not 0 <= self.fraction <= 1:
+            bad("fraction", "a fraction in [0, 1]")
+        if self.schedule not in ("constant", "cosine"):
+            bad("schedule", "'constant' or 'cosine'")
+        if self.bn not in BN_MODES:
+            bad("bn", f"one of {BN_MODES}")
+        # Plain Python numbers, so configs compare equal and serialise to JSON.
+        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.ft_epochs is not None:
+            object.__setattr__(self, "ft_epochs", int(self.ft_epochs))
+        for name in ("lr", "momentum", "weight_decay", "beta", "alpha", "fraction"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "progress", bool(self.progress))
+
+    def train_config(self, epochs: int | None = None) -> TrainConfig:
+        """The :class:`~mcu_jax.train.TrainConfig` of this method's training loop."""
+        return TrainConfig(
+            epochs=self.epochs if epochs is None else int(epochs),
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            steps_per_call=self.steps_per_call,
+            progress=self.progress,
+        )
+
+    def result_fields(self) -> dict:
+        """The fields that determine the result (everything but progress/steps_per_call)."""
+        out = dataclasses.asdict(self)
+        for name in ("progress", "steps_per_call", "grad_batch_size"):
+            out.pop(name)
+        return out
+
+
+# The paper's CIFAR-10 protocol (NOTES.md, "Baselines"): SGD momentum 0.9, batch 128,
+# lr 0.01, constant lr except RT (theta_o's cosine schedule, 200 epochs).
+_CIFAR10 = {
+    "rt": dict(epochs=200, schedule="cosine"),
+    "ft": dict(epochs=10),
+    "rl": dict(epochs=10),
+    "ga": dict(epochs=5),
+    "neggrad": dict(epochs=5, beta=0.15),
+    "salun": dict(epochs=10, fraction=0.5),
+    "negtv": dict(epochs=10, ft_epochs=10),
+}
+_NEGTV_ALPHA = {
+    ("cifar10", "random"): 0.9,
+    ("cifar10", "class"): 0.2,
+    ("cifar100", "random"): 0.9,
+    ("cifar100", "class"): 0.2,
+    ("tinyimagenet", "random"): 0.1,
+    ("tinyimagenet", "class"): 0.1,
+}
+
+
+def default_config(method: str, scenario: str = "random", setting: str = "cifar10",
+                   **overrides: Any) -> MethodConfig:
+    """The paper's hyperparameters for ``method`` in ``scenario`` ("random" or "class").
+
+    ``setting`` is "cifar10" (the paper's CIFAR-10 protocol), "cifar100" (the same numbers;
+    the paper gives no others) or "tinyimagenet" (NegTV alpha 0.1). A method registered by
+    the user gets the common defaults (:class:`MethodConfig`). ``overrides`` replace fields.
+    """
+    from mcu_jax.methods.registry import get  # the registry imports this module
+
+    get(method)  # unknown method -> ValueError listing the known ones
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario={scenario!r}; expected one of {SCENARIOS}")
+    setting = _SETTING_ALIASES.get(setting, setting)
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}; expected one of {SETTINGS}")
+    fields = dict(_CIFAR10.get(method, {}))
+    if method == "negtv":
+        fields["alpha"] = _NEGTV_ALPHA[(setting, scenario)]
+    fields.update(overrides)
+    return MethodConfig(**fields)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers shared by the method modules
+# ------------------------------------------------------------------------------------------
+
+
+def copy_variables(variables: dict) -> dict:
+    """A fresh on-device copy (``fit`` donates its input buffers; theta_o must survive)."""
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), variables)
+
+
+def indices(split: Any, name: str, method: str) -> np.ndarray:
+    """``split.<name>`` as int32, non-empty (an empty D_f or D_r cannot be unlearned with)."""
+    idx = np.asarray(getattr(split, name), dtype=np.int32)
+    if idx.ndim != 1 or idx.size == 0:
+        raise ValueError(
+            f"{method}: split.{name} is empty (shape {idx.shape}); the method needs a non-empty "
+            f"{'forget' if name == 'forget' else 'retain'} set"
+        )
+    return idx
+
+
+def forget_flags(num_examples: int, forget: np.ndarray) -> np.ndarray:
+    """Per-training-example bool: True for D_f (the ``aux`` of mixed-batch losses)."""
+    flags = np.zeros(num_examples, dtype=bool)
+    flags[np.asarray(forget)] = True
+    return flags
+
+
+def finish(start: float, variables: dict, history: list[dict], **info: Any) -> MethodResult:
+    """The :class:`MethodResult` of a method that started at ``time.perf_counter() == start``
+    (waits for the variables, so the minutes are the real wall-clock time)."""
+    jax.block_until_ready(variables)
+    return MethodResult(
+        variables=variables,
+        minutes=(time.perf_counter() - start) / 60.0,
+        history=list(history),
+        info=info,
+    )
+
+
+def num_classes(model: Any) -> int:
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        raise ValueError(f"model {type(model).__name__} has no num_classes attribute")
+    return int(n)

@@ -1,0 +1,184 @@
+"""Methods by name: ``register``, ``get``, ``available`` and ``produce`` (run once, then reuse).
+
+``produce`` is how pipelines obtain theta_p: with an ``out_dir`` it saves the result as an
+ordinary model checkpoint (variables plus JSON metadata: method, config, key, history,
+minutes) and returns it from disk on later calls instead of recomputing it. While the method
+runs, its training loop checkpoints every epoch under ``out_dir/progress``, so an interrupted
+run resumes. A checkpoint made with another method, config, key or split is never silently
+reused or resumed: ``produce`` raises and names the directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mcu_jax import checkpoint
+from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult
+
+Method = Callable[..., MethodResult]
+_CLAIM = "method.json"  # what a (possibly unfinished) run in out_dir was asked to make
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, fn: Method | None = None, *, overwrite: bool = False):
+    """Register ``fn(model, theta_o, data, config, key, *, checkpoint_dir=None)`` as ``name``.
+
+    Use as ``@register("name")`` or ``register("name", fn)``. Re-registering an existing name
+    raises ValueError unless ``overwrite=True``. Returns ``fn`` unchanged.
+    """
+
+    def add(f: Method) -> Method:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: got {name!r}, expected a non-empty string")
+        if not callable(f):
+            raise ValueError(f"register({name!r}): {f!r} is not callable")
+        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not f:
+            raise ValueError(f"name: method {name!r} is already registered (pass overwrite=True)")
+        _REGISTRY[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def available() -> tuple[str, ...]:
+    """Names of the registered methods, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name``; ValueError listing the known names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown unlearning method {name!r}; known methods: {', '.join(_REGISTRY)}"
+        )
+    return _REGISTRY[name]
+
+
+def __getattr__(attr: str) -> Any:
+    # METHODS is computed on access so that it includes methods registered later.
+    if attr == "METHODS":
+        return available()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _accepts_checkpoint_dir(fn: Method) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "checkpoint_dir" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
+def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
+        key: jax.Array, *, checkpoint_dir: str | os.PathLike | None = None) -> MethodResult:
+    """Runs method ``name`` (no saving or reuse; see :func:`produce`)."""
+    fn = get(name)
+    if not isinstance(config, MethodConfig):
+        raise ValueError(f"config: expected a MethodConfig, got {type(config).__name__}")
+    kwargs = {}
+    if checkpoint_dir is not None and _accepts_checkpoint_dir(fn):
+        kwargs["checkpoint_dir"] = checkpoint_dir
+    result = fn(model, theta_o, data, config, key, **kwargs)
+    if not isinstance(result, MethodResult):
+        raise ValueError(
+            f"method {name!r} returned {type(result).__name__}; expected a MethodResult"
+        )
+    return result
+
+
+def _key_list(key: jax.Array) -> list[int]:
+    if jax.dtypes.issubdtype(jax.numpy.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+def _identity(name: str, config: MethodConfig, key: jax.Array, data: MethodData) -> dict:
+    split = data.split
+    return {
+        "method": name,
+        "config": config.result_fields(),
+        "key": _key_list(key),
+        "scenario": getattr(split, "scenario", None),
+        "forget_class": getattr(split, "forget_class", None),
+        "split_seed": getattr(split, "seed", None),
+        "num_forget": int(np.asarray(split.forget).size),
+        "num_retain": int(np.asarray(split.retain).size),
+    }
+
+
+def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
+            key: jax.Array, out_dir: str | os.PathLike | None = None) -> MethodResult:
+    """theta_p from method ``name``: loaded from ``out_dir`` when it is already there,
+    otherwise computed (resuming from ``out_dir/progress``) and saved to ``out_dir``.
+
+    Without ``out_dir`` this is :func:`run`. A saved model (or an unfinished run, recorded
+    in ``out_dir/method.json``) whose method, config (up to ``progress``, ``steps_per_call``
+    and ``grad_batch_size``), key or split differ raises ValueError rather than being reused
+    or resumed. The minutes of a resumed run count only its last session.
+    """
+    get(name)
+    if out_dir is None:
+        return run(name, model, theta_o, data, config, key)
+    out_dir = Path(out_dir)
+    identity = json.loads(json.dumps(_identity(name, config, key, data)))
+    if checkpoint.model_exists(out_dir):
+        meta = json.loads((out_dir / "metadata.json").read_text())
+        _check_identity(meta, identity, out_dir, "a finished theta_p")
+        variables, meta = checkpoint.load_model(out_dir, template=theta_o)
+        return MethodResult(
+            variables=variables,
+            minutes=float(meta.get("minutes", float("nan"))),
+            history=list(meta.get("history", [])),
+            info=dict(meta.get("info", {})),
+            reused=True,
+        )
+    # Claim the directory, so an interrupted run is only ever resumed by the same request.
+    claim = out_dir / _CLAIM
+    if claim.is_file():
+        _check_identity(json.loads(claim.read_text()), identity, out_dir,
+                        "an unfinished run (its epoch checkpoints are in progress/)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claim.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    result = run(name, model, theta_o, data, config, key, checkpoint_dir=out_dir / "progress")
+    meta = dict(identity)
+    meta.update(
+        minutes=result.minutes,
+        history=result.history,
+        info={k: v for k, v in result.info.items() if _json_friendly(v)},
+    )
+    checkpoint.save_model(out_dir, result.variables, meta)
+    return result
+
+
+def _check_identity(stored: dict, identity: dict, out_dir: Path, what: str) -> None:
+    diff = [k for k in identity if stored.get(k) != identity[k]]
+    if diff:
+        details = "; ".join(
+            f"{k}: stored {stored.get(k)!r}, requested {identity[k]!r}" for k in diff
+        )
+        raise ValueError(
+            f"{out_dir} holds {what} made differently ({details}); use another out_dir or "
+            "delete it"
+        )
+
+
+def _json_friendly(value: Any) -> bool:
+    """Scalars, strings and small containers of them (big pytrees such as masks are not
+    stored in the metadata)."""
+    if value is None or isinstance(value, bool | int | float | str | np.generic):
+        return True
+    if isinstance(value, list | tuple):
+        return len(value) <= 64 and all(_json_friendly(v) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 64 and all(_json_friendly(v) for v in value.values())
+    return False

@@ -1,0 +1,131 @@
+"""SalUn: random labels restricted to the weights most salient for forgetting.
+
+1. Saliency at theta_o: the gradient of the forget loss -CE, averaged over *all* of D_f with
+   evaluation-mode BatchNorm (samples independent, so the batched sum is exact).
+2. Mask: the top ``fraction`` (default 0.5) of *all* parameter elements by |gradient|, as one
+   boolean array per tensor. Exactly ``floor(fraction * N)`` elements are selected; ties at
+   the threshold go to the elements first in flattening order.
+3. RL (:mod:`mcu_jax.methods.rl`) trained with ``train.fit(..., update_mask=mask)``. The mask
+   multiplies the *final* SGD update (after weight decay and momentum), so every masked-out
+   weight stays bit-for-bit where it was. (SalUn's release masks the gradient before
+   ``torch.optim.SGD``, whose weight decay still shrinks masked-out weights.) BatchNorm running
+   statistics are not parameters and are updated by the train-mode passes as usual.
+
+Paper (CIFAR-10): 10 epochs, lr 0.01. ``MethodResult.info["mask"]`` holds the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcu_jax import evaluation
+from mcu_jax.data.device import Images
+from mcu_jax.data.transforms import normalize
+from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult, finish, indices
+from mcu_jax.methods.registry import register
+from mcu_jax.methods.rl import train_random_labels
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _summed_gradient(model, variables, images: Images, batches, weights):
+    params = variables["params"]
+    others = {k: v for k, v in variables.items() if k != "params"}
+
+    def body(acc, xs):
+        idx, w = xs
+        x = normalize(images.x[idx], images.mean, images.std)
+
+        def total_loss(p):
+            logits = model.apply({"params": p, **others}, x, train=False)
+            return jnp.sum(evaluation.per_sample_outputs(logits, images.y[idx])["loss"] * w)
+
+        g = jax.grad(total_loss)(params)
+        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    total, _ = jax.lax.scan(body, zeros, (batches, weights))
+    return total
+
+
+def forget_gradient(model, variables: dict, images: Images, forget, batch_size: int = 256):
+    """Gradient of the forget loss -mean CE over ``images[forget]`` at ``variables``
+    (evaluation-mode BatchNorm), shaped like the params, float32.
+
+    Batches always have ``batch_size`` rows: the last one is padded and its padding weighted
+    by 0, so one compiled scan covers the whole set and sets of similar size share it.
+    """
+    idx = np.asarray(forget, dtype=np.int32)
+    if idx.ndim != 1 or idx.size == 0:
+        raise ValueError(f"forget: expected a non-empty 1-d index array, got shape {idx.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected an int >= 1")
+    n = idx.size
+    bs = int(batch_size)
+    steps = math.ceil(n / bs)
+    padded = np.zeros(steps * bs, np.int32)
+    padded[:n] = idx
+    weights = np.zeros(steps * bs, np.float32)
+    weights[:n] = 1.0
+    total = _summed_gradient(
+        model, variables, images,
+        jnp.asarray(padded.reshape(steps, bs)), jnp.asarray(weights.reshape(steps, bs)),
+    )
+    return jax.tree.map(lambda g: -g / n, total)
+
+
+def saliency_mask(grads, fraction: float = 0.5):
+    """Boolean arrays shaped like ``grads`` marking the top ``fraction`` of all elements by
+    ``|grad|``: exactly ``floor(fraction * N)`` of the N elements; ties at the threshold are
+    broken in favour of elements earlier in flattening order."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}; expected a fraction in [0, 1]")
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    mags = [np.abs(np.asarray(g, dtype=np.float32)).ravel() for g in leaves]
+    flat = np.concatenate(mags) if mags else np.zeros(0, np.float32)
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("the saliency gradient has non-finite elements")
+    total = flat.size
+    k = math.floor(fraction * total)
+    keep = np.zeros(total, dtype=bool)
+    if k >= total:
+        keep[:] = True
+    elif k > 0:
+        threshold = np.partition(flat, total - k)[total - k]  # the k-th largest value
+        keep = flat > threshold
+        ties = np.flatnonzero(flat == threshold)[: k - int(keep.sum())]
+        keep[ties] = True
+    out, start = [], 0
+    for g, m in zip(leaves, mags, strict=True):
+        out.append(keep[start:start + m.size].reshape(np.shape(g)))
+        start += m.size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def mask_fraction(mask) -> float:
+    """Share of elements a boolean mask pytree selects."""
+    leaves = [np.asarray(m) for m in jax.tree.leaves(mask)]
+    total = sum(m.size for m in leaves)
+    return float(sum(int(m.sum()) for m in leaves) / total) if total else 0.0
+
+
+@register("salun")
+def salun(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax.Array,
+          *, checkpoint_dir=None) -> MethodResult:
+    """RL in which only the ``config.fraction`` most salient weights may change."""
+    start = time.perf_counter()
+    forget = indices(data.split, "forget", "salun")
+    grads = forget_gradient(model, theta_o, data.train, forget, config.grad_batch_size)
+    mask = saliency_mask(grads, config.fraction)  # shaped like the params by construction
+    device_mask = jax.tree.map(jnp.asarray, mask)
+    variables, history = train_random_labels(
+        model, theta_o, data, config, key, update_mask=device_mask,
+        checkpoint_dir=checkpoint_dir, method="salun", desc="SalUn",
+    )
+    return finish(start, variables, history, mask=mask, mask_fraction=mask_fraction(mask))
