@@ -1,0 +1,154 @@
+"""Flax Linen models for MCU, created by name: ``create(name, num_classes, **options)``.
+
+Every model is a ``flax.linen.Module`` dataclass with fields ``num_classes``, ``dtype``
+(compute dtype; parameters are always float32) and ``bn_momentum`` (running-average momentum
+of all its BatchNorm layers, default 0.9), and is called as ``model.apply(variables, x,
+train=...)`` on normalised float NHWC images, returning float32 logits. Variables are
+``{"params": ..., "batch_stats": ...}`` (``batch_stats`` is ``{}`` without BatchNorm).
+Train-mode calls that use dropout need ``rngs={"dropout": key}``.
+
+Built-in models (see each module's docstring):
+
+- ``cnn_small``: small BN CNN for 8x8x1 digits (``cnn.py``);
+- ``resnet20``: CIFAR ResNet-20, option-A shortcuts (``resnet.py``);
+- ``preresnet110``: PreResNet-110 with bottlenecks, the paper's CIFAR model (``preresnet.py``);
+- ``vgg16_bn``: 13-conv VGG-16-BN for 64x64 Tiny-ImageNet (``vgg.py``);
+- ``vit_small`` (ViT-S/4, 32x32) and ``vit_b16`` (ViT-B/16, 224x224) (``vit.py``).
+
+Add a model with ``@register("name")`` on a Module class or a factory
+``f(num_classes, **options) -> Module``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcu_jax.models.cnn import CNNSmall
+from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
+from mcu_jax.models.preresnet import PreResNet, preresnet
+from mcu_jax.models.pretrained import load_pretrained, save_npz
+from mcu_jax.models.resnet import CifarResNet
+from mcu_jax.models.vgg import VGG16BN
+from mcu_jax.models.vit import VisionTransformer, vit_b16, vit_small
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "CNNSmall",
+    "CifarResNet",
+    "MODELS",
+    "PreResNet",
+    "VGG16BN",
+    "VisionTransformer",
+    "count_params",
+    "create",
+    "init_variables",
+    "load_pretrained",
+    "preresnet",
+    "register",
+    "save_npz",
+]
+
+Factory = Callable[..., nn.Module]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str, factory: Factory | None = None, *, overwrite: bool = False):
+    """Register ``factory(num_classes=..., dtype=..., bn_momentum=..., **options)`` as ``name``.
+
+    Use as ``register("name", Factory)`` or as a decorator ``@register("name")``; a Module
+    class is a valid factory. Registering an existing name raises ValueError unless
+    ``overwrite=True``. Returns the factory (so the decorator leaves it unchanged).
+    """
+
+    def add(f: Factory) -> Factory:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: got {name!r}, expected a non-empty string")
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"name: model {name!r} is already registered (pass overwrite=True)")
+        _REGISTRY[name] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def __getattr__(attr: str) -> Any:
+    # MODELS is computed on access so that it includes models registered later.
+    if attr == "MODELS":
+        return tuple(_REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def create(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build the model registered as ``name`` for ``num_classes`` classes.
+
+    Options common to all models: ``dtype`` (compute dtype, ``jnp.float32`` default, or
+    ``jnp.bfloat16``; the strings "float32"/"bfloat16" work too) and ``bn_momentum`` (float in
+    [0, 1], default 0.9). Other options are fields of the model (e.g. ``depth`` for ViTs,
+    ``shortcut`` for ``resnet20``). Raises ValueError for an unknown name (listing the known
+    ones), a bad ``num_classes``/``dtype``/``bn_momentum`` or an unknown option.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: got {num_classes!r}, expected a positive int")
+    options["dtype"] = resolve_dtype(options.get("dtype", jnp.float32))
+    momentum = options.get("bn_momentum", 0.9)
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        raise ValueError(f"bn_momentum: got {momentum!r}, expected a float in [0, 1]")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bn_momentum: got {momentum!r}, expected a float in [0, 1]")
+    options["bn_momentum"] = float(momentum)
+    try:
+        return _REGISTRY[name](num_classes=num_classes, **options)
+    except TypeError as e:
+        raise ValueError(f"options: model {name!r} rejected {sorted(options)}: {e}") from e
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a pytree of arrays (or ``jax.ShapeDtypeStruct``s)."""
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
+    """Initialise ``model`` in eval mode on zeros of ``input_shape``.
+
+    ``input_shape`` is (N, H, W, C) or (H, W, C) (a batch of one). Returns
+    ``{"params": ..., "batch_stats": ...}`` with ``batch_stats == {}`` for models without
+    BatchNorm. Wrap in ``jax.eval_shape`` to get shapes without allocating.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(
+            f"input_shape: got {tuple(input_shape)}, expected (N, H, W, C) or (H, W, C)"
+        )
+    return _init_jit(model, key, shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(model: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict:
+    # One compiled program instead of an eager random-number compile per parameter shape.
+    params_key, dropout_key = jax.random.split(key)
+    variables = model.init(
+        {"params": params_key, "dropout": dropout_key}, jnp.zeros(shape, jnp.float32), train=False
+    )
+    return {
+        "params": dict(variables["params"]),
+        "batch_stats": dict(variables.get("batch_stats", {})),
+    }
+
+
+register("cnn_small", CNNSmall)
+register("resnet20", functools.partial(CifarResNet, depth=20))
+register("preresnet110", functools.partial(PreResNet, depth=110))
+register("vgg16_bn", VGG16BN)
+register("vit_small", vit_small)
+register("vit_b16", vit_b16)

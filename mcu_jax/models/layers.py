@@ -1,0 +1,88 @@
+"""Building blocks shared by every model: compute-dtype handling, initialisers, conv and BN.
+
+All layers keep their parameters in float32 (``param_dtype``) and compute in the model's
+``dtype``; every BatchNorm lives in the ``batch_stats`` collection and takes the model's
+``bn_momentum`` so that ``model.clone(bn_momentum=0.0)`` writes exact batch statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+#: Compute dtypes a model accepts, by name.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+#: He (Kaiming) normal with fan-out, the usual initialiser of ReLU conv nets (torchvision,
+#: Garipov et al.): N(0, 2 / (k * k * out_channels)).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+BN_EPSILON = 1e-5  # PyTorch's default, which the reference models use
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Return the compute dtype named by ``dtype`` (a string, numpy or jnp dtype).
+
+    Raises ValueError for anything but float32 / bfloat16 / float16.
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype: got {dtype!r}, expected one of {sorted(COMPUTE_DTYPES)} "
+            "(the compute dtype; parameters are always float32)"
+        )
+    return jnp.dtype(COMPUTE_DTYPES[name])
+
+
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    dtype: Any,
+    use_bias: bool = False,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square conv with PyTorch-style symmetric padding ``kernel // 2``.
+
+    Explicit padding (not "SAME") keeps strided convs sampling the same pixels as the
+    PyTorch reference models.
+    """
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, momentum: float, *, dtype: Any, name: str | None = None):
+    """BatchNorm over NHWC channels; batch statistics in train mode, running ones in eval.
+
+    Running statistics are ``momentum * old + (1 - momentum) * batch`` with the biased batch
+    variance, so ``momentum=0.0`` stores exactly the current batch's mean and variance.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=momentum,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Any, name: str | None = None, **kwargs) -> nn.Dense:
+    """A float32-parameter Dense layer computing in ``dtype``."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)

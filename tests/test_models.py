@@ -1,0 +1,550 @@
+"""Tests of mcu_jax.models: registry, parameter counts, forward passes, BatchNorm momentum,
+bfloat16, jit/vmap and the npz weight round trip.
+
+Big models are only traced (``jax.eval_shape``) or run on 2 tiny images with variables filled
+from numpy, so nothing heavy (no random-init compilation of 100 layers) runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import models
+from mcu_jax.models import count_params, create, init_variables, load_pretrained, save_npz
+
+# RBG keys: compiling threefry for every parameter shape dominates eager init time on CPU.
+KEY = jax.random.key(0, impl="rbg")
+
+# name -> (input shape (H, W, C), create options for a cheap forward pass)
+INPUTS = {
+    "cnn_small": ((8, 8, 1), {}),
+    "resnet20": ((32, 32, 3), {}),
+    "preresnet110": ((32, 32, 3), {}),
+    "vgg16_bn": ((64, 64, 3), {}),
+    "vit_small": ((32, 32, 3), {"depth": 2}),  # full widths, fewer (identical) blocks
+    "vit_b16": ((32, 32, 3), {"depth": 1}),  # full ViT-B/16 at 224x224 is only traced
+}
+# classes per model in forward tests: as in the parameter-count tests, so traces are shared
+CLASSES = {"vgg16_bn": 200}
+BN_MODELS = ("cnn_small", "resnet20", "preresnet110", "vgg16_bn")
+TINY_VIT = dict(hidden=32, depth=1, num_heads=2, mlp_dim=64)
+
+
+@functools.cache
+def variable_shapes(model, shape):
+    """ShapeDtypeStructs of ``init_variables`` without running it (cached: tracing a
+    110-layer model takes a while)."""
+    return jax.eval_shape(lambda k: init_variables(model, k, shape), KEY)
+
+
+@functools.cache
+def fake_variables(model, shape, seed=0):
+    """Variables of the right structure filled from numpy: cheap stand-ins for init.
+
+    Kernels ~ N(0, 1/fan_in), biases small, BN scales ~1, running means small, running
+    variances in [0.5, 1.5] (so momentum arithmetic on them is informative). Cached: callers
+    must not mutate the result.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "var":
+            a = rng.uniform(0.5, 1.5, s.shape)
+        elif name == "scale":
+            a = 1.0 + 0.1 * rng.standard_normal(s.shape)
+        elif len(s.shape) >= 2:
+            a = rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        else:
+            a = 0.1 * rng.standard_normal(s.shape)
+        return jnp.asarray(a, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, variable_shapes(model, shape))
+
+
+# Tiny inputs make compile time dominate, and XLA's backend optimisations roughly double it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn):
+    return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
+@functools.cache
+def _compiled(model, train):
+    # One XLA compile per (model, mode): much cheaper on CPU than eager op-by-op dispatch,
+    # which compiles every distinct primitive separately. Models are hashable dataclasses.
+    if train:
+        return jit(
+            lambda v, x, key: model.apply(
+                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            )
+        )
+    return jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def evaluate(model, v, x):
+    """Eval-mode logits (jit-compiled)."""
+    return _compiled(model, False)(v, x)
+
+
+def train_call(model, v, x, key=KEY):
+    """Train-mode (logits, new batch_stats) (jit-compiled)."""
+    out, new = _compiled(model, True)(v, x, key)
+    return out, new["batch_stats"]
+
+
+def images(shape, n=2, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((n, *shape)), jnp.float32)
+
+
+def leaves_close(a, b, **kw):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw), a, b)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_builtin_names():
+    assert set(models.MODELS) >= set(INPUTS)
+    assert isinstance(models.MODELS, tuple)
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        create("resnet1000", 10)
+    for name in INPUTS:
+        assert name in str(err.value)
+    assert "resnet1000" in str(err.value)
+
+
+def test_register_user_model():
+    class Linear(nn.Module):
+        num_classes: int
+        dtype: object = jnp.float32
+        bn_momentum: float = 0.9
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+
+    try:
+        assert models.register("test_linear")(Linear) is Linear
+        assert "test_linear" in models.MODELS
+        model = create("test_linear", 3)
+        v = init_variables(model, KEY, (4, 4, 1))
+        assert v["batch_stats"] == {}
+        assert count_params(v["params"]) == 16 * 3 + 3
+        with pytest.raises(ValueError, match="already registered"):
+            models.register("test_linear", Linear)
+        models.register("test_linear", Linear, overwrite=True)
+    finally:
+        models._REGISTRY.pop("test_linear", None)
+    assert "test_linear" not in models.MODELS
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=10, dtype="int8"), "dtype"),
+        (dict(num_classes=10, dtype=jnp.int32), "dtype"),
+        (dict(num_classes=10, bn_momentum=1.5), "bn_momentum"),
+        (dict(num_classes=10, no_such_option=1), "no_such_option"),
+    ],
+)
+def test_bad_create_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create("cnn_small", **kwargs)
+
+
+def test_common_fields_and_dtype_strings():
+    for name in INPUTS:
+        model = create(name, 10, dtype="bfloat16", bn_momentum=0.5)
+        assert model.num_classes == 10
+        assert model.dtype == jnp.bfloat16
+        assert model.bn_momentum == 0.5
+        assert model.clone(bn_momentum=0.0).bn_momentum == 0.0
+        assert create(name, 10).dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------ parameter counts
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, shape, options, expected",
+    [
+        ("cnn_small", 10, (8, 8, 1), {}, 29_162),
+        # He et al. 2016: ResNet-20 "0.27M"; option A (parameter-free shortcuts)
+        ("resnet20", 10, (32, 32, 3), {}, 269_722),
+        ("resnet20", 10, (32, 32, 3), {"shortcut": "B"}, 272_474),
+        # NOTES.md, exact
+        ("preresnet110", 10, (32, 32, 3), {}, 1_146_842),
+        ("preresnet110", 100, (32, 32, 3), {}, 1_169_972),
+        # 14,714,688 (standard VGG-16 conv stack) + 8,448 BN + 1,414,344 classifier
+        ("vgg16_bn", 200, (64, 64, 3), {}, 16_137_480),
+        # ViT-S shape (DeiT-S: 22M at 224 with patch 16) with patch 4 at 32x32
+        ("vit_small", 10, (32, 32, 3), {}, 21_342_346),
+        # ViT-B/16: 86,567,656 (timm vit_base_patch16_224, 1000 classes)
+        ("vit_b16", 1000, (224, 224, 3), {}, 86_567_656),
+        ("vit_b16", 100, (224, 224, 3), {}, 85_875_556),
+    ],
+)
+def test_parameter_counts(name, num_classes, shape, options, expected):
+    v = variable_shapes(create(name, num_classes, **options), shape)
+    n = count_params(v["params"])
+    print(f"{name} ({num_classes} classes, {options}): {n:,} parameters")
+    assert n == expected
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
+
+
+def test_count_params_on_arrays():
+    tree = {"a": jnp.zeros((2, 3)), "b": [np.ones(4), jnp.zeros(())]}
+    assert count_params(tree) == 11
+    assert count_params({}) == 0
+
+
+def test_preresnet110_structure():
+    v = variable_shapes(create("preresnet110", 10), (32, 32, 3))["params"]
+    blocks = [k for k in v if "_block" in k]
+    assert len(blocks) == 36
+    assert sorted(k for k in blocks if "shortcut" in v[k]) == [
+        "stage1_block0",
+        "stage2_block0",
+        "stage3_block0",
+    ]
+    assert v["stage2_block0"]["shortcut"]["kernel"].shape == (1, 1, 64, 128)
+    assert v["stem"]["kernel"].shape == (3, 3, 3, 16) and "bias" not in v["stem"]
+    assert v["final_bn"]["scale"].shape == (256,)
+    assert v["head"]["kernel"].shape == (256, 10) and v["head"]["bias"].shape == (10,)
+    biases = [p for p, _ in jax.tree_util.tree_leaves_with_path(v) if p[-1].key == "bias"]
+    assert all(p[0].key == "head" or "bn" in p[-2].key for p in biases)
+
+
+def test_preresnet_generic_depth():
+    # PreResNet-164 (bottleneck): 1.70M parameters (He et al. 2016b)
+    n = count_params(variable_shapes(models.preresnet(164, 10), (32, 32, 3))["params"])
+    assert 1.69e6 < n < 1.71e6
+    with pytest.raises(ValueError, match="depth"):
+        models.preresnet(21, 10)
+
+
+def test_vgg16_bn_has_13_convs_and_13_batchnorms():
+    v = variable_shapes(create("vgg16_bn", 200), (64, 64, 3))
+    p = v["params"]
+    convs = [k for k, m in p.items() if "kernel" in m and m["kernel"].ndim == 4]
+    assert len(convs) == 13
+    assert all("bias" in p[k] for k in convs)
+    assert len(v["batch_stats"]) == 13
+    assert [p[f"conv{i}"]["kernel"].shape[-1] for i in range(13)] == (
+        [64] * 2 + [128] * 2 + [256] * 3 + [512] * 6
+    )
+    assert p["fc1"]["kernel"].shape == (2048, 512)
+    assert p["fc2"]["kernel"].shape == (512, 512)
+    assert p["head"]["kernel"].shape == (512, 200)
+
+
+def test_vit_b16_full_forward_traced():
+    model = create("vit_b16", 1000)
+    v = variable_shapes(model, (224, 224, 3))
+    assert v["batch_stats"] == {}
+    p = v["params"]
+    assert p["cls"].shape == (1, 1, 768)
+    assert p["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+    assert len([k for k in p["Transformer"] if k.startswith("encoderblock_")]) == 12
+    attn = p["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+    assert attn["query"]["kernel"].shape == (768, 12, 64)
+    assert p["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"].shape == (
+        768,
+        3072,
+    )
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False),
+        v,
+        jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32),
+    )
+    assert out.shape == (2, 1000) and out.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------- forward passes
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_forward_shapes_and_dtype(name):
+    shape, options = INPUTS[name]
+    n = CLASSES.get(name, 10)
+    model = create(name, n, **options)
+    v = fake_variables(model, shape)
+    x = images(shape)
+    out = evaluate(model, v, x)
+    assert out.shape == (2, n) and out.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out)).all()
+    out_t, new = train_call(model, v, x)
+    assert out_t.shape == (2, n) and out_t.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out_t)).all()
+    assert jax.tree.structure(new) == jax.tree.structure(v["batch_stats"])
+    if name in BN_MODELS:
+        # batch statistics in train mode vs running statistics in eval mode
+        assert not np.allclose(np.asarray(out), np.asarray(out_t), atol=1e-3)
+        assert not jax.tree.all(jax.tree.map(jnp.array_equal, new, v["batch_stats"]))
+    else:
+        # ViTs have no BN and no dropout by default: train == eval
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out_t), rtol=1e-5, atol=1e-5)
+
+
+def test_vgg_dropout_uses_dropout_rng():
+    model = create("vgg16_bn", 5)
+    v = fake_variables(model, (32, 32, 3))
+    x = images((32, 32, 3))
+
+    def run(seed):
+        return np.asarray(train_call(model, v, x, jax.random.key(seed))[0])
+
+    assert np.array_equal(run(0), run(0))
+    assert not np.allclose(run(0), run(1))
+    with pytest.raises(Exception, match="dropout"):  # no "dropout" rng: traced only
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), v, x)
+
+
+def test_resnet_option_b_runs():
+    model = create("resnet20", 4, shortcut="B")
+    v = fake_variables(model, (32, 32, 3))
+    assert "proj" in v["params"]["stage2_block0"]
+    out = evaluate(model, v, images((32, 32, 3)))
+    assert out.shape == (2, 4)
+
+
+# -------------------------------------------------------------------------------- bfloat16
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_bfloat16_keeps_float32_params_traced(name):
+    shape, options = INPUTS[name]
+    model = create(name, CLASSES.get(name, 10), dtype=jnp.bfloat16, **options)
+    v = variable_shapes(model, shape)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False),
+        v,
+        jax.ShapeDtypeStruct((2, *shape), jnp.float32),
+    )
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("cnn_small", (8, 8, 1), {}),
+        ("resnet20", (32, 32, 3), {}),
+        ("vit_small", (32, 32, 3), TINY_VIT),
+    ],
+)
+def test_bfloat16_forward_finite(name, shape, options):
+    model = create(name, 10, dtype="bfloat16", **options)
+    v = fake_variables(model, shape)
+    x = images(shape)
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(v, x))
+    assert "bf16" in jaxpr  # computation really runs in bfloat16
+    out = evaluate(model, v, x)
+    assert out.dtype == jnp.float32 and out.shape == (2, 10)
+    assert np.isfinite(np.asarray(out)).all()
+    ref = evaluate(create(name, 10, **options), v, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0.1, atol=0.1)
+    if name in BN_MODELS:
+        _, new = train_call(model, v, x)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
+
+
+# --------------------------------------------------------------------- BatchNorm momentum
+
+
+def _conv3x3_same(x, kernel):
+    """Independent numpy 3x3 convolution with zero padding 1, NHWC x HWIO."""
+    n, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]), np.float64)
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nhwc,co->nhwo", xp[:, i : i + h, j : j + w, :], kernel[i, j])
+    return out
+
+
+def test_bn_momentum_zero_writes_exact_batch_statistics():
+    model = create("cnn_small", 10)
+    v = fake_variables(model, (8, 8, 1))  # random running statistics, so blending shows
+    x = images((8, 8, 1), n=16, seed=3)
+    _, new = train_call(model.clone(bn_momentum=0.0), v, x)
+    kernel = np.asarray(v["params"]["conv0"]["kernel"], np.float64)
+    first = _conv3x3_same(np.asarray(x, np.float64), kernel)  # conv0 has no bias
+    mean, var = first.mean(axis=(0, 1, 2)), first.var(axis=(0, 1, 2))  # biased variance
+    close = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["bn0"]["mean"]), mean, **close)
+    np.testing.assert_allclose(np.asarray(new["bn0"]["var"]), var, **close)
+    # the default momentum 0.9 blends: 0.9 * old + 0.1 * batch
+    _, blended = train_call(model, v, x)
+    old = {k: np.asarray(a) for k, a in v["batch_stats"]["bn0"].items()}
+    np.testing.assert_allclose(blended["bn0"]["mean"], 0.9 * old["mean"] + 0.1 * mean, **close)
+    np.testing.assert_allclose(blended["bn0"]["var"], 0.9 * old["var"] + 0.1 * var, **close)
+    # running statistics are not touched in eval mode
+    _, same = jit(lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"]))(v, x)
+    leaves_close(same["batch_stats"], v["batch_stats"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("cnn_small", (8, 8, 1), {}),
+        ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),
+        ("preresnet110", (32, 32, 3), {"depth": 11}),
+        ("vgg16_bn", (32, 32, 3), {}),
+    ],
+)
+def test_bn_momentum_reaches_every_batchnorm(name, shape, options):
+    # Train mode normalises with batch statistics, so activations do not depend on the
+    # momentum; hence stats(m) == m * old + (1 - m) * stats(0) in EVERY BN iff every BN
+    # uses the model's momentum (here the default m = 0.9).
+    base = create(name, 5, **options)
+    v = fake_variables(base, shape)
+    x = images(shape)
+    exact = train_call(base.clone(bn_momentum=0.0), v, x)[1]
+    blended = train_call(base, v, x)[1]
+    expected = jax.tree.map(lambda o, e: 0.9 * o + 0.1 * e, v["batch_stats"], exact)
+    leaves_close(blended, expected, rtol=1e-5, atol=1e-5)
+    # momentum 0: the result does not depend on the old running statistics at all
+    v2 = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a * 3.0, v["batch_stats"])}
+    again = train_call(base.clone(bn_momentum=0.0), v2, x)[1]
+    leaves_close(again, exact, rtol=1e-6, atol=1e-6)
+    # create(..., bn_momentum=0.0) is the same model as the clone
+    assert create(name, 5, bn_momentum=0.0, **options) == base.clone(bn_momentum=0.0)
+
+
+# ----------------------------------------------------------------------------- jit / vmap
+
+
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("cnn_small", (8, 8, 1), {}),
+        ("preresnet110", (32, 32, 3), {"depth": 11}),
+        ("vit_small", (32, 32, 3), TINY_VIT),
+    ],
+)
+def test_jit_and_vmap_over_parameters(name, shape, options):
+    model = create(name, 6, **options)
+    members = [fake_variables(model, shape, seed=s) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    x = images(shape)
+
+    @jit
+    def ensemble(variables, x):
+        return jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+
+    out = ensemble(stacked, x)
+    assert out.shape == (3, 2, 6) and out.dtype == jnp.float32
+    for i, v in enumerate(members):
+        np.testing.assert_allclose(out[i], evaluate(model, v, x), rtol=1e-4, atol=1e-4)
+
+    @jit
+    def train_stats(variables, x):
+        def one(v):
+            return model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+        return jax.vmap(one)(variables)
+
+    new = train_stats(stacked, x)
+    assert jax.tree.structure(new) == jax.tree.structure(stacked["batch_stats"])
+    for leaf in jax.tree.leaves(new):  # member i's statistics come from member i's params
+        assert leaf.shape[0] == 3 and not np.allclose(leaf[0], leaf[1])
+
+
+# ---------------------------------------------------------------------- init_variables
+
+
+def test_init_variables():
+    model = create("cnn_small", 10)
+    v = init_variables(model, KEY, (8, 8, 1))
+    assert set(v) == {"params", "batch_stats"}
+    assert set(v["batch_stats"]) == {"bn0", "bn1"}
+    np.testing.assert_array_equal(np.asarray(v["batch_stats"]["bn0"]["mean"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(v["batch_stats"]["bn0"]["var"]), 1.0)
+    again = init_variables(model, KEY, (4, 8, 8, 1))  # batch size does not matter
+    leaves_close(v, again, rtol=0, atol=0)
+    other = init_variables(model, jax.random.key(1, impl="rbg"), (8, 8, 1))
+    assert not np.array_equal(
+        np.asarray(v["params"]["conv0"]["kernel"]), np.asarray(other["params"]["conv0"]["kernel"])
+    )
+    vit = variable_shapes(create("vit_small", 10, **TINY_VIT), (32, 32, 3))
+    assert set(vit) == {"params", "batch_stats"} and vit["batch_stats"] == {}
+    bf = variable_shapes(create("cnn_small", 10, dtype="bfloat16"), (8, 8, 1))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf))
+    with pytest.raises(ValueError, match="input_shape"):
+        init_variables(model, KEY, (8, 8))
+
+
+# ------------------------------------------------------------------------- npz weights
+
+
+def test_save_load_round_trip_with_batch_stats(tmp_path):
+    model = create("cnn_small", 10)
+    saved = fake_variables(model, (8, 8, 1), seed=5)
+    path = tmp_path / "weights"  # no suffix: must be written exactly here
+    save_npz(saved, path)
+    assert path.is_file()
+    with np.load(path) as f:
+        assert "params/conv0/kernel" in f.files and "batch_stats/bn0/var" in f.files
+    fresh = init_variables(model, KEY, (8, 8, 1))
+    loaded = load_pretrained(fresh, path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(fresh)
+    leaves_close(loaded, saved, rtol=0, atol=0)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(loaded))
+
+
+def test_load_pretrained_skips_mismatching_head(tmp_path):
+    src = fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3), seed=7)
+    path = tmp_path / "vit.npz"
+    save_npz(src, path)
+    target = fake_variables(create("vit_small", 4, **TINY_VIT), (32, 32, 3))
+    loaded = load_pretrained(target, path)
+    leaves_close(loaded["params"]["head"], target["params"]["head"], rtol=0, atol=0)
+    rest = {k: v for k, v in loaded["params"].items() if k != "head"}
+    leaves_close(rest, {k: v for k, v in src["params"].items() if k != "head"}, rtol=0, atol=0)
+    assert loaded["batch_stats"] == {}
+    # same number of classes: the head is loaded too
+    same = load_pretrained(fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3)), path)
+    leaves_close(same, src, rtol=0, atol=0)
+
+
+def test_load_pretrained_errors(tmp_path):
+    path = tmp_path / "vit.npz"
+    save_npz(fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3)), path)
+    deeper = fake_variables(create("vit_small", 10, **{**TINY_VIT, "depth": 2}), (32, 32, 3))
+    with pytest.raises(ValueError, match="missing key 'params/Transformer/encoderblock_1/"):
+        load_pretrained(deeper, path)
+    wider = fake_variables(create("vit_small", 10, **{**TINY_VIT, "mlp_dim": 48}), (32, 32, 3))
+    with pytest.raises(ValueError, match=r"MlpBlock_3/Dense_0/(bias|kernel)' has shape"):
+        load_pretrained(wider, path)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(deeper, tmp_path / "nope.npz")
+
+
+def test_load_pretrained_accepts_vit_jax_style_keys(tmp_path):
+    # vit_jax checkpoints store params without the "params/" prefix, plus unused extras
+    src = fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3), seed=3)
+    flat = {k.removeprefix("params/"): v for k, v in np.load(_saved(src, tmp_path)).items()}
+    flat["pre_logits/kernel"] = np.zeros((32, 32), np.float32)
+    path = tmp_path / "vit_jax_style.npz"
+    np.savez(path, **flat)
+    target = fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3))
+    leaves_close(load_pretrained(target, path), src, rtol=0, atol=0)
+
+
+def _saved(variables, tmp_path):
+    path = tmp_path / "tmp.npz"
+    save_npz(variables, path)
+    return path
