@@ -1,0 +1,135 @@
+"""Command line: train theta_o / RT, produce theta_p with a method, run MCU on a curve.
+
+    mcu-jax train   --out runs/digits/theta_o [problem.dataset=digits train.epochs=30 ...]
+    mcu-jax unlearn --theta-o runs/digits/theta_o --method neggrad --out runs/digits/neggrad
+    mcu-jax mcu     --theta-o runs/digits/theta_o --theta-p runs/digits/neggrad \
+                    --out runs/digits/mcu [mcu.epochs=5 mask.k=0.1 selection.num_t=20 ...]
+
+Every config field can be overridden as ``group.field=value``; ``mcu-jax CMD --fields``
+lists them. theta_o's directory records the problem (data set, model, split), so later
+commands rebuild exactly the same split. User errors end with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mcu_jax import checkpoint, config, methods, pipeline, problem, train
+from mcu_jax.mcu import MCUConfig
+
+_DIGITS_TRAIN = train.TrainConfig(epochs=30, lr=0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCommand:
+    problem: problem.ProblemConfig = problem.ProblemConfig()
+    train: train.TrainConfig = _DIGITS_TRAIN
+    retrain: bool = False  # RT: train from scratch on D_r only
+    key: int = 0
+
+
+def _load_theta_o(path: str) -> tuple[dict, dict, problem.ProblemConfig]:
+    variables, meta = checkpoint.load_model(path)
+    if "problem" not in meta or "refs" not in meta:
+        raise ValueError(f"{path} was not written by 'mcu-jax train' (no problem/refs metadata)")
+    return variables, meta, problem.ProblemConfig(**meta["problem"])
+
+
+def cmd_train(args) -> dict:
+    cfg = config.override(TrainCommand(), args.overrides)
+    prob = problem.build(cfg.problem)
+    pool = prob.split.retain if cfg.retrain else np.arange(prob.dataset.num_train)
+    meta = {"problem": config.to_dict(cfg.problem), "retrain": cfg.retrain}
+    variables, meta = train.train_model(
+        prob.model, prob.train, pool, cfg.train, jax.random.PRNGKey(cfg.key),
+        prob.input_shape, args.out, metadata=meta, desc="RT" if cfg.retrain else "theta_o",
+    )
+    if "refs" not in meta:
+        meta["refs"] = train.reference_accuracies(
+            prob.model, variables, prob.train, prob.test, prob.split
+        )
+        checkpoint.save_model(args.out, variables, meta)
+    return {"out": str(args.out), "refs": meta["refs"], "minutes": meta["minutes"]}
+
+
+def cmd_unlearn(args) -> dict:
+    theta_o, meta, pcfg = _load_theta_o(args.theta_o)
+    prob = problem.build(pcfg)
+    base = methods.default_config(args.method, pcfg.scenario)
+    mcfg = config.override(base, args.overrides)
+    data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
+    result = methods.produce(
+        args.method, prob.model, theta_o, data, mcfg, jax.random.PRNGKey(args.key), args.out
+    )
+    return {"out": str(args.out), "method": args.method, "minutes": result.minutes}
+
+
+@dataclasses.dataclass(frozen=True)
+class MCUCommand:
+    mcu: MCUConfig = MCUConfig()
+    mask: pipeline.MaskConfig = pipeline.MaskConfig()
+    selection: pipeline.SelectionConfig = pipeline.SelectionConfig()
+    key: int = 0
+
+
+def cmd_mcu(args) -> dict:
+    theta_o, meta, pcfg = _load_theta_o(args.theta_o)
+    theta_p, _ = checkpoint.load_model(args.theta_p)
+    cfg = config.override(MCUCommand(), args.overrides)
+    prob = problem.build(pcfg)
+    out = pipeline.run_mcu(
+        prob.model, theta_o, theta_p, prob.train, prob.test, prob.split, meta["refs"],
+        jax.random.PRNGKey(cfg.key), cfg.mcu, cfg.mask, cfg.selection, out_dir=args.out,
+    )
+    return {
+        "out": str(args.out),
+        "t_star": out.t_star,
+        "region": out.region,
+        "measured": out.measured,
+        "measured_gap": out.measured_gap,
+        "minutes": out.minutes,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcu-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train theta_o (or RT with retrain=true)")
+    p.add_argument("--out", required=True, type=Path)
+    p = sub.add_parser("unlearn", help="produce theta_p with a pre-unlearning method")
+    p.add_argument("--theta-o", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--key", type=int, default=0)
+    p = sub.add_parser("mcu", help="train the curve theta_o -> theta_p and pick t*")
+    p.add_argument("--theta-o", required=True)
+    p.add_argument("--theta-p", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    for p in sub.choices.values():
+        p.add_argument("overrides", nargs="*", help="config overrides: group.field=value")
+    return parser
+
+
+_COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "mcu": cmd_mcu}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"mcu-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Typed configs from the command line: ``field=value`` overrides of (nested) dataclasses.
+
+Every field of every config can be overridden, e.g. ``mcu.epochs=5 mask.k=0.1
+selection.include_test=false``; values are parsed by the field's declared type, and an
+unknown field is an error that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(text: str, annotation: Any, field: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _parse(text, arg, field)
+            except ValueError:
+                continue
+        raise ValueError(f"{field}: cannot parse {text!r} as {annotation}")
+    if annotation is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"{field}: expected true/false, got {text!r}")
+    if annotation in (int, float, str):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ValueError(f"{field}: expected {annotation.__name__}, got {text!r}") from None
+    if origin is tuple:
+        items = [s for s in text.strip("()[] ").split(",") if s.strip()]
+        elem = args[0] if args else str
+        return tuple(_parse(s.strip(), elem, field) for s in items)
+    return text
+
+
+def field_names(config: Any, prefix: str = "") -> list[str]:
+    """Every overridable field of ``config`` as a dotted name."""
+    names = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            names += field_names(value, f"{prefix}{f.name}.")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def override(config: Any, assignments: Iterable[str]) -> Any:
+    """A copy of the dataclass ``config`` with ``name=value`` assignments applied."""
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like field=value")
+        name, text = item.split("=", 1)
+        config = _set(config, name.strip(), text.strip(), name.strip())
+    return config
+
+
+def _set(config: Any, name: str, text: str, full: str) -> Any:
+    head, _, rest = name.partition(".")
+    hints = typing.get_type_hints(type(config))
+    known = {f.name for f in dataclasses.fields(config)}
+    if head not in known:
+        raise ValueError(
+            f"unknown config field {full!r}; known fields: {', '.join(field_names(config))}"
+        )
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config field {head!r} has no sub-field {rest!r}")
+        value = _set(current, rest, text, full)
+    elif dataclasses.is_dataclass(current):
+        raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
+    else:
+        value = _parse(text, hints[head], full)
+    return dataclasses.replace(config, **{head: value})
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain JSON-friendly data."""
+    return dataclasses.asdict(config)

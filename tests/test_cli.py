@@ -1,0 +1,52 @@
+"""The command line: train -> unlearn -> mcu on digits, overrides and one-line errors."""
+
+import json
+
+import pytest
+
+from mcu_jax import cli, config
+from mcu_jax.mcu import MCUConfig
+
+
+def _run(capsys, argv):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_unlearn_mcu_chain(tmp_path, capsys):
+    code, out, _ = _run(capsys, ["train", "--out", str(tmp_path / "o"), "train.epochs=2",
+                                 "train.progress=false"])
+    assert code == 0
+    refs = json.loads(out)["refs"]
+    assert set(refs) == {"train", "val", "test"}
+    code, out, _ = _run(capsys, ["unlearn", "--theta-o", str(tmp_path / "o"), "--method", "ga",
+                                 "--out", str(tmp_path / "p"), "epochs=1", "progress=false"])
+    assert code == 0, out
+    code, out, _ = _run(capsys, [
+        "mcu", "--theta-o", str(tmp_path / "o"), "--theta-p", str(tmp_path / "p"),
+        "--out", str(tmp_path / "m"), "mcu.epochs=1", "mcu.progress=false",
+        "selection.num_t=5",
+    ])
+    assert code == 0, out
+    result = json.loads(out)
+    assert 0.75 <= result["t_star"] <= 1.0
+    assert (tmp_path / "m" / "model" / "metadata.json").is_file()
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    code, _, err = _run(capsys, ["train", "--out", str(tmp_path / "o"), "train.epoch=2"])
+    assert code == 2
+    assert err.count("\n") == 1 and "unknown config field 'train.epoch'" in err
+    code, _, err = _run(capsys, ["mcu", "--theta-o", str(tmp_path / "none"), "--theta-p",
+                                 str(tmp_path / "none"), "--out", str(tmp_path / "m")])
+    assert code == 2 and "no finished model" in err
+
+
+def test_override_parses_by_declared_type():
+    cfg = config.override(MCUConfig(), ["epochs=3", "beta_values=0,0.2,0.6", "augment=no"])
+    assert cfg.epochs == 3 and cfg.beta_values == (0.0, 0.2, 0.6) and cfg.augment is False
+    with pytest.raises(ValueError, match="expected int"):
+        config.override(MCUConfig(), ["epochs=three"])
+    with pytest.raises(ValueError, match="field=value"):
+        config.override(MCUConfig(), ["epochs"])
