@@ -19,6 +19,7 @@ class ProblemConfig:
     data_dir: str | None = None
     model: str = "cnn_small"
     dtype: str = "float32"  # compute dtype of the model
+    pretrained: str | None = None  # local .npz of initial weights for theta_o and RT
     scenario: str = "random"  # "random" or "class"
     forget_ratio: float = 0.1
     forget_class: int | None = None

@@ -207,19 +207,24 @@ def train_model(
     out_dir: str | os.PathLike,
     metadata: dict | None = None,
     desc: str = "train",
+    pretrained: str | os.PathLike | None = None,
 ) -> tuple[dict, dict]:
     """Trains a fresh model on ``pool`` and saves it to ``out_dir`` (reused if already there).
 
+    ``pretrained`` names a local ``.npz`` of initial weights (``models.load_pretrained``;
+    a classification head of another shape stays freshly initialised), e.g. for ViT.
     Returns (variables, metadata); metadata holds the history, wall-clock minutes and
     whatever the caller passed (config, split seed, ...).
     """
-    from mcu_jax.models import init_variables
+    from mcu_jax.models import init_variables, load_pretrained
 
     out_dir = Path(out_dir)
     if checkpoint.model_exists(out_dir):
         return checkpoint.load_model(out_dir)
     init_key, train_key = jax.random.split(key)
     variables = init_variables(model, init_key, input_shape)
+    if pretrained is not None:
+        variables = load_pretrained(variables, pretrained)
     start = time.perf_counter()
     variables, history = fit(
         model, variables, images, pool, config, train_key,
