@@ -6,12 +6,22 @@ kernel-launch and host overhead; the host only looks at the per-step metrics aft
 call, to update the progress bar and to stop on a non-finite loss. After every epoch the
 state is checkpointed, so a killed run resumes at the last finished epoch and, with
 per-epoch keys derived by ``fold_in``, ends with exactly the same result as an uninterrupted one.
+
+SIGINT and SIGTERM do not kill a checkpointed loop at once: they set a flag, and at the next
+boundary between step chunks the loop saves the current state (mid-epoch if need be, with
+the epoch, the step within it and that epoch's metrics so far in the metadata) and then
+raises ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM). A resumed run
+rebuilds that epoch's batches and keys from ``fold_in(key, epoch)`` and continues at the
+saved step, so it ends exactly as an uninterrupted run would. A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +48,12 @@ class LoopConfig:
     drop_remainder: bool = True
     progress: bool = True
     desc: str = "train"
+
+    def __post_init__(self):
+        for name, low in (("epochs", 0), ("batch_size", 1), ("steps_per_call", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{self.desc}: {name} must be an int >= {low}, got {value!r}")
 
 
 def make_runner(step: Step, unrolled: bool | None = None) -> Callable:
@@ -79,8 +95,76 @@ def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
         step = first_step + int(bad[0])
         raise NonFiniteLossError(
             f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. "
-            "The last good checkpoint (previous epoch) is kept."
+            "The last good checkpoint (previous epoch or signal stop) is kept."
         )
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_exception(signum: int, note: str = "") -> BaseException:
+    """What a signal ends the run with: KeyboardInterrupt (SIGINT) or SystemExit(143)."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt(note) if note else KeyboardInterrupt()
+    return SystemExit(128 + int(signum))
+
+
+class _SignalFlag:
+    """While active, SIGINT/SIGTERM only record themselves (main thread only: Python lets
+    no other thread install handlers); a second signal stops at once. The previous handlers
+    come back on exit."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        if self.received is not None:
+            raise _stop_exception(signum)
+        self.received = signum
+
+    def __enter__(self) -> _SignalFlag:
+        if self.enabled:
+            for sig in _SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler not installed from Python; the default is the best we can do.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+
+def _save(checkpointer: Checkpointer, step_id: int, state: Any, meta: dict) -> None:
+    """Saves under ``step_id``, replacing a signal-stop checkpoint of the same id."""
+    manager = getattr(checkpointer, "_manager", None)  # orbax refuses to overwrite a step
+    if manager is not None and step_id in manager.all_steps():
+        manager.delete(step_id)
+    checkpointer.save(step_id, state, meta)
+
+
+def _pack_metrics(chunks: list[dict]) -> dict:
+    """The stacked per-step metrics of a partial epoch as exact JSON (dtype, shape, values)."""
+    if not chunks:
+        return {}
+    out = {}
+    for k in chunks[0]:
+        a = np.concatenate([np.asarray(c[k]) for c in chunks])
+        out[k] = {"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()}
+    return out
+
+
+def _unpack_metrics(packed: dict) -> list[dict]:
+    if not packed:
+        return []
+    return [{
+        k: np.asarray(v["values"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+        for k, v in packed.items()
+    }]
 
 
 def run_epochs(
@@ -97,47 +181,103 @@ def run_epochs(
 
     Returns the final state and a per-epoch history of the mean of every step metric (or
     whatever ``summarize`` makes of the stacked metrics of one epoch).
+
+    With a ``checkpointer`` the state is saved after every epoch (checkpoint id = number of
+    finished epochs), and SIGINT/SIGTERM received in the main thread save the state at the
+    next chunk boundary (id = the running epoch + 1, metadata ``step`` > 0) before raising
+    ``KeyboardInterrupt`` / ``SystemExit(143)``. Either kind of checkpoint is resumed exactly.
     """
     pool = jnp.asarray(pool, jnp.int32)
-    # The runner donates its state: work on a copy so the caller's arrays stay valid.
-    state = jax.tree.map(jnp.array, state)
-    history: list[dict] = []
-    start = 0
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
-        start = int(meta["epoch"])
-        history = list(meta.get("history", []))
-    summarize = summarize or (lambda m: {k: float(np.mean(v)) for k, v in m.items()})
     n = int(pool.shape[0])
     if n == 0:
         raise ValueError(f"{config.desc}: cannot train on an empty index set")
     # Sets smaller than one batch wrap around instead of giving no batch at all.
     drop = config.drop_remainder and n >= config.batch_size
     steps_per_epoch = n // config.batch_size if drop else math.ceil(n / config.batch_size)
+    # The runner donates its state: work on a copy so the caller's arrays stay valid.
+    state = jax.tree.map(jnp.array, state)
+    history: list[dict] = []
+    start, start_step, partial = 0, 0, []
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        try:
+            state, meta = checkpointer.restore(state)
+        except ValueError as err:  # orbax: another structure, shape or dtype on disk
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ValueError(
+                f"{config.desc}: the checkpoint in {checkpointer.directory} does not fit this "
+                f"run's state (another model or optimiser?): {first_line}; use a new "
+                "checkpoint folder"
+            ) from err
+        start = int(meta["epoch"])
+        start_step = int(meta.get("step", 0))
+        history = list(meta.get("history", []))
+        if start_step:
+            saved = (meta.get("steps_per_epoch"), meta.get("pool_size"))
+            if saved != (steps_per_epoch, n):
+                raise ValueError(
+                    f"{config.desc}: the checkpoint in {checkpointer.directory} stopped at "
+                    f"step {start_step} of epoch {start + 1} with (steps per epoch, pool size) "
+                    f"= {saved}, but this run has {(steps_per_epoch, n)}; resume with the same "
+                    "pool and batch size or use a new checkpoint folder"
+                )
+            if start >= config.epochs:
+                raise ValueError(
+                    f"{config.desc}: the checkpoint in {checkpointer.directory} is inside "
+                    f"epoch {start + 1}, beyond epochs={config.epochs}"
+                )
+            partial = _unpack_metrics(meta.get("partial", {}))
+    summarize = summarize or (lambda m: {k: float(np.mean(v)) for k, v in m.items()})
+    geometry = {"steps_per_epoch": steps_per_epoch, "pool_size": n}
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
-        initial=start * steps_per_epoch,
+        initial=start * steps_per_epoch + start_step,
         desc=config.desc,
         disable=not config.progress,
         leave=False,
     )
-    for epoch in range(start, config.epochs):
-        ekey = jax.random.fold_in(key, epoch)
-        batches = epoch_batches(jax.random.fold_in(ekey, 0), pool, config.batch_size, drop)
-        keys = jax.random.split(jax.random.fold_in(ekey, 1), steps_per_epoch)
-        chunks = []
-        for lo in range(0, steps_per_epoch, config.steps_per_call):
-            hi = min(lo + config.steps_per_call, steps_per_epoch)
-            state, metrics = runner(state, consts, batches[lo:hi], keys[lo:hi])
-            metrics = jax.device_get(metrics)
-            _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc)
-            chunks.append(metrics)
-            bar.update(hi - lo)
-        stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        record = {"epoch": epoch + 1, **summarize(stacked)}
-        history.append(record)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)})
-        if checkpointer is not None:
-            checkpointer.save(epoch + 1, state, {"epoch": epoch + 1, "history": history})
-    bar.close()
+    flag = _SignalFlag(enabled=checkpointer is not None)
+    try:
+        with flag:
+            for epoch in range(start, config.epochs):
+                ekey = jax.random.fold_in(key, epoch)
+                batches = epoch_batches(
+                    jax.random.fold_in(ekey, 0), pool, config.batch_size, drop
+                )
+                keys = jax.random.split(jax.random.fold_in(ekey, 1), steps_per_epoch)
+                first = start_step if epoch == start else 0
+                chunks = partial if epoch == start else []
+                for lo in range(first, steps_per_epoch, config.steps_per_call):
+                    hi = min(lo + config.steps_per_call, steps_per_epoch)
+                    state, metrics = runner(state, consts, batches[lo:hi], keys[lo:hi])
+                    metrics = jax.device_get(metrics)
+                    _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc)
+                    chunks.append(metrics)
+                    bar.update(hi - lo)
+                    if flag.received is not None and hi < steps_per_epoch:
+                        meta = {"epoch": epoch, "step": hi, "history": history,
+                                "partial": _pack_metrics(chunks), **geometry}
+                        _save(checkpointer, epoch + 1, state, meta)
+                        _stop(flag.received, config.desc, checkpointer, epoch, hi)
+                stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+                record = {"epoch": epoch + 1, **summarize(stacked)}
+                history.append(record)
+                bar.set_postfix(
+                    {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)}
+                )
+                if checkpointer is not None:
+                    meta = {"epoch": epoch + 1, "history": history, **geometry}
+                    _save(checkpointer, epoch + 1, state, meta)
+                    if flag.received is not None:
+                        _stop(flag.received, config.desc, checkpointer, epoch + 1, 0)
+    finally:
+        bar.close()
     return state, history
+
+
+def _stop(signum: int, desc: str, checkpointer: Checkpointer, epoch: int, step: int):
+    where = f"epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}"
+    name = signal.Signals(signum).name
+    note = (f"{desc}: {name} received; saved the state after {where} in "
+            f"{checkpointer.directory}; run the same command again to resume")
+    print(note, file=sys.stderr, flush=True)
+    raise _stop_exception(signum, note)

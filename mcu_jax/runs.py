@@ -1,0 +1,147 @@
+"""Run folders: one folder per experiment run, bound to one config, finished phase by phase.
+
+    run = RunDir("runs/cifar10_resnet20_seed0")
+    run.open(config)                      # writes run.json, or checks it matches
+    if not run.phase_done("theta_o"):
+        ...                               # train, writing under run.path("theta_o")
+        run.mark_done("theta_o", {"refs": refs})
+    refs = run.load_phase("theta_o")["refs"]
+
+``run.json`` records the config with the mcu_jax and JAX versions, the backend and the
+device kind. Reopening a folder with a different config (up to keys named in ``ignore``,
+at any depth) is refused, so results of two configs never mix in one folder. A phase is
+done once ``phases/<name>.json`` exists; it is written to a temporary file and renamed, so
+a killed run never leaves a half-written marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+
+import mcu_jax
+
+_RUN_FILE = "run.json"
+_PHASES = "phases"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MISSING = "<missing>"
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy / jax arrays and scalars
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
+
+
+def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], path: str = ""):
+    """(dotted field, old value, new value) of the first difference, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            if k in ignore:
+                continue
+            sub = f"{path}.{k}" if path else str(k)
+            diff = _first_difference(old.get(k, _MISSING), new.get(k, _MISSING), ignore, sub)
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            diff = _first_difference(a, b, ignore, f"{path}[{i}]")
+            if diff is not None:
+                return diff
+        return None
+    if old == new and isinstance(old, bool) == isinstance(new, bool):  # 1 == 1.0, not True
+        return None
+    return path or "<config>", old, new
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomic write: a temporary file in the same folder, then a rename."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=_default)  # fails before writing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunDir:
+    """A run folder: ``run.json`` (config + environment), ``phases/<name>.json`` markers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run folder (not created)."""
+        return self.root.joinpath(*parts)
+
+    def open(self, config: dict, ignore: tuple[str, ...] = ("progress",)) -> None:
+        """Binds the folder to ``config``: writes ``run.json`` the first time; afterwards
+        raises ValueError if the stored config differs outside the ``ignore``d keys."""
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be a dict, got {type(config).__name__}")
+        config = _jsonable(config)
+        run_file = self.path(_RUN_FILE)
+        if run_file.is_file():
+            try:
+                stored = json.loads(run_file.read_text())["config"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{run_file} is not a run record ({err}); use a new folder"
+                ) from None
+            diff = _first_difference(stored, config, tuple(ignore))
+            if diff is not None:
+                field, old, new = diff
+                raise ValueError(
+                    f"run folder {self.root} was made with a different config: {field} is "
+                    f"{old!r} there but {new!r} now; use a new folder for a new config"
+                )
+            return
+        device = jax.devices()[0]
+        _write_json(run_file, {
+            "config": config,
+            "mcu_jax_version": mcu_jax.__version__,
+            "jax_version": jax.__version__,
+            "backend": jax.default_backend(),
+            "device_kind": device.device_kind,
+        })
+
+    def _phase_file(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(
+                f"phase name must be letters, digits, '_', '-' or '.', got {name!r}"
+            )
+        return self.path(_PHASES, f"{name}.json")
+
+    def phase_done(self, name: str) -> bool:
+        return self._phase_file(name).is_file()
+
+    def mark_done(self, name: str, payload: dict) -> None:
+        """Records phase ``name`` as finished with a JSON ``payload`` (atomic)."""
+        if not isinstance(payload, dict):
+            raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
+        _write_json(self._phase_file(name), payload)
+
+    def load_phase(self, name: str) -> dict:
+        file = self._phase_file(name)
+        if not file.is_file():
+            raise FileNotFoundError(f"phase {name!r} of run {self.root} is not done ({file})")
+        return json.loads(file.read_text())
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
