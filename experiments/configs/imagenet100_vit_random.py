@@ -1,0 +1,12 @@
+"""ImageNet-100, ViT-B/16 fine-tuned from local pretrained weights, random forgetting (GPU).
+
+Command: python experiments/run.py imagenet100_vit_random problem.data_dir=DIR \
+    problem.pretrained=VIT.npz
+(DIR holds imagenet100/train/<class>/ and val/<class>/.)
+"""
+
+import _large
+
+
+def get_config():
+    return _large.imagenet100("random")

@@ -1,0 +1,52 @@
+"""Runs one experiment config: ``python experiments/run.py NAME [group.field=value ...]``.
+
+NAME is a file in experiments/configs/ (without .py) whose ``get_config()`` returns an
+``ExperimentConfig``; every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
+``--fields`` lists the overridable fields. User errors end with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def load_config(name: str):
+    path = CONFIGS / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(known)}")
+    if str(CONFIGS) not in sys.path:
+        sys.path.insert(0, str(CONFIGS))  # configs share helpers such as _cifar10.py
+    spec = importlib.util.spec_from_file_location(f"mcu_experiment_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("name", help="experiment config in experiments/configs/")
+    parser.add_argument("overrides", nargs="*", help="group.field=value")
+    parser.add_argument("--fields", action="store_true", help="list overridable fields")
+    args = parser.parse_args(argv)
+    from mcu_jax import config, experiment
+
+    try:
+        cfg = config.override(load_config(args.name), args.overrides)
+        if args.fields:
+            print("\n".join(config.field_names(cfg)))
+            return 0
+        experiment.run_experiment(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"run {args.name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

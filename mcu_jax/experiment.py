@@ -1,0 +1,254 @@
+"""The experiment runner: the paper's tables and figures from one config.
+
+For every seed: train (or load) theta_o and RT, produce each configured pre-unlearning
+model theta_p, run MCU (fixed beta) and/or MCU_beta (adaptive) on top of each, evaluate
+every model the same way (UA, RA, TA, MIA, UA_test, Avg. Gap to RT, RTE), and draw the
+curve figure of every MCU run. Results over seeds go to ``results.json`` and to
+``results.md`` in the paper's table format. Every phase is recorded in the run folder, so
+running the same command again reuses what is finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mcu_jax import checkpoint, config, evaluation, methods, metrics, pipeline, plots, problem
+from mcu_jax import train as train_lib
+from mcu_jax.mcu import MCUConfig
+from mcu_jax.methods import MethodConfig, default_config
+from mcu_jax.runs import RunDir
+
+DISPLAY = {
+    "rt": "RT", "ft": "FT", "rl": "RL", "ga": "GA", "neggrad": "NegGrad+", "salun": "SalUn",
+    "negtv": "NegTV",
+}
+MCU_MODES = {"fixed": "MCU", "adaptive": "MCU_beta"}
+TABLE1_METHODS = ("ft", "rl", "ga", "neggrad", "salun", "negtv")
+
+
+def _paper(method: str, **overrides) -> Any:
+    return dataclasses.field(default_factory=lambda: default_config(method, **overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodsConfig:
+    """Hyperparameters of each pre-unlearning method (the paper's CIFAR-10 defaults)."""
+
+    ft: MethodConfig = _paper("ft")
+    rl: MethodConfig = _paper("rl")
+    ga: MethodConfig = _paper("ga")
+    neggrad: MethodConfig = _paper("neggrad")
+    salun: MethodConfig = _paper("salun")
+    negtv: MethodConfig = _paper("negtv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "digits_random"
+    command: str = "python experiments/run.py digits_random"
+    problem: problem.ProblemConfig = problem.ProblemConfig()
+    seeds: tuple[int, ...] = (0,)
+    original: train_lib.TrainConfig = train_lib.TrainConfig()  # theta_o on D_train
+    retrain: train_lib.TrainConfig = train_lib.TrainConfig()  # RT on D_r
+    methods: tuple[str, ...] = ("neggrad",)  # base methods giving theta_p
+    method_configs: MethodsConfig = MethodsConfig()
+    mcu_modes: tuple[str, ...] = ("adaptive",)  # "fixed" -> MCU, "adaptive" -> MCU_beta
+    mcu: MCUConfig = MCUConfig()
+    mask: pipeline.MaskConfig = pipeline.MaskConfig()
+    selection: pipeline.SelectionConfig = pipeline.SelectionConfig()
+    mia: bool = True
+    table1: bool = False  # also write the paper's Table 1 layout
+    out_dir: str = "runs"
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        for mode in self.mcu_modes:
+            if mode not in MCU_MODES:
+                raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
+        known = methods.available()
+        for name in self.methods:
+            if name not in known:
+                raise ValueError(f"methods: unknown method {name!r}; known: {', '.join(known)}")
+
+
+def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
+    base = getattr(cfg.method_configs, name, None) or default_config(name, cfg.problem.scenario)
+    return dataclasses.replace(base, progress=cfg.progress)
+
+
+def row_name(method: str, mode: str | None = None) -> str:
+    """``NegGrad+`` for a base method, ``MCU_beta-NegGrad+`` for MCU on top of it."""
+    base = DISPLAY.get(method, method)
+    return base if mode is None else f"{MCU_MODES[mode]}-{base}"
+
+
+def _eval_sets(prob: problem.Problem) -> dict:
+    sets = {
+        "forget": (prob.train, prob.split.forget),
+        "retain": (prob.train, prob.split.retain),
+        "test": (prob.test, prob.split.test),
+    }
+    if prob.split.scenario == "class":
+        sets["test_forget"] = (prob.test, prob.split.test_forget)
+        sets["test_retain"] = (prob.test, prob.split.test_retain)
+    return sets
+
+
+def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int) -> dict:
+    """UA, RA, TA (UA_test) and MIA-efficacy of one model, without augmentation.
+
+    ``acc`` keeps the raw accuracies per set (D_f, D_r, D_t, and D_tf, D_tr class-wise).
+    """
+    outs = {
+        name: evaluation.outputs(prob.model, variables, images, idx)
+        for name, (images, idx) in _eval_sets(prob).items()
+    }
+    acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
+    # Class-wise, TA is the accuracy on the retained classes of D_t (D_tr), as the paper's
+    # class-wise tables show (RT's TA there exceeds what a model blind to one class can
+    # score on all of D_t); UA_test covers the forgotten class.
+    scored = {**acc, "test": acc["test_retain"]} if "test_retain" in acc else acc
+    result = metrics.unlearning_metrics(scored)
+    if mia:
+        result["MIA"] = metrics.mia_efficacy(
+            outs["retain"]["prob"], outs["test"]["prob"], outs["forget"]["prob"], seed=seed
+        )
+    result["acc"] = acc
+    return result
+
+
+def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta) -> tuple:
+    """theta_o or RT, trained once and then loaded from ``seed_dir / name``."""
+    tcfg = dataclasses.replace(tcfg, progress=meta.pop("progress"))
+    variables, info = train_lib.train_model(
+        prob.model, prob.train, pool, tcfg, key, prob.input_shape, seed_dir / name,
+        metadata=meta, desc=f"{name} (seed {meta['seed']})", pretrained=prob.config.pretrained,
+    )
+    return variables, info
+
+
+def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
+    """All models of one seed, evaluated: ``{row name: metrics}``."""
+    prob = problem.build(dataclasses.replace(cfg.problem, seed=seed))
+    seed_dir = run.path(f"seed_{seed}")
+    key = jax.random.PRNGKey(seed)
+    k_o, k_rt, k_m, k_c = jax.random.split(key, 4)
+    rows: dict[str, dict] = {}
+
+    theta_o, meta_o = _train_phase(
+        "theta_o", prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
+        {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress},
+    )
+    if "refs" not in meta_o:
+        meta_o["refs"] = train_lib.reference_accuracies(
+            prob.model, theta_o, prob.train, prob.test, prob.split
+        )
+        checkpoint.save_model(seed_dir / "theta_o", theta_o, meta_o)
+    refs = meta_o["refs"]
+
+    rt_vars, meta_rt = _train_phase(
+        "rt", prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
+        {"seed": seed, "progress": cfg.progress},
+    )
+    rows["RT"] = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
+                            {"rte_min": meta_rt["minutes"]})
+    rt_acc = rows["RT"]["acc"]
+
+    data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
+    for i, name in enumerate(cfg.methods):
+        result = methods.produce(
+            name, prob.model, theta_o, data, method_config(cfg, name),
+            jax.random.fold_in(k_m, i), seed_dir / name,
+        )
+        rows[row_name(name)] = _evaluated(
+            run, f"eval_{name}_{seed}", prob, result.variables, cfg, seed,
+            {"rte_min": result.minutes},
+        )
+        for mode in cfg.mcu_modes:
+            label = row_name(name, mode)
+            rows[label] = _mcu_row(cfg, run, prob, theta_o, result, refs, rt_acc, mode,
+                                   jax.random.fold_in(k_c, i), seed, label, seed_dir)
+    for row in rows.values():
+        row["avg_gap"] = metrics.avg_gap(row, rows["RT"])
+    return rows
+
+
+def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict) -> dict:
+    if run.phase_done(phase):
+        return run.load_phase(phase)
+    result = {**evaluate_model(prob, variables, cfg.mia, seed), **extra}
+    run.mark_done(phase, result)
+    return result
+
+
+def _mcu_row(cfg, run, prob, theta_o, base, refs, rt_acc, mode, key, seed, label, seed_dir):
+    phase = f"mcu_{_slug(label)}_{seed}"
+    if run.phase_done(phase):
+        return run.load_phase(phase)
+    mcu_cfg = dataclasses.replace(cfg.mcu, beta_mode=mode, progress=cfg.progress)
+    out = pipeline.run_mcu(
+        prob.model, theta_o, base.variables, prob.train, prob.test, prob.split, refs, key,
+        mcu_cfg, cfg.mask, cfg.selection, out_dir=seed_dir / f"mcu_{mode}_{_slug(label)}",
+    )
+    result = evaluate_model(prob, out.variables, cfg.mia, seed)
+    phase_minutes = {k: float(v) for k, v in out.minutes.items()}
+    result.update(
+        rte_min=float(base.minutes) + sum(phase_minutes.values()),
+        rte_phases={"pre_unlearning": float(base.minutes), **phase_minutes},
+        t_star=out.t_star,
+        region=[list(r) for r in out.region],
+        measured_gap=out.measured_gap,
+    )
+    png = run.path("curves", f"{_slug(label)}_seed{seed}.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plots.curve_figure(
+        out.sweep.ts, out.sweep.acc, rt_acc, out.region, out.t_star, None,
+        title=f"{label} ({cfg.name}, seed {seed})", path=png,
+    )
+    result["figure"] = str(png)
+    run.mark_done(phase, result)
+    return result
+
+
+def _slug(label: str) -> str:
+    return label.replace("+", "plus").replace(" ", "_")
+
+
+_ROW_KEYS = (
+    "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "t_star", "region",
+)
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Runs (or resumes) every seed of ``cfg``; returns the run folder."""
+    out = Path(cfg.out_dir) / cfg.name
+    run = RunDir(out)
+    run.open(config.to_dict(cfg))
+    start = time.perf_counter()
+    per_seed = []
+    for seed in cfg.seeds:
+        rows = run_seed(cfg, run, seed)
+        per_seed.append(
+            {k: {m: v for m, v in r.items() if m in _ROW_KEYS} for k, r in rows.items()}
+        )
+    rows = metrics.rows_over_seeds(per_seed)
+    class_wise = cfg.problem.scenario == "class"
+    results = {"config": config.to_dict(cfg), "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    table = metrics.markdown_table(rows, class_wise=class_wise)
+    text = f"# {cfg.name}\n\nCommand: `{cfg.command}`\n\nSeeds: {list(cfg.seeds)}\n\n{table}\n"
+    if cfg.table1:
+        text += "\n## Table 1 layout\n\n" + metrics.table1_markdown(rows) + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
+    print(f"run folder: {out.resolve()}  ({(time.perf_counter() - start) / 60:.2f} min)")
+    return out

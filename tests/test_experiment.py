@@ -1,0 +1,111 @@
+"""The experiment runner on a tiny digits config: outputs, schema, resume, refusal."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcu_jax import experiment, train
+from mcu_jax.mcu import MCUConfig
+from mcu_jax.methods import default_config
+from mcu_jax.pipeline import SelectionConfig
+from mcu_jax.problem import ProblemConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import run as run_script  # noqa: E402
+
+
+def _tiny(tmp_path, scenario="random", **kw):
+    quick = train.TrainConfig(epochs=2, lr=0.05, progress=False)
+    methods = dataclasses.replace(
+        experiment.MethodsConfig(), neggrad=default_config("neggrad", scenario, epochs=1)
+    )
+    return experiment.ExperimentConfig(
+        name=f"tiny_{scenario}",
+        command="pytest",
+        problem=ProblemConfig(scenario=scenario, val_ratio=0.3),
+        seeds=(0, 1),
+        original=quick,
+        retrain=quick,
+        methods=("neggrad",),
+        method_configs=methods,
+        mcu_modes=("fixed", "adaptive"),
+        mcu=MCUConfig(epochs=1),
+        selection=SelectionConfig(num_t=5),
+        out_dir=str(tmp_path),
+        progress=False,
+        **kw,
+    )
+
+
+ROW_KEYS = {"method", "UA", "RA", "TA", "MIA", "avg_gap", "rte_min"}
+
+
+def test_runner_writes_results_table_and_figures(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path)
+    out = experiment.run_experiment(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["name"] == "tiny_random"
+    names = [row["method"] for row in results["rows"]]
+    assert names == ["RT", "NegGrad+", "MCU-NegGrad+", "MCU_beta-NegGrad+"]
+    for row in results["rows"]:
+        assert ROW_KEYS <= set(row)
+        for key in ROW_KEYS - {"method"}:
+            assert set(row[key]) == {"mean", "std", "values"} and len(row[key]["values"]) == 2
+        if row["method"].startswith("MCU"):
+            assert 0.75 <= row["t_star"]["mean"] <= 1.0
+            assert len(row["region"]) == 2
+    assert results["rows"][0]["avg_gap"]["mean"] == 0.0
+    md = (out / "results.md").read_text()
+    assert "| MCU_beta-NegGrad+ |" in md and "Avg. Gap" in md and "±" in md
+    pngs = sorted((out / "curves").glob("*.png"))
+    assert len(pngs) == 4 and all(p.stat().st_size > 1000 for p in pngs)
+
+    # Running again reuses every finished phase: no training happens at all.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished phase was recomputed")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    again = experiment.run_experiment(cfg)
+    assert json.loads((again / "results.json").read_text())["rows"] == results["rows"]
+
+    # A different config in the same folder is refused instead of mixing results.
+    with pytest.raises(ValueError, match="mcu"):
+        experiment.run_experiment(dataclasses.replace(cfg, mcu=MCUConfig(epochs=2)))
+
+
+def test_class_wise_rows_have_ua_test(tmp_path):
+    cfg = dataclasses.replace(_tiny(tmp_path, "class"), seeds=(0,), mcu_modes=("adaptive",),
+                              mia=False)
+    out = experiment.run_experiment(cfg)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all("UA_test" in row for row in rows)
+    assert "UA_test" in (out / "results.md").read_text()
+
+
+def test_experiment_configs_load_and_name_their_command():
+    names = sorted(p.stem for p in run_script.CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+    assert {"digits_random", "digits_class", "cifar10_resnet20_random",
+            "cifar10_preresnet110_class", "tinyimagenet_vgg16bn_random",
+            "imagenet100_vit_class"} <= set(names)
+    for name in names:
+        cfg = run_script.load_config(name)
+        assert cfg.name == name and name in cfg.command
+
+
+def test_run_script_errors_are_one_line(capsys):
+    assert run_script.main(["no_such_experiment"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert run_script.main(["digits_random", "mcu.epoch=3"]) == 2
+    assert "unknown config field 'mcu.epoch'" in capsys.readouterr().err
+    assert run_script.main(["digits_random", "--fields"]) == 0
+    assert "mcu.epochs" in capsys.readouterr().out
+
+
+def test_unknown_method_or_mode_is_rejected():
+    with pytest.raises(ValueError, match="known"):
+        experiment.ExperimentConfig(methods=("magic",))
+    with pytest.raises(ValueError, match="mcu_modes"):
+        experiment.ExperimentConfig(mcu_modes=("sometimes",))
