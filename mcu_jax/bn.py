@@ -16,15 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax.data.batching import eval_batches
+from mcu_jax.data.batching import check_batch_size, check_indices, eval_batches
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 
 
-def bn_batches(indices, batch_size: int) -> tuple[jax.Array | None, jax.Array | None]:
+def bn_batches(indices, batch_size: int, n: int | None = None):
     """Full (S, B) index batches and the remainder (r,) covering ``indices`` once (None when
-    there is no full batch or no remainder)."""
-    indices = np.asarray(indices, np.int32)
+    there is no full batch or no remainder); ``n`` bounds the indices when given."""
+    batch_size = check_batch_size("batch_size", batch_size)
+    indices = np.asarray(indices)
+    if n is not None:
+        indices = check_indices("indices", indices, n)
+    indices = indices.astype(np.int32)
     if indices.size == 0:
         raise ValueError("BatchNorm statistics need a non-empty data set")
     full, rest = eval_batches(indices, min(batch_size, indices.size))
@@ -69,7 +73,7 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
 
 def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128) -> dict:
     """``variables`` with batch_stats recomputed over ``images[indices]``."""
-    batches, rest = bn_batches(indices, batch_size)
+    batches, rest = bn_batches(indices, batch_size, images.num_examples)
     params, template = variables["params"], variables["batch_stats"]
     stats = _batch_statistics_jit(model, params, template, images, batches, rest)
     return {"params": params, "batch_stats": stats}

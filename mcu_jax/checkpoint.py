@@ -61,6 +61,11 @@ class Checkpointer:
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
+    def delete(self, step: int) -> None:
+        """Removes a saved step (orbax never overwrites one)."""
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
+
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""
         step = self.latest_step() if step is None else step

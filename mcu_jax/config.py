@@ -67,23 +67,24 @@ def override(config: Any, assignments: Iterable[str]) -> Any:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like field=value")
         name, text = item.split("=", 1)
-        config = _set(config, name.strip(), text.strip(), name.strip())
+        config = _set(config, name.strip(), text.strip(), name.strip(), "")
     return config
 
 
-def _set(config: Any, name: str, text: str, full: str) -> Any:
+def _set(config: Any, name: str, text: str, full: str, prefix: str) -> Any:
     head, _, rest = name.partition(".")
     hints = typing.get_type_hints(type(config))
     known = {f.name for f in dataclasses.fields(config)}
     if head not in known:
         raise ValueError(
-            f"unknown config field {full!r}; known fields: {', '.join(field_names(config))}"
+            f"unknown config field {full!r}; known fields: "
+            f"{', '.join(field_names(config, prefix))}"
         )
     current = getattr(config, head)
     if rest:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"config field {head!r} has no sub-field {rest!r}")
-        value = _set(current, rest, text, full)
+        value = _set(current, rest, text, full, f"{prefix}{head}.")
     elif dataclasses.is_dataclass(current):
         raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
     else:

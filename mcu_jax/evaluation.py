@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 
@@ -43,9 +44,8 @@ def _eval_chunk(model, variables, images: Images, batches):
 
 def outputs(model, variables, images: Images, indices, batch_size: int = 500) -> dict:
     """Per-sample outputs (numpy, in the order of ``indices``) in evaluation mode."""
-    indices = np.asarray(indices, dtype=np.int32)
-    if indices.ndim != 1:
-        raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
+    indices = check_indices("indices", indices, images.num_examples)
+    batch_size = check_batch_size("batch_size", batch_size)
     n = indices.shape[0]
     if n == 0:
         return {k: np.zeros((0,), np.float32) for k in ("correct", "loss", "prob")}

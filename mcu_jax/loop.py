@@ -141,9 +141,7 @@ class _SignalFlag:
 
 def _save(checkpointer: Checkpointer, step_id: int, state: Any, meta: dict) -> None:
     """Saves under ``step_id``, replacing a signal-stop checkpoint of the same id."""
-    manager = getattr(checkpointer, "_manager", None)  # orbax refuses to overwrite a step
-    if manager is not None and step_id in manager.all_steps():
-        manager.delete(step_id)
+    checkpointer.delete(step_id)  # orbax refuses to overwrite a step
     checkpointer.save(step_id, state, meta)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from mcu_jax import pytrees
+from mcu_jax.data.batching import check_indices
 
 PyTree = Any
 
@@ -129,17 +130,6 @@ def mask_summary(mask: PyTree, params: PyTree) -> str:
     )
 
 
-def _check_indices(name: str, idx: Any, n: int) -> np.ndarray:
-    idx = np.asarray(idx)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-d integer index array, got {idx.dtype} {idx.shape}")
-    if idx.size == 0:
-        raise ValueError(f"{name} is empty; the gradient over an empty set is undefined")
-    if idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"{name} has indices outside [0, {n}): min {idx.min()}, max {idx.max()}")
-    return idx.astype(np.int32)
-
-
 def mask_gradients(
     model: Any,
     variables: PyTree,
@@ -170,8 +160,8 @@ def mask_gradients(
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
     n = x.shape[0]
-    retain_idx = _check_indices("retain_idx", retain_idx, n)
-    forget_idx = _check_indices("forget_idx", forget_idx, n)
+    retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
+    forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)
     params = variables["params"]
     others = {name: v for name, v in variables.items() if name != "params"}
 

@@ -13,6 +13,7 @@ from that batch's train-mode accuracies at the sampled t and used for the next b
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -24,6 +25,7 @@ import optax
 from flax import struct
 
 from mcu_jax import checkpoint, curves, loop, pytrees
+from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
@@ -58,6 +60,11 @@ class MCUConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if len(self.beta_values) != 3:
             raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("beta", "beta_init"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 def adaptive_beta(acc_forget, acc_retain, ref_train, ref_val, values=(0.0, 0.1, 0.5)):
@@ -80,6 +87,8 @@ def adaptive_beta(acc_forget, acc_retain, ref_train, ref_val, values=(0.0, 0.1, 
     safe_t = jnp.where(ref_t > 0, ref_t, 1.0)
     case1 = acc_f <= ref_v
     case2 = (ref_v > 0) & ((acc_f - ref_v) / safe_v < (acc_r - ref_t) / safe_t)
+    if len(values) != 3:
+        raise ValueError(f"values needs one beta per case (3), got {values!r}")
     v = jnp.asarray(values, jnp.float32)
     return jnp.where(case1, v[0], jnp.where(case2, v[1], v[2]))
 
@@ -218,12 +227,25 @@ def train_curve(
     frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
     if not trainable:
         raise ValueError("the parameter mask selects no tensor: nothing to train")
-    retain_subset = np.asarray(retain_subset)
-    forget = np.asarray(forget)
+    n = images.num_examples
+    forget = check_indices("forget", forget, n)
+    retain_subset = check_indices("retain_subset", retain_subset, n)
     if forget.size == 0:
         raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
     if retain_subset.size == 0:
         raise ValueError("the retain subset is empty: curve training needs retain data")
+    overlap = np.intersect1d(forget, retain_subset)
+    if overlap.size:
+        raise ValueError(
+            f"retain_subset and forget share {overlap.size} indices (e.g. {overlap[0]}); "
+            "D_r and D_f must be disjoint"
+        )
+    missing = [k for k in ("train", "val") if k not in refs]
+    if missing:
+        raise ValueError(
+            f"refs lacks {missing}: pass theta_o's reference accuracies in percent, "
+            "e.g. train.reference_accuracies(...)"
+        )
     is_forget = np.zeros(images.num_examples, bool)
     is_forget[forget] = True
     ref_forget = 0.0 if class_wise else float(refs["val"])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcu_jax import bn, curves, pytrees
+from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
@@ -141,7 +142,12 @@ def sweep(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     bn_images, bn_idx = bn_set
-    bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size))
+    bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size, bn_images.num_examples))
+    check_batch_size("eval_batch_size", eval_batch_size)
+    eval_sets = {
+        name: (images, check_indices(f"eval_sets[{name!r}]", idx, images.num_examples))
+        for name, (images, idx) in eval_sets.items()
+    }
     eval_data = {
         name: (images, *_padded_batches(idx, eval_batch_size))
         for name, (images, idx) in eval_sets.items()

@@ -23,6 +23,7 @@ import optax
 from flax import struct
 
 from mcu_jax import checkpoint, evaluation, loop
+from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import prepare_batch
 
@@ -53,6 +54,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 class TrainState(struct.PyTreeNode):
@@ -161,9 +166,7 @@ def fit(
     ``loss_fn`` for the batch, e.g. a forget flag. With ``checkpoint_dir`` every epoch is
     checkpointed and an interrupted run resumes where it stopped.
     """
-    pool = np.asarray(pool)
-    if pool.size == 0:
-        raise ValueError(f"{desc}: the training index set is empty")
+    pool = check_indices(f"{desc}: the training index set", pool, images.num_examples, False)
     total = config.epochs * steps_per_epoch(pool.size, config.batch_size)
     tx = make_optimizer(config, total, update_mask)
     params = variables["params"]

@@ -400,8 +400,6 @@ def test_cli_train_bad_config_is_one_line(capsys, tmp_path, override, words):
         assert word in err
 
 
-@pytest.mark.xfail(strict=True, reason="datasets._cifar10_npz: the 'cannot read ... "
-                   "(truncated or corrupt npz?)' message gives no way to get the data")
 def test_truncated_cifar10_npz_says_how_to_get_the_data(tmp_path):
     path = tmp_path / "cifar10_jpeg.npz"
     np.savez(path, jpeg=np.arange(4000, dtype=np.uint8), offsets=np.arange(5),
@@ -540,3 +538,46 @@ def test_same_curve_same_sweep(curves_by_key, theta_o, theta_p, digits_images, d
         np.testing.assert_array_equal(a.acc[name], b.acc[name])
         np.testing.assert_array_equal(a.probs[name], b.probs[name])
     assert any(not np.array_equal(a.probs[n], c.probs[n]) for n in sets)
+
+
+def test_out_of_range_indices_and_bad_batch_sizes_are_named(digits_images, digits_split,
+                                                            small_model, theta_o):
+    from mcu_jax import bn, evaluation, mcu, sweep, train
+
+    train_images, _ = digits_images
+    n = train_images.num_examples
+    with pytest.raises(ValueError, match=r"indices outside \[0, "):
+        evaluation.accuracy(small_model, theta_o, train_images, [0, n + 3])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        evaluation.accuracy(small_model, theta_o, train_images, [0, 1], batch_size=0)
+    with pytest.raises(ValueError, match=r"indices outside"):
+        bn.recompute(small_model, theta_o, train_images, [-1, 2])
+    with pytest.raises(ValueError, match="eval_batch_size=0"):
+        sweep.sweep(small_model, [theta_o["params"]] * 3, [0.5], theta_o["batch_stats"],
+                    (train_images, [0, 1]), {"r": (train_images, [0])}, eval_batch_size=0)
+    with pytest.raises(ValueError, match="training index set"):
+        train.fit(small_model, theta_o, train_images, [n], train.TrainConfig(epochs=1),
+                  jax.random.PRNGKey(0))
+    refs = {"train": 100.0, "val": 90.0}
+    config = mcu.MCUConfig(epochs=1, progress=False)
+    with pytest.raises(ValueError, match="share"):
+        mcu.train_curve(small_model, theta_o, theta_o, train_images, digits_split.forget[:5],
+                        digits_split.forget, refs, config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="refs lacks"):
+        mcu.train_curve(small_model, theta_o, theta_o, train_images, digits_split.retain_subset,
+                        digits_split.forget, {"train": 100.0}, config, jax.random.PRNGKey(0))
+
+
+def test_config_values_out_of_range_are_rejected():
+    from mcu_jax import mcu, train
+
+    with pytest.raises(ValueError, match="momentum"):
+        train.TrainConfig(momentum=-0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        train.TrainConfig(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        mcu.MCUConfig(momentum=1.0)
+    with pytest.raises(ValueError, match="beta_init"):
+        mcu.MCUConfig(beta_init=float("nan"))
+    with pytest.raises(ValueError, match="3"):
+        mcu.adaptive_beta(90.0, 99.0, 100.0, 90.0, values=(0.0, 0.5))

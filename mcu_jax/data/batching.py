@@ -66,3 +66,30 @@ def eval_batches(indices: jax.Array | np.ndarray, batch_size: int) -> tuple[jax.
     idx = _check("eval_batches", indices, batch_size)
     steps = idx.shape[0] // batch_size
     return idx[: steps * batch_size].reshape(steps, batch_size), idx[steps * batch_size :]
+
+
+def check_indices(name: str, indices, n: int, allow_empty: bool = True) -> np.ndarray:
+    """``indices`` as int32 after checking it is 1-D, integer and inside [0, n).
+
+    JAX clamps out-of-range gathers silently, so every entry point that indexes images
+    checks here first and names the argument.
+    """
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        if not allow_empty:
+            raise ValueError(f"{name} is empty")
+        return np.zeros((0,), np.int32)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D integer index array, got {idx.dtype} {idx.shape}")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(
+            f"{name} has indices outside [0, {n}): min {idx.min()}, max {idx.max()}"
+        )
+    return idx.astype(np.int32)
+
+
+def check_batch_size(name: str, batch_size) -> int:
+    bad_type = isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+    if bad_type or batch_size < 1:
+        raise ValueError(f"{name}={batch_size!r}; expected an int >= 1")
+    return int(batch_size)

@@ -539,7 +539,11 @@ def _cifar10_npz(key: tuple) -> Dataset:
             if not missing:
                 buf, off, labels, is_test = (z[k] for k in wanted)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"cannot read {path} (truncated or corrupt npz?): {e}") from e
+        raise ValueError(
+            f"cannot read {path} (truncated or corrupt npz?): {e}. Copy it again from the "
+            "project's shared/data folder (sha256 in its README), or download "
+            "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"
+        ) from e
     if missing:
         raise ValueError(f"{path} lacks the array(s) {missing}; has {files}")
     n = len(labels)
