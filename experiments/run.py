@@ -1,7 +1,8 @@
 """Runs one experiment config: ``python experiments/run.py NAME [group.field=value ...]``.
 
 NAME is a file in experiments/configs/ (without .py) whose ``get_config()`` returns an
-``ExperimentConfig``; every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
+``ExperimentConfig`` (or an ``AblationConfig``, whose experiment fields are then under
+``experiment.``); every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
 ``--fields`` lists the overridable fields. User errors end with one line and exit code 2.
 """
 
@@ -34,14 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="group.field=value")
     parser.add_argument("--fields", action="store_true", help="list overridable fields")
     args = parser.parse_args(argv)
-    from mcu_jax import config, experiment
+    from mcu_jax import ablation, config, experiment
 
     try:
         cfg = config.override(load_config(args.name), args.overrides)
         if args.fields:
             print("\n".join(config.field_names(cfg)))
             return 0
-        experiment.run_experiment(cfg)
+        if isinstance(cfg, ablation.AblationConfig):
+            ablation.run_ablation(cfg)
+        else:
+            experiment.run_experiment(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"run {args.name}: error: {err}", file=sys.stderr)
         return 2

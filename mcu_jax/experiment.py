@@ -136,14 +136,27 @@ def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta) -> tuple:
     return variables, info
 
 
-def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
-    """All models of one seed, evaluated: ``{row name: metrics}``."""
+@dataclasses.dataclass
+class SeedContext:
+    """What every row of one seed shares: the problem, theta_o and its references, RT."""
+
+    cfg: ExperimentConfig
+    run: RunDir
+    seed: int
+    prob: problem.Problem
+    theta_o: dict
+    refs: dict
+    rt: dict  # RT's evaluated metrics (with raw accuracies under "acc")
+    seed_dir: Path
+    method_key: jax.Array
+    curve_key: jax.Array
+
+
+def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
+    """Builds the seed's problem and trains (or loads) theta_o and RT."""
     prob = problem.build(dataclasses.replace(cfg.problem, seed=seed))
     seed_dir = run.path(f"seed_{seed}")
-    key = jax.random.PRNGKey(seed)
-    k_o, k_rt, k_m, k_c = jax.random.split(key, 4)
-    rows: dict[str, dict] = {}
-
+    k_o, k_rt, k_m, k_c = jax.random.split(jax.random.PRNGKey(seed), 4)
     theta_o, meta_o = _train_phase(
         "theta_o", prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
         {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress},
@@ -153,30 +166,44 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
             prob.model, theta_o, prob.train, prob.test, prob.split
         )
         checkpoint.save_model(seed_dir / "theta_o", theta_o, meta_o)
-    refs = meta_o["refs"]
-
     rt_vars, meta_rt = _train_phase(
         "rt", prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
         {"seed": seed, "progress": cfg.progress},
     )
-    rows["RT"] = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
-                            {"rte_min": meta_rt["minutes"]})
-    rt_acc = rows["RT"]["acc"]
+    rt = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
+                    {"rte_min": meta_rt["minutes"]})
+    return SeedContext(cfg, run, seed, prob, theta_o, meta_o["refs"], rt, seed_dir, k_m, k_c)
 
-    data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
+
+def base_model(ctx: SeedContext, name: str, index: int, mcfg: MethodConfig | None = None,
+               out_name: str | None = None):
+    """theta_p from method ``name`` (produced once, then reused from the seed folder)."""
+    data = methods.MethodData(ctx.prob.train, ctx.prob.test, ctx.prob.split,
+                              ctx.prob.input_shape)
+    mcfg = dataclasses.replace(mcfg or method_config(ctx.cfg, name), progress=ctx.cfg.progress)
+    return methods.produce(
+        name, ctx.prob.model, ctx.theta_o, data, mcfg,
+        jax.random.fold_in(ctx.method_key, index), ctx.seed_dir / (out_name or name),
+    )
+
+
+def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
+    """All models of one seed, evaluated: ``{row name: metrics}``."""
+    ctx = prepare_seed(cfg, run, seed)
+    rows: dict[str, dict] = {"RT": ctx.rt}
     for i, name in enumerate(cfg.methods):
-        result = methods.produce(
-            name, prob.model, theta_o, data, method_config(cfg, name),
-            jax.random.fold_in(k_m, i), seed_dir / name,
-        )
+        base = base_model(ctx, name, i)
         rows[row_name(name)] = _evaluated(
-            run, f"eval_{name}_{seed}", prob, result.variables, cfg, seed,
-            {"rte_min": result.minutes},
+            run, f"eval_{name}_{seed}", ctx.prob, base.variables, cfg, seed,
+            {"rte_min": base.minutes},
         )
         for mode in cfg.mcu_modes:
             label = row_name(name, mode)
-            rows[label] = _mcu_row(cfg, run, prob, theta_o, result, refs, rt_acc, mode,
-                                   jax.random.fold_in(k_c, i), seed, label, seed_dir)
+            rows[label] = mcu_row(
+                ctx, base, dataclasses.replace(cfg.mcu, beta_mode=mode), cfg.mask,
+                cfg.selection, jax.random.fold_in(ctx.curve_key, i), label,
+                f"mcu_{mode}_{_slug(label)}",
+            )
     for row in rows.values():
         row["avg_gap"] = metrics.avg_gap(row, rows["RT"])
     return rows
@@ -190,16 +217,23 @@ def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict)
     return result
 
 
-def _mcu_row(cfg, run, prob, theta_o, base, refs, rt_acc, mode, key, seed, label, seed_dir):
-    phase = f"mcu_{_slug(label)}_{seed}"
-    if run.phase_done(phase):
-        return run.load_phase(phase)
-    mcu_cfg = dataclasses.replace(cfg.mcu, beta_mode=mode, progress=cfg.progress)
+def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, label: str,
+            out_name: str, figure: bool = True) -> dict:
+    """MCU on top of ``base`` (a MethodResult), evaluated like every other row.
+
+    The row also keeps the sweep (``sweep``: ts and accuracies per set) so figures can be
+    redrawn from the run folder alone.
+    """
+    phase = f"{out_name}_{ctx.seed}"
+    if ctx.run.phase_done(phase):
+        return ctx.run.load_phase(phase)
+    prob = ctx.prob
     out = pipeline.run_mcu(
-        prob.model, theta_o, base.variables, prob.train, prob.test, prob.split, refs, key,
-        mcu_cfg, cfg.mask, cfg.selection, out_dir=seed_dir / f"mcu_{mode}_{_slug(label)}",
+        prob.model, ctx.theta_o, base.variables, prob.train, prob.test, prob.split, ctx.refs,
+        key, dataclasses.replace(mcu_cfg, progress=ctx.cfg.progress), mask_cfg, sel_cfg,
+        out_dir=ctx.seed_dir / out_name,
     )
-    result = evaluate_model(prob, out.variables, cfg.mia, seed)
+    result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed)
     phase_minutes = {k: float(v) for k, v in out.minutes.items()}
     result.update(
         rte_min=float(base.minutes) + sum(phase_minutes.values()),
@@ -207,15 +241,18 @@ def _mcu_row(cfg, run, prob, theta_o, base, refs, rt_acc, mode, key, seed, label
         t_star=out.t_star,
         region=[list(r) for r in out.region],
         measured_gap=out.measured_gap,
+        sweep={"ts": out.sweep.ts.tolist(),
+               "acc": {k: v.tolist() for k, v in out.sweep.acc.items()}},
     )
-    png = run.path("curves", f"{_slug(label)}_seed{seed}.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    plots.curve_figure(
-        out.sweep.ts, out.sweep.acc, rt_acc, out.region, out.t_star, None,
-        title=f"{label} ({cfg.name}, seed {seed})", path=png,
-    )
-    result["figure"] = str(png)
-    run.mark_done(phase, result)
+    if figure:
+        png = ctx.run.path("curves", f"{_slug(label)}_seed{ctx.seed}.png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plots.curve_figure(
+            out.sweep.ts, out.sweep.acc, ctx.rt["acc"], out.region, out.t_star, None,
+            title=f"{label} ({ctx.cfg.name}, seed {ctx.seed})", path=png,
+        )
+        result["figure"] = str(png)
+    ctx.run.mark_done(phase, result)
     return result
 
 
@@ -223,7 +260,7 @@ def _slug(label: str) -> str:
     return label.replace("+", "plus").replace(" ", "_")
 
 
-_ROW_KEYS = (
+ROW_KEYS = (
     "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "t_star", "region",
 )
 
@@ -238,7 +275,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     for seed in cfg.seeds:
         rows = run_seed(cfg, run, seed)
         per_seed.append(
-            {k: {m: v for m, v in r.items() if m in _ROW_KEYS} for k, r in rows.items()}
+            {k: {m: v for m, v in r.items() if m in ROW_KEYS} for k, r in rows.items()}
         )
     rows = metrics.rows_over_seeds(per_seed)
     class_wise = cfg.problem.scenario == "class"

@@ -92,6 +92,7 @@ def test_experiment_configs_load_and_name_their_command():
             "imagenet100_vit_class"} <= set(names)
     for name in names:
         cfg = run_script.load_config(name)
+        cfg = getattr(cfg, "experiment", cfg)  # ablations wrap an experiment
         assert cfg.name == name and name in cfg.command
 
 
@@ -109,3 +110,24 @@ def test_unknown_method_or_mode_is_rejected():
         experiment.ExperimentConfig(methods=("magic",))
     with pytest.raises(ValueError, match="mcu_modes"):
         experiment.ExperimentConfig(mcu_modes=("sometimes",))
+
+
+@pytest.mark.parametrize("kind, values", [("k_r", (0.0, 0.2)), ("forgetting", (1, 2)),
+                                          ("retain_share", (0.3, 1.0))])
+def test_ablation_sweeps_write_rows_and_figure(tmp_path, kind, values):
+    from mcu_jax import ablation
+
+    exp = dataclasses.replace(_tiny(tmp_path), name=f"abl_{kind}", seeds=(0,), mia=False,
+                              mcu_modes=())
+    cfg = ablation.AblationConfig(experiment=exp, kind=kind, values=values,
+                                  method="neggrad", default=values[0])
+    out = ablation.run_ablation(cfg)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    mcu_rows = [r for r in rows if r["method"].startswith("MCU")]
+    assert len(mcu_rows) == 2
+    assert all("t_star" in r and "avg_gap" in r for r in mcu_rows)
+    if kind == "forgetting":
+        assert [r["method"] for r in rows].count("NegGrad+ (1 epochs)") == 1
+    assert (out / f"ablation_{kind}.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="outside"):
+        ablation.AblationConfig(experiment=exp, kind="k", values=(1.5,))

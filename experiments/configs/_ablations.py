@@ -1,0 +1,31 @@
+"""Builders of the ablation configs (not an experiment itself)."""
+
+import dataclasses
+
+import digits_random
+
+from mcu_jax.ablation import AblationConfig
+
+# kind -> (values, default value framed in the figure, base method); the paper's settings.
+PAPER = {
+    "beta": ((0.1, 0.2, 0.3, 0.5), 0.2, "neggrad"),
+    "k": ((0.1, 0.3, 0.5, 0.7), 0.5, "neggrad"),
+    "k_r": ((0.0, 0.1, 0.2, 0.3), 0.1, "neggrad"),
+    "forgetting": ((15, 20), None, "rl"),
+    "retain_share": ((0.1, 0.2, 0.3, 0.5, 0.7, 1.0), None, "neggrad"),
+}
+
+
+def digits(kind: str) -> AblationConfig:
+    """The ablation on the digits set (CPU minutes), built on the digits_random experiment."""
+    values, default, method = PAPER[kind]
+    name = f"digits_ablation_{kind}"
+    exp = dataclasses.replace(
+        digits_random.get_config(), name=name,
+        command=f"python experiments/run.py {name}", seeds=(0,),
+        methods=(method,), mcu_modes=(),
+    )
+    if kind == "forgetting":
+        values = (2, 10)  # digits scale: RL under-forgets at 2 epochs, over-forgets at 10
+    return AblationConfig(experiment=exp, kind=kind, values=values, method=method,
+                          default=default)

@@ -1,0 +1,10 @@
+"""Ablation on digits: beta (see mcu_jax/ablation.py for what it varies and which figure).
+
+Command: python experiments/run.py digits_ablation_beta
+"""
+
+import _ablations
+
+
+def get_config():
+    return _ablations.digits("beta")

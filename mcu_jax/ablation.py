@@ -1,0 +1,158 @@
+"""Ablation sweeps of the paper: beta, k, k_r (Figures 4-6), under- vs over-forgetting
+theta_p (Figure 7) and the share of D_r used for curve training (Figures 8-9).
+
+Each sweep shares theta_o, RT and (except ``forgetting``) the base method with the
+experiment it extends, varies one setting, runs MCU once per value and draws one figure.
+Results go to ``results.json``/``results.md`` like the main runner's, one row per value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+
+from mcu_jax import config, metrics, plots
+from mcu_jax.data import make_split
+from mcu_jax.experiment import (
+    DISPLAY,
+    ROW_KEYS,
+    ExperimentConfig,
+    SeedContext,
+    _evaluated,
+    base_model,
+    mcu_row,
+    method_config,
+    prepare_seed,
+)
+from mcu_jax.runs import RunDir
+
+KINDS = {
+    "beta": "fixed beta of MCU (Figure 4)",
+    "k": "mask k of MCU (Figure 5)",
+    "k_r": "mask k_r of MCU (Figure 6)",
+    "forgetting": "base-method epochs: under- vs over-forgetting theta_p, MCU_beta (Figure 7)",
+    "retain_share": "share of D_r used for curve training, MCU_beta (Figures 8-9)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationConfig:
+    experiment: ExperimentConfig = ExperimentConfig()
+    kind: str = "beta"
+    values: tuple[float, ...] = (0.1, 0.2, 0.3)
+    method: str = "neggrad"  # the base method theta_p (Figure 7 uses RL)
+    default: float | None = 0.2  # the value framed in red in the figure (paper default)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: unknown ablation {self.kind!r}; known: {tuple(KINDS)}")
+        if not self.values:
+            raise ValueError("values must list at least one setting")
+        if self.kind in ("k", "k_r", "retain_share"):
+            for v in self.values:
+                if not 0.0 <= v <= 1.0:
+                    raise ValueError(f"values: {self.kind}={v} is outside [0, 1]")
+
+
+def _label(kind: str, value: float) -> str:
+    if kind == "forgetting":
+        return f"{int(value)} epochs"
+    if kind == "retain_share":
+        return f"{100 * value:g}% of D_r"
+    return f"{kind}={value:g}"
+
+
+def _point(cfg: AblationConfig, ctx: SeedContext, value: float, index: int) -> dict[str, dict]:
+    """The rows one value contributes for one seed."""
+    exp = cfg.experiment
+    kind, tag = cfg.kind, f"{cfg.kind}_{value:g}"
+    name = DISPLAY.get(cfg.method, cfg.method)
+    key = jax.random.fold_in(ctx.curve_key, 1000 + index)
+    mcu_cfg, mask_cfg = exp.mcu, exp.mask
+    rows = {}
+    if kind == "forgetting":
+        mcfg = dataclasses.replace(method_config(exp, cfg.method), epochs=int(value))
+        base = base_model(ctx, cfg.method, 0, mcfg, out_name=f"{cfg.method}_{tag}")
+        rows[f"{name} ({_label(kind, value)})"] = _evaluated(
+            ctx.run, f"eval_{cfg.method}_{tag}_{ctx.seed}", ctx.prob, base.variables, exp,
+            ctx.seed, {"rte_min": base.minutes},
+        )
+        mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="adaptive")
+    else:
+        base = base_model(ctx, cfg.method, 0)
+        if kind == "retain_share":
+            d = ctx.prob.config
+            split = make_split(
+                ctx.prob.dataset, d.scenario, d.forget_ratio, d.forget_class, d.val_ratio,
+                retain_ratio=value, seed=ctx.seed,
+            )
+            ctx = dataclasses.replace(ctx, prob=dataclasses.replace(ctx.prob, split=split))
+            mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="adaptive")
+        else:  # the paper's beta / k / k_r ablations run fixed-beta MCU
+            mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="fixed")
+            if kind == "beta":
+                mcu_cfg = dataclasses.replace(mcu_cfg, beta=value)
+            else:
+                mask_cfg = dataclasses.replace(mask_cfg, **{kind: value})
+    prefix = "MCU" if mcu_cfg.beta_mode == "fixed" else "MCU_beta"
+    rows[f"{prefix}-{name} ({_label(kind, value)})"] = mcu_row(
+        ctx, base, mcu_cfg, mask_cfg, exp.selection, key, f"{prefix}-{name} {tag}",
+        f"ablation_{tag}", figure=False,
+    )
+    return rows
+
+
+def run_ablation(cfg: AblationConfig) -> Path:
+    """Runs (or resumes) the sweep over ``cfg.values`` for every seed; returns the folder."""
+    exp = cfg.experiment
+    out = Path(exp.out_dir) / exp.name
+    run = RunDir(out)
+    run.open(config.to_dict(cfg))
+    start = time.perf_counter()
+    per_seed, panels = [], []
+    for seed in exp.seeds:
+        ctx = prepare_seed(exp, run, seed)
+        rows = {"RT": ctx.rt}
+        for i, value in enumerate(cfg.values):
+            point = _point(cfg, ctx, value, i)
+            rows.update(point)
+            if seed == exp.seeds[0]:
+                mcu = list(point.values())[-1]
+                panels.append({
+                    "label": _label(cfg.kind, value), "ts": mcu["sweep"]["ts"],
+                    "acc": mcu["sweep"]["acc"], "rt_acc": ctx.rt["acc"],
+                    "region": mcu["region"], "t_star": mcu["t_star"],
+                    "highlight": cfg.default is not None and value == cfg.default,
+                })
+        for row in rows.values():
+            row["avg_gap"] = metrics.avg_gap(row, rows["RT"])
+        per_seed.append(
+            {k: {m: v for m, v in r.items() if m in ROW_KEYS} for k, r in rows.items()}
+        )
+    rows = metrics.rows_over_seeds(per_seed)
+    figure = out / f"ablation_{cfg.kind}.png"
+    title = f"{exp.name}: {KINDS[cfg.kind]}"
+    if cfg.kind == "retain_share":
+        mcu_rows = [r for r in rows if r["method"].startswith("MCU")]
+        plots.retain_share_figure(
+            list(cfg.values),
+            {k: [r[k]["mean"] for r in mcu_rows] for k in ("UA", "RA", "TA", "avg_gap")},
+            path=figure, title=title,
+        )
+    else:
+        plots.ablation_figure(panels, title=title, path=figure)
+    results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    class_wise = exp.problem.scenario == "class"
+    text = (f"# {exp.name}\n\nCommand: `{exp.command}`\n\nAblation: {KINDS[cfg.kind]}, "
+            f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n"
+            f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\nFigure: `{figure.name}`\n")
+    (out / "results.md").write_text(text)
+    print(text)
+    print(f"run folder: {out.resolve()}  ({(time.perf_counter() - start) / 60:.2f} min)")
+    return out
+
