@@ -40,3 +40,15 @@ def theta_o(digits, digits_images, small_model):
         jax.random.PRNGKey(1),
     )
     return variables
+
+
+@pytest.fixture(scope="session")
+def theta_p(theta_o, digits_images, digits_split, small_model):
+    """One epoch of gradient ascent on D_f: a quick pre-unlearned end point."""
+    from mcu_jax.methods.ga import ascent_loss
+
+    train_images, _ = digits_images
+    config = train.TrainConfig(epochs=1, lr=0.01, schedule="constant", progress=False)
+    variables, _ = train.fit(small_model, theta_o, train_images, digits_split.forget, config,
+                             jax.random.PRNGKey(5), loss_fn=ascent_loss)
+    return variables

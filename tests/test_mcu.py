@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcu_jax import curves, mcu, pytrees, train
+from mcu_jax import curves, mcu, pytrees
 from mcu_jax.mcu import MCUConfig, adaptive_beta, split_loss
 
 REFS = {"train": 100.0, "val": 90.0}
@@ -56,21 +56,6 @@ def test_split_loss_empty_forget_part_is_finite():
     assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == pytest.approx(2.0)
     g = jax.grad(lambda v: split_loss(v, jnp.ones(3, bool))[0])(losses)
     assert np.isfinite(np.asarray(g)).all()
-
-
-@pytest.fixture(scope="module")
-def theta_p(theta_o, digits_images, digits_split, small_model):
-    """A quick gradient-ascent model as the pre-unlearned end point."""
-    train_images, _ = digits_images
-
-    def ga(logits, labels, aux, key):
-        loss, metrics = train.cross_entropy_loss(logits, labels, aux, key)
-        return -loss, metrics
-
-    config = train.TrainConfig(epochs=1, lr=0.01, schedule="constant", progress=False)
-    variables, _ = train.fit(small_model, theta_o, train_images, digits_split.forget, config,
-                             jax.random.PRNGKey(5), loss_fn=ga)
-    return variables
 
 
 def _train(small_model, theta_o, theta_p, images, split, config, key, **kw):

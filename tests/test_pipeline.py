@@ -10,20 +10,6 @@ from mcu_jax import checkpoint, pipeline, train
 from mcu_jax.mcu import MCUConfig
 
 
-@pytest.fixture(scope="module")
-def theta_p(theta_o, digits_images, digits_split, small_model):
-    train_images, _ = digits_images
-
-    def ga(logits, labels, aux, key):
-        loss, metrics = train.cross_entropy_loss(logits, labels, aux, key)
-        return -loss, metrics
-
-    config = train.TrainConfig(epochs=1, lr=0.02, schedule="constant", progress=False)
-    variables, _ = train.fit(small_model, theta_o, train_images, digits_split.forget, config,
-                             jax.random.PRNGKey(5), loss_fn=ga)
-    return variables
-
-
 def test_run_mcu_end_to_end(tmp_path, theta_o, theta_p, digits_images, digits_split,
                             small_model):
     train_images, test_images = digits_images

@@ -2,7 +2,6 @@
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tiny_models import DenseBN
 
 from mcu_jax import bn, curves, evaluation, masks, mcu, pytrees, sweep
 from mcu_jax.data import Dataset, Images, make_split
@@ -264,19 +264,7 @@ def test_adaptive_beta_matches_the_three_case_rule(cases, values):
 # ------------------------------------------------------------------------------------------
 
 
-class TinyDenseBN(nn.Module):
-    num_classes: int = 3
-    bn_momentum: float = 0.9
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Dense(6)(x.reshape(x.shape[0], -1))
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
-        return nn.Dense(self.num_classes)(nn.relu(x))
-
-
-MODEL = TinyDenseBN()
+MODEL = DenseBN()
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,13 @@
 """BatchNorm recomputation and the vectorised t-sweep against independent loops."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import DenseBN
 
 from mcu_jax import bn, curves, evaluation, sweep
 from mcu_jax.data import Images
-
-
-class DenseBN(nn.Module):
-    """Dense -> BatchNorm -> Dense: the BN input is x @ W + b, easy to compute in numpy."""
-
-    num_classes: int = 3
-    bn_momentum: float = 0.9
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(5, name="hidden")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, name="bn")(x)
-        return nn.Dense(self.num_classes)(nn.relu(x))
 
 
 def test_recompute_is_the_size_weighted_mean_of_batch_statistics():
