@@ -117,6 +117,12 @@ def run_ablation(cfg: AblationConfig) -> Path:
     for seed in exp.seeds:
         ctx = prepare_seed(exp, run, seed)
         rows = {"RT": ctx.rt}
+        if cfg.kind != "forgetting":  # the shared theta_p, for comparison
+            base = base_model(ctx, cfg.method, 0)
+            rows[DISPLAY.get(cfg.method, cfg.method)] = _evaluated(
+                run, f"eval_{cfg.method}_{seed}", ctx.prob, base.variables, exp, seed,
+                {"rte_min": base.minutes},
+            )
         for i, value in enumerate(cfg.values):
             point = _point(cfg, ctx, value, i)
             rows.update(point)
