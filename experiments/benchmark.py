@@ -7,11 +7,16 @@ Parts (each a row of the printed Markdown table):
   jitted call per step on CPU), PreResNet-110 curve by default, batches of ``--batch-size``
   images of which about 1 in 11 is marked forget, SGD momentum 0.9, lr 0.01, optional
   parameter mask (``--mask``). ``--warmup`` untimed steps, then ``--steps`` timed steps.
+  With ``--devices N`` (N > 1) the step is data parallel through the library's own path
+  (``sharding.make_mesh(N)`` handed to ``loop.make_runner``: batch split over the devices,
+  state and constants replicated), as ``mcu.train_curve(..., mesh=...)`` runs it.
 - **sweep**: ``sweep.sweep`` over ``--num-t`` uniform t; per t BatchNorm recomputed over
   ``--sweep-images`` images and accuracy on the same images (2 x sweep-images
   image-forwards per t), with ``--strategy``/``--chunk-size`` (``--compare-strategies``
   adds one row each for map, vmap and vmap in chunks; a last chunk with fewer t is
-  padded, so chunk sizes that divide --num-t compare fairly).
+  padded, so chunk sizes that divide --num-t compare fairly). With ``--devices N`` (N > 1)
+  the sweep is t parallel (``sweep.sweep(..., mesh=...)``: every chunk of t split over the
+  devices, padded to a multiple of N).
 - **end-to-end** (``--end-to-end``): ``pipeline.run_mcu`` as in the paper's CIFAR-10
   protocol (mask over D_r and D_f, ``--epochs`` of curve training on 50% of D_r plus D_f,
   the sweep with BatchNorm over D_r and evaluation of D_r, D_f, D_t, and the selection of
@@ -49,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import curves, loop, masks, pipeline, pytrees, selection, sweep
+from mcu_jax import curves, loop, masks, pipeline, pytrees, selection, sharding, sweep
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import CurveConsts, CurveState, MCUConfig, make_curve_step
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--channels", type=int, default=None,
                    help="image channels (default: 1 for cnn_small, else 3)")
     w.add_argument("--devices", type=int, default=1,
-                   help="devices for the curve step (data parallel over the batch)")
+                   help="devices: the curve step data parallel (batch split over them) and "
+                   "the sweep t parallel (t split over them); end-to-end stays on one")
     w.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("curve step")
     s.add_argument("--batch-size", type=int, default=128)
@@ -224,8 +230,10 @@ def build_mask(model, theta_o, images: Images, is_forget: np.ndarray, mask, n: i
     return masks.parameter_mask(g_r, g_f, k=mask[0], k_r=mask[1])
 
 
-def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config: MCUConfig):
-    """State, constants and runner of curve training, set up as ``mcu.train_curve`` does."""
+def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config: MCUConfig,
+                mesh=None):
+    """State, constants and runner of curve training, set up as ``mcu.train_curve`` does
+    (with a ``mesh``: state and constants replicated on it, the runner data parallel)."""
     p_o, p_p = theta_o["params"], theta_p["params"]
     flat_c = pytrees.flatten(curves.midpoint(p_o, p_p))
     flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
@@ -242,8 +250,15 @@ def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config
     )
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
-    runner = loop.make_runner(make_curve_step(model, tx, config, p_o))
+    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
+    if mesh is not None:
+        state, consts = sharding.replicate((state, consts), mesh)
     return state, consts, runner
+
+
+def device_mesh(args):
+    """The mesh of ``--devices`` (None for one device: the plain single-device path)."""
+    return sharding.make_mesh(args.devices) if args.devices > 1 else None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -277,8 +292,9 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
         batch_size=args.batch_size, lr=0.01, momentum=0.9, steps_per_call=args.steps_per_call,
         progress=False,
     )
+    mesh = device_mesh(args)
     state, consts, runner = curve_setup(model, theta_o, theta_p, images, is_forget, mask,
-                                        config)
+                                        config, mesh)
     call = min(args.steps_per_call, args.steps)
     warm_calls = math.ceil(args.warmup / call)
     timed_calls = math.ceil(args.steps / call)
@@ -288,15 +304,9 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     batches = np.stack([rng.choice(n, args.batch_size, replace=False) for _ in range(total)])
     batches = jnp.asarray(batches.astype(np.int32)).reshape(-1, call, args.batch_size)
     keys = jax.random.split(key, total).reshape(-1, call, *jax.random.split(key, 1).shape[1:])
-    if args.devices > 1:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[: args.devices]), ("data",))
-        spec = jax.sharding.PartitionSpec
-        replicated = jax.sharding.NamedSharding(mesh, spec())
-        state = jax.device_put(state, replicated)
-        consts = jax.device_put(consts, replicated)
-        batches = jax.device_put(batches, jax.sharding.NamedSharding(mesh, spec(None, None,
-                                                                                "data")))
-        keys = jax.device_put(keys, replicated)
+    if mesh is not None:  # laid out once, so the runner's own placement is a no-op
+        batches = sharding.place(batches, sharding.batch_sharding(mesh, ndim=3))
+        keys = sharding.replicate(keys, mesh)
     # The runner donates its state: give it a copy.
     state = jax.tree.map(jnp.array, state)
 
@@ -346,9 +356,12 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         return sweep.sweep(
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
-            strategy=strategy, chunk_size=chunk,
+            strategy=strategy, chunk_size=chunk, mesh=mesh,
         )
 
+    mesh = device_mesh(args)
+    if mesh is not None:  # replicated once, outside the timing, as the curve step's data
+        points, template, images = sharding.replicate((points, template, images), mesh)
     resolved = sweep.resolve_strategy(strategy)
     with jax.profiler.TraceAnnotation(f"sweep/{resolved}/first_call"):
         t0 = time.perf_counter()
@@ -366,6 +379,8 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
     chunk_text = f", chunks of {chunk}" if chunk is not None else ""
     setting = (f"{args.num_t} t x ({args.sweep_images:,} BN + {args.sweep_images:,} eval "
                f"images), strategy {label}{chunk_text}")
+    if mesh is not None:
+        setting += f", {args.devices} devices (t parallel)"
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),

@@ -13,6 +13,11 @@ the epoch, the step within it and that epoch's metrics so far in the metadata) a
 raises ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM). A resumed run
 rebuilds that epoch's batches and keys from ``fold_in(key, epoch)`` and continues at the
 saved step, so it ends exactly as an uninterrupted run would. A second signal stops at once.
+
+With a ``mesh`` (``mcu_jax.sharding``) the loop is data parallel: state and constants are
+replicated on the mesh's devices, every step's index batch is split along its batch axis,
+and the compiled step keeps the state replicated (its outputs are pinned to that sharding,
+so the donated buffers are reused). ``mesh=None`` is the single-device loop.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from mcu_jax import sharding
 from mcu_jax.checkpoint import Checkpointer
 from mcu_jax.data.batching import epoch_batches
 
@@ -56,23 +62,44 @@ class LoopConfig:
                 raise ValueError(f"{self.desc}: {name} must be an int >= {low}, got {value!r}")
 
 
-def make_runner(step: Step, unrolled: bool | None = None) -> Callable:
+def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable:
     """Compiles ``step`` into ``run(state, consts, batches, keys) -> (state, metrics)``.
 
     On accelerators the steps of one call run inside a single ``lax.scan`` (one launch per
     call, state donated). XLA's CPU backend runs convolution gradients inside a while loop
     tens of times slower than in straight-line code, so on CPU (``unrolled``, the default
     there) each step is its own donated jitted call and the host loops over them.
+
+    With a ``mesh`` (a ``jax.sharding.Mesh``) both forms are data parallel: the runner lays
+    out state, consts and keys replicated and the ``(steps, B)`` batches split along B (a
+    no-op for inputs already laid out so), and the compiled step returns the state and the
+    metrics replicated.
     """
     if unrolled is None:
         unrolled = jax.default_backend() == "cpu"
+    if mesh is None:
+        place = None
+        jit_options = {}
+    else:
+        rep = sharding.replicated(mesh)
+        one_batch = sharding.batch_sharding(mesh, ndim=1)
+        call_batches = sharding.batch_sharding(mesh, ndim=2)
+        jit_options = {"out_shardings": rep}
+
+        def place(state, consts, keys):
+            return (sharding.place(state, rep), sharding.place(consts, rep),
+                    sharding.place(keys, rep))
+
     if unrolled:
-        one = jax.jit(step, donate_argnums=(0,))
+        one = jax.jit(step, donate_argnums=(0,), **jit_options)
 
         def run_steps(state, consts, batches, keys):
+            if place is not None:
+                state, consts, keys = place(state, consts, keys)
             metrics = []
             for i in range(batches.shape[0]):
-                state, m = one(state, consts, batches[i], keys[i])
+                idx = batches[i] if place is None else sharding.place(batches[i], one_batch)
+                state, m = one(state, consts, idx, keys[i])
                 metrics.append(m)
             return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
@@ -85,7 +112,15 @@ def make_runner(step: Step, unrolled: bool | None = None) -> Callable:
 
         return jax.lax.scan(body, state, (batches, keys))
 
-    return jax.jit(run, donate_argnums=(0,))
+    scanned = jax.jit(run, donate_argnums=(0,), **jit_options)
+    if place is None:
+        return scanned
+
+    def run_placed(state, consts, batches, keys):
+        state, consts, keys = place(state, consts, keys)
+        return scanned(state, consts, sharding.place(batches, call_batches), keys)
+
+    return run_placed
 
 
 def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
@@ -174,6 +209,7 @@ def run_epochs(
     config: LoopConfig,
     checkpointer: Checkpointer | None = None,
     summarize: Callable[[dict], dict] | None = None,
+    mesh=None,
 ) -> tuple[Any, list[dict]]:
     """Runs ``config.epochs`` epochs over the index ``pool``; resumes from ``checkpointer``.
 
@@ -184,7 +220,12 @@ def run_epochs(
     finished epochs), and SIGINT/SIGTERM received in the main thread save the state at the
     next chunk boundary (id = the running epoch + 1, metadata ``step`` > 0) before raising
     ``KeyboardInterrupt`` / ``SystemExit(143)``. Either kind of checkpoint is resumed exactly.
+
+    With a ``mesh`` (pass the same one to :func:`make_runner`) state and consts are
+    replicated on its devices once, here, and ``config.batch_size`` must be divisible by
+    the number of devices.
     """
+    sharding.check_batch_size(config.batch_size, mesh, f"{config.desc}: batch_size")
     pool = jnp.asarray(pool, jnp.int32)
     n = int(pool.shape[0])
     if n == 0:
@@ -224,6 +265,9 @@ def run_epochs(
                     f"epoch {start + 1}, beyond epochs={config.epochs}"
                 )
             partial = _unpack_metrics(meta.get("partial", {}))
+    if mesh is not None:  # once, so that the runner's own placement is a no-op
+        state = sharding.replicate(state, mesh)
+        consts = sharding.replicate(consts, mesh)
     summarize = summarize or (lambda m: {k: float(np.mean(v)) for k, v in m.items()})
     geometry = {"steps_per_epoch": steps_per_epoch, "pool_size": n}
     bar = tqdm(

@@ -204,6 +204,7 @@ def train_curve(
     theta_c: Any = None,
     class_wise: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
+    mesh: Any = None,
 ) -> CurveResult:
     """Trains theta_c of the Bezier curve theta_o -> theta_p (variables dicts).
 
@@ -211,6 +212,11 @@ def train_curve(
     class-wise forgetting uses 0 as the forget reference. ``mask`` (pytree of bools per
     params tensor, default all True) selects the trained tensors; ``theta_c`` defaults to
     the midpoint, so the initial curve is the straight line.
+
+    ``mesh`` (``mcu_jax.sharding.make_mesh``) makes curve training data parallel: every
+    batch is split over the mesh's devices (``config.batch_size`` must be divisible by their
+    number), train-mode BatchNorm uses the statistics of the whole batch, and theta_c equals
+    the single-device result within float tolerance (its arrays replicated on the mesh).
     """
     p_o, p_p = theta_o["params"], theta_p["params"]
     pytrees.check_compatible(theta_o=p_o, theta_p=p_p)
@@ -260,7 +266,7 @@ def train_curve(
     )
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
-    runner = loop.make_runner(make_curve_step(model, tx, config, p_o))
+    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
     loop_cfg = loop.LoopConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -273,7 +279,8 @@ def train_curve(
     start = time.perf_counter()
     try:
         state, history = loop.run_epochs(
-            runner, state, consts, pool, key, loop_cfg, ckpt, _summarize(config.beta_values)
+            runner, state, consts, pool, key, loop_cfg, ckpt, _summarize(config.beta_values),
+            mesh=mesh,
         )
     finally:
         if ckpt is not None:

@@ -6,6 +6,11 @@ named sets (D_r, D_f, D_t, and D_tf class-wise), optionally keeping per-sample t
 probabilities for the MIA metric. All t of a chunk run together under ``jax.vmap`` (or one
 after another under ``lax.map``, which XLA's CPU backend runs much faster for convolutions
 whose weights differ per t); batches run under ``lax.scan``.
+
+With a ``mesh`` (``mcu_jax.sharding.make_mesh``) the sweep is t parallel: every chunk of t is
+split over the mesh's devices with ``shard_map`` (the chunk padded to a multiple of the device
+count), each device evaluates its own t (under vmap or lax.map, as the strategy says) on the
+replicated data, and the results are gathered; they equal the single-device sweep.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import bn, curves, pytrees
+from mcu_jax import bn, curves, pytrees, sharding
 from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
@@ -65,13 +70,14 @@ def _padded_batches(indices, batch_size: int):
     return jnp.asarray(idx.reshape(steps, batch_size)), jnp.asarray(valid.reshape(steps, -1))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kind", "strategy", "return_probs"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "kind", "strategy", "return_probs", "mesh")
+)
 def _sweep_chunk(
-    points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs
+    points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs, mesh=None
 ):
-    bn_images, bn_full, bn_rest = bn_data
-
-    def per_t(t):
+    def per_t(t, points, template, bn_data, eval_data):
+        bn_images, bn_full, bn_rest = bn_data
         params = curve_point(kind, points, t)
         stats = bn.batch_statistics(model, params, template, bn_images, bn_full, bn_rest)
         variables = {"params": params, "batch_stats": stats}
@@ -90,9 +96,26 @@ def _sweep_chunk(
                 result[name]["prob"] = prob.reshape(-1)
         return result
 
-    if strategy == "vmap":
-        return jax.vmap(per_t)(ts)
-    return jax.lax.map(per_t, ts)
+    def over_t(ts, points, template, bn_data, eval_data):
+        f = functools.partial(
+            per_t, points=points, template=template, bn_data=bn_data, eval_data=eval_data
+        )
+        if strategy == "vmap":
+            return jax.vmap(f)(ts)
+        return jax.lax.map(f, ts)
+
+    if mesh is None:
+        return over_t(ts, points, template, bn_data, eval_data)
+    # t parallel: each device takes its slice of ts; everything else is replicated.
+    same = jax.sharding.PartitionSpec()
+    t_spec = sharding.t_spec(mesh)
+    local = jax.shard_map(
+        over_t, mesh=mesh, in_specs=(t_spec, same, same, same, same), out_specs=t_spec,
+        check_vma=False,  # scan carries start replicated and become per-t: not a mistake
+    )
+    result = local(ts, points, template, bn_data, eval_data)
+    # Gathered on every device, so every process (multi-host) can read all of it.
+    return jax.lax.with_sharding_constraint(result, sharding.replicated(mesh))
 
 
 @dataclasses.dataclass
@@ -116,6 +139,7 @@ def sweep(
     return_probs: bool = False,
     strategy: str = "auto",
     chunk_size: int | None = None,
+    mesh: Any = None,
 ) -> SweepResult:
     """Evaluates the curve at every t in ``ts``.
 
@@ -126,6 +150,9 @@ def sweep(
       eval_sets: ``name -> (images, indices)`` to evaluate at every t.
       chunk_size: how many t run together; smaller chunks bound memory (the stacked
         parameters and activations of a chunk). Default: all of them.
+      mesh: a ``jax.sharding.Mesh`` (``mcu_jax.sharding.make_mesh``) to split every chunk of
+        t over its devices (t parallel; a chunk is rounded up to a multiple of the device
+        count and padded); None: one device.
     """
     ts = np.asarray(ts, np.float32).reshape(-1)
     if ts.size == 0:
@@ -141,6 +168,9 @@ def sweep(
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if mesh is not None:
+        n_dev = sharding.num_shards(mesh)
+        chunk = -(-chunk // n_dev) * n_dev
     bn_images, bn_idx = bn_set
     bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size, bn_images.num_examples))
     check_batch_size("eval_batch_size", eval_batch_size)
@@ -153,13 +183,20 @@ def sweep(
         for name, (images, idx) in eval_sets.items()
     }
     sizes = {name: len(np.asarray(idx)) for name, (_, idx) in eval_sets.items()}
+    points = list(points)
+    if mesh is not None:  # once; every chunk then reads the replicated copies
+        points, template, bn_data, eval_data = sharding.replicate(
+            (points, template, bn_data, eval_data), mesh
+        )
     outs = []
     for lo in range(0, ts.size, chunk):
         part = ts[lo : lo + chunk]
         padded = np.concatenate([part, np.full(chunk - part.size, part[-1], np.float32)])
+        padded = (jnp.asarray(padded) if mesh is None
+                  else sharding.place(padded, sharding.t_sharding(mesh)))
         out = _sweep_chunk(
-            list(points),
-            jnp.asarray(padded),
+            points,
+            padded,
             template,
             bn_data,
             eval_data,
@@ -167,6 +204,7 @@ def sweep(
             kind=curve,
             strategy=strategy,
             return_probs=return_probs,
+            mesh=mesh,
         )
         outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
     acc = {}

@@ -159,19 +159,25 @@ def fit(
     update_mask: Any = None,
     checkpoint_dir: str | os.PathLike | None = None,
     desc: str = "train",
+    mesh: Any = None,
 ) -> tuple[dict, list[dict]]:
     """Trains ``variables`` on the training indices ``pool``; returns (variables, history).
 
     ``aux`` is a pytree of per-example arrays (leading axis = number of images) handed to
     ``loss_fn`` for the batch, e.g. a forget flag. With ``checkpoint_dir`` every epoch is
     checkpointed and an interrupted run resumes where it stopped.
+
+    ``mesh`` (``mcu_jax.sharding.make_mesh``) makes training data parallel: every batch is
+    split over the mesh's devices (``config.batch_size`` must be divisible by their number),
+    BatchNorm uses the statistics of the whole batch, and the result equals the
+    single-device run within float tolerance; the returned arrays are replicated on the mesh.
     """
     pool = check_indices(f"{desc}: the training index set", pool, images.num_examples, False)
     total = config.epochs * steps_per_epoch(pool.size, config.batch_size)
     tx = make_optimizer(config, total, update_mask)
     params = variables["params"]
     state = TrainState(params, variables.get("batch_stats", {}), tx.init(params))
-    runner = loop.make_runner(make_step(model, loss_fn, tx))
+    runner = loop.make_runner(make_step(model, loss_fn, tx), mesh=mesh)
     loop_cfg = loop.LoopConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -182,7 +188,7 @@ def fit(
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     try:
         state, history = loop.run_epochs(
-            runner, state, (images, aux), pool, key, loop_cfg, ckpt
+            runner, state, (images, aux), pool, key, loop_cfg, ckpt, mesh=mesh
         )
     finally:
         if ckpt is not None:

@@ -230,7 +230,8 @@ def test_curve_training_interrupted_mid_epoch_resumes_exactly(
     args = (small_model, theta_o, theta_p, train_images, digits_split, jax.random.PRNGKey(0))
     make_runner = loop.make_runner
     monkeypatch.setattr(loop, "make_runner",
-                        lambda step: signalling({2: [signal.SIGINT]}, make_runner(step)))
+                        lambda step, **kw: signalling({2: [signal.SIGINT]},
+                                                      make_runner(step, **kw)))
     with pytest.raises(KeyboardInterrupt):  # 6 steps per epoch in chunks of 2: stops after 4
         _curve(*args, checkpoint_dir=tmp_path)
     with Checkpointer(tmp_path) as ckpt:

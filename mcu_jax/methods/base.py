@@ -38,12 +38,17 @@ _SETTING_ALIASES = {"tiny_imagenet": "tinyimagenet", "tiny-imagenet": "tinyimage
 @dataclasses.dataclass(frozen=True)
 class MethodData:
     """The data a method may use: device-resident train/test images, the split and the
-    model's input shape ((H, W, C) or (N, H, W, C), for a fresh initialisation)."""
+    model's input shape ((H, W, C) or (N, H, W, C), for a fresh initialisation).
+
+    ``mesh`` (optional, ``mcu_jax.sharding.make_mesh``) makes the method's training loop data
+    parallel over the mesh's devices (``train.fit(..., mesh=...)``); the batch size must then
+    be divisible by the number of devices. None: one device."""
 
     train: Images
     test: Images
     split: Any  # mcu_jax.data.splits.Split
     input_shape: tuple[int, ...]
+    mesh: Any = None  # jax.sharding.Mesh or None
 
 
 @dataclasses.dataclass

@@ -29,6 +29,6 @@ def fine_tune(model, theta_o: dict, data: MethodData, config: MethodConfig, key:
     retain = indices(data.split, "retain", "ft")
     variables, history = fit(
         model, copy_variables(theta_o), data.train, retain, config.train_config(), key,
-        checkpoint_dir=checkpoint_dir, desc="FT",
+        checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="FT",
     )
     return finish(start, variables, history)

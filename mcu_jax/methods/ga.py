@@ -39,6 +39,6 @@ def gradient_ascent(model, theta_o: dict, data: MethodData, config: MethodConfig
     forget = indices(data.split, "forget", "ga")
     variables, history = fit(
         model, copy_variables(theta_o), data.train, forget, config.train_config(), key,
-        loss_fn=ascent_loss, checkpoint_dir=checkpoint_dir, desc="GA",
+        loss_fn=ascent_loss, checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="GA",
     )
     return finish(start, variables, history)

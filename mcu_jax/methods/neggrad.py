@@ -54,6 +54,6 @@ def neggrad_plus(model, theta_o: dict, data: MethodData, config: MethodConfig,
     variables, history = fit(
         model, copy_variables(theta_o), data.train, pool, config.train_config(), key,
         loss_fn=make_loss(config.beta), aux=aux, checkpoint_dir=checkpoint_dir,
-        desc="NegGrad+",
+        desc="NegGrad+", mesh=data.mesh,
     )
     return finish(start, variables, history, beta=config.beta)

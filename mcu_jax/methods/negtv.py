@@ -66,7 +66,7 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
     epochs = config.epochs if config.ft_epochs is None else config.ft_epochs
     theta_ft, history = fit(
         model, copy_variables(theta_o), data.train, forget, config.train_config(epochs), key,
-        checkpoint_dir=checkpoint_dir, desc="NegTV fine-tune",
+        checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="NegTV fine-tune",
     )
     params = negate_task_vector(theta_o["params"], theta_ft["params"], config.alpha)
     stats_o = theta_o.get("batch_stats", {})

@@ -69,7 +69,7 @@ def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
     return fit(
         model, copy_variables(theta_o), data.train, pool, config.train_config(), key,
         loss_fn=make_loss(num_classes(model)), aux=aux, update_mask=update_mask,
-        checkpoint_dir=checkpoint_dir, desc=desc,
+        checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc=desc,
     )
 
 

@@ -32,6 +32,6 @@ def retrain(model, theta_o: dict, data: MethodData, config: MethodConfig, key: j
     pytrees.check_compatible(theta_o=theta_o, fresh=variables)
     variables, history = fit(
         model, variables, data.train, retain, config.train_config(), train_key,
-        checkpoint_dir=checkpoint_dir, desc="RT",
+        checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="RT",
     )
     return finish(start, variables, history)

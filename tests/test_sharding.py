@@ -1,0 +1,382 @@
+"""Several devices: data-parallel training, curve training and methods, t-parallel sweeps.
+
+XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
+subprocess started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``: this file,
+run as a script (``python tests/test_sharding.py``), trains and sweeps with a mesh of 8 CPU
+devices and without one, on the digits set with cnn_small, and prints a JSON summary that
+the tests below check; with the argument ``multihost`` it is one of two processes of a
+multi-host run (2 CPU devices each). The errors (device count, divisibility) are checked
+in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEVICES = 8
+RTOL, ATOL = 1e-4, 1e-5
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def _max_diff(a, b) -> dict:
+    """Largest absolute difference and whether every leaf is allclose (RTOL, ATOL)."""
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             if np.size(x) else 0.0 for x, y in zip(la, lb, strict=True)]
+    close = all(np.allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL)
+                for x, y in zip(la, lb, strict=True))
+    return {"max_abs_diff": max(diffs), "allclose": bool(close)}
+
+
+def _replicated_on(tree, mesh) -> bool:
+    """Every array leaf fully replicated on all devices of ``mesh``."""
+    import jax
+
+    return all(
+        leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
+        for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)
+    )
+
+
+def main() -> None:
+    import shutil
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from mcu_jax import loop, methods, sharding, sweep, train
+    from mcu_jax.data import Images, load_dataset, make_split
+    from mcu_jax.mcu import MCUConfig, train_curve
+    from mcu_jax.models import create, init_variables
+
+    t_start = time.perf_counter()
+    out: dict = {"devices": len(jax.devices()), "platform": jax.default_backend()}
+    mesh = sharding.make_mesh(DEVICES)
+    digits = load_dataset("digits")
+    split = make_split(digits, "random", seed=0)
+    images = Images.from_dataset(digits, "train")
+    test_images = Images.from_dataset(digits, "test")
+    model = create("cnn_small", digits.num_classes)
+    v0 = init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    key = jax.random.PRNGKey(1)
+    pool = np.arange(640)  # 10 steps of 64 per epoch
+
+    # train.fit: per-step (CPU's unrolled) path, with and without a mesh.
+    config = train.TrainConfig(epochs=1, batch_size=64, lr=0.05, steps_per_call=4,
+                               progress=False)
+    single, hist1 = train.fit(model, v0, images, pool, config, key)
+    multi, hist8 = train.fit(model, v0, images, pool, config, key, mesh=mesh)
+    out["fit"] = _max_diff(single, multi)
+    out["fit"]["loss"] = [hist1[0]["loss"], hist8[0]["loss"]]
+    out["fit"]["replicated"] = _replicated_on(multi, mesh)
+    out["fit"]["moved"] = _max_diff(v0["params"], single["params"])["max_abs_diff"]
+
+    # The scanned (accelerator) runner with a mesh, through loop.run_epochs directly.
+    tx = train.make_optimizer(config, 10)
+    state = train.TrainState(v0["params"], v0["batch_stats"], tx.init(v0["params"]))
+    step = train.make_step(model, train.cross_entropy_loss, tx)
+    loop_cfg = loop.LoopConfig(epochs=1, batch_size=64, steps_per_call=4, progress=False)
+    scanned, _ = loop.run_epochs(loop.make_runner(step, unrolled=False, mesh=mesh), state,
+                                 (images, None), pool, key, loop_cfg, mesh=mesh)
+    out["fit_scanned"] = _max_diff(single, scanned.variables)
+    out["fit_scanned"]["replicated"] = _replicated_on(scanned, mesh)
+
+    # The batch really is split: the compiled step all-reduces (gradients, BN statistics).
+    one = jax.jit(step)
+    rep = sharding.replicated(mesh)
+    hlo = one.lower(sharding.place(state, rep), sharding.place((images, None), rep),
+                    sharding.place(np.arange(64, dtype=np.int32),
+                                   sharding.batch_sharding(mesh, ndim=1)),
+                    sharding.place(key, rep)).compile().as_text()
+    # cnn_small's first convolution writes (batch, 8, 8, 32): 8 rows per device, not 64.
+    out["step_split"] = {"all_reduce": "all-reduce" in hlo,
+                         "per_device_batch": "f32[8,8,8,32]" in hlo,
+                         "whole_batch": "f32[64,8,8,32]" in hlo}
+
+    # Checkpoints of the replicated state resume exactly (kill after epoch 1 of 2).
+    ck_cfg = train.TrainConfig(epochs=2, batch_size=64, lr=0.05, steps_per_call=2,
+                               progress=False)
+    straight, _ = train.fit(model, v0, images, pool[:256], ck_cfg, key, mesh=mesh)
+    with tempfile.TemporaryDirectory() as tmp:
+        train.fit(model, v0, images, pool[:256], ck_cfg, key, mesh=mesh, checkpoint_dir=tmp)
+        shutil.rmtree(Path(tmp) / "2")
+        resumed, hist = train.fit(model, v0, images, pool[:256], ck_cfg, key, mesh=mesh,
+                                  checkpoint_dir=tmp)
+    out["resume"] = {
+        "equal": all(np.array_equal(a, b) for a, b in
+                     zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True)),
+        "epochs": [h["epoch"] for h in hist],
+        "replicated": _replicated_on(resumed, mesh),
+    }
+
+    # Batch size not divisible by the device count.
+    try:
+        train.fit(model, v0, images, pool, train.TrainConfig(epochs=1, batch_size=60,
+                                                             progress=False), key, mesh=mesh)
+        out["divisibility_error"] = None
+    except ValueError as err:
+        out["divisibility_error"] = str(err)
+
+    # Curve training (MCU_beta) with and without a mesh.
+    theta_o, theta_p = single, init_variables(model, jax.random.PRNGKey(2), (1, 8, 8, 1))
+    refs = {"train": 90.0, "val": 85.0}
+    subset, forget = split.retain_subset[:320], split.forget[:64]
+    mcu_cfg = MCUConfig(epochs=1, batch_size=64, steps_per_call=3, progress=False)
+    c1 = train_curve(model, theta_o, theta_p, images, subset, forget, refs, mcu_cfg, key)
+    c8 = train_curve(model, theta_o, theta_p, images, subset, forget, refs, mcu_cfg, key,
+                     mesh=mesh)
+    out["curve"] = _max_diff(c1.theta_c, c8.theta_c)
+    out["curve"]["beta"] = [c1.history[0]["beta_mean"], c8.history[0]["beta_mean"]]
+    out["curve"]["replicated"] = _replicated_on(c8.theta_c, mesh)
+    midpoint = jax.tree.map(lambda a, b: (a + b) / 2, theta_o["params"], theta_p["params"])
+    out["curve"]["moved"] = _max_diff(midpoint, c1.theta_c)["max_abs_diff"]
+
+    # A method (NegGrad+) through MethodData.mesh.
+    small = dataclass_replace(split, retain=split.retain[:256], forget=split.forget[:64])
+    data1 = methods.MethodData(images, test_images, small, (1, 8, 8, 1))
+    data8 = methods.MethodData(images, test_images, small, (1, 8, 8, 1), mesh=mesh)
+    m_cfg = methods.default_config("neggrad", epochs=1, batch_size=64, progress=False)
+    r1 = methods.run("neggrad", model, theta_o, data1, m_cfg, key)
+    r8 = methods.run("neggrad", model, theta_o, data8, m_cfg, key)
+    out["neggrad"] = _max_diff(r1.variables, r8.variables)
+
+    # The sweep, t parallel: vmap in chunks of 3 and map in one chunk, each padded to 8 t.
+    points = [theta_o["params"], c1.theta_c, theta_p["params"]]
+    ts = np.linspace(0.0, 1.0, 5)
+    kwargs = dict(bn_batch_size=64, eval_batch_size=128, return_probs=True)
+    bn_set = (images, split.retain[:256])
+    evals = {"forget": (images, split.forget[:100]), "test": (test_images, split.test[:150])}
+    base = sweep.sweep(model, points, ts, theta_o["batch_stats"], bn_set, evals,
+                       strategy="vmap", **kwargs)
+    for strategy, chunk in (("vmap", 3), ("map", None)):
+        res = sweep.sweep(model, points, ts, theta_o["batch_stats"], bn_set, evals,
+                          strategy=strategy, chunk_size=chunk, mesh=mesh, **kwargs)
+        name = f"sweep_{strategy}" + (f"_chunk{chunk}" if chunk else "")
+        out[name] = {
+            "acc_equal": all(np.allclose(base.acc[k], res.acc[k], atol=1e-4) for k in evals),
+            "probs": _max_diff(base.probs, res.probs),
+            "acc": {k: [base.acc[k].tolist(), res.acc[k].tolist()] for k in evals},
+        }
+    out["seconds"] = time.perf_counter() - t_start
+    print("SHARDING-JSON " + json.dumps(out))
+
+
+def main_multihost() -> None:
+    """One of two processes (2 CPU devices each) of a multi-host run: the mesh spans the 4
+    devices of both; fit and the sweep are compared with this process's single-device run."""
+    from mcu_jax import sharding
+
+    sharding.initialize_distributed(initialization_timeout=60)  # JAX_* variables
+    import jax
+    import numpy as np
+
+    from mcu_jax import sweep, train
+    from mcu_jax.data import Images, load_dataset, make_split
+    from mcu_jax.models import create, init_variables
+
+    mesh = sharding.make_mesh()
+    digits = load_dataset("digits")
+    split = make_split(digits, "random", seed=0)
+    images = Images.from_dataset(digits, "train")
+    model = create("cnn_small", digits.num_classes)
+    v0 = init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    key = jax.random.PRNGKey(1)
+    config = train.TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False)
+    single, _ = train.fit(model, v0, images, np.arange(256), config, key)
+    multi, _ = train.fit(model, v0, images, np.arange(256), config, key, mesh=mesh)
+    theta_p = init_variables(model, jax.random.PRNGKey(2), (1, 8, 8, 1))
+    points = [single["params"], multi["params"], theta_p["params"]]
+    args = (model, points, np.linspace(0.0, 1.0, 3), single["batch_stats"],
+            (images, split.retain[:128]), {"forget": (images, split.forget[:100])})
+    base = sweep.sweep(*args, strategy="vmap", return_probs=True)
+    res = sweep.sweep(*args, strategy="vmap", return_probs=True, mesh=mesh)
+    out = {
+        "process": jax.process_index(), "processes": jax.process_count(),
+        "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
+        "fit": _max_diff(single, multi),
+        "sweep_acc": [base.acc["forget"].tolist(), res.acc["forget"].tolist()],
+        "sweep_probs": _max_diff(base.probs, res.probs),
+    }
+    print("SHARDING-JSON " + json.dumps(out), flush=True)
+    jax.distributed.shutdown()
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = dict(os.environ)
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def _summary(stdout: str) -> dict:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("SHARDING-JSON "))
+    return json.loads(line.removeprefix("SHARDING-JSON "))
+
+
+def test_eight_devices_equal_one():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=ROOT,
+                          env=_env(DEVICES), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = _summary(proc.stdout)
+    print(json.dumps(out, indent=1), f"\nsubprocess: {time.perf_counter() - start:.1f} s")
+    assert out["devices"] == DEVICES and out["platform"] == "cpu"
+    assert out["fit"]["moved"] > 1e-3, "training did not change the parameters"
+    for part in ("fit", "fit_scanned", "curve", "neggrad"):
+        assert out[part]["allclose"], (part, out[part])
+    assert abs(out["fit"]["loss"][0] - out["fit"]["loss"][1]) < 1e-4
+    assert out["fit"]["replicated"] and out["fit_scanned"]["replicated"]
+    assert out["curve"]["replicated"]
+    assert out["curve"]["beta"][0] == out["curve"]["beta"][1]
+    assert out["curve"]["moved"] > 1e-3, "curve training did not change theta_c"
+    assert out["resume"] == {"equal": True, "epochs": [1, 2], "replicated": True}
+    split = out["step_split"]
+    assert split["all_reduce"] and split["per_device_batch"] and not split["whole_batch"], (
+        "the batch was not split across the devices", split)
+    err = out["divisibility_error"]
+    assert err is not None and "60" in err and "not divisible" in err and "8 devices" in err
+    for name in ("sweep_vmap_chunk3", "sweep_map"):
+        assert out[name]["acc_equal"], (name, out[name]["acc"])
+        assert out[name]["probs"]["allclose"], (name, out[name]["probs"])
+
+
+def test_two_processes_equal_one():
+    """Multi-host on one machine: 2 processes x 2 CPU devices joined by
+    ``initialize_distributed`` (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "multihost"], cwd=ROOT,
+            env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                     JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, stderr[-4000:]
+            outputs.append(_summary(stdout))
+    finally:
+        for p in procs:  # a process left waiting for its peer
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    print(json.dumps(outputs, indent=1))
+    assert sorted(o["process"] for o in outputs) == [0, 1]
+    for out in outputs:
+        assert (out["processes"], out["devices"], out["local_devices"]) == (2, 4, 2)
+        assert out["fit"]["allclose"], out["fit"]
+        assert out["sweep_acc"][0] == out["sweep_acc"][1]
+        assert out["sweep_probs"]["allclose"], out["sweep_probs"]
+
+
+def test_mesh_errors_in_process():
+    import jax
+    import pytest
+
+    from mcu_jax import sharding
+
+    n = len(jax.devices())
+    mesh = sharding.make_mesh()
+    assert mesh.size == n and mesh.axis_names == ("data",)
+    assert sharding.make_mesh(1, axis="batch").axis_names == ("batch",)
+    with pytest.raises(ValueError, match=rf"num_devices={n + 2} but only {n} cpu device"):
+        sharding.make_mesh(n + 2)
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        sharding.make_mesh(n + 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_devices"):
+            sharding.make_mesh(bad)
+    with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
+        sharding.replicated("data")
+    # Divisibility is checked against the mesh's device count (here a pretended 8).
+    sharding.check_batch_size(64, None)
+    sharding.check_batch_size(64, mesh)
+    with pytest.raises(ValueError, match="batch_size=60 is not divisible by the 8 devices"):
+        _check_fake(sharding, 60, 8)
+
+
+def _check_fake(sharding, batch_size, n):
+    """check_batch_size's message for a mesh of ``n`` devices, without needing n devices."""
+    from unittest import mock
+
+    with mock.patch.object(sharding, "num_shards", return_value=n):
+        sharding.check_batch_size(batch_size, object())
+
+
+def test_single_device_mesh_is_the_same_path(digits, digits_images, small_model):
+    """A mesh of one device gives the no-mesh result (same code, same device)."""
+    import jax
+    import numpy as np
+
+    from mcu_jax import sharding, train
+    from mcu_jax.models import init_variables
+
+    train_images, _ = digits_images
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    config = train.TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False)
+    pool = np.arange(128)
+    a, _ = train.fit(small_model, v0, train_images, pool, config, jax.random.PRNGKey(3))
+    b, _ = train.fit(small_model, v0, train_images, pool, config, jax.random.PRNGKey(3),
+                     mesh=sharding.make_mesh(1))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_initialize_distributed_reads_env(monkeypatch):
+    from unittest import mock
+
+    import pytest
+
+    from mcu_jax import sharding
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    with mock.patch("jax.distributed.initialize") as init:
+        sharding.initialize_distributed("10.0.0.1:1234")
+    init.assert_called_once_with(coordinator_address="10.0.0.1:1234", num_processes=2,
+                                 process_id=1, local_device_ids=None)
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"process_id=2; expected an int in \[0, 2\)"):
+        sharding.initialize_distributed("10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
+        sharding.initialize_distributed("10.0.0.1:1234")
+
+
+if __name__ == "__main__":
+    main_multihost() if sys.argv[1:] == ["multihost"] else main()
