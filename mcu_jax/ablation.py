@@ -9,13 +9,12 @@ Results go to ``results.json``/``results.md`` like the main runner's, one row pe
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import jax
 
-from mcu_jax import config, metrics, plots
+from mcu_jax import checkpoint, config, metrics, plots
 from mcu_jax.data import make_split
 from mcu_jax.experiment import (
     DISPLAY,
@@ -152,7 +151,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
     else:
         plots.ablation_figure(panels, title=title, path=figure)
     results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    checkpoint.write_json(out / "results.json", results)
     class_wise = exp.problem.scenario == "class"
     text = (f"# {exp.name}\n\nCommand: `{exp.command}`\n\nAblation: {KINDS[cfg.kind]}, "
             f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n"

@@ -36,6 +36,27 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Atomic JSON write: a temporary file in the same folder, fsync, then a rename, so a
+    reader (or a resumed run) never sees a half-written file."""
+    path = Path(path)
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=True, default=_not_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Checkpointer:
     """Saves ``(state pytree, metadata dict)`` per step under ``directory``."""
 
@@ -103,9 +124,7 @@ def save_model(directory: str | os.PathLike, variables: Any, metadata: dict | No
     ckptr.save(target, variables, force=True)
     ckptr.wait_until_finished()
     ckptr.close()
-    tmp = directory / "metadata.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(metadata or {}), indent=2, sort_keys=True))
-    tmp.replace(directory / "metadata.json")
+    write_json(directory / "metadata.json", metadata or {})
 
 
 def model_exists(directory: str | os.PathLike) -> bool:

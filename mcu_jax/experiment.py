@@ -11,7 +11,6 @@ running the same command again reuses what is finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -280,7 +279,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     rows = metrics.rows_over_seeds(per_seed)
     class_wise = cfg.problem.scenario == "class"
     results = {"config": config.to_dict(cfg), "rows": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    checkpoint.write_json(out / "results.json", results)
     table = metrics.markdown_table(rows, class_wise=class_wise)
     text = f"# {cfg.name}\n\nCommand: `{cfg.command}`\n\nSeeds: {list(cfg.seeds)}\n\n{table}\n"
     if cfg.table1:

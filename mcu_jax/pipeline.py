@@ -171,10 +171,8 @@ def run_mcu(
     if mask is None:
         mask = compute_mask(model, theta_o, train, split, mask_config)
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "mask.json").write_text(
-                json.dumps({k: bool(v) for k, v in pytrees.flatten(mask).items()}, indent=1)
-            )
+            flat = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
+            checkpoint.write_json(out / "mask.json", flat)
     minutes["mask"] = (time.perf_counter() - start) / 60.0
 
     curve_key, _ = jax.random.split(key)
@@ -215,7 +213,7 @@ def run_mcu(
     )
     if out is not None:
         checkpoint.save_model(out / "model", variables, {"t_star": float(t_star)})
-        (out / "mcu.json").write_text(json.dumps(output.summary(), indent=2))
+        checkpoint.write_json(out / "mcu.json", output.summary())
     return output
 
 

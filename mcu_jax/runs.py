@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 import mcu_jax
+from mcu_jax.checkpoint import write_json
 
 _RUN_FILE = "run.json"
 _PHASES = "phases"
@@ -65,21 +66,6 @@ def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], path: str = "
     return path or "<config>", old, new
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=_default)  # fails before writing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class RunDir:
     """A run folder: ``run.json`` (config + environment), ``phases/<name>.json`` markers."""
 
@@ -113,7 +99,7 @@ class RunDir:
                 )
             return
         device = jax.devices()[0]
-        _write_json(run_file, {
+        write_json(run_file, {
             "config": config,
             "mcu_jax_version": mcu_jax.__version__,
             "jax_version": jax.__version__,
@@ -135,7 +121,7 @@ class RunDir:
         """Records phase ``name`` as finished with a JSON ``payload`` (atomic)."""
         if not isinstance(payload, dict):
             raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
-        _write_json(self._phase_file(name), payload)
+        write_json(self._phase_file(name), payload)
 
     def load_phase(self, name: str) -> dict:
         file = self._phase_file(name)

@@ -230,7 +230,9 @@ def beta_reference(acc_f, acc_r, ref_t, ref_v, values):
     return values[2]
 
 
-PERCENT = st.one_of(st.sampled_from([0.0, 50.0, 90.0, 100.0]), st.floats(0, 100, width=32))
+# Subnormal accuracies are excluded: XLA on CPU flushes them to zero.
+PERCENT = st.one_of(st.sampled_from([0.0, 50.0, 90.0, 100.0]),
+                   st.floats(0, 100, width=32, allow_subnormal=False))
 N_BETA = 16
 _beta = jax.jit(mcu.adaptive_beta, static_argnums=4)
 
