@@ -18,7 +18,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, config, evaluation, methods, metrics, pipeline, plots, problem
+from mcu_jax import (
+    checkpoint,
+    config,
+    evaluation,
+    methods,
+    metrics,
+    pipeline,
+    plots,
+    problem,
+    sharding,
+)
 from mcu_jax import train as train_lib
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.methods import MethodConfig, default_config
@@ -66,6 +76,7 @@ class ExperimentConfig:
     table1: bool = False  # also write the paper's Table 1 layout
     out_dir: str = "runs"
     progress: bool = True
+    devices: int | None = None  # >1: data-parallel training and t-parallel sweeps on a mesh
 
     def __post_init__(self):
         if not self.seeds:
@@ -125,12 +136,13 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int)
     return result
 
 
-def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta) -> tuple:
+def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta, mesh) -> tuple:
     """theta_o or RT, trained once and then loaded from ``seed_dir / name``."""
     tcfg = dataclasses.replace(tcfg, progress=meta.pop("progress"))
     variables, info = train_lib.train_model(
         prob.model, prob.train, pool, tcfg, key, prob.input_shape, seed_dir / name,
         metadata=meta, desc=f"{name} (seed {meta['seed']})", pretrained=prob.config.pretrained,
+        mesh=mesh,
     )
     return variables, info
 
@@ -149,6 +161,7 @@ class SeedContext:
     seed_dir: Path
     method_key: jax.Array
     curve_key: jax.Array
+    mesh: object = None
 
 
 def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
@@ -156,9 +169,10 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
     prob = problem.build(dataclasses.replace(cfg.problem, seed=seed))
     seed_dir = run.path(f"seed_{seed}")
     k_o, k_rt, k_m, k_c = jax.random.split(jax.random.PRNGKey(seed), 4)
+    mesh = sharding.make_mesh(cfg.devices) if cfg.devices and cfg.devices > 1 else None
     theta_o, meta_o = _train_phase(
         "theta_o", prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
-        {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress},
+        {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress}, mesh,
     )
     if "refs" not in meta_o:
         meta_o["refs"] = train_lib.reference_accuracies(
@@ -167,18 +181,19 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
         checkpoint.save_model(seed_dir / "theta_o", theta_o, meta_o)
     rt_vars, meta_rt = _train_phase(
         "rt", prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
-        {"seed": seed, "progress": cfg.progress},
+        {"seed": seed, "progress": cfg.progress}, mesh,
     )
     rt = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
                     {"rte_min": meta_rt["minutes"]})
-    return SeedContext(cfg, run, seed, prob, theta_o, meta_o["refs"], rt, seed_dir, k_m, k_c)
+    return SeedContext(cfg, run, seed, prob, theta_o, meta_o["refs"], rt, seed_dir, k_m, k_c,
+                       mesh)
 
 
 def base_model(ctx: SeedContext, name: str, index: int, mcfg: MethodConfig | None = None,
                out_name: str | None = None):
     """theta_p from method ``name`` (produced once, then reused from the seed folder)."""
     data = methods.MethodData(ctx.prob.train, ctx.prob.test, ctx.prob.split,
-                              ctx.prob.input_shape)
+                              ctx.prob.input_shape, mesh=ctx.mesh)
     mcfg = dataclasses.replace(mcfg or method_config(ctx.cfg, name), progress=ctx.cfg.progress)
     return methods.produce(
         name, ctx.prob.model, ctx.theta_o, data, mcfg,
@@ -230,7 +245,7 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
     out = pipeline.run_mcu(
         prob.model, ctx.theta_o, base.variables, prob.train, prob.test, prob.split, ctx.refs,
         key, dataclasses.replace(mcu_cfg, progress=ctx.cfg.progress), mask_cfg, sel_cfg,
-        out_dir=ctx.seed_dir / out_name,
+        out_dir=ctx.seed_dir / out_name, mesh=ctx.mesh,
     )
     result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed)
     phase_minutes = {k: float(v) for k, v in out.minutes.items()}

@@ -148,13 +148,15 @@ def run_mcu(
     mask_config: MaskConfig | None = None,
     selection_config: SelectionConfig | None = None,
     out_dir: str | os.PathLike | None = None,
+    mesh=None,
 ) -> MCUOutput:
     """Runs MCU between theta_o and theta_p (variables dicts) on ``split``.
 
     ``refs`` are theta_o's reference accuracies in percent (keys "train", "val"), measured
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
-    exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``.
+    exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``. A ``mesh``
+    (``sharding.make_mesh``) makes curve training data parallel and the sweep t parallel.
     """
     mcu_config = mcu_config or MCUConfig()
     mask_config = mask_config or MaskConfig()
@@ -179,7 +181,7 @@ def run_mcu(
     result = train_curve(
         model, theta_o, theta_p, train, split.retain_subset, split.forget, refs,
         mcu_config, curve_key, mask=mask, class_wise=class_wise,
-        checkpoint_dir=out / "curve" if out is not None else None,
+        checkpoint_dir=out / "curve" if out is not None else None, mesh=mesh,
     )
     minutes["curve"] = result.minutes
 
@@ -193,7 +195,7 @@ def run_mcu(
     sw = sweep.sweep(
         model, points, ts, template, (train, bn_idx), eval_sets,
         bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-        strategy=sc.strategy, chunk_size=sc.chunk_size,
+        strategy=sc.strategy, chunk_size=sc.chunk_size, mesh=mesh,
     )
     gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
     region = selection.effective_region(ts, gaps)

@@ -217,6 +217,7 @@ def train_model(
     metadata: dict | None = None,
     desc: str = "train",
     pretrained: str | os.PathLike | None = None,
+    mesh: Any = None,
 ) -> tuple[dict, dict]:
     """Trains a fresh model on ``pool`` and saves it to ``out_dir`` (reused if already there).
 
@@ -237,7 +238,7 @@ def train_model(
     start = time.perf_counter()
     variables, history = fit(
         model, variables, images, pool, config, train_key,
-        checkpoint_dir=out_dir / "progress", desc=desc,
+        checkpoint_dir=out_dir / "progress", desc=desc, mesh=mesh,
     )
     meta = dict(metadata or {})
     meta.update(

@@ -169,6 +169,20 @@ def main() -> None:
             "probs": _max_diff(base.probs, res.probs),
             "acc": {k: [base.acc[k].tolist(), res.acc[k].tolist()] for k in evals},
         }
+    # MCU in one call (curve data parallel, sweep t parallel) with and without a mesh.
+    from mcu_jax import pipeline
+
+    tiny = dataclass_replace(split, retain_subset=subset, forget=forget,
+                             retain=split.retain[:512], test=split.test[:150])
+    run = dict(mcu_config=mcu_cfg, selection_config=pipeline.SelectionConfig(num_t=5))
+    p1 = pipeline.run_mcu(model, theta_o, theta_p, images, test_images, tiny, refs, key, **run)
+    p8 = pipeline.run_mcu(model, theta_o, theta_p, images, test_images, tiny, refs, key,
+                          mesh=mesh, **run)
+    out["pipeline"] = {
+        "t_star": [p1.t_star, p8.t_star],
+        "gaps_close": bool(np.allclose(p1.gaps, p8.gaps, atol=1e-3)),
+        "theta_c": _max_diff(p1.theta_c, p8.theta_c),
+    }
     out["seconds"] = time.perf_counter() - t_start
     print("SHARDING-JSON " + json.dumps(out))
 
@@ -265,6 +279,8 @@ def test_eight_devices_equal_one():
     for name in ("sweep_vmap_chunk3", "sweep_map"):
         assert out[name]["acc_equal"], (name, out[name]["acc"])
         assert out[name]["probs"]["allclose"], (name, out[name]["probs"])
+    assert out["pipeline"]["theta_c"]["allclose"] and out["pipeline"]["gaps_close"]
+    assert abs(out["pipeline"]["t_star"][0] - out["pipeline"]["t_star"][1]) < 1e-6
 
 
 def test_two_processes_equal_one():
