@@ -52,12 +52,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from mcu_jax import curves, loop, masks, pipeline, pytrees, selection, sharding, sweep
+from mcu_jax import curves, masks, mcu, pipeline, pytrees, selection, sharding, sweep
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
-from mcu_jax.mcu import CurveConsts, CurveState, MCUConfig, make_curve_step
+from mcu_jax.mcu import MCUConfig
 from mcu_jax.models import count_params, create, init_variables
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
@@ -234,23 +233,11 @@ def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config
                 mesh=None):
     """State, constants and runner of curve training, set up as ``mcu.train_curve`` does
     (with a ``mesh``: state and constants replicated on it, the runner data parallel)."""
-    p_o, p_p = theta_o["params"], theta_p["params"]
-    flat_c = pytrees.flatten(curves.midpoint(p_o, p_p))
-    flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
-    trainable = {k: v for k, v in flat_c.items() if flat_mask[k]}
-    frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
-    consts = CurveConsts(
-        theta_o=p_o,
-        theta_p=p_p,
-        frozen=frozen,
-        batch_stats=theta_o.get("batch_stats", {}),
-        images=images,
-        is_forget=jnp.asarray(is_forget),
-        refs=jnp.asarray([REFS["train"], REFS["val"]], jnp.float32),
+    theta_c = curves.midpoint(theta_o["params"], theta_p["params"])
+    state, consts, runner = mcu.setup_curve(
+        model, theta_o, theta_p, theta_c, mask, images, is_forget,
+        (REFS["train"], REFS["val"]), config, mesh,
     )
-    tx = optax.sgd(config.lr, momentum=config.momentum or None)
-    state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
-    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
     if mesh is not None:
         state, consts = sharding.replicate((state, consts), mesh)
     return state, consts, runner

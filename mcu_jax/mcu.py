@@ -189,6 +189,39 @@ class CurveResult:
     minutes: float
 
 
+def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Images, is_forget,
+                refs: tuple[float, float], config: MCUConfig, mesh=None):
+    """The loop state, constants and compiled runner of curve training.
+
+    theta_c is split by the mask into the trained tensors (the state, with their optimiser
+    state and beta) and the frozen ones (constants, never differentiated). ``refs`` is
+    (Acc_o(D_train), forget reference) in percent. Shared by :func:`train_curve` and the
+    benchmark, so both time the same step.
+    """
+    p_o, p_p = theta_o["params"], theta_p["params"]
+    flat_c = pytrees.flatten(theta_c)
+    flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
+    if set(flat_mask) != set(flat_c):
+        raise ValueError("mask must have one boolean per parameter tensor of theta_o")
+    trainable = {k: v for k, v in flat_c.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
+    if not trainable:
+        raise ValueError("the parameter mask selects no tensor: nothing to train")
+    consts = CurveConsts(
+        theta_o=p_o,
+        theta_p=p_p,
+        frozen=frozen,
+        batch_stats=theta_o.get("batch_stats", {}),
+        images=images,
+        is_forget=jnp.asarray(is_forget),
+        refs=jnp.asarray(refs, jnp.float32),
+    )
+    tx = optax.sgd(config.lr, momentum=config.momentum or None)
+    state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
+    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
+    return state, consts, runner
+
+
 def train_curve(
     model,
     theta_o: dict,
@@ -225,14 +258,6 @@ def train_curve(
     pytrees.check_compatible(theta_o=p_o, theta_c=theta_c)
     if mask is None:
         mask = jax.tree.map(lambda _: True, p_o)
-    flat_c = pytrees.flatten(theta_c)
-    flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
-    if set(flat_mask) != set(flat_c):
-        raise ValueError("mask must have one boolean per parameter tensor of theta_o")
-    trainable = {k: v for k, v in flat_c.items() if flat_mask[k]}
-    frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
-    if not trainable:
-        raise ValueError("the parameter mask selects no tensor: nothing to train")
     n = images.num_examples
     forget = check_indices("forget", forget, n)
     retain_subset = check_indices("retain_subset", retain_subset, n)
@@ -255,18 +280,10 @@ def train_curve(
     is_forget = np.zeros(images.num_examples, bool)
     is_forget[forget] = True
     ref_forget = 0.0 if class_wise else float(refs["val"])
-    consts = CurveConsts(
-        theta_o=p_o,
-        theta_p=p_p,
-        frozen=frozen,
-        batch_stats=theta_o.get("batch_stats", {}),
-        images=images,
-        is_forget=jnp.asarray(is_forget),
-        refs=jnp.asarray([float(refs["train"]), ref_forget], jnp.float32),
+    state, consts, runner = setup_curve(
+        model, theta_o, theta_p, theta_c, mask, images, is_forget,
+        (float(refs["train"]), ref_forget), config, mesh,
     )
-    tx = optax.sgd(config.lr, momentum=config.momentum or None)
-    state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
-    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
     loop_cfg = loop.LoopConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -286,5 +303,5 @@ def train_curve(
         if ckpt is not None:
             ckpt.close()
     minutes = (time.perf_counter() - start) / 60.0
-    theta_c = control_point(p_o, state.trainable, frozen)
+    theta_c = control_point(p_o, state.trainable, consts.frozen)
     return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes)
