@@ -54,9 +54,11 @@ class LoopConfig:
     drop_remainder: bool = True
     progress: bool = True
     desc: str = "train"
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
 
     def __post_init__(self):
-        for name, low in (("epochs", 0), ("batch_size", 1), ("steps_per_call", 1)):
+        for name, low in (("epochs", 0), ("batch_size", 1), ("steps_per_call", 1),
+                          ("checkpoint_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{self.desc}: {name} must be an int >= {low}, got {value!r}")
@@ -306,7 +308,8 @@ def run_epochs(
                 bar.set_postfix(
                     {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)}
                 )
-                if checkpointer is not None:
+                due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
+                if checkpointer is not None and (due or flag.received is not None):
                     meta = {"epoch": epoch + 1, "history": history, **geometry}
                     _save(checkpointer, epoch + 1, state, meta)
                     if flag.received is not None:

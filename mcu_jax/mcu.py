@@ -48,6 +48,7 @@ class MCUConfig:
     augment: bool = True  # the data set's training augmentation during curve training
     steps_per_call: int = 50
     progress: bool = True
+    checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
 
     def __post_init__(self):
         if self.beta_mode not in BETA_MODES:
@@ -290,6 +291,7 @@ def train_curve(
         steps_per_call=config.steps_per_call,
         progress=config.progress,
         desc=f"MCU ({config.beta_mode} beta)",
+        checkpoint_every=config.checkpoint_every,
     )
     pool = np.concatenate([retain_subset, forget])
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None

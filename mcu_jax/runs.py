@@ -76,7 +76,8 @@ class RunDir:
         """A path inside the run folder (not created)."""
         return self.root.joinpath(*parts)
 
-    def open(self, config: dict, ignore: tuple[str, ...] = ("progress",)) -> None:
+    def open(self, config: dict,
+             ignore: tuple[str, ...] = ("progress", "checkpoint_every")) -> None:
         """Binds the folder to ``config``: writes ``run.json`` the first time; afterwards
         raises ValueError if the stored config differs outside the ``ignore``d keys."""
         if not isinstance(config, dict):

@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (to 0 over the run) or "constant"
     steps_per_call: int = 50
     progress: bool = True
+    checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.steps_per_call < 1:
@@ -184,6 +185,7 @@ def fit(
         steps_per_call=config.steps_per_call,
         progress=config.progress,
         desc=desc,
+        checkpoint_every=config.checkpoint_every,
     )
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     try:

@@ -131,3 +131,41 @@ def test_ablation_sweeps_write_rows_and_figure(tmp_path, kind, values):
     assert (out / f"ablation_{kind}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="outside"):
         ablation.AblationConfig(experiment=exp, kind="k", values=(1.5,))
+
+
+def _numbers(rows):
+    """results.json rows without the wall-clock columns (which differ run to run)."""
+    return [{k: v for k, v in row.items() if not k.startswith("rte")} for row in rows]
+
+
+def test_runner_killed_with_sigkill_ends_with_the_same_results(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "experiments/run.py", "digits_random", "seeds=0",
+            "original.epochs=3", "retrain.epochs=3", "method_configs.neggrad.epochs=1",
+            "mcu.epochs=3", "selection.num_t=5", "progress=false"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = lambda out: subprocess.run(args + [f"out_dir={out}"], cwd=root, env=env,  # noqa: E731
+                                     capture_output=True, text=True, timeout=600)
+    done = run(tmp_path / "a")
+    assert done.returncode == 0, done.stderr[-2000:]
+    seed_dir = tmp_path / "b" / "digits_random" / "seed_0"
+    proc = subprocess.Popen(args + [f"out_dir={tmp_path / 'b'}"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    curve = seed_dir / "mcu_adaptive_MCU_beta-NegGradplus" / "curve"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if curve.is_dir() and any(p.name.isdigit() for p in curve.iterdir()):
+            break  # killed during curve training, after its first epoch checkpoint
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    again = run(tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = json.loads((tmp_path / "a" / "digits_random" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "digits_random" / "results.json").read_text())
+    assert _numbers(a["rows"]) == _numbers(b["rows"])

@@ -149,3 +149,20 @@ def test_scanned_and_unrolled_runners_agree(digits, digits_images, small_model, 
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+
+
+def test_checkpoint_interval_is_configurable(tmp_path, digits, digits_images, small_model):
+    train_images, _ = digits_images
+    pool = np.arange(0, digits.num_train, 4)
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    config = train.TrainConfig(epochs=3, lr=0.05, progress=False, checkpoint_every=2)
+    key = jax.random.PRNGKey(3)
+    straight, _ = train.fit(small_model, v0, train_images, pool, config, key,
+                            checkpoint_dir=tmp_path / "p")
+    assert sorted(int(p.name) for p in (tmp_path / "p").iterdir() if p.name.isdigit()) == [2, 3]
+    shutil.rmtree(tmp_path / "p" / "3")  # killed in epoch 3: resume from epoch 2
+    resumed, _ = train.fit(small_model, v0, train_images, pool, config, key,
+                           checkpoint_dir=tmp_path / "p")
+    assert _leaves_equal(straight, resumed)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        loop.LoopConfig(epochs=1, checkpoint_every=0)

@@ -101,12 +101,14 @@ class MethodConfig:
     grad_batch_size: int = 256
     steps_per_call: int = 50
     progress: bool = True
+    checkpoint_every: int = 1  # epochs between checkpoints of an interrupted-run-safe method
 
     def __post_init__(self):
         def bad(name, expected):
             raise ValueError(f"MethodConfig: {name}={getattr(self, name)!r}; expected {expected}")
 
-        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
+        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size",
+                     "checkpoint_every"):
             value = getattr(self, name)
             lowest = 0 if name == "epochs" else 1
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lowest:
@@ -155,12 +157,13 @@ class MethodConfig:
             schedule=self.schedule,
             steps_per_call=self.steps_per_call,
             progress=self.progress,
+            checkpoint_every=self.checkpoint_every,
         )
 
     def result_fields(self) -> dict:
         """The fields that determine the result (everything but progress/steps_per_call)."""
         out = dataclasses.asdict(self)
-        for name in ("progress", "steps_per_call", "grad_batch_size"):
+        for name in ("progress", "steps_per_call", "grad_batch_size", "checkpoint_every"):
             out.pop(name)
         return out
 
