@@ -233,7 +233,7 @@ def beta_reference(acc_f, acc_r, ref_t, ref_v, values):
 # Accuracies are multiples of 100/n for a set of n samples, so 0 or at least ~1e-6 percent;
 # far smaller values only test float underflow (XLA on CPU flushes subnormal differences).
 PERCENT = st.one_of(st.sampled_from([0.0, 50.0, 90.0, 100.0]),
-                   st.floats(1e-3, 100, width=32))
+                   st.floats(0.0009765625, 100, width=32))  # 2**-10
 N_BETA = 16
 _beta = jax.jit(mcu.adaptive_beta, static_argnums=4)
 
