@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import cifar10_preresnet110_random
 import digits_random
 
 from mcu_jax.ablation import AblationConfig
@@ -27,5 +28,18 @@ def digits(kind: str) -> AblationConfig:
     )
     if kind == "forgetting":
         values = (2, 10)  # digits scale: RL under-forgets at 2 epochs, over-forgets at 10
+    return AblationConfig(experiment=exp, kind=kind, values=values, method=method,
+                          default=default)
+
+
+def cifar10(kind: str) -> AblationConfig:
+    """The paper's ablation: CIFAR-10, PreResNet-110, 10% random forgetting (GPU)."""
+    values, default, method = PAPER[kind]
+    name = f"cifar10_preresnet110_ablation_{kind}"
+    exp = dataclasses.replace(
+        cifar10_preresnet110_random.get_config(), name=name,
+        command=f"python experiments/run.py {name} experiment.problem.data_dir=DIR",
+        seeds=(0,), methods=(method,), mcu_modes=(), table1=False,
+    )
     return AblationConfig(experiment=exp, kind=kind, values=values, method=method,
                           default=default)
