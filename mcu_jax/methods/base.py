@@ -8,8 +8,8 @@ point of the MCU curve). It is a function
 with ``theta_o`` the Flax variables ``{"params", "batch_stats"}``, ``data`` a
 :class:`MethodData`, ``config`` a :class:`MethodConfig` and ``key`` a ``jax.random`` key.
 ``checkpoint_dir`` (optional) is handed to :func:`mcu_jax.train.fit`, so an interrupted method
-resumes at its last finished epoch. A method never modifies ``theta_o`` (``fit`` donates its
-input buffers, so methods train on a copy).
+resumes at its last finished epoch. A method never modifies ``theta_o`` (the training loop
+donates only its own copy of the state).
 
 :func:`default_config` gives the paper's hyperparameters (``NOTES.md``, "Baselines"); every
 field can be overridden with ``dataclasses.replace``.
@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mcu_jax.data.device import Images
@@ -215,11 +214,6 @@ def default_config(method: str, scenario: str = "random", setting: str = "cifar1
 # ------------------------------------------------------------------------------------------
 # helpers shared by the method modules
 # ------------------------------------------------------------------------------------------
-
-
-def copy_variables(variables: dict) -> dict:
-    """A fresh on-device copy (``fit`` donates its input buffers; theta_o must survive)."""
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), variables)
 
 
 def indices(split: Any, name: str, method: str) -> np.ndarray:

@@ -13,7 +13,6 @@ from mcu_jax.methods.base import (
     MethodConfig,
     MethodData,
     MethodResult,
-    copy_variables,
     finish,
     indices,
 )
@@ -28,7 +27,7 @@ def fine_tune(model, theta_o: dict, data: MethodData, config: MethodConfig, key:
     start = time.perf_counter()
     retain = indices(data.split, "retain", "ft")
     variables, history = fit(
-        model, copy_variables(theta_o), data.train, retain, config.train_config(), key,
+        model, theta_o, data.train, retain, config.train_config(), key,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="FT",
     )
     return finish(start, variables, history)

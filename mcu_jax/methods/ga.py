@@ -15,7 +15,6 @@ from mcu_jax.methods.base import (
     MethodConfig,
     MethodData,
     MethodResult,
-    copy_variables,
     finish,
     indices,
 )
@@ -38,7 +37,7 @@ def gradient_ascent(model, theta_o: dict, data: MethodData, config: MethodConfig
     start = time.perf_counter()
     forget = indices(data.split, "forget", "ga")
     variables, history = fit(
-        model, copy_variables(theta_o), data.train, forget, config.train_config(), key,
+        model, theta_o, data.train, forget, config.train_config(), key,
         loss_fn=ascent_loss, checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="GA",
     )
     return finish(start, variables, history)

@@ -19,7 +19,6 @@ from mcu_jax.methods.base import (
     MethodConfig,
     MethodData,
     MethodResult,
-    copy_variables,
     finish,
 )
 from mcu_jax.methods.registry import register
@@ -52,7 +51,7 @@ def neggrad_plus(model, theta_o: dict, data: MethodData, config: MethodConfig,
     start = time.perf_counter()
     pool, aux = pool_and_flags(data, "neggrad")
     variables, history = fit(
-        model, copy_variables(theta_o), data.train, pool, config.train_config(), key,
+        model, theta_o, data.train, pool, config.train_config(), key,
         loss_fn=make_loss(config.beta), aux=aux, checkpoint_dir=checkpoint_dir,
         desc="NegGrad+", mesh=data.mesh,
     )

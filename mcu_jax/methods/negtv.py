@@ -29,7 +29,6 @@ from mcu_jax.methods.base import (
     MethodConfig,
     MethodData,
     MethodResult,
-    copy_variables,
     finish,
     indices,
 )
@@ -65,7 +64,7 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
     forget = indices(data.split, "forget", "negtv")
     epochs = config.epochs if config.ft_epochs is None else config.ft_epochs
     theta_ft, history = fit(
-        model, copy_variables(theta_o), data.train, forget, config.train_config(epochs), key,
+        model, theta_o, data.train, forget, config.train_config(epochs), key,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="NegTV fine-tune",
     )
     params = negate_task_vector(theta_o["params"], theta_ft["params"], config.alpha)

@@ -20,7 +20,6 @@ from mcu_jax.methods.base import (
     MethodConfig,
     MethodData,
     MethodResult,
-    copy_variables,
     finish,
     forget_flags,
     indices,
@@ -67,7 +66,7 @@ def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
     """RL's training loop (shared with SalUn, which adds ``update_mask``)."""
     pool, aux = pool_and_flags(data, method)
     return fit(
-        model, copy_variables(theta_o), data.train, pool, config.train_config(), key,
+        model, theta_o, data.train, pool, config.train_config(), key,
         loss_fn=make_loss(num_classes(model)), aux=aux, update_mask=update_mask,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc=desc,
     )
