@@ -101,26 +101,15 @@ def row_name(method: str, mode: str | None = None) -> str:
     return base if mode is None else f"{MCU_MODES[mode]}-{base}"
 
 
-def _eval_sets(prob: problem.Problem) -> dict:
-    sets = {
-        "forget": (prob.train, prob.split.forget),
-        "retain": (prob.train, prob.split.retain),
-        "test": (prob.test, prob.split.test),
-    }
-    if prob.split.scenario == "class":
-        sets["test_forget"] = (prob.test, prob.split.test_forget)
-        sets["test_retain"] = (prob.test, prob.split.test_retain)
-    return sets
-
-
 def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int) -> dict:
     """UA, RA, TA (UA_test) and MIA-efficacy of one model, without augmentation.
 
     ``acc`` keeps the raw accuracies per set (D_f, D_r, D_t, and D_tf, D_tr class-wise).
     """
+    sets = pipeline.eval_sets(prob.train, prob.test, prob.split)
     outs = {
         name: evaluation.outputs(prob.model, variables, images, idx)
-        for name, (images, idx) in _eval_sets(prob).items()
+        for name, (images, idx) in sets.items()
     }
     acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
     # Class-wise, TA is the accuracy on the retained classes of D_t (D_tr), as the paper's

@@ -99,7 +99,8 @@ class MCUOutput:
         }
 
 
-def _eval_sets(train: Images, test: Images, split) -> dict[str, tuple[Images, Any]]:
+def eval_sets(train: Images, test: Images, split) -> dict[str, tuple[Images, Any]]:
+    """The named sets every model is evaluated on: D_r, D_f, D_t (+ D_tr, D_tf class-wise)."""
     sets = {
         "retain": (train, split.retain),
         "forget": (train, split.forget),
@@ -191,9 +192,9 @@ def run_mcu(
     bn_idx = split.retain if sc.bn_set == "retain" else np.arange(train.num_examples)
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
     template = theta_o.get("batch_stats", {})
-    eval_sets = _eval_sets(train, test, split)
+    sets = eval_sets(train, test, split)
     sw = sweep.sweep(
-        model, points, ts, template, (train, bn_idx), eval_sets,
+        model, points, ts, template, (train, bn_idx), sets,
         bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
         strategy=sc.strategy, chunk_size=sc.chunk_size, mesh=mesh,
     )
@@ -204,7 +205,7 @@ def run_mcu(
     variables = bn.recompute(
         model, {"params": params, "batch_stats": template}, train, bn_idx, sc.bn_batch_size
     )
-    measured = evaluation.evaluate_sets(model, variables, eval_sets, sc.eval_batch_size)
+    measured = evaluation.evaluate_sets(model, variables, sets, sc.eval_batch_size)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (time.perf_counter() - start) / 60.0
 
