@@ -156,7 +156,8 @@ def run_mcu(
     ``refs`` are theta_o's reference accuracies in percent (keys "train", "val"), measured
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
-    exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``. A ``mesh``
+    exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``; a rerun reuses
+    every finished part (mask, curve epochs, ``sweep.json``, the exported model). A ``mesh``
     (``sharding.make_mesh``) makes curve training data parallel and the sweep t parallel.
     """
     mcu_config = mcu_config or MCUConfig()
@@ -193,19 +194,31 @@ def run_mcu(
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
     template = theta_o.get("batch_stats", {})
     sets = eval_sets(train, test, split)
-    sw = sweep.sweep(
-        model, points, ts, template, (train, bn_idx), sets,
-        bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-        strategy=sc.strategy, chunk_size=sc.chunk_size, mesh=mesh,
-    )
+    sw = _cached_sweep(out, ts) if out is not None else None
+    if sw is None:
+        sw = sweep.sweep(
+            model, points, ts, template, (train, bn_idx), sets,
+            bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
+            strategy=sc.strategy, chunk_size=sc.chunk_size, mesh=mesh,
+        )
+        if out is not None:  # a finished sweep survives a kill during selection
+            checkpoint.write_json(
+                out / "sweep.json",
+                {"ts": sw.ts.tolist(), "acc": {k: v.tolist() for k, v in sw.acc.items()}},
+            )
     gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
     region = selection.effective_region(ts, gaps)
     t_star, predicted = selection.optimal_t(ts, gaps, lo=sc.t_lo, hi=sc.t_hi)
-    params = curves.bezier(*points, float(t_star))
-    variables = bn.recompute(
-        model, {"params": params, "batch_stats": template}, train, bn_idx, sc.bn_batch_size
-    )
-    measured = evaluation.evaluate_sets(model, variables, sets, sc.eval_batch_size)
+    exported = out is not None and checkpoint.model_exists(out / "model")
+    if exported:  # theta(t*) was already materialised, measured and saved
+        variables, meta = checkpoint.load_model(out / "model")
+        measured = meta["measured"]
+    else:
+        params = curves.bezier(*points, float(t_star))
+        variables = bn.recompute(
+            model, {"params": params, "batch_stats": template}, train, bn_idx, sc.bn_batch_size
+        )
+        measured = evaluation.evaluate_sets(model, variables, sets, sc.eval_batch_size)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (time.perf_counter() - start) / 60.0
 
@@ -215,9 +228,24 @@ def run_mcu(
         measured=measured, measured_gap=measured_gap, variables=variables, minutes=minutes,
     )
     if out is not None:
-        checkpoint.save_model(out / "model", variables, {"t_star": float(t_star)})
+        if not exported:
+            checkpoint.save_model(
+                out / "model", variables, {"t_star": float(t_star), "measured": measured}
+            )
         checkpoint.write_json(out / "mcu.json", output.summary())
     return output
+
+
+def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:
+    """The sweep saved by an earlier run over the same t, if any."""
+    path = out / "sweep.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if not np.array_equal(np.asarray(saved["ts"], np.float32), np.asarray(ts, np.float32)):
+        return None
+    acc = {k: np.asarray(v, np.float64) for k, v in saved["acc"].items()}
+    return sweep.SweepResult(ts=np.asarray(saved["ts"], np.float32), acc=acc, probs=None)
 
 
 def _cached_mask(out: Path, params) -> Any:

@@ -10,8 +10,8 @@ from mcu_jax import checkpoint, pipeline, train
 from mcu_jax.mcu import MCUConfig
 
 
-def test_run_mcu_end_to_end(tmp_path, theta_o, theta_p, digits_images, digits_split,
-                            small_model):
+def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_images,
+                            digits_split, small_model):
     train_images, test_images = digits_images
     refs = train.reference_accuracies(small_model, theta_o, train_images, test_images,
                                       digits_split)
@@ -36,7 +36,14 @@ def test_run_mcu_end_to_end(tmp_path, theta_o, theta_p, digits_images, digits_sp
     assert meta["t_star"] == pytest.approx(out.t_star)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(out.variables), strict=True):
         np.testing.assert_array_equal(a, b)
-    # A second run reuses the cached mask and the finished curve checkpoint.
+    # A second run reuses the cached mask, the finished curve checkpoint, the saved sweep and
+    # the exported model: nothing is recomputed.
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a finished part of run_mcu was recomputed")
+
+    monkeypatch.setattr(pipeline.sweep, "sweep", recomputed)
+    monkeypatch.setattr(pipeline.bn, "recompute", recomputed)
+    monkeypatch.setattr(pipeline.masks, "mask_gradients", recomputed)
     again = pipeline.run_mcu(
         small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,
         jax.random.PRNGKey(0), MCUConfig(epochs=2, progress=False),
@@ -44,6 +51,8 @@ def test_run_mcu_end_to_end(tmp_path, theta_o, theta_p, digits_images, digits_sp
     )
     assert again.t_star == pytest.approx(out.t_star)
     np.testing.assert_allclose(again.gaps, out.gaps)
+    assert again.measured == pytest.approx(out.measured)
+    assert again.region == out.region
 
 
 def test_config_validation():
