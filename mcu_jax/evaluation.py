@@ -73,3 +73,41 @@ def evaluate_sets(model, variables, sets: dict, batch_size: int = 500) -> dict[s
         name: accuracy(model, variables, images, idx, batch_size)
         for name, (images, idx) in sets.items()
     }
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
+def _add_batch_gradient(model, total, variables, images: Images, idx, weight):
+    others = {k: v for k, v in variables.items() if k != "params"}
+    x = normalize(images.x[idx], images.mean, images.std)
+
+    def summed_loss(params):
+        logits = model.apply({"params": params, **others}, x, train=False)
+        return jnp.sum(per_sample_outputs(logits, images.y[idx])["loss"] * weight)
+
+    grads = jax.grad(summed_loss)(variables["params"])
+    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, grads)
+
+
+def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256):
+    """Gradient of the mean cross-entropy over ``images[indices]`` w.r.t. the params, with
+    evaluation-mode BatchNorm (samples independent, so the batched sum is exact).
+
+    Every batch has ``batch_size`` rows (the last one padded, its padding weighted by 0), so
+    one compiled step serves the whole set; the host loops over batches, because XLA's CPU
+    backend runs convolution gradients inside a scan far slower. Float32 sums, returned in
+    each parameter's dtype.
+    """
+    idx = check_indices("indices", indices, images.num_examples, allow_empty=False)
+    bs = min(check_batch_size("batch_size", batch_size), idx.size)
+    params = variables["params"]
+    total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    for start in range(0, idx.size, bs):
+        chunk = idx[start : start + bs]
+        padded = np.zeros(bs, np.int32)
+        padded[: chunk.size] = chunk
+        weight = np.zeros(bs, np.float32)
+        weight[: chunk.size] = 1.0
+        total = _add_batch_gradient(
+            model, total, variables, images, jnp.asarray(padded), jnp.asarray(weight)
+        )
+    return jax.tree.map(lambda g, p: (g / idx.size).astype(p.dtype), total, params)

@@ -21,10 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mcu_jax import pytrees
 from mcu_jax.data.batching import check_indices
+from mcu_jax.data.device import Images
+from mcu_jax.evaluation import mean_gradient
 
 PyTree = Any
 
@@ -143,54 +144,21 @@ def mask_gradients(
 ) -> tuple[PyTree, PyTree]:
     """Gradients of the mean cross-entropy at theta_o over all of D_r and all of D_f.
 
-    ``x`` is uint8 NHWC, ``y`` int labels, ``retain_idx``/``forget_idx`` index into them. BatchNorm
-    runs in evaluation mode (``train=False``), so samples are independent and the per-batch
-    gradient of the summed per-sample loss can be added up exactly; the last partial batch is
-    padded and the padding weighted by zero, so one compiled step serves every batch. Returns
+    ``x`` is uint8 NHWC, ``y`` int labels, ``retain_idx``/``forget_idx`` index into them. Both
+    are ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums). Returns
     ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
     """
-    from mcu_jax.data.transforms import normalize  # written concurrently; import on use
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     x = jnp.asarray(x)
     y = jnp.asarray(y)
     if x.dtype != jnp.uint8 or x.ndim != 4:
         raise ValueError(f"x must be uint8 images (N, H, W, C), got {x.dtype} {x.shape}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    images = Images(x=x, y=y.astype(jnp.int32), mean=tuple(mean), std=tuple(std))
     n = x.shape[0]
     retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
     forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)
-    params = variables["params"]
-    others = {name: v for name, v in variables.items() if name != "params"}
-
-    @jax.jit
-    def accumulate(acc, params, others, x, y, idx, weight):
-        xb = normalize(jnp.take(x, idx, axis=0), mean, std)
-
-        def summed_loss(p):
-            logits = model.apply({"params": p, **others}, xb, train=False)
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), jnp.take(y, idx, axis=0)
-            )
-            return jnp.sum(ce * weight)
-
-        grads = jax.grad(summed_loss)(params)
-        return jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), acc, grads)
-
-    def mean_grad(idx: np.ndarray) -> PyTree:
-        bs = min(batch_size, idx.size)
-        acc = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-        for start in range(0, idx.size, bs):
-            chunk = idx[start : start + bs]
-            weight = np.zeros(bs, np.float32)
-            weight[: chunk.size] = 1.0
-            padded = np.zeros(bs, np.int32)
-            padded[: chunk.size] = chunk
-            acc = accumulate(acc, params, others, x, y, jnp.asarray(padded), jnp.asarray(weight))
-        return jax.tree_util.tree_map(
-            lambda a, p: (a / idx.size).astype(jnp.result_type(p)), acc, params
-        )
-
-    return mean_grad(retain_idx), mean_grad(forget_idx)
+    return (
+        mean_gradient(model, variables, images, retain_idx, batch_size),
+        mean_gradient(model, variables, images, forget_idx, batch_size),
+    )

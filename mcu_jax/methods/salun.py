@@ -16,7 +16,6 @@ Paper (CIFAR-10): 10 epochs, lr 0.01. ``MethodResult.info["mask"]`` holds the ma
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -26,57 +25,19 @@ import numpy as np
 
 from mcu_jax import evaluation
 from mcu_jax.data.device import Images
-from mcu_jax.data.transforms import normalize
 from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult, finish, indices
 from mcu_jax.methods.registry import register
 from mcu_jax.methods.rl import train_random_labels
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _summed_gradient(model, variables, images: Images, batches, weights):
-    params = variables["params"]
-    others = {k: v for k, v in variables.items() if k != "params"}
-
-    def body(acc, xs):
-        idx, w = xs
-        x = normalize(images.x[idx], images.mean, images.std)
-
-        def total_loss(p):
-            logits = model.apply({"params": p, **others}, x, train=False)
-            return jnp.sum(evaluation.per_sample_outputs(logits, images.y[idx])["loss"] * w)
-
-        g = jax.grad(total_loss)(params)
-        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    total, _ = jax.lax.scan(body, zeros, (batches, weights))
-    return total
 
 
 def forget_gradient(model, variables: dict, images: Images, forget, batch_size: int = 256):
     """Gradient of the forget loss -mean CE over ``images[forget]`` at ``variables``
     (evaluation-mode BatchNorm), shaped like the params, float32.
 
-    Batches always have ``batch_size`` rows: the last one is padded and its padding weighted
-    by 0, so one compiled scan covers the whole set and sets of similar size share it.
+    It is ``-evaluation.mean_gradient`` (exact for any batch size).
     """
-    idx = np.asarray(forget, dtype=np.int32)
-    if idx.ndim != 1 or idx.size == 0:
-        raise ValueError(f"forget: expected a non-empty 1-d index array, got shape {idx.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected an int >= 1")
-    n = idx.size
-    bs = int(batch_size)
-    steps = math.ceil(n / bs)
-    padded = np.zeros(steps * bs, np.int32)
-    padded[:n] = idx
-    weights = np.zeros(steps * bs, np.float32)
-    weights[:n] = 1.0
-    total = _summed_gradient(
-        model, variables, images,
-        jnp.asarray(padded.reshape(steps, bs)), jnp.asarray(weights.reshape(steps, bs)),
-    )
-    return jax.tree.map(lambda g: -g / n, total)
+    mean_ce = evaluation.mean_gradient(model, variables, images, forget, batch_size)
+    return jax.tree.map(lambda g: -g.astype(jnp.float32), mean_ce)
 
 
 def saliency_mask(grads, fraction: float = 0.5):
