@@ -50,12 +50,8 @@ def cmd_train(args) -> dict:
     variables, meta = train.train_model(
         prob.model, prob.train, pool, cfg.train, jax.random.PRNGKey(cfg.key),
         prob.input_shape, args.out, metadata=meta, desc="RT" if cfg.retrain else "theta_o",
+        references=(prob.test, prob.split),
     )
-    if "refs" not in meta:
-        meta["refs"] = train.reference_accuracies(
-            prob.model, variables, prob.train, prob.test, prob.split
-        )
-        checkpoint.save_model(args.out, variables, meta)
     return {"out": str(args.out), "refs": meta["refs"], "minutes": meta["minutes"]}
 
 

@@ -125,13 +125,14 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int)
     return result
 
 
-def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta, mesh) -> tuple:
+def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta, mesh,
+                 references=None) -> tuple:
     """theta_o or RT, trained once and then loaded from ``seed_dir / name``."""
     tcfg = dataclasses.replace(tcfg, progress=meta.pop("progress"))
     variables, info = train_lib.train_model(
         prob.model, prob.train, pool, tcfg, key, prob.input_shape, seed_dir / name,
         metadata=meta, desc=f"{name} (seed {meta['seed']})", pretrained=prob.config.pretrained,
-        mesh=mesh,
+        mesh=mesh, references=references,
     )
     return variables, info
 
@@ -162,12 +163,8 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
     theta_o, meta_o = _train_phase(
         "theta_o", prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
         {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress}, mesh,
+        references=(prob.test, prob.split),
     )
-    if "refs" not in meta_o:
-        meta_o["refs"] = train_lib.reference_accuracies(
-            prob.model, theta_o, prob.train, prob.test, prob.split
-        )
-        checkpoint.save_model(seed_dir / "theta_o", theta_o, meta_o)
     rt_vars, meta_rt = _train_phase(
         "rt", prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
         {"seed": seed, "progress": cfg.progress}, mesh,

@@ -220,11 +220,15 @@ def train_model(
     desc: str = "train",
     pretrained: str | os.PathLike | None = None,
     mesh: Any = None,
+    references: tuple[Images, Any] | None = None,
 ) -> tuple[dict, dict]:
     """Trains a fresh model on ``pool`` and saves it to ``out_dir`` (reused if already there).
 
-    ``pretrained`` names a local ``.npz`` of initial weights (``models.load_pretrained``;
-    a classification head of another shape stays freshly initialised), e.g. for ViT.
+    With ``references=(test_images, split)`` the model's reference accuracies
+    (:func:`reference_accuracies`) are measured once and stored as ``metadata["refs"]``:
+    theta_o keeps them for adaptive beta and model selection. ``pretrained`` names a local
+    ``.npz`` of initial weights (``models.load_pretrained``; a classification head of another
+    shape stays freshly initialised), e.g. for ViT.
     Returns (variables, metadata); metadata holds the history, wall-clock minutes and
     whatever the caller passed (config, split seed, ...).
     """
@@ -248,5 +252,7 @@ def train_model(
         minutes=(time.perf_counter() - start) / 60.0,
         train_config=dataclasses.asdict(config),
     )
+    if references is not None:
+        meta["refs"] = reference_accuracies(model, variables, images, *references)
     checkpoint.save_model(out_dir, variables, meta)
     return variables, meta
