@@ -223,9 +223,7 @@ def build_mask(model, theta_o, images: Images, is_forget: np.ndarray, mask, n: i
         return jax.tree.map(lambda _: True, theta_o["params"])
     retain_idx = np.flatnonzero(~is_forget)[:n]
     forget_idx = np.flatnonzero(is_forget)[:n]
-    g_r, g_f = masks.mask_gradients(
-        model, theta_o, images.x, images.y, retain_idx, forget_idx, images.mean, images.std
-    )
+    g_r, g_f = masks.mask_gradients(model, theta_o, images, retain_idx, forget_idx)
     return masks.parameter_mask(g_r, g_f, k=mask[0], k_r=mask[1])
 
 

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mcu_jax import pytrees
@@ -134,28 +133,18 @@ def mask_summary(mask: PyTree, params: PyTree) -> str:
 def mask_gradients(
     model: Any,
     variables: PyTree,
-    x: Any,
-    y: Any,
+    images: Images,
     retain_idx: Any,
     forget_idx: Any,
-    mean: Any,
-    std: Any,
     batch_size: int = 256,
 ) -> tuple[PyTree, PyTree]:
     """Gradients of the mean cross-entropy at theta_o over all of D_r and all of D_f.
 
-    ``x`` is uint8 NHWC, ``y`` int labels, ``retain_idx``/``forget_idx`` index into them. Both
-    are ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums). Returns
+    ``retain_idx``/``forget_idx`` index into ``images``. Both are
+    ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums). Returns
     ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
     """
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
-    if x.dtype != jnp.uint8 or x.ndim != 4:
-        raise ValueError(f"x must be uint8 images (N, H, W, C), got {x.dtype} {x.shape}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
-    images = Images(x=x, y=y.astype(jnp.int32), mean=tuple(mean), std=tuple(std))
-    n = x.shape[0]
+    n = images.num_examples
     retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
     forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)
     return (

@@ -130,8 +130,7 @@ def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig)
     if not config.enabled:
         return jax.tree.map(lambda _: True, theta_o["params"])
     g_r, g_f = masks.mask_gradients(
-        model, theta_o, train.x, train.y, split.retain, split.forget,
-        train.mean, train.std, batch_size=config.batch_size,
+        model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size
     )
     return masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
 

@@ -1,8 +1,6 @@
 """Tests for mcu_jax.masks against an independent plain-loop implementation."""
 
 import math
-import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -13,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mcu_jax import masks, pytrees
+from mcu_jax.data import Images
 
 # ---------------------------------------------------------------- independent reference
 
@@ -217,23 +216,7 @@ class TinyNet(nn.Module):
         return nn.Dense(3)(x)
 
 
-@pytest.fixture
-def normalize_available(monkeypatch):
-    """Use the real transforms.normalize when present, else a stub with its documented meaning."""
-    try:
-        from mcu_jax.data.transforms import normalize  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("mcu_jax.data.transforms")
-
-        def normalize(x, mean, std, dtype=jnp.float32):
-            x = x.astype(dtype) / 255.0
-            return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
-
-        stub.normalize = normalize
-        monkeypatch.setitem(sys.modules, "mcu_jax.data.transforms", stub)
-
-
-def test_mask_gradients_equal_full_batch_gradient(normalize_available):
+def test_mask_gradients_equal_full_batch_gradient():
     rng = np.random.default_rng(0)
     n = 41
     x = rng.integers(0, 256, size=(n, 6, 6, 3), dtype=np.uint8)
@@ -264,8 +247,9 @@ def test_mask_gradients_equal_full_batch_gradient(normalize_available):
 
         return jax.jit(jax.grad(loss))(variables["params"])
 
+    images = Images.from_arrays(x, y, mean, std)
     gr, gf = masks.mask_gradients(
-        model, variables, x, y, retain_idx, forget_idx, mean, std, batch_size=8
+        model, variables, images, retain_idx, forget_idx, batch_size=8
     )  # 32 retain = 4 full batches; 9 forget = 8 + 1
     for got, want in ((gr, full_batch_grad(retain_idx)), (gf, full_batch_grad(forget_idx))):
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
@@ -275,14 +259,12 @@ def test_mask_gradients_equal_full_batch_gradient(normalize_available):
             assert a.dtype == b.dtype
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     # Batch size does not matter (exact accumulation), e.g. 5 (partial last batch of 2).
-    gr5, _ = masks.mask_gradients(
-        model, variables, x, y, retain_idx, forget_idx, mean, std, batch_size=5
-    )
+    gr5, _ = masks.mask_gradients(model, variables, images, retain_idx, forget_idx, batch_size=5)
     for a, b in zip(jax.tree_util.tree_leaves(gr5), jax.tree_util.tree_leaves(gr), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     mask = masks.parameter_mask(gr, gf, k=0.5, k_r=0.1)
     assert jax.tree_util.tree_structure(mask) == jax.tree_util.tree_structure(variables["params"])
     with pytest.raises(ValueError, match="forget_idx"):
-        masks.mask_gradients(model, variables, x, y, retain_idx, np.array([], np.int32), mean, std)
+        masks.mask_gradients(model, variables, images, retain_idx, np.array([], np.int32))
     with pytest.raises(ValueError, match="retain_idx"):
-        masks.mask_gradients(model, variables, x, y, np.array([0, n]), forget_idx, mean, std)
+        masks.mask_gradients(model, variables, images, np.array([0, n]), forget_idx)

@@ -506,9 +506,8 @@ def test_same_seed_same_mask(digits, digits_images, small_model, theta_o):
 
     def mask_for(seed):
         split = make_split(digits, "random", seed=seed)
-        grads = masks.mask_gradients(small_model, theta_o, train_images.x, train_images.y,
-                                     split.retain, split.forget, train_images.mean,
-                                     train_images.std)
+        grads = masks.mask_gradients(small_model, theta_o, train_images, split.retain,
+                                     split.forget)
         return grads, masks.parameter_mask(*grads, k=0.3, k_r=0.1)
 
     (g0, m0), (g1, m1), (g2, _) = mask_for(0), mask_for(0), mask_for(1)
