@@ -3,7 +3,10 @@
 A loop state (any pytree) is advanced by a per-batch ``step(state, consts, idx, key)``.
 On accelerators several steps run inside one compiled call (``lax.scan``), which cuts
 kernel-launch and host overhead; the host only looks at the per-step metrics after each
-call, to update the progress bar and to stop on a non-finite loss. After every epoch the
+call, to update the progress bar and to stop on a non-finite loss. Every call of an epoch
+has the same length (the last one padded with steps whose results are discarded), so a
+whole run compiles one program: on a GPU a second program for a shorter last call would
+cost as much compilation as the first (tens of seconds for PreResNet-110). After every epoch the
 state is checkpointed, so a killed run resumes at the last finished epoch and, with
 per-epoch keys derived by ``fold_in``, ends with exactly the same result as an uninterrupted one.
 
@@ -65,12 +68,17 @@ class LoopConfig:
 
 
 def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable:
-    """Compiles ``step`` into ``run(state, consts, batches, keys) -> (state, metrics)``.
+    """Compiles ``step`` into ``run(state, consts, batches, keys, n_valid=None) ->
+    (state, metrics)`` over the ``(steps, B)`` index ``batches`` and ``(steps, ...)`` keys.
+
+    Only the first ``n_valid`` steps (default: all) advance the state; the rest are padding
+    whose results are discarded (their metrics are still returned: slice them off). The
+    number is traced, not static, so calls of any ``n_valid`` share one compiled program.
 
     On accelerators the steps of one call run inside a single ``lax.scan`` (one launch per
     call, state donated). XLA's CPU backend runs convolution gradients inside a while loop
     tens of times slower than in straight-line code, so on CPU (``unrolled``, the default
-    there) each step is its own donated jitted call and the host loops over them.
+    there) each step is its own donated jitted call and the host loops over the valid ones.
 
     With a ``mesh`` (a ``jax.sharding.Mesh``) both forms are data parallel: the runner lays
     out state, consts and keys replicated and the ``(steps, B)`` batches split along B (a
@@ -95,11 +103,11 @@ def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable
     if unrolled:
         one = jax.jit(step, donate_argnums=(0,), **jit_options)
 
-        def run_steps(state, consts, batches, keys):
+        def run_steps(state, consts, batches, keys, n_valid=None):
             if place is not None:
                 state, consts, keys = place(state, consts, keys)
             metrics = []
-            for i in range(batches.shape[0]):
+            for i in range(_valid_steps(batches, n_valid)):
                 idx = batches[i] if place is None else sharding.place(batches[i], one_batch)
                 state, m = one(state, consts, idx, keys[i])
                 metrics.append(m)
@@ -107,22 +115,51 @@ def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable
 
         return run_steps
 
-    def run(state, consts, batches, keys):
+    def run(state, consts, batches, keys, n_valid):
         def body(carry, xs):
-            idx, key = xs
-            return step(carry, consts, idx, key)
+            idx, key, i = xs
+            new, metrics = step(carry, consts, idx, key)
+            keep = i < n_valid  # a padding step leaves the state as it was
+            return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry), metrics
 
-        return jax.lax.scan(body, state, (batches, keys))
+        return jax.lax.scan(body, state, (batches, keys, jnp.arange(batches.shape[0])))
 
     scanned = jax.jit(run, donate_argnums=(0,), **jit_options)
-    if place is None:
-        return scanned
 
-    def run_placed(state, consts, batches, keys):
+    def run_scanned(state, consts, batches, keys, n_valid=None):
+        n_valid = _valid_steps(batches, n_valid)
+        if place is None:
+            return scanned(state, consts, batches, keys, n_valid)
         state, consts, keys = place(state, consts, keys)
-        return scanned(state, consts, sharding.place(batches, call_batches), keys)
+        return scanned(state, consts, sharding.place(batches, call_batches), keys, n_valid)
 
-    return run_placed
+    return run_scanned
+
+
+def _valid_steps(batches, n_valid) -> int:
+    steps = int(batches.shape[0])
+    if n_valid is None:
+        return steps
+    n_valid = int(n_valid)
+    if not 1 <= n_valid <= steps:
+        raise ValueError(f"n_valid must be in [1, {steps}] (the call's steps), got {n_valid}")
+    return n_valid
+
+
+def call_length(steps_per_epoch: int, steps_per_call: int) -> int:
+    """Steps per compiled call: at most ``steps_per_call``, chosen so that the calls of an
+    epoch are as even as possible (the padding of the last call is below one step per call):
+    e.g. 214 steps at up to 50 per call -> 5 calls of 43 (one padding step)."""
+    calls = math.ceil(steps_per_epoch / steps_per_call)
+    return math.ceil(steps_per_epoch / calls)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """``x`` with its last row repeated up to ``rows`` rows."""
+    missing = rows - x.shape[0]
+    if missing <= 0:
+        return x
+    return jnp.concatenate([x, jnp.repeat(x[-1:], missing, axis=0)])
 
 
 def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
@@ -235,6 +272,10 @@ def run_epochs(
     # Sets smaller than one batch wrap around instead of giving no batch at all.
     drop = config.drop_remainder and n >= config.batch_size
     steps_per_epoch = n // config.batch_size if drop else math.ceil(n / config.batch_size)
+    per_call = call_length(steps_per_epoch, config.steps_per_call)
+    # Rows after the epoch's last step, so that a call starting at any step (a resume from a
+    # checkpoint saved with another chunking included) has per_call rows.
+    padded_steps = steps_per_epoch + per_call - 1
     # The runner donates its state: work on a copy so the caller's arrays stay valid.
     state = jax.tree.map(jnp.array, state)
     history: list[dict] = []
@@ -288,12 +329,19 @@ def run_epochs(
                     jax.random.fold_in(ekey, 0), pool, config.batch_size, drop
                 )
                 keys = jax.random.split(jax.random.fold_in(ekey, 1), steps_per_epoch)
+                # Padded once per epoch, so every call below has per_call steps.
+                batches = _pad_rows(batches, padded_steps)
+                keys = _pad_rows(keys, padded_steps)
                 first = start_step if epoch == start else 0
                 chunks = partial if epoch == start else []
-                for lo in range(first, steps_per_epoch, config.steps_per_call):
-                    hi = min(lo + config.steps_per_call, steps_per_epoch)
-                    state, metrics = runner(state, consts, batches[lo:hi], keys[lo:hi])
-                    metrics = jax.device_get(metrics)
+                for lo in range(first, steps_per_epoch, per_call):
+                    hi = min(lo + per_call, steps_per_epoch)
+                    state, metrics = runner(
+                        state, consts, batches[lo : lo + per_call], keys[lo : lo + per_call],
+                        hi - lo,
+                    )
+                    metrics = jax.tree.map(lambda m, k=hi - lo: np.asarray(m)[:k],
+                                           jax.device_get(metrics))
                     _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc)
                     chunks.append(metrics)
                     bar.update(hi - lo)

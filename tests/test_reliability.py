@@ -29,12 +29,12 @@ KEY = jax.random.PRNGKey(0)
 STATE0 = {"acc": jnp.int32(1)}
 
 
-def fake_runner(state, consts, batches, keys):
-    """acc <- 3 acc + sum(batch) + bits(key), per step: any change of order, batch or key
-    changes the result."""
+def fake_runner(state, consts, batches, keys, n_valid=None):
+    """acc <- 3 acc + sum(batch) + bits(key), per valid step: any change of order, batch or
+    key changes the result."""
     del consts
     acc, out = state["acc"], []
-    for i in range(batches.shape[0]):
+    for i in range(batches.shape[0] if n_valid is None else n_valid):
         acc = acc * 3 + jnp.sum(batches[i]) + jax.random.bits(keys[i]).astype(jnp.int32)
         out.append(acc.astype(jnp.float32))
     return {"acc": acc}, {"loss": jnp.stack(out), "n": jnp.full(len(out), 4, jnp.int32)}
@@ -44,11 +44,11 @@ def signalling(signals_at: dict[int, list[int]], runner=fake_runner):
     """A runner that sends itself ``signals_at[call]`` (signal numbers) during that call."""
     calls = [0]
 
-    def run(state, consts, batches, keys):
+    def run(state, consts, batches, keys, n_valid=None):
         calls[0] += 1
         for sig in signals_at.get(calls[0], []):
             os.kill(os.getpid(), sig)
-        return runner(state, consts, batches, keys)
+        return runner(state, consts, batches, keys, n_valid)
 
     return run
 
@@ -119,8 +119,8 @@ def test_nan_after_a_signal_checkpoint_keeps_it(tmp_path, straight):
     with pytest.raises(SystemExit):
         _resume(tmp_path, runner=signalling({6: [signal.SIGTERM]}))
 
-    def nan_runner(state, consts, batches, keys):
-        state, metrics = fake_runner(state, consts, batches, keys)
+    def nan_runner(state, consts, batches, keys, n_valid=None):
+        state, metrics = fake_runner(state, consts, batches, keys, n_valid)
         return state, {**metrics, "loss": metrics["loss"] * jnp.nan}
 
     with pytest.raises(loop.NonFiniteLossError, match="at step 11"):
@@ -133,9 +133,9 @@ def test_nan_after_a_signal_checkpoint_keeps_it(tmp_path, straight):
 def test_handlers_only_while_checkpointing_in_the_main_thread(tmp_path):
     seen = []
 
-    def spy(state, consts, batches, keys):
+    def spy(state, consts, batches, keys, n_valid=None):
         seen.append(signal.getsignal(signal.SIGTERM))
-        return fake_runner(state, consts, batches, keys)
+        return fake_runner(state, consts, batches, keys, n_valid)
 
     before = signal.getsignal(signal.SIGTERM)
     one = loop.LoopConfig(epochs=1, batch_size=4, steps_per_call=7, progress=False)

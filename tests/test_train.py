@@ -151,6 +151,54 @@ def test_scanned_and_unrolled_runners_agree(digits, digits_images, small_model, 
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("steps, per_call, expected", [
+    (214, 50, 43), (7, 2, 2), (100, 50, 50), (3, 50, 3), (1, 1, 1), (51, 50, 26),
+])
+def test_call_length_spreads_an_epoch_evenly(steps, per_call, expected):
+    length = loop.call_length(steps, per_call)
+    assert length == expected and length <= per_call
+    calls = -(-steps // length)
+    assert calls * length - steps < calls  # less than one padding step per call
+
+
+def _counting_step():
+    """A cheap order-sensitive step, and the number of times it was traced (compiled)."""
+    traces = [0]
+
+    def step(state, consts, idx, key):
+        traces[0] += 1
+        new = state * 1.5 + jnp.sum(consts[idx]) * jax.random.uniform(key)
+        return new, {"loss": new}
+
+    return step, traces
+
+
+def test_one_compiled_program_per_run_and_padding_changes_nothing():
+    consts = jnp.arange(40.0)
+    pool = np.arange(40)  # batch 4: 10 steps per epoch, calls of 4 -> 4, 4, 2 (+2 padding)
+    config = loop.LoopConfig(epochs=2, batch_size=4, steps_per_call=4, progress=False)
+    key = jax.random.PRNGKey(0)
+    step, traces = _counting_step()
+    scanned, history = loop.run_epochs(loop.make_runner(step, unrolled=False), jnp.float32(1),
+                                       consts, pool, key, config)
+    assert traces[0] == 1  # the short last call reused the program of the full ones
+    unrolled, history_u = loop.run_epochs(loop.make_runner(step, unrolled=True),
+                                          jnp.float32(1), consts, pool, key, config)
+    np.testing.assert_allclose(scanned, unrolled, rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in history_u],
+                               rtol=1e-6)
+    # A padded call: only the valid steps count.
+    runner = loop.make_runner(_counting_step()[0], unrolled=False)
+    batches = jnp.arange(20).reshape(5, 4)
+    keys = jax.random.split(key, 5)
+    full, m_full = runner(jnp.float32(1), consts, batches[:3], keys[:3])
+    padded, m_pad = runner(jnp.float32(1), consts, batches, keys, 3)
+    np.testing.assert_allclose(padded, full, rtol=1e-6)
+    np.testing.assert_allclose(m_pad["loss"][:3], m_full["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="n_valid"):
+        runner(jnp.float32(1), consts, batches, keys, 6)
+
+
 def test_checkpoint_interval_is_configurable(tmp_path, digits, digits_images, small_model):
     train_images, _ = digits_images
     pool = np.arange(0, digits.num_train, 4)
