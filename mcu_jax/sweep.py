@@ -11,6 +11,10 @@ With a ``mesh`` (``mcu_jax.sharding.make_mesh``) the sweep is t parallel: every 
 split over the mesh's devices with ``shard_map`` (the chunk padded to a multiple of the device
 count), each device evaluates its own t (under vmap or lax.map, as the strategy says) on the
 replicated data, and the results are gathered; they equal the single-device sweep.
+
+``return_stats=True`` also returns every t's recomputed BatchNorm statistics, so one call
+both measures theta(t) and yields the variables to export (``pipeline.run_mcu`` materialises
+t* that way: one compiled program instead of a BatchNorm pass and an evaluation per set).
 """
 
 from __future__ import annotations
@@ -71,11 +75,15 @@ def _padded_batches(indices, batch_size: int):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "kind", "strategy", "return_probs", "mesh")
+    jax.jit,
+    static_argnames=("model", "kind", "strategy", "return_probs", "return_stats", "mesh"),
 )
 def _sweep_chunk(
-    points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs, mesh=None
+    points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs,
+    return_stats=False, mesh=None,
 ):
+    """``name -> {"correct": (T,), "prob": (T, n_padded)}``; with ``return_stats`` the pair
+    ``(that, batch_stats)``, every leaf of ``batch_stats`` with a leading axis T."""
     def per_t(t, points, template, bn_data, eval_data):
         bn_images, bn_full, bn_rest = bn_data
         params = curve_point(kind, points, t)
@@ -94,7 +102,7 @@ def _sweep_chunk(
             result[name] = {"correct": correct.sum()}
             if return_probs:
                 result[name]["prob"] = prob.reshape(-1)
-        return result
+        return (result, stats) if return_stats else result
 
     def over_t(ts, points, template, bn_data, eval_data):
         f = functools.partial(
@@ -109,7 +117,7 @@ def _sweep_chunk(
     # t parallel: each device takes its slice of ts; everything else is replicated.
     same = jax.sharding.PartitionSpec()
     t_spec = sharding.t_spec(mesh)
-    local = jax.shard_map(
+    local = jax.shard_map(  # every output leaf (statistics too) has the leading axis T
         over_t, mesh=mesh, in_specs=(t_spec, same, same, same, same), out_specs=t_spec,
         check_vma=False,  # scan carries start replicated and become per-t: not a mistake
     )
@@ -123,6 +131,9 @@ class SweepResult:
     ts: np.ndarray  # (T,)
     acc: dict[str, np.ndarray]  # name -> (T,) accuracy in percent
     probs: dict[str, np.ndarray] | None  # name -> (T, n) true-class probabilities
+    # With return_stats: theta(t)'s recomputed BatchNorm statistics, a batch_stats pytree
+    # (the template's structure and dtypes) of host numpy arrays, each with a leading axis T.
+    batch_stats: Any = None
 
 
 def sweep(
@@ -137,6 +148,7 @@ def sweep(
     bn_batch_size: int = 128,
     eval_batch_size: int = 500,
     return_probs: bool = False,
+    return_stats: bool = False,
     strategy: str = "auto",
     chunk_size: int | None = None,
     mesh: Any = None,
@@ -148,6 +160,12 @@ def sweep(
       template: a batch_stats pytree of the model (structure only; ``{}`` without BN).
       bn_set: ``(images, indices)`` for recomputing BatchNorm statistics at every t.
       eval_sets: ``name -> (images, indices)`` to evaluate at every t.
+      return_probs: also return every sample's true-class probability (``probs``).
+      return_stats: also return every t's recomputed BatchNorm statistics (``batch_stats``,
+        leading axis T): ``{"params": curve_point(curve, points, result.ts[i]),
+        "batch_stats": jax.tree.map(lambda a: a[i], result.batch_stats)}`` are the
+        variables whose accuracies are ``acc[name][i]`` (``ts[i]`` is the float32 t the
+        sweep used). Off (the default), the compiled program is the one without them.
       chunk_size: how many t run together; smaller chunks bound memory (the stacked
         parameters and activations of a chunk). Default: all of them.
       mesh: a ``jax.sharding.Mesh`` (``mcu_jax.sharding.make_mesh``) to split every chunk of
@@ -204,9 +222,14 @@ def sweep(
             kind=curve,
             strategy=strategy,
             return_probs=return_probs,
+            return_stats=return_stats,
             mesh=mesh,
         )
         outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
+    stats = None
+    if return_stats:
+        outs, chunk_stats = [o for o, _ in outs], [s for _, s in outs]
+        stats = jax.tree.map(lambda *a: np.concatenate(a), *chunk_stats)
     acc = {}
     probs = {} if return_probs else None
     for name, n in sizes.items():
@@ -214,4 +237,4 @@ def sweep(
         acc[name] = 100.0 * correct / n if n else np.full(ts.size, np.nan)
         if return_probs:
             probs[name] = np.concatenate([o[name]["prob"][:, :n] for o in outs])
-    return SweepResult(ts=ts, acc=acc, probs=probs)
+    return SweepResult(ts=ts, acc=acc, probs=probs, batch_stats=stats)

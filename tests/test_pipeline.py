@@ -6,8 +6,27 @@ import jax
 import numpy as np
 import pytest
 
-from mcu_jax import checkpoint, pipeline, train
+from mcu_jax import bn, checkpoint, curves, evaluation, pipeline, train
 from mcu_jax.mcu import MCUConfig
+
+# Programs run_mcu used to compile once more for theta(t*) (BatchNorm pass, evaluation per
+# set size); the t* sweep now does that work in one program of its own.
+REMEASURE_PROGRAMS = ("batch_statistics", "_eval_chunk")
+
+
+def _compiled_programs(fn):
+    """``fn()`` and the names of the programs XLA compiled while it ran."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(str(kwargs.get("fun_name", "")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_images,
@@ -15,12 +34,15 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     train_images, test_images = digits_images
     refs = train.reference_accuracies(small_model, theta_o, train_images, test_images,
                                       digits_split)
-    out = pipeline.run_mcu(
+    selection_config = pipeline.SelectionConfig(num_t=6)
+    out, compiled = _compiled_programs(lambda: pipeline.run_mcu(
         small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,
         jax.random.PRNGKey(0), MCUConfig(epochs=2, progress=False),
-        pipeline.MaskConfig(k=0.5, k_r=0.1), pipeline.SelectionConfig(num_t=6),
-        out_dir=tmp_path / "mcu",
-    )
+        pipeline.MaskConfig(k=0.5, k_r=0.1), selection_config, out_dir=tmp_path / "mcu",
+    ))
+    # Selection compiles at most two programs: the sweep over t and the sweep at t*.
+    assert not [n for n in compiled if any(p in n for p in REMEASURE_PROGRAMS)], compiled
+    assert sum("_sweep_chunk" in n for n in compiled) <= 2, compiled
     assert 0.75 <= out.t_star <= 1.0
     assert out.sweep.acc["forget"].shape == (6,)
     assert out.gaps.shape == (6,)
@@ -36,13 +58,32 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     assert meta["t_star"] == pytest.approx(out.t_star)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(out.variables), strict=True):
         np.testing.assert_array_equal(a, b)
+    # theta(t*) is the Bezier point at the float32 t*, its statistics those bn.recompute
+    # finds, and ``measured`` what evaluate_sets measures of the exported variables.
+    params = curves.bezier(theta_o["params"], out.theta_c, theta_p["params"],
+                           np.float32(out.t_star))
+    for a, b in zip(jax.tree.leaves(out.variables["params"]), jax.tree.leaves(params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    stats = bn.recompute(small_model, {"params": params, "batch_stats": theta_o["batch_stats"]},
+                         train_images, digits_split.retain,
+                         selection_config.bn_batch_size)["batch_stats"]
+    for a, b in zip(jax.tree.leaves(out.variables["batch_stats"]), jax.tree.leaves(stats),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    sets = pipeline.eval_sets(train_images, test_images, digits_split)
+    expected = evaluation.evaluate_sets(small_model, out.variables, sets,
+                                        selection_config.eval_batch_size)
+    assert set(out.measured) == set(expected)
+    for name, value in expected.items():
+        assert isinstance(out.measured[name], float)
+        assert out.measured[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
     # A second run reuses the cached mask, the finished curve checkpoint, the saved sweep and
     # the exported model: nothing is recomputed.
     def recomputed(*args, **kwargs):
         raise AssertionError("a finished part of run_mcu was recomputed")
 
     monkeypatch.setattr(pipeline.sweep, "sweep", recomputed)
-    monkeypatch.setattr(pipeline.bn, "recompute", recomputed)
     monkeypatch.setattr(pipeline.masks, "mask_gradients", recomputed)
     again = pipeline.run_mcu(
         small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,

@@ -104,3 +104,40 @@ def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_mod
     bad = [curve_points[0], curve_points[1], {"other": jnp.zeros(3)}]
     with pytest.raises(ValueError, match="mismatch"):
         sweep.sweep(small_model, bad, [0.5], theta_o["batch_stats"], bn_set, sets)
+
+
+@pytest.mark.parametrize("strategy, chunk, mesh", [("vmap", None, False), ("map", 2, False),
+                                                   ("vmap", 2, True)])
+def test_sweep_returns_the_recomputed_statistics(strategy, chunk, mesh, curve_points, theta_o,
+                                                 digits_images, digits_split, small_model):
+    """``return_stats``: per t the statistics ``bn.recompute`` gives theta(t) (same float32 t),
+    with and without chunks (the last one padded) and through the t-parallel (mesh) path."""
+    from mcu_jax import sharding
+
+    train_images, _ = digits_images
+    ts = np.array([0.3, 0.8, 0.91], np.float32)
+    bn_idx = digits_split.retain[:300]
+    sets = {"forget": (train_images, digits_split.forget)}
+    args = (small_model, curve_points, ts, theta_o["batch_stats"], (train_images, bn_idx), sets)
+    kwargs = dict(strategy=strategy, chunk_size=chunk, bn_batch_size=128,
+                  mesh=sharding.make_mesh(1) if mesh else None)
+    result = sweep.sweep(*args, return_stats=True, **kwargs)
+    assert sweep.sweep(*args, **kwargs).batch_stats is None  # off by default
+    stats = result.batch_stats
+    assert jax.tree.structure(stats) == jax.tree.structure(theta_o["batch_stats"])
+    for leaf, ref in zip(jax.tree.leaves(stats), jax.tree.leaves(theta_o["batch_stats"]),
+                         strict=True):
+        assert isinstance(leaf, np.ndarray) and leaf.dtype == ref.dtype
+        assert leaf.shape == (ts.size, *ref.shape)
+    for i, t in enumerate(result.ts):
+        params = curves.bezier(*curve_points, t)
+        expected = bn.recompute(small_model, {"params": params,
+                                              "batch_stats": theta_o["batch_stats"]},
+                                train_images, bn_idx, batch_size=128)["batch_stats"]
+        got = jax.tree.map(lambda a, i=i: a[i], stats)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # Those variables are the model the sweep measured.
+        acc = evaluation.accuracy(small_model, {"params": params, "batch_stats": got},
+                                  train_images, digits_split.forget)
+        assert result.acc["forget"][i] == pytest.approx(acc, rel=1e-6)
