@@ -3,7 +3,8 @@
 NAME is a file in experiments/configs/ (without .py) whose ``get_config()`` returns an
 ``ExperimentConfig`` (or an ``AblationConfig``, whose experiment fields are then under
 ``experiment.``); every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
-``--fields`` lists the overridable fields. User errors end with one line and exit code 2.
+``--fields`` lists the overridable fields; ``--compile-cache DIR|off`` sets the persistent
+compilation cache (``mcu_jax.compile_cache``). User errors end with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="experiment config in experiments/configs/")
     parser.add_argument("overrides", nargs="*", help="group.field=value")
     parser.add_argument("--fields", action="store_true", help="list overridable fields")
+    from mcu_jax import ablation, compile_cache, config, experiment
+
+    compile_cache.add_argument(parser)
     args = parser.parse_args(argv)
-    from mcu_jax import ablation, config, experiment
 
     try:
         cfg = config.override(load_config(args.name), args.overrides)
         if args.fields:
             print("\n".join(config.field_names(cfg)))
             return 0
+        compile_cache.enable_from_args(args.compile_cache)
         if isinstance(cfg, ablation.AblationConfig):
             ablation.run_ablation(cfg)
         else:

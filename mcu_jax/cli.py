@@ -7,7 +7,8 @@
 
 Every config field can be overridden as ``group.field=value``; ``mcu-jax CMD --fields``
 lists them. theta_o's directory records the problem (data set, model, split), so later
-commands rebuild exactly the same split. User errors end with one line and exit code 2.
+commands rebuild exactly the same split. ``--compile-cache DIR|off`` sets the persistent
+compilation cache (``mcu_jax.compile_cache``). User errors end with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, config, methods, pipeline, problem, train
+from mcu_jax import checkpoint, compile_cache, config, methods, pipeline, problem, train
 from mcu_jax.mcu import MCUConfig
 
 _DIGITS_TRAIN = train.TrainConfig(epochs=30, lr=0.05)
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--theta-p", required=True)
     p.add_argument("--out", required=True, type=Path)
     for p in sub.choices.values():
+        compile_cache.add_argument(p)
         p.add_argument("overrides", nargs="*", help="config overrides: group.field=value")
     return parser
 
@@ -119,6 +121,7 @@ _COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "mcu": cmd_mcu}
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        compile_cache.enable_from_args(args.compile_cache)
         result = _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"mcu-jax {args.command}: error: {err}", file=sys.stderr)

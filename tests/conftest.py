@@ -1,12 +1,19 @@
 """Shared tiny fixtures: the digits set, a split, and a briefly trained small CNN."""
 
-import jax
-import numpy as np
-import pytest
+import os
 
-from mcu_jax import train
-from mcu_jax.data import Images, load_dataset, make_split
-from mcu_jax.models import create, init_variables
+# Entry points called by tests (in-process or as subprocesses) leave JAX's persistent
+# compilation cache off, so tests neither read nor write ~/.cache; test_compile_cache.py
+# turns it on explicitly in subprocesses.
+os.environ["MCU_JAX_COMPILE_CACHE"] = "off"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mcu_jax import train  # noqa: E402
+from mcu_jax.data import Images, load_dataset, make_split  # noqa: E402
+from mcu_jax.models import create, init_variables  # noqa: E402
 
 
 @pytest.fixture(scope="session")
