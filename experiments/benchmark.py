@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=10, help="untimed steps after the first call")
     s.add_argument("--steps-per-call", type=int, default=50,
                    help="steps per compiled call (lax.scan length on accelerators)")
+    s.add_argument("--scan", action="store_true",
+                   help="run the steps of a call inside lax.scan on CPU too (the accelerator "
+                   "code path; on CPU it is much slower, so only for checking that path)")
     s.add_argument("--mask-images", type=int, default=2048,
                    help="images of D_r and of D_f the step benchmark's mask gradients use")
     s.add_argument("--skip-step", action="store_true", help="do not time the curve step")
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--epochs", type=int, default=10, help="curve-training epochs")
     o = p.add_argument_group("output")
     o.add_argument("--profile", metavar="DIR", default=None,
-                   help="write a jax.profiler trace of the measured parts to DIR")
+                   help="write a jax.profiler trace of each timed region (not the compiling "
+                   "first calls) to DIR/<region>; summarize with experiments/profile_summary.py")
     o.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON")
     return p
 
@@ -228,13 +233,13 @@ def build_mask(model, theta_o, images: Images, is_forget: np.ndarray, mask, n: i
 
 
 def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config: MCUConfig,
-                mesh=None):
+                mesh=None, unrolled=None):
     """State, constants and runner of curve training, set up as ``mcu.train_curve`` does
     (with a ``mesh``: state and constants replicated on it, the runner data parallel)."""
     theta_c = curves.midpoint(theta_o["params"], theta_p["params"])
     state, consts, runner = mcu.setup_curve(
         model, theta_o, theta_p, theta_c, mask, images, is_forget,
-        (REFS["train"], REFS["val"]), config, mesh,
+        (REFS["train"], REFS["val"]), config, mesh, unrolled,
     )
     if mesh is not None:
         state, consts = sharding.replicate((state, consts), mesh)
@@ -244,6 +249,26 @@ def curve_setup(model, theta_o, theta_p, images: Images, is_forget, mask, config
 def device_mesh(args):
     """The mesh of ``--devices`` (None for one device: the plain single-device path)."""
     return sharding.make_mesh(args.devices) if args.devices > 1 else None
+
+
+@contextlib.contextmanager
+def timed_region(name: str, profile_dir: str | None):
+    """A named region of the trace; with ``profile_dir``, also traced by jax.profiler into its
+    own folder (``profile_dir/<name with _ for />``), so compilation and warm-up stay out of
+    the trace and it stays small enough to copy back from a GPU machine."""
+    if profile_dir is None:
+        with jax.profiler.TraceAnnotation(name):
+            yield
+        return
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # device and XLA activity only: a much smaller trace
+    jax.profiler.start_trace(os.path.join(profile_dir, name.replace("/", "_")),
+                             profiler_options=options)
+    try:
+        with jax.profiler.TraceAnnotation(name):
+            yield
+    finally:
+        jax.profiler.stop_trace()
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -279,7 +304,7 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     )
     mesh = device_mesh(args)
     state, consts, runner = curve_setup(model, theta_o, theta_p, images, is_forget, mask,
-                                        config, mesh)
+                                        config, mesh, unrolled=False if args.scan else None)
     call = min(args.steps_per_call, args.steps)
     warm_calls = math.ceil(args.warmup / call)
     timed_calls = math.ceil(args.steps / call)
@@ -306,7 +331,7 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     with jax.profiler.TraceAnnotation("curve_step/warmup"):
         for i in range(1, 1 + warm_calls):
             state = run(state, i)
-    with jax.profiler.TraceAnnotation("curve_step/timed"):
+    with timed_region("curve_step/timed", args.profile):
         t0 = time.perf_counter()
         for i in range(1 + warm_calls, 1 + warm_calls + timed_calls):
             state, _ = runner(state, consts, batches[i], keys[i])
@@ -354,7 +379,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
-        with jax.profiler.TraceAnnotation(f"sweep/{resolved}/timed"):
+        with timed_region(f"sweep/{resolved}/timed", args.profile):
             t0 = time.perf_counter()
             once()
             times.append(time.perf_counter() - t0)
@@ -398,11 +423,21 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    chunk_size=args.chunk_size,
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size)
-    with jax.profiler.TraceAnnotation("end_to_end"):
-        t0 = time.perf_counter()
-        out = pipeline.run_mcu(model, theta_o, theta_p, train, test, split, REFS, key,
-                               mcu_config, mask_config, sel)
-        total = time.perf_counter() - t0
+    # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
+    level = pipeline.log.level
+    pipeline.log.addHandler(handler)
+    pipeline.log.setLevel(logging.INFO)
+    try:
+        with jax.profiler.TraceAnnotation("end_to_end"):
+            t0 = time.perf_counter()
+            out = pipeline.run_mcu(model, theta_o, theta_p, train, test, split, REFS, key,
+                                   mcu_config, mask_config, sel)
+            total = time.perf_counter() - t0
+    finally:
+        pipeline.log.removeHandler(handler)
+        pipeline.log.setLevel(level)
     phases = {k: 60.0 * v for k, v in out.minutes.items()}
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
@@ -458,30 +493,24 @@ def run(args) -> dict:
     images = synthetic_images(args.train_images, shape, args.classes, rng)
     is_forget = np.arange(args.train_images) % FORGET_EVERY == 0
     rows = []
-    trace = contextlib.nullcontext()
-    if args.profile is not None:
-        options = jax.profiler.ProfileOptions()
-        options.python_tracer_level = 0  # device and XLA activity only: a much smaller trace
-        trace = jax.profiler.trace(args.profile, profiler_options=options)
-    with trace:
-        if not args.skip_step:
-            mask = build_mask(model, theta_o, images, is_forget, args.mask, args.mask_images,
-                              k_step)
-            rows.append(bench_step(args, model, theta_o, theta_p, images, is_forget, mask,
-                                   k_step))
-        if not args.skip_sweep:
-            p_o, p_p = theta_o["params"], theta_p["params"]
-            points = [p_o, curves.midpoint(p_o, p_p), p_p]
-            template = theta_o["batch_stats"]
-            if args.compare_strategies:
-                chunk = args.chunk_size or default_chunk(args.num_t)
-                plans = [("map", None), ("vmap", None), ("vmap", chunk)]
-            else:
-                plans = [(args.strategy, args.chunk_size)]
-            for strategy, chunk in plans:
-                rows.append(bench_sweep(args, model, points, template, images, strategy, chunk))
-        if args.end_to_end:
-            rows.append(bench_end_to_end(args, model, theta_o, theta_p, shape, k_e2e))
+    if not args.skip_step:
+        mask = build_mask(model, theta_o, images, is_forget, args.mask, args.mask_images,
+                          k_step)
+        rows.append(bench_step(args, model, theta_o, theta_p, images, is_forget, mask,
+                               k_step))
+    if not args.skip_sweep:
+        p_o, p_p = theta_o["params"], theta_p["params"]
+        points = [p_o, curves.midpoint(p_o, p_p), p_p]
+        template = theta_o["batch_stats"]
+        if args.compare_strategies:
+            chunk = args.chunk_size or default_chunk(args.num_t)
+            plans = [("map", None), ("vmap", None), ("vmap", chunk)]
+        else:
+            plans = [(args.strategy, args.chunk_size)]
+        for strategy, chunk in plans:
+            rows.append(bench_sweep(args, model, points, template, images, strategy, chunk))
+    if args.end_to_end:
+        rows.append(bench_end_to_end(args, model, theta_o, theta_p, shape, k_e2e))
     return {"rows": rows, "params": count_params(theta_o["params"]), "input_shape": shape}
 
 

@@ -5,15 +5,21 @@
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
-#   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 4 t)
-#   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
+#   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
+#   profile      f32 again (compiled programs come from the persistent cache) with a
+#                jax.profiler trace of the timed regions only (50 steps, one sweep);
+#                experiments/profile_summary.py's table goes into summary.md, the traces'
+#                JSON into $OUT/profile.tgz when it is under 16 MB
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
-#                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t)
+#                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
+#                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
+#   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
 #   bf16         bfloat16, no mask: curve step + sweep
+#   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
-#   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
-#   profile      20 steps + a 4-t sweep under jax.profiler, tarred to $OUT/profile.tgz
+#   cmdbuf       f32 curve step with XLA command buffers (CUDA graphs) also over while loops
+#                and conditionals (XLA_FLAGS=$CMDBUF_FLAGS; slower on 2026-11-27)
 #
 # Before the call (on the development machine, in the repository root):
 #   1. Put the authors' release (TIML-Group/Mode-Connectivity-Unlearning, commit ff1f215: its
@@ -23,20 +29,24 @@
 #      (../shared does not travel to the device machine; PEER=path overrides the script's
 #      location.) The script writes reference_release/config/baseline_results.yml when absent.
 #      Never commit the release: /reference_release/ is in .gitignore.
-#   2. The release needs torch, scipy, pyyaml, tqdm and timm, and mcu-jax needs jax with CUDA,
-#      flax, optax, orbax-checkpoint, chex, scipy, scikit-learn: the device image's python3
+#   2. The release needs torch, scipy, pyyaml, tqdm, and mcu-jax needs jax with CUDA, flax,
+#      optax, orbax-checkpoint, chex, scipy, scikit-learn, tqdm: the device image's python3
 #      has all of them (jax 0.11 with the CUDA 13 plugin, torch 2.11). Elsewhere, install them
-#      first (pip install -e '.[cuda12]' torch timm scipy pyyaml tqdm); if jax sees no GPU the
+#      first (pip install -e '.[cuda12]' torch scipy pyyaml tqdm); if jax sees no GPU the
 #      script installs wheels carried in .whl/ or, where a network exists, jax[cuda12].
 #
 # The call (device tool): command "bash experiments/gpu_check.sh", carry ["reference_release"],
-# timeout_s 600. Results land in $OUT (default runs/gpu_check): summary.md (every benchmark's
-# table, and the ratios to the release), results.json (all benchmark JSON), reference.json,
-# log.txt, nvidia-smi.txt and profile.tgz. Check this file with: bash -n experiments/gpu_check.sh
-# Dry run of the flow on CPU (tiny sizes, minutes):
-#   REQUIRE_GPU=0 PY=.venv/bin/python OUT=/tmp/gc ONLY="f32 f32_k01 e2e" EXTRA_ARGS="--model \
-#   cnn_small --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 \
-#   --forget 144 --test 360 --epochs 1" bash experiments/gpu_check.sh
+# timeout_s 600. Results land in $OUT (default runs/gpu_check), at most 8 files:
+#   summary.md    every part's table as it finishes, then the targets and the ratios
+#   parts.jsonl   one JSON line per finished part (the benchmark's --json output)
+#   reference.json, log.txt, env.txt (versions, nvidia-smi), profile.tgz
+# experiments/gpu_summary.py OUT rebuilds the targets/ratios section from parts.jsonl and
+# reference.json. Check this file with: bash -n experiments/gpu_check.sh
+# Dry run of the flow on CPU (tiny sizes, minutes; --scan takes the accelerator code path):
+#   REQUIRE_GPU=0 PY=.venv/bin/python OUT=/tmp/gc EXTRA_ARGS="--model cnn_small \
+#   --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 --forget 144 \
+#   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
+#   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -44,15 +54,23 @@ REPO=$(pwd)
 OUT=${OUT:-$REPO/runs/gpu_check}
 BUDGET_S=${BUDGET_S:-540}
 PY=${PY:-python3}
+PY_REF=${PY_REF:-$PY}
 RELEASE=${RELEASE:-reference_release}
 ONLY=${ONLY:-}
+PEER_ARGS=${PEER_ARGS:-steps=100 nt=3}
+CMDBUF_FLAGS=${CMDBUF_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 LOG=$OUT/log.txt
 SUMMARY=$OUT/summary.md
+PARTS=$OUT/parts.jsonl
+# Identical programs (the profile part's, say) compile once across the parts' processes.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : >"$LOG"
 : >"$SUMMARY"
+: >"$PARTS"
 
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
@@ -87,22 +105,37 @@ if [ "${REQUIRE_GPU:-1}" != 0 ] && ! gpu_backend; then
     exit 1
   fi
 fi
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-$PY -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
-"optax", optax.__version__, jax.devices())' 2>&1 | tee -a "$LOG"
+{
+  $PY -c 'import importlib.metadata as m, platform
+print("python", platform.python_version())
+for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
+          "orbax-checkpoint", "chex", "numpy", "torch"):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        pass
+import jax; print("devices", jax.devices())'
+  nvidia-smi
+} >"$OUT/env.txt" 2>&1
+grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 
 # 2. parts
-bench() {  # name, estimated seconds, benchmark arguments...
+bench() {  # name, estimated seconds, benchmark arguments... (XLA_FLAGS from $FLAGS)
   local name=$1 need=$2 left rc
   shift 2
   wanted "$name" || return 0
   left=$(time_left "$name" "$need") || return 0
-  log "run $name: experiments/benchmark.py $*"
+  log "run $name: ${FLAGS:+XLA_FLAGS='$FLAGS' }experiments/benchmark.py $*"
   # shellcheck disable=SC2086 # EXTRA_ARGS is a list of words
-  timeout "$left" $PY experiments/benchmark.py "$@" ${EXTRA_ARGS:-} --json "$WORK/$name.json" \
-    >"$WORK/$name.txt" 2>>"$LOG"
+  XLA_FLAGS="${FLAGS:-${XLA_FLAGS:-}}" timeout "$left" $PY experiments/benchmark.py "$@" \
+    ${EXTRA_ARGS:-} --json "$WORK/$name.json" >"$WORK/$name.txt" 2>>"$LOG"
   rc=$?
   { echo "## $name"; echo; cat "$WORK/$name.txt"; echo; } >>"$SUMMARY"
+  if [ -f "$WORK/$name.json" ]; then
+    $PY -c 'import json, sys
+print(json.dumps({"part": sys.argv[1], "xla_flags": sys.argv[2], **json.load(open(sys.argv[3]))},
+                 default=str))' "$name" "${FLAGS:-}" "$WORK/$name.json" >>"$PARTS"
+  fi
   log "done $name (exit $rc)"
 }
 
@@ -117,60 +150,50 @@ reference() {
     log "skip reference: needs the release in $RELEASE/ and reference_peer.py (see header)"
     return 0
   fi
-  left=$(time_left reference 120) || return 0
+  left=$(time_left reference 90) || return 0
   mkdir -p "$RELEASE/config"
   [ -f "$RELEASE/config/baseline_results.yml" ] ||
     echo "cifar10: {random: {train: 100.0, val: 90.0}}" >"$RELEASE/config/baseline_results.yml"
-  log "run reference: $peer $RELEASE steps=100 nt=4"
-  timeout "$left" $PY "$peer" "$RELEASE" steps=100 nt=4 >"$OUT/reference.json" 2>>"$LOG"
+  log "run reference: $peer $RELEASE $PEER_ARGS"
+  # shellcheck disable=SC2086 # PEER_ARGS is a list of words
+  timeout "$left" $PY_REF "$peer" "$RELEASE" $PEER_ARGS >"$OUT/reference.json" 2>>"$LOG"
   log "done reference (exit $?): $(cat "$OUT/reference.json")"
+}
+
+profile() {
+  wanted profile || return 0
+  time_left profile 60 >/dev/null || return 0
+  # Same programs as f32 (same shapes and steps per call): the persistent cache compiles
+  # nothing; only the timed regions are traced (benchmark.py --profile).
+  bench profile 60 --model preresnet110 --batch-size 128 --steps 50 --warmup 0 --num-t 20 \
+    --sweep-images 6000 --profile "$WORK/profile"
+  if [ -d "$WORK/profile" ]; then
+    $PY experiments/profile_summary.py "$WORK/profile" >>"$SUMMARY" 2>>"$LOG" ||
+      log "profile_summary.py failed"
+    (cd "$WORK" && find profile -name '*.trace.json.gz' -print0 |
+      tar --null -czf "$OUT/profile.tgz" -T -) 2>>"$LOG" || log "no profile written"
+  fi
+  if [ -f "$OUT/profile.tgz" ] && [ "$(stat -c %s "$OUT/profile.tgz")" -gt 16000000 ]; then
+    log "profile.tgz is over 16 MB and would not come back; removed (summary.md has its table)"
+    rm -f "$OUT/profile.tgz"
+  fi
 }
 
 STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
 reference
-bench f32_k01 90 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
-bench e2e 200 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
+profile
+bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
-bench bf16 150 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
-bench bf16_k01 90 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep
-bench f32_paper 90 "${STD[@]}" --dtype float32 --mask paper --skip-sweep
-bench strategies 200 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
+bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
+bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
+bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
   --sweep-images 6000 --compare-strategies --chunk-size 5
-if wanted profile && time_left profile 90 >/dev/null; then
-  bench profile 90 --model preresnet110 --steps 20 --warmup 5 --num-t 4 --sweep-images 1000 \
-    --profile "$WORK/profile"
-  tar -C "$WORK" -czf "$OUT/profile.tgz" profile 2>>"$LOG" || log "no profile written"
-  if [ -f "$OUT/profile.tgz" ] && [ "$(stat -c %s "$OUT/profile.tgz")" -gt 16000000 ]; then
-    log "profile.tgz is over 16 MB and would not come back; removed"
-    rm -f "$OUT/profile.tgz"
-  fi
-fi
+bench bf16_k01 80 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep
+bench f32_paper 80 "${STD[@]}" --dtype float32 --mask paper --skip-sweep
+FLAGS=$CMDBUF_FLAGS bench cmdbuf 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep
 
-# 3. one JSON file and the ratios to the release
-$PY - "$WORK" "$OUT" <<'EOF' 2>>"$LOG" | tee -a "$SUMMARY"
-import glob, json, os, sys
-work, out = sys.argv[1:]
-runs = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(f"{work}/*.json"))}
-json.dump(runs, open(f"{out}/results.json", "w"), indent=1, default=str)
-try:
-    ref = json.loads(open(f"{out}/reference.json").read().strip().splitlines()[-1])
-except (OSError, ValueError, IndexError):
-    ref = None
-print("## ratios to the authors' release (same machine, same call)\n")
-if ref is None or "f32" not in runs:
-    print("not available (reference or f32 run missing)")
-    sys.exit()
-rows = {r["part"]: r["numbers"] for r in runs["f32"]["rows"]}
-print(f"- reference: {ref['step_ms']} ms/step, {ref['sweep_img_fwd_per_s']} img-fwd/s "
-      f"({ref['device']}, torch {ref['torch']})")
-if "curve step" in rows:
-    ms = rows["curve step"]["step_ms"]
-    print(f"- curve step: mcu-jax {ms:.2f} ms vs {ref['step_ms']} ms: {ref['step_ms'] / ms:.1f}x")
-if "sweep" in rows:
-    f = rows["sweep"]["image_forwards_per_s"]
-    print(f"- sweep: mcu-jax {f:,.0f} vs {ref['sweep_img_fwd_per_s']:,.0f} img-fwd/s: "
-          f"{f / ref['sweep_img_fwd_per_s']:.1f}x")
-EOF
+# 3. targets and ratios to the release
+$PY experiments/gpu_summary.py "$OUT" 2>>"$LOG" | tee -a "$SUMMARY"
 rm -rf "$WORK"
 log "finished in ${SECONDS}s; results in $OUT"

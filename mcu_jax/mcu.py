@@ -191,13 +191,15 @@ class CurveResult:
 
 
 def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Images, is_forget,
-                refs: tuple[float, float], config: MCUConfig, mesh=None):
+                refs: tuple[float, float], config: MCUConfig, mesh=None,
+                unrolled: bool | None = None):
     """The loop state, constants and compiled runner of curve training.
 
     theta_c is split by the mask into the trained tensors (the state, with their optimiser
     state and beta) and the frozen ones (constants, never differentiated). ``refs`` is
     (Acc_o(D_train), forget reference) in percent. Shared by :func:`train_curve` and the
-    benchmark, so both time the same step.
+    benchmark, so both time the same step. ``unrolled`` is :func:`loop.make_runner`'s (None:
+    per-step calls on CPU, ``lax.scan`` elsewhere).
     """
     p_o, p_p = theta_o["params"], theta_p["params"]
     flat_c = pytrees.flatten(theta_c)
@@ -219,7 +221,8 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     )
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
-    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), mesh=mesh)
+    runner = loop.make_runner(make_curve_step(model, tx, config, p_o), unrolled=unrolled,
+                              mesh=mesh)
     return state, consts, runner
 
 

@@ -36,7 +36,7 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     out = benchmark.main(TINY + [
         "--steps", "4", "--warmup", "1", "--steps-per-call", "2", "--num-t", "3",
-        "--mask", "0.1", "--compare-strategies", "--chunk-size", "2",
+        "--mask", "0.1", "--compare-strategies", "--chunk-size", "2", "--scan",
         "--profile", str(tmp_path / "trace"), "--json", str(out_json),
     ])
     text = capsys.readouterr().out
@@ -59,7 +59,10 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
     assert body[0][5] == "n/a"
     saved = json.loads(out_json.read_text())
     assert saved["meta"]["jax"] and len(saved["rows"]) == 4
-    assert any((tmp_path / "trace").rglob("*")), "the profiler wrote nothing"
+    # One trace folder per timed region, none for the compiling first calls.
+    traced = sorted(p.name for p in (tmp_path / "trace").iterdir())
+    assert traced == ["curve_step_timed", "sweep_map_timed", "sweep_vmap_timed"]
+    assert all(any((tmp_path / "trace" / t).rglob("*.trace.json.gz")) for t in traced)
 
 
 def test_end_to_end_row(benchmark, capsys):
@@ -67,8 +70,12 @@ def test_end_to_end_row(benchmark, capsys):
         "--skip-step", "--skip-sweep", "--end-to-end", "--retain", "96", "--forget", "32",
         "--test", "40", "--epochs", "1", "--num-t", "4", "--mask", "paper",
     ])
-    rows = _table_rows(capsys.readouterr().out)[2:]
+    captured = capsys.readouterr()
+    rows = _table_rows(captured.out)[2:]
     assert [r[0] for r in rows] == ["end-to-end"]
+    # Each phase is reported as it finishes (a run cut short still shows where time went).
+    for phase in ("mask done", "curve training done", "sweep over 4 t done", "selection"):
+        assert f"[benchmark] end-to-end: run_mcu: {phase}" in captured.err
     numbers = out["rows"][0]["numbers"]
     assert set(numbers["phases_s"]) == {"mask", "curve", "selection"}
     assert numbers["steps"] == 2  # (48 retain-subset + 32 forget) // 32

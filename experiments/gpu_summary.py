@@ -1,0 +1,143 @@
+"""The targets and the ratios to the authors' release, from one run of gpu_check.sh.
+
+usage: python experiments/gpu_summary.py OUT
+
+Reads OUT/parts.jsonl (one line per finished benchmark part, as gpu_check.sh writes them) and
+OUT/reference.json (reference_peer.py's JSON line) and prints a Markdown section: every
+measured number the issue's targets name, whether it met its target, and mcu-jax's speed
+over the release's on the same card in the same call. Parts that did not run are reported
+as "not measured", never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STEP_TARGET_MS = 5.0
+SWEEP_TARGET_S = 1.1
+MASKED_TARGET = 0.5  # masked step / unmasked step
+E2E_TARGET_S = 60.0
+
+
+def load_parts(out: Path) -> dict[str, dict]:
+    """part name -> {"step": row numbers, "sweep": [row numbers...], "e2e": ..., "meta": ...}."""
+    parts = {}
+    path = out / "parts.jsonl"
+    if not path.exists():
+        return parts
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        rows = {"step": None, "sweep": [], "e2e": None, "meta": record.get("meta", {}),
+                "xla_flags": record.get("xla_flags", "")}
+        for row in record.get("rows", []):
+            if row["part"] == "curve step":
+                rows["step"] = row["numbers"] | {"setting": row["setting"]}
+            elif row["part"] == "sweep":
+                rows["sweep"].append(row["numbers"] | {"setting": row["setting"]})
+            elif row["part"] == "end-to-end":
+                rows["e2e"] = row["numbers"] | {"setting": row["setting"]}
+        parts[record["part"]] = rows
+    return parts
+
+
+def load_reference(out: Path) -> dict | None:
+    path = out / "reference.json"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def _step_ms(parts, name):
+    step = parts.get(name, {}).get("step")
+    return None if step is None else step["step_ms"]
+
+
+def _sweep(parts, name):
+    sweeps = parts.get(name, {}).get("sweep") or []
+    return sweeps[0] if sweeps else None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+
+def summary(out: Path) -> str:
+    parts = load_parts(out)
+    ref = load_reference(out)
+    lines = ["## Targets (issue 7) and ratios to the authors' release", ""]
+    device = next((p["meta"].get("device") for p in parts.values() if p["meta"]), "unknown")
+    lines.append(f"- device: {device}; parts measured: {', '.join(parts) or 'none'}")
+    if ref is not None:
+        lines.append(f"- authors' release (same call): {ref['step_ms']} ms/step, sweep "
+                     f"{ref['sweep_img_fwd_per_s']:,} img-fwd/s ({ref['sweep_t']} t in "
+                     f"{ref['sweep_s']} s; {ref['device']}, torch {ref['torch']})")
+    else:
+        lines.append("- authors' release: not measured in this call")
+    lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+    for name, label in (("f32", "float32"), ("bf16", "bfloat16"), ("cmdbuf", "float32, "
+                                                                     "command buffers")):
+        ms = _step_ms(parts, name)
+        text = "-" if ms is None else f"{ms:.2f} ms"
+        if ms is not None and ref is not None:
+            text += f" ({ref['step_ms'] / ms:.1f}x the release)"
+        lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
+                     f"{_verdict(None if ms is None else ms <= STEP_TARGET_MS)} |")
+    for name, label in (("f32", "float32"), ("bf16", "bfloat16")):
+        sw = _sweep(parts, name)
+        text = "-"
+        if sw is not None:
+            text = f"{sw['sweep_s']:.3g} s, {sw['image_forwards_per_s']:,.0f} img-fwd/s"
+            if ref is not None:
+                text += f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x)"
+        ok = None
+        if sw is not None and sw["image_forwards"] == 240000:
+            ok = sw["sweep_s"] <= SWEEP_TARGET_S
+        lines.append(f"| 20-point sweep <= {SWEEP_TARGET_S:g} s ({label}) | {text} | "
+                     f"{_verdict(ok)} |")
+    for masked, plain, label in (("f32_k01", "f32", "float32"), ("bf16_k01", "bf16", "bfloat16"),
+                                 ("f32_paper", "f32", "float32, paper mask k=0.5, k_r=0.1")):
+        a, b = _step_ms(parts, masked), _step_ms(parts, plain)
+        ok = None if a is None or b is None else a <= MASKED_TARGET * b
+        text = "-" if ok is None else f"{a:.2f} / {b:.2f} ms = {a / b:.2f}"
+        target = "masked step <= half the unmasked" if masked != "f32_paper" else "masked step"
+        lines.append(f"| {target} ({label}) | {text} | "
+                     f"{_verdict(ok) if masked != 'f32_paper' else '(information)'} |")
+    e2e = parts.get("e2e", {}).get("e2e")
+    if e2e is None:
+        lines.append(f"| end-to-end MCU phase <= {E2E_TARGET_S:g} s | - | not measured |")
+    else:
+        ph = e2e["phases_s"]
+        lines.append(f"| end-to-end MCU phase <= {E2E_TARGET_S:g} s | {e2e['total_s']:.1f} s "
+                     f"(mask {ph['mask']:.1f}, curve {ph['curve']:.1f}, selection "
+                     f"{ph['selection']:.1f}; compilation included) | "
+                     f"{_verdict(e2e['total_s'] <= E2E_TARGET_S)} |")
+    strategies = parts.get("strategies", {}).get("sweep") or []
+    if strategies:
+        lines += ["", "Sweep strategies (same work each):", ""]
+        for sw in strategies:
+            lines.append(f"- {sw['setting']}: {sw['sweep_s']:.3g} s "
+                         f"(compile {sw['compile_s']:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python experiments/gpu_summary.py OUT")
+    out = Path(argv[0])
+    if not out.is_dir():
+        raise SystemExit(f"{out} is not a folder (gpu_check.sh's OUT)")
+    print(summary(out))
+
+
+if __name__ == "__main__":
+    main()

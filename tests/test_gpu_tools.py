@@ -1,0 +1,119 @@
+"""The helpers of the GPU check: gpu_summary.py (targets and ratios from a run's files) and
+profile_summary.py (where a trace's device time goes), on hand-made inputs whose answers are
+known."""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_summary():
+    return _load("gpu_summary")
+
+
+@pytest.fixture(scope="module")
+def profile_summary():
+    return _load("profile_summary")
+
+
+def _part(name, step_ms=None, sweep=None, flags=""):
+    rows = []
+    if step_ms is not None:
+        rows.append({"part": "curve step", "setting": "s", "numbers": {"step_ms": step_ms}})
+    if sweep is not None:
+        seconds, forwards = sweep
+        rows.append({"part": "sweep", "setting": "w", "numbers": {
+            "sweep_s": seconds, "image_forwards": forwards, "compile_s": 1.0,
+            "image_forwards_per_s": forwards / seconds}})
+    return {"part": name, "xla_flags": flags, "meta": {"device": "Test GPU"}, "rows": rows}
+
+
+def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
+    parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
+             _part("f32_k01", 6.0)]
+    (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
+    ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
+           "device": "Test GPU", "torch": "2.x"}
+    (tmp_path / "reference.json").write_text("progress noise\n" + json.dumps(ref) + "\n")
+    text = gpu_summary.summary(tmp_path)
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "10.00 ms (10.0x the release)" in lines["curve step <= 5 ms (float32)"]
+    assert "NOT met" in lines["curve step <= 5 ms (float32)"]
+    assert "4.00 ms (25.0x the release)" in lines["curve step <= 5 ms (bfloat16)"]
+    assert "| met |" in lines["curve step <= 5 ms (bfloat16)"]
+    # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
+    assert "8 s, 30,000 img-fwd/s (10.0x)" in lines["20-point sweep <= 1.1 s (float32)"]
+    assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
+    masked = lines["masked step <= half the unmasked (float32)"]
+    assert "6.00 / 10.00 ms = 0.60" in masked and "NOT met" in masked
+    assert "not measured" in lines["masked step <= half the unmasked (bfloat16)"]
+    assert "not measured" in lines["end-to-end MCU phase <= 60 s"]
+
+
+def test_gpu_summary_without_files(gpu_summary, tmp_path):
+    text = gpu_summary.summary(tmp_path)
+    assert "parts measured: none" in text and "not measured in this call" in text
+
+
+def _trace(path: Path, events):
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def test_profile_summary_counts_stream_kernels_inside_timed_regions(profile_summary, tmp_path):
+    kernel = {"ph": "X", "pid": 1, "tid": 7}
+    events = [
+        {"ph": "X", "pid": 2, "tid": 1, "name": "curve_step/timed", "ts": 100.0, "dur": 100.0},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "curve_step/first_call", "ts": 0.0, "dur": 90.0},
+        {**kernel, "name": "conv_fwd<float, 3>(args)", "ts": 110.0, "dur": 20.0},
+        {**kernel, "name": "conv_fwd<float, 5>(other)", "ts": 120.0, "dur": 20.0},  # overlaps
+        {**kernel, "name": "loop_add_fusion", "ts": 150.0, "dur": 10.0},
+        {**kernel, "name": "before_region", "ts": 10.0, "dur": 10.0},
+        {"ph": "X", "pid": 1, "tid": 8, "name": "derived op", "ts": 110.0, "dur": 50.0},
+    ]
+    _trace(tmp_path / "curve_step_timed" / "x" / "h.trace.json.gz", events)
+    text = profile_summary.summary(tmp_path, top=1)
+    assert "### curve_step/timed: 0.1 ms wall" in text
+    # Kernels inside the region: 3 (the derived line and the earlier kernel are left out);
+    # busy = union [110, 140) + [150, 160) = 40 us of 100 us wall.
+    assert "kernels: 3; device busy 0.0 ms (40% of the wall time); mean kernel 16.7 us" in text
+    assert "| `conv_fwd<>()` | 2 | 0.04 | 80.0% | 20.0 |" in text
+    assert "| (1 other names) | 1 | 0.01 | 20.0% | 10.0 |" in text
+    assert "first_call" not in text
+
+
+def test_profile_summary_of_a_cpu_trace(profile_summary, tmp_path):
+    path = tmp_path / "t" / "h.trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": [
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 2, "tid": 1, "name": "curve_step/timed", "ts": 0, "dur": 5}]}, f)
+    assert "no device stream lines" in profile_summary.summary(tmp_path)
+    with pytest.raises(SystemExit, match="no \\*.trace.json.gz"):
+        profile_summary.summary(tmp_path / "t" / "missing_dir_is_not_a_file")
+
+
+def test_busy_time_is_the_union_of_intervals(profile_summary):
+    assert profile_summary.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert profile_summary.busy_time([]) == 0
