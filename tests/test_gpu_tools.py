@@ -117,3 +117,37 @@ def test_profile_summary_of_a_cpu_trace(profile_summary, tmp_path):
 def test_busy_time_is_the_union_of_intervals(profile_summary):
     assert profile_summary.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
     assert profile_summary.busy_time([]) == 0
+
+
+@pytest.fixture(scope="module")
+def compare_runs():
+    return _load("compare_runs")
+
+
+def _results(path: Path, rows: dict[str, dict[str, float]]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {}, "rows": [
+        {"method": m, **{k: {"mean": v, "std": 0.0, "values": [v]} for k, v in metrics.items()}}
+        for m, metrics in rows.items()]}))
+    return path
+
+
+def test_compare_runs_reports_every_shared_metric(compare_runs, tmp_path, capsys):
+    a = _results(tmp_path / "results_float32.json",
+                 {"RT": {"UA": 5.0, "RA": 99.0, "TA": 90.0, "MIA": 7.0, "avg_gap": 0.0},
+                  "FT": {"UA": 3.0}})
+    b = _results(tmp_path / "results_bfloat16.json",
+                 {"RT": {"UA": 5.25, "RA": 98.0, "TA": 90.0, "MIA": 7.0, "avg_gap": 9.0},
+                  "GA": {"UA": 1.0}})
+    text, worst = compare_runs.compare(compare_runs.load_rows(a), compare_runs.load_rows(b), 0.5)
+    assert worst == pytest.approx(1.0)  # RA; avg_gap is not an accuracy and is left out
+    assert "| RT | UA | 5.00 | 5.25 | 0.25 |" in text
+    assert "| RT | RA | 99.00 | 98.00 | 1.00 **over** |" in text
+    assert "rows in only one run: FT, GA" in text
+    assert "largest difference: 1.00 points, NOT within the tolerance of 0.5 points" in text
+    compare_runs.main([str(a), str(b), "--tolerance", "1"])
+    out = capsys.readouterr().out
+    assert "| row | metric | results_float32 | results_bfloat16 |" in out
+    assert "within the tolerance of 1 points" in out
+    with pytest.raises(SystemExit, match="does not exist"):
+        compare_runs.load_rows(tmp_path / "missing.json")
