@@ -4,6 +4,13 @@ Every index is seen exactly once: full batches run inside one ``lax.scan`` call 
 remainder in a second call of its own shape. Results are per-sample arrays (correct,
 cross-entropy, probability of the true class) that callers reduce as they need: accuracy
 in percent, mean loss, or the confidences the MIA metric uses.
+
+With a ``mesh`` (``mcu_jax.sharding.make_mesh``) :func:`outputs` (hence :func:`accuracy` and
+:func:`evaluate_sets`) and :func:`mean_gradient` are data parallel: the variables and the
+image set are replicated on the mesh's devices, every batch of indices is split along its
+batch axis, and the compiled programs return their results replicated, so every process can
+read them. The results equal the single-device ones within float tolerance (a gradient's
+summation order differs). ``mesh=None`` runs the single-device programs.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcu_jax import sharding
 from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
@@ -42,39 +50,6 @@ def _eval_chunk(model, variables, images: Images, batches):
     return jax.tree.map(lambda a: a.reshape(-1), out)
 
 
-def outputs(model, variables, images: Images, indices, batch_size: int = 500) -> dict:
-    """Per-sample outputs (numpy, in the order of ``indices``) in evaluation mode."""
-    indices = check_indices("indices", indices, images.num_examples)
-    batch_size = check_batch_size("batch_size", batch_size)
-    n = indices.shape[0]
-    if n == 0:
-        return {k: np.zeros((0,), np.float32) for k in ("correct", "loss", "prob")}
-    batch_size = min(batch_size, n)
-    full = (n // batch_size) * batch_size
-    parts = []
-    if full:
-        batches = jnp.asarray(indices[:full].reshape(-1, batch_size))
-        parts.append(_eval_chunk(model, variables, images, batches))
-    if full < n:
-        parts.append(_eval_chunk(model, variables, images, jnp.asarray(indices[None, full:])))
-    parts = jax.device_get(parts)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def accuracy(model, variables, images: Images, indices, batch_size: int = 500) -> float:
-    """Accuracy in percent on ``indices`` (NaN for an empty set)."""
-    correct = outputs(model, variables, images, indices, batch_size)["correct"]
-    return float(100.0 * correct.mean()) if correct.size else float("nan")
-
-
-def evaluate_sets(model, variables, sets: dict, batch_size: int = 500) -> dict[str, float]:
-    """Accuracy in percent for each ``name -> (images, indices)`` entry."""
-    return {
-        name: accuracy(model, variables, images, idx, batch_size)
-        for name, (images, idx) in sets.items()
-    }
-
-
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
 def _add_batch_gradient(model, total, variables, images: Images, idx, weight):
     others = {k: v for k, v in variables.items() if k != "params"}
@@ -88,7 +63,94 @@ def _add_batch_gradient(model, total, variables, images: Images, idx, weight):
     return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, grads)
 
 
-def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256):
+@functools.cache
+def _mesh_programs(mesh):
+    """:func:`_eval_chunk` and :func:`_add_batch_gradient` for one mesh: the same functions
+    (and program names) with their outputs pinned to the replicated sharding (the donated
+    gradient total stays replicated)."""
+    rep = sharding.replicated(mesh)
+    return (jax.jit(_eval_chunk.__wrapped__, static_argnums=0, out_shardings=rep),
+            jax.jit(_add_batch_gradient.__wrapped__, static_argnums=0, donate_argnums=(1,),
+                    out_shardings=rep))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def outputs(model, variables, images: Images, indices, batch_size: int = 500,
+            mesh=None) -> dict:
+    """Per-sample outputs (numpy, in the order of ``indices``) in evaluation mode.
+
+    With a ``mesh`` every batch is split over its devices, so ``batch_size`` is rounded up to
+    a multiple of the device count (500 -> 504 on 8 devices; outputs are per sample, so the
+    batch size changes no result), and the last, shorter batch is padded to a multiple of
+    the device count with the last index, whose extra outputs are dropped.
+    """
+    indices = check_indices("indices", indices, images.num_examples)
+    batch_size = check_batch_size("batch_size", batch_size)
+    n = indices.shape[0]
+    if n == 0:
+        return {k: np.zeros((0,), np.float32) for k in ("correct", "loss", "prob")}
+    if mesh is not None:
+        return _outputs_on_mesh(model, variables, images, indices, batch_size, mesh)
+    batch_size = min(batch_size, n)
+    full = (n // batch_size) * batch_size
+    parts = []
+    if full:
+        batches = jnp.asarray(indices[:full].reshape(-1, batch_size))
+        parts.append(_eval_chunk(model, variables, images, batches))
+    if full < n:
+        parts.append(_eval_chunk(model, variables, images, jnp.asarray(indices[None, full:])))
+    parts = jax.device_get(parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _outputs_on_mesh(model, variables, images: Images, indices: np.ndarray, batch_size: int,
+                     mesh) -> dict:
+    """:func:`outputs` split over ``mesh``: full batches in one call, the rest (padded to a
+    multiple of the device count) in a second, both with replicated results."""
+    devices = sharding.num_shards(mesh)
+    n = indices.shape[0]
+    batch_size = min(_round_up(batch_size, devices), _round_up(n, devices))
+    full = (n // batch_size) * batch_size
+    run, _ = _mesh_programs(mesh)
+    variables, images = sharding.replicate((variables, images), mesh)
+    split = sharding.batch_sharding(mesh, ndim=2)
+    parts = []
+    if full:
+        batches = indices[:full].reshape(-1, batch_size)
+        parts.append(run(model, variables, images, sharding.place(batches, split)))
+    if full < n:
+        rest = np.full(_round_up(n - full, devices), indices[-1], np.int32)
+        rest[: n - full] = indices[full:]
+        parts.append(run(model, variables, images, sharding.place(rest[None], split)))
+    parts = jax.device_get(parts)
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+
+def accuracy(model, variables, images: Images, indices, batch_size: int = 500,
+             mesh=None) -> float:
+    """Accuracy in percent on ``indices`` (NaN for an empty set); ``mesh`` as in
+    :func:`outputs`."""
+    correct = outputs(model, variables, images, indices, batch_size, mesh)["correct"]
+    return float(100.0 * correct.mean()) if correct.size else float("nan")
+
+
+def evaluate_sets(model, variables, sets: dict, batch_size: int = 500,
+                  mesh=None) -> dict[str, float]:
+    """Accuracy in percent for each ``name -> (images, indices)`` entry; ``mesh`` as in
+    :func:`outputs` (the variables are then replicated once for all sets)."""
+    if mesh is not None:
+        variables = sharding.replicate(variables, mesh)
+    return {
+        name: accuracy(model, variables, images, idx, batch_size, mesh)
+        for name, (images, idx) in sets.items()
+    }
+
+
+def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256,
+                  mesh=None):
     """Gradient of the mean cross-entropy over ``images[indices]`` w.r.t. the params, with
     evaluation-mode BatchNorm (samples independent, so the batched sum is exact).
 
@@ -96,18 +158,38 @@ def mean_gradient(model, variables, images: Images, indices, batch_size: int = 2
     one compiled step serves the whole set; the host loops over batches, because XLA's CPU
     backend runs convolution gradients inside a scan far slower. Float32 sums, returned in
     each parameter's dtype.
+
+    With a ``mesh`` the gradient is data parallel: variables, images and the running total
+    are replicated on its devices once, every batch of indices (and its weights) is split
+    along the batch axis, and the compiled step all-reduces the batch gradient into the
+    replicated total. ``batch_size`` must then be divisible by the number of devices
+    (ValueError otherwise); a set smaller than one batch runs as one batch of its size
+    rounded up to a multiple of the device count. The result equals the single-device one
+    within float tolerance (summation order differs) and is replicated on the mesh.
     """
     idx = check_indices("indices", indices, images.num_examples, allow_empty=False)
-    bs = min(check_batch_size("batch_size", batch_size), idx.size)
+    bs = check_batch_size("batch_size", batch_size)
+    sharding.check_batch_size(bs, mesh, "mean_gradient: batch_size")
     params = variables["params"]
-    total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if mesh is None:
+        bs = min(bs, idx.size)
+        step = _add_batch_gradient
+        total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    else:
+        bs = min(bs, _round_up(idx.size, sharding.num_shards(mesh)))
+        _, step = _mesh_programs(mesh)
+        total = jax.tree.map(lambda p: np.zeros(p.shape, np.float32), params)
+        total, variables, images = sharding.replicate((total, variables, images), mesh)
+        split = sharding.batch_sharding(mesh, ndim=1)
     for start in range(0, idx.size, bs):
         chunk = idx[start : start + bs]
         padded = np.zeros(bs, np.int32)
         padded[: chunk.size] = chunk
         weight = np.zeros(bs, np.float32)
         weight[: chunk.size] = 1.0
-        total = _add_batch_gradient(
-            model, total, variables, images, jnp.asarray(padded), jnp.asarray(weight)
-        )
+        if mesh is None:
+            padded, weight = jnp.asarray(padded), jnp.asarray(weight)
+        else:
+            padded, weight = sharding.place((padded, weight), split)
+        total = step(model, total, variables, images, padded, weight)
     return jax.tree.map(lambda g, p: (g / idx.size).astype(p.dtype), total, params)

@@ -76,7 +76,8 @@ class ExperimentConfig:
     table1: bool = False  # also write the paper's Table 1 layout
     out_dir: str = "runs"
     progress: bool = True
-    devices: int | None = None  # >1: data-parallel training and t-parallel sweeps on a mesh
+    devices: int | None = None  # >1: a mesh (data-parallel training, gradients, evaluation;
+    # t-parallel sweeps); batch sizes (and mask / SalUn gradient ones) divisible by it
 
     def __post_init__(self):
         if not self.seeds:
@@ -101,14 +102,19 @@ def row_name(method: str, mode: str | None = None) -> str:
     return base if mode is None else f"{MCU_MODES[mode]}-{base}"
 
 
-def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int) -> dict:
+def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int,
+                   mesh=None) -> dict:
     """UA, RA, TA (UA_test) and MIA-efficacy of one model, without augmentation.
 
     ``acc`` keeps the raw accuracies per set (D_f, D_r, D_t, and D_tf, D_tr class-wise).
+    With a ``mesh`` (the seed's, :class:`SeedContext`) the evaluation is data parallel
+    (``evaluation.outputs(..., mesh=)``).
     """
     sets = pipeline.eval_sets(prob.train, prob.test, prob.split)
+    if mesh is not None:  # once for every set
+        variables = sharding.replicate(variables, mesh)
     outs = {
-        name: evaluation.outputs(prob.model, variables, images, idx)
+        name: evaluation.outputs(prob.model, variables, images, idx, mesh=mesh)
         for name, (images, idx) in sets.items()
     }
     acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
@@ -170,7 +176,7 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
         {"seed": seed, "progress": cfg.progress}, mesh,
     )
     rt = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
-                    {"rte_min": meta_rt["minutes"]})
+                    {"rte_min": meta_rt["minutes"]}, mesh)
     return SeedContext(cfg, run, seed, prob, theta_o, meta_o["refs"], rt, seed_dir, k_m, k_c,
                        mesh)
 
@@ -195,7 +201,7 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
         base = base_model(ctx, name, i)
         rows[row_name(name)] = _evaluated(
             run, f"eval_{name}_{seed}", ctx.prob, base.variables, cfg, seed,
-            {"rte_min": base.minutes},
+            {"rte_min": base.minutes}, ctx.mesh,
         )
         for mode in cfg.mcu_modes:
             label = row_name(name, mode)
@@ -209,10 +215,11 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
     return rows
 
 
-def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict) -> dict:
+def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict,
+               mesh=None) -> dict:
     if run.phase_done(phase):
         return run.load_phase(phase)
-    result = {**evaluate_model(prob, variables, cfg.mia, seed), **extra}
+    result = {**evaluate_model(prob, variables, cfg.mia, seed, mesh), **extra}
     run.mark_done(phase, result)
     return result
 
@@ -233,7 +240,7 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
         key, dataclasses.replace(mcu_cfg, progress=ctx.cfg.progress), mask_cfg, sel_cfg,
         out_dir=ctx.seed_dir / out_name, mesh=ctx.mesh,
     )
-    result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed)
+    result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed, ctx.mesh)
     phase_minutes = {k: float(v) for k, v in out.minutes.items()}
     result.update(
         rte_min=float(base.minutes) + sum(phase_minutes.values()),

@@ -137,17 +137,19 @@ def mask_gradients(
     retain_idx: Any,
     forget_idx: Any,
     batch_size: int = 256,
+    mesh: Any = None,
 ) -> tuple[PyTree, PyTree]:
     """Gradients of the mean cross-entropy at theta_o over all of D_r and all of D_f.
 
     ``retain_idx``/``forget_idx`` index into ``images``. Both are
-    ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums). Returns
-    ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
+    ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums), data
+    parallel over ``mesh`` when one is given (``batch_size`` divisible by its device count).
+    Returns ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
     """
     n = images.num_examples
     retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
     forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)
     return (
-        mean_gradient(model, variables, images, retain_idx, batch_size),
-        mean_gradient(model, variables, images, forget_idx, batch_size),
+        mean_gradient(model, variables, images, retain_idx, batch_size, mesh),
+        mean_gradient(model, variables, images, forget_idx, batch_size, mesh),
     )

@@ -137,12 +137,15 @@ def _gap(acc: dict, refs: dict, class_wise: bool, include_test: bool):
     )
 
 
-def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig) -> Any:
-    """The section-2.3 mask from gradients at theta_o over all of D_r and D_f."""
+def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig,
+                 mesh=None) -> Any:
+    """The section-2.3 mask from gradients at theta_o over all of D_r and D_f (data parallel
+    over ``mesh`` when given: ``config.batch_size`` must be divisible by its device count)."""
     if not config.enabled:
         return jax.tree.map(lambda _: True, theta_o["params"])
     g_r, g_f = masks.mask_gradients(
-        model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size
+        model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size,
+        mesh=mesh,
     )
     return masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
 
@@ -169,7 +172,8 @@ def run_mcu(
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
     exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``; a rerun reuses
     every finished part (mask, curve epochs, ``sweep.json``, the exported model). A ``mesh``
-    (``sharding.make_mesh``) makes curve training data parallel and the sweep t parallel.
+    (``sharding.make_mesh``) makes the mask gradients and curve training data parallel and
+    the sweep t parallel.
     """
     mcu_config = mcu_config or MCUConfig()
     mask_config = mask_config or MaskConfig()
@@ -184,7 +188,7 @@ def run_mcu(
     start = time.perf_counter()
     mask = _cached_mask(out, theta_o["params"]) if out is not None else None
     if mask is None:
-        mask = compute_mask(model, theta_o, train, split, mask_config)
+        mask = compute_mask(model, theta_o, train, split, mask_config, mesh)
         if out is not None:
             flat = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
             checkpoint.write_json(out / "mask.json", flat)

@@ -12,6 +12,13 @@ Nothing here is global state: a :class:`~jax.sharding.Mesh` is made once with
   train-mode batch statistics, which are therefore the *global* statistics of the batch,
   exactly as on one device. The result equals the single-device run within float tolerance
   (summation order differs). The batch size must be divisible by the number of devices.
+- ``evaluation.mean_gradient(..., mesh=mesh)`` (hence ``masks.mask_gradients``,
+  ``pipeline.compute_mask`` and SalUn's saliency) and ``evaluation.outputs`` /
+  ``accuracy`` / ``evaluate_sets`` (hence ``experiment.evaluate_model`` and
+  ``train.reference_accuracies``): **data parallel** in the same way, evaluation mode. The
+  gradient's batch size must be divisible by the number of devices; an evaluation batch
+  size is rounded up to a multiple of it (outputs are per sample). Results come back
+  replicated.
 - ``sweep.sweep(..., mesh=mesh)``: **t parallel**. Each compiled chunk of t values is sharded
   over the devices (``shard_map``); every device evaluates its own t with the replicated data,
   with no communication until the results are gathered.
@@ -155,7 +162,7 @@ def check_batch_size(batch_size: int, mesh: Mesh | None, what: str = "batch_size
         lower = (batch_size // n) * n
         raise ValueError(
             f"{what}={batch_size} is not divisible by the {n} devices of the mesh; "
-            f"data-parallel training splits every batch evenly, so use a multiple of {n} "
+            f"data parallelism splits every batch evenly, so use a multiple of {n} "
             f"(e.g. {max(lower, n)} or {lower + n})"
         )
 

@@ -198,14 +198,16 @@ def fit(
     return state.variables, history
 
 
-def reference_accuracies(model, variables, train: Images, test: Images, split) -> dict:
+def reference_accuracies(model, variables, train: Images, test: Images, split,
+                         mesh=None) -> dict:
     """theta_o's reference accuracies (percent, evaluation mode) used by adaptive beta and
-    model selection: Acc_o(D_train), Acc_o(D_v) and Acc_o(D_t)."""
-    return {
-        "train": evaluation.accuracy(model, variables, train, np.arange(train.num_examples)),
-        "val": evaluation.accuracy(model, variables, test, split.val),
-        "test": evaluation.accuracy(model, variables, test, split.test),
-    }
+    model selection: Acc_o(D_train), Acc_o(D_v) and Acc_o(D_t); data parallel over ``mesh``
+    when given (``evaluation.outputs``)."""
+    return evaluation.evaluate_sets(model, variables, {
+        "train": (train, np.arange(train.num_examples)),
+        "val": (test, split.val),
+        "test": (test, split.test),
+    }, mesh=mesh)
 
 
 def train_model(
@@ -253,6 +255,6 @@ def train_model(
         train_config=dataclasses.asdict(config),
     )
     if references is not None:
-        meta["refs"] = reference_accuracies(model, variables, images, *references)
+        meta["refs"] = reference_accuracies(model, variables, images, *references, mesh=mesh)
     checkpoint.save_model(out_dir, variables, meta)
     return variables, meta

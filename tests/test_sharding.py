@@ -1,4 +1,5 @@
-"""Several devices: data-parallel training, curve training and methods, t-parallel sweeps.
+"""Several devices: data-parallel training, curve training, methods, evaluation-mode
+gradients and evaluation; t-parallel sweeps.
 
 XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
 subprocess started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``: this file,
@@ -152,6 +153,76 @@ def main() -> None:
     r8 = methods.run("neggrad", model, theta_o, data8, m_cfg, key)
     out["neggrad"] = _max_diff(r1.variables, r8.variables)
 
+    # Evaluation-mode gradients, data parallel: 300 indices (4 batches of 64, the last
+    # padded), a set smaller than one batch (13 -> one batch of 16) and the mask's pair.
+    from types import SimpleNamespace
+
+    from mcu_jax import evaluation, experiment, masks
+
+    gsec = time.perf_counter()
+    retain, few = split.retain[:300], split.forget[:13]
+    g1 = evaluation.mean_gradient(model, theta_o, images, retain, 64)
+    g8 = evaluation.mean_gradient(model, theta_o, images, retain, 64, mesh=mesh)
+    out["mean_gradient"] = _max_diff(g1, g8)
+    out["mean_gradient"]["replicated"] = _replicated_on(g8, mesh)
+    out["mean_gradient"]["scale"] = max(float(np.abs(np.asarray(g)).max())
+                                        for g in jax.tree.leaves(g1))
+    out["mean_gradient_small"] = _max_diff(
+        evaluation.mean_gradient(model, theta_o, images, few, 64),
+        evaluation.mean_gradient(model, theta_o, images, few, 64, mesh=mesh))
+    m1 = masks.mask_gradients(model, theta_o, images, retain, forget, 64)
+    m8 = masks.mask_gradients(model, theta_o, images, retain, forget, 64, mesh=mesh)
+    out["mask_gradients"] = _max_diff(m1, m8)
+    try:
+        evaluation.mean_gradient(model, theta_o, images, retain, 60, mesh=mesh)
+        out["gradient_divisibility_error"] = None
+    except ValueError as err:
+        out["gradient_divisibility_error"] = str(err)
+
+    # Evaluation, data parallel: batch 500 (rounded to 504; 300 indices -> one padded batch
+    # of 304) and batch 64 (4 full batches, then 44 padded to 48), and experiment's metrics.
+    for bs in (500, 64):
+        o1 = evaluation.outputs(model, theta_o, images, retain, bs)
+        o8 = evaluation.outputs(model, theta_o, images, retain, bs, mesh=mesh)
+        out[f"outputs_{bs}"] = {
+            "shape": [o1["prob"].shape[0], o8["prob"].shape[0]],
+            "correct_equal": bool(np.array_equal(o1["correct"], o8["correct"])),
+            "loss": _max_diff(o1["loss"], o8["loss"]),
+            "prob": _max_diff(o1["prob"], o8["prob"]),
+        }
+    sets = {"retain": (images, retain), "forget": (images, forget),
+            "test": (test_images, split.test[:150]), "empty": (images, [])}
+    e1 = evaluation.evaluate_sets(model, theta_o, sets, 64)
+    e8 = evaluation.evaluate_sets(model, theta_o, sets, 64, mesh=mesh)
+    out["evaluate_sets"] = {"equal": all(e1[k] == e8[k] or np.isnan(e1[k]) and np.isnan(e8[k])
+                                         for k in sets), "acc": [e1, e8]}
+    prob = SimpleNamespace(model=model, train=images, test=test_images, split=dataclass_replace(
+        split, retain=retain, forget=forget, test=split.test[:150]))
+    x1 = experiment.evaluate_model(prob, theta_o, True, 0)
+    x8 = experiment.evaluate_model(prob, theta_o, True, 0, mesh=mesh)
+    out["evaluate_model"] = {
+        "acc_equal": {k: v for k, v in x1.items() if k != "MIA"}
+        == {k: v for k, v in x8.items() if k != "MIA"},
+        "mia": [x1["MIA"], x8["MIA"]],
+    }
+    # The compiled gradient and evaluation steps really split the batch (8 rows a device).
+    run8, grad8 = evaluation._mesh_programs(mesh)
+    rep_args = sharding.replicate((theta_o, images), mesh)
+    zeros = sharding.replicate(jax.tree.map(np.zeros_like, theta_o["params"]), mesh)
+    one_batch = sharding.place((np.arange(64, dtype=np.int32), np.ones(64, np.float32)),
+                               sharding.batch_sharding(mesh, ndim=1))
+    hlos = {
+        "gradient": grad8.lower(model, zeros, *rep_args, *one_batch).compile().as_text(),
+        "eval": run8.lower(model, *rep_args, sharding.place(
+            np.arange(128, dtype=np.int32).reshape(2, 64),
+            sharding.batch_sharding(mesh, ndim=2))).compile().as_text(),
+    }
+    out["eval_split"] = {name: {"per_device_batch": "f32[8,8,8,32]" in hlo,
+                                "whole_batch": "f32[64,8,8,32]" in hlo}
+                         for name, hlo in hlos.items()}
+    out["eval_split"]["gradient"]["all_reduce"] = "all-reduce" in hlos["gradient"]
+    out["gradient_and_eval_seconds"] = time.perf_counter() - gsec
+
     # The sweep, t parallel: vmap in chunks of 3 and map in one chunk, each padded to 8 t.
     points = [theta_o["params"], c1.theta_c, theta_p["params"]]
     ts = np.linspace(0.0, 1.0, 5)
@@ -279,6 +350,21 @@ def test_eight_devices_equal_one():
     for name in ("sweep_vmap_chunk3", "sweep_map"):
         assert out[name]["acc_equal"], (name, out[name]["acc"])
         assert out[name]["probs"]["allclose"], (name, out[name]["probs"])
+    for part in ("mean_gradient", "mean_gradient_small", "mask_gradients"):
+        assert out[part]["allclose"], (part, out[part])
+    assert out["mean_gradient"]["replicated"] and out["mean_gradient"]["scale"] > 1e-3
+    err = out["gradient_divisibility_error"]
+    assert err is not None and "batch_size=60" in err and "8 devices" in err
+    for bs in (500, 64):
+        o = out[f"outputs_{bs}"]
+        assert o["shape"] == [300, 300] and o["correct_equal"], (bs, o)
+        assert o["loss"]["allclose"] and o["prob"]["allclose"], (bs, o)
+    assert out["evaluate_sets"]["equal"], out["evaluate_sets"]
+    assert out["evaluate_model"]["acc_equal"], out["evaluate_model"]
+    assert abs(out["evaluate_model"]["mia"][0] - out["evaluate_model"]["mia"][1]) < 1e-3
+    for name, got in out["eval_split"].items():
+        assert got["per_device_batch"] and not got["whole_batch"], (name, got)
+    assert out["eval_split"]["gradient"]["all_reduce"]
     assert out["pipeline"]["theta_c"]["allclose"] and out["pipeline"]["gaps_close"]
     assert abs(out["pipeline"]["t_star"][0] - out["pipeline"]["t_star"][1]) < 1e-6
 
@@ -371,6 +457,53 @@ def test_single_device_mesh_is_the_same_path(digits, digits_images, small_model)
                      mesh=sharding.make_mesh(1))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_mesh_reaches_gradients_and_evaluation(monkeypatch, digits_images, digits_split,
+                                               small_model):
+    """compute_mask, SalUn (MethodData.mesh) and train.reference_accuracies hand their mesh
+    to the gradient / evaluation, whose one-device-mesh path equals the no-mesh one."""
+    import jax
+    import numpy as np
+    import pytest
+
+    from mcu_jax import evaluation, methods, pipeline, sharding, train
+    from mcu_jax.methods import salun
+    from mcu_jax.models import init_variables
+
+    train_images, test_images = digits_images
+    mesh = sharding.make_mesh(1)
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    split = dataclass_replace(digits_split, retain=digits_split.retain[:200],
+                              forget=digits_split.forget[:40], val=digits_split.val[:50],
+                              test=digits_split.test[:70])
+    cfg = pipeline.MaskConfig(k=0.5, k_r=0.1, batch_size=64)
+    assert (pipeline.compute_mask(small_model, v0, train_images, split, cfg)
+            == pipeline.compute_mask(small_model, v0, train_images, split, cfg, mesh))
+    refs = [train.reference_accuracies(small_model, v0, train_images, test_images, split, m)
+            for m in (None, mesh)]
+    assert refs[0] == refs[1]
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recorder(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("mesh"))
+        raise Stop
+
+    monkeypatch.setattr(salun.evaluation, "mean_gradient", recorder)
+    data = methods.MethodData(train_images, test_images, split, (1, 8, 8, 1), mesh=mesh)
+    with pytest.raises(Stop):
+        methods.run("salun", small_model, v0, data,
+                    methods.default_config("salun", progress=False), jax.random.PRNGKey(0))
+    assert seen == [mesh]
+    monkeypatch.undo()
+    o1 = evaluation.outputs(small_model, v0, train_images, split.retain, 64)
+    o8 = evaluation.outputs(small_model, v0, train_images, split.retain, 64, mesh=mesh)
+    for k in o1:
+        np.testing.assert_allclose(o1[k], o8[k], rtol=1e-6, atol=1e-7)
 
 
 def test_initialize_distributed_reads_env(monkeypatch):

@@ -40,8 +40,9 @@ class MethodData:
     model's input shape ((H, W, C) or (N, H, W, C), for a fresh initialisation).
 
     ``mesh`` (optional, ``mcu_jax.sharding.make_mesh``) makes the method's training loop data
-    parallel over the mesh's devices (``train.fit(..., mesh=...)``); the batch size must then
-    be divisible by the number of devices. None: one device."""
+    parallel over the mesh's devices (``train.fit(..., mesh=...)``), and SalUn's saliency
+    gradient too; the batch size (and SalUn's ``grad_batch_size``) must then be divisible by
+    the number of devices. None: one device."""
 
     train: Images
     test: Images

@@ -1,7 +1,8 @@
 """SalUn: random labels restricted to the weights most salient for forgetting.
 
 1. Saliency at theta_o: the gradient of the forget loss -CE, averaged over *all* of D_f with
-   evaluation-mode BatchNorm (samples independent, so the batched sum is exact).
+   evaluation-mode BatchNorm (samples independent, so the batched sum is exact); data
+   parallel under ``MethodData.mesh`` (``grad_batch_size`` divisible by its device count).
 2. Mask: the top ``fraction`` (default 0.5) of *all* parameter elements by |gradient|, as one
    boolean array per tensor. Exactly ``floor(fraction * N)`` elements are selected; ties at
    the threshold go to the elements first in flattening order.
@@ -30,13 +31,15 @@ from mcu_jax.methods.registry import register
 from mcu_jax.methods.rl import train_random_labels
 
 
-def forget_gradient(model, variables: dict, images: Images, forget, batch_size: int = 256):
+def forget_gradient(model, variables: dict, images: Images, forget, batch_size: int = 256,
+                    mesh=None):
     """Gradient of the forget loss -mean CE over ``images[forget]`` at ``variables``
     (evaluation-mode BatchNorm), shaped like the params, float32.
 
-    It is ``-evaluation.mean_gradient`` (exact for any batch size).
+    It is ``-evaluation.mean_gradient`` (exact for any batch size), data parallel over
+    ``mesh`` when given (``batch_size`` divisible by its device count).
     """
-    mean_ce = evaluation.mean_gradient(model, variables, images, forget, batch_size)
+    mean_ce = evaluation.mean_gradient(model, variables, images, forget, batch_size, mesh)
     return jax.tree.map(lambda g: -g.astype(jnp.float32), mean_ce)
 
 
@@ -82,7 +85,8 @@ def salun(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
     """RL in which only the ``config.fraction`` most salient weights may change."""
     start = time.perf_counter()
     forget = indices(data.split, "forget", "salun")
-    grads = forget_gradient(model, theta_o, data.train, forget, config.grad_batch_size)
+    grads = forget_gradient(model, theta_o, data.train, forget, config.grad_batch_size,
+                            data.mesh)
     mask = saliency_mask(grads, config.fraction)  # shaped like the params by construction
     device_mask = jax.tree.map(jnp.asarray, mask)
     variables, history = train_random_labels(
