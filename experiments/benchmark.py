@@ -426,9 +426,10 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
-    level = pipeline.log.level
+    level, propagate = pipeline.log.level, pipeline.log.propagate
     pipeline.log.addHandler(handler)
     pipeline.log.setLevel(logging.INFO)
+    pipeline.log.propagate = False  # printed once, here, whatever the root logger does
     try:
         with jax.profiler.TraceAnnotation("end_to_end"):
             t0 = time.perf_counter()
@@ -438,6 +439,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     finally:
         pipeline.log.removeHandler(handler)
         pipeline.log.setLevel(level)
+        pipeline.log.propagate = propagate
     phases = {k: 60.0 * v for k, v in out.minutes.items()}
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
