@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class SelectionConfig:
     eval_batch_size: int = 500
     strategy: str = "auto"  # sweep over t: "vmap", "map" or "auto" (per backend)
     chunk_size: int | None = None
+    # Compile the two sweep programs in a background thread while the mask and the curve are
+    # computed (one device only). Off by default until measured on a GPU (docs/benchmarks.md).
+    precompile: bool = False
 
     def __post_init__(self):
         if self.num_t < 4:
@@ -185,6 +189,19 @@ def run_mcu(
     out = Path(out_dir) if out_dir is not None else None
     minutes = {}
 
+    sc = selection_config
+    ts = selection.uniform_ts(sc.num_t)
+    bn_idx = split.retain if sc.bn_set == "retain" else np.arange(train.num_examples)
+    template = theta_o.get("batch_stats", {})
+    sets = eval_sets(train, test, split)
+    compiling = None
+    finished = out is not None and (out / "sweep.json").is_file() and checkpoint.model_exists(
+        out / "model")
+    if sc.precompile and mesh is None and not finished:
+        p_o = theta_o["params"]  # theta_c has theta_o's shapes: the programs are the same
+        compiling = _precompile(model, [p_o, p_o, theta_p["params"]], ts, template,
+                                (train, bn_idx), sets, sc)
+
     start = time.perf_counter()
     mask = _cached_mask(out, theta_o["params"]) if out is not None else None
     if mask is None:
@@ -205,12 +222,9 @@ def run_mcu(
     log.info("run_mcu: curve training done in %.1f s", 60 * minutes["curve"])
 
     start = time.perf_counter()
-    sc = selection_config
-    ts = selection.uniform_ts(sc.num_t)
-    bn_idx = split.retain if sc.bn_set == "retain" else np.arange(train.num_examples)
+    if compiling is not None:
+        compiling.join()  # a program still compiling is finished, not compiled twice
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
-    template = theta_o.get("batch_stats", {})
-    sets = eval_sets(train, test, split)
     sw = _cached_sweep(out, ts) if out is not None else None
     if sw is None:
         sw = sweep.sweep(
@@ -250,6 +264,33 @@ def run_mcu(
             )
         checkpoint.write_json(out / "mcu.json", output.summary())
     return output
+
+
+def _precompile(model, points, ts, template, bn_set, sets: dict,
+                sc: SelectionConfig) -> threading.Thread:
+    """Starts compiling the sweep over ``ts`` and the one-t sweep of :func:`_materialise`
+    in a daemon thread (XLA releases the GIL while compiling); a failure only logs a
+    warning, and the programs are then compiled when first called."""
+    options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
+                   strategy=sc.strategy)
+
+    def work():
+        begin = time.perf_counter()
+        try:
+            sweep.precompile(model, points, ts, template, bn_set, sets,
+                             chunk_size=sc.chunk_size, **options)
+            sweep.precompile(model, points, ts[:1], template, bn_set, sets, chunk_size=1,
+                             return_stats=True, **options)
+        except Exception as err:  # noqa: BLE001 - the foreground compiles instead
+            log.warning("run_mcu: compiling the sweep in the background failed (%s: %s); it "
+                        "is compiled when first used", type(err).__name__, err)
+            return
+        log.info("run_mcu: sweep programs compiled in the background in %.1f s",
+                 time.perf_counter() - begin)
+
+    thread = threading.Thread(target=work, name="mcu-jax-precompile", daemon=True)
+    thread.start()
+    return thread
 
 
 def _materialise(model, points, t_star, template, train: Images, bn_idx, sets: dict,

@@ -172,6 +172,55 @@ def sweep(
         t over its devices (t parallel; a chunk is rounded up to a multiple of the device
         count and padded); None: one device.
     """
+    plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
+                 bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
+                 return_probs=return_probs, return_stats=return_stats, strategy=strategy,
+                 chunk_size=chunk_size, mesh=mesh)
+    ts = plan.ts
+    outs = []
+    for lo in range(0, ts.size, plan.chunk):
+        part = ts[lo : lo + plan.chunk]
+        out = _sweep_chunk(plan.points, plan.chunk_ts(part), plan.template, plan.bn_data,
+                           plan.eval_data, **plan.statics)
+        outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
+    stats = None
+    if return_stats:
+        outs, chunk_stats = [o for o, _ in outs], [s for _, s in outs]
+        stats = jax.tree.map(lambda *a: np.concatenate(a), *chunk_stats)
+    acc = {}
+    probs = {} if return_probs else None
+    for name, n in plan.sizes.items():
+        correct = np.concatenate([o[name]["correct"] for o in outs])
+        acc[name] = 100.0 * correct / n if n else np.full(ts.size, np.nan)
+        if return_probs:
+            probs[name] = np.concatenate([o[name]["prob"][:, :n] for o in outs])
+    return SweepResult(ts=ts, acc=acc, probs=probs, batch_stats=stats)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Validated arguments of :func:`sweep`, laid out as its compiled chunks take them."""
+
+    ts: np.ndarray  # (T,) float32
+    chunk: int  # t per compiled call
+    points: list
+    template: Any
+    bn_data: tuple
+    eval_data: dict
+    sizes: dict[str, int]  # set name -> number of samples
+    statics: dict  # the static arguments of _sweep_chunk
+    mesh: Any
+
+    def chunk_ts(self, part: np.ndarray) -> jax.Array:
+        """``part`` padded with its last t to a whole chunk, placed as the chunk takes it."""
+        padded = np.concatenate([part, np.full(self.chunk - part.size, part[-1], np.float32)])
+        if self.mesh is None:
+            return jnp.asarray(padded)
+        return sharding.place(padded, sharding.t_sharding(self.mesh))
+
+
+def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
+          eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh) -> _Plan:
     ts = np.asarray(ts, np.float32).reshape(-1)
     if ts.size == 0:
         raise ValueError("ts is empty")
@@ -206,35 +255,25 @@ def sweep(
         points, template, bn_data, eval_data = sharding.replicate(
             (points, template, bn_data, eval_data), mesh
         )
-    outs = []
-    for lo in range(0, ts.size, chunk):
-        part = ts[lo : lo + chunk]
-        padded = np.concatenate([part, np.full(chunk - part.size, part[-1], np.float32)])
-        padded = (jnp.asarray(padded) if mesh is None
-                  else sharding.place(padded, sharding.t_sharding(mesh)))
-        out = _sweep_chunk(
-            points,
-            padded,
-            template,
-            bn_data,
-            eval_data,
-            model=model,
-            kind=curve,
-            strategy=strategy,
-            return_probs=return_probs,
-            return_stats=return_stats,
-            mesh=mesh,
-        )
-        outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
-    stats = None
-    if return_stats:
-        outs, chunk_stats = [o for o, _ in outs], [s for _, s in outs]
-        stats = jax.tree.map(lambda *a: np.concatenate(a), *chunk_stats)
-    acc = {}
-    probs = {} if return_probs else None
-    for name, n in sizes.items():
-        correct = np.concatenate([o[name]["correct"] for o in outs])
-        acc[name] = 100.0 * correct / n if n else np.full(ts.size, np.nan)
-        if return_probs:
-            probs[name] = np.concatenate([o[name]["prob"][:, :n] for o in outs])
-    return SweepResult(ts=ts, acc=acc, probs=probs, batch_stats=stats)
+    statics = dict(model=model, kind=curve, strategy=strategy, return_probs=return_probs,
+                   return_stats=return_stats, mesh=mesh)
+    return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
+
+
+def precompile(model, points: Sequence[Any], ts, template: Any, bn_set: tuple[Images, Any],
+               eval_sets: dict[str, tuple[Images, Any]], **options) -> None:
+    """Compiles the program(s) that :func:`sweep` with the same arguments will run, without
+    running them (``options`` are :func:`sweep`'s keywords; only shapes and dtypes matter, so
+    ``points`` may hold any arrays shaped like the curve's and ``ts`` any values of the same
+    count). XLA releases the GIL while it compiles, so a thread can compile the sweep while
+    the main thread trains the curve; the later :func:`sweep` call then reuses the program.
+    """
+    defaults = dict(curve="bezier", bn_batch_size=128, eval_batch_size=500, return_probs=False,
+                    return_stats=False, strategy="auto", chunk_size=None, mesh=None)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"precompile: unknown option(s) {sorted(unknown)}")
+    plan = _plan(model, points, ts, template, bn_set, eval_sets, **{**defaults, **options})
+    # Every chunk is padded to plan.chunk t, so one program serves them all.
+    _sweep_chunk.lower(plan.points, plan.chunk_ts(plan.ts[: plan.chunk]), plan.template,
+                       plan.bn_data, plan.eval_data, **plan.statics).compile()

@@ -1,5 +1,6 @@
 """MCU in one call on the digits set: curve, sweep, region, t*, exported model."""
 
+import dataclasses
 import json
 
 import jax
@@ -103,3 +104,28 @@ def test_config_validation():
         pipeline.SelectionConfig(num_t=3)
     with pytest.raises(ValueError, match="bn_set"):
         pipeline.SelectionConfig(bn_set="test")
+
+
+def test_background_compilation_is_reused_and_changes_nothing(theta_o, theta_p, digits_images,
+                                                              digits_split, small_model):
+    train_images, test_images = digits_images
+    refs = {"train": 100.0, "val": 95.0}
+    # Shapes no other test uses, so every compile of these sweep programs is seen here.
+    base = pipeline.SelectionConfig(num_t=5, bn_batch_size=50, eval_batch_size=77)
+
+    def run(precompile):
+        return pipeline.run_mcu(
+            small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,
+            jax.random.PRNGKey(1), MCUConfig(epochs=1, progress=False),
+            pipeline.MaskConfig(enabled=False),
+            dataclasses.replace(base, precompile=precompile),
+        )
+
+    early, compiled = _compiled_programs(lambda: run(True))
+    # The thread compiled the sweep over t and the sweep at t*; the calls reused both.
+    assert sum("_sweep_chunk" in n for n in compiled) == 2, compiled
+    plain, compiled_again = _compiled_programs(lambda: run(False))
+    assert not [n for n in compiled_again if "_sweep_chunk" in n], compiled_again
+    assert early.t_star == plain.t_star and early.measured == plain.measured
+    for name in early.sweep.acc:
+        np.testing.assert_array_equal(early.sweep.acc[name], plain.sweep.acc[name])
