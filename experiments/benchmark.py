@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--forget", type=int, default=5000, help="|D_f|")
     x.add_argument("--test", type=int, default=10000, help="test set (10%% D_v, rest D_t)")
     x.add_argument("--epochs", type=int, default=10, help="curve-training epochs")
+    x.add_argument("--precompile", action="store_true",
+                   help="compile the sweep programs in a background thread during the mask "
+                   "and curve training (SelectionConfig.precompile)")
     o = p.add_argument_group("output")
     o.add_argument("--profile", metavar="DIR", default=None,
                    help="write a jax.profiler trace of each timed region (not the compiling "
@@ -422,7 +425,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     sel = pipeline.SelectionConfig(num_t=args.num_t, strategy=args.strategy,
                                    chunk_size=args.chunk_size,
                                    bn_batch_size=args.bn_batch_size,
-                                   eval_batch_size=args.eval_batch_size)
+                                   eval_batch_size=args.eval_batch_size,
+                                   precompile=args.precompile)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
@@ -447,7 +451,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     mask_text = "none" if args.mask is None else f"k={args.mask[0]:g}, k_r={args.mask[1]:g}"
     setting = (f"{args.model} {args.dtype}, D_r {args.retain:,}, D_f {args.forget:,}, "
                f"test {args.test:,}, {args.epochs} epochs ({steps} steps), mask {mask_text}, "
-               f"{args.num_t} t")
+               f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
                  f"selection {phases['selection']:.3g}; compile included)")
     return _row(

@@ -13,6 +13,7 @@
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
+#   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
 #   bf16         bfloat16, no mask: curve step + sweep
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
@@ -185,6 +186,8 @@ reference
 profile
 bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
+bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
+  --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \

@@ -68,13 +68,14 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
 def test_end_to_end_row(benchmark, capsys):
     out = benchmark.main(TINY + [
         "--skip-step", "--skip-sweep", "--end-to-end", "--retain", "96", "--forget", "32",
-        "--test", "40", "--epochs", "1", "--num-t", "4", "--mask", "paper",
+        "--test", "40", "--epochs", "1", "--num-t", "4", "--mask", "paper", "--precompile",
     ])
     captured = capsys.readouterr()
     rows = _table_rows(captured.out)[2:]
     assert [r[0] for r in rows] == ["end-to-end"]
     # Each phase is reported as it finishes (a run cut short still shows where time went).
-    for phase in ("mask done", "curve training done", "sweep over 4 t done", "selection"):
+    for phase in ("mask done", "curve training done", "sweep over 4 t done", "selection",
+                  "sweep programs compiled in the background"):
         assert f"[benchmark] end-to-end: run_mcu: {phase}" in captured.err
     numbers = out["rows"][0]["numbers"]
     assert set(numbers["phases_s"]) == {"mask", "curve", "selection"}
