@@ -152,3 +152,20 @@ def test_compare_runs_reports_every_shared_metric(compare_runs, tmp_path, capsys
     assert "within the tolerance of 1 points" in out
     with pytest.raises(SystemExit, match="does not exist"):
         compare_runs.load_rows(tmp_path / "missing.json")
+
+
+def test_cost_analysis_counts_the_programs(capsys):
+    cost = _load("cost_analysis")
+    text = cost.main(["--model", "cnn_small", "--batch-size", "16", "--eval-batch", "32",
+                      "--num-t", "2", "--sweep-images", "10"])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "curve step (batch 16)", "train-mode forward (batch 16)",
+        "eval-mode forward (batch 32)", "sweep (2 t x (10 BN + 10 eval images))"]
+    step = cost.analyse("cnn_small", 16, "float32", 32)
+    assert all(r["flops"] > 0 and r["bytes"] > 0 for r in step)
+    # A backward pass costs more than the forward passes of the same batch.
+    assert step[0]["flops"] > 16 * step[1]["flops"]
+    sweep = cost.sweep_row(step, 2, 10)
+    assert sweep["flops"] == pytest.approx(20 * (step[1]["flops"] + step[2]["flops"]))
+    assert "cnn_small float32" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""XLA's own count of the arithmetic and memory traffic of mcu-jax's programs: the floors
+that no schedule of the same program can beat.
+
+usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 128]
+                                           [--dtype float32] [--eval-batch 500] [--num-t 20]
+                                           [--sweep-images 6000] [--flops-per-s 4e14]
+                                           [--bytes-per-s 3e12]
+
+Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
+runs, batch ``--batch-size``), (2) a train-mode forward pass (BatchNorm with batch statistics,
+as in the sweep's BatchNorm pass) and (3) an eval-mode forward pass, and prints for each the
+FLOPs and bytes accessed from ``compiled.cost_analysis()``, per step or per image, with the
+times they take at the given rates (defaults: about an H100's TF32 matrix rate and its
+measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`` t over
+``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). The counts
+come from the backend the program is compiled for (its fusion decides the bytes); on CPU they
+estimate a GPU's. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mcu_jax import curves, mcu
+from mcu_jax.data import Images
+from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+from mcu_jax.mcu import MCUConfig
+from mcu_jax.models import create, init_variables
+
+SHAPES = {"cnn_small": (8, 8, 1), "vgg16_bn": (64, 64, 3), "vit_b16": (224, 224, 3)}
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> list[dict]:
+    """Rows {"program", "flops", "bytes", "per"} of the three programs."""
+    h, w, c = SHAPES.get(model_name, (32, 32, 3))
+    model = create(model_name, 10, dtype=dtype)
+    theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
+    theta_p = init_variables(model, jax.random.PRNGKey(1), (1, h, w, c))
+    n = max(batch_size, eval_batch)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+    y = rng.integers(0, 10, size=n)
+    images = Images.from_arrays(x, y, (CIFAR10_MEAN * c)[:c], (CIFAR10_STD * c)[:c],
+                                "crop_flip" if (h, w) == (32, 32) else "none")
+    is_forget = np.arange(n) % 11 == 0
+    config = MCUConfig(batch_size=batch_size, progress=False)
+    mask = jax.tree.map(lambda _: True, theta_o["params"])
+    theta_c = curves.midpoint(theta_o["params"], theta_p["params"])
+    state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
+                                       is_forget, (100.0, 90.0), config)
+    tx = optax.sgd(config.lr, momentum=config.momentum)
+    step = mcu.make_curve_step(model, tx, config, theta_o["params"])
+    idx = jnp.arange(batch_size, dtype=jnp.int32)
+    rows = []
+    flops, nbytes = _cost(jax.jit(step).lower(state, consts, idx, jax.random.PRNGKey(0))
+                          .compile())
+    rows.append({"program": f"curve step (batch {batch_size})", "flops": flops,
+                 "bytes": nbytes, "per": "step"})
+    xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
+    train_fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    flops, nbytes = _cost(train_fwd.lower(theta_o, xb).compile())
+    rows.append({"program": f"train-mode forward (batch {batch_size})",
+                 "flops": flops / batch_size, "bytes": nbytes / batch_size, "per": "image"})
+    xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
+    eval_fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    flops, nbytes = _cost(eval_fwd.lower(theta_o, xe).compile())
+    rows.append({"program": f"eval-mode forward (batch {eval_batch})",
+                 "flops": flops / eval_batch, "bytes": nbytes / eval_batch, "per": "image"})
+    return rows
+
+
+def sweep_row(rows: list[dict], num_t: int, images: int) -> dict:
+    """The t-sweep of benchmark.py: per t, a train-mode pass (BatchNorm statistics) and an
+    eval-mode pass over ``images`` images each."""
+    train_fwd, eval_fwd = rows[1], rows[2]
+    count = num_t * images
+    return {"program": f"sweep ({num_t} t x ({images:,} BN + {images:,} eval images))",
+            "flops": count * (train_fwd["flops"] + eval_fwd["flops"]),
+            "bytes": count * (train_fwd["bytes"] + eval_fwd["bytes"]), "per": "sweep"}
+
+
+def _time(seconds: float) -> str:
+    return f"{1e3 * seconds:.3g} ms" if seconds >= 1e-3 else f"{1e6 * seconds:.3g} us"
+
+
+def table(rows: list[dict], flops_per_s: float, bytes_per_s: float) -> str:
+    lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['program']} | {r['per']} | {r['flops']:.3g} | {r['bytes']:.3g} | "
+            f"{_time(r['flops'] / flops_per_s)} | {_time(r['bytes'] / bytes_per_s)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="preresnet110")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--eval-batch", type=int, default=500)
+    p.add_argument("--num-t", type=int, default=20, help="t of the sweep row")
+    p.add_argument("--sweep-images", type=int, default=6000, help="images per pass and t")
+    p.add_argument("--flops-per-s", type=float, default=4e14)
+    p.add_argument("--bytes-per-s", type=float, default=3e12)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch", "num_t", "sweep_images", "flops_per_s",
+                 "bytes_per_s"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch)
+    rows.append(sweep_row(rows, args.num_t, args.sweep_images))
+    text = (f"# XLA cost analysis: {args.model} {args.dtype} on {jax.devices()[0].device_kind} "
+            f"(jax {jax.__version__})\n\n"
+            + table(rows, args.flops_per_s, args.bytes_per_s))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
