@@ -21,6 +21,7 @@
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
 #   cmdbuf       f32 curve step with XLA command buffers (CUDA graphs) also over while loops
 #                and conditionals (XLA_FLAGS=$CMDBUF_FLAGS; slower on 2026-11-27)
+#   cost         experiments/cost_analysis.py: XLA's FLOP and byte counts with GPU fusion
 #
 # Before the call (on the development machine, in the repository root):
 #   1. Put the authors' release (TIML-Group/Mode-Connectivity-Unlearning, commit ff1f215: its
@@ -195,6 +196,12 @@ bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20
 bench bf16_k01 80 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep
 bench f32_paper 80 "${STD[@]}" --dtype float32 --mask paper --skip-sweep
 FLAGS=$CMDBUF_FLAGS bench cmdbuf 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep
+if wanted cost && left=$(time_left cost 90); then
+  log "run cost: experiments/cost_analysis.py (XLA's FLOP and byte counts on the GPU)"
+  { echo "## cost"; echo; timeout "$left" $PY experiments/cost_analysis.py; echo; } \
+    >>"$SUMMARY" 2>>"$LOG"
+  log "done cost (exit $?)"
+fi
 
 # 3. targets and ratios to the release
 $PY experiments/gpu_summary.py "$OUT" 2>>"$LOG" | tee -a "$SUMMARY"
