@@ -122,14 +122,17 @@ import jax; print("devices", jax.devices())'
 grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 
 # 2. parts
-bench() {  # name, estimated seconds, benchmark arguments... (XLA_FLAGS from $FLAGS)
+bench() {  # name, estimated seconds, benchmark arguments... (XLA_FLAGS from $FLAGS; the
+  # persistent compilation cache folder from $CACHE, default the one shared by all parts)
   local name=$1 need=$2 left rc
   shift 2
   wanted "$name" || return 0
   left=$(time_left "$name" "$need") || return 0
   log "run $name: ${FLAGS:+XLA_FLAGS='$FLAGS' }experiments/benchmark.py $*"
   # shellcheck disable=SC2086 # EXTRA_ARGS is a list of words
-  XLA_FLAGS="${FLAGS:-${XLA_FLAGS:-}}" timeout "$left" $PY experiments/benchmark.py "$@" \
+  XLA_FLAGS="${FLAGS:-${XLA_FLAGS:-}}" \
+    JAX_COMPILATION_CACHE_DIR="${CACHE:-$JAX_COMPILATION_CACHE_DIR}" \
+    timeout "$left" $PY experiments/benchmark.py "$@" \
     ${EXTRA_ARGS:-} --json "$WORK/$name.json" >"$WORK/$name.txt" 2>>"$LOG"
   rc=$?
   { echo "## $name"; echo; cat "$WORK/$name.txt"; echo; } >>"$SUMMARY"
@@ -185,9 +188,11 @@ STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
 reference
 profile
-bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
+# Each end-to-end part compiles from an empty cache of its own: compilation is part of what
+# they measure, and e2e_pre must not load what e2e compiled.
+CACHE=$WORK/cache_e2e bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
-bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
+CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
