@@ -227,11 +227,8 @@ def run_mcu(
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
     sw = _cached_sweep(out, ts) if out is not None else None
     if sw is None:
-        sw = sweep.sweep(
-            model, points, ts, template, (train, bn_idx), sets,
-            bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-            strategy=sc.strategy, chunk_size=sc.chunk_size, mesh=mesh,
-        )
+        sw = sweep.sweep(model, points, ts, template, (train, bn_idx), sets,
+                         **_sweep_options(sc, mesh))
         if out is not None:  # a finished sweep survives a kill during selection
             checkpoint.write_json(
                 out / "sweep.json",
@@ -266,21 +263,29 @@ def run_mcu(
     return output
 
 
+def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:
+    """sweep.sweep's keywords for the sweep over t or (``at_one_t``) the one-t sweep that
+    materialises t*; one place, so the background compilation builds the same programs."""
+    options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
+                   strategy=sc.strategy, mesh=mesh)
+    if at_one_t:
+        return {**options, "chunk_size": 1, "return_stats": True}
+    return {**options, "chunk_size": sc.chunk_size}
+
+
 def _precompile(model, points, ts, template, bn_set, sets: dict,
                 sc: SelectionConfig) -> threading.Thread:
     """Starts compiling the sweep over ``ts`` and the one-t sweep of :func:`_materialise`
     in a daemon thread (XLA releases the GIL while compiling); a failure only logs a
     warning, and the programs are then compiled when first called."""
-    options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-                   strategy=sc.strategy)
 
     def work():
         begin = time.perf_counter()
         try:
             sweep.precompile(model, points, ts, template, bn_set, sets,
-                             chunk_size=sc.chunk_size, **options)
-            sweep.precompile(model, points, ts[:1], template, bn_set, sets, chunk_size=1,
-                             return_stats=True, **options)
+                             **_sweep_options(sc, None))
+            sweep.precompile(model, points, ts[:1], template, bn_set, sets,
+                             **_sweep_options(sc, None, at_one_t=True))
         except Exception as err:  # noqa: BLE001 - the foreground compiles instead
             log.warning("run_mcu: compiling the sweep in the background failed (%s: %s); it "
                         "is compiled when first used", type(err).__name__, err)
@@ -304,11 +309,8 @@ def _materialise(model, points, t_star, template, train: Images, bn_idx, sets: d
     accuracy in percent, NaN for an empty set).
     """
     t = np.float32(t_star)
-    at = sweep.sweep(
-        model, points, [t], template, (train, bn_idx), sets,
-        bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-        strategy=sc.strategy, chunk_size=1, mesh=mesh, return_stats=True,
-    )
+    at = sweep.sweep(model, points, [t], template, (train, bn_idx), sets,
+                     **_sweep_options(sc, mesh, at_one_t=True))
     variables = {
         "params": curves.bezier(*points, at.ts[0]),
         "batch_stats": jax.tree.map(lambda a: jnp.asarray(a[0]), at.batch_stats),

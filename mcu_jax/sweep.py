@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -268,12 +269,11 @@ def precompile(model, points: Sequence[Any], ts, template: Any, bn_set: tuple[Im
     count). XLA releases the GIL while it compiles, so a thread can compile the sweep while
     the main thread trains the curve; the later :func:`sweep` call then reuses the program.
     """
-    defaults = dict(curve="bezier", bn_batch_size=128, eval_batch_size=500, return_probs=False,
-                    return_stats=False, strategy="auto", chunk_size=None, mesh=None)
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise TypeError(f"precompile: unknown option(s) {sorted(unknown)}")
-    plan = _plan(model, points, ts, template, bn_set, eval_sets, **{**defaults, **options})
+    # sweep's own signature supplies the defaults (and rejects unknown options).
+    call = inspect.signature(sweep).bind(model, points, ts, template, bn_set, eval_sets,
+                                         **options)
+    call.apply_defaults()
+    plan = _plan(**call.arguments)
     # Every chunk is padded to plan.chunk t, so one program serves them all.
     _sweep_chunk.lower(plan.points, plan.chunk_ts(plan.ts[: plan.chunk]), plan.template,
                        plan.bn_data, plan.eval_data, **plan.statics).compile()
