@@ -8,14 +8,21 @@ sizes (the cumulative average that PyTorch's ``update_bn`` forms with ``momentum
 except that we average the biased variances BatchNorm itself normalises with).
 
 Everything is a pure function of ``params`` so a sweep can ``vmap`` it over many t.
+
+With a ``mesh`` (``mcu_jax.sharding.make_mesh``) :func:`recompute` is data parallel: every
+batch is split over the mesh's devices and BatchNorm's batch mean and variance become
+all-reduces, so each batch's statistics are those of the whole batch, as on one device.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcu_jax import sharding
 from mcu_jax.data.batching import check_batch_size, check_indices, eval_batches
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
@@ -71,12 +78,36 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
     return jax.tree.map(lambda a, t: (a / count).astype(t.dtype), total, template)
 
 
-def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128) -> dict:
-    """``variables`` with batch_stats recomputed over ``images[indices]``."""
+def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128,
+              mesh=None) -> dict:
+    """``variables`` with batch_stats recomputed over ``images[indices]``.
+
+    With a ``mesh`` the pass is data parallel (``batch_size`` must be divisible by the
+    device count, ValueError otherwise); the statistics equal the single-device ones within
+    float tolerance (the batch sums are reduced in another order) and come back replicated.
+    """
     batches, rest = bn_batches(indices, batch_size, images.num_examples)
     params, template = variables["params"], variables["batch_stats"]
-    stats = _batch_statistics_jit(model, params, template, images, batches, rest)
+    if mesh is None:
+        stats = _batch_statistics_jit(model, params, template, images, batches, rest)
+        return {"params": params, "batch_stats": stats}
+    if batches is not None:  # a set smaller than one batch runs as one (replicated) batch
+        sharding.check_batch_size(batches.shape[1], mesh, "BatchNorm recompute: batch_size")
+    n = sharding.num_shards(mesh)
+    params, template, images = sharding.replicate((params, template, images), mesh)
+    if batches is not None:
+        batches = sharding.place(batches, sharding.batch_sharding(mesh, ndim=2))
+    if rest is not None:  # split when it divides evenly; otherwise every device runs it whole
+        rest = sharding.place(rest, sharding.batch_sharding(mesh, ndim=1) if rest.shape[0] % n == 0
+                              else sharding.replicated(mesh))
+    stats = _mesh_program(mesh)(model, params, template, images, batches, rest)
     return {"params": params, "batch_stats": stats}
 
 
 _batch_statistics_jit = jax.jit(batch_statistics, static_argnums=0)
+
+
+@functools.cache
+def _mesh_program(mesh):
+    """:func:`batch_statistics` compiled with its result replicated on ``mesh``."""
+    return jax.jit(batch_statistics, static_argnums=0, out_shardings=sharding.replicated(mesh))

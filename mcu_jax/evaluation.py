@@ -137,16 +137,29 @@ def accuracy(model, variables, images: Images, indices, batch_size: int = 500,
     return float(100.0 * correct.mean()) if correct.size else float("nan")
 
 
-def evaluate_sets(model, variables, sets: dict, batch_size: int = 500,
-                  mesh=None) -> dict[str, float]:
-    """Accuracy in percent for each ``name -> (images, indices)`` entry; ``mesh`` as in
-    :func:`outputs` (the variables are then replicated once for all sets)."""
+def set_outputs(model, variables, sets: dict, batch_size: int = 500, mesh=None) -> dict:
+    """:func:`outputs` for each ``name -> (images, indices)`` entry of ``sets``.
+
+    With a ``mesh`` the variables and every distinct image set are replicated once for all
+    entries (D_r, D_f and D_t share the training images), not once per entry.
+    """
     if mesh is not None:
         variables = sharding.replicate(variables, mesh)
-    return {
-        name: accuracy(model, variables, images, idx, batch_size, mesh)
-        for name, (images, idx) in sets.items()
-    }
+        placed = {}
+        for images, _ in sets.values():
+            placed.setdefault(id(images), (images, sharding.replicate(images, mesh)))
+        sets = {name: (placed[id(images)][1], idx) for name, (images, idx) in sets.items()}
+    return {name: outputs(model, variables, images, idx, batch_size, mesh)
+            for name, (images, idx) in sets.items()}
+
+
+def evaluate_sets(model, variables, sets: dict, batch_size: int = 500,
+                  mesh=None) -> dict[str, float]:
+    """Accuracy in percent for each ``name -> (images, indices)`` entry (NaN for an empty
+    set); ``mesh`` as in :func:`set_outputs`."""
+    outs = set_outputs(model, variables, sets, batch_size, mesh)
+    return {name: float(100.0 * o["correct"].mean()) if o["correct"].size else float("nan")
+            for name, o in outs.items()}
 
 
 def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256,

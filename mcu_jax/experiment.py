@@ -111,12 +111,7 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int,
     (``evaluation.outputs(..., mesh=)``).
     """
     sets = pipeline.eval_sets(prob.train, prob.test, prob.split)
-    if mesh is not None:  # once for every set
-        variables = sharding.replicate(variables, mesh)
-    outs = {
-        name: evaluation.outputs(prob.model, variables, images, idx, mesh=mesh)
-        for name, (images, idx) in sets.items()
-    }
+    outs = evaluation.set_outputs(prob.model, variables, sets, mesh=mesh)
     acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
     # Class-wise, TA is the accuracy on the retained classes of D_t (D_tr), as the paper's
     # class-wise tables show (RT's TA there exceeds what a model blind to one class can

@@ -231,6 +231,30 @@ def main() -> None:
     out["eval_split"]["gradient"]["all_reduce"] = "all-reduce" in hlos["gradient"]
     out["gradient_and_eval_seconds"] = time.perf_counter() - gsec
 
+    # BatchNorm recomputation, data parallel: 300 indices at batch 64 (a rest of 44, run
+    # whole on every device) and 200 (a rest of 8, split), NegTV through MethodData.mesh.
+    from mcu_jax import bn
+
+    for n in (300, 200):
+        b1 = bn.recompute(model, theta_o, images, split.retain[:n], 64)
+        b8 = bn.recompute(model, theta_o, images, split.retain[:n], 64, mesh=mesh)
+        out[f"bn_{n}"] = _max_diff(b1, b8)
+        out[f"bn_{n}"]["replicated"] = _replicated_on(b8, mesh)
+    batches, _ = bn.bn_batches(split.retain[:256], 64)
+    hlo = bn._mesh_program(mesh).lower(
+        model, *sharding.replicate((theta_o["params"], theta_o["batch_stats"], images), mesh),
+        sharding.place(batches, sharding.batch_sharding(mesh, ndim=2)), None).compile().as_text()
+    out["bn_split"] = {"per_device_batch": "f32[8,8,8,32]" in hlo,
+                       "whole_batch": "f32[64,8,8,32]" in hlo}
+    try:
+        bn.recompute(model, theta_o, images, split.retain[:300], 60, mesh=mesh)
+        out["bn_divisibility_error"] = None
+    except ValueError as err:
+        out["bn_divisibility_error"] = str(err)
+    tv_cfg = methods.default_config("negtv", epochs=1, batch_size=64, progress=False)
+    out["negtv"] = _max_diff(methods.run("negtv", model, theta_o, data1, tv_cfg, key).variables,
+                             methods.run("negtv", model, theta_o, data8, tv_cfg, key).variables)
+
     # The sweep, t parallel: vmap in chunks of 3 and map in one chunk, each padded to 8 t.
     points = [theta_o["params"], c1.theta_c, theta_p["params"]]
     ts = np.linspace(0.0, 1.0, 5)
@@ -342,11 +366,14 @@ def test_eight_devices_equal_one():
     print(json.dumps(out, indent=1), f"\nsubprocess: {time.perf_counter() - start:.1f} s")
     assert out["devices"] == DEVICES and out["platform"] == "cpu"
     assert out["fit"]["moved"] > 1e-3, "training did not change the parameters"
-    for part in ("fit", "fit_scanned", "curve", "neggrad"):
+    for part in ("fit", "fit_scanned", "curve", "neggrad", "negtv", "bn_300", "bn_200"):
         assert out[part]["allclose"], (part, out[part])
     assert abs(out["fit"]["loss"][0] - out["fit"]["loss"][1]) < 1e-4
     assert out["fit"]["replicated"] and out["fit_scanned"]["replicated"]
-    assert out["curve"]["replicated"]
+    assert out["curve"]["replicated"] and out["bn_300"]["replicated"]
+    assert out["bn_split"]["per_device_batch"] and not out["bn_split"]["whole_batch"]
+    err = out["bn_divisibility_error"]
+    assert err is not None and "60" in err and "8 devices" in err
     assert out["curve"]["beta"][0] == out["curve"]["beta"][1]
     assert out["curve"]["moved"] > 1e-3, "curve training did not change theta_c"
     assert out["resume"] == {"equal": True, "epochs": [1, 2], "replicated": True}

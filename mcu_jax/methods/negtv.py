@@ -79,6 +79,6 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
         retain = indices(data.split, "retain", "negtv")
         variables = bn.recompute(
             model, {"params": params, "batch_stats": stats_o}, data.train, retain,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size, mesh=data.mesh,
         )
     return finish(start, variables, history, alpha=config.alpha, bn=config.bn)
