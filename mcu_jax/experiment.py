@@ -113,6 +113,12 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int,
     sets = pipeline.eval_sets(prob.train, prob.test, prob.split)
     outs = evaluation.set_outputs(prob.model, variables, sets, mesh=mesh)
     acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
+    return scored_metrics(acc, {name: o["prob"] for name, o in outs.items()}, mia, seed)
+
+
+def scored_metrics(acc: dict[str, float], probs: dict, mia: bool, seed: int) -> dict:
+    """The row of :func:`evaluate_model` from a model's accuracies (percent) and true-class
+    probabilities on the sets of ``pipeline.eval_sets``."""
     # Class-wise, TA is the accuracy on the retained classes of D_t (D_tr), as the paper's
     # class-wise tables show (RT's TA there exceeds what a model blind to one class can
     # score on all of D_t); UA_test covers the forgotten class.
@@ -120,9 +126,9 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int,
     result = metrics.unlearning_metrics(scored)
     if mia:
         result["MIA"] = metrics.mia_efficacy(
-            outs["retain"]["prob"], outs["test"]["prob"], outs["forget"]["prob"], seed=seed
+            probs["retain"], probs["test"], probs["forget"], seed=seed
         )
-    result["acc"] = acc
+    result["acc"] = dict(acc)
     return result
 
 
@@ -235,7 +241,10 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
         key, dataclasses.replace(mcu_cfg, progress=ctx.cfg.progress), mask_cfg, sel_cfg,
         out_dir=ctx.seed_dir / out_name, mesh=ctx.mesh,
     )
-    result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed, ctx.mesh)
+    if out.measured_probs is not None:  # run_mcu measured theta(t*) already: no second pass
+        result = scored_metrics(out.measured, out.measured_probs, ctx.cfg.mia, ctx.seed)
+    else:
+        result = evaluate_model(prob, out.variables, ctx.cfg.mia, ctx.seed, ctx.mesh)
     phase_minutes = {k: float(v) for k, v in out.minutes.items()}
     result.update(
         rte_min=float(base.minutes) + sum(phase_minutes.values()),

@@ -95,6 +95,10 @@ class MCUOutput:
     measured_gap: float
     variables: dict  # theta(t*) with recomputed BatchNorm statistics
     minutes: dict[str, float]  # per phase: mask, curve, selection
+    # Every sample's true-class probability under theta(t*), per set of ``measured`` (from the
+    # same compiled pass), so callers need not evaluate theta(t*) again (MIA); None when
+    # theta(t*) was loaded from an earlier run's out_dir.
+    measured_probs: dict[str, np.ndarray] | None = None
 
     def summary(self) -> dict:
         """The JSON-friendly part of the result (no arrays of parameters)."""
@@ -239,11 +243,12 @@ def run_mcu(
     region = selection.effective_region(ts, gaps)
     t_star, predicted = selection.optimal_t(ts, gaps, lo=sc.t_lo, hi=sc.t_hi)
     exported = out is not None and checkpoint.model_exists(out / "model")
+    measured_probs = None
     if exported:  # theta(t*) was already materialised, measured and saved
         variables, meta = checkpoint.load_model(out / "model")
         measured = meta["measured"]
     else:
-        variables, measured = _materialise(model, points, t_star, template, train, bn_idx,
+        variables, measured, measured_probs = _materialise(model, points, t_star, template, train, bn_idx,
                                            sets, sc, mesh)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (time.perf_counter() - start) / 60.0
@@ -253,6 +258,7 @@ def run_mcu(
         theta_c=result.theta_c, mask=mask, history=result.history, sweep=sw, gaps=gaps,
         region=region, t_star=float(t_star), predicted_gap=float(predicted),
         measured=measured, measured_gap=measured_gap, variables=variables, minutes=minutes,
+        measured_probs=measured_probs,
     )
     if out is not None:
         if not exported:
@@ -269,7 +275,7 @@ def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:
     options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
                    strategy=sc.strategy, mesh=mesh)
     if at_one_t:
-        return {**options, "chunk_size": 1, "return_stats": True}
+        return {**options, "chunk_size": 1, "return_stats": True, "return_probs": True}
     return {**options, "chunk_size": sc.chunk_size}
 
 
@@ -299,14 +305,16 @@ def _precompile(model, points, ts, template, bn_set, sets: dict,
 
 
 def _materialise(model, points, t_star, template, train: Images, bn_idx, sets: dict,
-                 sc: SelectionConfig, mesh) -> tuple[dict, dict[str, float]]:
-    """theta(t*) with recomputed BatchNorm statistics, and its accuracies on ``sets``.
+                 sc: SelectionConfig, mesh) -> tuple[dict, dict[str, float], dict]:
+    """theta(t*) with recomputed BatchNorm statistics, its accuracies on ``sets`` and every
+    sample's true-class probability.
 
     A sweep over the one point t* that also returns the statistics: one compiled program
     (BatchNorm pass and every set together) instead of one per pass and set size. The
     exported params are ``curves.bezier`` at the float32 t the sweep used, so they are the
     model that was measured; ``measured`` has ``evaluation.evaluate_sets``' format (name ->
-    accuracy in percent, NaN for an empty set).
+    accuracy in percent, NaN for an empty set), the probabilities that of
+    ``evaluation.outputs(...)["prob"]``.
     """
     t = np.float32(t_star)
     at = sweep.sweep(model, points, [t], template, (train, bn_idx), sets,
@@ -316,7 +324,7 @@ def _materialise(model, points, t_star, template, train: Images, bn_idx, sets: d
         "batch_stats": jax.tree.map(lambda a: jnp.asarray(a[0]), at.batch_stats),
     }
     measured = {name: float(at.acc[name][0]) for name in sets}
-    return variables, measured
+    return variables, measured, {name: at.probs[name][0] for name in sets}
 
 
 def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:

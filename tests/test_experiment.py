@@ -62,6 +62,17 @@ def test_runner_writes_results_table_and_figures(tmp_path, monkeypatch):
     assert "| MCU_beta-NegGrad+ |" in md and "Avg. Gap" in md and "±" in md
     pngs = sorted((out / "curves").glob("*.png"))
     assert len(pngs) == 4 and all(p.stat().st_size > 1000 for p in pngs)
+    # An MCU row's metrics come from run_mcu's own pass at t*; they are what evaluating the
+    # exported theta(t*) gives.
+    from mcu_jax import checkpoint, problem
+
+    prob = problem.build(dataclasses.replace(cfg.problem, seed=0))
+    (model_dir,) = (out / "seed_0").glob("mcu_adaptive_*/model")
+    variables, _ = checkpoint.load_model(model_dir)
+    again_eval = experiment.evaluate_model(prob, variables, cfg.mia, 0)
+    row = next(r for r in results["rows"] if r["method"] == "MCU_beta-NegGrad+")
+    for key in ("UA", "RA", "TA", "MIA"):
+        assert row[key]["values"][0] == pytest.approx(again_eval[key], abs=1e-6), key
 
     # Running again reuses every finished phase: no training happens at all.
     def no_training(*args, **kwargs):

@@ -79,6 +79,12 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     for name, value in expected.items():
         assert isinstance(out.measured[name], float)
         assert out.measured[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+    # ... and ``measured_probs`` what evaluation.outputs gives for every sample (MIA's input).
+    assert set(out.measured_probs) == set(sets)
+    for name, (images, idx) in sets.items():
+        probs = evaluation.outputs(small_model, out.variables, images, idx,
+                                   selection_config.eval_batch_size)["prob"]
+        np.testing.assert_allclose(out.measured_probs[name], probs, rtol=1e-5, atol=1e-6)
     # A second run reuses the cached mask, the finished curve checkpoint, the saved sweep and
     # the exported model: nothing is recomputed.
     def recomputed(*args, **kwargs):
@@ -94,6 +100,7 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     assert again.t_star == pytest.approx(out.t_star)
     np.testing.assert_allclose(again.gaps, out.gaps)
     assert again.measured == pytest.approx(out.measured)
+    assert again.measured_probs is None  # loaded, not measured: callers evaluate it again
     assert again.region == out.region
 
 
