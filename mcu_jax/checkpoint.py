@@ -101,6 +101,17 @@ class Checkpointer:
         )
         return out[_STATE], dict(out[_META] or {})
 
+    def metadata(self, step: int | None = None) -> dict:
+        """The metadata saved with ``step`` (default: the latest; {} when there is none),
+        without reading the state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return {}
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )
+        return dict(out[_META] or {})
+
     def close(self) -> None:
         self._manager.close()
 

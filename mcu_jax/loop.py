@@ -30,6 +30,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -259,11 +260,15 @@ def run_epochs(
     finished epochs), and SIGINT/SIGTERM received in the main thread save the state at the
     next chunk boundary (id = the running epoch + 1, metadata ``step`` > 0) before raising
     ``KeyboardInterrupt`` / ``SystemExit(143)``. Either kind of checkpoint is resumed exactly.
+    Every checkpoint's metadata also holds ``seconds``: the wall-clock time this run has spent
+    in this function up to that save, summed over the sessions that resumed it
+    (:func:`earlier_seconds` reads it, so callers can report a resumed run's full time).
 
     With a ``mesh`` (pass the same one to :func:`make_runner`) state and consts are
     replicated on its devices once, here, and ``config.batch_size`` must be divisible by
     the number of devices.
     """
+    session_start = time.perf_counter()
     sharding.check_batch_size(config.batch_size, mesh, f"{config.desc}: batch_size")
     pool = jnp.asarray(pool, jnp.int32)
     n = int(pool.shape[0])
@@ -280,6 +285,7 @@ def run_epochs(
     state = jax.tree.map(jnp.array, state)
     history: list[dict] = []
     start, start_step, partial = 0, 0, []
+    before = 0.0  # seconds spent by the sessions before this one (from the checkpoint)
     if checkpointer is not None and checkpointer.latest_step() is not None:
         try:
             state, meta = checkpointer.restore(state)
@@ -293,6 +299,7 @@ def run_epochs(
         start = int(meta["epoch"])
         start_step = int(meta.get("step", 0))
         history = list(meta.get("history", []))
+        before = float(meta.get("seconds", 0.0))
         if start_step:
             saved = (meta.get("steps_per_epoch"), meta.get("pool_size"))
             if saved != (steps_per_epoch, n):
@@ -313,6 +320,10 @@ def run_epochs(
         consts = sharding.replicate(consts, mesh)
     summarize = summarize or (lambda m: {k: float(np.mean(v)) for k, v in m.items()})
     geometry = {"steps_per_epoch": steps_per_epoch, "pool_size": n}
+
+    def seconds() -> float:
+        return before + time.perf_counter() - session_start
+
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=start * steps_per_epoch + start_step,
@@ -347,7 +358,8 @@ def run_epochs(
                     bar.update(hi - lo)
                     if flag.received is not None and hi < steps_per_epoch:
                         meta = {"epoch": epoch, "step": hi, "history": history,
-                                "partial": _pack_metrics(chunks), **geometry}
+                                "partial": _pack_metrics(chunks), "seconds": seconds(),
+                                **geometry}
                         _save(checkpointer, epoch + 1, state, meta)
                         _stop(flag.received, config.desc, checkpointer, epoch, hi)
                 stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
@@ -358,13 +370,26 @@ def run_epochs(
                 )
                 due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
                 if checkpointer is not None and (due or flag.received is not None):
-                    meta = {"epoch": epoch + 1, "history": history, **geometry}
+                    meta = {"epoch": epoch + 1, "history": history, "seconds": seconds(),
+                            **geometry}
                     _save(checkpointer, epoch + 1, state, meta)
                     if flag.received is not None:
                         _stop(flag.received, config.desc, checkpointer, epoch + 1, 0)
     finally:
         bar.close()
     return state, history
+
+
+def earlier_seconds(directory) -> float:
+    """Wall-clock seconds that earlier sessions of a run checkpointed in ``directory`` spent
+    training (the ``seconds`` of its latest checkpoint; 0 when there is none), so a resumed
+    run can report the time of all its sessions, not only of the last one."""
+    from pathlib import Path
+
+    if directory is None or not Path(directory).is_dir():
+        return 0.0
+    with Checkpointer(directory) as ckpt:
+        return float(ckpt.metadata().get("seconds", 0.0))
 
 
 def _stop(signum: int, desc: str, checkpointer: Checkpointer, epoch: int, step: int):

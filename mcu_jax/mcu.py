@@ -297,6 +297,7 @@ def train_curve(
         checkpoint_every=config.checkpoint_every,
     )
     pool = np.concatenate([retain_subset, forget])
+    earlier = loop.earlier_seconds(checkpoint_dir)  # sessions before a resume count too
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     start = time.perf_counter()
     try:
@@ -307,6 +308,6 @@ def train_curve(
     finally:
         if ckpt is not None:
             ckpt.close()
-    minutes = (time.perf_counter() - start) / 60.0
+    minutes = (earlier + time.perf_counter() - start) / 60.0
     theta_c = control_point(p_o, state.trainable, consts.frozen)
     return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes)

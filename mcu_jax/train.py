@@ -231,7 +231,8 @@ def train_model(
     theta_o keeps them for adaptive beta and model selection. ``pretrained`` names a local
     ``.npz`` of initial weights (``models.load_pretrained``; a classification head of another
     shape stays freshly initialised), e.g. for ViT.
-    Returns (variables, metadata); metadata holds the history, wall-clock minutes and
+    Returns (variables, metadata); metadata holds the history, wall-clock minutes (of every
+    session, when an interrupted run was resumed from ``out_dir/progress``) and
     whatever the caller passed (config, split seed, ...).
     """
     from mcu_jax.models import init_variables, load_pretrained
@@ -243,6 +244,7 @@ def train_model(
     variables = init_variables(model, init_key, input_shape)
     if pretrained is not None:
         variables = load_pretrained(variables, pretrained)
+    earlier = loop.earlier_seconds(out_dir / "progress")  # sessions before a resume count too
     start = time.perf_counter()
     variables, history = fit(
         model, variables, images, pool, config, train_key,
@@ -251,7 +253,7 @@ def train_model(
     meta = dict(metadata or {})
     meta.update(
         history=history,
-        minutes=(time.perf_counter() - start) / 60.0,
+        minutes=(earlier + time.perf_counter() - start) / 60.0,
         train_config=dataclasses.asdict(config),
     )
     if references is not None:

@@ -94,6 +94,45 @@ def test_signal_mid_epoch_saves_then_resume_is_exact(tmp_path, straight, sig, ex
     _same(_resume(tmp_path), straight)
 
 
+def test_resumed_run_counts_the_time_of_every_session(tmp_path, straight):
+    """Checkpoints carry the wall-clock seconds trained so far, summed over sessions, so a
+    resumed run's minutes (RTE) include the sessions before the kill."""
+
+    def slow(state, consts, batches, keys, n_valid=None):
+        time.sleep(0.05)
+        return fake_runner(state, consts, batches, keys, n_valid)
+
+    assert loop.earlier_seconds(tmp_path / "none") == 0.0
+    with pytest.raises(SystemExit), Checkpointer(tmp_path) as ckpt:  # stops in call 6
+        loop.run_epochs(signalling({6: [signal.SIGTERM]}, slow), STATE0, None, POOL, KEY,
+                        CFG, ckpt)
+    first = loop.earlier_seconds(tmp_path)
+    assert first >= 6 * 0.05
+    _same(_resume(tmp_path, runner=slow), straight)  # 12 calls in all, 6 of them now
+    total = loop.earlier_seconds(tmp_path)
+    assert total >= 12 * 0.05 and total >= first + 6 * 0.05
+
+
+def test_resumed_method_reports_every_session(tmp_path, monkeypatch):
+    from mcu_jax.methods import MethodConfig, MethodResult, registry
+
+    with Checkpointer(tmp_path / "progress") as ckpt:  # an earlier session trained 90 s
+        ckpt.save(1, STATE0, {"epoch": 1, "seconds": 90.0})
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register("half_minute")
+    def half_minute(model, theta_o, data, config, key, *, checkpoint_dir=None):
+        return MethodResult(variables=theta_o, minutes=0.5, history=[])
+
+    theta = {"params": {"w": jnp.ones(2)}, "batch_stats": {}}
+    out = registry.run("half_minute", None, theta, None, MethodConfig(), KEY,
+                       checkpoint_dir=tmp_path / "progress")
+    assert out.minutes == pytest.approx(2.0)
+    fresh = registry.run("half_minute", None, theta, None, MethodConfig(), KEY,
+                         checkpoint_dir=tmp_path / "other")
+    assert fresh.minutes == pytest.approx(0.5)
+
+
 def test_repeated_stops_in_one_epoch_and_at_its_end(tmp_path, straight):
     # Stop after step 2 of epoch 1, then after step 6 of epoch 1, then at the end of epoch 2
     # (a signal in an epoch's last chunk saves the ordinary epoch checkpoint).
@@ -236,8 +275,10 @@ def test_curve_training_interrupted_mid_epoch_resumes_exactly(
         _curve(*args, checkpoint_dir=tmp_path)
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 1
+    first_session = loop.earlier_seconds(tmp_path)
     monkeypatch.setattr(loop, "make_runner", make_runner)
     resumed = _curve(*args, checkpoint_dir=tmp_path)
+    assert first_session > 0 and resumed.minutes * 60 >= first_session  # RTE of both sessions
     full = curves_by_key[0]
     for a, b in zip(jax.tree.leaves(full.theta_c), jax.tree.leaves(resumed.theta_c),
                     strict=True):

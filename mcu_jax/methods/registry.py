@@ -10,6 +10,7 @@ reused or resumed: ``produce`` raises and names the directory.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint
+from mcu_jax import checkpoint, loop
 from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult
 
 Method = Callable[..., MethodResult]
@@ -85,14 +86,17 @@ def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
     fn = get(name)
     if not isinstance(config, MethodConfig):
         raise ValueError(f"config: expected a MethodConfig, got {type(config).__name__}")
-    kwargs = {}
+    kwargs, earlier = {}, 0.0
     if checkpoint_dir is not None and _accepts_checkpoint_dir(fn):
         kwargs["checkpoint_dir"] = checkpoint_dir
+        earlier = loop.earlier_seconds(checkpoint_dir)
     result = fn(model, theta_o, data, config, key, **kwargs)
     if not isinstance(result, MethodResult):
         raise ValueError(
             f"method {name!r} returned {type(result).__name__}; expected a MethodResult"
         )
+    if earlier:  # a resumed run: its minutes include the sessions before this one
+        result = dataclasses.replace(result, minutes=result.minutes + earlier / 60.0)
     return result
 
 
