@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default the largest divisor of --num-t up to a quarter of it)")
     e.add_argument("--repeats", type=int, default=1, help="timed sweeps; the best is reported")
     e.add_argument("--skip-sweep", action="store_true", help="do not time the sweep")
+    e.add_argument("--fold-bn", action="store_true",
+                   help="evaluate with BatchNorm folded into the convolutions "
+                   "(sweep fold_bn, SelectionConfig.fold_bn; end-to-end too)")
     x = p.add_argument_group("end-to-end MCU phase")
     x.add_argument("--end-to-end", action="store_true", help="also time pipeline.run_mcu")
     x.add_argument("--retain", type=int, default=45000, help="|D_r|")
@@ -369,7 +372,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         return sweep.sweep(
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
-            strategy=strategy, chunk_size=chunk, mesh=mesh,
+            strategy=strategy, chunk_size=chunk, mesh=mesh, fold_bn=args.fold_bn,
         )
 
     mesh = device_mesh(args)
@@ -394,6 +397,8 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
                f"images), strategy {label}{chunk_text}")
     if mesh is not None:
         setting += f", {args.devices} devices (t parallel)"
+    if args.fold_bn:
+        setting += ", BN folded for evaluation"
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),
@@ -426,7 +431,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    chunk_size=args.chunk_size,
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
-                                   precompile=args.precompile)
+                                   precompile=args.precompile, fold_bn=args.fold_bn)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
@@ -451,7 +456,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     mask_text = "none" if args.mask is None else f"k={args.mask[0]:g}, k_r={args.mask[1]:g}"
     setting = (f"{args.model} {args.dtype}, D_r {args.retain:,}, D_f {args.forget:,}, "
                f"test {args.test:,}, {args.epochs} epochs ({steps} steps), mask {mask_text}, "
-               f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}")
+               f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
+               f"{', BN folded for evaluation' if args.fold_bn else ''}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
                  f"selection {phases['selection']:.3g}; compile included)")
     return _row(

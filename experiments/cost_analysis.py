@@ -10,7 +10,9 @@ Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.
 runs, batch ``--batch-size``), (2) a train-mode forward pass (BatchNorm with batch statistics,
 as in the sweep's BatchNorm pass) and (3) an eval-mode forward pass, and prints for each the
 FLOPs and bytes accessed from ``compiled.cost_analysis()``, per step or per image, with the
-times they take at the given rates (defaults: about an H100's TF32 matrix rate and its
+times they take at the given rates, (4) the eval-mode pass again with BatchNorm folded into
+the convolutions (``models.folded``; the sweep's ``fold_bn``) and, for both eval passes, how
+many convolutions the GPU compiler turned into cuDNN calls with a fused bias/ReLU epilogue (defaults: about an H100's TF32 matrix rate and its
 measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`` t over
 ``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). The counts
 come from the backend the program is compiled for (its fusion decides the bytes); on CPU they
@@ -31,7 +33,7 @@ from mcu_jax import curves, mcu
 from mcu_jax.data import Images
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import create, init_variables
+from mcu_jax.models import create, folded, init_variables
 
 SHAPES = {"cnn_small": (8, 8, 1), "vgg16_bn": (64, 64, 3), "vit_b16": (224, 224, 3)}
 
@@ -40,6 +42,17 @@ def _cost(compiled) -> tuple[float, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _conv_calls(compiled) -> str:
+    """cuDNN forward convolutions of a compiled program: fused (bias, side input or ReLU in
+    the call) and plain; "no cuDNN" on other backends."""
+    text = compiled.as_text()
+    fused = text.count('custom_call_target="__cudnn$convBiasActivationForward"')
+    plain = text.count('custom_call_target="__cudnn$convForward"')
+    if not fused and not plain:
+        return "no cuDNN convolutions (not a GPU)"
+    return f"cuDNN convolutions: {fused} fused, {plain} plain"
 
 
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> list[dict]:
@@ -74,10 +87,13 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> li
     rows.append({"program": f"train-mode forward (batch {batch_size})",
                  "flops": flops / batch_size, "bytes": nbytes / batch_size, "per": "image"})
     xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
-    eval_fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    flops, nbytes = _cost(eval_fwd.lower(theta_o, xe).compile())
-    rows.append({"program": f"eval-mode forward (batch {eval_batch})",
-                 "flops": flops / eval_batch, "bytes": nbytes / eval_batch, "per": "image"})
+    for name, m in (("", model), (", BN folded", folded(model))):
+        eval_fwd = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
+        compiled = eval_fwd.lower(theta_o, xe).compile()
+        flops, nbytes = _cost(compiled)
+        rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
+                     "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
+                     "per": "image", "note": _conv_calls(compiled)})
     return rows
 
 
@@ -96,12 +112,13 @@ def _time(seconds: float) -> str:
 
 
 def table(rows: list[dict], flops_per_s: float, bytes_per_s: float) -> str:
-    lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['program']} | {r['per']} | {r['flops']:.3g} | {r['bytes']:.3g} | "
-            f"{_time(r['flops'] / flops_per_s)} | {_time(r['bytes'] / bytes_per_s)} |"
+            f"{_time(r['flops'] / flops_per_s)} | {_time(r['bytes'] / bytes_per_s)} | "
+            f"{r.get('note', '')} |"
         )
     return "\n".join(lines)
 

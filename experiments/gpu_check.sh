@@ -15,13 +15,16 @@
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
 #   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
+#   fold         float32 sweep with BatchNorm folded into the convolutions for evaluation
+#                (--fold-bn; compare with f32's sweep) to decide SelectionConfig.fold_bn
 #   bf16         bfloat16, no mask: curve step + sweep
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
 #   cmdbuf       f32 curve step with XLA command buffers (CUDA graphs) also over while loops
 #                and conditionals (XLA_FLAGS=$CMDBUF_FLAGS; slower on 2026-11-27)
-#   cost         experiments/cost_analysis.py: XLA's FLOP and byte counts with GPU fusion
+#   cost         experiments/cost_analysis.py: XLA's FLOP and byte counts with GPU fusion,
+#                and how many convolutions got a fused cuDNN epilogue with BN folded or not
 #
 # Before the call (on the development machine, in the repository root):
 #   1. Put the authors' release (TIML-Group/Mode-Connectivity-Unlearning, commit ff1f215: its
@@ -195,6 +198,8 @@ CACHE=$WORK/cache_e2e bench e2e 300 --model preresnet110 --dtype float32 --mask 
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
+bench fold 90 --model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000 \
+  --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
   --sweep-images 6000 --compare-strategies --chunk-size 5

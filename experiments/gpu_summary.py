@@ -91,7 +91,8 @@ def summary(out: Path) -> str:
             text += f" ({ref['step_ms'] / ms:.1f}x the release)"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_verdict(None if ms is None else ms <= STEP_TARGET_MS)} |")
-    for name, label in (("f32", "float32"), ("bf16", "bfloat16")):
+    for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
+                        ("bf16", "bfloat16")):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:

@@ -55,6 +55,9 @@ class SelectionConfig:
     # Compile the two sweep programs in a background thread while the mask and the curve are
     # computed (one device only). Off by default until measured on a GPU (docs/benchmarks.md).
     precompile: bool = False
+    # Evaluate the sweep with BatchNorm folded into the convolutions (sweep.folded): the same
+    # accuracies up to float rounding; off by default until measured on a GPU.
+    fold_bn: bool = False
 
     def __post_init__(self):
         if self.num_t < 4:
@@ -273,7 +276,7 @@ def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:
     """sweep.sweep's keywords for the sweep over t or (``at_one_t``) the one-t sweep that
     materialises t*; one place, so the background compilation builds the same programs."""
     options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-                   strategy=sc.strategy, mesh=mesh)
+                   strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn)
     if at_one_t:
         return {**options, "chunk_size": 1, "return_stats": True, "return_probs": True}
     return {**options, "chunk_size": sc.chunk_size}

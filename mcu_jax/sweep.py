@@ -34,6 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
+from mcu_jax.models import folded
 
 CURVES = ("bezier", "bernstein", "polychain")
 STRATEGIES = ("auto", "vmap", "map")
@@ -77,14 +78,17 @@ def _padded_batches(indices, batch_size: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "kind", "strategy", "return_probs", "return_stats", "mesh"),
+    static_argnames=("model", "kind", "strategy", "return_probs", "return_stats", "mesh",
+                     "fold_bn"),
 )
 def _sweep_chunk(
     points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs,
-    return_stats=False, mesh=None,
+    return_stats=False, mesh=None, fold_bn=False,
 ):
     """``name -> {"correct": (T,), "prob": (T, n_padded)}``; with ``return_stats`` the pair
     ``(that, batch_stats)``, every leaf of ``batch_stats`` with a leading axis T."""
+    eval_model = folded(model) if fold_bn else model
+
     def per_t(t, points, template, bn_data, eval_data):
         bn_images, bn_full, bn_rest = bn_data
         params = curve_point(kind, points, t)
@@ -96,7 +100,8 @@ def _sweep_chunk(
             def body(_, xs, images=images):
                 idx, v = xs
                 x = normalize(images.x[idx], images.mean, images.std)
-                out = per_sample_outputs(model.apply(variables, x, train=False), images.y[idx])
+                logits = eval_model.apply(variables, x, train=False)
+                out = per_sample_outputs(logits, images.y[idx])
                 return None, (out["correct"] * v, out["prob"])
 
             _, (correct, prob) = jax.lax.scan(body, None, (batches, valid))
@@ -153,6 +158,7 @@ def sweep(
     strategy: str = "auto",
     chunk_size: int | None = None,
     mesh: Any = None,
+    fold_bn: bool = False,
 ) -> SweepResult:
     """Evaluates the curve at every t in ``ts``.
 
@@ -172,11 +178,15 @@ def sweep(
       mesh: a ``jax.sharding.Mesh`` (``mcu_jax.sharding.make_mesh``) to split every chunk of
         t over its devices (t parallel; a chunk is rounded up to a multiple of the device
         count and padded); None: one device.
+      fold_bn: evaluate with the BatchNorms that follow a convolution folded into it
+        (``models.folded``): the same accuracies up to float rounding, fewer passes over the
+        activations where XLA fuses the convolution's bias and ReLU (GPUs). The BatchNorm
+        pass itself (train mode) is unchanged.
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
                  return_probs=return_probs, return_stats=return_stats, strategy=strategy,
-                 chunk_size=chunk_size, mesh=mesh)
+                 chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn)
     ts = plan.ts
     outs = []
     for lo in range(0, ts.size, plan.chunk):
@@ -221,7 +231,8 @@ class _Plan:
 
 
 def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
-          eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh) -> _Plan:
+          eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh,
+          fold_bn=False) -> _Plan:
     ts = np.asarray(ts, np.float32).reshape(-1)
     if ts.size == 0:
         raise ValueError("ts is empty")
@@ -257,7 +268,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
             (points, template, bn_data, eval_data), mesh
         )
     statics = dict(model=model, kind=curve, strategy=strategy, return_probs=return_probs,
-                   return_stats=return_stats, mesh=mesh)
+                   return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn))
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
 
 

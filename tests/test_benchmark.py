@@ -69,10 +69,12 @@ def test_end_to_end_row(benchmark, capsys):
     out = benchmark.main(TINY + [
         "--skip-step", "--skip-sweep", "--end-to-end", "--retain", "96", "--forget", "32",
         "--test", "40", "--epochs", "1", "--num-t", "4", "--mask", "paper", "--precompile",
+        "--fold-bn",
     ])
     captured = capsys.readouterr()
     rows = _table_rows(captured.out)[2:]
     assert [r[0] for r in rows] == ["end-to-end"]
+    assert "BN folded for evaluation" in rows[0][1]
     # Each phase is reported as it finishes (a run cut short still shows where time went).
     for phase in ("mask done", "curve training done", "sweep over 4 t done", "selection",
                   "sweep programs compiled in the background"):

@@ -43,7 +43,7 @@ def _part(name, step_ms=None, sweep=None, flags=""):
 
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
-             _part("f32_k01", 6.0)]
+             _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000))]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
            "device": "Test GPU", "torch": "2.x"}
@@ -57,6 +57,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
     assert "8 s, 30,000 img-fwd/s (10.0x)" in lines["20-point sweep <= 1.1 s (float32)"]
     assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
+    assert "6 s, 40,000 img-fwd/s" in lines[
+        "20-point sweep <= 1.1 s (float32, BN folded for evaluation)"]
     masked = lines["masked step <= half the unmasked (float32)"]
     assert "6.00 / 10.00 ms = 0.60" in masked and "NOT met" in masked
     assert "not measured" in lines["masked step <= half the unmasked (bfloat16)"]
@@ -161,9 +163,12 @@ def test_cost_analysis_counts_the_programs(capsys):
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split("|")[1].strip() for r in rows] == [
         "curve step (batch 16)", "train-mode forward (batch 16)",
-        "eval-mode forward (batch 32)", "sweep (2 t x (10 BN + 10 eval images))"]
+        "eval-mode forward (batch 32)", "eval-mode forward (batch 32, BN folded)",
+        "sweep (2 t x (10 BN + 10 eval images))"]
+    assert "no cuDNN convolutions (not a GPU)" in text
     step = cost.analyse("cnn_small", 16, "float32", 32)
     assert all(r["flops"] > 0 and r["bytes"] > 0 for r in step)
+    assert step[3]["flops"] == pytest.approx(step[2]["flops"], rel=0.05)  # the same work
     # A backward pass costs more than the forward passes of the same batch.
     assert step[0]["flops"] > 16 * step[1]["flops"]
     sweep = cost.sweep_row(step, 2, 10)

@@ -424,6 +424,47 @@ def test_bn_momentum_reaches_every_batchnorm(name, shape, options):
     assert create(name, 5, bn_momentum=0.0, **options) == base.clone(bn_momentum=0.0)
 
 
+# ------------------------------------------------------------------ BatchNorm folding
+
+
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("cnn_small", (8, 8, 1), {}),
+        ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),  # proj + proj_bn folded too
+        ("resnet20", (32, 32, 3), {"depth": 8}),
+        ("preresnet110", (32, 32, 3), {"depth": 11}),
+        ("vgg16_bn", (32, 32, 3), {}),  # conv biases folded with the BN shift
+    ],
+)
+def test_folded_batchnorm_is_the_same_function(name, shape, options):
+    """Evaluation with BN folded into the convolutions (``models.folded``) equals the plain
+    evaluation up to float rounding; train mode and the variables are untouched."""
+    base = create(name, 5, **options)
+    fold = models.folded(base)
+    assert fold.fold_bn and not base.fold_bn
+    v = fake_variables(base, shape)
+    x = images(shape)
+    plain, folded = evaluate(base, v, x), evaluate(fold, v, x)
+    assert not np.allclose(plain, 0)
+    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4 * float(np.abs(plain).max()))
+    # The folding uses the running statistics: other statistics, other (matching) logits.
+    v2 = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a * 1.5,
+                                                             v["batch_stats"])}
+    plain2 = evaluate(base, v2, x)
+    assert not np.allclose(plain2, plain, atol=1e-3)
+    np.testing.assert_allclose(evaluate(fold, v2, x), plain2, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(plain2).max()))
+    for a, b in zip(train_call(base, v, x), train_call(fold, v, x), strict=True):
+        leaves_close(a, b, rtol=0, atol=0)
+    assert variable_shapes(fold, shape) == variable_shapes(base, shape)
+
+
+def test_folded_leaves_models_without_the_field_alone():
+    vit = create("vit_small", 5, **TINY_VIT)
+    assert models.folded(vit) is vit
+
+
 # ----------------------------------------------------------------------------- jit / vmap
 
 

@@ -90,6 +90,21 @@ def test_sweep_at_t0_is_theta_o_with_recomputed_statistics(curve_points, theta_o
         evaluation.accuracy(small_model, variables, train_images, idx), abs=1e-4)
 
 
+def test_sweep_with_folded_batchnorm_measures_the_same(curve_points, theta_o, digits_images,
+                                                       digits_split, small_model):
+    """``fold_bn`` changes how evaluation computes, not what: the same accuracies and (up to
+    float rounding) the same probabilities at every t."""
+    train_images, test_images = digits_images
+    args = (small_model, curve_points, np.linspace(0, 1, 4), theta_o["batch_stats"],
+            (train_images, digits_split.retain[:256]),
+            {"f": (train_images, digits_split.forget), "t": (test_images, digits_split.test)})
+    plain = sweep.sweep(*args, return_probs=True)
+    folded = sweep.sweep(*args, return_probs=True, fold_bn=True)
+    for name in plain.acc:
+        np.testing.assert_allclose(folded.acc[name], plain.acc[name], atol=1e-4)
+        np.testing.assert_allclose(folded.probs[name], plain.probs[name], rtol=1e-4, atol=1e-5)
+
+
 def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_model):
     train_images, _ = digits_images
     sets = {"r": (train_images, np.arange(10))}

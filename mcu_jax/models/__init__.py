@@ -48,6 +48,7 @@ __all__ = [
     "VisionTransformer",
     "count_params",
     "create",
+    "folded",
     "init_variables",
     "load_pretrained",
     "preresnet",
@@ -152,3 +153,12 @@ register("preresnet110", functools.partial(PreResNet, depth=110))
 register("vgg16_bn", VGG16BN)
 register("vit_small", vit_small)
 register("vit_b16", vit_b16)
+
+
+def folded(model):
+    """``model`` evaluating with every foldable BatchNorm folded into its convolution (the
+    built-in models' ``fold_bn`` field, ``models.layers.conv_bn``); a model without that
+    field (no BatchNorm, or a user model) is returned as it is."""
+    if "fold_bn" in getattr(model, "__dataclass_fields__", {}):
+        return model.clone(fold_bn=True)
+    return model

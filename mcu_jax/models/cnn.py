@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mcu_jax.models.layers import batch_norm, conv, dense, resolve_dtype
+from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtype
 
 
 class CNNSmall(nn.Module):
@@ -25,15 +25,17 @@ class CNNSmall(nn.Module):
     bn_momentum: float = 0.9
     widths: tuple[int, ...] = (32, 64)
     strides: tuple[int, ...] = (1, 2)
+    fold_bn: bool = False  # evaluation mode: every BN folded into its conv (layers.conv_bn)
 
     @nn.compact
     def __call__(self, x, train: bool):
         dt = resolve_dtype(self.dtype)
+        fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
         for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=True)):
-            x = conv(width, 3, stride, dtype=dt, name=f"conv{i}")(x)
-            x = batch_norm(train, self.bn_momentum, dtype=dt, name=f"bn{i}")(x)
-            x = nn.relu(x)
+            x = nn.relu(conv_bn(conv(width, 3, stride, dtype=dt, name=f"conv{i}"),
+                                batch_norm(train, self.bn_momentum, dtype=dt, name=f"bn{i}"),
+                                x, fold))
         x = x.reshape(x.shape[0], -1)
         x = dense(self.num_classes, dtype=dt, name="head")(x)
         return x.astype(jnp.float32)

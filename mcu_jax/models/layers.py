@@ -3,6 +3,12 @@
 All layers keep their parameters in float32 (``param_dtype``) and compute in the model's
 ``dtype``; every BatchNorm lives in the ``batch_stats`` collection and takes the model's
 ``bn_momentum`` so that ``model.clone(bn_momentum=0.0)`` writes exact batch statistics.
+
+:func:`conv_bn` is a convolution followed by a BatchNorm; in evaluation mode with folding on
+(the models' ``fold_bn`` field) the BatchNorm's running statistics and affine parameters are
+folded into the convolution's kernel and a bias, so the pair is one convolution (on GPUs
+XLA then fuses the bias and a following ReLU into the cuDNN call instead of a separate
+normalise pass). The variables are the same either way; only the computation changes.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 #: Compute dtypes a model accepts, by name.
@@ -86,3 +93,19 @@ def batch_norm(train: bool, momentum: float, *, dtype: Any, name: str | None = N
 def dense(features: int, *, dtype: Any, name: str | None = None, **kwargs) -> nn.Dense:
     """A float32-parameter Dense layer computing in ``dtype``."""
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
+
+def conv_bn(conv_layer: nn.Conv, bn_layer: nn.BatchNorm, x, fold: bool):
+    """``bn_layer(conv_layer(x))``; with ``fold`` (evaluation mode only, variables already
+    there) one convolution with kernel ``k * s`` and bias ``(b - mean) * s + beta``, where
+    ``s = scale / sqrt(var + eps)`` per output channel and ``b`` the conv's own bias (0 if
+    none): the same function, rounded differently."""
+    if not fold:
+        return bn_layer(conv_layer(x))
+    conv_vars, bn_vars = conv_layer.variables, bn_layer.variables
+    kernel = conv_vars["params"]["kernel"]
+    bias = conv_vars["params"].get("bias", jnp.zeros(kernel.shape[-1], kernel.dtype))
+    stats, affine = bn_vars["batch_stats"], bn_vars["params"]
+    s = affine["scale"] * jax.lax.rsqrt(stats["var"] + bn_layer.epsilon)
+    folded = {"kernel": kernel * s, "bias": (bias - stats["mean"]) * s + affine["bias"]}
+    return conv_layer.clone(use_bias=True, parent=None).apply({"params": folded}, x)

@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mcu_jax.models.layers import batch_norm, conv, dense, resolve_dtype
+from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtype
 
 EXPANSION = 4
 
@@ -37,15 +37,16 @@ class PreActBottleneck(nn.Module):
     project: bool
     dtype: Any
     bn_momentum: float
+    fold: bool = False  # evaluation mode: bn2, bn3 folded into conv1, conv2 (layers.conv_bn)
 
     @nn.compact
     def __call__(self, x, train: bool):
         dt, m = self.dtype, self.bn_momentum
         out = nn.relu(batch_norm(train, m, dtype=dt, name="bn1")(x))
-        out = conv(self.planes, 1, dtype=dt, name="conv1")(out)
-        out = nn.relu(batch_norm(train, m, dtype=dt, name="bn2")(out))
-        out = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")(out)
-        out = nn.relu(batch_norm(train, m, dtype=dt, name="bn3")(out))
+        out = nn.relu(conv_bn(conv(self.planes, 1, dtype=dt, name="conv1"),
+                              batch_norm(train, m, dtype=dt, name="bn2"), out, self.fold))
+        out = nn.relu(conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv2"),
+                              batch_norm(train, m, dtype=dt, name="bn3"), out, self.fold))
         out = conv(self.planes * EXPANSION, 1, dtype=dt, name="conv3")(out)
         if self.project:
             x = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt, name="shortcut")(x)
@@ -59,6 +60,9 @@ class PreResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     depth: int = 110
+    # Evaluation mode only: the BatchNorms that directly follow a convolution (two of three
+    # per block) are folded into it (layers.conv_bn); same variables, same function.
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -66,6 +70,7 @@ class PreResNet(nn.Module):
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
+        fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
         x = conv(16, 3, dtype=dt, name="stem")(x)
         for s, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2), strict=True)):
@@ -78,6 +83,7 @@ class PreResNet(nn.Module):
                     project,
                     dt,
                     self.bn_momentum,
+                    fold,
                     name=f"stage{s + 1}_block{b}",
                 )(x, train)
         x = nn.relu(batch_norm(train, self.bn_momentum, dtype=dt, name="final_bn")(x))

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mcu_jax.models.layers import batch_norm, conv, dense, resolve_dtype
+from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtype
 
 
 class BasicBlock(nn.Module):
@@ -28,14 +28,16 @@ class BasicBlock(nn.Module):
     shortcut: str
     dtype: Any
     bn_momentum: float
+    fold: bool = False  # evaluation mode: every BN folded into its conv (layers.conv_bn)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        out = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-        out = batch_norm(train, self.bn_momentum, dtype=self.dtype, name="bn1")(out)
+        dt, m, fold = self.dtype, self.bn_momentum, self.fold
+        out = conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv1"),
+                      batch_norm(train, m, dtype=dt, name="bn1"), x, fold)
         out = nn.relu(out)
-        out = conv(self.planes, 3, dtype=self.dtype, name="conv2")(out)
-        out = batch_norm(train, self.bn_momentum, dtype=self.dtype, name="bn2")(out)
+        out = conv_bn(conv(self.planes, 3, dtype=dt, name="conv2"),
+                      batch_norm(train, m, dtype=dt, name="bn2"), out, fold)
         residual = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             if self.shortcut == "A":
@@ -45,10 +47,8 @@ class BasicBlock(nn.Module):
                     residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2))
                 )
             else:
-                residual = conv(self.planes, 1, self.stride, dtype=self.dtype, name="proj")(x)
-                residual = batch_norm(train, self.bn_momentum, dtype=self.dtype, name="proj_bn")(
-                    residual
-                )
+                residual = conv_bn(conv(self.planes, 1, self.stride, dtype=dt, name="proj"),
+                                   batch_norm(train, m, dtype=dt, name="proj_bn"), x, fold)
         return nn.relu(out + residual)
 
 
@@ -61,6 +61,9 @@ class CifarResNet(nn.Module):
     depth: int = 20
     shortcut: str = "A"
     widths: tuple[int, int, int] = (16, 32, 64)
+    # Evaluation mode only: every BatchNorm is folded into the convolution before it
+    # (layers.conv_bn); same variables, same function.
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -70,9 +73,11 @@ class CifarResNet(nn.Module):
             raise ValueError(f"shortcut: got {self.shortcut!r}, expected 'A' or 'B'")
         n = (self.depth - 2) // 6
         dt = resolve_dtype(self.dtype)
+        fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
-        x = conv(self.widths[0], 3, dtype=dt, name="stem")(x)
-        x = nn.relu(batch_norm(train, self.bn_momentum, dtype=dt, name="stem_bn")(x))
+        x = nn.relu(conv_bn(conv(self.widths[0], 3, dtype=dt, name="stem"),
+                            batch_norm(train, self.bn_momentum, dtype=dt, name="stem_bn"), x,
+                            fold))
         for s, (planes, stride) in enumerate(zip(self.widths, (1, 2, 2), strict=True)):
             for b in range(n):
                 x = BasicBlock(
@@ -81,6 +86,7 @@ class CifarResNet(nn.Module):
                     self.shortcut,
                     dt,
                     self.bn_momentum,
+                    fold,
                     name=f"stage{s + 1}_block{b}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))

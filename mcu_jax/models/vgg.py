@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mcu_jax.models.layers import batch_norm, conv, dense, resolve_dtype
+from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtype
 
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -31,17 +31,21 @@ class VGG16BN(nn.Module):
     bn_momentum: float = 0.9
     dropout_rate: float = 0.5
     hidden: int = 512
+    # Evaluation mode only: every BatchNorm is folded into the convolution before it
+    # (layers.conv_bn); same variables, same function.
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         dt = resolve_dtype(self.dtype)
+        fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
         layer = 0
         for block in VGG16_BLOCKS:
             for width in block:
-                x = conv(width, 3, dtype=dt, use_bias=True, name=f"conv{layer}")(x)
-                x = batch_norm(train, self.bn_momentum, dtype=dt, name=f"bn{layer}")(x)
-                x = nn.relu(x)
+                x = nn.relu(conv_bn(conv(width, 3, dtype=dt, use_bias=True, name=f"conv{layer}"),
+                                    batch_norm(train, self.bn_momentum, dtype=dt,
+                                               name=f"bn{layer}"), x, fold))
                 layer += 1
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
