@@ -8,15 +8,15 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
 
 Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
 runs, batch ``--batch-size``), (2) a train-mode forward pass (BatchNorm with batch statistics,
-as in the sweep's BatchNorm pass) and (3) an eval-mode forward pass, and prints for each the
-FLOPs and bytes accessed from ``compiled.cost_analysis()``, per step or per image, with the
-times they take at the given rates, (4) the eval-mode pass again with BatchNorm folded into
-the convolutions (``models.folded``; the sweep's ``fold_bn``) and, for both eval passes, how
-many convolutions the GPU compiler turned into cuDNN calls with a fused bias/ReLU epilogue (defaults: about an H100's TF32 matrix rate and its
-measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`` t over
-``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). The counts
-come from the backend the program is compiled for (its fusion decides the bytes); on CPU they
-estimate a GPU's. Prints a Markdown table.
+as in the sweep's BatchNorm pass), (3) an eval-mode forward pass and (4) the eval-mode pass
+with BatchNorm folded into the convolutions (``models.folded``; the sweep's ``fold_bn``), and
+prints for each the FLOPs and bytes accessed from ``compiled.cost_analysis()``, per step or
+per image, with the times they take at the given rates (defaults: about an H100's TF32 matrix
+rate and its measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`` t over
+``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). For the eval
+passes it also counts the convolutions the GPU compiler turned into cuDNN calls with a fused
+bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
+decides the bytes); on CPU they estimate a GPU's. Prints a Markdown table.
 """
 
 from __future__ import annotations

@@ -251,8 +251,8 @@ def run_mcu(
         variables, meta = checkpoint.load_model(out / "model")
         measured = meta["measured"]
     else:
-        variables, measured, measured_probs = _materialise(model, points, t_star, template, train, bn_idx,
-                                           sets, sc, mesh)
+        variables, measured, measured_probs = _materialise(
+            model, points, t_star, template, train, bn_idx, sets, sc, mesh)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (time.perf_counter() - start) / 60.0
     log.info("run_mcu: selection (sweep and t*) done in %.1f s", 60 * minutes["selection"])

@@ -41,8 +41,8 @@ class MethodData:
 
     ``mesh`` (optional, ``mcu_jax.sharding.make_mesh``) makes the method's training loop data
     parallel over the mesh's devices (``train.fit(..., mesh=...)``), and SalUn's saliency
-    gradient and NegTV's BatchNorm pass too; the batch size (and SalUn's ``grad_batch_size``) must then be divisible by
-    the number of devices. None: one device."""
+    gradient and NegTV's BatchNorm pass too; the batch size (and SalUn's
+    ``grad_batch_size``) must then be divisible by the number of devices. None: one device."""
 
     train: Images
     test: Images
