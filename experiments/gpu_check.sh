@@ -13,6 +13,7 @@
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
+#   e2e_warm     e2e again on e2e's filled compilation cache (a later MCU row's cost)
 #   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
 #   fold         float32 sweep with BatchNorm folded into the convolutions for evaluation
@@ -195,6 +196,11 @@ profile
 # they measure, and e2e_pre must not load what e2e compiled.
 CACHE=$WORK/cache_e2e bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
+# The same run again on e2e's (now filled) cache: what every later MCU row of an experiment
+# (same model and sizes, other method, mode or seed) costs once its programs are compiled.
+CACHE=$WORK/cache_e2e bench e2e_warm 200 --model preresnet110 --dtype float32 --mask paper \
+  --skip-step --skip-sweep --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 \
+  --num-t 20
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
