@@ -255,10 +255,11 @@ def _find_rt(rows: Sequence[Mapping[str, Any]], rt_name: str | None) -> Mapping 
 
 
 def _row_avg_gap(row: Mapping, rt: Mapping | None, columns: Sequence[str]) -> float | None:
-    """The row's per-seed Avg. Gap averaged over seeds, else the gap of the means."""
-    value = _mean(row.get("avg_gap"))
-    if value is not None or rt is None:
-        return value
+    """The paper's Avg. Gap: the mean over ``columns`` of the gaps of the means,
+    ``|mean - RT mean|`` (the numbers in brackets of the row; the paper's Tables 1-3 are
+    made so). Without an RT row, the row's own "avg_gap" (its mean over seeds) if any."""
+    if rt is None:
+        return _mean(row.get("avg_gap"))
     gaps = [
         abs(_mean(row.get(c)) - _mean(rt.get(c)))
         for c in columns
@@ -296,9 +297,11 @@ def markdown_table(
     """The paper's table: Methods | UA | (UA_test) | RA | TA | MIA | Avg. Gap | RTE.
 
     Rows as from ``rows_over_seeds``, printed in the given order. A metric cell reads
-    ``mean ± std (|mean - RT mean|)`` with two decimals; Avg. Gap is the mean over seeds of
-    the per-seed "avg_gap" (or, without it, the mean of the row's gaps); RTE is the mean of
-    "rte_min" in minutes. Missing values print as "–". ``rt_name=None`` omits the gaps.
+    ``mean ± std (|mean - RT mean|)`` with two decimals; Avg. Gap is the mean of the row's
+    bracketed gaps (the gap of the means over seeds, as in the paper; a row's per-seed
+    "avg_gap" in results.json is the mean of per-seed gaps, which is at least as large); RTE
+    is the mean of "rte_min" in minutes. Missing values print as "–". ``rt_name=None`` omits
+    the gaps (Avg. Gap then shows the row's own "avg_gap" if it has one).
     """
     _check_rows(rows)
     rt = _find_rt(rows, rt_name)
