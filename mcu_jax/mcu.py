@@ -6,8 +6,11 @@ t ~ U(0, 1), form phi(t) from (theta_o, theta_c, theta_p), run the model in trai
 minimise CE(retain part) - beta * CE(forget part). Only theta_c's tensors selected by the
 parameter mask are differentiated and updated: gradients of the other tensors are never
 formed (that is where the mask's speed-up comes from) and they stay bit-for-bit at their
-initial value. beta is either fixed or adaptive (section 2.4), recomputed after every batch
-from that batch's train-mode accuracies at the sampled t and used for the next batch.
+initial value. beta is either fixed or adaptive (section 2.4): computed for every batch from
+that batch's own train-mode accuracies at the sampled t (the same forward pass; accuracies
+carry no gradient) and used in that batch's loss, as the paper's Algorithm 1 and the
+authors' release do. A batch without a retain or a forget part keeps the previous beta
+(``beta_init`` before the first batch); without a forget part beta does not matter anyway.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class MCUConfig:
     beta_mode: str = "adaptive"  # "adaptive" (MCU_beta) or "fixed" (MCU)
     beta: float = 0.2  # the fixed beta (paper's ablation default)
     beta_values: tuple[float, float, float] = (0.0, 0.1, 0.5)  # adaptive cases 1, 2, 3
-    beta_init: float = 0.5  # adaptive beta of the first batch
+    beta_init: float = 0.5  # adaptive beta before the first batch (see the module docstring)
     augment: bool = True  # the data set's training augmentation during curve training
     steps_per_call: int = 50
     progress: bool = True
@@ -107,7 +110,7 @@ def split_loss(per_sample_loss, is_forget):
 class CurveState(struct.PyTreeNode):
     trainable: dict  # path -> array: theta_c's masked tensors
     opt_state: Any
-    beta: jax.Array  # beta for the next batch
+    beta: jax.Array  # beta of the last batch (kept for a batch that lacks a part)
 
 
 class CurveConsts(struct.PyTreeNode):
@@ -137,7 +140,7 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         x = prepare_batch(k_aug, imgs.x[idx], imgs.mean, imgs.std, kind, True)
         y = imgs.y[idx]
         is_f = c.is_forget[idx]
-        beta = state.beta if config.beta_mode == "adaptive" else jnp.float32(config.beta)
+        adaptive = config.beta_mode == "adaptive"
 
         def objective(trainable):
             theta_c = control_point(params_template, trainable, c.frozen)
@@ -152,20 +155,21 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
             out = per_sample_outputs(logits, y)
             ce_r, ce_f, n_r, n_f = split_loss(out["loss"], is_f)
             acc_r, acc_f, _, _ = split_loss(100.0 * out["correct"], is_f)
+            acc_r, acc_f = jax.lax.stop_gradient(acc_r), jax.lax.stop_gradient(acc_f)
+            if adaptive:  # this batch's accuracies at this t; kept when a part is empty
+                proposed = adaptive_beta(acc_f, acc_r, c.refs[0], c.refs[1], values)
+                beta = jnp.where((n_r > 0) & (n_f > 0), proposed, state.beta)
+            else:
+                beta = jnp.float32(config.beta)
             loss = ce_r - beta * ce_f
-            return loss, dict(ce_r=ce_r, ce_f=ce_f, acc_r=acc_r, acc_f=acc_f, n_r=n_r, n_f=n_f)
+            return loss, dict(ce_r=ce_r, ce_f=ce_f, acc_r=acc_r, acc_f=acc_f, n_r=n_r, n_f=n_f,
+                              beta=beta, loss=loss)
 
         grads, m = jax.grad(objective, has_aux=True)(state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        if config.beta_mode == "adaptive":
-            proposed = adaptive_beta(m["acc_f"], m["acc_r"], c.refs[0], c.refs[1], values)
-            # Keep beta when a sub-batch is empty: its accuracy is undefined.
-            next_beta = jnp.where((m["n_r"] > 0) & (m["n_f"] > 0), proposed, beta)
-        else:
-            next_beta = beta
-        loss = m["ce_r"] - beta * m["ce_f"]
-        metrics = {"loss": loss, "beta": beta, "t": t, **m}
+        metrics = {"t": t, **m}
+        next_beta = m["beta"] if adaptive else state.beta
         return CurveState(trainable, opt_state, next_beta.astype(jnp.float32)), metrics
 
     return step

@@ -5,6 +5,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mcu_jax import curves, mcu, pytrees
@@ -82,6 +83,37 @@ def test_unmasked_tensors_are_bit_for_bit_unchanged(theta_o, theta_p, digits_ima
             np.testing.assert_array_equal(end[k], start[k])
     assert len(result.history) == 2
     assert set(result.history[0]["beta_hist"]) == {"0", "0.1", "0.5"}
+
+
+def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images,
+                                                  digits_split, small_model):
+    """beta of a batch is the rule applied to that batch's own accuracies at its t (the
+    paper's Algorithm 1 and the release), not the previous batch's; a batch without a forget
+    part keeps the previous beta."""
+    train_images, _ = digits_images
+    config = MCUConfig(progress=False)
+    is_forget = np.zeros(train_images.num_examples, bool)
+    is_forget[digits_split.forget] = True
+    mask = jax.tree.map(lambda _: True, theta_o["params"])
+    refs = (REFS["train"], REFS["val"])
+    state, consts, _ = mcu.setup_curve(
+        small_model, theta_o, theta_p, curves.midpoint(theta_o["params"], theta_p["params"]),
+        mask, train_images, is_forget, refs, config)
+    tx = optax.sgd(config.lr, momentum=config.momentum)
+    step = jax.jit(mcu.make_curve_step(small_model, tx, config, theta_o["params"]))
+    mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
+                                        digits_split.forget[:32]]), jnp.int32)
+    for i in range(6):
+        state = state.replace(beta=jnp.float32(0.77))  # not a value the rule can give
+        state, m = step(state, consts, mixed, jax.random.PRNGKey(i))
+        expected = float(adaptive_beta(m["acc_f"], m["acc_r"], *refs))
+        assert float(m["beta"]) == expected and float(state.beta) == expected
+        assert float(m["loss"]) == pytest.approx(float(m["ce_r"] - expected * m["ce_f"]),
+                                                 rel=1e-6)
+    retain_only = jnp.asarray(digits_split.retain_subset[:128], jnp.int32)
+    _, m = step(state.replace(beta=jnp.float32(0.77)), consts, retain_only,
+                jax.random.PRNGKey(9))
+    assert float(m["beta"]) == pytest.approx(0.77) and float(m["n_f"]) == 0
 
 
 def test_fixed_beta_mode_uses_its_beta(theta_o, theta_p, digits_images, digits_split,
