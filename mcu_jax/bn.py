@@ -28,9 +28,17 @@ from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 
 
-def bn_batches(indices, batch_size: int, n: int | None = None):
+def bn_batches(indices, batch_size: int, n: int | None = None, seed: int | None = 0):
     """Full (S, B) index batches and the remainder (r,) covering ``indices`` once (None when
-    there is no full batch or no remainder); ``n`` bounds the indices when given."""
+    there is no full batch or no remainder); ``n`` bounds the indices when given.
+
+    The batches take the set in a fixed pseudo-random order (the sorted indices permuted
+    by ``np.random.default_rng(seed)``), as the shuffled loader of PyTorch's ``update_bn``
+    does: averaged per-batch statistics depend on how the set is cut into batches, and a
+    sorted D_r of a data set stored class by class (Tiny-ImageNet) would give batches of
+    one class, whose variances miss the variance between classes. The same set and seed
+    give the same batches. ``seed=None`` keeps the order of ``indices`` as given.
+    """
     batch_size = check_batch_size("batch_size", batch_size)
     indices = np.asarray(indices)
     if n is not None:
@@ -38,6 +46,8 @@ def bn_batches(indices, batch_size: int, n: int | None = None):
     indices = indices.astype(np.int32)
     if indices.size == 0:
         raise ValueError("BatchNorm statistics need a non-empty data set")
+    if seed is not None:
+        indices = np.random.default_rng(seed).permutation(np.sort(indices))
     full, rest = eval_batches(indices, min(batch_size, indices.size))
     return (full if full.shape[0] else None), (rest if rest.shape[0] else None)
 
@@ -54,8 +64,11 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
 
     def stats(idx):
         x = normalize(images.x[idx], images.mean, images.std)
+        # A fixed dropout key: models with dropout (VGG-16-BN's classifier) need one in train
+        # mode; it only touches layers after the BatchNorms in the built-in models.
         _, new = model0.apply(
-            {"params": params, "batch_stats": template}, x, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": template}, x, train=True, mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(0)},
         )
         return new["batch_stats"]
 
@@ -79,14 +92,15 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
 
 
 def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128,
-              mesh=None) -> dict:
-    """``variables`` with batch_stats recomputed over ``images[indices]``.
+              mesh=None, seed: int | None = 0) -> dict:
+    """``variables`` with batch_stats recomputed over ``images[indices]`` (in the batches of
+    :func:`bn_batches` with ``seed``).
 
     With a ``mesh`` the pass is data parallel (``batch_size`` must be divisible by the
     device count, ValueError otherwise); the statistics equal the single-device ones within
     float tolerance (the batch sums are reduced in another order) and come back replicated.
     """
-    batches, rest = bn_batches(indices, batch_size, images.num_examples)
+    batches, rest = bn_batches(indices, batch_size, images.num_examples, seed)
     params, template = variables["params"], variables["batch_stats"]
     if mesh is None:
         stats = _batch_statistics_jit(model, params, template, images, batches, rest)

@@ -17,7 +17,7 @@ def test_recompute_is_the_size_weighted_mean_of_batch_statistics():
     model = DenseBN()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)), train=False)
     idx = rng.permutation(23)[:21]
-    out = bn.recompute(model, variables, images, idx, batch_size=8)  # 8 + 8 + 5
+    out = bn.recompute(model, variables, images, idx, batch_size=8, seed=None)  # 8 + 8 + 5
     w = np.asarray(variables["params"]["hidden"]["kernel"], np.float64)
     b = np.asarray(variables["params"]["hidden"]["bias"], np.float64)
     h = ((x[idx] / 255.0 - 0.5) / 0.25).reshape(21, -1) @ w + b
@@ -103,6 +103,42 @@ def test_sweep_with_folded_batchnorm_measures_the_same(curve_points, theta_o, di
     for name in plain.acc:
         np.testing.assert_allclose(folded.acc[name], plain.acc[name], atol=1e-4)
         np.testing.assert_allclose(folded.probs[name], plain.probs[name], rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_batches_mix_a_sorted_set_in_a_fixed_order():
+    """A class-sorted set is cut into batches of a fixed pseudo-random order (the shuffled
+    loader of update_bn), whatever order the indices come in; seed=None keeps it."""
+    idx = np.arange(40, dtype=np.int32)
+    full, rest = bn.bn_batches(idx, 16)
+    again, _ = bn.bn_batches(idx[::-1], 16)
+    assert full.shape == (2, 16) and rest.shape == (8,)
+    np.testing.assert_array_equal(full, again)  # the set decides, not its order
+    assert sorted(np.concatenate([full.ravel(), rest]).tolist()) == idx.tolist()
+    assert not np.array_equal(full.ravel(), idx[:32])  # not the sorted order
+    kept, _ = bn.bn_batches(idx, 16, seed=None)
+    np.testing.assert_array_equal(kept.ravel(), idx[:32])
+    other, _ = bn.bn_batches(idx, 16, seed=1)
+    assert not np.array_equal(other, full)
+
+
+def test_batchnorm_pass_of_a_model_with_dropout():
+    """VGG-16-BN has dropout after its BatchNorms: the train-mode pass needs (and gets) a
+    dropout key, and its statistics match the model's own train-mode call."""
+    from mcu_jax.models import create, init_variables
+
+    model = create("vgg16_bn", 5, hidden=8)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    images = Images.from_arrays(x, rng.integers(0, 5, 6), (0.5,) * 3, (0.25,) * 3)
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 32, 32, 3))
+    out = bn.recompute(model, variables, images, np.arange(6), batch_size=6)
+    xn = (x / 255.0 - 0.5) / 0.25
+    _, new = model.clone(bn_momentum=0.0).apply(
+        variables, jnp.asarray(xn, jnp.float32), train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(5)})
+    for a, b in zip(jax.tree.leaves(out["batch_stats"]), jax.tree.leaves(new["batch_stats"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_model):
