@@ -16,6 +16,7 @@ on an H100).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import checkpoint, curves, masks, pytrees, selection, sweep
+from mcu_jax import checkpoint, curves, masks, pytrees, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, train_curve
 
@@ -182,7 +183,10 @@ def run_mcu(
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
     exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``; a rerun reuses
-    every finished part (mask, curve epochs, ``sweep.json``, the exported model). A ``mesh``
+    every finished part (mask, curve epochs, ``sweep.json``, the exported model). The folder
+    is bound to the request (``out_dir/run.json``: the configs, a digest of the split and
+    the references): a rerun whose settings differ (other than speed-only ones such as
+    ``progress`` or ``strategy``) raises ValueError instead of reusing those parts. A ``mesh``
     (``sharding.make_mesh``) makes the mask gradients and curve training data parallel and
     the sweep t parallel.
     """
@@ -194,6 +198,8 @@ def run_mcu(
         raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
     class_wise = split.scenario == "class"
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:  # its cached parts must come from this very request
+        _bind(out, mcu_config, mask_config, selection_config, split, refs)
     minutes = {}
 
     sc = selection_config
@@ -270,6 +276,28 @@ def run_mcu(
             )
         checkpoint.write_json(out / "mcu.json", output.summary())
     return output
+
+
+# Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
+# in the same out_dir may change them.
+_FREE = ("progress", "steps_per_call", "checkpoint_every", "precompile", "strategy",
+         "chunk_size", "eval_batch_size", "fold_bn")
+
+
+def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs) -> None:
+    """Binds ``out`` to this request (configs, split, references) with a run record
+    (``runs.RunDir``): a rerun with other settings is refused instead of silently reusing
+    the cached mask, curve checkpoints, sweep and model of the first one."""
+    digest = {
+        name: hashlib.sha256(np.ascontiguousarray(getattr(split, name), np.int64)).hexdigest()
+        for name in ("retain", "retain_subset", "forget", "test")
+    }
+    request = {
+        "mcu": dataclasses.asdict(mcu_config), "mask": dataclasses.asdict(mask_config),
+        "selection": dataclasses.asdict(selection_config), "split": digest,
+        "scenario": split.scenario, "refs": {k: float(refs[k]) for k in ("train", "val")},
+    }
+    runs.RunDir(out).open(request, ignore=_FREE)
 
 
 def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:

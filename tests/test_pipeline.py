@@ -101,6 +101,14 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     np.testing.assert_allclose(again.gaps, out.gaps)
     assert again.measured == pytest.approx(out.measured)
     assert again.measured_probs is None  # loaded, not measured: callers evaluate it again
+    # Other settings in the same folder are refused (nothing of the first run is reused).
+    with pytest.raises(ValueError, match=r"mask\.k is 0\.5 there but 0\.3 now"):
+        pipeline.run_mcu(
+            small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,
+            jax.random.PRNGKey(0), MCUConfig(epochs=2, progress=False),
+            pipeline.MaskConfig(k=0.3, k_r=0.1), pipeline.SelectionConfig(num_t=6),
+            out_dir=tmp_path / "mcu",
+        )
     assert again.region == out.region
 
 
