@@ -48,14 +48,15 @@ def _paper(method: str, **overrides) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class MethodsConfig:
-    """Hyperparameters of each pre-unlearning method (the paper's CIFAR-10 defaults)."""
+    """Hyperparameters of each pre-unlearning method (the paper's CIFAR-10 defaults; NegTV's
+    alpha None takes the paper's value for the experiment's scenario and data set)."""
 
     ft: MethodConfig = _paper("ft")
     rl: MethodConfig = _paper("rl")
     ga: MethodConfig = _paper("ga")
     neggrad: MethodConfig = _paper("neggrad")
     salun: MethodConfig = _paper("salun")
-    negtv: MethodConfig = _paper("negtv")
+    negtv: MethodConfig = _paper("negtv", alpha=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,12 @@ class ExperimentConfig:
 
 
 def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
-    base = getattr(cfg.method_configs, name, None) or default_config(name, cfg.problem.scenario)
+    """``name``'s config in ``cfg`` with everything the scenario decides filled in (NegTV's
+    alpha None -> ``methods.negtv_alpha`` of the problem's scenario and data set)."""
+    scenario, dataset = cfg.problem.scenario, cfg.problem.dataset
+    base = getattr(cfg.method_configs, name, None) or default_config(name, scenario)
+    if name == "negtv" and base.alpha is None:
+        base = dataclasses.replace(base, alpha=methods.negtv_alpha(scenario, dataset))
     return dataclasses.replace(base, progress=cfg.progress)
 
 

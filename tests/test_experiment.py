@@ -116,6 +116,21 @@ def test_run_script_errors_are_one_line(capsys):
     assert "mcu.epochs" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("scenario, dataset, alpha", [("random", "cifar10", 0.9),
+                                                       ("class", "cifar10", 0.2),
+                                                       ("class", "tinyimagenet", 0.1),
+                                                       ("class", "digits", 0.2)])
+def test_negtv_alpha_follows_the_scenario(scenario, dataset, alpha):
+    """The default NegTV alpha is the paper's for the experiment's scenario and data set
+    (a class-wise experiment built from defaults or a scenario override got 0.9)."""
+    cfg = experiment.ExperimentConfig(problem=ProblemConfig(dataset=dataset, scenario=scenario),
+                                      methods=("negtv",))
+    assert experiment.method_config(cfg, "negtv").alpha == alpha
+    given = dataclasses.replace(cfg, method_configs=dataclasses.replace(
+        cfg.method_configs, negtv=default_config("negtv", alpha=0.5)))
+    assert experiment.method_config(given, "negtv").alpha == 0.5  # an explicit value stays
+
+
 def test_unknown_method_or_mode_is_rejected():
     with pytest.raises(ValueError, match="known"):
         experiment.ExperimentConfig(methods=("magic",))

@@ -391,6 +391,13 @@ def test_negtv_method_applies_the_formula_and_handles_batchnorm(env, monkeypatch
         if path.endswith("var"):
             want = np.maximum(want, 0)
         np.testing.assert_array_equal(flat[path], want)
+    # alpha None: the paper's value for the split's scenario (class-wise: 0.2).
+    unset = negtv_module.negtv(env["model"], theta_o, data,
+                               dataclasses.replace(CONFIG, bn="original"), jax.random.key(0))
+    assert CONFIG.alpha is None and unset.info["alpha"] == 0.2
+    for a, b in zip(jax.tree.leaves(unset.variables),
+                    jax.tree.leaves(runs["original"].variables), strict=True):
+        np.testing.assert_array_equal(a, b)
     recomputed = bn.recompute(env["model"], runs["recompute"].variables, data.train,
                               data.split.retain, batch_size=CONFIG.batch_size)
     for got, want in zip(jax.tree.leaves(runs["recompute"].variables["batch_stats"]),

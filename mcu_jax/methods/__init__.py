@@ -24,6 +24,7 @@ from mcu_jax.methods.base import (
     MethodData,
     MethodResult,
     default_config,
+    negtv_alpha,
 )
 from mcu_jax.methods.negtv import negate_task_vector
 from mcu_jax.methods.registry import available, get, produce, register, run
@@ -37,6 +38,7 @@ __all__ = [
     "MethodResult",
     "available",
     "default_config",
+    "negtv_alpha",
     "forget_gradient",
     "get",
     "negate_task_vector",

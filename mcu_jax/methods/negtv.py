@@ -31,6 +31,7 @@ from mcu_jax.methods.base import (
     MethodResult,
     finish,
     indices,
+    negtv_alpha,
 )
 from mcu_jax.methods.registry import register
 from mcu_jax.train import fit
@@ -59,21 +60,24 @@ def _arithmetic_stats(stats_o, stats_ft, alpha: float):
 def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax.Array,
           *, checkpoint_dir=None) -> MethodResult:
     """Fine-tune on D_f for ``config.ft_epochs`` (None: ``epochs``), then negate the task
-    vector with ``config.alpha``; BatchNorm statistics as ``config.bn`` says."""
+    vector with ``config.alpha`` (None: ``negtv_alpha`` of the split's scenario, CIFAR-10's
+    values; Tiny-ImageNet's 0.1 must be given, e.g. by ``default_config(..., setting)``);
+    BatchNorm statistics as ``config.bn`` says."""
     start = time.perf_counter()
+    alpha = config.alpha if config.alpha is not None else negtv_alpha(data.split.scenario)
     forget = indices(data.split, "forget", "negtv")
     epochs = config.epochs if config.ft_epochs is None else config.ft_epochs
     theta_ft, history = fit(
         model, theta_o, data.train, forget, config.train_config(epochs), key,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="NegTV fine-tune",
     )
-    params = negate_task_vector(theta_o["params"], theta_ft["params"], config.alpha)
+    params = negate_task_vector(theta_o["params"], theta_ft["params"], alpha)
     stats_o = theta_o.get("batch_stats", {})
     if config.bn == "original" or not jax.tree.leaves(stats_o):
         stats = jax.tree.map(lambda a: jnp.array(a, copy=True), stats_o)
         variables = {"params": params, "batch_stats": stats}
     elif config.bn == "arithmetic":
-        stats = _arithmetic_stats(stats_o, theta_ft["batch_stats"], config.alpha)
+        stats = _arithmetic_stats(stats_o, theta_ft["batch_stats"], alpha)
         variables = {"params": params, "batch_stats": stats}
     else:
         retain = indices(data.split, "retain", "negtv")
@@ -81,4 +85,4 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
             model, {"params": params, "batch_stats": stats_o}, data.train, retain,
             batch_size=config.batch_size, mesh=data.mesh,
         )
-    return finish(start, variables, history, alpha=config.alpha, bn=config.bn)
+    return finish(start, variables, history, alpha=alpha, bn=config.bn)
