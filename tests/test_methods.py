@@ -29,6 +29,7 @@ from mcu_jax.methods import (
 )
 from mcu_jax.methods import neggrad as neggrad_module
 from mcu_jax.methods import negtv as negtv_module
+from mcu_jax.methods import rl as rl_module
 from mcu_jax.models import create, init_variables
 
 BUILTIN = ("rt", "ft", "rl", "ga", "neggrad", "salun", "negtv")
@@ -223,6 +224,33 @@ def test_random_wrong_labels_are_never_the_true_label():
     np.testing.assert_array_equal(binary, [1, 0, 0, 1])
     with pytest.raises(ValueError, match="num_classes"):
         random_wrong_labels(jax.random.key(0), labels, 1)
+
+
+def test_rl_relabels_d_f_once_per_run(env, monkeypatch):
+    """D_f gets one fixed random wrong label per example for the whole run (drawn from the
+    method key); D_r keeps its labels; the loss trains against those targets."""
+    data = env["data"]["random"]
+    captured = []
+
+    def fake_fit(model, variables, images, pool, config, key, **kwargs):
+        captured.append((np.asarray(kwargs["aux"]["targets"]), kwargs["loss_fn"]))
+        return variables, []
+
+    monkeypatch.setattr(rl_module, "fit", fake_fit)
+    for k in (0, 0, 1):
+        rl_module.random_labels(env["model"], env["theta_o"], data, CONFIG, jax.random.key(k))
+    (first, loss_fn), (again, _), (other, _) = captured
+    y = np.asarray(data.train.y)
+    retain, forget = np.asarray(data.split.retain), np.asarray(data.split.forget)
+    np.testing.assert_array_equal(first[retain], y[retain])
+    assert np.all(first[forget] != y[forget]) and np.all((first >= 0) & (first < 10))
+    np.testing.assert_array_equal(first, again)  # same key, same relabelling
+    assert np.any(other[forget] != first[forget])
+    logits = jax.random.normal(jax.random.key(3), (4, 10))
+    targets = jnp.asarray(first[forget[:4]])
+    loss, _ = loss_fn(logits, jnp.asarray(y[forget[:4]]), {"targets": targets}, None)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """RL: random labels. D_f is relabelled with a random *wrong* class and trained on together
 with D_r (one shuffled pool, mixed batches).
 
-The wrong label is ``(y + r) % C`` with ``r`` uniform in ``{1, ..., C-1}``, drawn afresh for
-every batch from the loss key: uniform over the C-1 other classes and never the true one.
-(SalUn's release draws labels once with ``randint(0, C)``, which keeps the true label for
-1/C of D_f.) Paper (CIFAR-10): 10 epochs, lr 0.01.
+The relabelling is drawn once per run, from the method's key, and kept for every epoch (a
+relabelled D_f, as SalUn's random-label data set): the wrong label is ``(y + r) % C`` with
+``r`` uniform in ``{1, ..., C-1}``, uniform over the C-1 other classes and never the true
+one. (SalUn's release draws with ``randint(0, C)``, which keeps the true label for 1/C of
+D_f.) Paper (CIFAR-10): 10 epochs, lr 0.01.
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ def random_wrong_labels(key: jax.Array, labels: jax.Array, num_classes: int) -> 
     return (labels + shift) % num_classes
 
 
-def make_loss(num_classes: int):
-    """Cross-entropy against the true label on D_r and a random wrong label on D_f
-    (``aux["is_forget"]`` flags the batch's D_f rows)."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}; random labels need at least 2 classes")
+def relabelled(key: jax.Array, labels, forget, num_classes: int) -> jax.Array:
+    """``labels`` (all N training labels) with the ``forget`` rows replaced by random wrong
+    labels, drawn once from ``key``."""
+    labels = jnp.asarray(labels, jnp.int32)
+    forget = jnp.asarray(forget, jnp.int32)
+    return labels.at[forget].set(random_wrong_labels(key, labels[forget], num_classes))
+
+
+def make_loss():
+    """Cross-entropy against each row's target in ``aux["targets"]``: the true label on D_r,
+    the run's fixed random wrong label on D_f (:func:`relabelled`)."""
 
     def loss_fn(logits, labels, aux, key):
-        targets = jnp.where(aux["is_forget"], random_wrong_labels(key, labels, num_classes),
-                            labels)
-        out = evaluation.per_sample_outputs(logits, targets)
+        del labels, key  # the targets carry them
+        out = evaluation.per_sample_outputs(logits, aux["targets"])
         loss = out["loss"].mean()
         return loss, {"loss": loss, "acc": 100.0 * out["correct"].mean()}
 
@@ -63,11 +69,17 @@ def pool_and_flags(data: MethodData, method: str) -> tuple[np.ndarray, dict]:
 
 def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
                         checkpoint_dir=None, method="rl", desc="RL"):
-    """RL's training loop (shared with SalUn, which adds ``update_mask``)."""
-    pool, aux = pool_and_flags(data, method)
+    """RL's training loop (shared with SalUn, which adds ``update_mask``): D_f relabelled
+    once from ``fold_in(key, 1)``, training with ``fold_in(key, 0)``."""
+    pool, _ = pool_and_flags(data, method)
+    forget = indices(data.split, "forget", method)
+    n_classes = num_classes(model)
+    if n_classes < 2:
+        raise ValueError(f"num_classes={n_classes}; random labels need at least 2 classes")
+    targets = relabelled(jax.random.fold_in(key, 1), data.train.y, forget, n_classes)
     return fit(
-        model, theta_o, data.train, pool, config.train_config(), key,
-        loss_fn=make_loss(num_classes(model)), aux=aux, update_mask=update_mask,
+        model, theta_o, data.train, pool, config.train_config(), jax.random.fold_in(key, 0),
+        loss_fn=make_loss(), aux={"targets": targets}, update_mask=update_mask,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc=desc,
     )
 
