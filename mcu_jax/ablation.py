@@ -75,14 +75,14 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float, index: int) -> d
     rows = {}
     if kind == "forgetting":
         mcfg = dataclasses.replace(method_config(exp, cfg.method), epochs=int(value))
-        base = base_model(ctx, cfg.method, 0, mcfg, out_name=f"{cfg.method}_{tag}")
+        base = base_model(ctx, cfg.method, mcfg, out_name=f"{cfg.method}_{tag}")
         rows[f"{name} ({_label(kind, value)})"] = _evaluated(
             ctx.run, f"eval_{cfg.method}_{tag}_{ctx.seed}", ctx.prob, base.variables, exp,
             ctx.seed, {"rte_min": base.minutes},
         )
         mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="adaptive")
     else:
-        base = base_model(ctx, cfg.method, 0)
+        base = base_model(ctx, cfg.method)
         if kind == "retain_share":
             d = ctx.prob.config
             split = make_split(
@@ -117,7 +117,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
         ctx = prepare_seed(exp, run, seed)
         rows = {"RT": ctx.rt}
         if cfg.kind != "forgetting":  # the shared theta_p, for comparison
-            base = base_model(ctx, cfg.method, 0)
+            base = base_model(ctx, cfg.method)
             rows[DISPLAY.get(cfg.method, cfg.method)] = _evaluated(
                 run, f"eval_{cfg.method}_{seed}", ctx.prob, base.variables, exp, seed,
                 {"rte_min": base.minutes},

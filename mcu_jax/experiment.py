@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,14 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
                        mesh)
 
 
-def base_model(ctx: SeedContext, name: str, index: int, mcfg: MethodConfig | None = None,
+def name_key(key: jax.Array, name: str) -> jax.Array:
+    """``key`` folded with a stable number of ``name`` (CRC-32): a method's keys do not
+    depend on its position in ``methods``, so adding, removing or reordering methods leaves
+    the others' results (and their saved models) as they were."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def base_model(ctx: SeedContext, name: str, mcfg: MethodConfig | None = None,
                out_name: str | None = None):
     """theta_p from method ``name`` (produced once, then reused from the seed folder)."""
     data = methods.MethodData(ctx.prob.train, ctx.prob.test, ctx.prob.split,
@@ -196,7 +204,7 @@ def base_model(ctx: SeedContext, name: str, index: int, mcfg: MethodConfig | Non
     mcfg = dataclasses.replace(mcfg or method_config(ctx.cfg, name), progress=ctx.cfg.progress)
     return methods.produce(
         name, ctx.prob.model, ctx.theta_o, data, mcfg,
-        jax.random.fold_in(ctx.method_key, index), ctx.seed_dir / (out_name or name),
+        name_key(ctx.method_key, name), ctx.seed_dir / (out_name or name),
     )
 
 
@@ -204,8 +212,8 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
     """All models of one seed, evaluated: ``{row name: metrics}``."""
     ctx = prepare_seed(cfg, run, seed)
     rows: dict[str, dict] = {"RT": ctx.rt}
-    for i, name in enumerate(cfg.methods):
-        base = base_model(ctx, name, i)
+    for name in cfg.methods:
+        base = base_model(ctx, name)
         rows[row_name(name)] = _evaluated(
             run, f"eval_{name}_{seed}", ctx.prob, base.variables, cfg, seed,
             {"rte_min": base.minutes}, ctx.mesh,
@@ -214,7 +222,7 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
             label = row_name(name, mode)
             rows[label] = mcu_row(
                 ctx, base, dataclasses.replace(cfg.mcu, beta_mode=mode), cfg.mask,
-                cfg.selection, jax.random.fold_in(ctx.curve_key, i), label,
+                cfg.selection, name_key(ctx.curve_key, name), label,
                 f"mcu_{mode}_{_slug(label)}",
             )
     for row in rows.values():

@@ -131,6 +131,17 @@ def test_negtv_alpha_follows_the_scenario(scenario, dataset, alpha):
     assert experiment.method_config(given, "negtv").alpha == 0.5  # an explicit value stays
 
 
+def test_method_keys_come_from_names_not_positions():
+    import jax
+    import numpy as np
+
+    key = jax.random.PRNGKey(3)
+    a, b = experiment.name_key(key, "neggrad"), experiment.name_key(key, "neggrad")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, experiment.name_key(key, "ga"))
+    assert not np.array_equal(a, experiment.name_key(jax.random.PRNGKey(4), "neggrad"))
+
+
 def test_unknown_method_or_mode_is_rejected():
     with pytest.raises(ValueError, match="known"):
         experiment.ExperimentConfig(methods=("magic",))
