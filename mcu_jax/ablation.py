@@ -19,6 +19,7 @@ from mcu_jax.data import make_split
 from mcu_jax.experiment import (
     DISPLAY,
     ROW_KEYS,
+    TABLE_NOTE,
     ExperimentConfig,
     SeedContext,
     _evaluated,
@@ -154,7 +155,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
     checkpoint.write_json(out / "results.json", results)
     class_wise = exp.problem.scenario == "class"
     text = (f"# {exp.name}\n\nCommand: `{exp.command}`\n\nAblation: {KINDS[cfg.kind]}, "
-            f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n"
+            f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n{TABLE_NOTE}\n\n"
             f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\nFigure: `{figure.name}`\n")
     (out / "results.md").write_text(text)
     print(text)

@@ -285,6 +285,9 @@ def _slug(label: str) -> str:
     return label.replace("+", "plus").replace(" ", "_")
 
 
+TABLE_NOTE = ("Cells: mean ± std over seeds (population std) and, in brackets, |mean - RT's "
+              "mean|; Avg. Gap: the mean of a row's bracketed gaps; RTE: minutes.")
+
 ROW_KEYS = (
     "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "t_star", "region",
 )
@@ -307,7 +310,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     results = {"config": config.to_dict(cfg), "rows": rows}
     checkpoint.write_json(out / "results.json", results)
     table = metrics.markdown_table(rows, class_wise=class_wise)
-    text = f"# {cfg.name}\n\nCommand: `{cfg.command}`\n\nSeeds: {list(cfg.seeds)}\n\n{table}\n"
+    text = (f"# {cfg.name}\n\nCommand: `{cfg.command}`\n\nSeeds: {list(cfg.seeds)}\n\n"
+            f"{TABLE_NOTE}\n\n{table}\n")
     if cfg.table1:
         text += "\n## Table 1 layout\n\n" + metrics.table1_markdown(rows) + "\n"
     (out / "results.md").write_text(text)
