@@ -174,6 +174,24 @@ def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
         )
 
 
+def _check_finite_state(state: Any, epoch: int, desc: str) -> None:
+    """NonFiniteLossError when a floating leaf of ``state`` holds a NaN or infinity (a
+    finite loss can still come with an update that overflows): such a state is never
+    saved, so the last good checkpoint stays the last one."""
+    leaves = [x for x in jax.tree.leaves(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if leaves and not bool(_all_finite(leaves)):
+        raise NonFiniteLossError(
+            f"{desc}: the state after epoch {epoch} holds non-finite values; stopping. "
+            "The last good checkpoint (previous epoch or signal stop) is kept."
+        )
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -300,20 +318,24 @@ def run_epochs(
         start_step = int(meta.get("step", 0))
         history = list(meta.get("history", []))
         before = float(meta.get("seconds", 0.0))
+        saved = (meta.get("steps_per_epoch"), meta.get("pool_size"))
+        if saved != (None, None) and saved != (steps_per_epoch, n):
+            where = (f"stopped at step {start_step} of epoch {start + 1}" if start_step
+                     else f"was saved after epoch {start}")
+            raise ValueError(
+                f"{config.desc}: the checkpoint in {checkpointer.directory} {where} with "
+                f"(steps per epoch, pool size) = {saved}, but this run has "
+                f"{(steps_per_epoch, n)}; resume with the same pool and batch size or use a "
+                "new checkpoint folder"
+            )
+        if start > config.epochs or (start_step and start >= config.epochs):
+            raise ValueError(
+                f"{config.desc}: the checkpoint in {checkpointer.directory} is "
+                f"{'inside' if start_step else 'after'} epoch {start + 1 if start_step else start}"
+                f", beyond epochs={config.epochs}; use the same epochs or a new checkpoint "
+                "folder"
+            )
         if start_step:
-            saved = (meta.get("steps_per_epoch"), meta.get("pool_size"))
-            if saved != (steps_per_epoch, n):
-                raise ValueError(
-                    f"{config.desc}: the checkpoint in {checkpointer.directory} stopped at "
-                    f"step {start_step} of epoch {start + 1} with (steps per epoch, pool size) "
-                    f"= {saved}, but this run has {(steps_per_epoch, n)}; resume with the same "
-                    "pool and batch size or use a new checkpoint folder"
-                )
-            if start >= config.epochs:
-                raise ValueError(
-                    f"{config.desc}: the checkpoint in {checkpointer.directory} is inside "
-                    f"epoch {start + 1}, beyond epochs={config.epochs}"
-                )
             partial = _unpack_metrics(meta.get("partial", {}))
     if mesh is not None:  # once, so that the runner's own placement is a no-op
         state = sharding.replicate(state, mesh)
@@ -368,6 +390,7 @@ def run_epochs(
                 bar.set_postfix(
                     {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)}
                 )
+                _check_finite_state(state, epoch + 1, config.desc)  # before it can be saved
                 due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
                 if checkpointer is not None and (due or flag.received is not None):
                     meta = {"epoch": epoch + 1, "history": history, "seconds": seconds(),

@@ -218,6 +218,32 @@ def test_mid_epoch_checkpoint_refuses_another_geometry(tmp_path):
         _resume(tmp_path, other)
 
 
+def test_epoch_checkpoint_refuses_another_geometry_or_fewer_epochs(tmp_path):
+    _resume(tmp_path)  # a finished 3-epoch run
+    other = loop.LoopConfig(epochs=3, batch_size=5, steps_per_call=2, progress=False)
+    with pytest.raises(ValueError, match=r"saved after epoch 3 .*\(7, 30\).*\(6, 30\)"):
+        _resume(tmp_path, other)
+    fewer = loop.LoopConfig(epochs=1, batch_size=4, steps_per_call=2, progress=False)
+    with pytest.raises(ValueError, match="after epoch 3, beyond epochs=1"):
+        _resume(tmp_path, fewer)
+
+
+def test_non_finite_state_with_a_finite_loss_is_never_saved(tmp_path):
+    """An update that overflows while the loss is still finite stops the run at the end of
+    the epoch, before the bad state could become the last checkpoint."""
+    float_state = {"w": jnp.ones(3, jnp.float32)}
+
+    def overflowing(state, consts, batches, keys, n_valid=None):
+        steps = batches.shape[0] if n_valid is None else n_valid
+        return {"w": state["w"] * jnp.inf}, {"loss": jnp.ones(steps)}
+
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(loop.NonFiniteLossError,
+                                                       match="after epoch 1"):
+        loop.run_epochs(overflowing, float_state, None, POOL, KEY, CFG, ckpt)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() is None
+
+
 def test_checkpoint_of_another_state_is_a_clear_error(tmp_path):
     _resume(tmp_path, loop.LoopConfig(epochs=1, batch_size=4, progress=False))
     with Checkpointer(tmp_path) as ckpt, pytest.raises(ValueError, match="does not fit"):
