@@ -95,22 +95,29 @@ def cmd_mcu(args) -> dict:
     }
 
 
+# Each command's required options (checked in main, so that --fields needs none of them).
+_REQUIRED = {"train": ("out",), "unlearn": ("theta_o", "method", "out"),
+             "mcu": ("theta_o", "theta_p", "out")}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcu-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train theta_o (or RT with retrain=true)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path)
     p = sub.add_parser("unlearn", help="produce theta_p with a pre-unlearning method")
-    p.add_argument("--theta-o", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--theta-o")
+    p.add_argument("--method", default=None)
+    p.add_argument("--out", type=Path)
     p.add_argument("--key", type=int, default=0)
     p = sub.add_parser("mcu", help="train the curve theta_o -> theta_p and pick t*")
-    p.add_argument("--theta-o", required=True)
-    p.add_argument("--theta-p", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--theta-o")
+    p.add_argument("--theta-p")
+    p.add_argument("--out", type=Path)
     for p in sub.choices.values():
         compile_cache.add_argument(p)
+        p.add_argument("--fields", action="store_true",
+                       help="list the config fields this command's overrides can set")
         p.add_argument("overrides", nargs="*", help="config overrides: group.field=value")
     return parser
 
@@ -118,8 +125,24 @@ def _parser() -> argparse.ArgumentParser:
 _COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "mcu": cmd_mcu}
 
 
+def _fields(command: str, method: str | None) -> list[str]:
+    if command == "train":
+        return config.field_names(TrainCommand())
+    if command == "unlearn":
+        return config.field_names(methods.default_config(method or "neggrad"))
+    return config.field_names(MCUCommand())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.fields:
+        print("\n".join(_fields(args.command, getattr(args, "method", None))))
+        return 0
+    missing = [name for name in _REQUIRED[args.command] if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{args.command}: the following arguments are required: "
+                     + ", ".join("--" + m.replace("_", "-") for m in missing))
     try:
         compile_cache.enable_from_args(args.compile_cache)
         result = _COMMANDS[args.command](args)

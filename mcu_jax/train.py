@@ -10,6 +10,7 @@ ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, evaluation, loop
+from mcu_jax import checkpoint, evaluation, loop, runs
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import prepare_batch
@@ -198,6 +199,26 @@ def fit(
     return state.variables, history
 
 
+def _bind(out_dir: Path, config, key, pool, input_shape, metadata, pretrained,
+          references) -> None:
+    """Binds ``out_dir`` to this training request (``runs.RunDir``); speed-only settings
+    (progress, steps per call, checkpoint interval) and the data folder may change."""
+    key = jax.random.key_data(key) if jax.dtypes.issubdtype(
+        jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
+    pool = np.ascontiguousarray(np.asarray(pool), np.int64)
+    request = {
+        "train_config": dataclasses.asdict(config),
+        "key": np.asarray(key).ravel().tolist(),
+        "pool": hashlib.sha256(pool).hexdigest(),
+        "input_shape": list(input_shape),
+        "pretrained": None if pretrained is None else str(pretrained),
+        "references": references is not None,
+        "metadata": dict(metadata or {}),
+    }
+    runs.RunDir(out_dir).open(
+        request, ignore=("progress", "steps_per_call", "checkpoint_every", "data_dir"))
+
+
 def reference_accuracies(model, variables, train: Images, test: Images, split,
                          mesh=None) -> dict:
     """theta_o's reference accuracies (percent, evaluation mode) used by adaptive beta and
@@ -234,10 +255,15 @@ def train_model(
     Returns (variables, metadata); metadata holds the history, wall-clock minutes (of every
     session, when an interrupted run was resumed from ``out_dir/progress``) and
     whatever the caller passed (config, split seed, ...).
+
+    ``out_dir`` is bound to the request (``out_dir/run.json``: the config, key, pool, input
+    shape, ``metadata`` and whether references are measured): asking a folder that holds
+    (or is training) another model raises ValueError instead of returning that model.
     """
     from mcu_jax.models import init_variables, load_pretrained
 
     out_dir = Path(out_dir)
+    _bind(out_dir, config, key, pool, input_shape, metadata, pretrained, references)
     if checkpoint.model_exists(out_dir):
         return checkpoint.load_model(out_dir)
     init_key, train_key = jax.random.split(key)

@@ -43,6 +43,20 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "no finished model" in err
 
 
+def test_fields_lists_what_overrides_can_set(capsys):
+    code, out, _ = _run(capsys, ["mcu", "--fields"])  # needs none of the folders
+    assert code == 0 and {"mcu.epochs", "mask.k", "selection.fold_bn", "key"} <= set(
+        out.split())
+    code, out, _ = _run(capsys, ["unlearn", "--method", "negtv", "--fields"])
+    assert code == 0 and {"alpha", "epochs", "bn"} <= set(out.split())
+    code, out, _ = _run(capsys, ["train", "--fields"])
+    assert code == 0 and "train.epochs" in out.split()
+    with pytest.raises(SystemExit) as info:  # without --fields the folders are required
+        cli.main(["mcu", "--out", "x"])
+    assert info.value.code == 2
+    assert "--theta-o, --theta-p" in capsys.readouterr().err
+
+
 def test_override_parses_by_declared_type():
     cfg = config.override(MCUConfig(), ["epochs=3", "beta_values=0,0.2,0.6", "augment=no"])
     assert cfg.epochs == 3 and cfg.beta_values == (0.0, 0.2, 0.6) and cfg.augment is False

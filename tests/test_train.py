@@ -48,6 +48,33 @@ def test_accuracy_matches_numpy(theta_o, digits, digits_images, small_model):
     np.testing.assert_array_equal(out["correct"], expected.astype(np.float32))
 
 
+def test_train_model_reuses_only_the_same_request(tmp_path, digits, digits_images,
+                                                  small_model):
+    """A finished model is returned again for the same request (speed-only settings may
+    change), and another request for the same folder is refused, not answered with it."""
+    train_images, _ = digits_images
+    pool = np.arange(256)
+    config = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    args = (small_model, train_images, pool)
+    first, meta = train.train_model(*args, config, jax.random.PRNGKey(0), (1, 8, 8, 1),
+                                    tmp_path, metadata={"seed": 0})
+    faster = train.TrainConfig(epochs=1, lr=0.05, progress=True, steps_per_call=7)
+    again, _ = train.train_model(*args, faster, jax.random.PRNGKey(0), (1, 8, 8, 1), tmp_path,
+                                 metadata={"seed": 0})
+    assert _leaves_equal(first, again)
+    for change, match in (
+        (dict(config=train.TrainConfig(epochs=2, lr=0.05, progress=False)), "epochs is 1"),
+        (dict(key=jax.random.PRNGKey(1)), "key"),
+        (dict(pool=np.arange(128)), "pool"),
+        (dict(metadata={"seed": 1}), "seed"),
+    ):
+        call = dict(config=config, key=jax.random.PRNGKey(0), pool=pool, metadata={"seed": 0})
+        call.update(change)
+        with pytest.raises(ValueError, match=match):
+            train.train_model(small_model, train_images, call["pool"], call["config"],
+                              call["key"], (1, 8, 8, 1), tmp_path, metadata=call["metadata"])
+
+
 def test_model_checkpoint_round_trip(tmp_path, theta_o):
     checkpoint.save_model(tmp_path / "m", theta_o, {"refs": {"train": 99.5}, "seed": 3})
     assert checkpoint.model_exists(tmp_path / "m")
