@@ -92,6 +92,11 @@ def _rt_value(rt_acc: Mapping[str, Any] | None, key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: The sets whose gap to RT labels the star: D_r, D_f, D_t and, class-wise, D_tf (the paper's
+#: Figure 3 caption); D_tr, drawn too, is left out of the number.
+STAR_GAP_SETS = ("retain", "forget", "test", "test_forget")
+
+
 def _draw_curves(
     ax,
     ts: Any,
@@ -142,7 +147,7 @@ def _draw_curves(
             gaps = [
                 abs(y - _rt_value(rt_acc, k))
                 for k, y in stars.items()
-                if _rt_value(rt_acc, k) is not None
+                if k in STAR_GAP_SETS and _rt_value(rt_acc, k) is not None
             ]
             star_gap = float(np.mean(gaps)) if gaps else None
         if star_gap is not None and math.isfinite(float(star_gap)):
@@ -179,9 +184,10 @@ def curve_figure(
     ``acc`` maps "retain", "forget", "test", "test_forget", "test_retain" (those present)
     to accuracies over ``ts``; each curve gets RT's accuracy from ``rt_acc`` as a dotted line
     of its colour (skipped where missing). The effective region ``[(start, end), ...]`` is
-    shaded grey, and t* is starred on every curve (linearly interpolated at t*) and labelled
-    with ``star_gap``; without it, the mean |curve(t*) - RT| over curves that have an RT
-    value. ``t_star=None`` draws no star.
+    shaded grey, and t* (the selected model) is starred on every curve (linearly
+    interpolated at t*) and labelled with ``star_gap``; without it, the mean |curve(t*) - RT|
+    over the curves of ``STAR_GAP_SETS`` that have an RT value (D_r, D_f, D_t, and D_tf
+    class-wise, as the paper's caption). ``t_star=None`` draws no star.
     """
     fig = _new_figure(figsize, dpi)
     ax = fig.add_subplot()

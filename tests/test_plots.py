@@ -66,6 +66,9 @@ def test_curve_figure_class_wise_missing_rt_and_empty_region(tmp_path):
     assert "effective region" not in ax.get_legend_handles_labels()[1]
     # without star_gap the label is the mean |curve(t*) - RT| over curves with an RT value
     assert [t.get_text() for t in ax.texts] == [f"{abs(100 - 1.8 - 99.0):.2f}"]
+    # ... among D_r, D_f, D_t and D_tf: D_tr's curve is drawn but left out of the number
+    fig = plots.curve_figure(TS, acc, {"retain": 99.0, "test_retain": 10.0}, [], 0.9)
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"{abs(100 - 1.8 - 99.0):.2f}"]
 
 
 def test_curve_figure_without_rt_or_star_returns_figure():
