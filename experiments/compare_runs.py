@@ -35,8 +35,11 @@ def compare(a: dict[str, dict], b: dict[str, dict], tolerance: float,
     lines = [f"| row | metric | {names[0]} | {names[1]} | abs. difference |",
              "|---|---|---|---|---|"]
     worst = None
+    one_sided = []
     for method in [m for m in a if m in b]:
         for metric in METRICS:
+            if (metric in a[method]) != (metric in b[method]):
+                one_sided.append(f"{method} {metric}")
             if metric not in a[method] or metric not in b[method]:
                 continue
             va, vb = a[method][metric]["mean"], b[method][metric]["mean"]
@@ -47,6 +50,8 @@ def compare(a: dict[str, dict], b: dict[str, dict], tolerance: float,
     only = sorted(set(a) ^ set(b))
     if only:
         lines += ["", f"rows in only one run: {', '.join(only)}"]
+    if one_sided:
+        lines += ["", f"metrics in only one run: {', '.join(one_sided)}"]
     if worst is None:
         lines += ["", "no metric in common"]
     else:

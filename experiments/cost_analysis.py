@@ -1,5 +1,5 @@
-"""XLA's own count of the arithmetic and memory traffic of mcu-jax's programs: the floors
-that no schedule of the same program can beat.
+"""XLA's own estimate of the arithmetic and memory traffic of mcu-jax's programs (operand and
+output bytes of each fusion of the compiled program, on the backend it is compiled for).
 
 usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 128]
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
@@ -56,7 +56,8 @@ def _conv_calls(compiled) -> str:
 
 
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> list[dict]:
-    """Rows {"program", "flops", "bytes", "per"} of the three programs."""
+    """Rows {"program", "flops", "bytes", "per"} (and "note" for the evaluation passes) of
+    the four programs."""
     h, w, c = SHAPES.get(model_name, (32, 32, 3))
     model = create(model_name, 10, dtype=dtype)
     theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))

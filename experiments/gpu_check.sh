@@ -179,8 +179,12 @@ profile() {
   if [ -d "$WORK/profile" ]; then
     $PY experiments/profile_summary.py "$WORK/profile" >>"$SUMMARY" 2>>"$LOG" ||
       log "profile_summary.py failed"
-    (cd "$WORK" && find profile -name '*.trace.json.gz' -print0 |
-      tar --null -czf "$OUT/profile.tgz" -T -) 2>>"$LOG" || log "no profile written"
+    if [ -n "$(find "$WORK/profile" -name '*.trace.json.gz' -print -quit)" ]; then
+      (cd "$WORK" && find profile -name '*.trace.json.gz' -print0 |
+        tar --null -czf "$OUT/profile.tgz" -T -) 2>>"$LOG" || log "no profile written"
+    else
+      log "no trace files in the profile folder; no profile.tgz"
+    fi
   fi
   if [ -f "$OUT/profile.tgz" ] && [ "$(stat -c %s "$OUT/profile.tgz")" -gt 16000000 ]; then
     log "profile.tgz is over 16 MB and would not come back; removed (summary.md has its table)"
@@ -198,9 +202,13 @@ CACHE=$WORK/cache_e2e bench e2e 300 --model preresnet110 --dtype float32 --mask 
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
 # The same run again on e2e's (now filled) cache: what every later MCU row of an experiment
 # (same model and sizes, other method, mode or seed) costs once its programs are compiled.
-CACHE=$WORK/cache_e2e bench e2e_warm 200 --model preresnet110 --dtype float32 --mask paper \
-  --skip-step --skip-sweep --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 \
-  --num-t 20
+if [ -f "$WORK/e2e.json" ]; then
+  CACHE=$WORK/cache_e2e bench e2e_warm 200 --model preresnet110 --dtype float32 --mask paper \
+    --skip-step --skip-sweep --end-to-end --retain 45000 --forget 5000 --test 10000 \
+    --epochs 10 --num-t 20
+elif wanted e2e_warm; then
+  log "skip e2e_warm: e2e did not finish in this call, so its cache is not warm"
+fi
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
@@ -214,12 +222,16 @@ bench f32_paper 80 "${STD[@]}" --dtype float32 --mask paper --skip-sweep
 FLAGS=$CMDBUF_FLAGS bench cmdbuf 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep
 if wanted cost && left=$(time_left cost 90); then
   log "run cost: experiments/cost_analysis.py (XLA's FLOP and byte counts on the GPU)"
-  { echo "## cost"; echo; timeout "$left" $PY experiments/cost_analysis.py; echo; } \
+  { echo "## cost"; echo; timeout "$left" $PY experiments/cost_analysis.py; rc=$?; echo; } \
     >>"$SUMMARY" 2>>"$LOG"
-  log "done cost (exit $?)"
+  log "done cost (exit $rc)"
 fi
 
 # 3. targets and ratios to the release
 $PY experiments/gpu_summary.py "$OUT" 2>>"$LOG" | tee -a "$SUMMARY"
 rm -rf "$WORK"
 log "finished in ${SECONDS}s; results in $OUT"
+if [ ! -s "$PARTS" ]; then
+  log "no part produced results (see log.txt)"
+  exit 1
+fi

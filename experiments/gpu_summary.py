@@ -80,6 +80,10 @@ def summary(out: Path) -> str:
         lines.append(f"- authors' release (same call): {ref['step_ms']} ms/step, sweep "
                      f"{ref['sweep_img_fwd_per_s']:,} img-fwd/s ({ref['sweep_t']} t in "
                      f"{ref['sweep_s']} s; {ref['device']}, torch {ref['torch']})")
+        if str(ref["device"]).strip().lower() != str(device).strip().lower():
+            lines.append(f"- no ratios: the release ran on {ref['device']!r}, mcu-jax on "
+                         f"{device!r} (ratios need the same card)")
+            ref = None
     else:
         lines.append("- authors' release: not measured in this call")
     lines += ["", "| target | measured | verdict |", "|---|---|---|"]
@@ -88,7 +92,7 @@ def summary(out: Path) -> str:
         ms = _step_ms(parts, name)
         text = "-" if ms is None else f"{ms:.2f} ms"
         if ms is not None and ref is not None:
-            text += f" ({ref['step_ms'] / ms:.1f}x the release)"
+            text += f" ({ref['step_ms'] / ms:.1f}x the release's float32)"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_verdict(None if ms is None else ms <= STEP_TARGET_MS)} |")
     for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
@@ -98,7 +102,8 @@ def summary(out: Path) -> str:
         if sw is not None:
             text = f"{sw['sweep_s']:.3g} s, {sw['image_forwards_per_s']:,.0f} img-fwd/s"
             if ref is not None:
-                text += f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x)"
+                text += (f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x "
+                         "the release's float32)")
         ok = None
         if sw is not None and sw["image_forwards"] == 240000:
             ok = sw["sweep_s"] <= SWEEP_TARGET_S

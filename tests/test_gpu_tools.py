@@ -50,12 +50,13 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     (tmp_path / "reference.json").write_text("progress noise\n" + json.dumps(ref) + "\n")
     text = gpu_summary.summary(tmp_path)
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
-    assert "10.00 ms (10.0x the release)" in lines["curve step <= 5 ms (float32)"]
+    assert "10.00 ms (10.0x the release's float32)" in lines["curve step <= 5 ms (float32)"]
     assert "NOT met" in lines["curve step <= 5 ms (float32)"]
-    assert "4.00 ms (25.0x the release)" in lines["curve step <= 5 ms (bfloat16)"]
+    assert "4.00 ms (25.0x the release's float32)" in lines["curve step <= 5 ms (bfloat16)"]
     assert "| met |" in lines["curve step <= 5 ms (bfloat16)"]
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
-    assert "8 s, 30,000 img-fwd/s (10.0x)" in lines["20-point sweep <= 1.1 s (float32)"]
+    assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
+        "20-point sweep <= 1.1 s (float32)"]
     assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
     assert "6 s, 40,000 img-fwd/s" in lines[
         "20-point sweep <= 1.1 s (float32, BN folded for evaluation)"]
@@ -65,6 +66,16 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "not measured" in lines["end-to-end MCU phase <= 60 s"]
     assert "not measured" in lines["end-to-end MCU phase <= 60 s, sweep compiled in the background"]
     assert "not measured" in lines["end-to-end MCU phase <= 60 s, compilation cache warm"]
+
+
+def test_gpu_summary_gives_no_ratio_across_cards(gpu_summary, tmp_path):
+    (tmp_path / "parts.jsonl").write_text(json.dumps(_part("f32", 10.0, (8.0, 240000))) + "\n")
+    ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
+           "device": "cpu", "torch": "2.x"}  # torch without CUDA falls back to the CPU
+    (tmp_path / "reference.json").write_text(json.dumps(ref) + "\n")
+    text = gpu_summary.summary(tmp_path)
+    assert "no ratios: the release ran on 'cpu', mcu-jax on 'Test GPU'" in text
+    assert "x the release" not in text
 
 
 def test_gpu_summary_without_files(gpu_summary, tmp_path):
@@ -138,7 +149,8 @@ def _results(path: Path, rows: dict[str, dict[str, float]]):
 
 def test_compare_runs_reports_every_shared_metric(compare_runs, tmp_path, capsys):
     a = _results(tmp_path / "results_float32.json",
-                 {"RT": {"UA": 5.0, "RA": 99.0, "TA": 90.0, "MIA": 7.0, "avg_gap": 0.0},
+                 {"RT": {"UA": 5.0, "RA": 99.0, "TA": 90.0, "MIA": 7.0, "avg_gap": 0.0,
+                         "UA_test": 100.0},
                   "FT": {"UA": 3.0}})
     b = _results(tmp_path / "results_bfloat16.json",
                  {"RT": {"UA": 5.25, "RA": 98.0, "TA": 90.0, "MIA": 7.0, "avg_gap": 9.0},
@@ -148,6 +160,7 @@ def test_compare_runs_reports_every_shared_metric(compare_runs, tmp_path, capsys
     assert "| RT | UA | 5.00 | 5.25 | 0.25 |" in text
     assert "| RT | RA | 99.00 | 98.00 | 1.00 **over** |" in text
     assert "rows in only one run: FT, GA" in text
+    assert "metrics in only one run: RT UA_test" in text
     assert "largest difference: 1.00 points, NOT within the tolerance of 0.5 points" in text
     compare_runs.main([str(a), str(b), "--tolerance", "1"])
     out = capsys.readouterr().out
