@@ -149,6 +149,8 @@ def test_train_config_rejects_bad_values():
         train.TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
         train.TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+        train.TrainConfig(checkpoint_every=0)
 
 
 def test_empty_pool_is_rejected(digits_images, small_model, theta_o):
