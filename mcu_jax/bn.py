@@ -7,7 +7,10 @@ variance; the per-batch statistics are then averaged with weights equal to the b
 sizes (the cumulative average that PyTorch's ``update_bn`` forms with ``momentum=None``,
 except that we average the biased variances BatchNorm itself normalises with).
 
-Everything is a pure function of ``params`` so a sweep can ``vmap`` it over many t.
+The batches take the set in a fixed shuffled order (:func:`bn_batches`, ``seed=0``; ``None``
+keeps the given order), as PyTorch's shuffled loader does, so a class-sorted set still gives
+mixed batches. Everything is a pure function of ``params`` so a sweep can ``vmap`` it over
+many t.
 
 With a ``mesh`` (``mcu_jax.sharding.make_mesh``) :func:`recompute` is data parallel: every
 batch is split over the mesh's devices and BatchNorm's batch mean and variance become

@@ -2,13 +2,15 @@
 
     mcu-jax train   --out runs/digits/theta_o [problem.dataset=digits train.epochs=30 ...]
     mcu-jax unlearn --theta-o runs/digits/theta_o --method neggrad --out runs/digits/neggrad
-    mcu-jax mcu     --theta-o runs/digits/theta_o --theta-p runs/digits/neggrad \
+    mcu-jax mcu     --theta-o runs/digits/theta_o --theta-p runs/digits/neggrad
                     --out runs/digits/mcu [mcu.epochs=5 mask.k=0.1 selection.num_t=20 ...]
 
-Every config field can be overridden as ``group.field=value``; ``mcu-jax CMD --fields``
-lists them. theta_o's directory records the problem (data set, model, split), so later
-commands rebuild exactly the same split. ``--compile-cache DIR|off`` sets the persistent
-compilation cache (``mcu_jax.compile_cache``). User errors end with one line and exit code 2.
+Every config field can be overridden as ``group.field=value`` (``field=value`` for the
+method config of ``unlearn``); ``mcu-jax CMD --fields`` lists them. theta_o's directory
+records the problem (data set, model, split), so later commands rebuild exactly the same
+split; every ``--out`` folder answers only the request that made it. ``--compile-cache
+DIR|off`` sets the persistent compilation cache (``mcu_jax.compile_cache``). User errors end
+with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def cmd_unlearn(args) -> dict:
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
     prob = problem.build(pcfg)
     base = methods.default_config(args.method, pcfg.scenario)
+    if args.method == "negtv":  # the paper's alpha for this data set (Tiny-ImageNet: 0.1)
+        base = dataclasses.replace(base, alpha=methods.negtv_alpha(pcfg.scenario, pcfg.dataset))
     mcfg = config.override(base, args.overrides)
     data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
     result = methods.produce(

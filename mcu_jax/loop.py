@@ -6,9 +6,12 @@ kernel-launch and host overhead; the host only looks at the per-step metrics aft
 call, to update the progress bar and to stop on a non-finite loss. Every call of an epoch
 has the same length (the last one padded with steps whose results are discarded), so a
 whole run compiles one program: on a GPU a second program for a shorter last call would
-cost as much compilation as the first (tens of seconds for PreResNet-110). After every epoch the
-state is checkpointed, so a killed run resumes at the last finished epoch and, with
-per-epoch keys derived by ``fold_in``, ends with exactly the same result as an uninterrupted one.
+cost as much compilation as the first (tens of seconds for PreResNet-110). Every
+``checkpoint_every`` epochs (default 1) and after the last one the state is checkpointed,
+with the wall-clock seconds trained so far (:func:`earlier_seconds`), so a killed run
+resumes at the last saved epoch and, with per-epoch keys derived by ``fold_in``, ends with
+exactly the same result as an uninterrupted one. A non-finite loss, or a non-finite state at
+an epoch's end, stops the run before anything bad is saved.
 
 SIGINT and SIGTERM do not kill a checkpointed loop at once: they set a flag, and at the next
 boundary between step chunks the loop saves the current state (mid-epoch if need be, with

@@ -2,9 +2,10 @@
 
 UA, RA, TA (and UA_test class-wise) come from accuracies; MIA-efficacy is the SalUn
 "confidence" attack on true-class probabilities; the Avg. Gap is the mean absolute
-difference from the retrained model RT. Results over seeds are aggregated into rows
-``{"method": name, metric: {"mean", "std", "values"}, ...}`` and printed in the layout of
-the paper's Tables 1-3: ``mean ± std (|mean - RT mean|)``.
+difference from the retrained model RT (in the tables, of the means over seeds: the mean of
+a row's bracketed gaps; ``results.json`` also keeps each seed's own ``avg_gap``). Results
+over seeds are aggregated into rows ``{"method": name, metric: {"mean", "std", "values"},
+...}`` and printed in the layout of the paper's Tables 1-3: ``mean ± std (|mean - RT mean|)``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 
 ``run.json`` records the config with the mcu_jax and JAX versions, the backend and the
 device kind. Reopening a folder with a different config (up to keys named in ``ignore``,
-at any depth) is refused, so results of two configs never mix in one folder. A phase is
+at any depth) is refused, so results of two configs never mix in one folder (the experiment
+runner, ``train.train_model`` and ``pipeline.run_mcu`` bind their folders this way). A phase is
 done once ``phases/<name>.json`` exists; it is written to a temporary file and renamed, so
 a killed run never leaves a half-written marker.
 """

@@ -14,8 +14,9 @@ Nothing here is global state: a :class:`~jax.sharding.Mesh` is made once with
   (summation order differs). The batch size must be divisible by the number of devices.
 - ``evaluation.mean_gradient(..., mesh=mesh)`` (hence ``masks.mask_gradients``,
   ``pipeline.compute_mask`` and SalUn's saliency) and ``evaluation.outputs`` /
-  ``accuracy`` / ``evaluate_sets`` (hence ``experiment.evaluate_model`` and
-  ``train.reference_accuracies``): **data parallel** in the same way, evaluation mode. The
+  ``accuracy`` / ``evaluate_sets`` / ``set_outputs`` (hence ``experiment.evaluate_model`` and
+  ``train.reference_accuracies``), and ``bn.recompute(..., mesh=mesh)`` (NegTV's BatchNorm
+  pass through ``MethodData.mesh``): **data parallel** in the same way. The
   gradient's batch size must be divisible by the number of devices; an evaluation batch
   size is rounded up to a multiple of it (outputs are per sample). Results come back
   replicated.

@@ -57,6 +57,27 @@ def test_fields_lists_what_overrides_can_set(capsys):
     assert "--theta-o, --theta-p" in capsys.readouterr().err
 
 
+def test_unlearn_negtv_takes_the_data_sets_alpha(monkeypatch, capsys):
+    """mcu-jax unlearn resolves NegTV's alpha for theta_o's scenario and data set (0.1 on
+    Tiny-ImageNet), as the experiment runner does; an override still wins."""
+    from types import SimpleNamespace
+
+    from mcu_jax import methods
+    from mcu_jax.problem import ProblemConfig
+
+    seen = []
+    pcfg = ProblemConfig(dataset="tinyimagenet", scenario="class")
+    monkeypatch.setattr(cli, "_load_theta_o", lambda path: ({}, {}, pcfg))
+    monkeypatch.setattr(cli.problem, "build", lambda cfg: SimpleNamespace(
+        train=None, test=None, split=None, input_shape=(1,), model=None))
+    monkeypatch.setattr(methods, "produce", lambda name, model, theta_o, data, mcfg, key, out:
+                        seen.append(mcfg.alpha) or SimpleNamespace(minutes=0.0))
+    for extra in ([], ["alpha=0.3"]):
+        assert _run(capsys, ["unlearn", "--theta-o", "o", "--method", "negtv", "--out", "p",
+                             *extra])[0] == 0
+    assert seen == [0.1, 0.3]
+
+
 def test_override_parses_by_declared_type():
     cfg = config.override(MCUConfig(), ["epochs=3", "beta_values=0,0.2,0.6", "augment=no"])
     assert cfg.epochs == 3 and cfg.beta_values == (0.0, 0.2, 0.6) and cfg.augment is False

@@ -3,7 +3,8 @@
     theta_p = theta_o - alpha (theta_ft - theta_o)
 
 Paper: 10 epochs of fine-tuning (lr 0.01); alpha = 0.9 for random forgetting and 0.2 for
-class-wise forgetting on CIFAR-10, 0.1 on Tiny-ImageNet (see ``default_config``).
+class-wise forgetting on CIFAR-10, 0.1 on Tiny-ImageNet (``methods.negtv_alpha``, which
+``MethodConfig.alpha=None`` resolves to).
 
 BatchNorm statistics. The running statistics are not parameters: task arithmetic on them
 has no meaning (a variance can even turn negative), and theta_o's statistics do not match the

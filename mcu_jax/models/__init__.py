@@ -4,7 +4,9 @@ Every model is a ``flax.linen.Module`` dataclass with fields ``num_classes``, ``
 (compute dtype; parameters are always float32) and ``bn_momentum`` (running-average momentum
 of all its BatchNorm layers, default 0.9), and is called as ``model.apply(variables, x,
 train=...)`` on normalised float NHWC images, returning float32 logits. Variables are
-``{"params": ..., "batch_stats": ...}`` (``batch_stats`` is ``{}`` without BatchNorm).
+``{"params": ..., "batch_stats": ...}`` (``batch_stats`` is ``{}`` without BatchNorm). The
+BatchNorm models also have ``fold_bn`` (evaluation with BatchNorm folded into the
+convolutions; :func:`folded` turns it on where it exists).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
