@@ -74,8 +74,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.tolerance < 0:
         raise SystemExit(f"--tolerance must be >= 0, got {args.tolerance}")
-    text, _ = compare(load_rows(args.a), load_rows(args.b), args.tolerance,
-                      (_label(args.a), _label(args.b)))
+    labels = (_label(args.a), _label(args.b))
+    if labels[0] == labels[1]:  # e.g. two run folders of the same experiment name
+        labels = (f"{args.a.parent.parent.name}/{labels[0]}",
+                  f"{args.b.parent.parent.name}/{labels[1]}")
+    text, _ = compare(load_rows(args.a), load_rows(args.b), args.tolerance, labels)
     print(text)
 
 
