@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             ablation.run_ablation(cfg)
         else:
             experiment.run_experiment(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"run {args.name}: error: {err}", file=sys.stderr)
         return 2
     return 0

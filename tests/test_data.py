@@ -633,6 +633,8 @@ def test_to_device():
     np.testing.assert_array_equal(dy, y)
     with pytest.raises(ValueError, match="shape"):
         to_device(x, y[:4])
+    with pytest.raises(ValueError, match="labels must be integers.*float32"):
+        to_device(x, y.astype(np.float32))  # 2.7 would silently become class 2
 
 
 def test_epoch_batches_is_a_permutation():

@@ -23,6 +23,9 @@ def to_device(x: np.ndarray | jax.Array, y: np.ndarray | jax.Array,
     if jnp.ndim(y) != 1 or jnp.shape(x)[:1] != jnp.shape(y):
         raise ValueError(f"to_device: x has shape {jnp.shape(x)} and y shape {jnp.shape(y)}; "
                          "expected y of shape (N,) with N = len(x)")
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+        raise ValueError(f"to_device: labels must be integers (class indices), got dtype "
+                         f"{jnp.result_type(y)}")
     y = np.asarray(y, np.int32) if isinstance(y, np.ndarray) else jnp.asarray(y, jnp.int32)
     return jax.device_put(x, sharding), jax.device_put(y, sharding)
 
