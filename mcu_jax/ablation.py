@@ -9,10 +9,9 @@ Results go to ``results.json``/``results.md`` like the main runner's, one row pe
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
-
-import jax
 
 from mcu_jax import checkpoint, config, metrics, plots
 from mcu_jax.data import make_split
@@ -26,6 +25,7 @@ from mcu_jax.experiment import (
     base_model,
     mcu_row,
     method_config,
+    name_key,
     prepare_seed,
 )
 from mcu_jax.runs import RunDir
@@ -39,23 +39,36 @@ KINDS = {
 }
 
 
+#: The paper's default of each varied setting (the value its figures frame).
+PAPER_DEFAULTS = {"beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5}
+
+
 @dataclasses.dataclass(frozen=True)
 class AblationConfig:
     experiment: ExperimentConfig = ExperimentConfig()
     kind: str = "beta"
     values: tuple[float, ...] = (0.1, 0.2, 0.3)
     method: str = "neggrad"  # the base method theta_p (Figure 7 uses RL)
-    default: float | None = 0.2  # the value framed in red in the figure (paper default)
+    # The value framed in red in the figure; None: the paper's default of the kind (beta 0.2,
+    # k 0.5, k_r 0.1, retain share 0.5; none for forgetting).
+    default: float | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: unknown ablation {self.kind!r}; known: {tuple(KINDS)}")
         if not self.values:
             raise ValueError("values must list at least one setting")
-        if self.kind in ("k", "k_r", "retain_share"):
-            for v in self.values:
-                if not 0.0 <= v <= 1.0:
-                    raise ValueError(f"values: {self.kind}={v} is outside [0, 1]")
+        for v in self.values:
+            if self.kind in ("k", "k_r") and not 0.0 <= v <= 1.0:
+                raise ValueError(f"values: {self.kind}={v} is outside [0, 1]")
+            if self.kind == "retain_share" and not 0.0 < v <= 1.0:
+                raise ValueError(f"values: retain_share={v} is outside (0, 1]")
+            if self.kind == "beta" and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"values: beta={v}; expected a finite number >= 0")
+            if self.kind == "forgetting" and not (float(v).is_integer() and v >= 1):
+                raise ValueError(f"values: forgetting={v}; expected whole epochs >= 1")
+        if self.default is None and self.kind in PAPER_DEFAULTS:
+            object.__setattr__(self, "default", PAPER_DEFAULTS[self.kind])
 
 
 def _label(kind: str, value: float) -> str:
@@ -66,12 +79,14 @@ def _label(kind: str, value: float) -> str:
     return f"{kind}={value:g}"
 
 
-def _point(cfg: AblationConfig, ctx: SeedContext, value: float, index: int) -> dict[str, dict]:
-    """The rows one value contributes for one seed."""
+def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dict]:
+    """The rows one value contributes for one seed. Every value trains its curve with the
+    same key (the main table's key for this method): only the varied setting differs
+    between the points, not the sampled t or the batch order."""
     exp = cfg.experiment
     kind, tag = cfg.kind, f"{cfg.kind}_{value:g}"
     name = DISPLAY.get(cfg.method, cfg.method)
-    key = jax.random.fold_in(ctx.curve_key, 1000 + index)
+    key = name_key(ctx.curve_key, cfg.method)
     mcu_cfg, mask_cfg = exp.mcu, exp.mask
     rows = {}
     if kind == "forgetting":
@@ -79,7 +94,7 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float, index: int) -> d
         base = base_model(ctx, cfg.method, mcfg, out_name=f"{cfg.method}_{tag}")
         rows[f"{name} ({_label(kind, value)})"] = _evaluated(
             ctx.run, f"eval_{cfg.method}_{tag}_{ctx.seed}", ctx.prob, base.variables, exp,
-            ctx.seed, {"rte_min": base.minutes},
+            ctx.seed, {"rte_min": base.minutes}, ctx.mesh,
         )
         mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="adaptive")
     else:
@@ -121,10 +136,10 @@ def run_ablation(cfg: AblationConfig) -> Path:
             base = base_model(ctx, cfg.method)
             rows[DISPLAY.get(cfg.method, cfg.method)] = _evaluated(
                 run, f"eval_{cfg.method}_{seed}", ctx.prob, base.variables, exp, seed,
-                {"rte_min": base.minutes},
+                {"rte_min": base.minutes}, ctx.mesh,
             )
-        for i, value in enumerate(cfg.values):
-            point = _point(cfg, ctx, value, i)
+        for value in cfg.values:
+            point = _point(cfg, ctx, value)
             rows.update(point)
             if seed == exp.seeds[0]:
                 mcu = list(point.values())[-1]

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from mcu_jax import experiment, train
@@ -151,14 +153,25 @@ def test_unknown_method_or_mode_is_rejected():
 
 @pytest.mark.parametrize("kind, values", [("k_r", (0.0, 0.2)), ("forgetting", (1, 2)),
                                           ("retain_share", (0.3, 1.0))])
-def test_ablation_sweeps_write_rows_and_figure(tmp_path, kind, values):
+def test_ablation_sweeps_write_rows_and_figure(tmp_path, monkeypatch, kind, values):
     from mcu_jax import ablation
 
     exp = dataclasses.replace(_tiny(tmp_path), name=f"abl_{kind}", seeds=(0,), mia=False,
                               mcu_modes=())
     cfg = ablation.AblationConfig(experiment=exp, kind=kind, values=values,
                                   method="neggrad", default=values[0])
+    keys = []
+    mcu_row = ablation.mcu_row
+
+    def recording(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(key) if jax.dtypes.issubdtype(
+            key.dtype, jax.dtypes.prng_key) else key))
+        return mcu_row(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs)
+
+    monkeypatch.setattr(ablation, "mcu_row", recording)
     out = ablation.run_ablation(cfg)
+    # Every value trains its curve with the same key: only the varied setting differs.
+    assert len(keys) == 2 and np.array_equal(keys[0], keys[1])
     rows = json.loads((out / "results.json").read_text())["rows"]
     mcu_rows = [r for r in rows if r["method"].startswith("MCU")]
     assert len(mcu_rows) == 2
@@ -168,6 +181,26 @@ def test_ablation_sweeps_write_rows_and_figure(tmp_path, kind, values):
     assert (out / f"ablation_{kind}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="outside"):
         ablation.AblationConfig(experiment=exp, kind="k", values=(1.5,))
+
+
+@pytest.mark.parametrize("kind, values, match", [
+    ("retain_share", (0.0,), r"outside \(0, 1\]"), ("beta", (-0.1,), "beta=-0.1"),
+    ("forgetting", (2.5,), "whole epochs"), ("k_r", (1.2,), "outside")])
+def test_ablation_values_are_checked_up_front(kind, values, match):
+    from mcu_jax import ablation
+
+    with pytest.raises(ValueError, match=match):
+        ablation.AblationConfig(kind=kind, values=values)
+
+
+def test_ablation_default_is_the_papers_for_the_kind():
+    from mcu_jax import ablation
+
+    defaults = {kind: ablation.AblationConfig(kind=kind, values=(1,)).default
+                for kind in ("beta", "k", "k_r", "retain_share", "forgetting")}
+    assert defaults == {"beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5,
+                        "forgetting": None}
+    assert ablation.AblationConfig(kind="k", values=(0.3,), default=0.3).default == 0.3
 
 
 def _numbers(rows):

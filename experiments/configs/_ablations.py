@@ -13,7 +13,7 @@ PAPER = {
     "k": ((0.1, 0.3, 0.5, 0.7), 0.5, "neggrad"),
     "k_r": ((0.0, 0.1, 0.2, 0.3), 0.1, "neggrad"),
     "forgetting": ((15, 20), None, "rl"),
-    "retain_share": ((0.1, 0.2, 0.3, 0.5, 0.7, 1.0), None, "neggrad"),
+    "retain_share": ((0.1, 0.2, 0.3, 0.5, 0.7, 1.0), 0.5, "neggrad"),
 }
 
 
