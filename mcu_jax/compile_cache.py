@@ -28,7 +28,9 @@ def default_dir() -> str:
     """``$MCU_JAX_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/mcu_jax/xla`` (``~/.cache/...``)."""
     if ENV in os.environ:
         return os.environ[ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if not os.path.isabs(base):  # unset or relative: the XDG spec says to use ~/.cache
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "mcu_jax", "xla")
 
 
@@ -40,7 +42,7 @@ def enable(directory: str | os.PathLike | None, min_compile_secs: float = 1.0) -
         return None
     if min_compile_secs < 0:
         raise ValueError(f"min_compile_secs must be >= 0, got {min_compile_secs}")
-    path = Path(directory).expanduser()
+    path = Path(str(directory).strip()).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -39,8 +39,10 @@ def _check_t(t: Any) -> jax.Array:
     arr = np.asarray(t)
     if arr.ndim > 1:
         raise ValueError(f"t must be a scalar or a 1-d batch, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+    real = jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+    if not real or arr.dtype == np.bool_:  # (numpy does not count bfloat16 as a number)
         raise ValueError(f"t must be a real number in [0, 1], got {t!r}")
+    arr = arr.astype(np.float64)
     bad = ~((arr >= 0) & (arr <= 1))  # also catches NaN
     if np.any(bad):
         raise ValueError(f"t must lie in [0, 1], got {arr[bad].ravel()[0]!r}")

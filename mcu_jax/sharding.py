@@ -81,7 +81,15 @@ def make_mesh(num_devices: int | None = None, axis: str = "data",
         )
     if not isinstance(axis, str) or not axis:
         raise ValueError(f"make_mesh: axis={axis!r}; expected a non-empty string")
-    return Mesh(np.array(devices[: int(num_devices)]), (axis,))
+    chosen = devices[: int(num_devices)]
+    missing = sorted({d.process_index for d in devices} - {d.process_index for d in chosen})
+    if missing:
+        raise ValueError(
+            f"make_mesh: num_devices={num_devices} leaves process(es) {missing} without a "
+            f"device in the mesh; on several hosts every process must own part of it "
+            f"(use num_devices=None for all {available} devices)"
+        )
+    return Mesh(np.array(chosen), (axis,))
 
 
 def _check_mesh(mesh: Mesh) -> None:

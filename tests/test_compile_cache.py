@@ -64,6 +64,8 @@ def test_default_dir_and_bad_input(monkeypatch, tmp_path):
     monkeypatch.delenv(compile_cache.ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     assert compile_cache.default_dir() == str(tmp_path / "home" / "mcu_jax" / "xla")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored, as XDG says
+    assert compile_cache.default_dir().startswith(os.path.expanduser("~"))
     assert compile_cache.enable("off") is None and compile_cache.enable(None) is None
     with pytest.raises(ValueError, match="min_compile_secs"):
         compile_cache.enable(tmp_path / "x", min_compile_secs=-1)

@@ -229,6 +229,15 @@ def test_t_outside_unit_interval_rejected(t):
         curves.bezier(o, c, p, t)
 
 
+def test_concrete_bfloat16_t_is_a_real_number():
+    o, c, p = _points(3, seed=16)
+    half = curves.bezier(o, c, p, jnp.bfloat16(0.5))
+    for a, b in zip(_leaves(half), _leaves(curves.bezier(o, c, p, 0.5)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="t must lie in"):
+        curves.bezier(o, c, p, jnp.bfloat16(1.5))
+
+
 def test_bad_t_shape_and_traced_t_not_checked():
     o, c, p = _points(3, seed=15)
     with pytest.raises(ValueError, match="shape"):

@@ -319,7 +319,13 @@ def main_multihost() -> None:
             (images, split.retain[:128]), {"forget": (images, split.forget[:100])})
     base = sweep.sweep(*args, strategy="vmap", return_probs=True)
     res = sweep.sweep(*args, strategy="vmap", return_probs=True, mesh=mesh)
+    try:  # the first 2 devices belong to process 0: process 1 would own no part of the mesh
+        sharding.make_mesh(2)
+        subset_error = None
+    except ValueError as err:
+        subset_error = str(err)
     out = {
+        "subset_error": subset_error,
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
         "fit": _max_diff(single, multi),
@@ -439,6 +445,7 @@ def test_two_processes_equal_one():
         assert out["fit"]["allclose"], out["fit"]
         assert out["sweep_acc"][0] == out["sweep_acc"][1]
         assert out["sweep_probs"]["allclose"], out["sweep_probs"]
+        assert "without a device in the mesh" in (out["subset_error"] or ""), out
 
 
 def test_mesh_errors_in_process():
