@@ -19,6 +19,8 @@ STEP_TARGET_MS = 5.0
 SWEEP_TARGET_S = 1.1
 MASKED_TARGET = 0.5  # masked step / unmasked step
 E2E_TARGET_S = 60.0
+# The CIFAR-10 protocol's curve training: 10 epochs of (22,500 + 5,000) // 128 = 214 steps.
+E2E_PROTOCOL_STEPS = 2140
 
 
 def load_parts(out: Path) -> dict[str, dict]:
@@ -64,6 +66,18 @@ def _step_ms(parts, name):
 def _sweep(parts, name):
     sweeps = parts.get(name, {}).get("sweep") or []
     return sweeps[0] if sweeps else None
+
+
+def _e2e_ok(e2e: dict) -> bool | None:
+    """The end-to-end target, judged only on the protocol's workload (None otherwise)."""
+    if e2e.get("steps") != E2E_PROTOCOL_STEPS or "D_r 45,000" not in e2e.get("setting", ""):
+        return None
+    return e2e["total_s"] <= E2E_TARGET_S
+
+
+def _e2e_verdict(e2e: dict) -> str:
+    ok = _e2e_ok(e2e)
+    return "not the protocol workload" if ok is None else _verdict(ok)
 
 
 def _verdict(ok: bool | None) -> str:
@@ -128,7 +142,7 @@ def summary(out: Path) -> str:
         lines.append(f"| end-to-end MCU phase <= {E2E_TARGET_S:g} s{label} | "
                      f"{e2e['total_s']:.1f} s (mask {ph['mask']:.1f}, curve {ph['curve']:.1f}, "
                      f"selection {ph['selection']:.1f}; compilation included) | "
-                     f"{_verdict(e2e['total_s'] <= E2E_TARGET_S)} |")
+                     f"{_e2e_verdict(e2e)} |")
     strategies = parts.get("strategies", {}).get("sweep") or []
     if strategies:
         lines += ["", "Sweep strategies (same work each):", ""]

@@ -68,6 +68,23 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "not measured" in lines["end-to-end MCU phase <= 60 s, compilation cache warm"]
 
 
+def test_gpu_summary_judges_end_to_end_on_the_protocol_only(gpu_summary, tmp_path):
+    def e2e(name, steps, setting):
+        return {"part": name, "xla_flags": "", "meta": {"device": "Test GPU"}, "rows": [
+            {"part": "end-to-end", "setting": setting, "numbers": {
+                "total_s": 50.0, "steps": steps,
+                "phases_s": {"mask": 5.0, "curve": 20.0, "selection": 25.0}}}]}
+
+    parts = [e2e("e2e", 2140, "preresnet110 float32, D_r 45,000, D_f 5,000, test 10,000"),
+             e2e("e2e_warm", 20, "cnn_small float32, D_r 1,293, D_f 144, test 360")]
+    (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
+    lines = {ln.split("|")[1].strip(): ln for ln in gpu_summary.summary(tmp_path).splitlines()
+             if ln.startswith("| ")}
+    assert "| met |" in lines["end-to-end MCU phase <= 60 s"]
+    assert "| not the protocol workload |" in lines[
+        "end-to-end MCU phase <= 60 s, compilation cache warm"]
+
+
 def test_gpu_summary_gives_no_ratio_across_cards(gpu_summary, tmp_path):
     (tmp_path / "parts.jsonl").write_text(json.dumps(_part("f32", 10.0, (8.0, 240000))) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
