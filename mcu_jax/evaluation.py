@@ -133,7 +133,11 @@ def accuracy(model, variables, images: Images, indices, batch_size: int = 500,
              mesh=None) -> float:
     """Accuracy in percent on ``indices`` (NaN for an empty set); ``mesh`` as in
     :func:`outputs`."""
-    correct = outputs(model, variables, images, indices, batch_size, mesh)["correct"]
+    return percent(outputs(model, variables, images, indices, batch_size, mesh)["correct"])
+
+
+def percent(correct: np.ndarray) -> float:
+    """Accuracy in percent of per-sample ``correct`` flags (NaN for an empty set)."""
     return float(100.0 * correct.mean()) if correct.size else float("nan")
 
 
@@ -158,8 +162,7 @@ def evaluate_sets(model, variables, sets: dict, batch_size: int = 500,
     """Accuracy in percent for each ``name -> (images, indices)`` entry (NaN for an empty
     set); ``mesh`` as in :func:`set_outputs`."""
     outs = set_outputs(model, variables, sets, batch_size, mesh)
-    return {name: float(100.0 * o["correct"].mean()) if o["correct"].size else float("nan")
-            for name, o in outs.items()}
+    return {name: percent(o["correct"]) for name, o in outs.items()}
 
 
 def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256,

@@ -119,7 +119,7 @@ def evaluate_model(prob: problem.Problem, variables: dict, mia: bool, seed: int,
     """
     sets = pipeline.eval_sets(prob.train, prob.test, prob.split)
     outs = evaluation.set_outputs(prob.model, variables, sets, mesh=mesh)
-    acc = {name: float(100.0 * o["correct"].mean()) for name, o in outs.items()}
+    acc = {name: evaluation.percent(o["correct"]) for name, o in outs.items()}
     return scored_metrics(acc, {name: o["prob"] for name, o in outs.items()}, mia, seed)
 
 

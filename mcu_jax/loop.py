@@ -10,8 +10,8 @@ cost as much compilation as the first (tens of seconds for PreResNet-110). Every
 ``checkpoint_every`` epochs (default 1) and after the last one the state is checkpointed,
 with the wall-clock seconds trained so far (:func:`earlier_seconds`), so a killed run
 resumes at the last saved epoch and, with per-epoch keys derived by ``fold_in``, ends with
-exactly the same result as an uninterrupted one. A non-finite loss, or a non-finite state at
-an epoch's end, stops the run before anything bad is saved.
+exactly the same result as an uninterrupted one. A non-finite loss, or a non-finite state about
+to be checkpointed, stops the run before anything bad is saved.
 
 SIGINT and SIGTERM do not kill a checkpointed loop at once: they set a flag, and at the next
 boundary between step chunks the loop saves the current state (mid-epoch if need be, with
@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -177,15 +178,17 @@ def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
         )
 
 
-def _check_finite_state(state: Any, epoch: int, desc: str) -> None:
+def _check_finite_state(state: Any, meta: dict, desc: str) -> None:
     """NonFiniteLossError when a floating leaf of ``state`` holds a NaN or infinity (a
     finite loss can still come with an update that overflows): such a state is never
     saved, so the last good checkpoint stays the last one."""
     leaves = [x for x in jax.tree.leaves(state)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
     if leaves and not bool(_all_finite(leaves)):
+        where = (f"at step {meta['step']} of epoch {meta['epoch'] + 1}" if meta.get("step")
+                 else f"after epoch {meta['epoch']}")
         raise NonFiniteLossError(
-            f"{desc}: the state after epoch {epoch} holds non-finite values; stopping. "
+            f"{desc}: the state {where} holds non-finite values; stopping. "
             "The last good checkpoint (previous epoch or signal stop) is kept."
         )
 
@@ -235,8 +238,11 @@ class _SignalFlag:
         self._previous.clear()
 
 
-def _save(checkpointer: Checkpointer, step_id: int, state: Any, meta: dict) -> None:
-    """Saves under ``step_id``, replacing a signal-stop checkpoint of the same id."""
+def _save(checkpointer: Checkpointer, step_id: int, state: Any, meta: dict, desc: str) -> None:
+    """Saves under ``step_id``, replacing a signal-stop checkpoint of the same id; a state
+    with non-finite values is refused (:func:`_check_finite_state`) before anything is
+    deleted."""
+    _check_finite_state(state, meta, desc)
     checkpointer.delete(step_id)  # orbax refuses to overwrite a step
     checkpointer.save(step_id, state, meta)
 
@@ -385,7 +391,7 @@ def run_epochs(
                         meta = {"epoch": epoch, "step": hi, "history": history,
                                 "partial": _pack_metrics(chunks), "seconds": seconds(),
                                 **geometry}
-                        _save(checkpointer, epoch + 1, state, meta)
+                        _save(checkpointer, epoch + 1, state, meta, config.desc)
                         _stop(flag.received, config.desc, checkpointer, epoch, hi)
                 stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
                 record = {"epoch": epoch + 1, **summarize(stacked)}
@@ -393,12 +399,11 @@ def run_epochs(
                 bar.set_postfix(
                     {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)}
                 )
-                _check_finite_state(state, epoch + 1, config.desc)  # before it can be saved
                 due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
                 if checkpointer is not None and (due or flag.received is not None):
                     meta = {"epoch": epoch + 1, "history": history, "seconds": seconds(),
                             **geometry}
-                    _save(checkpointer, epoch + 1, state, meta)
+                    _save(checkpointer, epoch + 1, state, meta, config.desc)
                     if flag.received is not None:
                         _stop(flag.received, config.desc, checkpointer, epoch + 1, 0)
     finally:
@@ -410,8 +415,6 @@ def earlier_seconds(directory) -> float:
     """Wall-clock seconds that earlier sessions of a run checkpointed in ``directory`` spent
     training (the ``seconds`` of its latest checkpoint; 0 when there is none), so a resumed
     run can report the time of all its sessions, not only of the last one."""
-    from pathlib import Path
-
     if directory is None or not Path(directory).is_dir():
         return 0.0
     with Checkpointer(directory) as ckpt:

@@ -16,7 +16,6 @@ on an H100).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -280,21 +279,19 @@ def run_mcu(
 
 # Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
 # in the same out_dir may change them.
-_FREE = ("progress", "steps_per_call", "checkpoint_every", "precompile", "strategy",
-         "chunk_size", "eval_batch_size", "fold_bn")
+_FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch_size",
+         "fold_bn")
 
 
 def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs) -> None:
     """Binds ``out`` to this request (configs, split, references) with a run record
     (``runs.RunDir``): a rerun with other settings is refused instead of silently reusing
     the cached mask, curve checkpoints, sweep and model of the first one."""
-    digest = {
-        name: hashlib.sha256(np.ascontiguousarray(getattr(split, name), np.int64)).hexdigest()
-        for name in ("retain", "retain_subset", "forget", "test")
-    }
     request = {
         "mcu": dataclasses.asdict(mcu_config), "mask": dataclasses.asdict(mask_config),
-        "selection": dataclasses.asdict(selection_config), "split": digest,
+        "selection": dataclasses.asdict(selection_config),
+        "split": {name: runs.digest(getattr(split, name))
+                  for name in ("retain", "retain_subset", "forget", "test")},
         "scenario": split.scenario, "refs": {k: float(refs[k]) for k in ("train", "val")},
     }
     runs.RunDir(out).open(request, ignore=_FREE)

@@ -17,6 +17,7 @@ a killed run never leaves a half-written marker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 import mcu_jax
 from mcu_jax.checkpoint import write_json
@@ -32,6 +34,23 @@ _RUN_FILE = "run.json"
 _PHASES = "phases"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MISSING = "<missing>"
+
+#: Settings that change how fast or how visibly a run goes, not its result: a folder bound to
+#: a request may be reopened with other values of these.
+SPEED_FIELDS = ("progress", "steps_per_call", "checkpoint_every")
+
+
+def key_list(key: Any) -> list[int]:
+    """A JAX PRNG key (typed or raw uint32) as a JSON-friendly list of ints."""
+    if jax.dtypes.issubdtype(jax.numpy.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+def digest(indices: Any) -> str:
+    """A short fingerprint (SHA-256) of an index array, to record which examples a run used
+    without storing them."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(indices), np.int64)).hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -10,7 +10,6 @@ ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -204,21 +203,17 @@ def fit(
 def _bind(out_dir: Path, config, key, pool, input_shape, metadata, pretrained,
           references) -> None:
     """Binds ``out_dir`` to this training request (``runs.RunDir``); speed-only settings
-    (progress, steps per call, checkpoint interval) and the data folder may change."""
-    key = jax.random.key_data(key) if jax.dtypes.issubdtype(
-        jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
-    pool = np.ascontiguousarray(np.asarray(pool), np.int64)
+    (``runs.SPEED_FIELDS``) and the data folder may change."""
     request = {
         "train_config": dataclasses.asdict(config),
-        "key": np.asarray(key).ravel().tolist(),
-        "pool": hashlib.sha256(pool).hexdigest(),
+        "key": runs.key_list(key),
+        "pool": runs.digest(pool),
         "input_shape": list(input_shape),
         "pretrained": None if pretrained is None else str(pretrained),
         "references": references is not None,
         "metadata": dict(metadata or {}),
     }
-    runs.RunDir(out_dir).open(
-        request, ignore=("progress", "steps_per_call", "checkpoint_every", "data_dir"))
+    runs.RunDir(out_dir).open(request, ignore=(*runs.SPEED_FIELDS, "data_dir"))
 
 
 def reference_accuracies(model, variables, train: Images, test: Images, split,

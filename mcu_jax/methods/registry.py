@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, loop
+from mcu_jax import checkpoint, loop, runs
 from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult
 
 Method = Callable[..., MethodResult]
@@ -100,18 +100,12 @@ def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
     return result
 
 
-def _key_list(key: jax.Array) -> list[int]:
-    if jax.dtypes.issubdtype(jax.numpy.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.asarray(key).ravel().tolist()
-
-
 def _identity(name: str, config: MethodConfig, key: jax.Array, data: MethodData) -> dict:
     split = data.split
     return {
         "method": name,
         "config": config.result_fields(),
-        "key": _key_list(key),
+        "key": runs.key_list(key),
         "scenario": getattr(split, "scenario", None),
         "forget_class": getattr(split, "forget_class", None),
         "split_seed": getattr(split, "seed", None),

@@ -59,11 +59,15 @@ def make_loss():
     return loss_fn
 
 
+def _pool(data: MethodData, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training pool D_r + D_f, and D_f."""
+    forget = indices(data.split, "forget", method)
+    return np.concatenate([indices(data.split, "retain", method), forget]), forget
+
+
 def pool_and_flags(data: MethodData, method: str) -> tuple[np.ndarray, dict]:
     """The training pool D_r + D_f and the per-example ``is_forget`` aux flag."""
-    retain = indices(data.split, "retain", method)
-    forget = indices(data.split, "forget", method)
-    pool = np.concatenate([retain, forget])
+    pool, forget = _pool(data, method)
     return pool, {"is_forget": jnp.asarray(forget_flags(data.train.num_examples, forget))}
 
 
@@ -71,12 +75,8 @@ def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
                         checkpoint_dir=None, method="rl", desc="RL"):
     """RL's training loop (shared with SalUn, which adds ``update_mask``): D_f relabelled
     once from ``fold_in(key, 1)``, training with ``fold_in(key, 0)``."""
-    pool, _ = pool_and_flags(data, method)
-    forget = indices(data.split, "forget", method)
-    n_classes = num_classes(model)
-    if n_classes < 2:
-        raise ValueError(f"num_classes={n_classes}; random labels need at least 2 classes")
-    targets = relabelled(jax.random.fold_in(key, 1), data.train.y, forget, n_classes)
+    pool, forget = _pool(data, method)
+    targets = relabelled(jax.random.fold_in(key, 1), data.train.y, forget, num_classes(model))
     return fit(
         model, theta_o, data.train, pool, config.train_config(), jax.random.fold_in(key, 0),
         loss_fn=make_loss(), aux={"targets": targets}, update_mask=update_mask,
