@@ -198,7 +198,11 @@ def run_mcu(
     class_wise = split.scenario == "class"
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:  # its cached parts must come from this very request
-        _bind(out, mcu_config, mask_config, selection_config, split, refs)
+        _bind(out, mcu_config, mask_config, selection_config, split, refs, key,
+              theta_o, theta_p)
+    # Seconds of the phases an earlier session finished here (their cached results are
+    # reused below), so a resumed run reports its full time, as curve training does.
+    earlier = _load_seconds(out)
     minutes = {}
 
     sc = selection_config
@@ -219,9 +223,12 @@ def run_mcu(
     if mask is None:
         mask = compute_mask(model, theta_o, train, split, mask_config, mesh)
         if out is not None:
+            earlier = _record_seconds(out, earlier, "mask", time.perf_counter() - start)
             flat = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
             checkpoint.write_json(out / "mask.json", flat)
-    minutes["mask"] = (time.perf_counter() - start) / 60.0
+        minutes["mask"] = (time.perf_counter() - start) / 60.0
+    else:
+        minutes["mask"] = (earlier.get("mask", 0.0) + time.perf_counter() - start) / 60.0
     log.info("run_mcu: mask done in %.1f s", 60 * minutes["mask"])
 
     curve_key, _ = jax.random.split(key)
@@ -238,14 +245,18 @@ def run_mcu(
         compiling.join()  # a program still compiling is finished, not compiled twice
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
     sw = _cached_sweep(out, ts) if out is not None else None
+    reused = 0.0  # seconds of the selection work done by an earlier session
     if sw is None:
         sw = sweep.sweep(model, points, ts, template, (train, bn_idx), sets,
                          **_sweep_options(sc, mesh))
         if out is not None:  # a finished sweep survives a kill during selection
+            earlier = _record_seconds(out, earlier, "sweep", time.perf_counter() - start)
             checkpoint.write_json(
                 out / "sweep.json",
                 {"ts": sw.ts.tolist(), "acc": {k: v.tolist() for k, v in sw.acc.items()}},
             )
+    else:
+        reused += earlier.get("sweep", 0.0)
     log.info("run_mcu: sweep over %d t done in %.1f s", len(ts), time.perf_counter() - start)
     gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
     region = selection.effective_region(ts, gaps)
@@ -255,11 +266,15 @@ def run_mcu(
     if exported:  # theta(t*) was already materialised, measured and saved
         variables, meta = checkpoint.load_model(out / "model")
         measured = meta["measured"]
+        reused += earlier.get("t_star", 0.0)
     else:
+        begin = time.perf_counter()
         variables, measured, measured_probs = _materialise(
             model, points, t_star, template, train, bn_idx, sets, sc, mesh)
+        if out is not None:
+            earlier = _record_seconds(out, earlier, "t_star", time.perf_counter() - begin)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
-    minutes["selection"] = (time.perf_counter() - start) / 60.0
+    minutes["selection"] = (reused + time.perf_counter() - start) / 60.0
     log.info("run_mcu: selection (sweep and t*) done in %.1f s", 60 * minutes["selection"])
 
     output = MCUOutput(
@@ -283,18 +298,40 @@ _FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch
          "fold_bn")
 
 
-def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs) -> None:
-    """Binds ``out`` to this request (configs, split, references) with a run record
-    (``runs.RunDir``): a rerun with other settings is refused instead of silently reusing
-    the cached mask, curve checkpoints, sweep and model of the first one."""
+def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key,
+          theta_o: dict, theta_p: dict) -> None:
+    """Binds ``out`` to this request (configs, split, references, key and the two end
+    points' variables) with a run record (``runs.RunDir``): a rerun with another request is
+    refused instead of silently reusing the cached mask, curve checkpoints, sweep and model
+    of the first one."""
     request = {
         "mcu": dataclasses.asdict(mcu_config), "mask": dataclasses.asdict(mask_config),
         "selection": dataclasses.asdict(selection_config),
         "split": {name: runs.digest(getattr(split, name))
                   for name in ("retain", "retain_subset", "forget", "test")},
         "scenario": split.scenario, "refs": {k: float(refs[k]) for k in ("train", "val")},
+        "key": runs.key_list(key),
+        "theta_o": runs.tree_digest(theta_o), "theta_p": runs.tree_digest(theta_p),
     }
     runs.RunDir(out).open(request, ignore=_FREE)
+
+
+_SECONDS = "seconds.json"
+
+
+def _load_seconds(out: Path | None) -> dict[str, float]:
+    """Seconds of the phases (mask, sweep, t_star) finished in ``out`` by earlier sessions."""
+    if out is None or not (out / _SECONDS).is_file():
+        return {}
+    return {k: float(v) for k, v in json.loads((out / _SECONDS).read_text()).items()}
+
+
+def _record_seconds(out: Path, seconds: dict, phase: str, value: float) -> dict:
+    """``seconds`` with ``phase`` set, written to ``out`` atomically; called before the
+    phase's result is saved, so a result that a later session reuses has its seconds."""
+    seconds = {**seconds, phase: float(value)}
+    checkpoint.write_json(out / _SECONDS, seconds)
+    return seconds
 
 
 def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:

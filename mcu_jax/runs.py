@@ -53,6 +53,17 @@ def digest(indices: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(indices), np.int64)).hexdigest()
 
 
+def tree_digest(tree: Any) -> str:
+    """A fingerprint (SHA-256) of a pytree of arrays: every leaf's path, dtype, shape and
+    bytes, so two variables dicts get the same digest only if they are bitwise equal."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
+
+
 def _jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(obj, default=_default))

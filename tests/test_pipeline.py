@@ -101,6 +101,22 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     np.testing.assert_allclose(again.gaps, out.gaps)
     assert again.measured == pytest.approx(out.measured)
     assert again.measured_probs is None  # loaded, not measured: callers evaluate it again
+    # ... and reports the earlier session's seconds of the parts it reused (RTE of a resume).
+    seconds = json.loads((tmp_path / "mcu" / "seconds.json").read_text())
+    assert set(seconds) == {"mask", "sweep", "t_star"}
+    assert 0 < seconds["mask"] <= 60 * out.minutes["mask"]
+    assert 0 < seconds["sweep"] + seconds["t_star"] <= 60 * out.minutes["selection"]
+    assert 60 * again.minutes["mask"] >= seconds["mask"]
+    assert 60 * again.minutes["selection"] >= seconds["sweep"] + seconds["t_star"]
+    # Another theta_p or key in the same folder is refused, not answered from the cache.
+    for other in ({"theta_p": theta_o}, {"key": jax.random.PRNGKey(1)}):
+        request = {"theta_p": theta_p, "key": jax.random.PRNGKey(0), **other}
+        with pytest.raises(ValueError, match=f"{next(iter(other))}"):
+            pipeline.run_mcu(
+                small_model, theta_o, request["theta_p"], train_images, test_images,
+                digits_split, refs, request["key"], MCUConfig(epochs=2, progress=False),
+                selection_config=pipeline.SelectionConfig(num_t=6), out_dir=tmp_path / "mcu",
+            )
     # Other settings in the same folder are refused (nothing of the first run is reused).
     with pytest.raises(ValueError, match=r"mask\.k is 0\.5 there but 0\.3 now"):
         pipeline.run_mcu(
