@@ -87,8 +87,11 @@ class ExperimentConfig:
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:
                 raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
-        known = methods.available()
+        known = [m for m in methods.available() if m != "rt"]
         for name in self.methods:
+            if name == "rt":
+                raise ValueError("methods: 'rt' is not a pre-unlearning method here; the RT "
+                                 "row of every table comes from the `retrain` schedule")
             if name not in known:
                 raise ValueError(f"methods: unknown method {name!r}; known: {', '.join(known)}")
 
@@ -132,8 +135,11 @@ def scored_metrics(acc: dict[str, float], probs: dict, mia: bool, seed: int) -> 
     scored = {**acc, "test": acc["test_retain"]} if "test_retain" in acc else acc
     result = metrics.unlearning_metrics(scored)
     if mia:
+        # The MIA's non-members are the test images of the retained classes class-wise (D_tr,
+        # as SalUn's protocol removes the forgotten class from the test set; TA's set too).
+        non_members = probs["test_retain"] if "test_retain" in probs else probs["test"]
         result["MIA"] = metrics.mia_efficacy(
-            probs["retain"], probs["test"], probs["forget"], seed=seed
+            probs["retain"], non_members, probs["forget"], seed=seed
         )
     result["acc"] = dict(acc)
     return result
@@ -272,8 +278,10 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
     if figure:
         png = ctx.run.path("curves", f"{_slug(label)}_seed{ctx.seed}.png")
         png.parent.mkdir(parents=True, exist_ok=True)
+        # The star's label: the measured theta(t*)'s gap to RT (not the sweep interpolated).
         plots.curve_figure(
-            out.sweep.ts, out.sweep.acc, ctx.rt["acc"], out.region, out.t_star, None,
+            out.sweep.ts, out.sweep.acc, ctx.rt["acc"], out.region, out.t_star,
+            plots.rt_gap(out.measured, ctx.rt["acc"]),
             title=f"{label} ({ctx.cfg.name}, seed {ctx.seed})", path=png,
         )
         result["figure"] = str(png)

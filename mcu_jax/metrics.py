@@ -269,6 +269,14 @@ def _row_avg_gap(row: Mapping, rt: Mapping | None, columns: Sequence[str]) -> fl
     return float(np.mean(gaps)) if gaps else None
 
 
+def table_avg_gap(rows: Sequence[Mapping[str, Any]], row: Mapping[str, Any], class_wise: bool,
+                  rt_name: str | None = "RT") -> float | None:
+    """The Avg. Gap that :func:`markdown_table` prints for ``row`` (one of ``rows``, as from
+    ``rows_over_seeds``): the mean of its bracketed gaps to the RT row's means."""
+    _check_rows(rows)
+    return _row_avg_gap(row, _find_rt(rows, rt_name), _columns(class_wise))
+
+
 def _check_rows(rows: Any) -> None:
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
         raise ValueError(f"rows must be a non-empty list of row dicts, got {rows!r}")

@@ -97,6 +97,18 @@ def _rt_value(rt_acc: Mapping[str, Any] | None, key: str) -> float | None:
 STAR_GAP_SETS = ("retain", "forget", "test", "test_forget")
 
 
+def rt_gap(acc: Mapping[str, Any], rt_acc: Mapping[str, Any] | None) -> float | None:
+    """Mean |acc - RT| over the ``STAR_GAP_SETS`` both give (finite) values for; None if
+    none. The star's label of a curve figure, from a measured model's accuracies."""
+    gaps = [
+        abs(float(acc[k]) - _rt_value(rt_acc, k))
+        for k in STAR_GAP_SETS
+        if acc.get(k) is not None and _rt_value(rt_acc, k) is not None
+        and math.isfinite(float(acc[k]))
+    ]
+    return float(np.mean(gaps)) if gaps else None
+
+
 def _draw_curves(
     ax,
     ts: Any,
@@ -143,13 +155,8 @@ def _draw_curves(
                 ls="none",
                 zorder=5,
             )
-        if star_gap is None and rt_acc is not None:
-            gaps = [
-                abs(y - _rt_value(rt_acc, k))
-                for k, y in stars.items()
-                if k in STAR_GAP_SETS and _rt_value(rt_acc, k) is not None
-            ]
-            star_gap = float(np.mean(gaps)) if gaps else None
+        if star_gap is None:
+            star_gap = rt_gap(stars, rt_acc)
         if star_gap is not None and math.isfinite(float(star_gap)):
             top = max(stars.values())
             ax.annotate(
@@ -185,9 +192,10 @@ def curve_figure(
     to accuracies over ``ts``; each curve gets RT's accuracy from ``rt_acc`` as a dotted line
     of its colour (skipped where missing). The effective region ``[(start, end), ...]`` is
     shaded grey, and t* (the selected model) is starred on every curve (linearly
-    interpolated at t*) and labelled with ``star_gap``; without it, the mean |curve(t*) - RT|
-    over the curves of ``STAR_GAP_SETS`` that have an RT value (D_r, D_f, D_t, and D_tf
-    class-wise, as the paper's caption). ``t_star=None`` draws no star.
+    interpolated at t*) and labelled with ``star_gap`` (the experiment runner passes
+    :func:`rt_gap` of the measured theta(t*)); without it, the mean |curve(t*) - RT| over the
+    curves of ``STAR_GAP_SETS`` that have an RT value (D_r, D_f, D_t, and D_tf class-wise, as
+    the paper's caption). ``t_star=None`` draws no star.
     """
     fig = _new_figure(figsize, dpi)
     ax = fig.add_subplot()

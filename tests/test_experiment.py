@@ -89,13 +89,54 @@ def test_runner_writes_results_table_and_figures(tmp_path, monkeypatch):
         experiment.run_experiment(dataclasses.replace(cfg, mcu=MCUConfig(epochs=2)))
 
 
-def test_class_wise_rows_have_ua_test(tmp_path):
+def test_class_wise_rows_have_ua_test(tmp_path, monkeypatch):
+    from mcu_jax import plots
+
     cfg = dataclasses.replace(_tiny(tmp_path, "class"), seeds=(0,), mcu_modes=("adaptive",),
                               mia=False)
+    labels = []
+    draw = plots.curve_figure
+
+    def spy(ts, acc, rt_acc, region, t_star, star_gap=None, *args, **kwargs):
+        labels.append((star_gap, rt_acc))
+        return draw(ts, acc, rt_acc, region, t_star, star_gap, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "curve_figure", spy)
     out = experiment.run_experiment(cfg)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all("UA_test" in row for row in rows)
     assert "UA_test" in (out / "results.md").read_text()
+    # The star is labelled with the measured theta(t*)'s gap to RT over D_r, D_f, D_t, D_tf.
+    (star_gap, rt_acc), = labels
+    (seed_dir,) = [p for p in out.iterdir() if p.name == "seed_0"]
+    from mcu_jax import checkpoint
+
+    (model_dir,) = seed_dir.glob("mcu_adaptive_*/model")
+    measured = checkpoint.load_model(model_dir)[1]["measured"]
+    sets = ("retain", "forget", "test", "test_forget")
+    assert star_gap == pytest.approx(np.mean([abs(measured[k] - rt_acc[k]) for k in sets]))
+
+
+def test_class_wise_mia_non_members_are_the_retained_classes(monkeypatch):
+    """Class-wise, the MIA's non-members are D_tr (SalUn's protocol; TA's set), not D_t."""
+    from mcu_jax import metrics
+
+    seen = {}
+
+    def fake_mia(members, non_members, forget, seed):
+        seen["non_members"] = non_members
+        return 12.5
+
+    monkeypatch.setattr(metrics, "mia_efficacy", fake_mia)
+    probs = {k: np.full(4, i / 10) for i, k in enumerate(
+        ("retain", "forget", "test", "test_retain", "test_forget"))}
+    acc = {k: 50.0 for k in probs}
+    result = experiment.scored_metrics(acc, probs, mia=True, seed=0)
+    assert result["MIA"] == 12.5
+    np.testing.assert_array_equal(seen["non_members"], probs["test_retain"])
+    random_probs = {k: probs[k] for k in ("retain", "forget", "test")}
+    experiment.scored_metrics({k: 50.0 for k in random_probs}, random_probs, True, 0)
+    np.testing.assert_array_equal(seen["non_members"], probs["test"])
 
 
 def test_experiment_configs_load_and_name_their_command():
@@ -149,6 +190,9 @@ def test_unknown_method_or_mode_is_rejected():
         experiment.ExperimentConfig(methods=("magic",))
     with pytest.raises(ValueError, match="mcu_modes"):
         experiment.ExperimentConfig(mcu_modes=("sometimes",))
+    # RT is every table's reference row (from `retrain`); as a method it would replace it.
+    with pytest.raises(ValueError, match="retrain"):
+        experiment.ExperimentConfig(methods=("neggrad", "rt"))
 
 
 @pytest.mark.parametrize("kind, values", [("k_r", (0.0, 0.2)), ("forgetting", (1, 2)),
@@ -169,6 +213,14 @@ def test_ablation_sweeps_write_rows_and_figure(tmp_path, monkeypatch, kind, valu
         return mcu_row(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs)
 
     monkeypatch.setattr(ablation, "mcu_row", recording)
+    plotted = {}
+    draw = ablation.plots.retain_share_figure
+
+    def spy(values, series, **kwargs):
+        plotted.update(series)
+        return draw(values, series, **kwargs)
+
+    monkeypatch.setattr(ablation.plots, "retain_share_figure", spy)
     out = ablation.run_ablation(cfg)
     # Every value trains its curve with the same key: only the varied setting differs.
     assert len(keys) == 2 and np.array_equal(keys[0], keys[1])
@@ -178,6 +230,10 @@ def test_ablation_sweeps_write_rows_and_figure(tmp_path, monkeypatch, kind, valu
     assert all("t_star" in r and "avg_gap" in r for r in mcu_rows)
     if kind == "forgetting":
         assert [r["method"] for r in rows].count("NegGrad+ (1 epochs)") == 1
+    if kind == "retain_share":  # the figure shows the table's Avg. Gap (gap of the means)
+        from mcu_jax import metrics
+
+        assert plotted["avg_gap"] == [metrics.table_avg_gap(rows, r, False) for r in mcu_rows]
     assert (out / f"ablation_{kind}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="outside"):
         ablation.AblationConfig(experiment=exp, kind="k", values=(1.5,))

@@ -173,3 +173,14 @@ def test_retain_share_figure(tmp_path):
 def test_retain_share_figure_errors(shares, metrics, match):
     with pytest.raises(ValueError, match=match):
         plots.retain_share_figure(shares, metrics)
+
+
+def test_rt_gap_averages_the_star_sets_that_have_values():
+    acc = {"retain": 90.0, "forget": 10.0, "test": 80.0, "test_retain": 0.0,
+           "test_forget": float("nan")}
+    rt = {"retain": 100.0, "forget": 20.0, "test": 85.0, "test_retain": 50.0,
+          "test_forget": 0.0}
+    # D_tr is drawn but not counted; a NaN accuracy (empty set) is skipped.
+    assert plots.rt_gap(acc, rt) == pytest.approx((10 + 10 + 5) / 3)
+    assert plots.rt_gap(acc, None) is None
+    assert plots.rt_gap({"test_retain": 1.0}, rt) is None
