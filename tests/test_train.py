@@ -153,6 +153,32 @@ def test_train_config_rejects_bad_values():
         train.TrainConfig(checkpoint_every=0)
 
 
+def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():
+    """"cosine_epoch": constant within an epoch, lr (1 + cos(pi e / E)) / 2 in epoch e, as
+    torch's CosineAnnealingLR(T_max=E) stepped once per epoch (the release's baselines)."""
+    import math
+
+    lr, epochs, per_epoch = 0.01, 5, 7
+    schedule = train.epoch_cosine_schedule(lr, epochs, per_epoch)
+    for step in range(epochs * per_epoch):
+        e = step // per_epoch
+        want = lr * (1 + math.cos(math.pi * e / epochs)) / 2
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-6), step
+    assert float(schedule(0)) == pytest.approx(lr)
+    assert float(schedule(per_epoch * 4)) == pytest.approx(0.01 * (1 + math.cos(0.8 * math.pi)) / 2)
+    config = train.TrainConfig(epochs=epochs, lr=lr, schedule="cosine_epoch", momentum=0.0,
+                               weight_decay=0.0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        train.make_optimizer(config, 35)
+    # The optimiser applies it: plain SGD's update is -lr(step) * gradient.
+    tx = train.make_optimizer(config, 35, steps_per_epoch=per_epoch)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for step in range(epochs * per_epoch):
+        update, state = tx.update({"w": jnp.ones(2)}, state, params)
+        assert float(-update["w"][0]) == pytest.approx(float(schedule(step)), rel=1e-6)
+
+
 def test_empty_pool_is_rejected(digits_images, small_model, theta_o):
     train_images, _ = digits_images
     with pytest.raises(ValueError, match="empty"):

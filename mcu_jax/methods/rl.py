@@ -1,11 +1,13 @@
 """RL: random labels. D_f is relabelled with a random *wrong* class and trained on together
 with D_r (one shuffled pool, mixed batches).
 
-The relabelling is drawn once per run, from the method's key, and kept for every epoch (a
-relabelled D_f, as SalUn's random-label data set): the wrong label is ``(y + r) % C`` with
-``r`` uniform in ``{1, ..., C-1}``, uniform over the C-1 other classes and never the true
-one. (SalUn's release draws with ``randint(0, C)``, which keeps the true label for 1/C of
-D_f.) Paper (CIFAR-10): 10 epochs, lr 0.01.
+The wrong label is ``(y + r) % C`` with ``r`` uniform in ``{1, ..., C-1}``: uniform over the
+C-1 other classes and never the true one. ``MethodConfig.relabel`` says when it is drawn:
+"epoch" (default) draws a new one every time a D_f sample is in a batch, i.e. every epoch,
+as the authors' release (its random-label data set draws one per loaded sample); "once"
+draws them once per run from the method's key and keeps them (SalUn's relabelled forget
+set; SalUn's release draws with ``randint(0, C)``, which keeps the true label for 1/C of
+D_f). Paper (CIFAR-10): 10 epochs, lr 0.01.
 """
 
 from __future__ import annotations
@@ -47,12 +49,17 @@ def relabelled(key: jax.Array, labels, forget, num_classes: int) -> jax.Array:
 
 
 def make_loss():
-    """Cross-entropy against each row's target in ``aux["targets"]``: the true label on D_r,
-    the run's fixed random wrong label on D_f (:func:`relabelled`)."""
+    """Cross-entropy against each row's target: the true label on D_r; on D_f the run's
+    fixed wrong label ``aux["targets"]`` (:func:`relabelled`, ``relabel="once"``) or, with
+    ``aux["is_forget"]`` instead, a new random wrong label drawn from the step's key."""
 
     def loss_fn(logits, labels, aux, key):
-        del labels, key  # the targets carry them
-        out = evaluation.per_sample_outputs(logits, aux["targets"])
+        if "targets" in aux:
+            targets = aux["targets"]
+        else:
+            wrong = random_wrong_labels(key, labels, logits.shape[-1])
+            targets = jnp.where(aux["is_forget"], wrong, labels)
+        out = evaluation.per_sample_outputs(logits, targets)
         loss = out["loss"].mean()
         return loss, {"loss": loss, "acc": 100.0 * out["correct"].mean()}
 
@@ -73,13 +80,18 @@ def pool_and_flags(data: MethodData, method: str) -> tuple[np.ndarray, dict]:
 
 def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
                         checkpoint_dir=None, method="rl", desc="RL"):
-    """RL's training loop (shared with SalUn, which adds ``update_mask``): D_f relabelled
-    once from ``fold_in(key, 1)``, training with ``fold_in(key, 0)``."""
+    """RL's training loop (shared with SalUn, which adds ``update_mask``), training with
+    ``fold_in(key, 0)``; D_f relabelled every epoch from the step keys, or
+    (``config.relabel == "once"``) once from ``fold_in(key, 1)``."""
     pool, forget = _pool(data, method)
-    targets = relabelled(jax.random.fold_in(key, 1), data.train.y, forget, num_classes(model))
+    if config.relabel == "once":
+        aux = {"targets": relabelled(jax.random.fold_in(key, 1), data.train.y, forget,
+                                     num_classes(model))}
+    else:
+        aux = {"is_forget": jnp.asarray(forget_flags(data.train.num_examples, forget))}
     return fit(
         model, theta_o, data.train, pool, config.train_config(), jax.random.fold_in(key, 0),
-        loss_fn=make_loss(), aux={"targets": targets}, update_mask=update_mask,
+        loss_fn=make_loss(), aux=aux, update_mask=update_mask,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc=desc,
     )
 
