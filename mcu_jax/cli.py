@@ -61,9 +61,8 @@ def cmd_train(args) -> dict:
 def cmd_unlearn(args) -> dict:
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
     prob = problem.build(pcfg)
-    base = methods.default_config(args.method, pcfg.scenario)
-    if args.method == "negtv":  # the paper's alpha for this data set (Tiny-ImageNet: 0.1)
-        base = dataclasses.replace(base, alpha=methods.negtv_alpha(pcfg.scenario, pcfg.dataset))
+    # The paper's protocol for this data set (epochs, lr, NegTV alpha; CIFAR-10's by default).
+    base = methods.default_config(args.method, pcfg.scenario, methods.setting_of(pcfg.dataset))
     mcfg = config.override(base, args.overrides)
     data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
     result = methods.produce(

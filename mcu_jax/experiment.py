@@ -100,7 +100,8 @@ def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
     """``name``'s config in ``cfg`` with everything the scenario decides filled in (NegTV's
     alpha None -> ``methods.negtv_alpha`` of the problem's scenario and data set)."""
     scenario, dataset = cfg.problem.scenario, cfg.problem.dataset
-    base = getattr(cfg.method_configs, name, None) or default_config(name, scenario)
+    base = (getattr(cfg.method_configs, name, None)
+            or default_config(name, scenario, methods.setting_of(dataset)))
     if name == "negtv" and base.alpha is None:
         base = dataclasses.replace(base, alpha=methods.negtv_alpha(scenario, dataset))
     return dataclasses.replace(base, progress=cfg.progress)

@@ -76,6 +76,12 @@ def test_unlearn_negtv_takes_the_data_sets_alpha(monkeypatch, capsys):
         assert _run(capsys, ["unlearn", "--theta-o", "o", "--method", "negtv", "--out", "p",
                              *extra])[0] == 0
     assert seen == [0.1, 0.3]
+    # ... and every method takes the data set's protocol (ImageNet-100: GA 2 epochs, lr 0.001).
+    pcfg = ProblemConfig(dataset="imagenet100", scenario="random")
+    monkeypatch.setattr(methods, "produce", lambda name, model, theta_o, data, mcfg, key, out:
+                        seen.append((mcfg.epochs, mcfg.lr)) or SimpleNamespace(minutes=0.0))
+    assert _run(capsys, ["unlearn", "--theta-o", "o", "--method", "ga", "--out", "p"])[0] == 0
+    assert seen[-1] == (2, 0.001)
 
 
 def test_override_parses_by_declared_type():

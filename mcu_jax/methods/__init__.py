@@ -25,6 +25,7 @@ from mcu_jax.methods.base import (
     MethodResult,
     default_config,
     negtv_alpha,
+    setting_of,
 )
 from mcu_jax.methods.negtv import negate_task_vector
 from mcu_jax.methods.registry import available, get, produce, register, run
@@ -39,6 +40,7 @@ __all__ = [
     "available",
     "default_config",
     "negtv_alpha",
+    "setting_of",
     "forget_gradient",
     "get",
     "negate_task_vector",

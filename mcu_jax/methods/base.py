@@ -222,6 +222,13 @@ _NEGTV_ALPHA = {
 }
 
 
+def setting_of(dataset: str) -> str:
+    """The paper's protocol (a :data:`SETTINGS` name) for data set ``dataset``: its own
+    where the paper has one ("tiny_imagenet" -> "tinyimagenet"), CIFAR-10's otherwise."""
+    setting = _SETTING_ALIASES.get(dataset, dataset)
+    return setting if setting in SETTINGS else "cifar10"
+
+
 def negtv_alpha(scenario: str, setting: str = "cifar10") -> float:
     """The paper's NegTV alpha: 0.9 for random and 0.2 for class-wise forgetting (CIFAR-10;
     CIFAR-100 the same), 0.1 on Tiny-ImageNet, 0.9 on ImageNet-100; other data sets take
