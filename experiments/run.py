@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="experiment config in experiments/configs/")
     parser.add_argument("overrides", nargs="*", help="group.field=value")
     parser.add_argument("--fields", action="store_true", help="list overridable fields")
-    from mcu_jax import ablation, compile_cache, config, experiment
+    from mcu_jax import ablation, compile_cache, config, experiment, loop
 
     compile_cache.add_argument(parser)
     args = parser.parse_args(argv)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             ablation.run_ablation(cfg)
         else:
             experiment.run_experiment(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, loop.NonFiniteLossError) as err:
         print(f"run {args.name}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 
 _STATE = "state"
 _META = "meta"
+_DELETING = ".deleting-"  # a step folder being removed (not a step name orbax lists)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -62,6 +64,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
         self.directory = Path(directory).resolve()
+        for leftover in self.directory.glob(f"{_DELETING}*"):  # a delete cut short by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
         )
@@ -83,9 +87,22 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def delete(self, step: int) -> None:
-        """Removes a saved step (orbax never overwrites one)."""
-        if step in self._manager.all_steps():
+        """Removes a saved step (orbax never overwrites one).
+
+        The step's folder is first renamed out of orbax's sight (one atomic rename), then
+        removed: a kill during the removal leaves an ignored ``.deleting-*`` folder (cleared
+        the next time the folder is opened), never a half-deleted step listed as the latest.
+        """
+        if step not in self._manager.all_steps():
+            return
+        folder = self.directory / str(step)
+        if not folder.is_dir():  # another step naming than orbax's default: let orbax do it
             self._manager.delete(step)
+            return
+        doomed = self.directory / f"{_DELETING}{step}.{os.getpid()}"
+        folder.rename(doomed)
+        self._manager.reload()
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""

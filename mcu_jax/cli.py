@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, compile_cache, config, methods, pipeline, problem, train
+from mcu_jax import checkpoint, compile_cache, config, loop, methods, pipeline, problem, train
 from mcu_jax.mcu import MCUConfig
 
 _DIGITS_TRAIN = train.TrainConfig(epochs=30, lr=0.05)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compile_cache.enable_from_args(args.compile_cache)
         result = _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, loop.NonFiniteLossError) as err:
         print(f"mcu-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=float))

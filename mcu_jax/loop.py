@@ -174,7 +174,8 @@ def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
         step = first_step + int(bad[0])
         raise NonFiniteLossError(
             f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. "
-            "The last good checkpoint (previous epoch or signal stop) is kept."
+            "The last good checkpoint (previous epoch or signal stop) is kept. A run folder "
+            "refuses other settings: rerun in a new one (e.g. with a smaller learning rate)."
         )
 
 
@@ -189,7 +190,8 @@ def _check_finite_state(state: Any, meta: dict, desc: str) -> None:
                  else f"after epoch {meta['epoch']}")
         raise NonFiniteLossError(
             f"{desc}: the state {where} holds non-finite values; stopping. "
-            "The last good checkpoint (previous epoch or signal stop) is kept."
+            "The last good checkpoint (previous epoch or signal stop) is kept. A run folder "
+            "refuses other settings: rerun in a new one (e.g. with a smaller learning rate)."
         )
 
 

@@ -60,8 +60,11 @@ class MCUConfig:
             raise ValueError(
                 f"epochs >= 0 and batch_size >= 1 required, got {self.epochs}, {self.batch_size}"
             )
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("steps_per_call", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(self.beta_values) != 3:
             raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
         if not 0 <= self.momentum < 1:

@@ -64,6 +64,14 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def model_identity(model: Any) -> str:
+    """A Flax model's class and attributes as text (its repr), with ``fold_bn`` (the same
+    function, evaluated faster) left out, to bind run folders to the model they trained."""
+    if getattr(model, "fold_bn", False):
+        model = model.clone(fold_bn=False)
+    return repr(model)
+
+
 def _jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(obj, default=_default))

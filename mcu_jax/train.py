@@ -10,6 +10,7 @@ ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -60,11 +61,11 @@ class TrainConfig:
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
@@ -227,11 +228,12 @@ def fit(
     return state.variables, history
 
 
-def _bind(out_dir: Path, config, key, pool, input_shape, metadata, pretrained,
+def _bind(out_dir: Path, model, config, key, pool, input_shape, metadata, pretrained,
           references) -> None:
     """Binds ``out_dir`` to this training request (``runs.RunDir``); speed-only settings
     (``runs.SPEED_FIELDS``) and the data folder may change."""
     request = {
+        "model": runs.model_identity(model),
         "train_config": dataclasses.asdict(config),
         "key": runs.key_list(key),
         "pool": runs.digest(pool),
@@ -287,7 +289,7 @@ def train_model(
     from mcu_jax.models import init_variables, load_pretrained
 
     out_dir = Path(out_dir)
-    _bind(out_dir, config, key, pool, input_shape, metadata, pretrained, references)
+    _bind(out_dir, model, config, key, pool, input_shape, metadata, pretrained, references)
     if checkpoint.model_exists(out_dir):
         return checkpoint.load_model(out_dir)
     init_key, train_key = jax.random.split(key)

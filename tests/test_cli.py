@@ -43,6 +43,15 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "no finished model" in err
 
 
+def test_a_non_finite_loss_is_one_line_with_the_way_on(tmp_path, capsys):
+    """A diverging run stops with one line (exit 2) that says the last good checkpoint is
+    kept and a new folder is needed for other settings, not with a traceback."""
+    code, _, err = _run(capsys, ["train", "--out", str(tmp_path / "o"), "train.epochs=1",
+                                 "train.lr=1e30", "train.progress=false"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "loss became" in err and "new one" in err
+
+
 def test_fields_lists_what_overrides_can_set(capsys):
     code, out, _ = _run(capsys, ["mcu", "--fields"])  # needs none of the folders
     assert code == 0 and {"mcu.epochs", "mask.k", "selection.fold_bn", "key"} <= set(

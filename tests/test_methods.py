@@ -536,6 +536,13 @@ def test_produce_reuses_a_saved_theta_p(env, tmp_path, monkeypatch):
                 out_dir=tmp_path / "theta_p")
     with pytest.raises(ValueError, match="key"):
         produce("counting", *args[:4], jax.random.key(6), out_dir=tmp_path / "theta_p")
+    # ... nor is another theta_o's theta_p, or another model's
+    other_o = jax.tree.map(lambda x: x * 2.0, env["theta_o"])
+    with pytest.raises(ValueError, match="theta_o"):
+        produce("counting", args[0], other_o, *args[2:], out_dir=tmp_path / "theta_p")
+    with pytest.raises(ValueError, match="model"):
+        produce("counting", env["model"].clone(bn_momentum=0.5), *args[1:],
+                out_dir=tmp_path / "theta_p")
     # without out_dir it simply runs
     produce("counting", *args)
     assert len(calls) == 2

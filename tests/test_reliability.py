@@ -210,6 +210,28 @@ def test_leftover_orbax_tmp_directories_do_not_break_resume(tmp_path, straight):
     assert not (tmp_path / "3.orbax-checkpoint-tmp").exists()  # reused by the save of 3
 
 
+def test_a_delete_cut_short_by_a_kill_leaves_the_previous_step(tmp_path, straight):
+    """Checkpointer.delete renames a step out of orbax's listing before removing it, so a
+    kill during the removal never leaves a half-deleted step listed as the latest."""
+    two = loop.LoopConfig(epochs=2, batch_size=4, steps_per_call=2, progress=False)
+    _resume(tmp_path, two)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 2
+        ckpt.delete(2)
+        assert ckpt.latest_step() == 1 and not (tmp_path / "2").exists()
+    _resume(tmp_path, two)  # saves step 2 again
+    # What a kill during delete(2) leaves: the step renamed away and half removed.
+    doomed = tmp_path / ".deleting-2.999"
+    (tmp_path / "2").rename(doomed)
+    files = [f for f in sorted(doomed.rglob("*")) if f.is_file()]
+    for f in files[::2]:
+        f.unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 1
+    assert not doomed.exists()  # cleared when the folder is opened
+    _same(_resume(tmp_path), straight)
+
+
 def test_mid_epoch_checkpoint_refuses_another_geometry(tmp_path):
     with pytest.raises(SystemExit):
         _resume(tmp_path, runner=signalling({2: [signal.SIGTERM]}))
@@ -646,5 +668,10 @@ def test_config_values_out_of_range_are_rejected():
         mcu.MCUConfig(momentum=1.0)
     with pytest.raises(ValueError, match="beta_init"):
         mcu.MCUConfig(beta_init=float("nan"))
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got nan"):
+        mcu.MCUConfig(lr=float("nan"))
+    for name in ("steps_per_call", "checkpoint_every"):  # named up front, not in the loop
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            mcu.MCUConfig(**{name: 0})
     with pytest.raises(ValueError, match="3"):
         mcu.adaptive_beta(90.0, 99.0, 100.0, 90.0, values=(0.0, 0.5))

@@ -73,6 +73,9 @@ def test_train_model_reuses_only_the_same_request(tmp_path, digits, digits_image
         with pytest.raises(ValueError, match=match):
             train.train_model(small_model, train_images, call["pool"], call["config"],
                               call["key"], (1, 8, 8, 1), tmp_path, metadata=call["metadata"])
+    with pytest.raises(ValueError, match="model"):  # another model (here its dtype)
+        train.train_model(small_model.clone(dtype="bfloat16"), *args[1:], config,
+                          jax.random.PRNGKey(0), (1, 8, 8, 1), tmp_path, metadata={"seed": 0})
 
 
 def test_model_checkpoint_round_trip(tmp_path, theta_o):
@@ -151,6 +154,9 @@ def test_train_config_rejects_bad_values():
         train.TrainConfig(lr=-1.0)
     with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
         train.TrainConfig(checkpoint_every=0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            train.TrainConfig(lr=bad)
 
 
 def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():

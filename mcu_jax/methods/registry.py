@@ -100,12 +100,15 @@ def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
     return result
 
 
-def _identity(name: str, config: MethodConfig, key: jax.Array, data: MethodData) -> dict:
+def _identity(name: str, config: MethodConfig, key: jax.Array, data: MethodData, model,
+              theta_o: dict) -> dict:
     split = data.split
     return {
         "method": name,
         "config": config.result_fields(),
         "key": runs.key_list(key),
+        "model": runs.model_identity(model),
+        "theta_o": runs.tree_digest(theta_o),
         "scenario": getattr(split, "scenario", None),
         "forget_class": getattr(split, "forget_class", None),
         "split_seed": getattr(split, "seed", None),
@@ -121,14 +124,15 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
 
     Without ``out_dir`` this is :func:`run`. A saved model (or an unfinished run, recorded
     in ``out_dir/method.json``) whose method, config (up to ``progress``, ``steps_per_call``
-    and ``grad_batch_size``), key or split differ raises ValueError rather than being reused
-    or resumed. The minutes of a resumed run count only its last session.
+    and ``grad_batch_size``), key, split, model or theta_o (a digest of its variables) differ
+    raises ValueError rather than being reused or resumed. The minutes of a resumed run
+    include its earlier sessions (``loop.earlier_seconds``).
     """
     get(name)
     if out_dir is None:
         return run(name, model, theta_o, data, config, key)
     out_dir = Path(out_dir)
-    identity = json.loads(json.dumps(_identity(name, config, key, data)))
+    identity = json.loads(json.dumps(_identity(name, config, key, data, model, theta_o)))
     if checkpoint.model_exists(out_dir):
         meta = json.loads((out_dir / "metadata.json").read_text())
         _check_identity(meta, identity, out_dir, "a finished theta_p")
@@ -146,7 +150,7 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
         _check_identity(json.loads(claim.read_text()), identity, out_dir,
                         "an unfinished run (its epoch checkpoints are in progress/)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    claim.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    checkpoint.write_json(claim, identity)
     result = run(name, model, theta_o, data, config, key, checkpoint_dir=out_dir / "progress")
     meta = dict(identity)
     meta.update(
