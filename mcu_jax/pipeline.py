@@ -183,9 +183,12 @@ def run_mcu(
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
     exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``; a rerun reuses
     every finished part (mask, curve epochs, ``sweep.json``, the exported model). The folder
-    is bound to the request (``out_dir/run.json``: the configs, a digest of the split and
-    the references): a rerun whose settings differ (other than speed-only ones such as
-    ``progress`` or ``strategy``) raises ValueError instead of reusing those parts. A ``mesh``
+    is bound to the request (``out_dir/run.json``: the configs, a digest of the split, the
+    references, the key and digests of theta_o's and theta_p's variables): a rerun whose
+    request differs (other than speed-only settings such as ``progress`` or ``strategy``)
+    raises ValueError instead of reusing those parts. ``out_dir/seconds.json`` keeps the
+    seconds of the finished mask, sweep and t* phases, so a resumed run's ``minutes`` count
+    every session. A ``mesh``
     (``sharding.make_mesh``) makes the mask gradients and curve training data parallel and
     the sweep t parallel.
     """

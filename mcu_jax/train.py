@@ -2,7 +2,8 @@
 the shared loop the pre-unlearning methods build on.
 
 ``fit`` trains any model on any index pool of a device-resident image set with SGD
-(momentum, weight decay, cosine or constant learning rate). The per-batch objective is a
+(momentum, weight decay, a per-step cosine, per-epoch cosine (``cosine_epoch``) or constant
+learning rate). The per-batch objective is a
 ``loss_fn(logits, labels, aux, key) -> (loss, metrics)``, so methods such as gradient
 ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update mask).
 """

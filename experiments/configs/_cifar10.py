@@ -19,7 +19,7 @@ def cifar10(name: str, model: str, scenario: str, schedule: TrainConfig, seeds) 
     })
     return ExperimentConfig(
         name=name,
-        command=f"python experiments/run.py {name}",
+        command=f"python experiments/run.py {name} problem.data_dir=DIR",
         problem=ProblemConfig(dataset="cifar10", model=model, scenario=scenario),
         seeds=tuple(seeds),
         original=schedule,

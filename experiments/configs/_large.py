@@ -11,12 +11,13 @@ METHODS = ("ft", "rl", "ga", "neggrad", "salun", "negtv")
 
 
 def build(name, dataset, model, scenario, setting, schedule, mcu_epochs, mcu_lr=0.01,
-          pretrained=None, seeds=range(3)) -> ExperimentConfig:
-    """Every method with the paper's numbers for ``setting`` (``methods.default_config``)."""
+          pretrained=None, seeds=range(3), args="problem.data_dir=DIR") -> ExperimentConfig:
+    """Every method with the paper's numbers for ``setting`` (``methods.default_config``);
+    ``args``: the command-line overrides the config's command names."""
     configs = {m: default_config(m, scenario, setting) for m in METHODS}
     return ExperimentConfig(
         name=name,
-        command=f"python experiments/run.py {name} problem.data_dir=DIR",
+        command=f"python experiments/run.py {name} {args}",
         problem=ProblemConfig(dataset=dataset, model=model, scenario=scenario,
                               pretrained=pretrained),
         seeds=tuple(seeds),
@@ -48,4 +49,5 @@ def imagenet100(scenario: str) -> ExperimentConfig:
     return build(
         f"imagenet100_vit_{scenario}", "imagenet100", "vit_b16", scenario, "imagenet100",
         TrainConfig(epochs=30, lr=0.001, schedule="cosine"), 2,
+        args="problem.data_dir=DIR problem.pretrained=VIT.npz",
     )

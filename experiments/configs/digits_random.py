@@ -4,7 +4,7 @@ Command: python experiments/run.py digits_random
 
 theta_o and RT train for 15 epochs; NegGrad+ is the pre-unlearning model and MCU_beta runs
 on top of it, with the paper's protocol scaled to the 1,437-image set. D_v is 30% of the
-test set here (108 images) so that Acc_o(D_v), the forget reference, is not a 40-image
+test set here (110 images) so that Acc_o(D_v), the forget reference, is not a 40-image
 estimate.
 """
 

@@ -3,7 +3,8 @@
     theta_p = theta_o - alpha (theta_ft - theta_o)
 
 Paper: 10 epochs of fine-tuning (lr 0.01); alpha = 0.9 for random forgetting and 0.2 for
-class-wise forgetting on CIFAR-10, 0.1 on Tiny-ImageNet (``methods.negtv_alpha``, which
+class-wise forgetting on CIFAR-10, 0.1 on Tiny-ImageNet; on ImageNet-100 5 epochs at lr 0.001
+and alpha 0.9 (``methods.default_config(..., setting)`` and ``methods.negtv_alpha``, which
 ``MethodConfig.alpha=None`` resolves to).
 
 BatchNorm statistics. The running statistics are not parameters: task arithmetic on them
