@@ -14,7 +14,7 @@
 #   python experiments/compare_runs.py results_float32.json results_bfloat16.json --tolerance 0.5
 # Knobs: CONFIG (default cifar10_resnet20_random), DTYPES (default "float32 bfloat16"),
 # OVERRIDES (extra field=value words, e.g. "original.epochs=15 retrain.epochs=15"),
-# BUDGET_S (default 560). Dry run on CPU:
+# BUDGET_S (default 545: timeout_s 600 minus a margin for the SIGTERM stop). Dry run on CPU:
 #   REQUIRE_GPU=0 PY=.venv/bin/python OUT=/tmp/ga CONFIG=digits_random \
 #   OVERRIDES="seeds=0 original.epochs=2 retrain.epochs=2" DATA="" bash experiments/gpu_accuracy.sh
 set -u -o pipefail
@@ -25,7 +25,7 @@ OUT=${OUT:-$REPO/runs/gpu_accuracy}
 PY=${PY:-python3}
 CONFIG=${CONFIG:-cifar10_resnet20_random}
 DTYPES=${DTYPES:-float32 bfloat16}
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-545}
 DATA=${DATA-problem.data_dir=data_local}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -54,7 +54,8 @@ for dtype in $DTYPES; do
   fi
   log "run $dtype: experiments/run.py $CONFIG"
   # shellcheck disable=SC2086 # DATA and OVERRIDES are lists of words
-  timeout "$left" $PY experiments/run.py "$CONFIG" seeds=0 methods=neggrad \
+  # -k: run.py saves a checkpoint on SIGTERM and may take a while to stop; never overrun.
+  timeout -k 15 "$left" $PY experiments/run.py "$CONFIG" seeds=0 methods=neggrad \
     mcu_modes=adaptive table1=False progress=False $DATA problem.dtype="$dtype" \
     out_dir="$WORK/$dtype" ${OVERRIDES:-} --compile-cache "$WORK/xla" >>"$LOG" 2>&1
   rc=$?

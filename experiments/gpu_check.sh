@@ -8,8 +8,8 @@
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   profile      f32 again (compiled programs come from the persistent cache) with a
 #                jax.profiler trace of the timed regions only (50 steps, one sweep);
-#                experiments/profile_summary.py's table goes into summary.md, the traces'
-#                JSON into $OUT/profile.tgz when it is under 16 MB
+#                experiments/profile_summary.py's table goes into summary.md, each timed
+#                region's traces into $OUT/profile_<region>.tgz when it is under 16 MB
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
@@ -45,7 +45,11 @@
 # timeout_s 600. Results land in $OUT (default runs/gpu_check), at most 8 files:
 #   summary.md    every part's table as it finishes, then the targets and the ratios
 #   parts.jsonl   one JSON line per finished part (the benchmark's --json output)
-#   reference.json, log.txt, env.txt (versions, nvidia-smi), profile.tgz
+#   reference.json, log.txt, env.txt (versions, nvidia-smi), profile_<region>.tgz (at most 2)
+# A part stopped by the budget is marked so in summary.md (its JSON is then missing).
+# Time: the machine's start (1-2 minutes) counts against the session's 15 minutes, so set
+# BUDGET_S to the call's timeout_s minus about 45 s, and timeout_s to what status's
+# budget_left_s allows; e2e alone is estimated at 300 s and is skipped with less.
 # experiments/gpu_summary.py OUT rebuilds the targets/ratios section from parts.jsonl and
 # reference.json. Check this file with: bash -n experiments/gpu_check.sh
 # Dry run of the flow on CPU (tiny sizes, minutes; --scan takes the accelerator code path):
@@ -102,9 +106,9 @@ if [ "${REQUIRE_GPU:-1}" != 0 ] && ! gpu_backend; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  else
-    log "jax sees no GPU: trying pip install jax[cuda12]"
-    $PY -m pip install -q "jax[cuda12]>=0.10,<0.13" >>"$LOG" 2>&1
+  elif [ "${ALLOW_NETWORK:-0}" = 1 ]; then
+    log "jax sees no GPU: trying pip install jax[cuda12] (ALLOW_NETWORK=1)"
+    timeout 180 $PY -m pip install -q "jax[cuda12]>=0.10,<0.13" >>"$LOG" 2>&1
   fi
   if ! gpu_backend; then
     log "no GPU backend for jax; stopping (see log.txt)"
@@ -139,7 +143,15 @@ bench() {  # name, estimated seconds, benchmark arguments... (XLA_FLAGS from $FL
     timeout "$left" $PY experiments/benchmark.py "$@" \
     ${EXTRA_ARGS:-} --json "$WORK/$name.json" >"$WORK/$name.txt" 2>>"$LOG"
   rc=$?
-  { echo "## $name"; echo; cat "$WORK/$name.txt"; echo; } >>"$SUMMARY"
+  {
+    echo "## $name"
+    echo
+    cat "$WORK/$name.txt"
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      echo "(stopped by the budget after ${left}s; the rows above are what it printed)"
+    fi
+    echo
+  } >>"$SUMMARY"
   if [ -f "$WORK/$name.json" ]; then
     $PY -c 'import json, sys
 print(json.dumps({"part": sys.argv[1], "xla_flags": sys.argv[2], **json.load(open(sys.argv[3]))},
@@ -157,6 +169,11 @@ reference() {
   done
   if [ ! -f "$RELEASE/curves.py" ] || [ -z "$peer" ]; then
     log "skip reference: needs the release in $RELEASE/ and reference_peer.py (see header)"
+    return 0
+  fi
+  if [ "${REQUIRE_GPU:-1}" != 0 ] &&
+    ! $PY_REF -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' >>"$LOG" 2>&1; then
+    log "skip reference: torch sees no CUDA device (it would time the release on the CPU)"
     return 0
   fi
   left=$(time_left reference 90) || return 0
@@ -179,16 +196,23 @@ profile() {
   if [ -d "$WORK/profile" ]; then
     $PY experiments/profile_summary.py "$WORK/profile" >>"$SUMMARY" 2>>"$LOG" ||
       log "profile_summary.py failed"
-    if [ -n "$(find "$WORK/profile" -name '*.trace.json.gz' -print -quit)" ]; then
-      (cd "$WORK" && find profile -name '*.trace.json.gz' -print0 |
-        tar --null -czf "$OUT/profile.tgz" -T -) 2>>"$LOG" || log "no profile written"
-    else
-      log "no trace files in the profile folder; no profile.tgz"
-    fi
-  fi
-  if [ -f "$OUT/profile.tgz" ] && [ "$(stat -c %s "$OUT/profile.tgz")" -gt 16000000 ]; then
-    log "profile.tgz is over 16 MB and would not come back; removed (summary.md has its table)"
-    rm -f "$OUT/profile.tgz"
+    # One archive per timed region (curve_step, sweep), so one oversized trace does not
+    # cost the other its way back (16 MB per file comes back).
+    local region tgz
+    for region in "$WORK"/profile/*/; do
+      region=$(basename "$region")
+      tgz=$OUT/profile_$region.tgz
+      if [ -z "$(find "$WORK/profile/$region" -name '*.trace.json.gz' -print -quit)" ]; then
+        log "no trace files for region $region"
+        continue
+      fi
+      (cd "$WORK" && find "profile/$region" -name '*.trace.json.gz' -print0 |
+        tar --null -czf "$tgz" -T -) 2>>"$LOG" || log "no archive for region $region"
+      if [ -f "$tgz" ] && [ "$(stat -c %s "$tgz")" -gt 16000000 ]; then
+        log "$(basename "$tgz") is over 16 MB and would not come back; removed"
+        rm -f "$tgz"
+      fi
+    done
   fi
 }
 

@@ -29,7 +29,10 @@ def profile_summary():
     return _load("profile_summary")
 
 
-def _part(name, step_ms=None, sweep=None, flags=""):
+STANDARD = {"model": "preresnet110", "batch_size": 128}
+
+
+def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
     rows = []
     if step_ms is not None:
         rows.append({"part": "curve step", "setting": "s", "numbers": {"step_ms": step_ms}})
@@ -38,7 +41,8 @@ def _part(name, step_ms=None, sweep=None, flags=""):
         rows.append({"part": "sweep", "setting": "w", "numbers": {
             "sweep_s": seconds, "image_forwards": forwards, "compile_s": 1.0,
             "image_forwards_per_s": forwards / seconds}})
-    return {"part": name, "xla_flags": flags, "meta": {"device": "Test GPU"}, "rows": rows}
+    return {"part": name, "xla_flags": flags, "meta": {"device": "Test GPU"}, "args": args,
+            "rows": rows}
 
 
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
@@ -70,7 +74,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
 
 def test_gpu_summary_judges_end_to_end_on_the_protocol_only(gpu_summary, tmp_path):
     def e2e(name, steps, setting):
-        return {"part": name, "xla_flags": "", "meta": {"device": "Test GPU"}, "rows": [
+        return {"part": name, "xla_flags": "", "meta": {"device": "Test GPU"},
+                "args": STANDARD, "rows": [
             {"part": "end-to-end", "setting": setting, "numbers": {
                 "total_s": 50.0, "steps": steps,
                 "phases_s": {"mask": 5.0, "curve": 20.0, "selection": 25.0}}}]}
@@ -83,6 +88,19 @@ def test_gpu_summary_judges_end_to_end_on_the_protocol_only(gpu_summary, tmp_pat
     assert "| met |" in lines["end-to-end MCU phase <= 60 s"]
     assert "| not the protocol workload |" in lines[
         "end-to-end MCU phase <= 60 s, compilation cache warm"]
+
+
+def test_gpu_summary_judges_targets_on_the_issues_workload_only(gpu_summary, tmp_path):
+    """A dry run with a small model is reported, not judged (it printed 'NOT met' for a
+    cnn_small step against the PreResNet-110 target)."""
+    small = {"model": "cnn_small", "batch_size": 128}
+    parts = [_part("f32", 2.0, (0.5, 240000), args=small), _part("f32_k01", 1.0, args=small)]
+    (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
+    lines = {ln.split("|")[1].strip(): ln for ln in gpu_summary.summary(tmp_path).splitlines()
+             if ln.startswith("| ")}
+    for row in ("curve step <= 5 ms (float32)", "20-point sweep <= 1.1 s (float32)",
+                "masked step <= half the unmasked (float32)"):
+        assert "| not the issue's workload |" in lines[row], lines[row]
 
 
 def test_gpu_summary_gives_no_ratio_across_cards(gpu_summary, tmp_path):
