@@ -100,23 +100,31 @@ def recompute(model, variables: dict, images: Images, indices, batch_size: int =
     :func:`bn_batches` with ``seed``).
 
     With a ``mesh`` the pass is data parallel (``batch_size`` must be divisible by the
-    device count, ValueError otherwise); the statistics equal the single-device ones within
-    float tolerance (the batch sums are reduced in another order) and come back replicated.
+    device count, ValueError otherwise; a set smaller than one batch, like the remainder,
+    runs whole on every device); the statistics equal the single-device ones within float
+    tolerance (the batch sums are reduced in another order) and come back replicated.
     """
     batches, rest = bn_batches(indices, batch_size, images.num_examples, seed)
     params, template = variables["params"], variables["batch_stats"]
     if mesh is None:
         stats = _batch_statistics_jit(model, params, template, images, batches, rest)
         return {"params": params, "batch_stats": stats}
-    if batches is not None:  # a set smaller than one batch runs as one (replicated) batch
-        sharding.check_batch_size(batches.shape[1], mesh, "BatchNorm recompute: batch_size")
+    sharding.check_batch_size(batch_size, mesh, "BatchNorm recompute: batch_size")
     n = sharding.num_shards(mesh)
     params, template, images = sharding.replicate((params, template, images), mesh)
-    if batches is not None:
-        batches = sharding.place(batches, sharding.batch_sharding(mesh, ndim=2))
-    if rest is not None:  # split when it divides evenly; otherwise every device runs it whole
-        rest = sharding.place(rest, sharding.batch_sharding(mesh, ndim=1) if rest.shape[0] % n == 0
+
+    def lay(rows, ndim):
+        """Split along the batch axis when it divides evenly (always, for full batches of
+        ``batch_size``); otherwise every device runs the batch whole (a set smaller than one
+        batch, or the remainder)."""
+        split = rows.shape[-1] % n == 0
+        return sharding.place(rows, sharding.batch_sharding(mesh, ndim=ndim) if split
                               else sharding.replicated(mesh))
+
+    if batches is not None:
+        batches = lay(batches, 2)
+    if rest is not None:
+        rest = lay(rest, 1)
     stats = _mesh_program(mesh)(model, params, template, images, batches, rest)
     return {"params": params, "batch_stats": stats}
 

@@ -92,11 +92,14 @@ class Checkpointer:
         The step's folder is first renamed out of orbax's sight (one atomic rename), then
         removed: a kill during the removal leaves an ignored ``.deleting-*`` folder (cleared
         the next time the folder is opened), never a half-deleted step listed as the latest.
+        (A multi-process run leaves the delete to orbax, which coordinates the processes.)
         """
         if step not in self._manager.all_steps():
             return
         folder = self.directory / str(step)
-        if not folder.is_dir():  # another step naming than orbax's default: let orbax do it
+        # Several processes share the folder: orbax coordinates them (one deletes). So does
+        # another step naming than orbax's default.
+        if jax.process_count() > 1 or not folder.is_dir():
             self._manager.delete(step)
             return
         doomed = self.directory / f"{_DELETING}{step}.{os.getpid()}"

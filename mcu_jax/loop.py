@@ -226,6 +226,18 @@ class _SignalFlag:
             raise _stop_exception(signum)
         self.received = signum
 
+    def agreed(self) -> int | None:
+        """The signal to stop for at this boundary between chunks. In a multi-process run
+        every process must stop at the same boundary (one that went on would wait forever
+        for the others in its next step's collectives), so there it is any process's signal,
+        agreed by an all-gather that every process makes at every boundary."""
+        if not self.enabled or jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.process_allgather(np.int32(self.received or 0))
+        return int(np.max(got)) or None
+
     def __enter__(self) -> _SignalFlag:
         if self.enabled:
             for sig in _SIGNALS:
@@ -389,12 +401,13 @@ def run_epochs(
                     _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc)
                     chunks.append(metrics)
                     bar.update(hi - lo)
-                    if flag.received is not None and hi < steps_per_epoch:
+                    stop = flag.agreed() if hi < steps_per_epoch else None
+                    if stop is not None:
                         meta = {"epoch": epoch, "step": hi, "history": history,
                                 "partial": _pack_metrics(chunks), "seconds": seconds(),
                                 **geometry}
                         _save(checkpointer, epoch + 1, state, meta, config.desc)
-                        _stop(flag.received, config.desc, checkpointer, epoch, hi)
+                        _stop(stop, config.desc, checkpointer, epoch, hi)
                 stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
                 record = {"epoch": epoch + 1, **summarize(stacked)}
                 history.append(record)
@@ -402,12 +415,13 @@ def run_epochs(
                     {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)}
                 )
                 due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
-                if checkpointer is not None and (due or flag.received is not None):
+                stop = flag.agreed()
+                if checkpointer is not None and (due or stop is not None):
                     meta = {"epoch": epoch + 1, "history": history, "seconds": seconds(),
                             **geometry}
                     _save(checkpointer, epoch + 1, state, meta, config.desc)
-                    if flag.received is not None:
-                        _stop(flag.received, config.desc, checkpointer, epoch + 1, 0)
+                    if stop is not None:
+                        _stop(stop, config.desc, checkpointer, epoch + 1, 0)
     finally:
         bar.close()
     return state, history

@@ -232,12 +232,13 @@ def main() -> None:
     out["gradient_and_eval_seconds"] = time.perf_counter() - gsec
 
     # BatchNorm recomputation, data parallel: 300 indices at batch 64 (a rest of 44, run
-    # whole on every device) and 200 (a rest of 8, split), NegTV through MethodData.mesh.
+    # whole on every device), 200 (a rest of 8, split), and sets smaller than one batch (13
+    # at 64, 30 at 32: one batch of the set's size, run whole), NegTV through MethodData.mesh.
     from mcu_jax import bn
 
-    for n in (300, 200):
-        b1 = bn.recompute(model, theta_o, images, split.retain[:n], 64)
-        b8 = bn.recompute(model, theta_o, images, split.retain[:n], 64, mesh=mesh)
+    for n, bs in ((300, 64), (200, 64), (13, 64), (30, 32)):
+        b1 = bn.recompute(model, theta_o, images, split.retain[:n], bs)
+        b8 = bn.recompute(model, theta_o, images, split.retain[:n], bs, mesh=mesh)
         out[f"bn_{n}"] = _max_diff(b1, b8)
         out[f"bn_{n}"]["replicated"] = _replicated_on(b8, mesh)
     batches, _ = bn.bn_batches(split.retain[:256], 64)
@@ -324,7 +325,40 @@ def main_multihost() -> None:
         subset_error = None
     except ValueError as err:
         subset_error = str(err)
+    # A stop signal that reaches one process only (process 0, after the second chunk): every
+    # process stops at the same boundary with the same exit code and one checkpoint (they
+    # used to deadlock), and the rerun resumes to the uninterrupted result.
+    import os
+    import signal
+
+    from mcu_jax import loop
+
+    per_step = train.TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False,
+                                 steps_per_call=1)
+    straight, _ = train.fit(model, v0, images, np.arange(256), per_step, key, mesh=mesh)
+    check, chunks = loop._check_finite, []
+
+    def signalling(metrics, first_step, desc):
+        chunks.append(first_step)
+        if jax.process_index() == 0 and len(chunks) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return check(metrics, first_step, desc)
+
+    loop._check_finite = signalling
+    ckpt_dir = os.environ["MCU_TEST_CKPT"]
+    try:
+        train.fit(model, v0, images, np.arange(256), per_step, key, mesh=mesh,
+                  checkpoint_dir=ckpt_dir)
+        stopped = None
+    except SystemExit as err:
+        stopped = err.code
+    finally:
+        loop._check_finite = check
+    resumed, history = train.fit(model, v0, images, np.arange(256), per_step, key, mesh=mesh,
+                                 checkpoint_dir=ckpt_dir)
     out = {
+        "signal": {"stopped": stopped, "chunks": len(chunks),
+                   "resume": _max_diff(straight, resumed), "epochs": len(history)},
         "subset_error": subset_error,
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
@@ -372,7 +406,8 @@ def test_eight_devices_equal_one():
     print(json.dumps(out, indent=1), f"\nsubprocess: {time.perf_counter() - start:.1f} s")
     assert out["devices"] == DEVICES and out["platform"] == "cpu"
     assert out["fit"]["moved"] > 1e-3, "training did not change the parameters"
-    for part in ("fit", "fit_scanned", "curve", "neggrad", "negtv", "bn_300", "bn_200"):
+    for part in ("fit", "fit_scanned", "curve", "neggrad", "negtv", "bn_300", "bn_200",
+                 "bn_13", "bn_30"):
         assert out[part]["allclose"], (part, out[part])
     assert abs(out["fit"]["loss"][0] - out["fit"]["loss"][1]) < 1e-4
     assert out["fit"]["replicated"] and out["fit_scanned"]["replicated"]
@@ -410,7 +445,7 @@ def test_eight_devices_equal_one():
     assert abs(out["pipeline"]["t_star"][0] - out["pipeline"]["t_star"][1]) < 1e-6
 
 
-def test_two_processes_equal_one():
+def test_two_processes_equal_one(tmp_path):
     """Multi-host on one machine: 2 processes x 2 CPU devices joined by
     ``initialize_distributed`` (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
     import socket
@@ -422,7 +457,7 @@ def test_two_processes_equal_one():
         subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "multihost"], cwd=ROOT,
             env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                     JAX_PROCESS_ID=str(i)),
+                     JAX_PROCESS_ID=str(i), MCU_TEST_CKPT=str(tmp_path / "ckpt")),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
@@ -446,6 +481,11 @@ def test_two_processes_equal_one():
         assert out["sweep_acc"][0] == out["sweep_acc"][1]
         assert out["sweep_probs"]["allclose"], out["sweep_probs"]
         assert "without a device in the mesh" in (out["subset_error"] or ""), out
+        # SIGTERM reached process 0 only; both stopped after the same chunk, with exit code
+        # 143, and resumed from the one checkpoint to the uninterrupted result.
+        sig = out["signal"]
+        assert (sig["stopped"], sig["chunks"], sig["epochs"]) == (143, 2, 2), sig
+        assert sig["resume"]["allclose"], sig
 
 
 def test_mesh_errors_in_process():
