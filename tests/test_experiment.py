@@ -124,7 +124,7 @@ def test_class_wise_mia_non_members_are_the_retained_classes(monkeypatch):
     seen = {}
 
     def fake_mia(members, non_members, forget, seed):
-        seen["non_members"] = non_members
+        seen.update(members=members, non_members=non_members, forget=forget)
         return 12.5
 
     monkeypatch.setattr(metrics, "mia_efficacy", fake_mia)
@@ -134,6 +134,8 @@ def test_class_wise_mia_non_members_are_the_retained_classes(monkeypatch):
     result = experiment.scored_metrics(acc, probs, mia=True, seed=0)
     assert result["MIA"] == 12.5
     np.testing.assert_array_equal(seen["non_members"], probs["test_retain"])
+    np.testing.assert_array_equal(seen["members"], probs["retain"])
+    np.testing.assert_array_equal(seen["forget"], probs["forget"])
     random_probs = {k: probs[k] for k in ("retain", "forget", "test")}
     experiment.scored_metrics({k: 50.0 for k in random_probs}, random_probs, True, 0)
     np.testing.assert_array_equal(seen["non_members"], probs["test"])

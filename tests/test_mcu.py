@@ -22,12 +22,10 @@ REFS = {"train": 100.0, "val": 90.0}
         (95.0, 99.0, 0.5),  # rel_f = 0.056 >= rel_r = -0.01: case 3
         (90.0001, 100.0, 0.5),  # rel_f > 0 = rel_r: not case 2
         (95.0, 106.0, 0.1),  # rel_f = 0.056 < rel_r = 0.06: case 2
-        (99.0, 110.0, 0.1),  # rel_f = 0.1 < 0.1? no -> boundary
+        (99.0, 110.0, 0.5),  # boundary: (99-90)/90 = 0.1 is not < (110-100)/100 = 0.1
     ],
 )
 def test_adaptive_beta_cases(acc_f, acc_r, expected):
-    if acc_f == 99.0:
-        expected = 0.5  # (99-90)/90 = 0.1 is not < (110-100)/100 = 0.1
     beta = adaptive_beta(acc_f, acc_r, REFS["train"], REFS["val"])
     assert float(beta) == pytest.approx(expected)
 
@@ -53,8 +51,11 @@ def test_split_loss_empty_forget_part_is_finite():
     mean_r, mean_f, n_r, n_f = split_loss(losses, jnp.zeros(3, bool))
     assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == 0.0
     assert float(n_f) == 0.0
-    mean_r, mean_f, _, _ = split_loss(losses, jnp.array([True, False, True]))
-    assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == pytest.approx(2.0)
+    # Parts with different means, so swapped roles would show: D_f = {1, 4}, D_r = {2}.
+    mean_r, mean_f, n_r, n_f = split_loss(jnp.array([1.0, 2.0, 4.0]),
+                                          jnp.array([True, False, True]))
+    assert float(mean_r) == pytest.approx(2.0) and float(mean_f) == pytest.approx(2.5)
+    assert (float(n_r), float(n_f)) == (1.0, 2.0)
     g = jax.grad(lambda v: split_loss(v, jnp.ones(3, bool))[0])(losses)
     assert np.isfinite(np.asarray(g)).all()
 

@@ -452,7 +452,7 @@ def test_negate_task_vector_is_the_formula():
                              strict=True):
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, x - np.float32(alpha) * (y - x))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="leaf 'b/c' of theta_o is missing"):
         negate_task_vector(o, {"a": o["a"]}, 0.5)
 
 
@@ -581,3 +581,74 @@ def test_produce_with_a_real_method(env):
     for a, b in zip(jax.tree.leaves(made.variables), jax.tree.leaves(again.variables),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------
+# Each method's own data and starting point (recorded at train.fit), independent of results
+# ------------------------------------------------------------------------------------------
+
+
+def _recording_fit(monkeypatch, module) -> dict:
+    seen = {}
+
+    def fake_fit(model, variables, images, pool, config, key, **kwargs):
+        seen.update(variables=variables, pool=np.asarray(pool), config=config, **kwargs)
+        return variables, []
+
+    monkeypatch.setattr(module, "fit", fake_fit)
+    return seen
+
+
+def test_each_method_trains_on_its_own_data_from_its_own_start(env, monkeypatch):
+    """GA ascends on D_f only; FT and RT train on D_r only, RT from a fresh initialisation
+    (not theta_o); NegGrad+ flags exactly its D_f rows; each gets its config's schedule."""
+    from mcu_jax.methods import ft as ft_module
+    from mcu_jax.methods import ga as ga_module
+    from mcu_jax.methods import rt as rt_module
+
+    data = env["data"]["random"]
+    retain, forget = np.asarray(data.split.retain), np.asarray(data.split.forget)
+    cfg = dataclasses.replace(CONFIG, weight_decay=0.01)
+    seen = _recording_fit(monkeypatch, ga_module)
+    ga_module.gradient_ascent(env["model"], env["theta_o"], data, cfg, jax.random.key(0))
+    np.testing.assert_array_equal(np.sort(seen["pool"]), np.sort(forget))
+    assert (seen["config"].schedule, seen["config"].weight_decay) == ("cosine_epoch", 0.01)
+    seen = _recording_fit(monkeypatch, ft_module)
+    ft_module.fine_tune(env["model"], env["theta_o"], data, cfg, jax.random.key(0))
+    np.testing.assert_array_equal(np.sort(seen["pool"]), np.sort(retain))
+    seen = _recording_fit(monkeypatch, neggrad_module)
+    neggrad_module.neggrad_plus(env["model"], env["theta_o"], data, cfg, jax.random.key(0))
+    flags = np.asarray(seen["aux"]["is_forget"])
+    np.testing.assert_array_equal(np.sort(seen["pool"]), np.sort(np.concatenate([retain,
+                                                                                  forget])))
+    np.testing.assert_array_equal(flags[seen["pool"]], np.isin(seen["pool"], forget))
+    seen = _recording_fit(monkeypatch, rt_module)
+    rt_module.retrain(env["model"], env["theta_o"], data, cfg, jax.random.key(3))
+    np.testing.assert_array_equal(np.sort(seen["pool"]), np.sort(retain))
+    fresh = init_variables(env["model"], jax.random.split(jax.random.key(3))[0],
+                           data.input_shape)
+    for a, b in zip(jax.tree.leaves(seen["variables"]), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_salun_mask_comes_from_the_forget_gradient(env, monkeypatch):
+    """SalUn's saliency mask is the top half of |gradient of -CE on D_f| at theta_o (not of
+    D_r), and it is what the random-label training is restricted to."""
+    from mcu_jax.methods import salun as salun_module
+
+    data = env["data"]["random"]
+    seen = {}
+
+    def fake_train(model, theta_o, data, config, key, *, update_mask=None, **kwargs):
+        seen["update_mask"] = update_mask
+        return theta_o, []
+
+    monkeypatch.setattr(salun_module, "train_random_labels", fake_train)
+    out = salun_module.salun(env["model"], env["theta_o"], data, CONFIG, jax.random.key(0))
+    grads = forget_gradient(env["model"], env["theta_o"], data.train, data.split.forget)
+    want = saliency_mask(grads, 0.5)
+    for got, used, w in zip(jax.tree.leaves(out.info["mask"]),
+                            jax.tree.leaves(seen["update_mask"]), jax.tree.leaves(want),
+                            strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+        np.testing.assert_array_equal(np.asarray(used), np.asarray(w))

@@ -160,3 +160,48 @@ def test_background_compilation_is_reused_and_changes_nothing(theta_o, theta_p, 
     assert early.t_star == plain.t_star and early.measured == plain.measured
     for name in early.sweep.acc:
         np.testing.assert_array_equal(early.sweep.acc[name], plain.sweep.acc[name])
+
+
+def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_split):
+    """The mask's retain importance comes from D_r's gradient and its forget importance from
+    D_f's: with rankings that disagree, swapping them would give another mask."""
+    sizes = {"a": 10, "b": 20, "c": 30, "d": 40}
+    rank = {"a": 1, "b": 2, "c": 3, "d": 4}  # retain: d > c > b > a; forget: a > b > c > d
+    g_r = {n: np.full(s, rank[n] * np.sqrt(s), np.float32) for n, s in sizes.items()}
+    g_f = {n: np.full(s, (5 - rank[n]) * np.sqrt(s), np.float32) for n, s in sizes.items()}
+    seen = {}
+
+    def fake(model, theta, images, retain, forget, batch_size, mesh):
+        seen.update(retain=retain, forget=forget)
+        return g_r, g_f
+
+    monkeypatch.setattr(pipeline.masks, "mask_gradients", fake)
+    got = pipeline.compute_mask(None, {"params": g_r}, None, digits_split,
+                                pipeline.MaskConfig(k=0.25, k_r=0.1))
+    # k_r = 10 of 100 elements drops d (most retain-important); k = 25 keeps a, then b.
+    assert got == {"a": True, "b": True, "c": False, "d": False}
+    assert seen["retain"] is digits_split.retain and seen["forget"] is digits_split.forget
+
+
+def test_class_wise_references_of_beta_and_the_gap(monkeypatch, theta_o, theta_p,
+                                                    digits_images, digits_split, small_model):
+    """Class-wise, adaptive beta's forget reference is 0 and the gap's test term is D_tr."""
+    from mcu_jax import mcu
+
+    seen = {}
+    setup = mcu.setup_curve
+
+    def spy(*args, **kwargs):
+        seen["refs"] = args[7]
+        return setup(*args, **kwargs)
+
+    monkeypatch.setattr(mcu, "setup_curve", spy)
+    mcu.train_curve(small_model, theta_o, theta_p, digits_images[0],
+                    digits_split.retain_subset[:64], digits_split.forget[:64],
+                    {"train": 99.0, "val": 90.0}, MCUConfig(epochs=0, progress=False),
+                    jax.random.PRNGKey(0), class_wise=True)
+    assert seen["refs"] == (99.0, 0.0)
+    acc = {"retain": 97.0, "forget": 10.0, "test": 80.0, "test_retain": 88.0}
+    refs = {"train": 99.0, "val": 90.0}
+    assert pipeline._gap(acc, refs, True, True) == pytest.approx((2 + 10 + 2) / 3)
+    assert pipeline._gap(acc, refs, False, True) == pytest.approx((2 + 80 + 10) / 3)

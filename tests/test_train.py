@@ -5,9 +5,11 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mcu_jax import checkpoint, evaluation, loop, train
+from mcu_jax.data import Images
 from mcu_jax.models import init_variables
 
 
@@ -275,3 +277,55 @@ def test_checkpoint_interval_is_configurable(tmp_path, digits, digits_images, sm
     assert _leaves_equal(straight, resumed)
     with pytest.raises(ValueError, match="checkpoint_every"):
         loop.LoopConfig(epochs=1, checkpoint_every=0)
+
+
+def test_sgd_with_weight_decay_momentum_and_epoch_cosine_is_torchs_sgd():
+    """make_optimizer against torch.optim.SGD's rule written out by hand: d = g + wd p,
+    buf = mu buf + d (buf = d at the first step), p -= lr_e buf, lr_e the per-epoch cosine."""
+    import math
+
+    lr, wd, mu, epochs, per_epoch = 0.1, 0.05, 0.9, 3, 2
+    config = train.TrainConfig(epochs=epochs, lr=lr, momentum=mu, weight_decay=wd,
+                               schedule="cosine_epoch")
+    tx = train.make_optimizer(config, epochs * per_epoch, steps_per_epoch=per_epoch)
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=4)
+    params = {"w": jnp.asarray(p, jnp.float32)}
+    state, buf = tx.init(params), np.zeros(4)
+    for step in range(epochs * per_epoch):
+        g = rng.normal(size=4)
+        d = g + wd * p
+        buf = mu * buf + d if step else d
+        p = p - lr * (1 + math.cos(math.pi * (step // per_epoch) / epochs)) / 2 * buf
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params["w"], p, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_steps_the_epoch_cosine_once_per_epoch():
+    """Through fit: a loss whose gradient in the bias is 1 moves the bias by -lr_e per step,
+    so 5 steps per epoch over 3 epochs add up to -5 * sum_e lr_e."""
+    import math
+
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.Dense(1)(x.reshape(x.shape[0], -1))
+
+    images = Images.from_arrays(np.zeros((40, 2, 2, 1), np.uint8), np.zeros(40, np.int32),
+                                (0.5,), (0.25,))
+    model = Linear()
+    v0 = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)), train=False)
+    config = train.TrainConfig(epochs=3, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0,
+                               schedule="cosine_epoch", progress=False)
+
+    def loss(logits, labels, aux, key):
+        return logits.mean(), {"loss": logits.mean()}
+
+    out, _ = train.fit(model, v0, images, np.arange(40), config, jax.random.PRNGKey(1),
+                       loss_fn=loss)
+    want = -5 * sum(0.1 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3))
+    moved = out["params"]["Dense_0"]["bias"] - v0["params"]["Dense_0"]["bias"]
+    np.testing.assert_allclose(moved, [want], rtol=1e-5)
