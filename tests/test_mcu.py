@@ -104,6 +104,21 @@ def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, theta_o["params"]))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
                                         digits_split.forget[:32]]), jnp.int32)
+    # The losses, independently: cross-entropy of theta(t) (train-mode BatchNorm; digits has
+    # no augmentation) averaged over the batch's 96 D_r rows and, apart, its 32 D_f rows.
+    from mcu_jax.data.transforms import normalize
+
+    _, m = step(state, consts, mixed, jax.random.PRNGKey(0))
+    params = curves.bezier(theta_o["params"], curves.midpoint(theta_o["params"],
+                                                              theta_p["params"]),
+                           theta_p["params"], m["t"])
+    logits, _ = small_model.apply(
+        {"params": params, "batch_stats": theta_o["batch_stats"]},
+        normalize(train_images.x[mixed], train_images.mean, train_images.std), train=True,
+        mutable=["batch_stats"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
+    assert float(m["ce_r"]) == pytest.approx(float(ce[:96].mean()), rel=1e-5)
+    assert float(m["ce_f"]) == pytest.approx(float(ce[96:].mean()), rel=1e-5)
     for i in range(6):
         state = state.replace(beta=jnp.float32(0.77))  # not a value the rule can give
         state, m = step(state, consts, mixed, jax.random.PRNGKey(i))
