@@ -676,3 +676,19 @@ def test_eval_batches_cover_every_index_once():
         eval_batches(idx, -1)
     with pytest.raises(ValueError, match="non-empty"):
         eval_batches(np.zeros(0, np.int32), 4)
+
+
+def test_crop_offsets_cover_all_2p_plus_1_positions():
+    """With padding 4 the row offset takes all 9 values 0..8, about equally often. Images
+    of ones make a crop's zero rows (the padding) give its offset dy: dy < 4 leaves 4 - dy
+    zero rows at the top, dy > 4 leaves dy - 4 at the bottom."""
+    from mcu_jax.data.transforms import augment
+
+    x = jnp.ones((2000, 8, 8, 1), jnp.uint8)
+    y = np.asarray(augment(jax.random.key(0), x, "crop_flip"))
+    zero_rows = (y[..., 0] == 0).all(axis=2)  # (B, 8)
+    top = np.argmax(~zero_rows, axis=1)
+    bottom = np.argmax(~zero_rows[:, ::-1], axis=1)
+    dy = np.where(top > 0, 4 - top, 4 + bottom)
+    counts = np.bincount(dy, minlength=9)
+    assert counts.size == 9 and counts.min() > 2000 / 9 * 0.6, counts

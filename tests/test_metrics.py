@@ -342,3 +342,28 @@ def test_table1_without_pairs_and_class_wise_detection():
     text = metrics.table1_markdown(rows)
     assert "| UA_test |" in text.splitlines()[0]
     assert text.splitlines()[-1].startswith("Mean relative Avg. Gap reduction by MCU_beta: –")
+
+
+def _explicit_mia(retain, test, forget, seed):
+    """SalUn's confidence attack written out: |D_t| members drawn from D_r (without
+    replacement, numpy's generator from ``seed``), an RBF SVC with C = 3 and gamma "auto"
+    (1 / n_features = 1 here), the share of D_f predicted non-member."""
+    from sklearn.svm import SVC
+
+    if retain.size > test.size:
+        retain = retain[np.random.default_rng(seed).choice(retain.size, test.size,
+                                                           replace=False)]
+    x = np.concatenate([retain, test])[:, None]
+    y = np.concatenate([np.ones(retain.size), np.zeros(test.size)])
+    attack = SVC(C=3.0, kernel="rbf", gamma=1.0).fit(x, y)
+    return 100.0 * np.mean(attack.predict(forget[:, None]) == 0)
+
+
+@pytest.mark.parametrize("n_retain", [50, 400])  # all of D_r, and a |D_t| subsample of it
+def test_mia_efficacy_matches_an_explicit_svc(n_retain):
+    rng = np.random.default_rng(0)
+    retain = np.clip(rng.normal(0.7, 0.15, n_retain), 0, 1)  # overlapping distributions
+    test = np.clip(rng.normal(0.5, 0.2, 80), 0, 1)
+    forget = rng.uniform(0, 1, 500)
+    want = _explicit_mia(retain, test, forget, seed=4)
+    assert metrics.mia_efficacy(retain, test, forget, seed=4) == pytest.approx(want)

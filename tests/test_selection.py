@@ -112,3 +112,10 @@ def test_other_errors():
         selection.optimal_t(ts[:-1], np.zeros(9))
     with pytest.raises(ValueError, match="finite"):
         selection.interpolate_gap(ts, np.r_[np.zeros(9), np.nan])
+
+
+def test_optimal_t_ties_go_to_the_smallest_t():
+    """A flat gap ties every candidate: t* is the window's smallest t, as documented."""
+    ts = selection.uniform_ts(20)
+    t_star, gap = selection.optimal_t(ts, np.full(20, 3.0), lo=0.8, hi=1.0)
+    assert t_star == pytest.approx(0.8) and gap == pytest.approx(3.0)
