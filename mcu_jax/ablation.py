@@ -158,9 +158,9 @@ def run_ablation(cfg: AblationConfig) -> Path:
     rows = metrics.rows_over_seeds(per_seed)
     figure = out / f"ablation_{cfg.kind}.png"
     title = f"{exp.name}: {KINDS[cfg.kind]}"
+    class_wise = exp.problem.scenario == "class"
     if cfg.kind == "retain_share":
         mcu_rows = [r for r in rows if r["method"].startswith("MCU")]
-        class_wise = exp.problem.scenario == "class"
         series = {k: [r[k]["mean"] for r in mcu_rows] for k in ("UA", "RA", "TA")}
         # The Avg. Gap the table prints (gap of the means), not the mean of per-seed gaps.
         series["avg_gap"] = [metrics.table_avg_gap(rows, r, class_wise) for r in mcu_rows]
@@ -169,7 +169,6 @@ def run_ablation(cfg: AblationConfig) -> Path:
         plots.ablation_figure(panels, title=title, path=figure)
     results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}
     checkpoint.write_json(out / "results.json", results)
-    class_wise = exp.problem.scenario == "class"
     text = (f"# {exp.name}\n\nCommand: `{exp.command}`\n\nAblation: {KINDS[cfg.kind]}, "
             f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n{TABLE_NOTE}\n\n"
             f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\nFigure: `{figure.name}`\n")

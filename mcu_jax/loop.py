@@ -167,16 +167,18 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return jnp.concatenate([x, jnp.repeat(x[-1:], missing, axis=0)])
 
 
+#: What a NonFiniteLossError leaves and how to go on.
+_KEPT = ("The last good checkpoint (previous epoch or signal stop) is kept. A run folder "
+         "refuses other settings: rerun in a new one (e.g. with a smaller learning rate).")
+
+
 def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
     loss = np.asarray(metrics["loss"])
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
         step = first_step + int(bad[0])
         raise NonFiniteLossError(
-            f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. "
-            "The last good checkpoint (previous epoch or signal stop) is kept. A run folder "
-            "refuses other settings: rerun in a new one (e.g. with a smaller learning rate)."
-        )
+            f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. {_KEPT}")
 
 
 def _check_finite_state(state: Any, meta: dict, desc: str) -> None:
@@ -189,10 +191,7 @@ def _check_finite_state(state: Any, meta: dict, desc: str) -> None:
         where = (f"at step {meta['step']} of epoch {meta['epoch'] + 1}" if meta.get("step")
                  else f"after epoch {meta['epoch']}")
         raise NonFiniteLossError(
-            f"{desc}: the state {where} holds non-finite values; stopping. "
-            "The last good checkpoint (previous epoch or signal stop) is kept. A run folder "
-            "refuses other settings: rerun in a new one (e.g. with a smaller learning rate)."
-        )
+            f"{desc}: the state {where} holds non-finite values; stopping. {_KEPT}")
 
 
 @jax.jit

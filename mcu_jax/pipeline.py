@@ -203,9 +203,7 @@ def run_mcu(
     if out is not None:  # its cached parts must come from this very request
         _bind(out, mcu_config, mask_config, selection_config, split, refs, key,
               theta_o, theta_p)
-    # Seconds of the phases an earlier session finished here (their cached results are
-    # reused below), so a resumed run reports its full time, as curve training does.
-    earlier = _load_seconds(out)
+    clock = _PhaseSeconds(out)
     minutes = {}
 
     sc = selection_config
@@ -223,15 +221,16 @@ def run_mcu(
 
     start = time.perf_counter()
     mask = _cached_mask(out, theta_o["params"]) if out is not None else None
+    reused = 0.0  # seconds an earlier session spent on the cached results reused here
     if mask is None:
         mask = compute_mask(model, theta_o, train, split, mask_config, mesh)
+        clock.record("mask", time.perf_counter() - start)
         if out is not None:
-            earlier = _record_seconds(out, earlier, "mask", time.perf_counter() - start)
             flat = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
             checkpoint.write_json(out / "mask.json", flat)
-        minutes["mask"] = (time.perf_counter() - start) / 60.0
     else:
-        minutes["mask"] = (earlier.get("mask", 0.0) + time.perf_counter() - start) / 60.0
+        reused = clock.earlier("mask")
+    minutes["mask"] = (reused + time.perf_counter() - start) / 60.0
     log.info("run_mcu: mask done in %.1f s", 60 * minutes["mask"])
 
     curve_key, _ = jax.random.split(key)
@@ -248,18 +247,18 @@ def run_mcu(
         compiling.join()  # a program still compiling is finished, not compiled twice
     points = [theta_o["params"], result.theta_c, theta_p["params"]]
     sw = _cached_sweep(out, ts) if out is not None else None
-    reused = 0.0  # seconds of the selection work done by an earlier session
+    reused = 0.0
     if sw is None:
         sw = sweep.sweep(model, points, ts, template, (train, bn_idx), sets,
                          **_sweep_options(sc, mesh))
+        clock.record("sweep", time.perf_counter() - start)
         if out is not None:  # a finished sweep survives a kill during selection
-            earlier = _record_seconds(out, earlier, "sweep", time.perf_counter() - start)
             checkpoint.write_json(
                 out / "sweep.json",
                 {"ts": sw.ts.tolist(), "acc": {k: v.tolist() for k, v in sw.acc.items()}},
             )
     else:
-        reused += earlier.get("sweep", 0.0)
+        reused += clock.earlier("sweep")
     log.info("run_mcu: sweep over %d t done in %.1f s", len(ts), time.perf_counter() - start)
     gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
     region = selection.effective_region(ts, gaps)
@@ -269,13 +268,12 @@ def run_mcu(
     if exported:  # theta(t*) was already materialised, measured and saved
         variables, meta = checkpoint.load_model(out / "model")
         measured = meta["measured"]
-        reused += earlier.get("t_star", 0.0)
+        reused += clock.earlier("t_star")
     else:
         begin = time.perf_counter()
         variables, measured, measured_probs = _materialise(
             model, points, t_star, template, train, bn_idx, sets, sc, mesh)
-        if out is not None:
-            earlier = _record_seconds(out, earlier, "t_star", time.perf_counter() - begin)
+        clock.record("t_star", time.perf_counter() - begin)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (reused + time.perf_counter() - start) / 60.0
     log.info("run_mcu: selection (sweep and t*) done in %.1f s", 60 * minutes["selection"])
@@ -319,22 +317,23 @@ def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key
     runs.RunDir(out).open(request, ignore=_FREE)
 
 
-_SECONDS = "seconds.json"
+class _PhaseSeconds:
+    """Seconds of run_mcu's mask, sweep and t* phases, kept in ``out/seconds.json`` (nothing
+    without an ``out``). A phase's seconds are written before its result is saved, so a later
+    session that reuses the result can add them to its own time (a resumed run's RTE)."""
 
+    def __init__(self, out: Path | None):
+        self.path = None if out is None else out / "seconds.json"
+        exists = self.path is not None and self.path.is_file()
+        self.saved = json.loads(self.path.read_text()) if exists else {}
 
-def _load_seconds(out: Path | None) -> dict[str, float]:
-    """Seconds of the phases (mask, sweep, t_star) finished in ``out`` by earlier sessions."""
-    if out is None or not (out / _SECONDS).is_file():
-        return {}
-    return {k: float(v) for k, v in json.loads((out / _SECONDS).read_text()).items()}
+    def earlier(self, phase: str) -> float:
+        return float(self.saved.get(phase, 0.0))
 
-
-def _record_seconds(out: Path, seconds: dict, phase: str, value: float) -> dict:
-    """``seconds`` with ``phase`` set, written to ``out`` atomically; called before the
-    phase's result is saved, so a result that a later session reuses has its seconds."""
-    seconds = {**seconds, phase: float(value)}
-    checkpoint.write_json(out / _SECONDS, seconds)
-    return seconds
+    def record(self, phase: str, seconds: float) -> None:
+        if self.path is not None:
+            self.saved[phase] = float(seconds)
+            checkpoint.write_json(self.path, self.saved)
 
 
 def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:

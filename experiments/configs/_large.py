@@ -1,6 +1,5 @@
 """Shared builder of the Tiny-ImageNet and ImageNet-100 configs (not an experiment itself)."""
 
-
 from mcu_jax.experiment import ExperimentConfig, MethodsConfig
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.methods import default_config

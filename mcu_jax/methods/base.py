@@ -192,12 +192,6 @@ _PROTOCOLS = {
         "ga": dict(epochs=5), "neggrad": dict(epochs=5, beta=0.15),
         "negtv": dict(epochs=10),  # fine-tuning on D_f
     },
-    # theta_o / RT 100 epochs at lr 0.1; the methods as on CIFAR-10 (lr 0.01).
-    "tinyimagenet": {
-        "rt": dict(epochs=100, lr=0.1, schedule="cosine"),
-        "ft": dict(epochs=10), "rl": dict(epochs=10), "salun": dict(epochs=10, fraction=0.5),
-        "ga": dict(epochs=5), "neggrad": dict(epochs=5, beta=0.15), "negtv": dict(epochs=10),
-    },
     # A pretrained ViT: theta_o / RT fine-tune 30 epochs at lr 0.001 (RT from the pretrained
     # weights, which the experiment runner's RT row does; the "rt" method starts from a fresh
     # initialisation); FT, RL, SalUn 5 epochs, GA, NegGrad+ 2, NegTV 5, all at lr 0.001 (the
@@ -210,6 +204,9 @@ _PROTOCOLS = {
     },
 }
 _PROTOCOLS["cifar100"] = _PROTOCOLS["cifar10"]
+# Tiny-ImageNet: theta_o / RT 100 epochs at lr 0.1; the methods as on CIFAR-10 (lr 0.01).
+_PROTOCOLS["tinyimagenet"] = {**_PROTOCOLS["cifar10"],
+                              "rt": dict(epochs=100, lr=0.1, schedule="cosine")}
 _NEGTV_ALPHA = {
     ("cifar10", "random"): 0.9,
     ("cifar10", "class"): 0.2,
@@ -233,10 +230,9 @@ def negtv_alpha(scenario: str, setting: str = "cifar10") -> float:
     """The paper's NegTV alpha: 0.9 for random and 0.2 for class-wise forgetting (CIFAR-10;
     CIFAR-100 the same), 0.1 on Tiny-ImageNet, 0.9 on ImageNet-100; other data sets take
     CIFAR-10's."""
-    setting = _SETTING_ALIASES.get(setting, setting)
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario={scenario!r}; expected one of {SCENARIOS}")
-    return _NEGTV_ALPHA.get((setting, scenario), _NEGTV_ALPHA[("cifar10", scenario)])
+    return _NEGTV_ALPHA[(setting_of(setting), scenario)]
 
 
 def default_config(method: str, scenario: str = "random", setting: str = "cifar10",

@@ -83,12 +83,12 @@ def train_random_labels(model, theta_o, data, config, key, *, update_mask=None,
     """RL's training loop (shared with SalUn, which adds ``update_mask``), training with
     ``fold_in(key, 0)``; D_f relabelled every epoch from the step keys, or
     (``config.relabel == "once"``) once from ``fold_in(key, 1)``."""
-    pool, forget = _pool(data, method)
     if config.relabel == "once":
+        pool, forget = _pool(data, method)
         aux = {"targets": relabelled(jax.random.fold_in(key, 1), data.train.y, forget,
                                      num_classes(model))}
     else:
-        aux = {"is_forget": jnp.asarray(forget_flags(data.train.num_examples, forget))}
+        pool, aux = pool_and_flags(data, method)
     return fit(
         model, theta_o, data.train, pool, config.train_config(), jax.random.fold_in(key, 0),
         loss_fn=make_loss(), aux=aux, update_mask=update_mask,
