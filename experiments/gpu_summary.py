@@ -91,9 +91,10 @@ def _e2e_ok(e2e: dict) -> bool | None:
     return e2e["total_s"] <= E2E_TARGET_S
 
 
-def _e2e_verdict(e2e: dict) -> str:
-    ok = _e2e_ok(e2e)
-    return "not the protocol workload" if ok is None else _verdict(ok)
+def _e2e_verdict(parts, name) -> str:
+    """Part ``name``'s end-to-end verdict: on the issue's model and the protocol's sizes."""
+    ok = _e2e_ok(parts[name]["e2e"])
+    return "not the protocol workload" if ok is None else _judged(ok, parts, name)
 
 
 def _verdict(ok: bool | None) -> str:
@@ -155,10 +156,10 @@ def summary(out: Path) -> str:
                          "not measured |")
             continue
         ph = e2e["phases_s"]
-        verdict = _e2e_verdict(e2e) if _standard(parts, name) else "not the issue's workload"
         lines.append(f"| end-to-end MCU phase <= {E2E_TARGET_S:g} s{label} | "
                      f"{e2e['total_s']:.1f} s (mask {ph['mask']:.1f}, curve {ph['curve']:.1f}, "
-                     f"selection {ph['selection']:.1f}; compilation included) | {verdict} |")
+                     f"selection {ph['selection']:.1f}; compilation included) | "
+                     f"{_e2e_verdict(parts, name)} |")
     strategies = parts.get("strategies", {}).get("sweep") or []
     if strategies:
         lines += ["", "Sweep strategies (same work each):", ""]
