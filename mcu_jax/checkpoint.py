@@ -92,20 +92,30 @@ class Checkpointer:
         The step's folder is first renamed out of orbax's sight (one atomic rename), then
         removed: a kill during the removal leaves an ignored ``.deleting-*`` folder (cleared
         the next time the folder is opened), never a half-deleted step listed as the latest.
-        (A multi-process run leaves the delete to orbax, which coordinates the processes.)
+        In a multi-process run (one shared folder) every process calls this; process 0
+        renames and removes it between barriers, so no process lists or finds it afterwards.
         """
         if step not in self._manager.all_steps():
             return
         folder = self.directory / str(step)
-        # Several processes share the folder: orbax coordinates them (one deletes). So does
-        # another step naming than orbax's default.
-        if jax.process_count() > 1 or not folder.is_dir():
+        if not folder.is_dir():  # another step naming than orbax's default: orbax deletes
             self._manager.delete(step)
             return
+        several = jax.process_count() > 1
+        if several:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mcu_jax checkpoint delete {step}")
         doomed = self.directory / f"{_DELETING}{step}.{os.getpid()}"
-        folder.rename(doomed)
+        if jax.process_index() == 0:
+            folder.rename(doomed)
+        if several:
+            multihost_utils.sync_global_devices(f"mcu_jax checkpoint deleted {step}")
         self._manager.reload()
-        shutil.rmtree(doomed, ignore_errors=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(doomed, ignore_errors=True)
+        if several:  # the folder is gone for every process when delete returns
+            multihost_utils.sync_global_devices(f"mcu_jax checkpoint removed {step}")
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""

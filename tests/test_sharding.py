@@ -356,7 +356,21 @@ def main_multihost() -> None:
         loop._check_finite = check
     resumed, history = train.fit(model, v0, images, np.arange(256), per_step, key, mesh=mesh,
                                  checkpoint_dir=ckpt_dir)
+    # Replacing a step in a shared folder: process 0 renames it away between two barriers;
+    # afterwards no process lists it and nothing is left behind.
+    from pathlib import Path
+
+    from mcu_jax.checkpoint import Checkpointer
+
+    with Checkpointer(ckpt_dir) as ckpt:
+        steps_before = ckpt._manager.all_steps()
+        ckpt.delete(max(steps_before))
+        out_delete = {
+            "before": sorted(steps_before), "after": sorted(ckpt._manager.all_steps()),
+            "on_disk": sorted(p.name for p in Path(ckpt_dir).iterdir()),
+        }
     out = {
+        "delete": out_delete,
         "signal": {"stopped": stopped, "chunks": len(chunks),
                    "resume": _max_diff(straight, resumed), "epochs": len(history)},
         "subset_error": subset_error,
@@ -486,6 +500,9 @@ def test_two_processes_equal_one(tmp_path):
         sig = out["signal"]
         assert (sig["stopped"], sig["chunks"], sig["epochs"]) == (143, 2, 2), sig
         assert sig["resume"]["allclose"], sig
+        gone = out["delete"]
+        assert gone["after"] == gone["before"][:-1] and gone["after"], gone
+        assert gone["on_disk"] == [str(s) for s in gone["after"]], gone
 
 
 def test_mesh_errors_in_process():
