@@ -53,17 +53,18 @@ def cmd_train(args) -> dict:
     variables, meta = train.train_model(
         prob.model, prob.train, pool, cfg.train, jax.random.PRNGKey(cfg.key),
         prob.input_shape, args.out, metadata=meta, desc="RT" if cfg.retrain else "theta_o",
-        references=(prob.test, prob.split),
+        references=(prob.test, prob.split), pretrained=cfg.problem.pretrained,
     )
     return {"out": str(args.out), "refs": meta["refs"], "minutes": meta["minutes"]}
 
 
 def cmd_unlearn(args) -> dict:
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
-    prob = problem.build(pcfg)
-    # The paper's protocol for this data set (epochs, lr, NegTV alpha; CIFAR-10's by default).
+    # The paper's protocol for this data set (epochs, lr, NegTV alpha; CIFAR-10's by default),
+    # checked with the overrides before the data set is loaded.
     base = methods.default_config(args.method, pcfg.scenario, methods.setting_of(pcfg.dataset))
     mcfg = config.override(base, args.overrides)
+    prob = problem.build(pcfg)
     data = methods.MethodData(prob.train, prob.test, prob.split, prob.input_shape)
     result = methods.produce(
         args.method, prob.model, theta_o, data, mcfg, jax.random.PRNGKey(args.key), args.out
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.fields:
-        print("\n".join(_fields(args.command, getattr(args, "method", None))))
+        try:
+            print("\n".join(_fields(args.command, getattr(args, "method", None))))
+        except ValueError as err:
+            print(f"mcu-jax {args.command}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     missing = [name for name in _REQUIRED[args.command] if getattr(args, name) is None]
     if missing:

@@ -83,20 +83,21 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
 
 
-def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], path: str = ""):
-    """(dotted field, old value, new value) of the first difference, or None."""
+def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str = ""):
+    """(dotted field, old value, new value) of the first difference between two JSON-like
+    values (keys in ``ignore`` skipped at every level), or None when they are equal."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in list(old) + [k for k in new if k not in old]:
             if k in ignore:
                 continue
             sub = f"{path}.{k}" if path else str(k)
-            diff = _first_difference(old.get(k, _MISSING), new.get(k, _MISSING), ignore, sub)
+            diff = first_difference(old.get(k, _MISSING), new.get(k, _MISSING), ignore, sub)
             if diff is not None:
                 return diff
         return None
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            diff = _first_difference(a, b, ignore, f"{path}[{i}]")
+            diff = first_difference(a, b, ignore, f"{path}[{i}]")
             if diff is not None:
                 return diff
         return None
@@ -130,7 +131,7 @@ class RunDir:
                 raise ValueError(
                     f"{run_file} is not a run record ({err}); use a new folder"
                 ) from None
-            diff = _first_difference(stored, config, tuple(ignore))
+            diff = first_difference(stored, config, tuple(ignore))
             if diff is not None:
                 field, old, new = diff
                 raise ValueError(

@@ -66,6 +66,59 @@ def test_fields_lists_what_overrides_can_set(capsys):
     assert "--theta-o, --theta-p" in capsys.readouterr().err
 
 
+def test_train_loads_the_pretrained_weights_it_names(tmp_path, capsys):
+    """problem.pretrained reaches train_model: a missing file is one line naming it, and a
+    file of weights is the start of training (zero epochs give exactly those weights)."""
+    import jax
+    import numpy as np
+
+    from mcu_jax import checkpoint
+    from mcu_jax.models import create, init_variables, save_npz
+
+    missing = tmp_path / "nope.npz"
+    code, _, err = _run(capsys, ["train", "--out", str(tmp_path / "o"), "train.epochs=1",
+                                 f"problem.pretrained={missing}", "train.progress=false"])
+    assert code == 2 and err.count("\n") == 1 and str(missing) in err, err
+    start = init_variables(create("cnn_small", 10), jax.random.PRNGKey(7), (8, 8, 1))
+    save_npz(start, tmp_path / "w.npz")
+    code, out, _ = _run(capsys, ["train", "--out", str(tmp_path / "p"), "train.epochs=0",
+                                 f"problem.pretrained={tmp_path / 'w.npz'}",
+                                 "train.progress=false"])
+    assert code == 0, out
+    got, _ = checkpoint.load_model(tmp_path / "p")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unlearn_checks_its_request_before_loading_data(monkeypatch, tmp_path, capsys):
+    """An unknown method or field is refused before the data set is built; --fields of an
+    unknown method is one line too; a refused rerun names the field that differs."""
+    from mcu_jax.problem import ProblemConfig
+
+    monkeypatch.setattr(cli, "_load_theta_o", lambda path: ({}, {}, ProblemConfig()))
+
+    def no_data(cfg):
+        raise AssertionError("the data set was built before the request was checked")
+
+    monkeypatch.setattr(cli.problem, "build", no_data)
+    for argv in (["--method", "bogus"], ["--method", "ga", "nope=1"]):
+        code, _, err = _run(capsys, ["unlearn", "--theta-o", "o", "--out", "p", *argv])
+        assert code == 2 and err.count("\n") == 1, err
+    code, _, err = _run(capsys, ["unlearn", "--method", "bogus", "--fields"])
+    assert code == 2 and err.count("\n") == 1 and "bogus" in err, err
+
+
+def test_a_refused_method_folder_names_the_field(tmp_path, capsys):
+    code, _, _ = _run(capsys, ["train", "--out", str(tmp_path / "o"), "train.epochs=1",
+                               "train.progress=false"])
+    assert code == 0
+    argv = ["unlearn", "--theta-o", str(tmp_path / "o"), "--method", "ga", "--out",
+            str(tmp_path / "p"), "progress=false"]
+    assert _run(capsys, [*argv, "epochs=1"])[0] == 0
+    code, _, err = _run(capsys, [*argv, "epochs=2"])
+    assert code == 2 and "config.epochs is 1 there but 2 now" in err, err
+
+
 def test_unlearn_negtv_takes_the_data_sets_alpha(monkeypatch, capsys):
     """mcu-jax unlearn resolves NegTV's alpha for theta_o's scenario and data set (0.1 on
     Tiny-ImageNet), as the experiment runner does; an override still wins."""

@@ -163,11 +163,11 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
 
 
 def _check_identity(stored: dict, identity: dict, out_dir: Path, what: str) -> None:
-    diff = [k for k in identity if stored.get(k) != identity[k]]
-    if diff:
-        details = "; ".join(
-            f"{k}: stored {stored.get(k)!r}, requested {identity[k]!r}" for k in diff
-        )
+    diffs = [runs.first_difference(stored.get(k), identity[k], path=k) for k in identity]
+    diffs = [d for d in diffs if d is not None]
+    if diffs:
+        details = "; ".join(f"{field} is {old!r} there but {new!r} now"
+                            for field, old, new in diffs)
         raise ValueError(
             f"{out_dir} holds {what} made differently ({details}); use another out_dir or "
             "delete it"
