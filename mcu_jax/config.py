@@ -2,7 +2,8 @@
 
 Every field of every config can be overridden, e.g. ``mcu.epochs=5 mask.k=0.1
 selection.include_test=false``; values are parsed by the field's declared type, and an
-unknown field is an error that lists the known ones.
+unknown field is an error that lists the known ones; a value the config refuses is an error
+that names the override (``mask.k=1.5: k must be a fraction in [0, 1], got 1.5``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _set(config: Any, name: str, text: str, full: str, prefix: str) -> Any:
         raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
     else:
         value = _parse(text, hints[head], full)
+        try:  # the config's own checks (its __post_init__), named by the override
+            return dataclasses.replace(config, **{head: value})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{full}={text}: {err}") from None
     return dataclasses.replace(config, **{head: value})
 
 

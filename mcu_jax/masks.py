@@ -21,19 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import pytrees
+from mcu_jax import checks, pytrees
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.evaluation import mean_gradient
 
 PyTree = Any
-
-
-def _check_fraction(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
-    return value
 
 
 def _take_in_order(order: Sequence[str], sizes: dict[str, int], budget: int) -> set[str]:
@@ -78,8 +71,8 @@ def parameter_mask(
     importance 0, which matters only when the remaining tensors cannot fill the k budget).
     Returns a pytree of Python bools shaped like ``grads_retain``.
     """
-    k = _check_fraction("k", k)
-    k_r = _check_fraction("k_r", k_r)
+    k = checks.fraction("k", k)
+    k_r = checks.fraction("k_r", k_r)
     pytrees.check_compatible(grads_retain=grads_retain, grads_forget=grads_forget)
     imp_r = pytrees.flatten(tensor_importance(grads_retain))
     imp_f = pytrees.flatten(tensor_importance(grads_forget))
@@ -104,7 +97,7 @@ def random_mask(params: PyTree, fraction: float, key: jax.Array) -> PyTree:
     The element budget matches :func:`parameter_mask`'s ``k``, for the paper's Figure 2
     comparison. Deterministic for a given key and parameter structure.
     """
-    fraction = _check_fraction("fraction", fraction)
+    fraction = checks.fraction("fraction", fraction)
     sizes = {p: math.prod(np.shape(v)) for p, v in pytrees.flatten(params).items()}
     paths = sorted(sizes)
     perm = np.asarray(jax.random.permutation(key, len(paths))) if paths else []

@@ -16,7 +16,6 @@ authors' release do. A batch without a retain or a forget part keeps the previou
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, curves, loop, pytrees
+from mcu_jax import checkpoint, checks, curves, loop, pytrees
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import prepare_batch
@@ -54,24 +53,20 @@ class MCUConfig:
     checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
 
     def __post_init__(self):
-        if self.beta_mode not in BETA_MODES:
-            raise ValueError(f"beta_mode must be one of {BETA_MODES}, got {self.beta_mode!r}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError(
-                f"epochs >= 0 and batch_size >= 1 required, got {self.epochs}, {self.batch_size}"
-            )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        for name in ("steps_per_call", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if len(self.beta_values) != 3:
+        checks.choice("beta_mode", self.beta_mode, BETA_MODES)
+        checks.integer("epochs", self.epochs, 0)
+        for name in ("batch_size", "steps_per_call", "checkpoint_every"):
+            checks.integer(name, getattr(self, name), 1)
+        checks.number("lr", self.lr, positive=True)
+        momentum = checks.number("momentum", self.momentum)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.beta_values, tuple | list) or len(self.beta_values) != 3:
             raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for i, value in enumerate(self.beta_values):
+            checks.number(f"beta_values[{i}]", value)
         for name in ("beta", "beta_init"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+            checks.number(name, getattr(self, name))
 
 
 def adaptive_beta(acc_forget, acc_retain, ref_train, ref_val, values=(0.0, 0.1, 0.5)):

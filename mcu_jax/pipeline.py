@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import checkpoint, curves, masks, pytrees, runs, selection, sweep
+from mcu_jax import checkpoint, checks, curves, masks, pytrees, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, train_curve
 
@@ -60,12 +60,16 @@ class SelectionConfig:
     fold_bn: bool = False
 
     def __post_init__(self):
-        if self.num_t < 4:
+        if checks.integer("num_t", self.num_t) < 4:
             raise ValueError(f"num_t must be >= 4 for a cubic interpolant, got {self.num_t}")
-        if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
+        t_lo, t_hi = checks.fraction("t_lo", self.t_lo), checks.fraction("t_hi", self.t_hi)
+        if not t_lo < t_hi:
             raise ValueError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
-        if self.bn_set not in BN_SETS:
-            raise ValueError(f"bn_set must be one of {BN_SETS}, got {self.bn_set!r}")
+        checks.choice("bn_set", self.bn_set, BN_SETS)
+        checks.choice("strategy", self.strategy, sweep.STRATEGIES)
+        checks.integer("bn_batch_size", self.bn_batch_size, 1)
+        checks.integer("eval_batch_size", self.eval_batch_size, 1)
+        checks.optional_integer("chunk_size", self.chunk_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +82,9 @@ class MaskConfig:
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("k", "k_r"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        checks.fraction("k", self.k)
+        checks.fraction("k_r", self.k_r)
+        checks.integer("batch_size", self.batch_size, 1)
 
 
 @dataclasses.dataclass

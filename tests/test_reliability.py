@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcu_jax import checkpoint, cli, loop, masks, mcu, runs, sweep
+from mcu_jax import checkpoint, cli, loop, masks, mcu, pipeline, runs, sweep
 from mcu_jax.checkpoint import Checkpointer
 from mcu_jax.data import load_dataset, make_split
 from mcu_jax.mcu import MCUConfig
@@ -448,8 +448,12 @@ def _cli(capsys, argv):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("mask.k=1.5", ["k must be in [0, 1], got 1.5"]),
-    ("mask.k_r=-0.1", ["k_r must be in [0, 1], got -0.1"]),
+    ("mask.k=1.5", ["mask.k=1.5: k must be a fraction in [0, 1], got 1.5"]),
+    ("mask.k_r=-0.1", ["mask.k_r=-0.1: k_r must be a fraction in [0, 1], got -0.1"]),
+    ("selection.bn_batch_size=0", ["selection.bn_batch_size=0", "int >= 1, got 0"]),
+    ("selection.strategy=fast", ["selection.strategy=fast", "vmap", "'fast'"]),
+    ("selection.chunk_size=0", ["selection.chunk_size=0", "int >= 1, got 0"]),
+    ("mask.batch_size=0", ["mask.batch_size=0", "int >= 1, got 0"]),
     ("mcu.bogus=1", ["unknown config field 'mcu.bogus'", "beta_mode"]),
     ("mcu.beta_mode=sometimes", ["beta_mode", "adaptive", "sometimes"]),
 ])
@@ -671,7 +675,16 @@ def test_config_values_out_of_range_are_rejected():
     with pytest.raises(ValueError, match="lr must be a positive finite number, got nan"):
         mcu.MCUConfig(lr=float("nan"))
     for name in ("steps_per_call", "checkpoint_every"):  # named up front, not in the loop
-        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
             mcu.MCUConfig(**{name: 0})
+    with pytest.raises(ValueError, match="epochs must be an int >= 0, got 2.5"):
+        mcu.MCUConfig(epochs=2.5)
+    with pytest.raises(ValueError, match="k must be a fraction in \\[0, 1\\], got '0.3'"):
+        pipeline.MaskConfig(k="0.3")
+    for bad in ("0.5", True):
+        with pytest.raises(ValueError, match="k must be a fraction"):
+            masks.parameter_mask({"w": np.ones(2)}, {"w": np.ones(2)}, k=bad)
+    with pytest.raises(ValueError, match="eval_batch_size must be an int >= 1, got 0"):
+        pipeline.SelectionConfig(eval_batch_size=0)
     with pytest.raises(ValueError, match="3"):
         mcu.adaptive_beta(90.0, 99.0, 100.0, 90.0, values=(0.0, 0.5))
