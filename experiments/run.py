@@ -1,7 +1,8 @@
 """Runs one experiment config: ``python experiments/run.py NAME [group.field=value ...]``.
 
-NAME is a file in experiments/configs/ (without .py) whose ``get_config()`` returns an
-``ExperimentConfig`` (or an ``AblationConfig``, whose experiment fields are then under
+NAME is a file in experiments/configs/ (without .py), or the path of any such ``.py`` file
+(e.g. your own config that registers your own unlearning method), whose ``get_config()``
+returns an ``ExperimentConfig`` (or an ``AblationConfig``, whose experiment fields are then under
 ``experiment.``); every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
 ``--fields`` lists the overridable fields; ``--compile-cache DIR|off`` sets the persistent
 compilation cache (``mcu_jax.compile_cache``). User errors end with one line and exit code 2.
@@ -18,13 +19,14 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def load_config(name: str):
-    path = CONFIGS / f"{name}.py"
+    path = Path(name) if name.endswith(".py") else CONFIGS / f"{name}.py"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
-        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(known)}")
+        raise ValueError(f"unknown experiment {name!r}: no file {path}; known: "
+                         f"{', '.join(known)} (or the path of a config file ending in .py)")
     if str(CONFIGS) not in sys.path:
         sys.path.insert(0, str(CONFIGS))  # configs share helpers such as _cifar10.py
-    spec = importlib.util.spec_from_file_location(f"mcu_experiment_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"mcu_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -32,7 +34,7 @@ def load_config(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("name", help="experiment config in experiments/configs/")
+    parser.add_argument("name", help="experiment config in experiments/configs/, or a .py path")
     parser.add_argument("overrides", nargs="*", help="group.field=value")
     parser.add_argument("--fields", action="store_true", help="list overridable fields")
     from mcu_jax import ablation, compile_cache, config, experiment, loop

@@ -23,10 +23,12 @@ from mcu_jax.experiment import (
     SeedContext,
     _evaluated,
     base_model,
+    check_base_method,
     mcu_row,
     method_config,
     name_key,
     prepare_seed,
+    rerun_command,
 )
 from mcu_jax.runs import RunDir
 
@@ -56,6 +58,7 @@ class AblationConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: unknown ablation {self.kind!r}; known: {tuple(KINDS)}")
+        check_base_method(self.method, "method")
         if not self.values:
             raise ValueError("values must list at least one setting")
         for v in self.values:
@@ -169,7 +172,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
         plots.ablation_figure(panels, title=title, path=figure)
     results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}
     checkpoint.write_json(out / "results.json", results)
-    text = (f"# {exp.name}\n\nCommand: `{exp.command}`\n\nAblation: {KINDS[cfg.kind]}, "
+    text = (f"# {exp.name}\n\nCommand: `{rerun_command(exp)}`\n\nAblation: {KINDS[cfg.kind]}, "
             f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n{TABLE_NOTE}\n\n"
             f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\nFigure: `{figure.name}`\n")
     (out / "results.md").write_text(text)

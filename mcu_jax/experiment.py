@@ -63,7 +63,7 @@ class MethodsConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "digits_random"
-    command: str = "python experiments/run.py digits_random"
+    command: str = ""  # how to rerun it, for results.md ("": experiments/run.py NAME)
     problem: problem.ProblemConfig = problem.ProblemConfig()
     seeds: tuple[int, ...] = (0,)
     original: train_lib.TrainConfig = train_lib.TrainConfig()  # theta_o on D_train
@@ -87,13 +87,26 @@ class ExperimentConfig:
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:
                 raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
-        known = [m for m in methods.available() if m != "rt"]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: got {self.seeds!r}; each seed may appear once (a repeated "
+                             "seed would count twice in the mean and std)")
         for name in self.methods:
-            if name == "rt":
-                raise ValueError("methods: 'rt' is not a pre-unlearning method here; the RT "
-                                 "row of every table comes from the `retrain` schedule")
-            if name not in known:
-                raise ValueError(f"methods: unknown method {name!r}; known: {', '.join(known)}")
+            check_base_method(name, "methods")
+
+
+def rerun_command(cfg: ExperimentConfig) -> str:
+    """The command that reruns ``cfg`` (its ``command``, else ``experiments/run.py NAME``)."""
+    return cfg.command or f"python experiments/run.py {cfg.name}"
+
+
+def check_base_method(name: str, field: str) -> None:
+    """ValueError unless ``name`` is a registered method that can give theta_p (not RT)."""
+    if name == "rt":
+        raise ValueError(f"{field}: 'rt' is not a pre-unlearning method here; the RT row of "
+                         "every table comes from the `retrain` schedule")
+    known = [m for m in methods.available() if m != "rt"]
+    if name not in known:
+        raise ValueError(f"{field}: unknown method {name!r}; known: {', '.join(known)}")
 
 
 def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
@@ -319,7 +332,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     results = {"config": config.to_dict(cfg), "rows": rows}
     checkpoint.write_json(out / "results.json", results)
     table = metrics.markdown_table(rows, class_wise=class_wise)
-    text = (f"# {cfg.name}\n\nCommand: `{cfg.command}`\n\nSeeds: {list(cfg.seeds)}\n\n"
+    text = (f"# {cfg.name}\n\nCommand: `{rerun_command(cfg)}`\n\nSeeds: {list(cfg.seeds)}\n\n"
             f"{TABLE_NOTE}\n\n{table}\n")
     if cfg.table1:
         text += "\n## Table 1 layout\n\n" + metrics.table1_markdown(rows) + "\n"

@@ -161,6 +161,48 @@ def test_run_script_errors_are_one_line(capsys):
     assert "mcu.epochs" in capsys.readouterr().out
 
 
+def test_bad_requests_are_refused_before_any_training(tmp_path, capsys):
+    """An ablation's unknown base method and a repeated seed are refused when the config is
+    made: nothing is trained and no folder is bound to the bad value."""
+    out = tmp_path / "runs"
+    assert run_script.main(["digits_ablation_k", "method=bogus",
+                            f"experiment.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method=bogus" in err and "unknown method 'bogus'" in err
+    assert run_script.main(["digits_ablation_k", "method=rt", f"experiment.out_dir={out}"]) == 2
+    assert "'rt' is not a pre-unlearning method" in capsys.readouterr().err
+    assert run_script.main(["digits_random", "seeds=0,0", f"out_dir={out}"]) == 2
+    assert "each seed may appear once" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_script_takes_a_config_file_with_its_own_method(tmp_path, capsys, monkeypatch):
+    """A config file anywhere can register its own method and give it hyperparameters that
+    the command line overrides (a MethodsConfig subclass with a field for it)."""
+    from mcu_jax.methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # 'mine' is undone
+    path = tmp_path / "my_experiment.py"
+    path.write_text(
+        "import dataclasses\n"
+        "from mcu_jax import methods\n"
+        "from mcu_jax.experiment import ExperimentConfig, MethodsConfig\n"
+        "if 'mine' not in methods.available():\n"
+        "    methods.register('mine', methods.get('ga'))\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Methods(MethodsConfig):\n"
+        "    mine: methods.MethodConfig = methods.MethodConfig(epochs=3)\n"
+        "def get_config():\n"
+        "    return ExperimentConfig(name='my_experiment', methods=('mine',),\n"
+        "                            method_configs=Methods())\n"
+    )
+    assert run_script.main([str(path), "method_configs.mine.epochs=4", "--fields"]) == 0
+    assert "method_configs.mine.epochs" in capsys.readouterr().out.split()
+    cfg = run_script.load_config(str(path))
+    assert experiment.method_config(cfg, "mine").epochs == 3
+    assert experiment.rerun_command(cfg) == "python experiments/run.py my_experiment"
+
+
 @pytest.mark.parametrize("scenario, dataset, alpha", [("random", "cifar10", 0.9),
                                                        ("class", "cifar10", 0.2),
                                                        ("class", "tinyimagenet", 0.1),
