@@ -205,9 +205,16 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     """
     p_o, p_p = theta_o["params"], theta_p["params"]
     flat_c = pytrees.flatten(theta_c)
-    flat_mask = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
-    if set(flat_mask) != set(flat_c):
-        raise ValueError("mask must have one boolean per parameter tensor of theta_o")
+    flat_mask = pytrees.flatten(mask)
+    missing, extra = sorted(set(flat_c) - set(flat_mask)), sorted(set(flat_mask) - set(flat_c))
+    if missing or extra:
+        raise ValueError("mask must have one boolean per parameter tensor of theta_o; "
+                         f"tensors without one: {missing[:3]}, not tensors: {extra[:3]}")
+    for k, v in flat_mask.items():
+        if np.ndim(v) != 0 or np.asarray(v).dtype != bool:
+            raise ValueError(f"mask[{k!r}] must be one boolean for the whole tensor (the mask "
+                             f"is per tensor), got {np.asarray(v).dtype} {np.shape(v)}")
+    flat_mask = {k: bool(v) for k, v in flat_mask.items()}
     trainable = {k: v for k, v in flat_c.items() if flat_mask[k]}
     frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
     if not trainable:

@@ -31,6 +31,7 @@ import numpy as np
 from mcu_jax import checkpoint, checks, curves, masks, pytrees, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, train_curve
+from mcu_jax.models import check_variables
 
 BN_SETS = ("retain", "train")
 
@@ -198,7 +199,8 @@ def run_mcu(
     mcu_config = mcu_config or MCUConfig()
     mask_config = mask_config or MaskConfig()
     selection_config = selection_config or SelectionConfig()
-    pytrees.check_compatible(theta_o=theta_o["params"], theta_p=theta_p["params"])
+    check_variables(model, theta_o, train.x.shape[1:], "theta_o")
+    check_variables(model, theta_p, train.x.shape[1:], "theta_p")
     if len(split.forget) == 0:
         raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
     class_wise = split.scenario == "class"

@@ -254,7 +254,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size, bn_images.num_examples))
     check_batch_size("eval_batch_size", eval_batch_size)
     eval_sets = {
-        name: (images, check_indices(f"eval_sets[{name!r}]", idx, images.num_examples))
+        name: (images, check_indices(f"eval_sets[{name!r}]", idx, images.num_examples,
+                                     allow_empty=False))
         for name, (images, idx) in eval_sets.items()
     }
     eval_data = {

@@ -205,3 +205,53 @@ def test_class_wise_references_of_beta_and_the_gap(monkeypatch, theta_o, theta_p
     refs = {"train": 99.0, "val": 90.0}
     assert pipeline._gap(acc, refs, True, True) == pytest.approx((2 + 10 + 2) / 3)
     assert pipeline._gap(acc, refs, False, True) == pytest.approx((2 + 80 + 10) / 3)
+
+
+def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, theta_p,
+                                                       digits_images, digits_split,
+                                                       small_model):
+    """Variables of another model, a mask that misses a tensor or is per element, float
+    labels and an empty evaluation set are refused with the culprit named, before any work
+    (before the mask phase here)."""
+    from mcu_jax import masks, mcu, methods, sweep
+    from mcu_jax.data import Images
+    from mcu_jax.models import create, init_variables
+
+    train_images, test_images = digits_images
+    refs = {"train": 99.0, "val": 95.0}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the inputs were checked")
+
+    monkeypatch.setattr(pipeline, "compute_mask", no_work)
+    other = init_variables(create("resnet20", 10), jax.random.PRNGKey(0), (8, 8, 1))
+    args = (train_images, test_images, digits_split, refs, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="theta_o"):
+        pipeline.run_mcu(small_model, other, other, *args)
+    with pytest.raises(ValueError, match="batch_stats"):
+        pipeline.run_mcu(small_model, theta_o, {"params": theta_p["params"]}, *args)
+    data = methods.MethodData(train_images, test_images, digits_split, (8, 8, 1))
+    monkeypatch.setattr(methods.registry, "run", no_work)
+    with pytest.raises(ValueError, match="theta_o"):
+        methods.produce("ga", small_model, other, data, methods.default_config("ga"),
+                        jax.random.PRNGKey(0))
+
+    full = masks.random_mask(theta_o["params"], 1.0, jax.random.PRNGKey(0))
+    name = sorted(full)[0]  # a top-level module: all its tensors lose their booleans
+    partial = {k: v for k, v in full.items() if k != name}
+    per_element = jax.tree.map(lambda p: np.ones(p.shape, bool), theta_o["params"])
+    for mask, words in ((partial, f"tensors without one: ['{name}"),
+                        (per_element, "one boolean for the whole tensor")):
+        with pytest.raises(ValueError, match=words.replace("[", r"\[")):
+            mcu.train_curve(small_model, theta_o, theta_p, train_images,
+                            digits_split.retain_subset, digits_split.forget, refs,
+                            MCUConfig(epochs=1, progress=False), jax.random.PRNGKey(0),
+                            mask=mask)
+
+    x = np.zeros((3, 8, 8, 1), np.uint8)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        Images.from_arrays(x, np.array([0.0, 1.7, 2.2]), (0.0,), (1.0,))
+    with pytest.raises(ValueError, match="'forget'.* is empty"):
+        sweep.sweep(small_model, [theta_o["params"]] * 3, [0.0, 1.0], theta_o["batch_stats"],
+                    (train_images, digits_split.retain[:64]),
+                    {"forget": (train_images, np.zeros(0, np.int64))})

@@ -39,6 +39,8 @@ class Images:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be integers (class ids), got {y.dtype}")
         put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jnp.asarray
         return cls(
             x=put(x),

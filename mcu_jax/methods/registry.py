@@ -23,6 +23,7 @@ import numpy as np
 
 from mcu_jax import checkpoint, loop, runs
 from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult
+from mcu_jax.models import check_variables
 
 Method = Callable[..., MethodResult]
 _CLAIM = "method.json"  # what a (possibly unfinished) run in out_dir was asked to make
@@ -129,6 +130,7 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
     include its earlier sessions (``loop.earlier_seconds``).
     """
     get(name)
+    check_variables(model, theta_o, data.input_shape, "theta_o")
     if out_dir is None:
         return run(name, model, theta_o, data, config, key)
     out_dir = Path(out_dir)

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcu_jax import pytrees
 from mcu_jax.models.cnn import CNNSmall
 from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
 from mcu_jax.models.preresnet import PreResNet, preresnet
@@ -48,6 +49,7 @@ __all__ = [
     "PreResNet",
     "VGG16BN",
     "VisionTransformer",
+    "check_variables",
     "count_params",
     "create",
     "folded",
@@ -117,6 +119,20 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
 def count_params(params: Any) -> int:
     """Number of scalars in a pytree of arrays (or ``jax.ShapeDtypeStruct``s)."""
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def check_variables(model: nn.Module, variables: Any, input_shape: Sequence[int],
+                    name: str = "variables") -> None:
+    """ValueError unless ``variables`` are ``model``'s: ``{"params", "batch_stats"}`` with the
+    leaves, shapes and dtypes that :func:`init_variables` makes for ``input_shape`` (the first
+    leaf that differs is named). Run before any work, so that another model's checkpoint is
+    refused up front with a clear message instead of a Flax scope error inside a trace."""
+    if not isinstance(variables, dict) or "params" not in variables:
+        got = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
+        raise ValueError(f"{name} must be a dict with 'params' and 'batch_stats', got {got}")
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    given = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    pytrees.check_compatible(**{f"the {type(model).__name__} model": expected, name: given})
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
