@@ -235,6 +235,23 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     return state, consts, runner
 
 
+def check_refs(refs: Any) -> None:
+    """ValueError unless ``refs`` holds theta_o's reference accuracies "train" and "val" in
+    percent (finite, in [0, 100], and not both <= 1, which are fractions by mistake)."""
+    missing = [k for k in ("train", "val") if not isinstance(refs, dict) or k not in refs]
+    if missing:
+        raise ValueError(
+            f"refs lacks {missing}: pass theta_o's reference accuracies in percent, "
+            "e.g. train.reference_accuracies(...)"
+        )
+    values = {k: checks.number(f"refs[{k!r}]", refs[k]) for k in ("train", "val")}
+    if not all(0.0 <= v <= 100.0 for v in values.values()):
+        raise ValueError(f"refs must be accuracies in percent in [0, 100], got {values}")
+    if max(values.values()) <= 1.0:
+        raise ValueError(f"refs look like fractions ({values}); they are accuracies in percent, "
+                         "e.g. 98.5 for 98.5%")
+
+
 def train_curve(
     model,
     theta_o: dict,
@@ -284,12 +301,7 @@ def train_curve(
             f"retain_subset and forget share {overlap.size} indices (e.g. {overlap[0]}); "
             "D_r and D_f must be disjoint"
         )
-    missing = [k for k in ("train", "val") if k not in refs]
-    if missing:
-        raise ValueError(
-            f"refs lacks {missing}: pass theta_o's reference accuracies in percent, "
-            "e.g. train.reference_accuracies(...)"
-        )
+    check_refs(refs)
     is_forget = np.zeros(images.num_examples, bool)
     is_forget[forget] = True
     ref_forget = 0.0 if class_wise else float(refs["val"])

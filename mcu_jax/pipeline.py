@@ -30,7 +30,7 @@ import numpy as np
 
 from mcu_jax import checkpoint, checks, curves, masks, pytrees, runs, selection, sweep
 from mcu_jax.data.device import Images
-from mcu_jax.mcu import MCUConfig, train_curve
+from mcu_jax.mcu import MCUConfig, check_refs, train_curve
 from mcu_jax.models import check_variables
 
 BN_SETS = ("retain", "train")
@@ -201,6 +201,7 @@ def run_mcu(
     selection_config = selection_config or SelectionConfig()
     check_variables(model, theta_o, train.x.shape[1:], "theta_o")
     check_variables(model, theta_p, train.x.shape[1:], "theta_p")
+    check_refs(refs)
     if len(split.forget) == 0:
         raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
     class_wise = split.scenario == "class"

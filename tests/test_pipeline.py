@@ -230,6 +230,9 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
         pipeline.run_mcu(small_model, other, other, *args)
     with pytest.raises(ValueError, match="batch_stats"):
         pipeline.run_mcu(small_model, theta_o, {"params": theta_p["params"]}, *args)
+    with pytest.raises(ValueError, match="look like fractions"):
+        pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images,
+                         digits_split, {"train": 0.98, "val": 0.97}, jax.random.PRNGKey(0))
     data = methods.MethodData(train_images, test_images, digits_split, (8, 8, 1))
     monkeypatch.setattr(methods.registry, "run", no_work)
     with pytest.raises(ValueError, match="theta_o"):
