@@ -38,6 +38,12 @@ def test_reference_accuracies_in_percent(theta_o, digits_images, digits_split, s
     refs = train.reference_accuracies(small_model, theta_o, train_images, test_images, digits_split)
     assert set(refs) == {"train", "val", "test"}
     assert all(50.0 < v <= 100.0 for v in refs.values())
+    # Acc_o(D_train) is over the whole training set (D_r and D_f), D_v and D_t over the test set.
+    for name, images, idx in (("train", train_images, np.arange(train_images.num_examples)),
+                              ("val", test_images, digits_split.val),
+                              ("test", test_images, digits_split.test)):
+        correct = evaluation.outputs(small_model, theta_o, images, idx)["correct"]
+        assert refs[name] == pytest.approx(100.0 * correct.mean(), abs=1e-4), name
 
 
 def test_accuracy_matches_numpy(theta_o, digits, digits_images, small_model):
@@ -300,6 +306,87 @@ def test_sgd_with_weight_decay_momentum_and_epoch_cosine_is_torchs_sgd():
         updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(params["w"], p, rtol=1e-5, atol=1e-6)
+
+
+def _linear_problem(n: int):
+    """A one-output linear model on ``n`` blank images and a loss whose gradient in the bias
+    is 1, so that plain SGD moves the bias by exactly -lr_s at step s."""
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.Dense(1)(x.reshape(x.shape[0], -1))
+
+    images = Images.from_arrays(np.zeros((n, 2, 2, 1), np.uint8), np.zeros(n, np.int32),
+                                (0.5,), (0.25,))
+    model = Linear()
+    v0 = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)), train=False)
+
+    def loss(logits, labels, aux, key):
+        return logits.mean(), {"loss": logits.mean()}
+
+    return model, v0, images, loss
+
+
+def test_fit_anneals_the_step_cosine_over_every_step_of_the_run():
+    """The per-step cosine runs over epochs x floor(n / batch) steps (the dropped partial
+    batch is not a step): 44 images in batches of 8 are 5 steps per epoch, 15 in all."""
+    import math
+
+    model, v0, images, loss = _linear_problem(44)
+    config = train.TrainConfig(epochs=3, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0,
+                               schedule="cosine", progress=False)
+    out, _ = train.fit(model, v0, images, np.arange(44), config, jax.random.PRNGKey(1),
+                       loss_fn=loss)
+    want = -sum(0.1 * (1 + math.cos(math.pi * s / 15)) / 2 for s in range(15))
+    moved = out["params"]["Dense_0"]["bias"] - v0["params"]["Dense_0"]["bias"]
+    np.testing.assert_allclose(moved, [want], rtol=1e-5)
+
+
+def test_epoch_history_averages_every_chunk_of_the_epoch():
+    """An epoch run in several calls (steps_per_call below the steps per epoch) records the
+    mean over all of its steps, as the same epoch run in one call does."""
+    model, v0, images, loss = _linear_problem(48)
+    histories = []
+    for per_call in (2, 50):
+        config = train.TrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.0,
+                                   weight_decay=0.0, progress=False, steps_per_call=per_call)
+        histories.append(train.fit(model, v0, images, np.arange(48), config,
+                                   jax.random.PRNGKey(1), loss_fn=loss)[1])
+    for chunked, whole in zip(*histories, strict=True):
+        assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_an_infinite_loss_stops_training_too(digits, digits_images, small_model):
+    train_images, _ = digits_images
+    v0 = init_variables(small_model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+
+    def inf_loss(logits, labels, aux, key):
+        loss, metrics = train.cross_entropy_loss(logits, labels, aux, key)
+        return loss + jnp.inf, {**metrics, "loss": loss + jnp.inf}
+
+    config = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    with pytest.raises(loop.NonFiniteLossError, match="at step 0"):
+        train.fit(small_model, v0, train_images, np.arange(digits.num_train), config,
+                  jax.random.PRNGKey(1), loss_fn=inf_loss)
+
+
+def test_train_model_minutes_include_earlier_sessions(monkeypatch, tmp_path, digits,
+                                                      digits_images, small_model):
+    """A resumed theta_o / RT reports the time of the sessions before the resume too
+    (loop.earlier_seconds of its progress folder), as methods and MCU do."""
+    train_images, _ = digits_images
+    monkeypatch.setattr(loop, "earlier_seconds", lambda directory: 600.0)
+    config = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    _, meta = train.train_model(small_model, train_images, np.arange(64), config,
+                                jax.random.PRNGKey(0), (8, 8, 1), tmp_path / "m")
+    assert 10.0 <= meta["minutes"] < 11.0
+
+
+def test_default_weight_decay_is_the_releases():
+    """theta_o and RT (TrainConfig) decay weights by 1e-4, the authors' release's --wd."""
+    assert train.TrainConfig().weight_decay == 1e-4
 
 
 def test_fit_steps_the_epoch_cosine_once_per_epoch():
