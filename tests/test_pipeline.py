@@ -258,3 +258,31 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
         sweep.sweep(small_model, [theta_o["params"]] * 3, [0.0, 1.0], theta_o["batch_stats"],
                     (train_images, digits_split.retain[:64]),
                     {"forget": (train_images, np.zeros(0, np.int64))})
+
+
+def test_curve_trains_on_the_retain_subset_and_the_forget_set(monkeypatch, theta_o, theta_p,
+                                                                digits_images, digits_split,
+                                                                small_model):
+    """run_mcu hands curve training the split's retain share of D_r (the paper's 50%; the
+    retain-share ablation varies it) and all of D_f."""
+    from mcu_jax import masks
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(model, theta_o, theta_p, images, retain_subset, forget, *args, **kwargs):
+        seen.update(retain=np.asarray(retain_subset), forget=np.asarray(forget))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "compute_mask", lambda model, theta_o, *a: masks.random_mask(
+        theta_o["params"], 1.0, jax.random.PRNGKey(0)))
+    monkeypatch.setattr(pipeline, "train_curve", spy)
+    train_images, test_images = digits_images
+    with pytest.raises(Stop):
+        pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images, digits_split,
+                         {"train": 99.0, "val": 95.0}, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(seen["retain"], digits_split.retain_subset)
+    np.testing.assert_array_equal(seen["forget"], digits_split.forget)
+    assert seen["retain"].size == int(np.floor(0.5 * digits_split.retain.size + 0.5))  # half up
