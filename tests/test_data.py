@@ -692,3 +692,16 @@ def test_crop_offsets_cover_all_2p_plus_1_positions():
     dy = np.where(top > 0, 4 - top, 4 + bottom)
     counts = np.bincount(dy, minlength=9)
     assert counts.size == 9 and counts.min() > 2000 / 9 * 0.6, counts
+
+
+def test_channel_stats_are_per_channel_population_moments():
+    """The normalisation statistics: per-channel mean and population std on the [0, 1]
+    scale, computed in chunks, equal numpy's over all pixels of each channel."""
+    from mcu_jax.data.datasets import _channel_stats
+
+    x = np.random.default_rng(0).integers(0, 256, size=(37, 5, 4, 3), dtype=np.uint8)
+    x[..., 1] //= 4  # channels with clearly different moments
+    mean, std = _channel_stats(x, chunk=8)
+    pixels = x.reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)

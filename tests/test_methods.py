@@ -652,3 +652,18 @@ def test_salun_mask_comes_from_the_forget_gradient(env, monkeypatch):
                             strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
         np.testing.assert_array_equal(np.asarray(used), np.asarray(w))
+
+
+def test_rl_per_step_relabelling_draws_wrong_labels_among_all_classes():
+    """RL's loss (relabel="epoch") replaces each D_f row's label by the step key's random
+    wrong label over all C classes of the logits (not the batch size) and keeps D_r's."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)  # batch 4 != 10 classes
+    labels = jnp.array([3, 7, 9, 0], jnp.int32)
+    is_forget = jnp.array([True, True, True, False])
+    key = jax.random.key(5)
+    loss, _ = rl_module.make_loss()(logits, labels, {"is_forget": is_forget}, key)
+    wrong = np.asarray((labels + jax.random.randint(key, (4,), 1, 10, jnp.int32)) % 10)
+    targets = np.where(np.asarray(is_forget), wrong, np.asarray(labels))
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    assert float(loss) == pytest.approx(-log_p[np.arange(4), targets].mean(), rel=1e-6)
