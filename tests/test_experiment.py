@@ -339,3 +339,198 @@ def test_runner_killed_with_sigkill_ends_with_the_same_results(tmp_path):
     a = json.loads((tmp_path / "a" / "digits_random" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "digits_random" / "results.json").read_text())
     assert _numbers(a["rows"]) == _numbers(b["rows"])
+
+
+# --- Cross-checks against independent computations -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_seed_run(tmp_path_factory):
+    """The cheapest complete run with two seeds (one base method, fixed-beta MCU, no MIA):
+    ``(config, run folder, results.json)``."""
+    once = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    cfg = dataclasses.replace(
+        _tiny(tmp_path_factory.mktemp("two_seeds")), name="tiny_two_seeds", original=once,
+        retrain=once, mcu_modes=("fixed",), mia=False, selection=SelectionConfig(num_t=4),
+    )
+    out = experiment.run_experiment(cfg)
+    return cfg, out, json.loads((out / "results.json").read_text())
+
+
+def _row(results, name):
+    return next(r for r in results["rows"] if r["method"] == name)
+
+
+def test_mcu_rte_adds_the_base_methods_minutes(two_seed_run):
+    """An MCU row's RTE is theta_p's minutes (the base method's own record) plus the mask,
+    curve and selection minutes run_mcu recorded (mcu.json), seed by seed."""
+    cfg, out, results = two_seed_run
+    mcu, base = _row(results, "MCU-NegGrad+"), _row(results, "NegGrad+")
+    for i, seed in enumerate(cfg.seeds):
+        seed_dir = out / f"seed_{seed}"
+        base_min = json.loads((seed_dir / "neggrad" / "metadata.json").read_text())["minutes"]
+        phases = json.loads((seed_dir / "mcu_fixed_MCU-NegGradplus" / "mcu.json").read_text())
+        phases = phases["minutes"]
+        assert set(phases) == {"mask", "curve", "selection"}
+        assert base_min > 0 and base["rte_min"]["values"][i] == pytest.approx(base_min)
+        expected = base_min + sum(phases.values())
+        assert mcu["rte_min"]["values"][i] == pytest.approx(expected, rel=1e-9)
+        assert mcu["rte_phases"]["pre_unlearning"]["values"][i] == pytest.approx(base_min)
+        for phase, minutes in phases.items():
+            assert mcu["rte_phases"][phase]["values"][i] == pytest.approx(minutes)
+
+
+def test_each_seeds_base_row_evaluates_that_seeds_theta_p(two_seed_run):
+    """Every seed's base-method row is the evaluation of that seed's own saved theta_p on
+    that seed's split (not a finished phase of another seed reused)."""
+    from mcu_jax import checkpoint, problem
+
+    cfg, out, results = two_seed_run
+    row = _row(results, "NegGrad+")
+    fresh = []
+    for i, seed in enumerate(cfg.seeds):
+        prob = problem.build(dataclasses.replace(cfg.problem, seed=seed))
+        variables, _ = checkpoint.load_model(out / f"seed_{seed}" / "neggrad")
+        fresh.append(experiment.evaluate_model(prob, variables, False, seed))
+        for key in ("UA", "RA", "TA"):
+            assert row[key]["values"][i] == pytest.approx(fresh[-1][key], abs=1e-6), (seed, key)
+    # The seeds' models differ, so a row copied from the other seed could not pass.
+    assert any(fresh[0][k] != fresh[1][k] for k in ("UA", "RA", "TA"))
+
+
+def test_class_wise_scored_metrics_use_the_retained_test_classes():
+    """Class-wise, TA is Acc(D_tr) and UA_test is 100 - Acc(D_tf); UA and RA come from D_f
+    and D_r; the raw accuracies (Acc(D_t) among them) are kept unchanged."""
+    acc = {"retain": 91.0, "forget": 12.0, "test": 70.0, "test_retain": 83.0,
+           "test_forget": 7.0}
+    result = experiment.scored_metrics(dict(acc), {}, mia=False, seed=0)
+    assert result["TA"] == 83.0 and result["UA_test"] == 93.0
+    assert result["UA"] == 88.0 and result["RA"] == 91.0
+    assert result["acc"] == acc and "MIA" not in result
+    random_wise = {k: acc[k] for k in ("retain", "forget", "test")}
+    assert experiment.scored_metrics(random_wise, {}, mia=False, seed=0)["TA"] == 70.0
+
+
+def test_prepare_seed_trains_theta_o_on_d_train_and_rt_on_all_of_d_r(tmp_path, monkeypatch):
+    """theta_o trains on every training sample and RT on all of D_r (not the curve's
+    retain subset); checked on seed 1 against the split drawn independently."""
+    from mcu_jax import problem
+    from mcu_jax.runs import RunDir
+
+    class Stop(Exception):
+        pass
+
+    pools = {}
+
+    def spy(model, images, pool, config, key, input_shape, out_dir, *args, **kwargs):
+        pools[Path(out_dir).name] = np.asarray(pool)
+        if Path(out_dir).name == "rt":
+            raise Stop  # both pools seen: no training needed
+        return None, {"refs": None}
+
+    monkeypatch.setattr(experiment.train_lib, "train_model", spy)
+    cfg = dataclasses.replace(_tiny(tmp_path), seeds=(1,))
+    with pytest.raises(Stop):
+        experiment.prepare_seed(cfg, RunDir(tmp_path / "run"), 1)
+    prob = problem.build(dataclasses.replace(cfg.problem, seed=1))
+    assert set(pools) == {"theta_o", "rt"}
+    np.testing.assert_array_equal(pools["theta_o"], np.arange(prob.dataset.num_train))
+    np.testing.assert_array_equal(pools["rt"], prob.split.retain)
+    assert len(prob.split.retain_subset) < len(prob.split.retain)  # the two pools differ
+
+
+def _point_ctx(cfg, seed):
+    """A SeedContext for ablation._point with nothing trained (its models stubbed out)."""
+    from mcu_jax import problem
+
+    return experiment.SeedContext(
+        cfg=cfg, run=None, seed=seed,
+        prob=problem.build(dataclasses.replace(cfg.problem, seed=seed)), theta_o=None,
+        refs=None, rt=None, seed_dir=None, method_key=jax.random.PRNGKey(seed),
+        curve_key=jax.random.PRNGKey(seed + 100),
+    )
+
+
+def _stub_point(monkeypatch, ablation, mcu_result=None):
+    """Stubs the base model and MCU of ``ablation._point``; returns the mcu_row calls."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(ablation, "base_model", lambda ctx, method, *a, **k: SimpleNamespace(
+        variables=None, minutes=0.1))
+
+    def fake_mcu_row(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs):
+        calls.append({"ctx": ctx, "base": base, "mcu": mcu_cfg, "mask": mask_cfg})
+        return dict(mcu_result or {"t_star": 1.0})
+
+    monkeypatch.setattr(ablation, "mcu_row", fake_mcu_row)
+    return calls
+
+
+def test_beta_ablation_runs_fixed_beta_mcu_with_each_value(tmp_path, monkeypatch):
+    from mcu_jax import ablation
+
+    calls = _stub_point(monkeypatch, ablation)
+    exp = dataclasses.replace(_tiny(tmp_path), mcu=MCUConfig(epochs=1, beta_mode="adaptive"))
+    cfg = ablation.AblationConfig(experiment=exp, kind="beta", values=(0.05, 0.7))
+    ctx = _point_ctx(exp, 0)
+    for value in cfg.values:
+        rows = ablation._point(cfg, ctx, value)
+        assert list(rows) == [f"MCU-NegGrad+ (beta={value:g})"]
+    assert [(c["mcu"].beta_mode, c["mcu"].beta) for c in calls] == [("fixed", 0.05),
+                                                                     ("fixed", 0.7)]
+    assert all(c["mcu"].epochs == 1 and c["mask"] == exp.mask for c in calls)
+
+
+def test_retain_share_ablation_keeps_the_seeds_split(tmp_path, monkeypatch):
+    """With seed 1, each retain share's split has the seed's own D_f and D_r (and D_t); only
+    the curve's retain subset changes, to round(share * |D_r|) samples of D_r."""
+    from mcu_jax import ablation
+
+    calls = _stub_point(monkeypatch, ablation)
+    exp = _tiny(tmp_path)
+    cfg = ablation.AblationConfig(experiment=exp, kind="retain_share", values=(0.3, 1.0))
+    ctx = _point_ctx(exp, 1)
+    own = ctx.prob.split
+    for value in cfg.values:
+        ablation._point(cfg, ctx, value)
+    assert len(calls) == 2
+    for call, value in zip(calls, cfg.values, strict=True):
+        split = call["ctx"].prob.split
+        for part in ("forget", "retain", "test", "val"):
+            np.testing.assert_array_equal(getattr(split, part), getattr(own, part), part)
+        assert len(split.retain_subset) == round(value * len(own.retain))
+        assert set(split.retain_subset.tolist()) <= set(own.retain.tolist())
+        assert call["mcu"].beta_mode == "adaptive"
+    assert ctx.prob.split is own  # the seed's own context is left as it was
+
+
+def test_ablation_figure_highlights_exactly_the_default_value(tmp_path, monkeypatch):
+    """The panel of the value equal to cfg.default is framed, and no other (the models are
+    stubbed out: only the sweep's bookkeeping runs)."""
+    from mcu_jax import ablation
+
+    exp = dataclasses.replace(_tiny(tmp_path), name="abl_highlight", seeds=(0,), mia=False)
+    acc = {"retain": 90.0, "forget": 80.0, "test": 85.0}
+
+    def row(**extra):
+        return {**experiment.scored_metrics(dict(acc), {}, False, 0), "rte_min": 0.1, **extra}
+
+    ctx = dataclasses.replace(_point_ctx(exp, 0), rt=row())
+    monkeypatch.setattr(ablation, "prepare_seed", lambda exp, run, seed: ctx)
+    monkeypatch.setattr(ablation, "_evaluated", lambda *args, **kwargs: row())
+    calls = _stub_point(monkeypatch, ablation, row(
+        t_star=0.9, region=[[0.8, 1.0]], sweep={"ts": [0.0, 1.0], "acc": {"retain": [1.0, 2.0]}}))
+    drawn = {}
+    monkeypatch.setattr(ablation.plots, "ablation_figure",
+                        lambda panels, **kwargs: drawn.update(panels=panels))
+    for default, values in ((None, (0.1, 0.2, 0.3)), (0.3, (0.1, 0.2, 0.3)),
+                            (0.5, (0.4, 0.6))):
+        cfg = ablation.AblationConfig(experiment=dataclasses.replace(
+            exp, name=f"abl_highlight_{default}"), kind="beta", values=values,
+            default=default)
+        ablation.run_ablation(cfg)
+        panels = drawn.pop("panels")
+        assert [p["label"] for p in panels] == [f"beta={v:g}" for v in values]
+        assert [p["highlight"] for p in panels] == [v == cfg.default for v in values]
+    assert len(calls) == 8  # every value of every sweep ran (stubbed) MCU
