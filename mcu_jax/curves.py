@@ -164,3 +164,21 @@ def curve_fn(kind: str) -> Callable[..., PyTree]:
     if kind not in fns:
         raise ValueError(f"kind must be one of {sorted(fns)}, got {kind!r}")
     return fns[kind]
+
+
+#: Curves by name, for configs: :func:`point` evaluates any of them.
+KINDS = ("bezier", "bernstein", "polychain")
+
+
+def point(kind: str, points: Sequence[PyTree], t: Any) -> PyTree:
+    """theta(t) on the curve named ``kind`` through / controlled by ``points``: "bezier"
+    (exactly 3 points: theta_o, theta_c, theta_p), "bernstein" or "polychain" (any number)."""
+    if kind == "bezier":
+        if len(points) != 3:
+            raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)}")
+        return bezier(points[0], points[1], points[2], t)
+    if kind == "bernstein":
+        return bernstein(points, t)
+    if kind == "polychain":
+        return polychain(points, t)
+    raise ValueError(f"unknown curve {kind!r}; known: {KINDS}")

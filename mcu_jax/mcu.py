@@ -11,6 +11,10 @@ that batch's own train-mode accuracies at the sampled t (the same forward pass; 
 carry no gradient) and used in that batch's loss, as the paper's Algorithm 1 and the
 authors' release do. A batch without a retain or a forget part keeps the previous beta
 (``beta_init`` before the first batch); without a forget part beta does not matter anyway.
+
+The curve is the paper's quadratic Bezier by default; ``MCUConfig(curve="polychain")``
+trains the same three points as a polygonal chain theta_o -> theta_c (t = 1/2) -> theta_p
+instead (Garipov et al.'s other curve), for research on the path's shape.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
 
 BETA_MODES = ("adaptive", "fixed")
+#: Curves of one control point that curve training can shape (``curves.point`` kinds).
+MCU_CURVES = ("bezier", "polychain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +57,11 @@ class MCUConfig:
     steps_per_call: int = 50
     progress: bool = True
     checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
+    curve: str = "bezier"  # "bezier" (the paper's) or "polychain" through theta_c at t = 1/2
 
     def __post_init__(self):
         checks.choice("beta_mode", self.beta_mode, BETA_MODES)
+        checks.choice("curve", self.curve, MCU_CURVES)
         checks.integer("epochs", self.epochs, 0)
         for name in ("batch_size", "steps_per_call", "checkpoint_every"):
             checks.integer(name, getattr(self, name), 1)
@@ -142,7 +150,7 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
 
         def objective(trainable):
             theta_c = control_point(params_template, trainable, c.frozen)
-            params = curves.bezier(c.theta_o, theta_c, c.theta_p, t)
+            params = curves.point(config.curve, [c.theta_o, theta_c, c.theta_p], t)
             logits, _ = model.apply(
                 {"params": params, "batch_stats": c.batch_stats},
                 x,
@@ -269,7 +277,8 @@ def train_curve(
     checkpoint_dir: str | os.PathLike | None = None,
     mesh: Any = None,
 ) -> CurveResult:
-    """Trains theta_c of the Bezier curve theta_o -> theta_p (variables dicts).
+    """Trains theta_c of the curve theta_o -> theta_p (variables dicts; ``config.curve``,
+    the paper's quadratic Bezier by default).
 
     ``refs`` holds theta_o's reference accuracies in percent (keys "train" and "val");
     class-wise forgetting uses 0 as the forget reference. ``mask`` (pytree of bools per

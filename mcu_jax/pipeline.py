@@ -223,7 +223,7 @@ def run_mcu(
     if sc.precompile and mesh is None and not finished:
         p_o = theta_o["params"]  # theta_c has theta_o's shapes: the programs are the same
         compiling = _precompile(model, [p_o, p_o, theta_p["params"]], ts, template,
-                                (train, bn_idx), sets, sc)
+                                (train, bn_idx), sets, sc, mcu_config.curve)
 
     start = time.perf_counter()
     mask = _cached_mask(out, theta_o["params"]) if out is not None else None
@@ -256,7 +256,7 @@ def run_mcu(
     reused = 0.0
     if sw is None:
         sw = sweep.sweep(model, points, ts, template, (train, bn_idx), sets,
-                         **_sweep_options(sc, mesh))
+                         **_sweep_options(sc, mesh, mcu_config.curve))
         clock.record("sweep", time.perf_counter() - start)
         if out is not None:  # a finished sweep survives a kill during selection
             checkpoint.write_json(
@@ -278,7 +278,7 @@ def run_mcu(
     else:
         begin = time.perf_counter()
         variables, measured, measured_probs = _materialise(
-            model, points, t_star, template, train, bn_idx, sets, sc, mesh)
+            model, points, t_star, template, train, bn_idx, sets, sc, mesh, mcu_config.curve)
         clock.record("t_star", time.perf_counter() - begin)
     measured_gap = float(_gap(measured, refs, class_wise, sc.include_test))
     minutes["selection"] = (reused + time.perf_counter() - start) / 60.0
@@ -342,18 +342,18 @@ class _PhaseSeconds:
             checkpoint.write_json(self.path, self.saved)
 
 
-def _sweep_options(sc: SelectionConfig, mesh, at_one_t: bool = False) -> dict:
+def _sweep_options(sc: SelectionConfig, mesh, curve: str, at_one_t: bool = False) -> dict:
     """sweep.sweep's keywords for the sweep over t or (``at_one_t``) the one-t sweep that
     materialises t*; one place, so the background compilation builds the same programs."""
     options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-                   strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn)
+                   strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn, curve=curve)
     if at_one_t:
         return {**options, "chunk_size": 1, "return_stats": True, "return_probs": True}
     return {**options, "chunk_size": sc.chunk_size}
 
 
 def _precompile(model, points, ts, template, bn_set, sets: dict,
-                sc: SelectionConfig) -> threading.Thread:
+                sc: SelectionConfig, curve: str) -> threading.Thread:
     """Starts compiling the sweep over ``ts`` and the one-t sweep of :func:`_materialise`
     in a daemon thread (XLA releases the GIL while compiling); a failure only logs a
     warning, and the programs are then compiled when first called."""
@@ -362,9 +362,9 @@ def _precompile(model, points, ts, template, bn_set, sets: dict,
         begin = time.perf_counter()
         try:
             sweep.precompile(model, points, ts, template, bn_set, sets,
-                             **_sweep_options(sc, None))
+                             **_sweep_options(sc, None, curve))
             sweep.precompile(model, points, ts[:1], template, bn_set, sets,
-                             **_sweep_options(sc, None, at_one_t=True))
+                             **_sweep_options(sc, None, curve, at_one_t=True))
         except Exception as err:  # noqa: BLE001 - the foreground compiles instead
             log.warning("run_mcu: compiling the sweep in the background failed (%s: %s); it "
                         "is compiled when first used", type(err).__name__, err)
@@ -378,22 +378,22 @@ def _precompile(model, points, ts, template, bn_set, sets: dict,
 
 
 def _materialise(model, points, t_star, template, train: Images, bn_idx, sets: dict,
-                 sc: SelectionConfig, mesh) -> tuple[dict, dict[str, float], dict]:
+                 sc: SelectionConfig, mesh, curve: str) -> tuple[dict, dict[str, float], dict]:
     """theta(t*) with recomputed BatchNorm statistics, its accuracies on ``sets`` and every
     sample's true-class probability.
 
     A sweep over the one point t* that also returns the statistics: one compiled program
     (BatchNorm pass and every set together) instead of one per pass and set size. The
-    exported params are ``curves.bezier`` at the float32 t the sweep used, so they are the
-    model that was measured; ``measured`` has ``evaluation.evaluate_sets``' format (name ->
-    accuracy in percent, NaN for an empty set), the probabilities that of
+    exported params are the curve's point (``curves.point``) at the float32 t the sweep
+    used, so they are the model that was measured; ``measured`` has
+    ``evaluation.evaluate_sets``' format (name -> accuracy in percent), the probabilities that of
     ``evaluation.outputs(...)["prob"]``.
     """
     t = np.float32(t_star)
     at = sweep.sweep(model, points, [t], template, (train, bn_idx), sets,
-                     **_sweep_options(sc, mesh, at_one_t=True))
+                     **_sweep_options(sc, mesh, curve, at_one_t=True))
     variables = {
-        "params": curves.bezier(*points, at.ts[0]),
+        "params": curves.point(curve, points, at.ts[0]),
         "batch_stats": jax.tree.map(lambda a: jnp.asarray(a[0]), at.batch_stats),
     }
     measured = {name: float(at.acc[name][0]) for name in sets}

@@ -36,21 +36,8 @@ from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
 from mcu_jax.models import folded
 
-CURVES = ("bezier", "bernstein", "polychain")
+CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
-
-
-def curve_point(kind: str, points: Sequence[Any], t):
-    """theta(t) on the curve of ``kind`` through/controlled by ``points``."""
-    if kind == "bezier":
-        if len(points) != 3:
-            raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)}")
-        return curves.bezier(points[0], points[1], points[2], t)
-    if kind == "bernstein":
-        return curves.bernstein(points, t)
-    if kind == "polychain":
-        return curves.polychain(points, t)
-    raise ValueError(f"unknown curve {kind!r}; known: {CURVES}")
 
 
 def resolve_strategy(strategy: str) -> str:
@@ -91,7 +78,7 @@ def _sweep_chunk(
 
     def per_t(t, points, template, bn_data, eval_data):
         bn_images, bn_full, bn_rest = bn_data
-        params = curve_point(kind, points, t)
+        params = curves.point(kind, points, t)
         stats = bn.batch_statistics(model, params, template, bn_images, bn_full, bn_rest)
         variables = {"params": params, "batch_stats": stats}
         result = {}
@@ -169,7 +156,7 @@ def sweep(
       eval_sets: ``name -> (images, indices)`` to evaluate at every t.
       return_probs: also return every sample's true-class probability (``probs``).
       return_stats: also return every t's recomputed BatchNorm statistics (``batch_stats``,
-        leading axis T): ``{"params": curve_point(curve, points, result.ts[i]),
+        leading axis T): ``{"params": curves.point(curve, points, result.ts[i]),
         "batch_stats": jax.tree.map(lambda a: a[i], result.batch_stats)}`` are the
         variables whose accuracies are ``acc[name][i]`` (``ts[i]`` is the float32 t the
         sweep used). Off (the default), the compiled program is the one without them.

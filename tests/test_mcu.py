@@ -132,6 +132,47 @@ def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images
     assert float(m["beta"]) == pytest.approx(0.77) and float(m["n_f"]) == 0
 
 
+def test_polychain_curve_trains_the_chain_through_theta_c(theta_o, theta_p, digits_images,
+                                                          digits_split, small_model):
+    """With curve="polychain" the step's model at t is the chain theta_o -> theta_c (t = 1/2)
+    -> theta_p, written out here by hand, not the Bezier curve of the same points."""
+    from mcu_jax.data.transforms import normalize
+
+    train_images, _ = digits_images
+    config = MCUConfig(progress=False, curve="polychain", beta_mode="fixed")
+    is_forget = np.zeros(train_images.num_examples, bool)
+    is_forget[digits_split.forget] = True
+    p_o, p_p = theta_o["params"], theta_p["params"]
+    theta_c = jax.tree.map(lambda a, b: 0.3 * a + 0.5 * b + 0.05, p_o, p_p)  # off the line
+    mask = jax.tree.map(lambda _: True, p_o)
+    state, consts, _ = mcu.setup_curve(small_model, theta_o, theta_p, theta_c, mask,
+                                       train_images, is_forget, (99.0, 95.0), config)
+    step = jax.jit(mcu.make_curve_step(small_model, optax.sgd(config.lr), config, p_o))
+    mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
+                                        digits_split.forget[:32]]), jnp.int32)
+    x = normalize(train_images.x[mixed], train_images.mean, train_images.std)
+
+    def ce_r(params):
+        logits, _ = small_model.apply({"params": params, "batch_stats": theta_o["batch_stats"]},
+                                      x, train=True, mutable=["batch_stats"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
+        return float(ce[:96].mean())
+
+    seen = set()
+    for i in range(8):
+        _, m = step(state, consts, mixed, jax.random.PRNGKey(i))
+        t = float(m["t"])
+        a, b, s = (p_o, theta_c, 2 * t) if t < 0.5 else (theta_c, p_p, 2 * t - 1)
+        chain = jax.tree.map(lambda u, v, s=s: u + s * (v - u), a, b)
+        assert float(m["ce_r"]) == pytest.approx(ce_r(chain), rel=1e-4), t
+        assert float(m["ce_r"]) != pytest.approx(ce_r(curves.bezier(p_o, theta_c, p_p, t)),
+                                                 rel=1e-4)
+        seen.add(t < 0.5)
+    assert seen == {True, False}  # both segments were drawn
+    with pytest.raises(ValueError, match="curve must be one of"):
+        MCUConfig(curve="spline")
+
+
 def test_fixed_beta_mode_uses_its_beta(theta_o, theta_p, digits_images, digits_split,
                                        small_model):
     train_images, _ = digits_images

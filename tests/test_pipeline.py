@@ -286,3 +286,38 @@ def test_curve_trains_on_the_retain_subset_and_the_forget_set(monkeypatch, theta
     np.testing.assert_array_equal(seen["retain"], digits_split.retain_subset)
     np.testing.assert_array_equal(seen["forget"], digits_split.forget)
     assert seen["retain"].size == int(np.floor(0.5 * digits_split.retain.size + 0.5))  # half up
+
+
+def test_run_mcu_on_a_polychain_sweeps_and_exports_the_chain(monkeypatch, tmp_path, theta_o,
+                                                             theta_p, digits_images,
+                                                             digits_split, small_model):
+    """MCUConfig(curve="polychain") is used end to end: both sweeps (over t and at t*) walk
+    the chain, the exported theta(t*) is the chain's point at t*, and the sweep's accuracies
+    are those of the chain."""
+    from mcu_jax import sweep
+
+    curves_swept, original = [], sweep.sweep
+
+    def spy(*args, **kwargs):
+        curves_swept.append(kwargs.get("curve"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.sweep, "sweep", spy)
+    train_images, test_images = digits_images
+    refs = train.reference_accuracies(small_model, theta_o, train_images, test_images,
+                                      digits_split)
+    config = MCUConfig(epochs=1, progress=False, curve="polychain")
+    out = pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images,
+                           digits_split, refs, jax.random.PRNGKey(0), config,
+                           pipeline.MaskConfig(k=0.5, k_r=0.1),
+                           pipeline.SelectionConfig(num_t=5), out_dir=tmp_path / "chain")
+    assert curves_swept == ["polychain", "polychain"]
+    points = [theta_o["params"], out.theta_c, theta_p["params"]]
+    want = curves.polychain(points, np.float32(out.t_star))
+    for a, b in zip(jax.tree.leaves(out.variables["params"]), jax.tree.leaves(want),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = original(small_model, points, out.sweep.ts, theta_o["batch_stats"],
+                        (train_images, digits_split.retain),
+                        {"forget": (train_images, digits_split.forget)}, curve="polychain")
+    np.testing.assert_allclose(again.acc["forget"], out.sweep.acc["forget"], atol=1e-4)
