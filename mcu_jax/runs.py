@@ -83,12 +83,21 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
 
 
+#: Config fields added after run folders may have been made: name -> the value that behaves
+#: as before the field existed. A record without the field equals a request with that value,
+#: so adding a field to the library does not invalidate existing run folders.
+ADDED_FIELDS = {"curve": "bezier"}
+
+
 def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str = ""):
     """(dotted field, old value, new value) of the first difference between two JSON-like
-    values (keys in ``ignore`` skipped at every level), or None when they are equal."""
+    values (keys in ``ignore`` skipped at every level; an old record's missing key in
+    :data:`ADDED_FIELDS` equals its value there), or None when they are equal."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in list(old) + [k for k in new if k not in old]:
             if k in ignore:
+                continue
+            if k not in old and k in ADDED_FIELDS and new[k] == ADDED_FIELDS[k]:
                 continue
             sub = f"{path}.{k}" if path else str(k)
             diff = first_difference(old.get(k, _MISSING), new.get(k, _MISSING), ignore, sub)

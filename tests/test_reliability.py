@@ -1,6 +1,7 @@
 """Reliability: resume after signals and kills, atomic checkpoints, run folders,
 determinism per seed and clear errors for bad input. See docs/reliability.md."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -548,6 +549,22 @@ def test_run_folder_reopens_compatible_and_refuses_other_configs(tmp_path):
     (tmp_path / "run.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a run record"):
         run.open(CONFIG)
+
+
+def test_a_field_added_later_at_its_old_behaviour_keeps_old_folders(tmp_path):
+    """A folder recorded before MCUConfig had ``curve`` answers the paper's Bezier curve (the
+    behaviour then), not another curve; a real run record made today round-trips."""
+    run = runs.RunDir(tmp_path / "old")
+    run.open(CONFIG)  # no "curve" anywhere: an older library's record
+    run.open({**CONFIG, "mcu": {**CONFIG["mcu"], "curve": "bezier"}})
+    with pytest.raises(ValueError, match=r"mcu\.curve is '<missing>' there but 'polychain'"):
+        run.open({**CONFIG, "mcu": {**CONFIG["mcu"], "curve": "polychain"}})
+    today = {"mcu": dataclasses.asdict(MCUConfig())}
+    runs.RunDir(tmp_path / "new").open(today)
+    runs.RunDir(tmp_path / "new").open(today)
+    with pytest.raises(ValueError, match=r"mcu\.curve is 'bezier' there but 'polychain'"):
+        runs.RunDir(tmp_path / "new").open(
+            {"mcu": dataclasses.asdict(MCUConfig(curve="polychain"))})
 
 
 def test_run_folder_phases(tmp_path):
