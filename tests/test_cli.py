@@ -153,3 +153,43 @@ def test_override_parses_by_declared_type():
         config.override(MCUConfig(), ["epochs=three"])
     with pytest.raises(ValueError, match="field=value"):
         config.override(MCUConfig(), ["epochs"])
+    for text in ("flase", "2", "maybe"):  # only the listed words are booleans
+        with pytest.raises(ValueError, match="expected true/false"):
+            config.override(MCUConfig(), [f"augment={text}"])
+    with pytest.raises(ValueError, match="mcu.lr=0: lr must be a positive"):
+        config.override(cli.MCUCommand(), ["mcu.lr=0"])
+
+
+def test_cli_passes_retrain_pool_and_key_to_the_library(monkeypatch, tmp_path, capsys):
+    """`train retrain=true` trains on all of D_r; `mcu key=3` curves with PRNGKey(3)."""
+    from types import SimpleNamespace
+
+    import jax
+    import numpy as np
+
+    from mcu_jax import problem as problem_lib
+
+    seen = {}
+
+    def fake_train_model(model, images, pool, config, key, *args, **kwargs):
+        seen["pool"] = np.asarray(pool)
+        return {}, {"refs": {}, "minutes": 0.0}
+
+    monkeypatch.setattr(cli.train, "train_model", fake_train_model)
+    assert _run(capsys, ["train", "--out", str(tmp_path / "rt"), "retrain=true"])[0] == 0
+    split = problem_lib.build(problem_lib.ProblemConfig()).split
+    np.testing.assert_array_equal(seen["pool"], split.retain)
+
+    monkeypatch.setattr(cli, "_load_theta_o", lambda path: (
+        {}, {"refs": {"train": 99.0, "val": 95.0}}, problem_lib.ProblemConfig()))
+    monkeypatch.setattr(cli.checkpoint, "load_model", lambda path: ({}, {}))
+
+    def fake_run_mcu(model, theta_o, theta_p, train, test, split, refs, key, *args, **kwargs):
+        seen["key"] = np.asarray(jax.random.key_data(key))
+        return SimpleNamespace(t_star=1.0, region=[], measured={}, measured_gap=0.0,
+                               minutes={})
+
+    monkeypatch.setattr(cli.pipeline, "run_mcu", fake_run_mcu)
+    argv = ["mcu", "--theta-o", "o", "--theta-p", "p", "--out", str(tmp_path / "m"), "key=3"]
+    assert _run(capsys, argv)[0] == 0
+    np.testing.assert_array_equal(seen["key"], jax.random.key_data(jax.random.PRNGKey(3)))

@@ -274,6 +274,18 @@ def test_markdown_table_class_wise_and_missing_values():
     assert no_rt[2].split(" | ")[1] == "18.53 ± 1.65"
 
 
+def test_a_nan_mean_prints_a_dash_and_stays_out_of_the_gap():
+    """A NaN mean (e.g. an empty set's accuracy) is shown as "–" and left out of Avg. Gap,
+    as a missing value is."""
+    rt = {"method": "RT", "UA": {"mean": 5.0, "std": 0.0}, "RA": {"mean": 99.0, "std": 0.0},
+          "TA": {"mean": 90.0, "std": 0.0}}
+    row = {"method": "X", "UA": {"mean": float("nan"), "std": 0.0},
+           "RA": {"mean": 97.0, "std": 0.0}, "TA": {"mean": 86.0, "std": 0.0}}
+    cells = metrics.markdown_table([rt, row], class_wise=False).splitlines()[3].split(" | ")
+    assert cells[1] == "–"
+    assert cells[5] == f"{(2.0 + 4.0) / 2:.2f}"
+
+
 def test_markdown_table_errors():
     with pytest.raises(ValueError, match="rt_name 'RT' names no row"):
         metrics.markdown_table([{"method": "FT"}], class_wise=False)

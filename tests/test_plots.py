@@ -47,6 +47,8 @@ def test_curve_figure_writes_png(tmp_path):
         r"$\mathcal{D}_t$",
     ]
     assert [t.get_text() for t in ax.texts] == ["0.42"]
+    spans = sorted((p.get_x(), p.get_x() + p.get_width()) for p in ax.patches)
+    np.testing.assert_allclose(spans, [(0.2, 0.5), (0.6, 0.95)])  # one span per region
     stars = [line for line in ax.lines if line.get_marker() == "*"]
     assert len(stars) == 3
     star_y = sorted(float(s.get_ydata()[0]) for s in stars)
@@ -157,6 +159,9 @@ def test_retain_share_figure(tmp_path):
     assert len(fig.axes) == 2  # the gap on its own y-axis
     xs = fig.axes[0].lines[0].get_xdata()
     assert list(xs) == pytest.approx([10.0, 30.0, 50.0, 100.0])
+    gap = fig.axes[1].lines[0]  # the gap is drawn at the same percentages
+    assert list(gap.get_xdata()) == pytest.approx([10.0, 30.0, 50.0, 100.0])
+    assert list(gap.get_ydata()) == pytest.approx(metrics["Avg. Gap"])
     plain = plots.retain_share_figure(shares, {"forget": [1, 2, 3, 4]})
     assert len(plain.axes) == 1
 

@@ -551,6 +551,66 @@ def test_run_folder_reopens_compatible_and_refuses_other_configs(tmp_path):
         run.open(CONFIG)
 
 
+def test_run_folder_default_ignores_speed_settings_at_any_depth(tmp_path):
+    """An experiment folder (RunDir.open's default) accepts other speed settings
+    (steps_per_call, checkpoint_every, progress) and another data folder, as train_model's
+    and run_mcu's folders do; nothing else."""
+    run = runs.RunDir(tmp_path)
+    base = {"original": {"epochs": 3, "steps_per_call": 50, "checkpoint_every": 1},
+            "problem": {"data_dir": "/a"}}
+    run.open(base)
+    run.open({"original": {"epochs": 3, "steps_per_call": 10, "checkpoint_every": 2},
+              "problem": {"data_dir": "/b"}})
+    with pytest.raises(ValueError, match=r"original\.epochs"):
+        run.open({**base, "original": {**base["original"], "epochs": 4}})
+
+
+def test_digests_and_model_identity():
+    """tree_digest sees which leaf holds which array (swapped leaves, or the same arrays
+    under other names, differ); the model identity leaves out fold_bn (the same function,
+    evaluated faster) and nothing else."""
+    from mcu_jax.models import create, folded
+
+    x, y = np.zeros(3, np.float32), np.ones(3, np.float32)
+    assert runs.tree_digest({"a": x, "b": y}) != runs.tree_digest({"a": y, "b": x})
+    assert runs.tree_digest({"a": x, "b": y}) != runs.tree_digest({"c": x, "d": y})
+    assert runs.tree_digest({"a": x, "b": y}) == runs.tree_digest({"a": x.copy(), "b": y})
+    model = create("resnet20", 10)
+    assert runs.model_identity(folded(model)) == runs.model_identity(model)
+    assert runs.model_identity(create("resnet20", 100)) != runs.model_identity(model)
+
+
+def test_a_model_is_there_only_when_both_parts_are(tmp_path):
+    """model_exists needs the variables and metadata.json (written last): a kill between the
+    two writes, or a folder with the metadata only, is not a model."""
+    checkpoint.save_model(tmp_path / "m", {"params": {"w": np.ones(2, np.float32)}}, {"a": 1})
+    assert checkpoint.model_exists(tmp_path / "m")
+    (tmp_path / "m" / "metadata.json").rename(tmp_path / "meta.json")
+    assert not checkpoint.model_exists(tmp_path / "m")  # variables only
+    (tmp_path / "only_meta").mkdir()
+    (tmp_path / "meta.json").rename(tmp_path / "only_meta" / "metadata.json")
+    assert not checkpoint.model_exists(tmp_path / "only_meta")
+
+
+def test_write_json_renames_a_temporary_file_of_the_same_folder(monkeypatch, tmp_path):
+    """The atomic write's temporary file lives beside the target (a rename across file
+    systems would not be atomic) and is gone afterwards."""
+    from pathlib import Path
+
+    renames, replace = [], Path.replace
+
+    def spy(self, target):
+        renames.append((Path(self), Path(target)))
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", spy)
+    checkpoint.write_json(tmp_path / "sub" / "x.json", {"a": 1})
+    [(source, target)] = renames
+    assert source.parent == target.parent == tmp_path / "sub" and source != target
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.json"]
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
 def test_a_field_added_later_at_its_old_behaviour_keeps_old_folders(tmp_path):
     """A folder recorded before MCUConfig had ``curve`` answers the paper's Bezier curve (the
     behaviour then), not another curve; a real run record made today round-trips."""
