@@ -73,3 +73,15 @@ def test_default_dir_and_bad_input(monkeypatch, tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot create the compilation cache folder"):
         compile_cache.enable(blocker / "sub")
+
+
+def test_no_option_means_the_default_folder(tmp_path):
+    """No --compile-cache: the entry points use default_dir() (here from the environment)."""
+    code = ("import jax; from mcu_jax import compile_cache; "
+            "print(compile_cache.enable_from_args(None), jax.config.jax_compilation_cache_dir)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           compile_cache.ENV: str(tmp_path / "c")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "c")] * 2
