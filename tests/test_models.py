@@ -561,6 +561,21 @@ def test_load_pretrained_skips_mismatching_head(tmp_path):
     leaves_close(same, src, rtol=0, atol=0)
 
 
+def test_load_pretrained_casts_to_the_models_dtypes(tmp_path):
+    """Weights stored in float16 or float64 (common in exported checkpoints) come back in the
+    model's float32, with the stored values."""
+    src = fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3), seed=3)
+    for dtype in (np.float16, np.float64):
+        path = tmp_path / f"w_{np.dtype(dtype).name}.npz"
+        save_npz(jax.tree.map(lambda a, d=dtype: np.asarray(a, d), src), path)
+        loaded = load_pretrained(fake_variables(create("vit_small", 10, **TINY_VIT),
+                                                (32, 32, 3)), path)
+        for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(src), strict=True):
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(np.asarray(got),
+                                          np.asarray(want).astype(dtype).astype(np.float32))
+
+
 def test_load_pretrained_errors(tmp_path):
     path = tmp_path / "vit.npz"
     save_npz(fake_variables(create("vit_small", 10, **TINY_VIT), (32, 32, 3)), path)
@@ -589,3 +604,314 @@ def _saved(variables, tmp_path):
     path = tmp_path / "tmp.npz"
     save_npz(variables, path)
     return path
+
+
+# ------------------------------------------- what the models compute (numpy references)
+#
+# Every reference below is written from the architecture specs (NOTES.md, the module
+# docstrings) in float64 numpy, with the constants spelled out (BN epsilon 1e-5, LayerNorm
+# epsilon 1e-6, padding kernel // 2 on every side), not read back from mcu_jax.
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _relu(a):
+    return np.maximum(a, 0.0)
+
+
+def _np_conv(x, kernel, stride=1):
+    """k x k convolution, zero padding k // 2 on EVERY side (PyTorch style), NHWC x HWIO."""
+    k = kernel.shape[0]
+    pad = k // 2
+    n, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = np.zeros((n, ho, wo, kernel.shape[-1]), np.float64)
+    for i in range(k):
+        for j in range(k):
+            rows = slice(i, i + stride * (ho - 1) + 1, stride)
+            cols = slice(j, j + stride * (wo - 1) + 1, stride)
+            out += xp[:, rows, cols, :] @ kernel[i, j]
+    return out
+
+
+def _np_bn(x, v, *path, eps=1e-5):
+    """Eval-mode BatchNorm with the running statistics at ``path`` (PyTorch's eps 1e-5)."""
+    p, s = v["params"], v["batch_stats"]
+    for k in path:
+        p, s = p[k], s[k]
+    return (x - s["mean"]) / np.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
+
+
+def _np_preresnet(v, x):
+    """PreResNet (bottleneck, pre-activation) as in NOTES.md, eval mode."""
+    p = v["params"]
+    x = _np_conv(x, p["stem"]["kernel"])
+    n = len([k for k in p if k.startswith("stage1_block")])
+    for s, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2), strict=True)):
+        for b in range(n):
+            name, st = f"stage{s + 1}_block{b}", stride if b == 0 else 1
+            q = p[name]
+            out = _relu(_np_bn(x, v, name, "bn1"))
+            out = _relu(_np_bn(_np_conv(out, q["conv1"]["kernel"]), v, name, "bn2"))
+            out = _relu(_np_bn(_np_conv(out, q["conv2"]["kernel"], st), v, name, "bn3"))
+            out = _np_conv(out, q["conv3"]["kernel"])
+            assert out.shape[-1] == 4 * planes
+            assert ("shortcut" in q) == (b == 0)  # projection in each stage's first block
+            # the projection reads the block's RAW input, not the pre-activated one
+            x = out + (_np_conv(x, q["shortcut"]["kernel"], st) if b == 0 else x)
+    x = _relu(_np_bn(x, v, "final_bn")).mean(axis=(1, 2))  # head: BN-ReLU-pool-linear
+    return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _np_resnet(v, x):
+    """CIFAR ResNet with option-A shortcuts (He et al. 2016, section 4.2), eval mode."""
+    p = v["params"]
+    x = _relu(_np_bn(_np_conv(x, p["stem"]["kernel"]), v, "stem_bn"))
+    n = len([k for k in p if k.startswith("stage1_block")])
+    for s, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2), strict=True)):
+        for b in range(n):
+            name, st = f"stage{s + 1}_block{b}", stride if b == 0 else 1
+            q = p[name]
+            out = _relu(_np_bn(_np_conv(x, q["conv1"]["kernel"], st), v, name, "bn1"))
+            out = _np_bn(_np_conv(out, q["conv2"]["kernel"]), v, name, "bn2")
+            c = x.shape[-1]
+            if st != 1 or c != planes:
+                # option A: pixels (0, 0), (0, s), ... and planes // 4 zero channels per side
+                residual = np.zeros(out.shape)
+                residual[..., planes // 4 : planes // 4 + c] = x[:, ::st, ::st, :]
+            else:
+                residual = x
+            x = _relu(out + residual)  # ReLU after the sum
+    x = x.mean(axis=(1, 2))
+    return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _np_vgg16_bn(v, x):
+    """VGG-16-BN as in NOTES.md, eval mode (dropout off)."""
+    p = v["params"]
+    layer = 0
+    for block in ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3):
+        for _ in block:
+            c = p[f"conv{layer}"]
+            x = _relu(_np_bn(_np_conv(x, c["kernel"]) + c["bias"], v, f"bn{layer}"))
+            layer += 1
+        n, h, w, ch = x.shape  # 2x2 max-pool, stride 2
+        x = x.reshape(n, h // 2, 2, w // 2, 2, ch).max(axis=(2, 4))
+    x = x.reshape(x.shape[0], -1)
+    x = _relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    x = _relu(x @ p["fc2"]["kernel"] + p["fc2"]["bias"])
+    return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _np_layer_norm(x, p, eps=1e-6):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _np_vit(v, x, patch, ln_eps=1e-6):
+    """ViT: patch embedding, class token first, position embeddings, pre-LN blocks
+    x + MHSA(LN(x)), x + MLP(LN(x)) (tanh GELU), final LN, linear head on the class token."""
+    p = v["params"]
+    t = p["Transformer"]
+    n, h, w, c = x.shape
+    patches = x.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, (h // patch) * (w // patch), patch * patch * c)
+    emb = p["embedding"]["kernel"]
+    tokens = patches @ emb.reshape(-1, emb.shape[-1]) + p["embedding"]["bias"]
+    cls = np.broadcast_to(p["cls"], (n, 1, tokens.shape[-1]))
+    x = np.concatenate([cls, tokens], axis=1) + t["posembed_input"]["pos_embedding"]
+    depth = len([k for k in t if k.startswith("encoderblock_")])
+    for i in range(depth):
+        blk = t[f"encoderblock_{i}"]
+        a = blk["MultiHeadDotProductAttention_1"]
+        y = _np_layer_norm(x, blk["LayerNorm_0"], ln_eps)
+        q, k, val = (
+            np.einsum("ntd,dhk->nthk", y, a[m]["kernel"]) + a[m]["bias"]
+            for m in ("query", "key", "value")
+        )
+        logits = np.einsum("nqhk,nshk->nhqs", q, k) / np.sqrt(q.shape[-1])
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        heads = np.einsum("nhqs,nshk->nqhk", weights, val)
+        x = x + np.einsum("nqhk,hkd->nqd", heads, a["out"]["kernel"]) + a["out"]["bias"]
+        mlp = blk["MlpBlock_3"]
+        y = _np_layer_norm(x, blk["LayerNorm_2"], ln_eps)
+        y = _np_gelu_tanh(y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
+        x = x + y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+    x = _np_layer_norm(x, t["encoder_norm"], ln_eps)
+    return x[:, 0] @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _assert_logits_match(got, ref, rtol=1e-4):
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape and np.abs(ref).max() > 1e-2
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize(
+    "name, shape, options, reference",
+    [
+        ("preresnet110", (32, 32, 3), {"depth": 11}, _np_preresnet),
+        ("resnet20", (32, 32, 3), {"depth": 8}, _np_resnet),  # option A shortcuts
+        ("vgg16_bn", (32, 32, 3), {}, _np_vgg16_bn),
+    ],
+)
+def test_cnn_logits_match_numpy_reference(name, shape, options, reference):
+    """Eval-mode logits of the BN CNNs equal a numpy forward pass written from the spec
+    (same model, variables and images as the folding test, so its compilation is reused)."""
+    model = create(name, 5, **options)
+    v = fake_variables(model, shape)
+    x = images(shape)
+    _assert_logits_match(evaluate(model, v, x), reference(_f64(v), np.asarray(x, np.float64)))
+
+
+def test_preresnet_stage_shapes():
+    # 32x32 input: stem 32x32x16; stages 32x32x64, 16x16x128, 8x8x256 (strides 1, 2, 2)
+    model = create("preresnet110", 5, depth=11)
+    v = variable_shapes(model, (32, 32, 3))
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        ),
+        v,
+        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+    )
+    inter = state["intermediates"]
+    assert inter["stem"]["__call__"][0].shape == (2, 32, 32, 16)
+    assert inter["stage1_block0"]["__call__"][0].shape == (2, 32, 32, 64)
+    assert inter["stage2_block0"]["__call__"][0].shape == (2, 16, 16, 128)
+    assert inter["stage3_block0"]["__call__"][0].shape == (2, 8, 8, 256)
+    assert inter["final_bn"]["__call__"][0].shape == (2, 8, 8, 256)
+
+
+def test_vit_logits_match_numpy_reference():
+    """A depth-1 tiny ViT equals a numpy pre-LN ViT, also with tokens of variance ~1e-6, where
+    the LayerNorm epsilon (1e-6, as in vit_jax) changes the normalised values a lot."""
+    model = create("vit_small", 5, **TINY_VIT)
+    v = fake_variables(model, (32, 32, 3))
+    x = images((32, 32, 3))
+    xs = np.asarray(x, np.float64)
+    _assert_logits_match(evaluate(model, v, x), _np_vit(_f64(v), xs, patch=4))
+    p, t = v["params"], v["params"]["Transformer"]
+    tiny = {
+        "params": {
+            **p,
+            "cls": p["cls"] * 1e-3,
+            "embedding": jax.tree.map(lambda a: a * 1e-3, p["embedding"]),
+            "Transformer": {
+                **t,
+                "posembed_input": {
+                    "pos_embedding": t["posembed_input"]["pos_embedding"] * 1e-3
+                },
+            },
+        },
+        "batch_stats": {},
+    }
+    ref = _np_vit(_f64(tiny), xs, patch=4)
+    _assert_logits_match(evaluate(model, tiny, x), ref, rtol=1e-3)
+    # the test is sensitive to the epsilon: 1e-5 would give visibly different logits
+    assert not np.allclose(
+        ref, _np_vit(_f64(tiny), xs, patch=4, ln_eps=1e-5), rtol=1e-2, atol=1e-2 * np.abs(ref).max()
+    )
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (3, 1), (1, 2)])
+def test_conv_pads_kernel_half_on_every_side(kernel, stride):
+    # A stride-2 3x3 conv on an even input samples differently with padding 1 on every side
+    # (PyTorch, the reference models) than with "SAME" (0 before, 1 after).
+    from mcu_jax.models import layers
+
+    rng = np.random.default_rng(11)
+    k = rng.standard_normal((kernel, kernel, 3, 5))
+    x = rng.standard_normal((2, 8, 8, 3))
+    layer = layers.conv(5, kernel, stride, dtype=jnp.float32)
+    got = layer.apply({"params": {"kernel": jnp.asarray(k, jnp.float32)}},
+                      jnp.asarray(x, jnp.float32))
+    ref = _np_conv(x, k, stride)
+    assert got.shape == ref.shape == (2, 8 // stride, 8 // stride, 5)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def _bn_variables(var):
+    c = len(var)
+    rng = np.random.default_rng(12)
+    return {
+        "params": {"scale": 1.0 + 0.1 * rng.standard_normal(c), "bias": rng.standard_normal(c)},
+        "batch_stats": {"mean": 0.1 * rng.standard_normal(c), "var": np.asarray(var)},
+    }
+
+
+def test_batch_norm_epsilon_is_pytorch_default():
+    """Eval mode: (x - mean) / sqrt(var + 1e-5) * scale + bias; train mode uses the biased
+    batch variance with the same epsilon. Tiny variances make the epsilon matter."""
+    from mcu_jax.models import layers
+
+    v = _bn_variables([0.0, 1e-6, 1e-5, 1e-4, 1.0])
+    rng = np.random.default_rng(13)
+    x = v["batch_stats"]["mean"] + 1e-3 * rng.standard_normal((4, 3, 3, 5))
+    f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), v)
+    bn = layers.batch_norm(False, 0.9, dtype=jnp.float32)
+    got = bn.apply(f32, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), _np_bn(x, v), rtol=1e-4, atol=1e-4)
+    got, _ = layers.batch_norm(True, 0.9, dtype=jnp.float32).apply(
+        f32, jnp.asarray(x, jnp.float32), mutable=["batch_stats"]
+    )
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))  # spread ~1e-3: var ~1e-6
+    ref = (x - mean) / np.sqrt(var + 1e-5) * v["params"]["scale"] + v["params"]["bias"]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-3, atol=1e-3)
+
+
+class _ConvBN(nn.Module):
+    fold: bool
+
+    @nn.compact
+    def __call__(self, x):
+        from mcu_jax.models import layers
+
+        return layers.conv_bn(
+            layers.conv(5, 3, dtype=jnp.float32, use_bias=True, name="conv"),
+            layers.batch_norm(False, 0.9, dtype=jnp.float32, name="bn"),
+            x,
+            self.fold,
+        )
+
+
+def test_conv_bn_folding_keeps_the_epsilon():
+    # Running variances 0 and 1e-6: folding with rsqrt(var) instead of rsqrt(var + eps)
+    # would give inf / a ~3x too large scale there.
+    rng = np.random.default_rng(14)
+    bn = _bn_variables([0.0, 1e-6, 1e-3, 0.5, 2.0])
+    v = {
+        "params": {
+            "conv": {"kernel": rng.standard_normal((3, 3, 3, 5)), "bias": rng.standard_normal(5)},
+            "bn": bn["params"],
+        },
+        "batch_stats": {"bn": bn["batch_stats"]},
+    }
+    x = rng.standard_normal((2, 6, 6, 3))
+    ref = _np_bn(_np_conv(x, v["params"]["conv"]["kernel"]) + v["params"]["conv"]["bias"], v, "bn")
+    f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), v)
+    for fold in (False, True):
+        got = jit(_ConvBN(fold).apply)(f32, jnp.asarray(x, jnp.float32))
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_conv_init_is_he_normal_fan_out():
+    # N(0, 2 / (k * k * out_channels)): for PreResNet's 3 -> 16 3x3 stem std sqrt(2 / 144)
+    # = 0.118 (fan-in would give sqrt(2 / 27) = 0.272); checked on a larger conv as well.
+    from mcu_jax.models import layers
+
+    for cin, cout, n in ((3, 16, 8), (64, 256, 1)):
+        layer = layers.conv(cout, 3, dtype=jnp.float32)
+        keys = jax.random.split(KEY, n)
+        init = jit(jax.vmap(lambda k: layer.init(k, jnp.zeros((1, 4, 4, cin)))))  # noqa: B023
+        std = float(np.std(np.asarray(init(keys)["params"]["kernel"])))
+        expected = np.sqrt(2.0 / (9 * cout))
+        assert abs(std / expected - 1) < 0.1, (cin, cout, std, expected)
