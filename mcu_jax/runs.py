@@ -125,10 +125,12 @@ class RunDir:
         """A path inside the run folder (not created)."""
         return self.root.joinpath(*parts)
 
-    def open(self, config: dict, ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir")) -> None:
+    def open(self, config: dict,
+             ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir", "command")) -> None:
         """Binds the folder to ``config``: writes ``run.json`` the first time; afterwards
         raises ValueError if the stored config differs outside the ``ignore``d keys (by
-        default the speed settings and the data folder, as train_model's binding)."""
+        default the speed settings, the data folder and an experiment's rerun command,
+        none of which changes a result)."""
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict, got {type(config).__name__}")
         config = _jsonable(config)

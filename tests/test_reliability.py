@@ -553,14 +553,14 @@ def test_run_folder_reopens_compatible_and_refuses_other_configs(tmp_path):
 
 def test_run_folder_default_ignores_speed_settings_at_any_depth(tmp_path):
     """An experiment folder (RunDir.open's default) accepts other speed settings
-    (steps_per_call, checkpoint_every, progress) and another data folder, as train_model's
-    and run_mcu's folders do; nothing else."""
+    (steps_per_call, checkpoint_every, progress), another data folder and another rerun
+    command, as train_model's and run_mcu's folders do; nothing else."""
     run = runs.RunDir(tmp_path)
     base = {"original": {"epochs": 3, "steps_per_call": 50, "checkpoint_every": 1},
-            "problem": {"data_dir": "/a"}}
+            "problem": {"data_dir": "/a"}, "command": "python experiments/run.py x"}
     run.open(base)
     run.open({"original": {"epochs": 3, "steps_per_call": 10, "checkpoint_every": 2},
-              "problem": {"data_dir": "/b"}})
+              "problem": {"data_dir": "/b"}, "command": ""})
     with pytest.raises(ValueError, match=r"original\.epochs"):
         run.open({**base, "original": {**base["original"], "epochs": 4}})
 
