@@ -158,27 +158,25 @@ def midpoint(theta_o: PyTree, theta_p: PyTree) -> PyTree:
     )
 
 
+_CURVES = {"bezier": bezier, "bernstein": bernstein, "polychain": polychain}
+
+#: Curves by name, for configs: :func:`curve_fn` and :func:`point` take any of them.
+KINDS = tuple(_CURVES)
+
+
 def curve_fn(kind: str) -> Callable[..., PyTree]:
     """The curve function named ``kind``: ``"bezier"``, ``"bernstein"`` or ``"polychain"``."""
-    fns = {"bezier": bezier, "bernstein": bernstein, "polychain": polychain}
-    if kind not in fns:
-        raise ValueError(f"kind must be one of {sorted(fns)}, got {kind!r}")
-    return fns[kind]
-
-
-#: Curves by name, for configs: :func:`point` evaluates any of them.
-KINDS = ("bezier", "bernstein", "polychain")
+    if kind not in _CURVES:
+        raise ValueError(f"kind must be one of {sorted(_CURVES)}, got {kind!r}")
+    return _CURVES[kind]
 
 
 def point(kind: str, points: Sequence[PyTree], t: Any) -> PyTree:
     """theta(t) on the curve named ``kind`` through / controlled by ``points``: "bezier"
     (exactly 3 points: theta_o, theta_c, theta_p), "bernstein" or "polychain" (any number)."""
-    if kind == "bezier":
+    fn = curve_fn(kind)
+    if fn is bezier:
         if len(points) != 3:
             raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)}")
-        return bezier(points[0], points[1], points[2], t)
-    if kind == "bernstein":
-        return bernstein(points, t)
-    if kind == "polychain":
-        return polychain(points, t)
-    raise ValueError(f"unknown curve {kind!r}; known: {KINDS}")
+        return bezier(*points, t)
+    return fn(points, t)

@@ -252,3 +252,9 @@ def test_curve_fn():
     assert curves.curve_fn("polychain") is curves.polychain
     with pytest.raises(ValueError, match="kind"):
         curves.curve_fn("spline")
+    a, b, c = ({"w": np.full(2, v, np.float32)} for v in (0.0, 4.0, 1.0))
+    np.testing.assert_array_equal(curves.point("bezier", [a, b, c], 0.5)["w"],
+                                  curves.bezier(a, b, c, 0.5)["w"])  # 0.25*0 + 0.5*4 + 0.25
+    np.testing.assert_array_equal(curves.point("polychain", [a, b, c], 0.25)["w"], [2.0, 2.0])
+    with pytest.raises(ValueError, match="needs 3 points"):
+        curves.point("bezier", [a, c], 0.5)
