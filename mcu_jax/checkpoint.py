@@ -59,6 +59,14 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _barrier(tag: str) -> None:
+    """Waits for every process of a multi-process run (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+
 class Checkpointer:
     """Saves ``(state pytree, metadata dict)`` per step under ``directory``."""
 
@@ -101,21 +109,16 @@ class Checkpointer:
         if not folder.is_dir():  # another step naming than orbax's default: orbax deletes
             self._manager.delete(step)
             return
-        several = jax.process_count() > 1
-        if several:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"mcu_jax checkpoint delete {step}")
         doomed = self.directory / f"{_DELETING}{step}.{os.getpid()}"
-        if jax.process_index() == 0:
+        primary = jax.process_index() == 0
+        _barrier(f"mcu_jax checkpoint delete {step}")
+        if primary:
             folder.rename(doomed)
-        if several:
-            multihost_utils.sync_global_devices(f"mcu_jax checkpoint deleted {step}")
+        _barrier(f"mcu_jax checkpoint deleted {step}")
         self._manager.reload()
-        if jax.process_index() == 0:
+        if primary:
             shutil.rmtree(doomed, ignore_errors=True)
-        if several:  # the folder is gone for every process when delete returns
-            multihost_utils.sync_global_devices(f"mcu_jax checkpoint removed {step}")
+        _barrier(f"mcu_jax checkpoint removed {step}")  # gone for every process on return
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""

@@ -243,7 +243,7 @@ def _bind(out_dir: Path, model, config, key, pool, input_shape, metadata, pretra
         "references": references is not None,
         "metadata": dict(metadata or {}),
     }
-    runs.RunDir(out_dir).open(request, ignore=(*runs.SPEED_FIELDS, "data_dir"))
+    runs.RunDir(out_dir).open(request)  # the default ignores speed settings and data_dir
 
 
 def reference_accuracies(model, variables, train: Images, test: Images, split,
