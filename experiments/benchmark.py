@@ -23,7 +23,11 @@ Parts (each a row of the printed Markdown table):
   t*), given theta_o and theta_p; wall-clock time including compilation.
 
 Data are random CIFAR-shaped uint8 images (timing only); theta_o and theta_p are
-``init_variables`` with two keys. "compile" is the first call's time minus the steady-state
+``init_variables`` with two keys, or trained models given as folders (``--theta-o``,
+``--theta-p``: ``mcu-jax train`` / ``mcu-jax unlearn`` outputs). The step's mask comes from
+gradients at theta_o over the random images, or from a file (``--mask runs/.../mask.json``, the
+mask an MCU run computed on real data), so that the masked step can be timed with the mask a
+trained model actually gets. "compile" is the first call's time minus the steady-state
 time of the same amount of work. Peak device memory comes from the device's
 ``memory_stats()`` (cumulative over the process; "n/a" on CPU).
 
@@ -32,6 +36,8 @@ Examples::
     python experiments/benchmark.py                              # the standard GPU workload
     python experiments/benchmark.py --dtype bfloat16 --mask 0.1  # bf16, k = k_r = 0.1
     python experiments/benchmark.py --end-to-end --json out.json
+    python experiments/benchmark.py --model resnet20 --skip-sweep --theta-o runs/c/theta_o \
+        --theta-p runs/c/neggrad --mask runs/c/mcu/mask.json     # a real model's mask
     python experiments/benchmark.py --model resnet20 --steps 10 --num-t 4 --sweep-images 256 \
         --train-images 2048 --compare-strategies                 # small, CPU-sized
 """
@@ -49,16 +55,17 @@ import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import curves, masks, mcu, pipeline, pytrees, selection, sharding, sweep
+from mcu_jax import checkpoint, curves, masks, mcu, pipeline, pytrees, selection, sharding, sweep
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import count_params, create, init_variables
+from mcu_jax.models import check_variables, count_params, create, init_variables
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
 #: Default input shape per model (H, W, C); anything else is CIFAR-shaped.
@@ -72,8 +79,11 @@ FORGET_EVERY = 11  # about 1 in 11 images of a curve-training batch is a forget 
 # ----------------------------------------------------------------------------- arguments
 
 
-def parse_mask(text: str) -> tuple[float, float] | None:
-    """--mask: "none" -> None; "paper" -> (0.5, 0.1); "K" -> (K, K); "K,KR" -> (K, KR)."""
+def parse_mask(text: str) -> tuple[float, float] | Path | None:
+    """--mask: "none" -> None; "paper" -> (0.5, 0.1); "K" -> (K, K); "K,KR" -> (K, KR);
+    "FILE.json" -> Path (a mask written by ``masks.save``, e.g. an MCU run's mask.json)."""
+    if text.strip().endswith(".json"):
+        return Path(text.strip())
     text = text.strip().lower()
     if text == "none":
         return None
@@ -85,7 +95,8 @@ def parse_mask(text: str) -> tuple[float, float] | None:
         parts = []
     if len(parts) not in (1, 2) or not all(0.0 <= p <= 1.0 for p in parts):
         raise argparse.ArgumentTypeError(
-            f"--mask: got {text!r}, expected none, paper, K or K,K_R with fractions in [0, 1]"
+            f"--mask: got {text!r}, expected none, paper, K or K,K_R with fractions in [0, 1], "
+            "or a mask file ending in .json"
         )
     return (parts[0], parts[-1])
 
@@ -99,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", default="preresnet110")
     w.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
-    w.add_argument("--mask", type=parse_mask, default="none", metavar="{none,paper,K,K,K_R}",
-                   help="parameter mask: none, paper (k=0.5, k_r=0.1), K (k=k_r=K) or K,K_R")
+    w.add_argument("--mask", type=parse_mask, default="none",
+                   metavar="{none,paper,K,K,K_R,FILE.json}",
+                   help="parameter mask: none, paper (k=0.5, k_r=0.1), K (k=k_r=K), K,K_R, or "
+                   "a mask file (masks.save; an MCU run folder's mask.json; step only)")
+    w.add_argument("--theta-o", metavar="DIR", default=None,
+                   help="theta_o from a model folder (mcu-jax train) instead of random init")
+    w.add_argument("--theta-p", metavar="DIR", default=None,
+                   help="theta_p from a model folder (mcu-jax unlearn) instead of random init")
     w.add_argument("--classes", type=int, default=10)
     w.add_argument("--image-size", type=int, default=None,
                    help="image height and width (default: 8 for cnn_small, else 32)")
@@ -168,6 +185,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if isinstance(args.mask, Path):
+        if not args.mask.is_file():
+            parser.error(f"--mask: no mask file at {str(args.mask)!r}")
+        if args.end_to_end:
+            parser.error("--mask FILE times the step only; --end-to-end computes its own mask "
+                         "(give it none, paper, K or K,K_R)")
+    for name in ("theta_o", "theta_p"):
+        folder = getattr(args, name)
+        if folder is not None and not checkpoint.model_exists(folder):
+            parser.error(f"--{name.replace('_', '-')}: no finished model in {folder!r} "
+                         "(expected a folder written by mcu-jax train or unlearn)")
     if args.num_t < 2:
         parser.error(f"--num-t must be >= 2, got {args.num_t}")
     if args.end_to_end and args.num_t < 4:
@@ -227,11 +255,39 @@ def peak_mib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20
 
 
+def initial_variables(folder: str | None, model, key, shape, name: str) -> dict:
+    """The variables in model folder ``folder`` (checked against ``model``), or a random
+    initialisation from ``key`` when there is none."""
+    if folder is None:
+        return init_variables(model, key, (1, *shape))
+    variables, _ = checkpoint.load_model(folder)
+    variables = jax.tree.map(jnp.asarray, variables)
+    check_variables(model, variables, (1, *shape), name=name)
+    return variables
+
+
+def weights_text(args) -> str:
+    """Where theta_o and theta_p came from, for the table's header."""
+    given = [f"{name} from {folder}" for name, folder in
+             (("theta_o", args.theta_o), ("theta_p", args.theta_p)) if folder is not None]
+    return "; " + ", ".join(given) if given else ""
+
+
+def describe_mask(mask) -> str:
+    if mask is None:
+        return "none"
+    if isinstance(mask, Path):
+        return f"from {mask}"
+    return f"k={mask[0]:g}, k_r={mask[1]:g}"
+
+
 def build_mask(model, theta_o, images: Images, is_forget: np.ndarray, mask, n: int, key):
     """The section-2.3 mask from gradients at theta_o over ``n`` retain and ``n`` forget images
-    (all True for ``mask`` None)."""
+    (all True for ``mask`` None; read from the file for a Path)."""
     if mask is None:
         return jax.tree.map(lambda _: True, theta_o["params"])
+    if isinstance(mask, Path):
+        return masks.load(mask, theta_o["params"])
     retain_idx = np.flatnonzero(~is_forget)[:n]
     forget_idx = np.flatnonzero(is_forget)[:n]
     g_r, g_f = masks.mask_gradients(model, theta_o, images, retain_idx, forget_idx)
@@ -350,9 +406,9 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     flat_mask = pytrees.flatten(mask)
     kept = sum(s for k, s in sizes.items() if flat_mask[k])
     frac = kept / sum(sizes.values())
-    mask_text = "none" if args.mask is None else f"k={args.mask[0]:g}, k_r={args.mask[1]:g}"
-    setting = (f"{args.model} {args.dtype}, batch {args.batch_size}, mask {mask_text} "
-               f"({100 * frac:.1f}% of elements trained), {steps} steps")
+    setting = (f"{args.model} {args.dtype}, batch {args.batch_size}, "
+               f"mask {describe_mask(args.mask)} ({100 * frac:.1f}% of elements trained), "
+               f"{steps} steps")
     if args.devices > 1:
         setting += f", {args.devices} devices"
     peak = peak_mib()
@@ -453,9 +509,9 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    mask_text = "none" if args.mask is None else f"k={args.mask[0]:g}, k_r={args.mask[1]:g}"
     setting = (f"{args.model} {args.dtype}, D_r {args.retain:,}, D_f {args.forget:,}, "
-               f"test {args.test:,}, {args.epochs} epochs ({steps} steps), mask {mask_text}, "
+               f"test {args.test:,}, {args.epochs} epochs ({steps} steps), "
+               f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
                f"{', BN folded for evaluation' if args.fold_bn else ''}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
@@ -499,8 +555,8 @@ def run(args) -> dict:
     shape = input_shape(args)
     model = create(args.model, args.classes, dtype=args.dtype)
     k_o, k_p, k_step, k_e2e = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    theta_o = init_variables(model, k_o, (1, *shape))
-    theta_p = init_variables(model, k_p, (1, *shape))
+    theta_o = initial_variables(args.theta_o, model, k_o, shape, "--theta-o")
+    theta_p = initial_variables(args.theta_p, model, k_p, shape, "--theta-p")
     rng = np.random.default_rng(args.seed)
     images = synthetic_images(args.train_images, shape, args.classes, rng)
     is_forget = np.arange(args.train_images) % FORGET_EVERY == 0
@@ -532,7 +588,8 @@ def main(argv=None) -> dict:
     result = run(args)
     head = header(args, argv)
     head.append(f"- model {args.model}: {result['params']:,} parameters, input "
-                f"{'x'.join(map(str, result['input_shape']))}; random data (timing only)")
+                f"{'x'.join(map(str, result['input_shape']))}; random data (timing only)"
+                f"{weights_text(args)}")
     table = markdown_table(result["rows"])
     print("\n".join(head) + "\n\n" + table, flush=True)
     out = {

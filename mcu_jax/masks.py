@@ -14,14 +14,17 @@ is the rule of the authors' release (``generate_weight_mask.py``: ``int(N * k)``
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from mcu_jax import checks, pytrees
+from mcu_jax import checkpoint, checks, pytrees
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.evaluation import mean_gradient
@@ -121,6 +124,33 @@ def mask_summary(mask: PyTree, params: PyTree) -> str:
         f"mask keeps {kept:,} of {total:,} elements ({frac_e:.2f}%) in "
         f"{n_kept} of {len(sizes)} tensors ({frac_t:.2f}%)"
     )
+
+
+def save(mask: PyTree, path: str | os.PathLike) -> None:
+    """Write ``mask`` as JSON: each tensor's path string -> true/false (an MCU run's
+    ``mask.json``). Written atomically, so a crash leaves the old file or none."""
+    checkpoint.write_json(Path(path), {p: bool(v) for p, v in pytrees.flatten(mask).items()})
+
+
+def load(path: str | os.PathLike, params: PyTree) -> PyTree:
+    """Read a mask written by :func:`save` (e.g. ``runs/.../mcu/mask.json``), shaped like
+    ``params``. Refuses a file of another model or with non-boolean values, naming the
+    file and the first offending tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no mask file at {os.fspath(path)!r} (masks.save writes one; "
+                                "every MCU run folder has mask.json)")
+    flat = json.loads(path.read_text())
+    if not isinstance(flat, dict):
+        raise ValueError(f"{path}: expected a JSON object of tensor path -> true/false, "
+                         f"got {type(flat).__name__}")
+    for key, value in flat.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: tensor {key!r} has {value!r}, expected true or false")
+    try:
+        return pytrees.unflatten(params, flat)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a mask of these parameters: {e}") from None
 
 
 def mask_gradients(

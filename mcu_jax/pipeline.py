@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import checkpoint, checks, curves, masks, pytrees, runs, selection, sweep
+from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, check_refs, train_curve
 from mcu_jax.models import check_variables
@@ -232,8 +232,7 @@ def run_mcu(
         mask = compute_mask(model, theta_o, train, split, mask_config, mesh)
         clock.record("mask", time.perf_counter() - start)
         if out is not None:
-            flat = {k: bool(v) for k, v in pytrees.flatten(mask).items()}
-            checkpoint.write_json(out / "mask.json", flat)
+            masks.save(mask, out / "mask.json")
     else:
         reused = clock.earlier("mask")
     minutes["mask"] = (reused + time.perf_counter() - start) / 60.0
@@ -414,7 +413,4 @@ def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:
 
 def _cached_mask(out: Path, params) -> Any:
     path = out / "mask.json"
-    if not path.is_file():
-        return None
-    flat = json.loads(path.read_text())
-    return pytrees.unflatten(params, flat)
+    return masks.load(path, params) if path.is_file() else None

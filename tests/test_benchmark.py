@@ -102,3 +102,53 @@ def test_arguments(benchmark):
     assert (args.model, args.batch_size, args.num_t, args.sweep_images) == (
         "preresnet110", 128, 20, 6000)
     assert benchmark.input_shape(args) == (32, 32, 3)
+
+
+def test_trained_models_and_a_mask_file(benchmark, tmp_path, capsys):
+    """--theta-o/--theta-p load model folders (checked against --model) and --mask FILE times
+    the step with a saved mask, e.g. the one an MCU run computed on a trained model."""
+    import jax
+    import numpy as np
+
+    from mcu_jax import checkpoint, masks, pytrees
+    from mcu_jax.models import create, init_variables
+
+    model = create("cnn_small", 10)
+    folders = {}
+    for i, name in enumerate(("theta_o", "theta_p")):
+        folders[name] = tmp_path / name
+        checkpoint.save_model(folders[name], init_variables(model, jax.random.PRNGKey(7 + i),
+                                                            (8, 8, 1)))
+    loaded = benchmark.initial_variables(str(folders["theta_o"]), model, None, (8, 8, 1), "x")
+    expected = init_variables(model, jax.random.PRNGKey(7), (8, 8, 1))
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded, expected))
+
+    params = expected["params"]
+    sizes = {p: v.size for p, v in pytrees.flatten(params).items()}
+    head = "head/kernel"
+    masks.save(pytrees.unflatten(params, {p: p == head for p in sizes}), tmp_path / "mask.json")
+    out = benchmark.main(TINY + [
+        "--skip-sweep", "--steps", "2", "--warmup", "0", "--steps-per-call", "1",
+        "--theta-o", str(folders["theta_o"]), "--theta-p", str(folders["theta_p"]),
+        "--mask", str(tmp_path / "mask.json"),
+    ])
+    text = capsys.readouterr().out
+    assert f"theta_o from {folders['theta_o']}, theta_p from {folders['theta_p']}" in text
+    step = out["rows"][0]
+    assert f"mask from {tmp_path / 'mask.json'}" in step["setting"]
+    assert step["numbers"]["trained_fraction"] == pytest.approx(sizes[head] / sum(sizes.values()))
+
+    # Another model's folder, a missing folder, a missing mask file: refused, named.
+    other = tmp_path / "other"
+    checkpoint.save_model(other, init_variables(create("cnn_small", 3), jax.random.PRNGKey(0),
+                                                (8, 8, 1)))
+    with pytest.raises(ValueError, match="--theta-p"):
+        benchmark.main(TINY + ["--skip-sweep", "--steps", "1", "--theta-p", str(other)])
+    for argv, message in (
+        (["--theta-o", str(tmp_path / "none")], "--theta-o: no finished model in"),
+        (["--mask", str(tmp_path / "none.json")], "--mask: no mask file at"),
+        (["--mask", str(tmp_path / "mask.json"), "--end-to-end"], "times the step only"),
+    ):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Tests for mcu_jax.masks against an independent plain-loop implementation."""
 
+import json
 import math
 
 import flax.linen as nn
@@ -268,3 +269,22 @@ def test_mask_gradients_equal_full_batch_gradient():
         masks.mask_gradients(model, variables, images, retain_idx, np.array([], np.int32))
     with pytest.raises(ValueError, match="retain_idx"):
         masks.mask_gradients(model, variables, images, np.array([0, n]), forget_idx)
+
+
+def test_save_and_load_round_trip_and_refusals(tmp_path):
+    params = {"conv": {"kernel": np.zeros((3, 3, 1, 4))}, "dense": {"bias": np.zeros(4)}}
+    mask = {"conv": {"kernel": True}, "dense": {"bias": False}}
+    path = tmp_path / "mask.json"
+    masks.save(mask, path)
+    assert masks.load(path, params) == mask
+    # The file is the flat path -> bool map that an MCU run folder's mask.json holds.
+    assert set(json.loads(path.read_text())) == set(pytrees.flatten(params))
+
+    other = {"conv": {"kernel": np.zeros(1)}, "head": {"bias": np.zeros(1)}}
+    with pytest.raises(ValueError, match=r"mask\.json: not a mask of these parameters.*"):
+        masks.load(path, other)
+    path.write_text('{"conv/kernel": 1, "dense/bias": false}')
+    with pytest.raises(ValueError, match=r"tensor 'conv/kernel' has 1, expected true or false"):
+        masks.load(path, params)
+    with pytest.raises(FileNotFoundError, match="no mask file at .*missing.json"):
+        masks.load(tmp_path / "missing.json", params)
