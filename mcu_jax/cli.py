@@ -4,6 +4,7 @@
     mcu-jax unlearn --theta-o runs/digits/theta_o --method neggrad --out runs/digits/neggrad
     mcu-jax mcu     --theta-o runs/digits/theta_o --theta-p runs/digits/neggrad
                     --out runs/digits/mcu [mcu.epochs=5 mask.k=0.1 selection.num_t=20 ...]
+    mcu-jax mask    --theta-o runs/digits/theta_o --out mask.json [mask.k=0.1 mask.k_r=0.1]
 
 Every config field can be overridden as ``group.field=value`` (``field=value`` for the
 method config of ``unlearn``); ``mcu-jax CMD --fields`` lists them. theta_o's directory
@@ -24,7 +25,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, compile_cache, config, loop, methods, pipeline, problem, train
+from mcu_jax import (
+    checkpoint,
+    compile_cache,
+    config,
+    loop,
+    masks,
+    methods,
+    pipeline,
+    problem,
+    pytrees,
+    train,
+)
 from mcu_jax.mcu import MCUConfig
 
 _DIGITS_TRAIN = train.TrainConfig(epochs=30, lr=0.05)
@@ -99,9 +111,30 @@ def cmd_mcu(args) -> dict:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskCommand:
+    mask: pipeline.MaskConfig = pipeline.MaskConfig()
+
+
+def cmd_mask(args) -> dict:
+    """The section-2.3 mask theta_o gets (as ``mcu`` computes it), without training a curve:
+    to inspect which tensors it trains, or to time the masked step with it
+    (``experiments/benchmark.py --mask FILE``)."""
+    theta_o, _, pcfg = _load_theta_o(args.theta_o)
+    cfg = config.override(MaskCommand(), args.overrides)
+    prob = problem.build(pcfg)
+    mask = pipeline.compute_mask(prob.model, theta_o, prob.train, prob.split, cfg.mask)
+    masks.save(mask, args.out)
+    return {
+        "out": str(args.out),
+        "summary": masks.mask_summary(mask, theta_o["params"]),
+        "trained": [path for path, kept in pytrees.flatten(mask).items() if kept],
+    }
+
+
 # Each command's required options (checked in main, so that --fields needs none of them).
 _REQUIRED = {"train": ("out",), "unlearn": ("theta_o", "method", "out"),
-             "mcu": ("theta_o", "theta_p", "out")}
+             "mcu": ("theta_o", "theta_p", "out"), "mask": ("theta_o", "out")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--theta-o")
     p.add_argument("--theta-p")
     p.add_argument("--out", type=Path)
+    p = sub.add_parser("mask", help="compute theta_o's parameter mask and save it as JSON")
+    p.add_argument("--theta-o")
+    p.add_argument("--out", type=Path)
     for p in sub.choices.values():
         compile_cache.add_argument(p)
         p.add_argument("--fields", action="store_true",
@@ -126,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "mcu": cmd_mcu}
+_COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "mcu": cmd_mcu, "mask": cmd_mask}
 
 
 def _fields(command: str, method: str | None) -> list[str]:
@@ -134,6 +170,8 @@ def _fields(command: str, method: str | None) -> list[str]:
         return config.field_names(TrainCommand())
     if command == "unlearn":
         return config.field_names(methods.default_config(method or "neggrad"))
+    if command == "mask":
+        return config.field_names(MaskCommand())
     return config.field_names(MCUCommand())
 
 

@@ -32,6 +32,15 @@ def test_train_unlearn_mcu_chain(tmp_path, capsys):
     result = json.loads(out)
     assert 0.75 <= result["t_star"] <= 1.0
     assert (tmp_path / "m" / "model" / "metadata.json").is_file()
+    # `mask` saves the mask that `mcu` computed for the same theta_o and mask settings.
+    code, out, _ = _run(capsys, ["mask", "--theta-o", str(tmp_path / "o"), "--out",
+                                 str(tmp_path / "mask.json"), "mask.k=0.5"])
+    assert code == 0, out
+    result = json.loads(out)
+    saved = json.loads((tmp_path / "mask.json").read_text())
+    assert saved == json.loads((tmp_path / "m" / "mask.json").read_text())
+    assert result["trained"] == [p for p, kept in saved.items() if kept]
+    assert result["summary"].startswith("mask keeps ")
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -60,6 +69,8 @@ def test_fields_lists_what_overrides_can_set(capsys):
     assert code == 0 and {"alpha", "epochs", "bn"} <= set(out.split())
     code, out, _ = _run(capsys, ["train", "--fields"])
     assert code == 0 and "train.epochs" in out.split()
+    code, out, _ = _run(capsys, ["mask", "--fields"])
+    assert code == 0 and out.split() == ["mask.enabled", "mask.k", "mask.k_r", "mask.batch_size"]
     with pytest.raises(SystemExit) as info:  # without --fields the folders are required
         cli.main(["mcu", "--out", "x"])
     assert info.value.code == 2
