@@ -4,7 +4,7 @@ output bytes of each fusion of the compiled program, on the backend it is compil
 usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 128]
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
-                                           [--bytes-per-s 3e12]
+                                           [--bytes-per-s 3e12] [--mask MASK.json]
 
 Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
 runs, batch ``--batch-size``), (2) a train-mode forward pass (BatchNorm with batch statistics,
@@ -16,7 +16,9 @@ rate and its measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`
 ``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). For the eval
 passes it also counts the convolutions the GPU compiler turned into cuDNN calls with a fused
 bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
-decides the bytes); on CPU they estimate a GPU's. Prints a Markdown table.
+decides the bytes); on CPU they estimate a GPU's. With ``--mask`` (a mask saved by
+``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
+step with that mask, whose frozen tensors get no weight gradient. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import curves, mcu
+from mcu_jax import curves, masks, mcu, pytrees
 from mcu_jax.data import Images
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -55,9 +57,10 @@ def _conv_calls(compiled) -> str:
     return f"cuDNN convolutions: {fused} fused, {plain} plain"
 
 
-def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> list[dict]:
+def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
+            mask_file: str | None = None) -> list[dict]:
     """Rows {"program", "flops", "bytes", "per"} (and "note" for the evaluation passes) of
-    the four programs."""
+    the four programs, then the masked step's when ``mask_file`` is given."""
     h, w, c = SHAPES.get(model_name, (32, 32, 3))
     model = create(model_name, 10, dtype=dtype)
     theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
@@ -70,18 +73,20 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> li
                                 "crop_flip" if (h, w) == (32, 32) else "none")
     is_forget = np.arange(n) % 11 == 0
     config = MCUConfig(batch_size=batch_size, progress=False)
-    mask = jax.tree.map(lambda _: True, theta_o["params"])
     theta_c = curves.midpoint(theta_o["params"], theta_p["params"])
-    state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
-                                       is_forget, (100.0, 90.0), config)
     tx = optax.sgd(config.lr, momentum=config.momentum)
-    step = mcu.make_curve_step(model, tx, config, theta_o["params"])
     idx = jnp.arange(batch_size, dtype=jnp.int32)
-    rows = []
-    flops, nbytes = _cost(jax.jit(step).lower(state, consts, idx, jax.random.PRNGKey(0))
-                          .compile())
-    rows.append({"program": f"curve step (batch {batch_size})", "flops": flops,
-                 "bytes": nbytes, "per": "step"})
+
+    def step_row(mask, name: str) -> dict:
+        state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
+                                           is_forget, (100.0, 90.0), config)
+        step = mcu.make_curve_step(model, tx, config, theta_o["params"])
+        flops, nbytes = _cost(jax.jit(step).lower(state, consts, idx, jax.random.PRNGKey(0))
+                              .compile())
+        return {"program": f"curve step (batch {batch_size}{name})", "flops": flops,
+                "bytes": nbytes, "per": "step"}
+
+    rows = [step_row(jax.tree.map(lambda _: True, theta_o["params"]), "")]
     xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
     train_fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     flops, nbytes = _cost(train_fwd.lower(theta_o, xb).compile())
@@ -95,6 +100,15 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int) -> li
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
                      "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
                      "per": "image", "note": _conv_calls(compiled)})
+    if mask_file is not None:
+        mask = masks.load(mask_file, theta_o["params"])
+        sizes = {p: v.size for p, v in pytrees.flatten(theta_o["params"]).items()}
+        kept = sum(sizes[p] for p, m in pytrees.flatten(mask).items() if m)
+        share = 100.0 * kept / sum(sizes.values())
+        row = step_row(mask, f", mask from {mask_file}: {share:.1f}% of elements trained")
+        row["note"] = (f"{row['flops'] / rows[0]['flops']:.2f} of the unmasked step's FLOPs, "
+                       f"{row['bytes'] / rows[0]['bytes']:.2f} of its bytes")
+        rows.append(row)
     return rows
 
 
@@ -134,13 +148,15 @@ def main(argv=None) -> str:
     p.add_argument("--sweep-images", type=int, default=6000, help="images per pass and t")
     p.add_argument("--flops-per-s", type=float, default=4e14)
     p.add_argument("--bytes-per-s", type=float, default=3e12)
+    p.add_argument("--mask", metavar="FILE", default=None,
+                   help="also the step with this saved mask (masks.save / mcu-jax mask)")
     args = p.parse_args(argv)
     for name in ("batch_size", "eval_batch", "num_t", "sweep_images", "flops_per_s",
                  "bytes_per_s"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch)
-    rows.append(sweep_row(rows, args.num_t, args.sweep_images))
+    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask)
+    rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))
     text = (f"# XLA cost analysis: {args.model} {args.dtype} on {jax.devices()[0].device_kind} "
             f"(jax {jax.__version__})\n\n"
             + table(rows, args.flops_per_s, args.bytes_per_s))

@@ -223,3 +223,32 @@ def test_cost_analysis_counts_the_programs(capsys):
     sweep = cost.sweep_row(step, 2, 10)
     assert sweep["flops"] == pytest.approx(20 * (step[1]["flops"] + step[2]["flops"]))
     assert "cnn_small float32" in capsys.readouterr().out
+
+
+def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
+    """--mask compiles the step with a saved mask too: training only the head needs no
+    backward pass through the convolutions, so the step costs far less."""
+    import jax
+
+    from mcu_jax import masks, pytrees
+    from mcu_jax.models import create, init_variables
+
+    cost = _load("cost_analysis")
+    params = init_variables(create("cnn_small", 10), jax.random.PRNGKey(0), (8, 8, 1))["params"]
+    flat = pytrees.flatten(params)
+    masks.save(pytrees.unflatten(params, {p: p.startswith("head/") for p in flat}),
+               tmp_path / "mask.json")
+    text = cost.main(["--model", "cnn_small", "--batch-size", "16", "--eval-batch", "32",
+                      "--num-t", "2", "--sweep-images", "10", "--mask",
+                      str(tmp_path / "mask.json")])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names[4].startswith("sweep (") and len(names) == 6
+    share = 100 * sum(v.size for p, v in flat.items() if p.startswith("head/")) / sum(
+        v.size for v in flat.values())
+    assert names[5] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
+                        f"{share:.1f}% of elements trained)")
+    step = cost.analyse("cnn_small", 16, "float32", 32, str(tmp_path / "mask.json"))
+    assert step[-1]["flops"] < 0.5 * step[0]["flops"]
+    assert f"{step[-1]['flops'] / step[0]['flops']:.2f} of the unmasked step's FLOPs" in text
+    capsys.readouterr()
