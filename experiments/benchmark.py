@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "code path; on CPU it is much slower, so only for checking that path)")
     s.add_argument("--mask-images", type=int, default=2048,
                    help="images of D_r and of D_f the step benchmark's mask gradients use")
+    s.add_argument("--save-mask", metavar="FILE.json", default=None,
+                   help="write the step's mask (masks.save), e.g. for cost_analysis.py --mask")
     s.add_argument("--skip-step", action="store_true", help="do not time the curve step")
     e = p.add_argument_group("sweep")
     e.add_argument("--num-t", type=int, default=20)
@@ -564,6 +566,8 @@ def run(args) -> dict:
     if not args.skip_step:
         mask = build_mask(model, theta_o, images, is_forget, args.mask, args.mask_images,
                           k_step)
+        if args.save_mask is not None:
+            masks.save(mask, args.save_mask)
         rows.append(bench_step(args, model, theta_o, theta_p, images, is_forget, mask,
                                k_step))
     if not args.skip_sweep:

@@ -27,6 +27,17 @@ TINY = ["--model", "cnn_small", "--train-images", "192", "--batch-size", "32",
         "--bn-batch-size", "32"]
 
 
+def _cnn_small_params() -> dict:
+    """cnn_small's parameters by path (10 classes, 8x8x1 input)."""
+    import jax
+
+    from mcu_jax import pytrees
+    from mcu_jax.models import create, init_variables
+
+    variables = init_variables(create("cnn_small", 10), jax.random.PRNGKey(0), (8, 8, 1))
+    return pytrees.flatten(variables["params"])
+
+
 def _table_rows(text: str) -> list[list[str]]:
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
@@ -37,6 +48,7 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
     out = benchmark.main(TINY + [
         "--steps", "4", "--warmup", "1", "--steps-per-call", "2", "--num-t", "3",
         "--mask", "0.1", "--compare-strategies", "--chunk-size", "2", "--scan",
+        "--save-mask", str(tmp_path / "mask.json"),
         "--profile", str(tmp_path / "trace"), "--json", str(out_json),
     ])
     text = capsys.readouterr().out
@@ -49,6 +61,11 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
     step = out["rows"][0]["numbers"]
     assert step["steps"] == 4 and step["step_ms"] > 0 and step["compile_s"] >= 0
     assert 0 < step["trained_fraction"] <= 1
+    # --save-mask wrote the mask the step trained with.
+    saved = json.loads((tmp_path / "mask.json").read_text())
+    sizes = {p: v.size for p, v in _cnn_small_params().items()}
+    kept = sum(sizes[p] for p, m in saved.items() if m)
+    assert kept / sum(sizes.values()) == pytest.approx(step["trained_fraction"])
     assert "ms/step" in body[0][3] and "img/s" in body[0][4]
     strategies = [(r["numbers"]["strategy"], r["numbers"]["chunk_size"]) for r in out["rows"][1:]]
     assert strategies == [("map", None), ("vmap", None), ("vmap", 2)]
