@@ -100,6 +100,8 @@ def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images
     state, consts, _ = mcu.setup_curve(
         small_model, theta_o, theta_p, curves.midpoint(theta_o["params"], theta_p["params"]),
         mask, train_images, is_forget, refs, config)
+    # Before any batch beta is beta_init (kept by batches that lack a part), not fixed beta.
+    assert config.beta_init != config.beta and float(state.beta) == config.beta_init
     tx = optax.sgd(config.lr, momentum=config.momentum)
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, theta_o["params"]))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
@@ -119,6 +121,11 @@ def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
     assert float(m["ce_r"]) == pytest.approx(float(ce[:96].mean()), rel=1e-5)
     assert float(m["ce_f"]) == pytest.approx(float(ce[96:].mean()), rel=1e-5)
+    # The accuracies beta is computed from, in percent like the references.
+    correct = np.asarray(jnp.argmax(logits, -1) == train_images.y[mixed])
+    assert float(m["acc_r"]) == pytest.approx(100 * correct[:96].mean(), abs=1e-4)
+    assert float(m["acc_f"]) == pytest.approx(100 * correct[96:].mean(), abs=1e-4)
+    assert float(m["acc_f"]) > 1.0  # theta(t) near theta_o still knows D_f
     for i in range(6):
         state = state.replace(beta=jnp.float32(0.77))  # not a value the rule can give
         state, m = step(state, consts, mixed, jax.random.PRNGKey(i))
@@ -130,6 +137,10 @@ def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images
     _, m = step(state.replace(beta=jnp.float32(0.77)), consts, retain_only,
                 jax.random.PRNGKey(9))
     assert float(m["beta"]) == pytest.approx(0.77) and float(m["n_f"]) == 0
+    forget_only = jnp.asarray(digits_split.forget[:32], jnp.int32)
+    _, m = step(state.replace(beta=jnp.float32(0.77)), consts, forget_only,
+                jax.random.PRNGKey(10))
+    assert float(m["beta"]) == pytest.approx(0.77) and float(m["n_r"]) == 0
 
 
 def test_polychain_curve_trains_the_chain_through_theta_c(theta_o, theta_p, digits_images,

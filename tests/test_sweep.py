@@ -43,10 +43,11 @@ def curve_points(theta_o):
     return [theta_o["params"], perturb(0, 0.5), perturb(len(leaves), 0.3)]
 
 
-def _loop_reference(model, points, ts, template, train_images, bn_idx, sets):
+def _loop_reference(model, points, ts, template, train_images, bn_idx, sets, curve=None):
+    curve = curve or (lambda points, t: curves.bezier(*points, t))
     acc, probs = {n: [] for n in sets}, {n: [] for n in sets}
     for t in ts:
-        params = curves.bezier(*points, float(t))
+        params = curve(points, float(t))
         variables = bn.recompute(model, {"params": params, "batch_stats": template},
                                  train_images, bn_idx, batch_size=128)
         for name, (images, idx) in sets.items():
@@ -76,6 +77,27 @@ def test_sweep_equals_loop_over_t(strategy, chunk, curve_points, theta_o, digits
         np.testing.assert_allclose(result.acc[name], acc[name], atol=1e-3)
         np.testing.assert_allclose(result.probs[name], np.stack(probs[name]), atol=1e-4)
     assert result.probs["forget"].shape == (5, len(digits_split.forget))
+
+
+def test_polychain_sweep_equals_loop_over_the_chain(curve_points, theta_o, digits_images,
+                                                   digits_split, small_model):
+    """curve="polychain" sweeps the chain theta_o -> theta_c (t = 1/2) -> theta_p, not the
+    Bezier curve of the same points (the two differ away from t = 0 and 1)."""
+    train_images, test_images = digits_images
+    ts = np.array([0.25, 0.5, 0.7], np.float32)
+    sets = {"forget": (train_images, digits_split.forget),
+            "test": (test_images, digits_split.test)}
+    bn_idx = digits_split.retain[:256]
+    result = sweep.sweep(small_model, curve_points, ts, theta_o["batch_stats"],
+                         (train_images, bn_idx), sets, return_probs=True, curve="polychain")
+    acc, probs = _loop_reference(small_model, curve_points, ts, theta_o["batch_stats"],
+                                 train_images, bn_idx, sets, curve=curves.polychain)
+    _, bezier_probs = _loop_reference(small_model, curve_points, ts, theta_o["batch_stats"],
+                                      train_images, bn_idx, sets)
+    for name in sets:
+        np.testing.assert_allclose(result.acc[name], acc[name], atol=1e-3)
+        np.testing.assert_allclose(result.probs[name], np.stack(probs[name]), atol=1e-4)
+        assert np.abs(result.probs[name] - np.stack(bezier_probs[name])).max() > 1e-2
 
 
 def test_sweep_at_t0_is_theta_o_with_recomputed_statistics(curve_points, theta_o,
