@@ -79,6 +79,25 @@ def test_dtype_preserved_bfloat16_and_mixed():
     _assert_tree_equal(curves.bezier(*mixed, 1.0), mixed[2])
 
 
+def test_bfloat16_points_use_the_exact_t():
+    """The weights come from t in float32 even for bfloat16 points: t = 0.999 rounds to 1.0
+    in bfloat16, which would put theta(t) exactly at theta_p."""
+    o, c, p = (jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), t)
+               for t in _points(3, seed=4))
+    t = 0.999
+    out = curves.bezier(o, c, p, jnp.float32(t))
+    for got, a, b, d in zip(*(jax.tree_util.tree_leaves(x) for x in (out, o, c, p)),
+                            strict=True):
+        a, b, d = (np.asarray(v, np.float64) for v in (a, b, d))
+        expected = (1 - t) ** 2 * a + 2 * t * (1 - t) * b + t**2 * d
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-2,
+                                   atol=1e-2)
+    differs = [not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(p),
+                               strict=True)]
+    assert any(differs)
+
+
 @pytest.mark.parametrize("t", [0.5, 0.25, 0.8])
 def test_bezier_matches_formula(t):
     o, c, p = _points(3, seed=4)

@@ -229,3 +229,10 @@ def test_curve_training_rejects_bad_input(theta_o, theta_p, digits_images, digit
                jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="beta_mode"):
         MCUConfig(beta_mode="sometimes")
+
+
+@pytest.mark.parametrize("field", ["epochs", "batch_size"])
+def test_config_integers_refuse_booleans(field):
+    """True is an int to Python; as a count of epochs or a batch size it is a mistake."""
+    with pytest.raises(ValueError, match=rf"{field} must be an int"):
+        MCUConfig(**{field: True})

@@ -207,6 +207,13 @@ def test_rows_over_seeds_keeps_given_avg_gap_and_combines_dicts():
     (row,) = metrics.rows_over_seeds(per_seed)
     assert row["avg_gap"]["mean"] == 8.0
     assert row["acc"]["forget"]["mean"] == 98.0
+    # A given avg_gap is kept even when RT is there to compute one from.
+    rt = {"UA": 5.0, "RA": 100.0, "TA": 90.0, "MIA": 10.0}
+    per_seed = [{"RT": rt, "A": {"UA": 1.0, "RA": 100.0, "TA": 90.0, "MIA": 10.0,
+                                 "avg_gap": 9.0}}]
+    rows = {r["method"]: r for r in metrics.rows_over_seeds(per_seed, rt_name="RT")}
+    assert metrics.avg_gap(per_seed[0]["A"], rt) == 1.0
+    assert rows["A"]["avg_gap"]["mean"] == 9.0
 
 
 @pytest.mark.parametrize("per_seed", [[], {"RT": {}}, [{"RT": 3.0}], [3]])

@@ -104,3 +104,14 @@ def test_split_by_mask_mismatch_and_merge_overlap():
     flat = pytrees.flatten(tree)
     with pytest.raises(ValueError, match="both"):
         pytrees.merge(flat, {"params/Conv_0/bias": 1}, tree)
+
+
+@pytest.mark.parametrize("leaf, match", [
+    (jnp.ones((2, 4)), r"shape.*params/Dense_0/kernel"),  # same size, transposed
+    (jnp.ones((4, 2), jnp.float16), r"dtype.*params/Dense_0/kernel.*float16"),  # same kind
+])
+def test_check_compatible_compares_exact_shapes_and_dtypes(leaf, match):
+    b = _tree()
+    b["params"]["Dense_0"]["kernel"] = leaf
+    with pytest.raises(ValueError, match=match):
+        pytrees.check_compatible(theta_o=_tree(), theta_p=b)

@@ -108,6 +108,8 @@ def test_other_errors():
         selection.effective_region(ts[:-1], np.zeros(9))
     with pytest.raises(ValueError, match="lo"):
         selection.optimal_t(ts, np.zeros(10), lo=0.9, hi=0.8)
+    with pytest.raises(ValueError, match="lo"):  # an empty interval too
+        selection.optimal_t(ts, np.zeros(10), lo=0.8, hi=0.8)
     with pytest.raises(ValueError, match="outside the sweep"):
         selection.optimal_t(ts[:-1], np.zeros(9))
     with pytest.raises(ValueError, match="finite"):

@@ -287,6 +287,11 @@ def main() -> None:
         "gaps_close": bool(np.allclose(p1.gaps, p8.gaps, atol=1e-3)),
         "theta_c": _max_diff(p1.theta_c, p8.theta_c),
     }
+    # A mesh of n devices takes the first n; the t of a sweep are split over the mesh.
+    out["mesh_layout"] = {
+        "first_devices": sharding.make_mesh(2).devices.tolist() == jax.devices()[:2],
+        "t_split": sharding.t_spec(mesh) == jax.sharding.PartitionSpec("data"),
+    }
     out["seconds"] = time.perf_counter() - t_start
     print("SHARDING-JSON " + json.dumps(out))
 
@@ -457,6 +462,7 @@ def test_eight_devices_equal_one():
     assert out["eval_split"]["gradient"]["all_reduce"]
     assert out["pipeline"]["theta_c"]["allclose"] and out["pipeline"]["gaps_close"]
     assert abs(out["pipeline"]["t_star"][0] - out["pipeline"]["t_star"][1]) < 1e-6
+    assert out["mesh_layout"] == {"first_devices": True, "t_split": True}
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -416,3 +416,19 @@ def test_fit_steps_the_epoch_cosine_once_per_epoch():
     want = -5 * sum(0.1 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3))
     moved = out["params"]["Dense_0"]["bias"] - v0["params"]["Dense_0"]["bias"]
     np.testing.assert_allclose(moved, [want], rtol=1e-5)
+
+
+def test_per_sample_outputs_against_numpy():
+    """Correctness, cross-entropy and the probability of the TRUE class (the MIA's feature),
+    on logits whose argmax is not the label."""
+    from mcu_jax.evaluation import per_sample_outputs
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.5, 0.0]], np.float32)
+    labels = np.array([1, 2, 0])
+    out = per_sample_outputs(jnp.asarray(logits), jnp.asarray(labels))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    true_p = p[np.arange(3), labels]
+    np.testing.assert_allclose(out["prob"], true_p, rtol=1e-6)
+    np.testing.assert_allclose(out["loss"], -np.log(true_p), rtol=1e-6)
+    np.testing.assert_array_equal(out["correct"], [0.0, 1.0, 0.0])
