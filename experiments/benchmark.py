@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import checkpoint, curves, masks, mcu, pipeline, pytrees, selection, sharding, sweep
+from mcu_jax import checkpoint, curves, masks, mcu, pipeline, selection, sharding, sweep
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -404,10 +404,7 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     steps = timed_calls * call
     step_s = elapsed / steps
     compile_s = max(first - call * step_s, 0.0)
-    sizes = {k: v.size for k, v in pytrees.flatten(theta_o["params"]).items()}
-    flat_mask = pytrees.flatten(mask)
-    kept = sum(s for k, s in sizes.items() if flat_mask[k])
-    frac = kept / sum(sizes.values())
+    frac = masks.trained_fraction(mask, theta_o["params"])
     setting = (f"{args.model} {args.dtype}, batch {args.batch_size}, "
                f"mask {describe_mask(args.mask)} ({100 * frac:.1f}% of elements trained), "
                f"{steps} steps")

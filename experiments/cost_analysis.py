@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import curves, masks, mcu, pytrees
+from mcu_jax import curves, masks, mcu
 from mcu_jax.data import Images
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -102,9 +102,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
                      "per": "image", "note": _conv_calls(compiled)})
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
-        sizes = {p: v.size for p, v in pytrees.flatten(theta_o["params"]).items()}
-        kept = sum(sizes[p] for p, m in pytrees.flatten(mask).items() if m)
-        share = 100.0 * kept / sum(sizes.values())
+        share = 100.0 * masks.trained_fraction(mask, theta_o["params"])
         row = step_row(mask, f", mask from {mask_file}: {share:.1f}% of elements trained")
         row["note"] = (f"{row['flops'] / rows[0]['flops']:.2f} of the unmasked step's FLOPs, "
                        f"{row['bytes'] / rows[0]['bytes']:.2f} of its bytes")
@@ -156,7 +154,7 @@ def main(argv=None) -> str:
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask)
-    rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))
+    rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))  # after the 4 programs
     text = (f"# XLA cost analysis: {args.model} {args.dtype} on {jax.devices()[0].device_kind} "
             f"(jax {jax.__version__})\n\n"
             + table(rows, args.flops_per_s, args.bytes_per_s))

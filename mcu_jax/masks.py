@@ -109,20 +109,30 @@ def random_mask(params: PyTree, fraction: float, key: jax.Array) -> PyTree:
     return pytrees.unflatten(params, {p: p in kept for p in sizes})
 
 
-def mask_summary(mask: PyTree, params: PyTree) -> str:
-    """One line: how many elements and tensors of ``params`` the mask keeps."""
+def _kept_elements(mask: PyTree, params: PyTree) -> tuple[int, int, dict[str, bool]]:
+    """(elements kept, elements in all, the flat mask) of ``params`` under ``mask``."""
     flat_mask = pytrees.flatten(mask)
     sizes = {p: math.prod(np.shape(v)) for p, v in pytrees.flatten(params).items()}
     if set(flat_mask) != set(sizes):
         raise ValueError("mask and params have different leaf paths")
-    total = sum(sizes.values())
-    kept = sum(s for p, s in sizes.items() if flat_mask[p])
+    return sum(s for p, s in sizes.items() if flat_mask[p]), sum(sizes.values()), flat_mask
+
+
+def trained_fraction(mask: PyTree, params: PyTree) -> float:
+    """The share of ``params``' elements that ``mask`` trains (0 for no elements)."""
+    kept, total, _ = _kept_elements(mask, params)
+    return kept / total if total else 0.0
+
+
+def mask_summary(mask: PyTree, params: PyTree) -> str:
+    """One line: how many elements and tensors of ``params`` the mask keeps."""
+    kept, total, flat_mask = _kept_elements(mask, params)
     n_kept = sum(bool(v) for v in flat_mask.values())
     frac_e = 100.0 * kept / total if total else 0.0
-    frac_t = 100.0 * n_kept / len(sizes) if sizes else 0.0
+    frac_t = 100.0 * n_kept / len(flat_mask) if flat_mask else 0.0
     return (
         f"mask keeps {kept:,} of {total:,} elements ({frac_e:.2f}%) in "
-        f"{n_kept} of {len(sizes)} tensors ({frac_t:.2f}%)"
+        f"{n_kept} of {len(flat_mask)} tensors ({frac_t:.2f}%)"
     )
 
 

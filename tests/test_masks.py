@@ -202,6 +202,10 @@ def test_mask_summary():
     line = masks.mask_summary({"a": True, "b": True, "c": False}, params)
     assert line == "mask keeps 40 of 100 elements (40.00%) in 2 of 3 tensors (66.67%)"
     assert "\n" not in line
+    assert masks.trained_fraction({"a": True, "b": True, "c": False}, params) == 0.4
+    assert masks.trained_fraction({}, {}) == 0.0
+    with pytest.raises(ValueError, match="different leaf paths"):
+        masks.trained_fraction({"a": True}, params)
 
 
 # ---------------------------------------------------------------- mask_gradients
