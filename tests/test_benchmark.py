@@ -27,15 +27,15 @@ TINY = ["--model", "cnn_small", "--train-images", "192", "--batch-size", "32",
         "--bn-batch-size", "32"]
 
 
-def _cnn_small_params() -> dict:
-    """cnn_small's parameters by path (10 classes, 8x8x1 input)."""
+def _cnn_small_sizes() -> dict[str, int]:
+    """cnn_small's tensor sizes by path (10 classes, 8x8x1 input)."""
     import jax
 
     from mcu_jax import pytrees
     from mcu_jax.models import create, init_variables
 
     variables = init_variables(create("cnn_small", 10), jax.random.PRNGKey(0), (8, 8, 1))
-    return pytrees.flatten(variables["params"])
+    return {p: v.size for p, v in pytrees.flatten(variables["params"]).items()}
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -63,7 +63,7 @@ def test_step_and_sweep_table(benchmark, tmp_path, capsys):
     assert 0 < step["trained_fraction"] <= 1
     # --save-mask wrote the mask the step trained with.
     saved = json.loads((tmp_path / "mask.json").read_text())
-    sizes = {p: v.size for p, v in _cnn_small_params().items()}
+    sizes = _cnn_small_sizes()
     kept = sum(sizes[p] for p, m in saved.items() if m)
     assert kept / sum(sizes.values()) == pytest.approx(step["trained_fraction"])
     assert "ms/step" in body[0][3] and "img/s" in body[0][4]
@@ -140,10 +140,10 @@ def test_trained_models_and_a_mask_file(benchmark, tmp_path, capsys):
     expected = init_variables(model, jax.random.PRNGKey(7), (8, 8, 1))
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded, expected))
 
-    params = expected["params"]
-    sizes = {p: v.size for p, v in pytrees.flatten(params).items()}
+    sizes = _cnn_small_sizes()
     head = "head/kernel"
-    masks.save(pytrees.unflatten(params, {p: p == head for p in sizes}), tmp_path / "mask.json")
+    masks.save(pytrees.unflatten(expected["params"], {p: p == head for p in sizes}),
+               tmp_path / "mask.json")
     out = benchmark.main(TINY + [
         "--skip-sweep", "--steps", "2", "--warmup", "0", "--steps-per-call", "1",
         "--theta-o", str(folders["theta_o"]), "--theta-p", str(folders["theta_p"]),
