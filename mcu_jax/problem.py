@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mcu_jax.data import Images, Split, load_dataset, make_split
+from mcu_jax import checks
+from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
 from mcu_jax.models import create
 
 
@@ -26,6 +27,14 @@ class ProblemConfig:
     val_ratio: float = 0.1
     retain_ratio: float = 0.5
     seed: int = 0
+    # A class-stratified subset of the data set for quick runs (None: all images). It is the
+    # same for every seed (drawn from its own seed 0); the split is drawn inside it.
+    train_size: int | None = None
+    test_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("train_size", "test_size"):
+            checks.optional_integer(name, getattr(self, name), low=1)
 
 
 @dataclasses.dataclass
@@ -43,8 +52,9 @@ class Problem:
 
 
 def build(config: ProblemConfig) -> Problem:
-    """Loads the data, draws the split from the seed and creates the model."""
-    dataset = load_dataset(config.dataset, config.data_dir)
+    """Loads the data (and its subset), draws the split from the seed, creates the model."""
+    dataset = subsample(load_dataset(config.dataset, config.data_dir),
+                        config.train_size, config.test_size)
     split = make_split(
         dataset,
         scenario=config.scenario,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mcu_jax.data import (
     make_split,
     normalize,
     prepare_batch,
+    subsample,
     to_device,
 )
 from mcu_jax.data.datasets import CIFAR10_CLASSES, ENV_DATA_DIR
@@ -547,6 +549,78 @@ def test_split_degenerate_forget_sets():
         make_split(_toy(present=[0, 1, 3]), "class", forget_class=2)
     with pytest.raises(ValueError, match="forget_class=0 holds every training sample"):
         make_split(_toy(num_classes=2, present=[0]), "class", forget_class=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Subsets
+# --------------------------------------------------------------------------------------------
+
+
+def _indexed(labels_train, labels_test) -> Dataset:
+    """A data set whose every image stores its own index (two pixels: high and low byte)."""
+    def images(n):
+        i = np.arange(n)
+        return np.stack([i // 256, i % 256], axis=1).astype(np.uint8).reshape(n, 1, 2, 1)
+    y_tr, y_te = np.asarray(labels_train, np.int32), np.asarray(labels_test, np.int32)
+    return Dataset(name="indexed", x_train=images(len(y_tr)), y_train=y_tr,
+                   x_test=images(len(y_te)), y_test=y_te, num_classes=3, mean=(0.3,),
+                   std=(0.2,), augment="crop_flip")
+
+
+def _kept(x: np.ndarray) -> np.ndarray:
+    return x[:, 0, 0, 0].astype(int) * 256 + x[:, 0, 1, 0]
+
+
+def test_subsample_keeps_each_class_share_in_order():
+    # 600 / 300 / 100 training images; a subset of 101 keeps 60.6 / 30.3 / 10.1 -> the one
+    # image left after the floors goes to class 0, the largest remainder.
+    ds = _indexed(np.repeat([0, 1, 2], [600, 300, 100]), np.tile([0, 1, 2], 100))
+    sub = subsample(ds, train_size=101, test_size=30)
+    np.testing.assert_array_equal(np.bincount(sub.y_train, minlength=3), [61, 30, 10])
+    np.testing.assert_array_equal(np.bincount(sub.y_test, minlength=3), [10, 10, 10])
+    for part in ("train", "test"):
+        idx = _kept(getattr(sub, f"x_{part}"))
+        assert np.all(np.diff(idx) > 0), part  # distinct images in their original order
+        np.testing.assert_array_equal(getattr(sub, f"y_{part}"), getattr(ds, f"y_{part}")[idx])
+    assert (sub.mean, sub.std, sub.augment, sub.num_classes) == (ds.mean, ds.std, ds.augment, 3)
+
+
+def test_subsample_seeded_and_whole_sets_untouched():
+    ds = _indexed(np.repeat([0, 1, 2], 50), np.repeat([0, 1, 2], 20))
+    a, b = subsample(ds, 60, seed=1), subsample(ds, 60, seed=1)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, subsample(ds, 60, seed=2).x_train)
+    assert a.x_test is ds.x_test  # test_size None keeps the test set
+    assert subsample(ds) is ds and subsample(ds, 150, 60) is ds
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"train_size": 151}, "train_size=151 but 'indexed' has 150"),
+    ({"test_size": 61}, "test_size=61 but 'indexed' has 60"),
+    ({"train_size": 0}, "train_size must be an int >= 1, got 0"),
+    ({"test_size": True}, "test_size must be an int >= 1, got True"),
+    ({"train_size": 10, "seed": -1}, "seed must be an int >= 0"),
+])
+def test_subsample_bad_sizes(kwargs, word):
+    ds = _indexed(np.repeat([0, 1, 2], 50), np.repeat([0, 1, 2], 20))
+    with pytest.raises(ValueError, match=re.escape(word)):
+        subsample(ds, **kwargs)
+
+
+def test_problem_subset_is_the_same_for_every_seed_and_split_inside():
+    from mcu_jax import config, problem
+
+    a = problem.build(problem.ProblemConfig(train_size=500, test_size=100, seed=0))
+    b = problem.build(problem.ProblemConfig(train_size=500, test_size=100, seed=1))
+    assert a.dataset.num_train == 500 and a.dataset.num_test == 100
+    np.testing.assert_array_equal(a.dataset.x_train, b.dataset.x_train)
+    assert not np.array_equal(a.split.forget, b.split.forget)
+    _check_partition(a.split, a.dataset)
+    assert len(a.split.forget) == 50 and a.train.num_examples == 500
+    # theta_o's metadata stores the problem as a dict; the CLI rebuilds the same subset from it.
+    assert problem.ProblemConfig(**config.to_dict(a.config)) == a.config
+    with pytest.raises(ValueError, match="train_size must be an int >= 1, got 0"):
+        problem.ProblemConfig(train_size=0)
 
 
 # --------------------------------------------------------------------------------------------

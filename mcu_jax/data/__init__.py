@@ -4,6 +4,7 @@ from mcu_jax.data.batching import epoch_batches, eval_batches, to_device
 from mcu_jax.data.datasets import DATASETS, Dataset, load_dataset
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import Split, make_split
+from mcu_jax.data.subsets import subsample
 from mcu_jax.data.transforms import augment, normalize, prepare_batch
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "make_split",
     "normalize",
     "prepare_batch",
+    "subsample",
     "to_device",
 ]
