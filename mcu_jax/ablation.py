@@ -1,5 +1,6 @@
-"""Ablation sweeps of the paper: beta, k, k_r (Figures 4-6), under- vs over-forgetting
-theta_p (Figure 7) and the share of D_r used for curve training (Figures 8-9).
+"""Ablation sweeps of the paper: the mask's speed and a random mask (Figure 2), beta, k,
+k_r (Figures 4-6), under- vs over-forgetting theta_p (Figure 7) and the share of D_r used
+for curve training (Figures 8-9).
 
 Each sweep shares theta_o, RT and (except ``forgetting``) the base method with the
 experiment it extends, varies one setting, runs MCU once per value and draws one figure.
@@ -33,6 +34,7 @@ from mcu_jax.experiment import (
 from mcu_jax.runs import RunDir
 
 KINDS = {
+    "mask": "no mask vs parameter mask (k = k_r = value) vs random mask, MCU (Figure 2)",
     "beta": "fixed beta of MCU (Figure 4)",
     "k": "mask k of MCU (Figure 5)",
     "k_r": "mask k_r of MCU (Figure 6)",
@@ -42,7 +44,7 @@ KINDS = {
 
 
 #: The paper's default of each varied setting (the value its figures frame).
-PAPER_DEFAULTS = {"beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5}
+PAPER_DEFAULTS = {"mask": 0.1, "beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +66,8 @@ class AblationConfig:
         for v in self.values:
             if self.kind in ("k", "k_r") and not 0.0 <= v <= 1.0:
                 raise ValueError(f"values: {self.kind}={v} is outside [0, 1]")
-            if self.kind == "retain_share" and not 0.0 < v <= 1.0:
-                raise ValueError(f"values: retain_share={v} is outside (0, 1]")
+            if self.kind in ("retain_share", "mask") and not 0.0 < v <= 1.0:
+                raise ValueError(f"values: {self.kind}={v} is outside (0, 1]")
             if self.kind == "beta" and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"values: beta={v}; expected a finite number >= 0")
             if self.kind == "forgetting" and not (float(v).is_integer() and v >= 1):
@@ -79,7 +81,25 @@ def _label(kind: str, value: float) -> str:
         return f"{int(value)} epochs"
     if kind == "retain_share":
         return f"{100 * value:g}% of D_r"
+    if kind == "mask":
+        return f"{100 * value:g}% mask"
     return f"{kind}={value:g}"
+
+
+MASK_VARIANTS = ("none", "parameter", "random")
+
+
+def _mask_variant(exp: ExperimentConfig, variant: str, value: float, seed: int):
+    """(row label suffix, out_name, MaskConfig) of one of Figure 2's curves: no mask, the
+    parameter mask (k = k_r = value), or a random mask of the same element budget drawn from
+    the seed. The unmasked curve does not depend on the value (one run serves every value)."""
+    mask = dataclasses.replace(exp.mask, enabled=True)
+    if variant == "none":
+        return "no mask", "ablation_mask_none", dataclasses.replace(mask, enabled=False)
+    label, out = f"{variant} {_label('mask', value)}", f"ablation_mask_{variant}_{value:g}"
+    if variant == "parameter":
+        return label, out, dataclasses.replace(mask, kind="parameter", k=value, k_r=value)
+    return label, out, dataclasses.replace(mask, kind="random", k=value, seed=seed)
 
 
 def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dict]:
@@ -110,8 +130,16 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
             )
             ctx = dataclasses.replace(ctx, prob=dataclasses.replace(ctx.prob, split=split))
             mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="adaptive")
-        else:  # the paper's beta / k / k_r ablations run fixed-beta MCU
+        else:  # the paper's mask / beta / k / k_r ablations run fixed-beta MCU
             mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="fixed")
+            if kind == "mask":
+                for variant in MASK_VARIANTS:
+                    label, out_name, vmask = _mask_variant(exp, variant, value, ctx.seed)
+                    rows[f"MCU-{name} ({label})"] = mcu_row(
+                        ctx, base, mcu_cfg, vmask, exp.selection, key, f"MCU-{name} {label}",
+                        out_name, figure=False,
+                    )
+                return rows
             if kind == "beta":
                 mcu_cfg = dataclasses.replace(mcu_cfg, beta=value)
             else:
@@ -122,6 +150,32 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
         f"ablation_{tag}", figure=False,
     )
     return rows
+
+
+def _mask_epoch_seconds(cfg: AblationConfig, rows: list[dict]) -> dict[str, float | None]:
+    """Mean seconds per curve-training epoch of each Figure 2 curve (None: not timed, e.g. a
+    curve resumed from a finished checkpoint), by its label."""
+    name = DISPLAY.get(cfg.method, cfg.method)
+    by_method = {r["method"]: r for r in rows}
+    labels = dict.fromkeys(_mask_variant(cfg.experiment, variant, value, 0)[0]
+                           for value in cfg.values for variant in MASK_VARIANTS)
+    return {label: by_method[f"MCU-{name} ({label})"].get("rte_curve_epoch_s", {}).get("mean")
+            for label in labels}
+
+
+def _mask_epoch_note(epoch_s: dict[str, float | None]) -> str:
+    """results.md's line on the masks' curve-training time, relative to no mask."""
+    none = epoch_s.get("no mask")
+    parts = []
+    for label, sec in epoch_s.items():
+        if sec is None:
+            parts.append(f"{label}: not timed")
+        elif label == "no mask" or not none:
+            parts.append(f"{label}: {sec:.3g} s")
+        else:
+            parts.append(f"{label}: {sec:.3g} s ({100 * (1 - sec / none):.1f}% less)")
+    return ("Curve training, seconds per epoch (mean over seeds, first epoch and its "
+            f"compilation excluded): {'; '.join(parts)}.\n\n")
 
 
 def run_ablation(cfg: AblationConfig) -> Path:
@@ -144,7 +198,11 @@ def run_ablation(cfg: AblationConfig) -> Path:
         for value in cfg.values:
             point = _point(cfg, ctx, value)
             rows.update(point)
-            if seed == exp.seeds[0]:
+            if seed == exp.seeds[0] and cfg.kind == "mask":
+                *_, param, rand = point.values()
+                panels.append({"label": _label(cfg.kind, value), "ts": param["sweep"]["ts"],
+                               "solid": param["sweep"]["acc"], "dashed": rand["sweep"]["acc"]})
+            elif seed == exp.seeds[0]:
                 mcu = list(point.values())[-1]
                 panels.append({
                     "label": _label(cfg.kind, value), "ts": mcu["sweep"]["ts"],
@@ -159,6 +217,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
             {k: {m: v for m, v in r.items() if m in ROW_KEYS} for k, r in rows.items()}
         )
     rows = metrics.rows_over_seeds(per_seed)
+    note = ""
     figure = out / f"ablation_{cfg.kind}.png"
     title = f"{exp.name}: {KINDS[cfg.kind]}"
     class_wise = exp.problem.scenario == "class"
@@ -168,13 +227,18 @@ def run_ablation(cfg: AblationConfig) -> Path:
         # The Avg. Gap the table prints (gap of the means), not the mean of per-seed gaps.
         series["avg_gap"] = [metrics.table_avg_gap(rows, r, class_wise) for r in mcu_rows]
         plots.retain_share_figure(list(cfg.values), series, path=figure, title=title)
+    elif cfg.kind == "mask":
+        epoch_s = _mask_epoch_seconds(cfg, rows)
+        plots.mask_figure(epoch_s, panels, path=figure, title=title)
+        note = _mask_epoch_note(epoch_s)
     else:
         plots.ablation_figure(panels, title=title, path=figure)
     results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}
     checkpoint.write_json(out / "results.json", results)
     text = (f"# {exp.name}\n\nCommand: `{rerun_command(exp)}`\n\nAblation: {KINDS[cfg.kind]}, "
             f"values {list(cfg.values)}; seeds {list(exp.seeds)}\n\n{TABLE_NOTE}\n\n"
-            f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\nFigure: `{figure.name}`\n")
+            f"{metrics.markdown_table(rows, class_wise=class_wise)}\n\n{note}"
+            f"Figure: `{figure.name}`\n")
     (out / "results.md").write_text(text)
     print(text)
     print(f"run folder: {out.resolve()}  ({(time.perf_counter() - start) / 60:.2f} min)")

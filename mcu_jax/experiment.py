@@ -31,7 +31,7 @@ from mcu_jax import (
     sharding,
 )
 from mcu_jax import train as train_lib
-from mcu_jax.mcu import MCUConfig
+from mcu_jax.mcu import MCUConfig, steady_epoch_seconds
 from mcu_jax.methods import MethodConfig, default_config
 from mcu_jax.runs import RunDir
 
@@ -289,6 +289,9 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
         sweep={"ts": out.sweep.ts.tolist(),
                "acc": {k: v.tolist() for k, v in out.sweep.acc.items()}},
     )
+    epoch_s = steady_epoch_seconds(out.epoch_seconds)
+    if epoch_s is not None:  # seconds per curve-training epoch, compilation excluded
+        result["rte_curve_epoch_s"] = epoch_s
     if figure:
         png = ctx.run.path("curves", f"{_slug(label)}_seed{ctx.seed}.png")
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +314,8 @@ TABLE_NOTE = ("Cells: mean ± std over seeds (population std) and, in brackets, 
               "mean|; Avg. Gap: the mean of a row's bracketed gaps; RTE: minutes.")
 
 ROW_KEYS = (
-    "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "t_star", "region",
+    "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "rte_curve_epoch_s",
+    "t_star", "region",
 )
 
 

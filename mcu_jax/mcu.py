@@ -198,6 +198,15 @@ class CurveResult:
     mask: Any  # pytree of bools: which tensors were trained
     history: list[dict]
     minutes: float
+    # Wall-clock seconds of each epoch this session trained (none when a finished checkpoint
+    # was resumed); the first includes the compilation of the step.
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+def steady_epoch_seconds(epoch_seconds: list[float]) -> float | None:
+    """Mean seconds of the epochs after the first (whose time includes compilation); None
+    for fewer than two epochs."""
+    return float(np.mean(epoch_seconds[1:])) if len(epoch_seconds) > 1 else None
 
 
 def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Images, is_forget,
@@ -330,14 +339,21 @@ def train_curve(
     earlier = loop.earlier_seconds(checkpoint_dir)  # sessions before a resume count too
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     start = time.perf_counter()
+    ends = [start]  # the loop summarises each epoch once its metrics are on the host
+    summarize = _summarize(config.beta_values)
+
+    def timed_summarize(m: dict) -> dict:
+        ends.append(time.perf_counter())
+        return summarize(m)
+
     try:
         state, history = loop.run_epochs(
-            runner, state, consts, pool, key, loop_cfg, ckpt, _summarize(config.beta_values),
-            mesh=mesh,
+            runner, state, consts, pool, key, loop_cfg, ckpt, timed_summarize, mesh=mesh,
         )
     finally:
         if ckpt is not None:
             ckpt.close()
     minutes = (earlier + time.perf_counter() - start) / 60.0
     theta_c = control_point(p_o, state.trainable, consts.frozen)
-    return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes)
+    return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes,
+                       epoch_seconds=np.diff(ends).tolist())

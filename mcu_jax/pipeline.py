@@ -34,6 +34,7 @@ from mcu_jax.mcu import MCUConfig, check_refs, train_curve
 from mcu_jax.models import check_variables
 
 BN_SETS = ("retain", "train")
+MASK_KINDS = ("parameter", "random")
 
 #: Each finished phase (mask, curve, sweep, selection) is logged at INFO with its seconds, so
 #: a long run that is stopped still shows where its time went (the benchmark prints these).
@@ -75,17 +76,25 @@ class SelectionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-    """The parameter mask of section 2.3 (fractions of all parameter elements)."""
+    """The parameter mask of section 2.3 (fractions of all parameter elements).
+
+    ``kind="random"`` keeps whole tensors in a random order (from ``seed``) up to the same
+    element budget ``k`` instead (the paper's Figure 2 baseline; ``k_r`` unused).
+    """
 
     enabled: bool = True
     k: float = 0.5
     k_r: float = 0.1
     batch_size: int = 256
+    kind: str = "parameter"
+    seed: int = 0  # of the random mask
 
     def __post_init__(self):
         checks.fraction("k", self.k)
         checks.fraction("k_r", self.k_r)
         checks.integer("batch_size", self.batch_size, 1)
+        checks.choice("kind", self.kind, MASK_KINDS)
+        checks.integer("seed", self.seed, 0)
 
 
 @dataclasses.dataclass
@@ -102,6 +111,8 @@ class MCUOutput:
     measured_gap: float
     variables: dict  # theta(t*) with recomputed BatchNorm statistics
     minutes: dict[str, float]  # per phase: mask, curve, selection
+    # Seconds of each curve-training epoch run in this call (the first includes compilation).
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
     # Every sample's true-class probability under theta(t*), per set of ``measured`` (from the
     # same compiled pass), so callers need not evaluate theta(t*) again (MIA); None when
     # theta(t*) was loaded from an earlier run's out_dir.
@@ -122,6 +133,7 @@ class MCUOutput:
             },
             "history": self.history,
             "minutes": self.minutes,
+            "epoch_seconds": self.epoch_seconds,
             "mask": masks.mask_summary(self.mask, self.theta_c),
         }
 
@@ -155,9 +167,12 @@ def _gap(acc: dict, refs: dict, class_wise: bool, include_test: bool):
 def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig,
                  mesh=None) -> Any:
     """The section-2.3 mask from gradients at theta_o over all of D_r and D_f (data parallel
-    over ``mesh`` when given: ``config.batch_size`` must be divisible by its device count)."""
+    over ``mesh`` when given: ``config.batch_size`` must be divisible by its device count),
+    or ``config.kind``'s random mask of the same budget (no gradients)."""
     if not config.enabled:
         return jax.tree.map(lambda _: True, theta_o["params"])
+    if config.kind == "random":
+        return masks.random_mask(theta_o["params"], config.k, jax.random.PRNGKey(config.seed))
     g_r, g_f = masks.mask_gradients(
         model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size,
         mesh=mesh,
@@ -287,7 +302,7 @@ def run_mcu(
         theta_c=result.theta_c, mask=mask, history=result.history, sweep=sw, gaps=gaps,
         region=region, t_star=float(t_star), predicted_gap=float(predicted),
         measured=measured, measured_gap=measured_gap, variables=variables, minutes=minutes,
-        measured_probs=measured_probs,
+        measured_probs=measured_probs, epoch_seconds=result.epoch_seconds,
     )
     if out is not None:
         if not exported:

@@ -1,4 +1,5 @@
-"""The paper's figures: accuracy along the curve (Figures 3-7) and vs the share of D_r (8-9).
+"""The paper's figures: the mask's speed and a random mask (Figure 2), accuracy along the
+curve (Figures 3-7) and vs the share of D_r (8-9).
 
 Figures are built with matplotlib's object API on the Agg canvas, never through pyplot: no
 global backend is switched, no figure is registered in pyplot's list (so nothing is left
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -342,5 +344,62 @@ def retain_share_figure(
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
+    _save(fig, path)
+    return fig
+
+
+def mask_figure(
+    epoch_seconds: Mapping[str, float | None],
+    panels: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    title: str = "",
+    *,
+    panel_size: tuple[float, float] = (3.6, 3.0),
+    dpi: int = DPI,
+) -> Figure:
+    """The paper's Figure 2: curve-training seconds per epoch with and without the mask (bars,
+    left), and accuracy along t with the parameter mask (solid) and a random mask of the same
+    budget (dashed), one panel per budget.
+
+    ``epoch_seconds`` maps a bar label (e.g. "no mask") to seconds, or None when not timed
+    (drawn as "n/a"). Each panel is a dict with "label", "ts", "solid" and "dashed" (accuracy
+    dicts as in ``curve_figure``).
+    """
+    if not isinstance(epoch_seconds, Mapping) or not epoch_seconds:
+        raise ValueError(f"epoch_seconds must be a non-empty dict label -> seconds, got "
+                         f"{epoch_seconds!r}")
+    if isinstance(panels, Mapping) or not isinstance(panels, Sequence) or not panels:
+        raise ValueError(f"panels must be a non-empty list of dicts, got {panels!r}")
+    for i, panel in enumerate(panels):
+        missing = [k for k in ("label", "ts", "solid", "dashed")
+                   if not isinstance(panel, Mapping) or k not in panel]
+        if missing:
+            raise ValueError(f"panels[{i}] lacks {missing}")
+    width, height = panel_size
+    fig = _new_figure((width * (1 + len(panels)), height + 0.5), dpi)
+    bars, *axes = fig.subplots(1, 1 + len(panels), squeeze=False)[0]
+    labels = list(epoch_seconds)
+    values = [epoch_seconds[k] for k in labels]
+    heights = [0.0 if v is None else float(v) for v in values]
+    drawn = bars.bar(range(len(labels)), heights, color=[f"C{i}" for i in range(len(labels))])
+    bars.bar_label(drawn, ["n/a" if v is None else f"{v:.3g}" for v in values], fontsize=8)
+    bars.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    bars.set_ylabel("curve training (s / epoch)")
+    bars.grid(axis="y", alpha=0.3)
+    for ax, panel in zip(axes, panels, strict=True):
+        for style, key in (("-", "solid"), ("--", "dashed")):
+            ts, curves = _curves(panel["ts"], panel[key])
+            for name, acc in curves.items():
+                ax.plot(ts, acc, color=COLORS[name], ls=style, marker="o", ms=2.5, lw=1.5,
+                        label=f"{LABELS[name]}, {'parameter' if key == 'solid' else 'random'}")
+        ax.set_title(f"{panel['label']}: parameter (solid), random (dashed)", fontsize=9)
+        ax.set_xlabel("t")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=8,
+               frameon=False)
+    if title:  # wrapped: this figure is narrower than its title may be
+        fig.suptitle(textwrap.fill(title, int(11 * fig.get_figwidth())), fontsize=10)
     _save(fig, path)
     return fig

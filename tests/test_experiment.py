@@ -283,7 +283,60 @@ def test_ablation_sweeps_write_rows_and_figure(tmp_path, monkeypatch, kind, valu
         ablation.AblationConfig(experiment=exp, kind="k", values=(1.5,))
 
 
+def test_mask_ablation_runs_no_mask_parameter_and_random_curves(tmp_path, monkeypatch):
+    """Figure 2: one unmasked curve (shared by every budget), and per budget the parameter
+    mask (k = k_r = budget) and a random mask of that budget from the seed; all fixed-beta MCU
+    from the same key; the figure and results.md carry the timed epochs."""
+    from mcu_jax import ablation
+
+    exp = dataclasses.replace(_tiny(tmp_path), name="abl_mask", seeds=(0,), mia=False,
+                              mcu_modes=(), mcu=MCUConfig(epochs=2))
+    cfg = ablation.AblationConfig(experiment=exp, kind="mask", values=(0.1, 0.3))
+    assert cfg.default == 0.1
+    calls, trained = [], []
+    mcu_row, run_mcu = ablation.mcu_row, experiment.pipeline.run_mcu
+
+    def recording(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs):
+        calls.append((mcu_cfg.beta_mode, mask_cfg, np.asarray(jax.random.key_data(key))))
+        return mcu_row(ctx, base, mcu_cfg, mask_cfg, sel_cfg, key, *args, **kwargs)
+
+    def counting(*args, **kwargs):
+        trained.append(args[9])  # its mask_config
+        return run_mcu(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "mcu_row", recording)
+    monkeypatch.setattr(experiment.pipeline, "run_mcu", counting)
+    figures = {}
+    monkeypatch.setattr(ablation.plots, "mask_figure",
+                        lambda seconds, panels, **kw: figures.update(s=seconds, p=panels))
+    out = ablation.run_ablation(cfg)
+    masks_seen = [(m.enabled, m.kind, m.k, m.k_r, m.seed) for _, m, _ in calls]
+    assert masks_seen == [(False, "parameter", 0.5, 0.1, 0), (True, "parameter", 0.1, 0.1, 0),
+                          (True, "random", 0.1, 0.1, 0), (False, "parameter", 0.5, 0.1, 0),
+                          (True, "parameter", 0.3, 0.3, 0), (True, "random", 0.3, 0.1, 0)]
+    assert [m.enabled for m in trained] == [False, True, True, True, True]  # unmasked once
+    assert {mode for mode, _, _ in calls} == {"fixed"}
+    assert all(np.array_equal(k, calls[0][2]) for _, _, k in calls)
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    labels = ["no mask", "parameter 10% mask", "random 10% mask", "parameter 30% mask",
+              "random 30% mask"]
+    assert [m for m in rows if m.startswith("MCU")] == [f"MCU-NegGrad+ ({x})" for x in labels]
+    assert list(figures["s"]) == labels
+    for label in labels:
+        assert figures["s"][label] == rows[f"MCU-NegGrad+ ({label})"]["rte_curve_epoch_s"]["mean"]
+    assert [p["label"] for p in figures["p"]] == ["10% mask", "30% mask"]
+    param, rand = (rows[f"MCU-NegGrad+ ({x} 30% mask)"] for x in ("parameter", "random"))
+    seed_dir = out / "seed_0"
+    for panel_set, name in (("solid", "parameter"), ("dashed", "random")):
+        sweep_json = json.loads((seed_dir / f"ablation_mask_{name}_0.3" / "sweep.json").read_text())
+        assert figures["p"][1][panel_set] == sweep_json["acc"]
+    assert param["t_star"] is not None and rand["t_star"] is not None
+    assert "Curve training, seconds per epoch" in (out / "results.md").read_text()
+    assert "random 30% mask: " in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("kind, values, match", [
+    ("mask", (0.0,), r"outside \(0, 1\]"),
     ("retain_share", (0.0,), r"outside \(0, 1\]"), ("beta", (-0.1,), "beta=-0.1"),
     ("forgetting", (2.5,), "whole epochs"), ("k_r", (1.2,), "outside")])
 def test_ablation_values_are_checked_up_front(kind, values, match):
@@ -297,8 +350,8 @@ def test_ablation_default_is_the_papers_for_the_kind():
     from mcu_jax import ablation
 
     defaults = {kind: ablation.AblationConfig(kind=kind, values=(1,)).default
-                for kind in ("beta", "k", "k_r", "retain_share", "forgetting")}
-    assert defaults == {"beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5,
+                for kind in ("mask", "beta", "k", "k_r", "retain_share", "forgetting")}
+    assert defaults == {"mask": 0.1, "beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5,
                         "forgetting": None}
     assert ablation.AblationConfig(kind="k", values=(0.3,), default=0.3).default == 0.3
 

@@ -84,6 +84,11 @@ def test_unmasked_tensors_are_bit_for_bit_unchanged(theta_o, theta_p, digits_ima
             np.testing.assert_array_equal(end[k], start[k])
     assert len(result.history) == 2
     assert set(result.history[0]["beta_hist"]) == {"0", "0.1", "0.5"}
+    # Both epochs timed; the steady time leaves the first (compiling) epoch out.
+    assert len(result.epoch_seconds) == 2 and min(result.epoch_seconds) > 0
+    assert mcu.steady_epoch_seconds(result.epoch_seconds) == result.epoch_seconds[1]
+    assert mcu.steady_epoch_seconds([3.0, 1.0, 2.0]) == 1.5
+    assert mcu.steady_epoch_seconds([3.0]) is None
 
 
 def test_adaptive_beta_comes_from_the_same_batch(theta_o, theta_p, digits_images,

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcu_jax import bn, checkpoint, curves, evaluation, pipeline, train
+from mcu_jax import bn, checkpoint, curves, evaluation, masks, pipeline, train
 from mcu_jax.mcu import MCUConfig
 
 # Programs run_mcu used to compile once more for theta(t*) (BatchNorm pass, evaluation per
@@ -183,6 +183,21 @@ def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_spl
     assert seen["retain"] is digits_split.retain and seen["forget"] is digits_split.forget
 
 
+def test_random_mask_kind_draws_the_budget_from_its_seed(theta_o, digits_split):
+    """kind="random" is masks.random_mask of budget k from PRNGKey(seed), without any
+    gradient (no model or images needed); k_r plays no part."""
+    cfg = pipeline.MaskConfig(kind="random", k=0.3, k_r=0.9, seed=4)
+    got = pipeline.compute_mask(None, theta_o, None, digits_split, cfg)
+    assert got == masks.random_mask(theta_o["params"], 0.3, jax.random.PRNGKey(4))
+    other = pipeline.compute_mask(None, theta_o, None, digits_split,
+                                  dataclasses.replace(cfg, seed=5))
+    assert other == masks.random_mask(theta_o["params"], 0.3, jax.random.PRNGKey(5))
+    with pytest.raises(ValueError, match="kind must be one of .*'random'.*, got 'magic'"):
+        pipeline.MaskConfig(kind="magic")
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+        pipeline.MaskConfig(seed=-1)
+
+
 def test_class_wise_references_of_beta_and_the_gap(monkeypatch, theta_o, theta_p,
                                                     digits_images, digits_split, small_model):
     """Class-wise, adaptive beta's forget reference is 0 and the gap's test term is D_tr."""
@@ -213,7 +228,7 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
     """Variables of another model, a mask that misses a tensor or is per element, float
     labels and an empty evaluation set are refused with the culprit named, before any work
     (before the mask phase here)."""
-    from mcu_jax import masks, mcu, methods, sweep
+    from mcu_jax import mcu, methods, sweep
     from mcu_jax.data import Images
     from mcu_jax.models import create, init_variables
 
@@ -265,7 +280,6 @@ def test_curve_trains_on_the_retain_subset_and_the_forget_set(monkeypatch, theta
                                                                 small_model):
     """run_mcu hands curve training the split's retain share of D_r (the paper's 50%; the
     retain-share ablation varies it) and all of D_f."""
-    from mcu_jax import masks
 
     class Stop(Exception):
         pass

@@ -189,3 +189,35 @@ def test_rt_gap_averages_the_star_sets_that_have_values():
     assert plots.rt_gap(acc, rt) == pytest.approx((10 + 10 + 5) / 3)
     assert plots.rt_gap(acc, None) is None
     assert plots.rt_gap({"test_retain": 1.0}, rt) is None
+
+
+def test_mask_figure_bars_and_solid_vs_dashed_curves(tmp_path):
+    ts = [0.0, 0.5, 1.0]
+    solid = {"retain": [99.0, 98.0, 97.0], "forget": [99.0, 90.0, 85.0]}
+    dashed = {"retain": [99.0, 95.0, 93.0], "forget": [99.0, 92.0, 88.0]}
+    path = tmp_path / "mask.png"
+    fig = plots.mask_figure(
+        {"no mask": 2.0, "parameter 10% mask": 0.5, "random 10% mask": None},
+        [{"label": "10% mask", "ts": ts, "solid": solid, "dashed": dashed}],
+        path=path, title="a title long enough to be wrapped over two lines of this figure",
+        panel_size=(3.0, 2.0), dpi=60,
+    )
+    assert _png_size(path) == ("PNG", (360, 150))
+    bars, curves = fig.axes
+    assert [b.get_height() for b in bars.patches] == [2.0, 0.5, 0.0]  # not timed: no bar
+    assert [t.get_text() for t in bars.texts] == ["2", "0.5", "n/a"]
+    styles = {(line.get_label(), line.get_linestyle()) for line in curves.lines}
+    assert styles == {(r"$\mathcal{D}_r$, parameter", "-"), (r"$\mathcal{D}_f$, parameter", "-"),
+                      (r"$\mathcal{D}_r$, random", "--"), (r"$\mathcal{D}_f$, random", "--")}
+    drawn = {line.get_label(): list(line.get_ydata()) for line in curves.lines}
+    assert drawn[r"$\mathcal{D}_f$, random"] == dashed["forget"]
+
+
+@pytest.mark.parametrize("seconds, panels, match", [
+    ({}, [{"label": "a", "ts": [0], "solid": {}, "dashed": {}}], "epoch_seconds must be"),
+    ({"no mask": 1.0}, [], "panels must be a non-empty"),
+    ({"no mask": 1.0}, [{"label": "a", "ts": [0.0]}], r"lacks \['solid', 'dashed'\]"),
+])
+def test_mask_figure_errors(seconds, panels, match):
+    with pytest.raises(ValueError, match=match):
+        plots.mask_figure(seconds, panels)

@@ -9,6 +9,7 @@ from mcu_jax.ablation import AblationConfig
 
 # kind -> (values, default value framed in the figure, base method); the paper's settings.
 PAPER = {
+    "mask": ((0.1,), 0.1, "neggrad"),
     "beta": ((0.1, 0.2, 0.3, 0.5), 0.2, "neggrad"),
     "k": ((0.1, 0.3, 0.5, 0.7), 0.5, "neggrad"),
     "k_r": ((0.0, 0.1, 0.2, 0.3), 0.1, "neggrad"),
