@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="experiment config in experiments/configs/, or a .py path")
     parser.add_argument("overrides", nargs="*", help="group.field=value")
     parser.add_argument("--fields", action="store_true", help="list overridable fields")
-    from mcu_jax import ablation, compile_cache, config, experiment, loop
+    from mcu_jax import compile_cache, config
 
     compile_cache.add_argument(parser)
     args = parser.parse_args(argv)
@@ -48,14 +48,27 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(config.field_names(cfg)))
             return 0
         compile_cache.enable_from_args(args.compile_cache)
-        if isinstance(cfg, ablation.AblationConfig):
-            ablation.run_ablation(cfg)
-        else:
-            experiment.run_experiment(cfg)
-    except (ValueError, FileNotFoundError, KeyError, loop.NonFiniteLossError) as err:
+        run(cfg)
+    except user_errors() as err:
         print(f"run {args.name}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def run(cfg) -> Path:
+    """Runs (or resumes) an ``ExperimentConfig`` or ``AblationConfig``; returns its folder."""
+    from mcu_jax import ablation, experiment
+
+    if isinstance(cfg, ablation.AblationConfig):
+        return ablation.run_ablation(cfg)
+    return experiment.run_experiment(cfg)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that a bad request or bad data raise: reported in one line, exit code 2."""
+    from mcu_jax import loop
+
+    return (ValueError, FileNotFoundError, KeyError, loop.NonFiniteLossError)
 
 
 if __name__ == "__main__":

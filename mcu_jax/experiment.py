@@ -28,6 +28,7 @@ from mcu_jax import (
     pipeline,
     plots,
     problem,
+    runs,
     sharding,
 )
 from mcu_jax import train as train_lib
@@ -80,6 +81,10 @@ class ExperimentConfig:
     progress: bool = True
     devices: int | None = None  # >1: a mesh (data-parallel training, gradients, evaluation;
     # t-parallel sweeps); batch sizes (and mask / SalUn gradient ones) divisible by it
+    # A run folder (under out_dir, e.g. the experiment an ablation extends) whose theta_o, RT
+    # and base-method models this run reuses, and makes there when missing; a model there
+    # made by another request is not touched: this run makes its own in its seed folder.
+    models_from: str | None = None
 
     def __post_init__(self):
         if not self.seeds:
@@ -159,16 +164,27 @@ def scored_metrics(acc: dict[str, float], probs: dict, mia: bool, seed: int) -> 
     return result
 
 
-def _train_phase(name: str, prob, pool, tcfg, key, seed_dir, meta, mesh,
-                 references=None) -> tuple:
-    """theta_o or RT, trained once and then loaded from ``seed_dir / name``."""
+def model_folder(cfg: ExperimentConfig, seed_dir: Path, seed: int, name: str, make):
+    """``make(folder)`` for model ``name`` of a seed: in ``cfg.models_from``'s seed folder
+    when that folder is free or holds this very request, else in ``seed_dir``."""
+    if cfg.models_from:
+        shared = Path(cfg.out_dir) / cfg.models_from / f"seed_{seed}" / name
+        try:
+            return make(shared)
+        except runs.RequestMismatch as err:
+            print(f"{name} (seed {seed}): not reusing {shared}: {err}")
+    return make(seed_dir / name)
+
+
+def _train_phase(name: str, cfg: ExperimentConfig, prob, pool, tcfg, key, seed_dir, meta,
+                 mesh, references=None) -> tuple:
+    """theta_o or RT, trained once and then loaded from its folder (``model_folder``)."""
     tcfg = dataclasses.replace(tcfg, progress=meta.pop("progress"))
-    variables, info = train_lib.train_model(
-        prob.model, prob.train, pool, tcfg, key, prob.input_shape, seed_dir / name,
+    return model_folder(cfg, seed_dir, meta["seed"], name, lambda folder: train_lib.train_model(
+        prob.model, prob.train, pool, tcfg, key, prob.input_shape, folder,
         metadata=meta, desc=f"{name} (seed {meta['seed']})", pretrained=prob.config.pretrained,
         mesh=mesh, references=references,
-    )
-    return variables, info
+    ))
 
 
 @dataclasses.dataclass
@@ -195,12 +211,12 @@ def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
     k_o, k_rt, k_m, k_c = jax.random.split(jax.random.PRNGKey(seed), 4)
     mesh = sharding.make_mesh(cfg.devices) if cfg.devices and cfg.devices > 1 else None
     theta_o, meta_o = _train_phase(
-        "theta_o", prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
+        "theta_o", cfg, prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
         {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress}, mesh,
         references=(prob.test, prob.split),
     )
     rt_vars, meta_rt = _train_phase(
-        "rt", prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
+        "rt", cfg, prob, prob.split.retain, cfg.retrain, k_rt, seed_dir,
         {"seed": seed, "progress": cfg.progress}, mesh,
     )
     rt = _evaluated(run, f"eval_RT_{seed}", prob, rt_vars, cfg, seed,
@@ -218,14 +234,14 @@ def name_key(key: jax.Array, name: str) -> jax.Array:
 
 def base_model(ctx: SeedContext, name: str, mcfg: MethodConfig | None = None,
                out_name: str | None = None):
-    """theta_p from method ``name`` (produced once, then reused from the seed folder)."""
+    """theta_p from method ``name`` (produced once, then reused from its folder:
+    ``model_folder``)."""
     data = methods.MethodData(ctx.prob.train, ctx.prob.test, ctx.prob.split,
                               ctx.prob.input_shape, mesh=ctx.mesh)
     mcfg = dataclasses.replace(mcfg or method_config(ctx.cfg, name), progress=ctx.cfg.progress)
-    return methods.produce(
-        name, ctx.prob.model, ctx.theta_o, data, mcfg,
-        name_key(ctx.method_key, name), ctx.seed_dir / (out_name or name),
-    )
+    return model_folder(ctx.cfg, ctx.seed_dir, ctx.seed, out_name or name, lambda folder:
+                        methods.produce(name, ctx.prob.model, ctx.theta_o, data, mcfg,
+                                        name_key(ctx.method_key, name), folder))
 
 
 def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:

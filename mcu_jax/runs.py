@@ -115,6 +115,10 @@ def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str
     return path or "<config>", old, new
 
 
+class RequestMismatch(ValueError):
+    """A folder holds the work of another request (so it can be neither reused nor resumed)."""
+
+
 class RunDir:
     """A run folder: ``run.json`` (config + environment), ``phases/<name>.json`` markers."""
 
@@ -145,7 +149,7 @@ class RunDir:
             diff = first_difference(stored, config, tuple(ignore))
             if diff is not None:
                 field, old, new = diff
-                raise ValueError(
+                raise RequestMismatch(
                     f"run folder {self.root} was made with a different config: {field} is "
                     f"{old!r} there but {new!r} now; use a new folder for a new config"
                 )

@@ -152,6 +152,33 @@ def test_experiment_configs_load_and_name_their_command():
         assert cfg.name == name and name in cfg.command
 
 
+def test_models_from_reuses_the_same_request_and_leaves_another_alone(tmp_path, capsys):
+    """models_from: a run reuses theta_o, RT and theta_p that another run made for the same
+    request (training nothing), and makes its own when its request differs there, leaving
+    the other run's models as they were."""
+    once = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    base = dataclasses.replace(_tiny(tmp_path), name="base", seeds=(0,), original=once,
+                               retrain=once, mcu_modes=(), mia=False)
+    first = json.loads((experiment.run_experiment(base) / "results.json").read_text())
+    shared = tmp_path / "base" / "seed_0"
+    stamps = {m: (shared / m / "metadata.json").stat().st_mtime_ns
+              for m in ("theta_o", "rt", "neggrad")}
+    same = dataclasses.replace(base, name="same", models_from="base")
+    again = json.loads((experiment.run_experiment(same) / "results.json").read_text())
+    assert _numbers(again["rows"]) == _numbers(first["rows"])
+    assert not any((tmp_path / "same" / "seed_0" / m).exists() for m in ("theta_o", "rt"))
+    assert "not reusing" not in capsys.readouterr().out
+    other = dataclasses.replace(same, name="other",
+                                original=dataclasses.replace(once, lr=0.02))
+    experiment.run_experiment(other)
+    out = capsys.readouterr().out
+    assert "theta_o (seed 0): not reusing" in out and "rt (seed 0)" not in out
+    own = tmp_path / "other" / "seed_0"
+    assert (own / "theta_o").is_dir() and not (own / "rt").exists()  # RT's request matched
+    assert (own / "neggrad").is_dir()  # theta_p of another theta_o is another request
+    assert stamps == {m: (shared / m / "metadata.json").stat().st_mtime_ns for m in stamps}
+
+
 def test_run_script_errors_are_one_line(capsys):
     assert run_script.main(["no_such_experiment"]) == 2
     assert "unknown experiment" in capsys.readouterr().err

@@ -19,13 +19,14 @@ PAPER = {
 
 
 def digits(kind: str) -> AblationConfig:
-    """The ablation on the digits set (CPU minutes), built on the digits_random experiment."""
+    """The ablation on the digits set (CPU minutes), built on the digits_random experiment
+    (whose seed-0 theta_o, RT and base models it shares)."""
     values, default, method = PAPER[kind]
     name = f"digits_ablation_{kind}"
     exp = dataclasses.replace(
         digits_random.get_config(), name=name,
         command=f"python experiments/run.py {name}", seeds=(0,),
-        methods=(method,), mcu_modes=(),
+        methods=(method,), mcu_modes=(), models_from="digits_random",
     )
     if kind == "forgetting":
         values = (2, 10)  # digits scale: RL under-forgets at 2 epochs, over-forgets at 10
@@ -34,13 +35,15 @@ def digits(kind: str) -> AblationConfig:
 
 
 def cifar10(kind: str) -> AblationConfig:
-    """The paper's ablation: CIFAR-10, PreResNet-110, 10% random forgetting (GPU)."""
+    """The paper's ablation: CIFAR-10, PreResNet-110, 10% random forgetting (GPU), sharing
+    cifar10_preresnet110_random's seed-0 theta_o, RT and base models."""
     values, default, method = PAPER[kind]
     name = f"cifar10_preresnet110_ablation_{kind}"
     exp = dataclasses.replace(
         cifar10_preresnet110_random.get_config(), name=name,
         command=f"python experiments/run.py {name} experiment.problem.data_dir=DIR",
         seeds=(0,), methods=(method,), mcu_modes=(), table1=False,
+        models_from="cifar10_preresnet110_random",
     )
     return AblationConfig(experiment=exp, kind=kind, values=values, method=method,
                           default=default)

@@ -170,7 +170,7 @@ def _check_identity(stored: dict, identity: dict, out_dir: Path, what: str) -> N
     if diffs:
         details = "; ".join(f"{field} is {old!r} there but {new!r} now"
                             for field, old, new in diffs)
-        raise ValueError(
+        raise runs.RequestMismatch(
             f"{out_dir} holds {what} made differently ({details}); use another out_dir or "
             "delete it"
         )
