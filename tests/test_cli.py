@@ -70,7 +70,8 @@ def test_fields_lists_what_overrides_can_set(capsys):
     code, out, _ = _run(capsys, ["train", "--fields"])
     assert code == 0 and "train.epochs" in out.split()
     code, out, _ = _run(capsys, ["mask", "--fields"])
-    assert code == 0 and out.split() == ["mask.enabled", "mask.k", "mask.k_r", "mask.batch_size"]
+    assert code == 0 and out.split() == ["mask.enabled", "mask.k", "mask.k_r", "mask.batch_size",
+                                         "mask.kind", "mask.seed"]
     with pytest.raises(SystemExit) as info:  # without --fields the folders are required
         cli.main(["mcu", "--out", "x"])
     assert info.value.code == 2
