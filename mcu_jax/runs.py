@@ -86,7 +86,11 @@ def _default(obj: Any) -> Any:
 #: Config fields added after run folders may have been made: name -> the value that behaves
 #: as before the field existed. A record without the field equals a request with that value,
 #: so adding a field to the library does not invalidate existing run folders.
-ADDED_FIELDS = {"curve": "bezier"}
+ADDED_FIELDS = {
+    "curve": "bezier",  # MCUConfig
+    "kind": "parameter", "seed": 0,  # MaskConfig (the random mask)
+    "train_size": None, "test_size": None,  # ProblemConfig (subsets)
+}
 
 
 def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str = ""):
@@ -130,11 +134,13 @@ class RunDir:
         return self.root.joinpath(*parts)
 
     def open(self, config: dict,
-             ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir", "command")) -> None:
+             ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir", "command", "models_from")
+             ) -> None:
         """Binds the folder to ``config``: writes ``run.json`` the first time; afterwards
-        raises ValueError if the stored config differs outside the ``ignore``d keys (by
-        default the speed settings, the data folder and an experiment's rerun command,
-        none of which changes a result)."""
+        raises :class:`RequestMismatch` (a ValueError) if the stored config differs outside
+        the ``ignore``d keys (by default the speed settings, the data folder, an experiment's
+        rerun command and the folder it reuses models from, none of which changes a
+        result)."""
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict, got {type(config).__name__}")
         config = _jsonable(config)

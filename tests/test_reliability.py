@@ -627,6 +627,36 @@ def test_a_field_added_later_at_its_old_behaviour_keeps_old_folders(tmp_path):
             {"mcu": dataclasses.asdict(MCUConfig(curve="polychain"))})
 
 
+def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
+    """An ablation folder made before the random mask, the data subsets and models_from
+    existed is still its own request today (those fields at their old behaviour), and
+    refuses the new behaviours."""
+    from mcu_jax import config
+    from mcu_jax.ablation import AblationConfig
+    from mcu_jax.experiment import ExperimentConfig
+
+    def without(tree, names):
+        if isinstance(tree, dict):
+            return {k: without(v, names) for k, v in tree.items() if k not in names}
+        return tree
+
+    today = config.to_dict(AblationConfig(
+        experiment=ExperimentConfig(models_from="digits_random"), kind="k", values=(0.1,)))
+    old = without(today, {"train_size", "test_size", "models_from", "seed"})
+    old["experiment"]["mask"].pop("kind")
+    old["experiment"]["problem"]["seed"] = 0  # the problem's seed is no new field
+    run = runs.RunDir(tmp_path / "abl")
+    run.open(old)
+    run.open(today)
+    for field, value in (("train_size", 500), ("kind", "random")):
+        group = "problem" if field == "train_size" else "mask"
+        changed = config.to_dict(AblationConfig(
+            experiment=ExperimentConfig(**{group: type(getattr(ExperimentConfig(), group))(
+                **{field: value})}), kind="k", values=(0.1,)))
+        with pytest.raises(runs.RequestMismatch, match=f"{group}.{field} is '<missing>'"):
+            run.open(changed)
+
+
 def test_run_folder_phases(tmp_path):
     run = runs.RunDir(tmp_path)
     run.open(CONFIG)
