@@ -24,7 +24,7 @@ from pathlib import Path
 
 import run as run_script
 
-# (paper item, config, what it shows); a config may serve several items.
+# Each suite: (the paper items a config reproduces, the config), in the order they run.
 _RANDOM = ("Tables 1-2 (random forgetting) and Figure 3a", "_random")
 _CLASS = ("Table 3 (class-wise forgetting) and Figure 3b", "_class")
 _ABLATIONS = (
