@@ -1,5 +1,5 @@
 """Reproduces the paper's tables and figures with one command: ``python experiments/paper.py
-[SUITE] [--data-dir DIR] [--out-dir DIR] [--only NAME ...] [group.field=value ...]``.
+[SUITE] [group.field=value ...] [--data-dir DIR] [--out-dir DIR] [--only NAME,NAME]``.
 
 SUITE names the settings run, one experiment config each, in order:
 
@@ -73,18 +73,18 @@ def _demoted(markdown: str) -> str:
                      for line in markdown.splitlines())
 
 
-def write_index(suite: str, entries: list[tuple[str, str, Path]], out_dir: Path,
+def write_index(suite: str, entries: list[tuple[str, str, Path, str]], out_dir: Path,
                 command: str) -> Path:
     """``out_dir/paper_SUITE.md``: every item's table (its run's results.md) and figures;
     items whose run has not finished are listed as such."""
     lines = [f"# The paper's tables and figures: suite `{suite}`", "",
              f"Command: `{command}`; one run folder per setting (each resumes when the command "
              "is repeated).", ""]
-    for item, name, folder in entries:
+    for item, name, folder, rerun in entries:
         lines += [f"## {item}: `{name}`", ""]
         results = folder / "results.md"
         if not results.is_file():
-            lines += [f"Not run yet (`python experiments/run.py {name}`).", ""]
+            lines += [f"Not run yet (`{rerun}`).", ""]
             continue
         lines += [f"Run folder: `{_relative(folder, out_dir)}`", "",
                   _demoted(results.read_text()), ""]
@@ -102,19 +102,33 @@ def _relative(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("suite", nargs="?", default="digits", choices=sorted(SUITES))
-    parser.add_argument("overrides", nargs="*", help="group.field=value, for every config")
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Runs a suite of experiment configs and gathers the paper's tables and "
+                    "figures in OUT/paper_SUITE.md.")
+    parser.add_argument("words", nargs="*", metavar="[SUITE] [field=value ...]",
+                        help=f"the suite ({', '.join(SUITES)}; default digits), then overrides "
+                             "for every config")
     parser.add_argument("--data-dir", help="folder of the data sets (problem.data_dir)")
     parser.add_argument("--out-dir", help="parent of the run folders (default: runs)")
-    parser.add_argument("--only", nargs="+", metavar="NAME",
+    parser.add_argument("--only", metavar="NAME[,NAME...]",
                         help="run only these configs of the suite (the index shows them all)")
     args = parser.parse_intermixed_args(argv)
-    from mcu_jax import config
+    words = list(args.words)
+    args.suite = words.pop(0) if words and "=" not in words[0] else "digits"
+    if args.suite not in SUITES:
+        parser.error(f"unknown suite {args.suite!r}; suites: {', '.join(SUITES)}")
+    args.overrides = words
+    args.only = [n for n in (args.only or "").split(",") if n]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from mcu_jax import config, experiment, runs
 
     names = [name for _, name in SUITES[args.suite]]
-    unknown = sorted(set(args.only or ()) - set(names))
+    unknown = sorted(set(args.only) - set(names))
     if unknown:
         print(f"paper {args.suite}: error: --only {unknown} not in the suite; its configs: "
               f"{', '.join(names)}", file=sys.stderr)
@@ -137,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_script.run(cfg)
             except run_script.user_errors() as err:
-                print(f"paper {args.suite}: error in {name}: {err} (the finished runs are "
-                      "kept: repeat the command to resume)", file=sys.stderr)
+                hint = ("" if isinstance(err, runs.RequestMismatch) else
+                        " (the finished runs are kept: repeat the command to resume)")
+                print(f"paper {args.suite}: error in {name}: {err}{hint}", file=sys.stderr)
                 return 2
-        entries.append((item, name, Path(exp.out_dir) / exp.name))
+        entries.append((item, name, Path(exp.out_dir) / exp.name,
+                        experiment.rerun_command(exp)))
     out_dir = Path(getattr(configs[0][2], "experiment", configs[0][2]).out_dir)
     command = " ".join(["python experiments/paper.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"tables and figures: {write_index(args.suite, entries, out_dir, command)}")

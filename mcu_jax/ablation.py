@@ -86,20 +86,19 @@ def _label(kind: str, value: float) -> str:
     return f"{kind}={value:g}"
 
 
-MASK_VARIANTS = ("none", "parameter", "random")
-
-
-def _mask_variant(exp: ExperimentConfig, variant: str, value: float, seed: int):
-    """(row label suffix, out_name, MaskConfig) of one of Figure 2's curves: no mask, the
-    parameter mask (k = k_r = value), or a random mask of the same element budget drawn from
-    the seed. The unmasked curve does not depend on the value (one run serves every value)."""
+def _mask_variants(exp: ExperimentConfig, value: float, seed: int) -> dict[str, tuple]:
+    """Figure 2's curves for budget ``value``, by label: (out_name, MaskConfig) of no mask,
+    the parameter mask (k = k_r = value) and a random mask of the same element budget drawn
+    from the seed. The unmasked curve does not depend on the value (one run serves all)."""
     mask = dataclasses.replace(exp.mask, enabled=True)
-    if variant == "none":
-        return "no mask", "ablation_mask_none", dataclasses.replace(mask, enabled=False)
-    label, out = f"{variant} {_label('mask', value)}", f"ablation_mask_{variant}_{value:g}"
-    if variant == "parameter":
-        return label, out, dataclasses.replace(mask, kind="parameter", k=value, k_r=value)
-    return label, out, dataclasses.replace(mask, kind="random", k=value, seed=seed)
+    budget = _label("mask", value)
+    return {
+        "no mask": ("ablation_mask_none", dataclasses.replace(mask, enabled=False)),
+        f"parameter {budget}": (f"ablation_mask_parameter_{value:g}", dataclasses.replace(
+            mask, kind="parameter", k=value, k_r=value)),
+        f"random {budget}": (f"ablation_mask_random_{value:g}", dataclasses.replace(
+            mask, kind="random", k=value, seed=seed)),
+    }
 
 
 def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dict]:
@@ -133,8 +132,7 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
         else:  # the paper's mask / beta / k / k_r ablations run fixed-beta MCU
             mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="fixed")
             if kind == "mask":
-                for variant in MASK_VARIANTS:
-                    label, out_name, vmask = _mask_variant(exp, variant, value, ctx.seed)
+                for label, (out_name, vmask) in _mask_variants(exp, value, ctx.seed).items():
                     rows[f"MCU-{name} ({label})"] = mcu_row(
                         ctx, base, mcu_cfg, vmask, exp.selection, key, f"MCU-{name} {label}",
                         out_name, figure=False,
@@ -152,28 +150,34 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
     return rows
 
 
-def _mask_epoch_seconds(cfg: AblationConfig, rows: list[dict]) -> dict[str, float | None]:
-    """Mean seconds per curve-training epoch of each Figure 2 curve (None: not timed, e.g. a
-    curve resumed from a finished checkpoint), by its label."""
+def _mask_rows(cfg: AblationConfig, rows: list[dict]) -> dict[str, dict]:
+    """The Figure 2 rows (combined over seeds) by curve label, in the order of the values."""
     name = DISPLAY.get(cfg.method, cfg.method)
     by_method = {r["method"]: r for r in rows}
-    labels = dict.fromkeys(_mask_variant(cfg.experiment, variant, value, 0)[0]
-                           for value in cfg.values for variant in MASK_VARIANTS)
-    return {label: by_method[f"MCU-{name} ({label})"].get("rte_curve_epoch_s", {}).get("mean")
-            for label in labels}
+    return {label: by_method[f"MCU-{name} ({label})"]
+            for value in cfg.values for label in _mask_variants(cfg.experiment, value, 0)}
 
 
-def _mask_epoch_note(epoch_s: dict[str, float | None]) -> str:
-    """results.md's line on the masks' curve-training time, relative to no mask."""
-    none = epoch_s.get("no mask")
+def _mean(row: dict, key: str) -> float | None:
+    return row[key]["mean"] if key in row else None
+
+
+def mask_note(trained: dict[str, float | None], seconds: dict[str, float | None]) -> str:
+    """results.md's lines on Figure 2's curves: the share of elements each mask trains (whole
+    tensors, so it can exceed the budget) and the seconds per curve-training epoch (None:
+    not timed, e.g. a curve resumed from a finished checkpoint), relative to no mask."""
+    base = seconds.get("no mask")
     parts = []
-    for label, sec in epoch_s.items():
+    for label, sec in seconds.items():
+        share = "" if trained.get(label) is None else f", trains {100 * trained[label]:.1f}%"
         if sec is None:
-            parts.append(f"{label}: not timed")
-        elif label == "no mask" or not none:
-            parts.append(f"{label}: {sec:.3g} s")
+            parts.append(f"{label}{share}: not timed")
+        elif label == "no mask" or not base:
+            parts.append(f"{label}{share}: {sec:.3g} s")
         else:
-            parts.append(f"{label}: {sec:.3g} s ({100 * (1 - sec / none):.1f}% less)")
+            change = 100 * (1 - sec / base)
+            parts.append(f"{label}{share}: {sec:.3g} s ({abs(change):.1f}% "
+                         f"{'less' if change >= 0 else 'more'})")
     return ("Curve training, seconds per epoch (mean over seeds, first epoch and its "
             f"compilation excluded): {'; '.join(parts)}.\n\n")
 
@@ -199,8 +203,10 @@ def run_ablation(cfg: AblationConfig) -> Path:
             point = _point(cfg, ctx, value)
             rows.update(point)
             if seed == exp.seeds[0] and cfg.kind == "mask":
-                *_, param, rand = point.values()
-                panels.append({"label": _label(cfg.kind, value), "ts": param["sweep"]["ts"],
+                budget = _label(cfg.kind, value)
+                param, rand = (point[f"MCU-{DISPLAY.get(cfg.method, cfg.method)} ({variant} "
+                                     f"{budget})"] for variant in ("parameter", "random"))
+                panels.append({"label": budget, "ts": param["sweep"]["ts"],
                                "solid": param["sweep"]["acc"], "dashed": rand["sweep"]["acc"]})
             elif seed == exp.seeds[0]:
                 mcu = list(point.values())[-1]
@@ -228,9 +234,11 @@ def run_ablation(cfg: AblationConfig) -> Path:
         series["avg_gap"] = [metrics.table_avg_gap(rows, r, class_wise) for r in mcu_rows]
         plots.retain_share_figure(list(cfg.values), series, path=figure, title=title)
     elif cfg.kind == "mask":
-        epoch_s = _mask_epoch_seconds(cfg, rows)
-        plots.mask_figure(epoch_s, panels, path=figure, title=title)
-        note = _mask_epoch_note(epoch_s)
+        curves = _mask_rows(cfg, rows)
+        seconds = {label: _mean(r, "rte_curve_epoch_s") for label, r in curves.items()}
+        plots.mask_figure(seconds, panels, path=figure, title=title)
+        note = mask_note({label: _mean(r, "mask_trained") for label, r in curves.items()},
+                         seconds)
     else:
         plots.ablation_figure(panels, title=title, path=figure)
     results = {"config": config.to_dict(cfg), "ablation": cfg.kind, "rows": rows}

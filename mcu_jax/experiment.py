@@ -23,6 +23,7 @@ from mcu_jax import (
     checkpoint,
     config,
     evaluation,
+    masks,
     methods,
     metrics,
     pipeline,
@@ -84,6 +85,7 @@ class ExperimentConfig:
     # A run folder (under out_dir, e.g. the experiment an ablation extends) whose theta_o, RT
     # and base-method models this run reuses, and makes there when missing; a model there
     # made by another request is not touched: this run makes its own in its seed folder.
+    # Runs sharing a folder whose models are still missing must not run at the same time.
     models_from: str | None = None
 
     def __post_init__(self):
@@ -165,15 +167,17 @@ def scored_metrics(acc: dict[str, float], probs: dict, mia: bool, seed: int) -> 
 
 
 def model_folder(cfg: ExperimentConfig, seed_dir: Path, seed: int, name: str, make):
-    """``make(folder)`` for model ``name`` of a seed: in ``cfg.models_from``'s seed folder
-    when that folder is free or holds this very request, else in ``seed_dir``."""
-    if cfg.models_from:
+    """``make(folder)`` for model ``name`` of a seed: in ``seed_dir`` when the run has begun
+    it there; else in ``cfg.models_from``'s seed folder when that is free or holds this very
+    request; else in ``seed_dir``."""
+    own = seed_dir / name
+    if cfg.models_from and not own.exists():
         shared = Path(cfg.out_dir) / cfg.models_from / f"seed_{seed}" / name
         try:
             return make(shared)
         except runs.RequestMismatch as err:
             print(f"{name} (seed {seed}): not reusing {shared}: {err}")
-    return make(seed_dir / name)
+    return make(own)
 
 
 def _train_phase(name: str, cfg: ExperimentConfig, prob, pool, tcfg, key, seed_dir, meta,
@@ -235,13 +239,17 @@ def name_key(key: jax.Array, name: str) -> jax.Array:
 def base_model(ctx: SeedContext, name: str, mcfg: MethodConfig | None = None,
                out_name: str | None = None):
     """theta_p from method ``name`` (produced once, then reused from its folder:
-    ``model_folder``)."""
+    ``model_folder``; ``out_name`` names a folder of this run's own instead)."""
     data = methods.MethodData(ctx.prob.train, ctx.prob.test, ctx.prob.split,
                               ctx.prob.input_shape, mesh=ctx.mesh)
     mcfg = dataclasses.replace(mcfg or method_config(ctx.cfg, name), progress=ctx.cfg.progress)
-    return model_folder(ctx.cfg, ctx.seed_dir, ctx.seed, out_name or name, lambda folder:
-                        methods.produce(name, ctx.prob.model, ctx.theta_o, data, mcfg,
-                                        name_key(ctx.method_key, name), folder))
+    def make(folder: Path):
+        return methods.produce(name, ctx.prob.model, ctx.theta_o, data, mcfg,
+                               name_key(ctx.method_key, name), folder)
+
+    if out_name is not None:  # a variant of this run's own (e.g. other epochs): never shared
+        return make(ctx.seed_dir / out_name)
+    return model_folder(ctx.cfg, ctx.seed_dir, ctx.seed, name, make)
 
 
 def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
@@ -305,6 +313,7 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
         sweep={"ts": out.sweep.ts.tolist(),
                "acc": {k: v.tolist() for k, v in out.sweep.acc.items()}},
     )
+    result["mask_trained"] = masks.trained_fraction(out.mask, ctx.theta_o["params"])
     epoch_s = steady_epoch_seconds(out.epoch_seconds)
     if epoch_s is not None:  # seconds per curve-training epoch, compilation excluded
         result["rte_curve_epoch_s"] = epoch_s
@@ -331,7 +340,7 @@ TABLE_NOTE = ("Cells: mean ± std over seeds (population std) and, in brackets, 
 
 ROW_KEYS = (
     "UA", "UA_test", "RA", "TA", "MIA", "avg_gap", "rte_min", "rte_phases", "rte_curve_epoch_s",
-    "t_star", "region",
+    "t_star", "region", "mask_trained",
 )
 
 

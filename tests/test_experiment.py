@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcu_jax import experiment, train
+from mcu_jax import checkpoint, experiment, masks, train
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.methods import default_config
 from mcu_jax.pipeline import SelectionConfig
@@ -177,6 +177,55 @@ def test_models_from_reuses_the_same_request_and_leaves_another_alone(tmp_path, 
     assert (own / "theta_o").is_dir() and not (own / "rt").exists()  # RT's request matched
     assert (own / "neggrad").is_dir()  # theta_p of another theta_o is another request
     assert stamps == {m: (shared / m / "metadata.json").stat().st_mtime_ns for m in stamps}
+
+
+def test_model_folder_prefers_a_started_own_folder_then_the_shared_one(tmp_path, monkeypatch):
+    """A run that began a model in its own seed folder finishes it there; otherwise the
+    shared folder is tried, and its request mismatch sends the model home. A variant of the
+    run's own (``out_name``, e.g. the forgetting ablation's epochs) is never shared."""
+    from mcu_jax import runs
+
+    cfg = experiment.ExperimentConfig(out_dir=str(tmp_path), models_from="base")
+    own_seed = tmp_path / "abl" / "seed_0"
+    shared = tmp_path / "base" / "seed_0"
+    tried = []
+
+    def make(folder):
+        tried.append(folder)
+        if folder.parent == shared and folder.name == "rt":
+            raise runs.RequestMismatch("another request")
+        return folder
+
+    assert experiment.model_folder(cfg, own_seed, 0, "theta_o", make) == shared / "theta_o"
+    assert experiment.model_folder(cfg, own_seed, 0, "rt", make) == own_seed / "rt"
+    (own_seed / "neggrad").mkdir(parents=True)
+    assert experiment.model_folder(cfg, own_seed, 0, "neggrad", make) == own_seed / "neggrad"
+    assert tried == [shared / "theta_o", shared / "rt", own_seed / "rt", own_seed / "neggrad"]
+
+    produced = []
+    monkeypatch.setattr(experiment.methods, "produce",
+                        lambda name, model, theta_o, data, mcfg, key, folder: produced.append(
+                            folder))
+    ctx = experiment.SeedContext(
+        cfg, None, 0, type("P", (), {"train": None, "test": None, "split": None,
+                                     "input_shape": None, "model": None})(),
+        {}, {}, {}, own_seed, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
+    experiment.base_model(ctx, "rl", out_name="rl_forgetting_2")
+    experiment.base_model(ctx, "rl")
+    assert produced == [own_seed / "rl_forgetting_2", shared / "rl"]
+
+
+def test_mask_note_says_less_or_more_and_what_each_mask_trains():
+    from mcu_jax import ablation
+
+    note = ablation.mask_note(
+        {"no mask": 1.0, "parameter 10% mask": 0.123, "random 10% mask": 0.3},
+        {"no mask": 2.0, "parameter 10% mask": 0.5, "random 10% mask": 2.2})
+    assert "no mask, trains 100.0%: 2 s" in note
+    assert "parameter 10% mask, trains 12.3%: 0.5 s (75.0% less)" in note
+    assert "random 10% mask, trains 30.0%: 2.2 s (10.0% more)" in note
+    assert "random 10% mask: not timed" in ablation.mask_note(
+        {}, {"no mask": 2.0, "random 10% mask": None})
 
 
 def test_run_script_errors_are_one_line(capsys):
@@ -359,7 +408,15 @@ def test_mask_ablation_runs_no_mask_parameter_and_random_curves(tmp_path, monkey
         assert figures["p"][1][panel_set] == sweep_json["acc"]
     assert param["t_star"] is not None and rand["t_star"] is not None
     assert "Curve training, seconds per epoch" in (out / "results.md").read_text()
-    assert "random 30% mask: " in (out / "results.md").read_text()
+    assert "random 30% mask, trains " in (out / "results.md").read_text()
+    assert rows["MCU-NegGrad+ (no mask)"]["mask_trained"]["mean"] == 1.0
+    params = checkpoint.load_model(seed_dir / "theta_o")[0]["params"]
+    for label, folder in (("parameter 30% mask", "ablation_mask_parameter_0.3"),
+                          ("random 30% mask", "ablation_mask_random_0.3")):
+        saved = masks.load(seed_dir / folder / "mask.json", params)
+        assert rows[f"MCU-NegGrad+ ({label})"]["mask_trained"]["mean"] == pytest.approx(
+            masks.trained_fraction(saved, params))
+    assert saved == masks.random_mask(params, 0.3, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("kind, values, match", [

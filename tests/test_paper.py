@@ -65,11 +65,19 @@ def test_suite_runs_its_configs_in_order_and_indexes_them(tmp_path, monkeypatch,
 def test_only_runs_the_named_configs_and_lists_the_rest(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(run_script, "run", _fake_run(calls))
-    assert paper.main(["digits", "--only", "digits_class", "--out-dir", str(tmp_path)]) == 0
-    assert [c[0] for c in calls] == ["digits_class"]
+    # No suite named: digits; the override after --only is an override, not a config name.
+    assert paper.main(["--only", "digits_class,digits_ablation_k", "seeds=1",
+                       "--out-dir", str(tmp_path)]) == 0
+    assert [c[:2] for c in calls] == [("digits_class", (1,)), ("digits_ablation_k", (1,))]
     index = (tmp_path / "paper_digits.md").read_text()
     assert "### digits_class" in index
     assert "Not run yet (`python experiments/run.py digits_random`)" in index
+    calls.clear()
+    assert paper.main(["cifar10", "--only", "cifar10_preresnet110_class",
+                       "--out-dir", str(tmp_path)]) == 0
+    index = (tmp_path / "paper_cifar10.md").read_text()  # the hint names the data folder
+    assert ("Not run yet (`python experiments/run.py cifar10_preresnet110_random "
+            "problem.data_dir=DIR`)") in index
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -81,6 +89,24 @@ def test_bad_requests_stop_before_any_run(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(run_script, "run", _fake_run(calls))
     assert paper.main(argv) == 2
     assert message in capsys.readouterr().err and not calls
+
+
+def test_an_unknown_suite_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        paper.main(["cifar100"])
+    assert info.value.code == 2 and "unknown suite 'cifar100'" in capsys.readouterr().err
+
+
+def test_a_folder_of_another_request_is_not_called_resumable(tmp_path, monkeypatch, capsys):
+    from mcu_jax import runs
+
+    def mismatch(cfg):
+        raise runs.RequestMismatch("run folder x was made with a different config")
+
+    monkeypatch.setattr(run_script, "run", mismatch)
+    assert paper.main(["digits", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "made with a different config" in err and "resume" not in err
 
 
 def test_a_failing_run_stops_the_suite_with_one_line(tmp_path, monkeypatch, capsys):
