@@ -365,8 +365,10 @@ def test_mask_ablation_runs_no_mask_parameter_and_random_curves(tmp_path, monkey
     from the same key; the figure and results.md carry the timed epochs."""
     from mcu_jax import ablation
 
+    once = train.TrainConfig(epochs=1, lr=0.05, progress=False)
     exp = dataclasses.replace(_tiny(tmp_path), name="abl_mask", seeds=(0,), mia=False,
-                              mcu_modes=(), mcu=MCUConfig(epochs=2))
+                              mcu_modes=(), mcu=MCUConfig(epochs=2), original=once,
+                              retrain=once, selection=SelectionConfig(num_t=4))
     cfg = ablation.AblationConfig(experiment=exp, kind="mask", values=(0.1, 0.3))
     assert cfg.default == 0.1
     calls, trained = [], []
