@@ -84,16 +84,20 @@ def mia_efficacy(prob_retain: Any, prob_test: Any, prob_forget: Any, seed: int =
 
     The SalUn "confidence" attack: the only feature is the softmax probability of the true
     label (the caller computes it without augmentation). An RBF SVC (C = 3, gamma = "auto")
-    is trained on members = |D_t| samples of D_r drawn without replacement with ``seed``
-    (all of D_r when it is smaller), label 1, against non-members = D_t, label 0. Higher is
-    better forgetting: a retrained model treats D_f like unseen data.
+    is trained on members = |D_t| samples of D_r drawn without replacement with ``seed``,
+    label 1, against non-members = D_t, label 0. When D_r is the smaller set (e.g. on a
+    subset of the data) all of it is used against as many samples of D_t, drawn alike: an
+    unbalanced attack would call every sample of D_f a non-member whenever the confidences
+    barely differ. Higher is better forgetting: a retrained model treats D_f like unseen data.
     """
     retain = _probabilities("prob_retain", prob_retain)
     test = _probabilities("prob_test", prob_test)
     forget = _probabilities("prob_forget", prob_forget)
+    rng = np.random.default_rng(seed)
     if retain.size > test.size:
-        rng = np.random.default_rng(seed)
         retain = retain[rng.choice(retain.size, size=test.size, replace=False)]
+    elif test.size > retain.size:
+        test = test[rng.choice(test.size, size=retain.size, replace=False)]
     features = np.concatenate([retain, test])[:, None]
     labels = np.concatenate([np.ones(retain.size), np.zeros(test.size)])
     attack = SVC(C=3.0, kernel="rbf", gamma="auto")

@@ -64,11 +64,34 @@ def test_mia_is_seeded_and_subsamples_the_retain_set():
     results = {metrics.mia_efficacy(retain, test, forget, seed=s) for s in range(6)}
     assert len(results) > 1  # a different draw of |D_t| members from D_r
     assert 0.0 <= a <= 100.0
-    # D_r smaller than D_t: all of it is used, so the seed does not matter.
+    # D_r smaller than D_t: all of it, against as many non-members drawn with the seed.
     small = retain[:40]
-    assert metrics.mia_efficacy(small, test, forget, seed=0) == metrics.mia_efficacy(
-        small, test, forget, seed=7
+    assert metrics.mia_efficacy(small, test, forget, seed=2) == metrics.mia_efficacy(
+        small, test, forget, seed=2
     )
+    assert len({metrics.mia_efficacy(small, test, forget, seed=s) for s in range(6)}) > 1
+
+
+def test_mia_attack_is_trained_on_as_many_members_as_non_members(monkeypatch):
+    """With D_r smaller than D_t (a data subset), an unbalanced attack on barely separable
+    confidences calls all of D_f non-members (MIA 100 for every model); balanced it does not."""
+    rng = np.random.default_rng(0)
+    retain = _confidences(rng, 0.62, 450, 0.2)
+    test = _confidences(rng, 0.58, 900, 0.2)
+    forget = _confidences(rng, 0.62, 50, 0.2)
+    fitted = []
+    svc = metrics.SVC
+
+    class Recording(svc):
+        def fit(self, x, y):
+            fitted.append(np.bincount(y.astype(int)))
+            return super().fit(x, y)
+
+    monkeypatch.setattr(metrics, "SVC", Recording)
+    value = metrics.mia_efficacy(retain, test, forget)
+    metrics.mia_efficacy(retain[:300], test[:200], forget)
+    assert [list(c) for c in fitted] == [[450, 450], [200, 200]]
+    assert 0.0 < value < 100.0
 
 
 @pytest.mark.parametrize(
@@ -365,20 +388,23 @@ def test_table1_without_pairs_and_class_wise_detection():
 
 def _explicit_mia(retain, test, forget, seed):
     """SalUn's confidence attack written out: |D_t| members drawn from D_r (without
-    replacement, numpy's generator from ``seed``), an RBF SVC with C = 3 and gamma "auto"
-    (1 / n_features = 1 here), the share of D_f predicted non-member."""
+    replacement, numpy's generator from ``seed``; or, D_r being smaller, |D_r| non-members
+    drawn from D_t), an RBF SVC with C = 3 and gamma "auto" (1 / n_features = 1 here), the
+    share of D_f predicted non-member."""
     from sklearn.svm import SVC
 
-    if retain.size > test.size:
-        retain = retain[np.random.default_rng(seed).choice(retain.size, test.size,
-                                                           replace=False)]
+    n = min(retain.size, test.size)
+    if retain.size > n:
+        retain = retain[np.random.default_rng(seed).choice(retain.size, n, replace=False)]
+    if test.size > n:
+        test = test[np.random.default_rng(seed).choice(test.size, n, replace=False)]
     x = np.concatenate([retain, test])[:, None]
     y = np.concatenate([np.ones(retain.size), np.zeros(test.size)])
     attack = SVC(C=3.0, kernel="rbf", gamma=1.0).fit(x, y)
     return 100.0 * np.mean(attack.predict(forget[:, None]) == 0)
 
 
-@pytest.mark.parametrize("n_retain", [50, 400])  # all of D_r, and a |D_t| subsample of it
+@pytest.mark.parametrize("n_retain", [50, 400])  # |D_r| samples of D_t; |D_t| samples of D_r
 def test_mia_efficacy_matches_an_explicit_svc(n_retain):
     rng = np.random.default_rng(0)
     retain = np.clip(rng.normal(0.7, 0.15, n_retain), 0, 1)  # overlapping distributions
