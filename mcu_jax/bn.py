@@ -9,8 +9,13 @@ except that we average the biased variances BatchNorm itself normalises with).
 
 The batches take the set in a fixed shuffled order (:func:`bn_batches`, ``seed=0``; ``None``
 keeps the given order), as PyTorch's shuffled loader does, so a class-sorted set still gives
-mixed batches. Everything is a pure function of ``params`` so a sweep can ``vmap`` it over
-many t.
+mixed batches. Each batch gets the images' own training augmentation (``Images.augment``),
+drawn from a fixed key, as in the training loader that the release's ``update_bn`` reads:
+a model trained on padded random crops has running statistics of such images, and
+statistics of clean images cost it accuracy (CIFAR-10, ResNet-20: theta_o's 70.3% on D_r
+fell to 65.3% with clean statistics and stayed at 70.4% with augmented ones). Everything is
+a pure function of ``params`` (the augmentation is the same for every point), so a sweep can
+``vmap`` it over many t.
 
 With a ``mesh`` (``mcu_jax.sharding.make_mesh``) :func:`recompute` is data parallel: every
 batch is split over the mesh's devices and BatchNorm's batch mean and variance become
@@ -28,7 +33,11 @@ import numpy as np
 from mcu_jax import sharding
 from mcu_jax.data.batching import check_batch_size, check_indices, eval_batches
 from mcu_jax.data.device import Images
-from mcu_jax.data.transforms import normalize
+from mcu_jax.data.transforms import prepare_batch
+
+AUGMENT_KEY = jax.random.PRNGKey(0)
+"""The key of the augmentation of BatchNorm passes (a constant: statistics are a pure
+function of the parameters)."""
 
 
 def bn_batches(indices, batch_size: int, n: int | None = None, seed: int | None = 0):
@@ -64,9 +73,13 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
     if not jax.tree.leaves(template):
         return template
     model0 = model.clone(bn_momentum=0.0)
+    # One key per batch (the remainder last), the same for every params: the augmented
+    # images do not depend on the point evaluated.
+    keys = jax.random.split(AUGMENT_KEY, (0 if batches is None else batches.shape[0]) + 1)
 
-    def stats(idx):
-        x = normalize(images.x[idx], images.mean, images.std)
+    def stats(idx, key):
+        x = prepare_batch(key, images.x[idx], images.mean, images.std, images.augment,
+                          train=True)
         # A fixed dropout key: models with dropout (VGG-16-BN's classifier) need one in train
         # mode; it only touches layers after the BatchNorms in the built-in models.
         _, new = model0.apply(
@@ -79,17 +92,18 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
     count = 0
     if batches is not None:
 
-        def body(acc, idx):
-            s = stats(idx)
+        def body(acc, xs):
+            s = stats(*xs)
             return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, s), None
 
-        summed, _ = jax.lax.scan(body, total, batches)
+        summed, _ = jax.lax.scan(body, total, (batches, keys[:-1]))
         b = batches.shape[1]
         total = jax.tree.map(lambda a: a * b, summed)
         count += batches.shape[0] * b
     if rest is not None:
         r = rest.shape[0]
-        total = jax.tree.map(lambda a, s: a + r * s.astype(jnp.float32), total, stats(rest))
+        total = jax.tree.map(lambda a, s: a + r * s.astype(jnp.float32), total,
+                             stats(rest, keys[-1]))
         count += r
     return jax.tree.map(lambda a, t: (a / count).astype(t.dtype), total, template)
 

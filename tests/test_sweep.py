@@ -28,6 +28,35 @@ def test_recompute_is_the_size_weighted_mean_of_batch_statistics():
     np.testing.assert_allclose(out["batch_stats"]["bn"]["var"], var, rtol=1e-5, atol=1e-6)
 
 
+def test_recompute_sees_the_images_training_augmentation():
+    """Images trained with crop_flip get BatchNorm statistics of crop_flip batches (one fixed
+    key per batch, the remainder's last), like the running statistics of training; clean
+    images keep the plain statistics."""
+    from mcu_jax.data import transforms
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(21, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, 21)
+    model = DenseBN()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    w = np.asarray(variables["params"]["hidden"]["kernel"], np.float64)
+    b = np.asarray(variables["params"]["hidden"]["bias"], np.float64)
+    keys = jax.random.split(bn.AUGMENT_KEY, 3)  # two full batches of 8 and a remainder of 5
+    parts = []
+    for key, rows in zip(keys, (slice(0, 8), slice(8, 16), slice(16, 21)), strict=True):
+        seen = np.asarray(transforms.augment(key, jnp.asarray(x[rows]), "crop_flip"))
+        parts.append(((seen / 255.0 - 0.5) / 0.25).reshape(len(seen), -1) @ w + b)
+    mean = sum(len(p) * p.mean(0) for p in parts) / 21
+    var = sum(len(p) * p.var(0) for p in parts) / 21
+    augmented = Images.from_arrays(x, y, (0.5,), (0.25,), augment="crop_flip")
+    out = bn.recompute(model, variables, augmented, np.arange(21), batch_size=8, seed=None)
+    np.testing.assert_allclose(out["batch_stats"]["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["batch_stats"]["bn"]["var"], var, rtol=1e-5, atol=1e-6)
+    clean = bn.recompute(model, variables, Images.from_arrays(x, y, (0.5,), (0.25,)),
+                         np.arange(21), batch_size=8, seed=None)
+    assert not np.allclose(clean["batch_stats"]["bn"]["var"], var, rtol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def curve_points(theta_o):
     """theta_o, a perturbed control point and a perturbed end point."""
