@@ -165,7 +165,7 @@ def _mean(row: dict, key: str) -> float | None:
 def mask_note(trained: dict[str, float | None], seconds: dict[str, float | None]) -> str:
     """results.md's lines on Figure 2's curves: the share of elements each mask trains (whole
     tensors, so it can exceed the budget) and the seconds per curve-training epoch (None:
-    not timed, e.g. a curve resumed from a finished checkpoint), relative to no mask."""
+    not timed: no session trained it for more than one epoch), relative to no mask."""
     base = seconds.get("no mask")
     parts = []
     for label, sec in seconds.items():

@@ -181,6 +181,9 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
     return step
 
 
+_SECONDS = "seconds"  # an epoch's wall-clock time in the checkpointed history
+
+
 def _summarize(values: tuple[float, ...]):
     def summarize(m: dict) -> dict:
         out = {k: float(np.mean(m[k])) for k in ("loss", "ce_r", "ce_f", "acc_r", "acc_f", "t")}
@@ -198,15 +201,16 @@ class CurveResult:
     mask: Any  # pytree of bools: which tensors were trained
     history: list[dict]
     minutes: float
-    # Wall-clock seconds of each epoch this session trained (none when a finished checkpoint
-    # was resumed); the first includes the compilation of the step.
+    # Wall-clock seconds of every epoch but each session's first (which compiles the step, or
+    # restores a checkpoint), over all sessions: kept with the checkpoints, so a resumed run,
+    # finished or not, still has the earlier sessions' epochs.
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 def steady_epoch_seconds(epoch_seconds: list[float]) -> float | None:
-    """Mean seconds of the epochs after the first (whose time includes compilation); None
-    for fewer than two epochs."""
-    return float(np.mean(epoch_seconds[1:])) if len(epoch_seconds) > 1 else None
+    """Mean seconds per epoch, compilation excluded (``CurveResult.epoch_seconds``); None
+    when no epoch was timed (a single epoch per session)."""
+    return float(np.mean(epoch_seconds)) if epoch_seconds else None
 
 
 def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Images, is_forget,
@@ -344,7 +348,10 @@ def train_curve(
 
     def timed_summarize(m: dict) -> dict:
         ends.append(time.perf_counter())
-        return summarize(m)
+        record = summarize(m)
+        if len(ends) > 2:  # not this session's first epoch: no compilation in it
+            record[_SECONDS] = ends[-1] - ends[-2]
+        return record
 
     try:
         state, history = loop.run_epochs(
@@ -355,5 +362,8 @@ def train_curve(
             ckpt.close()
     minutes = (earlier + time.perf_counter() - start) / 60.0
     theta_c = control_point(p_o, state.trainable, consts.frozen)
+    # The seconds travel in the checkpointed history; callers get them apart, so that the
+    # history of a run does not depend on the machine's speed.
+    epoch_seconds = [h.pop(_SECONDS) for h in history if _SECONDS in h]
     return CurveResult(theta_c=theta_c, mask=mask, history=history, minutes=minutes,
-                       epoch_seconds=np.diff(ends).tolist())
+                       epoch_seconds=epoch_seconds)

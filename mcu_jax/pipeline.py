@@ -111,7 +111,7 @@ class MCUOutput:
     measured_gap: float
     variables: dict  # theta(t*) with recomputed BatchNorm statistics
     minutes: dict[str, float]  # per phase: mask, curve, selection
-    # Seconds of each curve-training epoch run in this call (the first includes compilation).
+    # Seconds of the curve-training epochs, compilation excluded (`CurveResult.epoch_seconds`).
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)
     # Every sample's true-class probability under theta(t*), per set of ``measured`` (from the
     # same compiled pass), so callers need not evaluate theta(t*) again (MIA); None when
