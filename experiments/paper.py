@@ -142,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"paper {args.suite}: error in {name}: {err}", file=sys.stderr)
             return 2
-        configs.append((item, name, cfg))
+        configs.append((item, name, cfg, getattr(cfg, "experiment", cfg)))
     entries = []
-    for item, name, cfg in configs:
-        exp = getattr(cfg, "experiment", cfg)
+    for item, name, cfg, exp in configs:
         if not args.only or name in args.only:
             print(f"=== {item}: {name} ===", flush=True)
             try:
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         entries.append((item, name, Path(exp.out_dir) / exp.name,
                         experiment.rerun_command(exp)))
-    out_dir = Path(getattr(configs[0][2], "experiment", configs[0][2]).out_dir)
+    out_dir = Path(configs[0][3].out_dir)
     command = " ".join(["python experiments/paper.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"tables and figures: {write_index(args.suite, entries, out_dir, command)}")
     return 0

@@ -87,18 +87,24 @@ def _label(kind: str, value: float) -> str:
 
 
 def _mask_variants(exp: ExperimentConfig, value: float, seed: int) -> dict[str, tuple]:
-    """Figure 2's curves for budget ``value``, by label: (out_name, MaskConfig) of no mask,
-    the parameter mask (k = k_r = value) and a random mask of the same element budget drawn
-    from the seed. The unmasked curve does not depend on the value (one run serves all)."""
+    """Figure 2's curves for budget ``value``: "none", "parameter" and "random" -> (label,
+    out_name, MaskConfig) of no mask, the parameter mask (k = k_r = value) and a random mask
+    of the same element budget drawn from the seed. The unmasked curve does not depend on
+    the value (one run serves all)."""
     mask = dataclasses.replace(exp.mask, enabled=True)
     budget = _label("mask", value)
     return {
-        "no mask": ("ablation_mask_none", dataclasses.replace(mask, enabled=False)),
-        f"parameter {budget}": (f"ablation_mask_parameter_{value:g}", dataclasses.replace(
-            mask, kind="parameter", k=value, k_r=value)),
-        f"random {budget}": (f"ablation_mask_random_{value:g}", dataclasses.replace(
-            mask, kind="random", k=value, seed=seed)),
+        "none": ("no mask", "ablation_mask_none", dataclasses.replace(mask, enabled=False)),
+        "parameter": (f"parameter {budget}", f"ablation_mask_parameter_{value:g}",
+                      dataclasses.replace(mask, kind="parameter", k=value, k_r=value)),
+        "random": (f"random {budget}", f"ablation_mask_random_{value:g}",
+                   dataclasses.replace(mask, kind="random", k=value, seed=seed)),
     }
+
+
+def _mask_row_name(cfg: AblationConfig, label: str) -> str:
+    """The table row of one of Figure 2's curves."""
+    return f"MCU-{DISPLAY.get(cfg.method, cfg.method)} ({label})"
 
 
 def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dict]:
@@ -132,8 +138,8 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
         else:  # the paper's mask / beta / k / k_r ablations run fixed-beta MCU
             mcu_cfg = dataclasses.replace(mcu_cfg, beta_mode="fixed")
             if kind == "mask":
-                for label, (out_name, vmask) in _mask_variants(exp, value, ctx.seed).items():
-                    rows[f"MCU-{name} ({label})"] = mcu_row(
+                for label, out_name, vmask in _mask_variants(exp, value, ctx.seed).values():
+                    rows[_mask_row_name(cfg, label)] = mcu_row(
                         ctx, base, mcu_cfg, vmask, exp.selection, key, f"MCU-{name} {label}",
                         out_name, figure=False,
                     )
@@ -152,10 +158,9 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
 
 def _mask_rows(cfg: AblationConfig, rows: list[dict]) -> dict[str, dict]:
     """The Figure 2 rows (combined over seeds) by curve label, in the order of the values."""
-    name = DISPLAY.get(cfg.method, cfg.method)
     by_method = {r["method"]: r for r in rows}
-    return {label: by_method[f"MCU-{name} ({label})"]
-            for value in cfg.values for label in _mask_variants(cfg.experiment, value, 0)}
+    return {label: by_method[_mask_row_name(cfg, label)] for value in cfg.values
+            for label, _, _ in _mask_variants(cfg.experiment, value, 0).values()}
 
 
 def _mean(row: dict, key: str) -> float | None:
@@ -178,8 +183,8 @@ def mask_note(trained: dict[str, float | None], seconds: dict[str, float | None]
             change = 100 * (1 - sec / base)
             parts.append(f"{label}{share}: {sec:.3g} s ({abs(change):.1f}% "
                          f"{'less' if change >= 0 else 'more'})")
-    return ("Curve training, seconds per epoch (mean over seeds, first epoch and its "
-            f"compilation excluded): {'; '.join(parts)}.\n\n")
+    return ("Curve training, seconds per epoch (mean over seeds; each session's first epoch, "
+            f"which compiles, excluded): {'; '.join(parts)}.\n\n")
 
 
 def run_ablation(cfg: AblationConfig) -> Path:
@@ -203,11 +208,11 @@ def run_ablation(cfg: AblationConfig) -> Path:
             point = _point(cfg, ctx, value)
             rows.update(point)
             if seed == exp.seeds[0] and cfg.kind == "mask":
-                budget = _label(cfg.kind, value)
-                param, rand = (point[f"MCU-{DISPLAY.get(cfg.method, cfg.method)} ({variant} "
-                                     f"{budget})"] for variant in ("parameter", "random"))
-                panels.append({"label": budget, "ts": param["sweep"]["ts"],
-                               "solid": param["sweep"]["acc"], "dashed": rand["sweep"]["acc"]})
+                variants = _mask_variants(exp, value, seed)
+                param, rand = (point[_mask_row_name(cfg, variants[v][0])]["sweep"]
+                               for v in ("parameter", "random"))
+                panels.append({"label": _label(cfg.kind, value), "ts": param["ts"],
+                               "solid": param["acc"], "dashed": rand["acc"]})
             elif seed == exp.seeds[0]:
                 mcu = list(point.values())[-1]
                 panels.append({
