@@ -83,14 +83,23 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
 
 
-#: Config fields added after run folders may have been made: name -> the value that behaves
-#: as before the field existed. A record without the field equals a request with that value,
-#: so adding a field to the library does not invalidate existing run folders.
+#: Config fields added after run folders may have been made: the field's dotted path (its
+#: ending: "mask.seed" is the field ``seed`` of a ``mask`` group at any depth, never another
+#: ``seed``) -> the value, in JSON form, that behaves as before the field existed. A record
+#: without the field equals a request with that value, so adding a field to the library does
+#: not invalidate existing run folders.
 ADDED_FIELDS = {
-    "curve": "bezier",  # MCUConfig
-    "kind": "parameter", "seed": 0,  # MaskConfig (the random mask)
-    "train_size": None, "test_size": None,  # ProblemConfig (subsets)
+    "mcu.curve": "bezier",  # MCUConfig
+    "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
+    "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
+    "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
 }
+
+
+def _old_behaviour(path: str, value: Any) -> bool:
+    """Whether ``value`` at dotted ``path`` is an added field at its old behaviour."""
+    return any((path == field or path.endswith("." + field)) and value == old
+               for field, old in ADDED_FIELDS.items())
 
 
 def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str = ""):
@@ -101,9 +110,9 @@ def first_difference(old: Any, new: Any, ignore: tuple[str, ...] = (), path: str
         for k in list(old) + [k for k in new if k not in old]:
             if k in ignore:
                 continue
-            if k not in old and k in ADDED_FIELDS and new[k] == ADDED_FIELDS[k]:
-                continue
             sub = f"{path}.{k}" if path else str(k)
+            if k not in old and _old_behaviour(sub, new[k]):
+                continue
             diff = first_difference(old.get(k, _MISSING), new.get(k, _MISSING), ignore, sub)
             if diff is not None:
                 return diff

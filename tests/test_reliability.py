@@ -795,3 +795,17 @@ def test_config_values_out_of_range_are_rejected():
         pipeline.SelectionConfig(eval_batch_size=0)
     with pytest.raises(ValueError, match="3"):
         mcu.adaptive_beta(90.0, 99.0, 100.0, 90.0, values=(0.0, 0.5))
+
+
+def test_an_added_field_is_matched_by_its_path_not_its_name_alone(tmp_path):
+    """``mask.seed`` is an added field; a record lacking some other ``seed`` (a data seed,
+    say) is another request, and the added field is recognised at any depth (an ablation
+    nests the experiment's mask)."""
+    run = runs.RunDir(tmp_path / "r")
+    run.open({"experiment": {"mask": {"k": 0.5}, "problem": {"name": "digits"}}})
+    run.open({"experiment": {"mask": {"k": 0.5, "seed": 0},
+                             "problem": {"name": "digits", "train_size": None}}})
+    with pytest.raises(runs.RequestMismatch, match=r"experiment\.problem\.seed is '<missing>'"):
+        run.open({"experiment": {"mask": {"k": 0.5}, "problem": {"name": "digits", "seed": 0}}})
+    with pytest.raises(runs.RequestMismatch, match=r"experiment\.mask\.seed is '<missing>'"):
+        run.open({"experiment": {"mask": {"k": 0.5, "seed": 3}, "problem": {"name": "digits"}}})
