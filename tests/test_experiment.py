@@ -673,3 +673,66 @@ def test_ablation_figure_highlights_exactly_the_default_value(tmp_path, monkeypa
         assert [p["label"] for p in panels] == [f"beta={v:g}" for v in values]
         assert [p["highlight"] for p in panels] == [v == cfg.default for v in values]
     assert len(calls) == 8  # every value of every sweep ran (stubbed) MCU
+
+
+def _scored(name, ua, ra=99.0, ta=90.0, mia=10.0):
+    return {"method": name, **{k: {"mean": v, "std": 0.0, "values": [v]}
+                               for k, v in (("UA", ua), ("RA", ra), ("TA", ta), ("MIA", mia))}}
+
+
+def test_beta_search_keeps_the_value_closest_to_rt_in_its_rows_place():
+    """The MCU row of a beta search is the value with the smallest Avg. Gap to RT (ties: the
+    first value), in the place of its values' rows, recording beta; every value is kept."""
+    cfg = experiment.ExperimentConfig(methods=("neggrad", "ga"), mcu_modes=("fixed", "adaptive"),
+                                      fixed_betas=(0.1, 0.3, 0.5))
+    rows = [_scored("RT", 10.0), _scored("NegGrad+", 4.0),
+            _scored("MCU-NegGrad+ beta=0.1", 6.0), _scored("MCU-NegGrad+ beta=0.3", 9.0),
+            _scored("MCU-NegGrad+ beta=0.5", 13.0, ra=97.0),  # gaps 1.0, 0.25, 1.25
+            _scored("MCU_beta-NegGrad+", 9.5), _scored("GA", 1.0),
+            _scored("MCU-GA beta=0.1", 12.0), _scored("MCU-GA beta=0.3", 8.0),  # 0.5, 0.5
+            _scored("MCU-GA beta=0.5", 1.0)]
+    kept, searched = experiment.choose_fixed_betas(cfg, rows)
+    assert [r["method"] for r in kept] == ["RT", "NegGrad+", "MCU-NegGrad+", "MCU_beta-NegGrad+",
+                                           "GA", "MCU-GA"]
+    assert kept[2]["beta"] == 0.3 and kept[2]["UA"]["mean"] == 9.0
+    assert kept[5]["beta"] == 0.1 and kept[5]["UA"]["mean"] == 12.0  # a tie: the first
+    assert [r["method"] for r in searched] == [r["method"] for r in rows
+                                               if " beta=" in r["method"]]
+    # Without a search (or without MCU rows) the rows are returned as they are.
+    plain = experiment.ExperimentConfig(mcu_modes=("fixed",))
+    assert experiment.choose_fixed_betas(plain, rows[:3]) == (rows[:3], [])
+
+
+@pytest.mark.parametrize("betas, match", [((0.1, -0.2), "-0.2"), ((0.1, float("nan")), "nan"),
+                                          ((0.2, 0.2), "once")])
+def test_bad_fixed_betas_are_refused(betas, match):
+    with pytest.raises(ValueError, match=f"fixed_betas.*{match}"):
+        experiment.ExperimentConfig(fixed_betas=betas)
+
+
+def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
+    """Each value of fixed_betas trains its own fixed-beta curve (its folder records that
+    beta); the table's MCU row is the chosen value's, and results.md lists every value."""
+    once = train.TrainConfig(epochs=1, lr=0.05, progress=False)
+    cfg = dataclasses.replace(
+        _tiny(tmp_path), name="tiny_beta_search", seeds=(0,), original=once, retrain=once,
+        mcu_modes=("fixed",), fixed_betas=(0.0, 0.5), mia=False,
+        selection=SelectionConfig(num_t=4),
+    )
+    out = experiment.run_experiment(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["RT", "NegGrad+", "MCU-NegGrad+"]
+    searched = {r["method"]: r for r in results["beta_search"]}
+    assert set(searched) == {"MCU-NegGrad+ beta=0", "MCU-NegGrad+ beta=0.5"}
+    chosen = _row(results, "MCU-NegGrad+")
+    assert chosen["beta"] in (0.0, 0.5)
+    same = searched[f"MCU-NegGrad+ beta={chosen['beta']:g}"]
+    assert {k: v for k, v in chosen.items() if k not in ("method", "beta")} == \
+        {k: v for k, v in same.items() if k != "method"}
+    for beta in (0.0, 0.5):
+        record = json.loads((out / "seed_0" / f"mcu_fixed_MCU-NegGradplus_beta{beta:g}"
+                             / "run.json").read_text())
+        assert record["config"]["mcu"]["beta_mode"] == "fixed"
+        assert record["config"]["mcu"]["beta"] == beta
+    md = (out / "results.md").read_text()
+    assert "## MCU's beta search" in md and "| MCU-NegGrad+ beta=0.5 |" in md

@@ -26,6 +26,7 @@ def build(name, dataset, model, scenario, setting, schedule, mcu_epochs, mcu_lr=
         method_configs=MethodsConfig(**configs),
         mcu_modes=("fixed", "adaptive"),
         mcu=MCUConfig(epochs=mcu_epochs, lr=mcu_lr),
+        fixed_betas=(0.1, 0.2, 0.3, 0.5),  # MCU's rows: the paper's "beta search"
         table1=True,
     )
 
