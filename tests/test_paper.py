@@ -17,10 +17,15 @@ def test_every_suite_names_existing_configs_and_each_paper_item_once():
         assert len(set(names)) == len(names), suite
         for name in names:
             run_script.load_config(name)
-    items = " ".join(item for item, _ in paper.SUITES["cifar10"])
-    for wanted in ("Tables 1-2", "Table 3", "Figure 2", "Figure 3a", "Figure 3b", "Figure 4",
-                   "Figure 5", "Figure 6", "Figure 7", "Figures 8-9"):
-        assert wanted in items
+    for suite in ("digits", "cifar10"):
+        items = " ".join(item for item, _ in paper.SUITES[suite])
+        for wanted in ("Tables 1-2", "Table 3", "Figure 2", "Figure 3a", "Figure 3b",
+                       "Figure 4", "Figure 5", "Figure 6", "Figure 7", "Figures 8-9"):
+            assert wanted in items, (suite, wanted)
+    # The digits suite's Tables 1-2 run all six methods with MCU and MCU_beta.
+    methods = run_script.load_config("digits_methods")
+    assert set(methods.methods) == {"ft", "rl", "ga", "neggrad", "salun", "negtv"}
+    assert methods.mcu_modes == ("fixed", "adaptive") and methods.fixed_betas
     assert [n for _, n in paper.SUITES["all"][-2:]] == ["tinyimagenet_vgg16bn_random",
                                                         "imagenet100_vit_random"]
 
