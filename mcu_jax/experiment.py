@@ -86,7 +86,7 @@ class ExperimentConfig:
     # A run folder (under out_dir, e.g. the experiment an ablation extends) whose theta_o, RT
     # and base-method models this run reuses, and makes there when missing; a model there
     # made by another request is not touched: this run makes its own in its seed folder.
-    # Runs sharing a folder whose models are still missing must not run at the same time.
+    # Runs sharing it may run at the same time: a model being made there is waited for.
     models_from: str | None = None
     # The MCU (fixed beta) rows, when mcu_modes has "fixed": () trains one curve at mcu.beta.
     # Several values train one curve each (same key) and the row is the value whose Avg. Gap

@@ -180,6 +180,7 @@ def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig,
     return masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
 
 
+@runs.holds_folder("out_dir")
 def run_mcu(
     model,
     theta_o: dict,

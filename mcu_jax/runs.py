@@ -13,14 +13,23 @@ at any depth) is refused, so results of two configs never mix in one folder (the
 runner, ``train.train_model`` and ``pipeline.run_mcu`` bind their folders this way). A phase is
 done once ``phases/<name>.json`` exists; it is written to a temporary file and renamed, so
 a killed run never leaves a half-written marker.
+
+A folder that makes a model (``train.train_model``, ``methods.produce``,
+``pipeline.run_mcu``) is held by one process at a time (:func:`exclusive`): a second process
+asking for the same model, e.g. two runs sharing a models folder (``models_from``), waits for
+the first and then finds the model made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,8 @@ import mcu_jax
 from mcu_jax.checkpoint import write_json
 
 _RUN_FILE = "run.json"
+_LOCK = ".lock"
+_HELD: set[Path] = set()  # folders this process holds (a nested call for one passes through)
 _PHASES = "phases"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MISSING = "<missing>"
@@ -202,3 +213,51 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike):
+    """Holds ``folder`` (created if missing) for this process: another process entering it
+    waits, with a message, until this one leaves. The lock is advisory (``fcntl.flock`` on
+    ``folder/.lock``) and ends with the process, so a killed run leaves no stale lock; it
+    serialises processes on one machine (shared file systems may not honour it), and
+    platforms without ``fcntl`` go unlocked."""
+    folder = Path(folder).resolve()
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        fcntl = None
+    if fcntl is None or folder in _HELD:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / _LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{folder}: another process is making this model; waiting for it to finish",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD.add(folder)
+        try:
+            yield
+        finally:
+            _HELD.discard(folder)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def holds_folder(argument: str):
+    """Decorator: each call holds (:func:`exclusive`) the folder passed as ``argument``
+    (nothing when it is None)."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            folder = signature.bind(*args, **kwargs).arguments.get(argument)
+            if folder is None:
+                return fn(*args, **kwargs)
+            with exclusive(folder):
+                return fn(*args, **kwargs)
+        return call
+    return decorate

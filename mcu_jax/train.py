@@ -258,6 +258,7 @@ def reference_accuracies(model, variables, train: Images, test: Images, split,
     }, mesh=mesh)
 
 
+@runs.holds_folder("out_dir")
 def train_model(
     model,
     images: Images,

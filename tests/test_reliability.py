@@ -809,3 +809,92 @@ def test_an_added_field_is_matched_by_its_path_not_its_name_alone(tmp_path):
         run.open({"experiment": {"mask": {"k": 0.5}, "problem": {"name": "digits", "seed": 0}}})
     with pytest.raises(runs.RequestMismatch, match=r"experiment\.mask\.seed is '<missing>'"):
         run.open({"experiment": {"mask": {"k": 0.5, "seed": 3}, "problem": {"name": "digits"}}})
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from mcu_jax import runs
+folder = Path(sys.argv[1])
+with runs.exclusive(folder):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    (folder / "made").write_text("by the first process")
+"""
+
+
+def _start_holder(folder, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_process_waits_for_the_folder_and_finds_the_work_done(tmp_path, capsys):
+    """Two processes making the same model: the second enters the folder only after the
+    first has left it (so it finds the model made), and says that it waits."""
+    folder = tmp_path / "theta_o"
+    proc = _start_holder(folder, 2.0)
+    try:
+        with runs.exclusive(folder):
+            assert (folder / "made").read_text() == "by the first process"
+    finally:
+        proc.wait(timeout=60)
+    assert "another process is making this model; waiting" in capsys.readouterr().err
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    folder = tmp_path / "m"
+    proc = _start_holder(folder, 600.0)
+    proc.kill()
+    proc.wait(timeout=60)
+    start = time.perf_counter()
+    with runs.exclusive(folder):
+        assert not (folder / "made").exists()
+    assert time.perf_counter() - start < 5.0
+
+
+def test_nested_holds_of_one_folder_in_one_process_pass_through(tmp_path):
+    with runs.exclusive(tmp_path / "f"), runs.exclusive(tmp_path / "f" / "." ):
+        pass
+    with runs.exclusive(tmp_path / "f"):  # released: can be taken again
+        pass
+
+
+def test_model_making_functions_hold_their_out_dir(tmp_path, monkeypatch):
+    """train_model, methods.produce and run_mcu each hold their out_dir (and nothing when
+    out_dir is None)."""
+    import inspect
+
+    from mcu_jax import methods, train
+
+    held, stop = [], []
+
+    class Recorder:
+        def __init__(self, folder):
+            held.append(str(folder))
+
+        def __enter__(self):
+            if stop:
+                raise KeyboardInterrupt  # before the function does any work
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(runs, "exclusive", Recorder)
+
+    @runs.holds_folder("out_dir")
+    def make(x, out_dir=None):
+        return x
+
+    assert make(1) == 1 and held == []
+    assert make(2, out_dir=tmp_path / "a") == 2 and held == [str(tmp_path / "a")]
+    assert make(3, tmp_path / "b") == 3 and held[-1] == str(tmp_path / "b")
+    stop.append(True)
+    for fn in (train.train_model, methods.produce, pipeline.run_mcu):
+        required = [p.name for p in inspect.signature(fn).parameters.values()
+                    if p.default is inspect.Parameter.empty and p.name != "out_dir"]
+        with pytest.raises(KeyboardInterrupt):
+            fn(**dict.fromkeys(required), out_dir=tmp_path / fn.__name__)
+        assert held[-1] == str(tmp_path / fn.__name__)

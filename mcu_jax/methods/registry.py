@@ -118,6 +118,7 @@ def _identity(name: str, config: MethodConfig, key: jax.Array, data: MethodData,
     }
 
 
+@runs.holds_folder("out_dir")
 def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
             key: jax.Array, out_dir: str | os.PathLike | None = None) -> MethodResult:
     """theta_p from method ``name``: loaded from ``out_dir`` when it is already there,
