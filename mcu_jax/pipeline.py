@@ -48,6 +48,10 @@ class SelectionConfig:
     num_t: int = 20  # uniform sweep points in [0, 1]
     t_lo: float = 0.75  # t* is searched in [t_lo, t_hi]
     t_hi: float = 1.0
+    # The gap's interpolant (selection.INTERPOLATIONS): "cubic", the paper's spline, or
+    # "pchip", shape-preserving, which never puts t* or the region where the spline
+    # overshoots the measured gaps (after a steep drop or on a plateau).
+    interpolation: str = "cubic"
     include_test: bool = True  # the release leaves the test term out of the gap
     bn_set: str = "retain"  # BatchNorm statistics over D_r ("train": the release's choice)
     bn_batch_size: int = 128
@@ -67,6 +71,7 @@ class SelectionConfig:
         t_lo, t_hi = checks.fraction("t_lo", self.t_lo), checks.fraction("t_hi", self.t_hi)
         if not t_lo < t_hi:
             raise ValueError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
+        checks.choice("interpolation", self.interpolation, selection.INTERPOLATIONS)
         checks.choice("bn_set", self.bn_set, BN_SETS)
         checks.choice("strategy", self.strategy, sweep.STRATEGIES)
         checks.integer("bn_batch_size", self.bn_batch_size, 1)
@@ -282,8 +287,9 @@ def run_mcu(
         reused += clock.earlier("sweep")
     log.info("run_mcu: sweep over %d t done in %.1f s", len(ts), time.perf_counter() - start)
     gaps = np.asarray(_gap(sw.acc, refs, class_wise, sc.include_test), np.float64)
-    region = selection.effective_region(ts, gaps)
-    t_star, predicted = selection.optimal_t(ts, gaps, lo=sc.t_lo, hi=sc.t_hi)
+    region = selection.effective_region(ts, gaps, kind=sc.interpolation)
+    t_star, predicted = selection.optimal_t(ts, gaps, lo=sc.t_lo, hi=sc.t_hi,
+                                            kind=sc.interpolation)
     exported = out is not None and checkpoint.model_exists(out / "model")
     measured_probs = None
     if exported:  # theta(t*) was already materialised, measured and saved

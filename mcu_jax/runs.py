@@ -104,6 +104,7 @@ ADDED_FIELDS = {
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
+    "selection.interpolation": "cubic",  # SelectionConfig
 }
 
 

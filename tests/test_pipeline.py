@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcu_jax import bn, checkpoint, curves, evaluation, masks, pipeline, train
+from mcu_jax import bn, checkpoint, curves, evaluation, masks, pipeline, selection, train
 from mcu_jax.mcu import MCUConfig
 
 # Programs run_mcu used to compile once more for theta(t*) (BatchNorm pass, evaluation per
@@ -135,6 +135,24 @@ def test_config_validation():
         pipeline.SelectionConfig(num_t=3)
     with pytest.raises(ValueError, match="bn_set"):
         pipeline.SelectionConfig(bn_set="test")
+    with pytest.raises(ValueError, match="interpolation.*'linear'"):
+        pipeline.SelectionConfig(interpolation="linear")
+
+
+def test_selection_uses_the_configured_interpolant(theta_o, theta_p, digits_images,
+                                                   digits_split, small_model):
+    """t* and the region come from the interpolant SelectionConfig names."""
+    train_images, test_images = digits_images
+    out = pipeline.run_mcu(
+        small_model, theta_o, theta_p, train_images, test_images, digits_split,
+        {"train": 99.0, "val": 90.0}, jax.random.PRNGKey(0), MCUConfig(epochs=1, progress=False),
+        pipeline.MaskConfig(k=0.5, k_r=0.1),
+        pipeline.SelectionConfig(num_t=6, t_lo=0.0, interpolation="pchip"),
+    )
+    ts = out.sweep.ts
+    assert out.t_star == selection.optimal_t(ts, out.gaps, lo=0.0, kind="pchip")[0]
+    assert [tuple(r) for r in out.region] == selection.effective_region(ts, out.gaps,
+                                                                        kind="pchip")
 
 
 def test_background_compilation_is_reused_and_changes_nothing(theta_o, theta_p, digits_images,

@@ -121,3 +121,42 @@ def test_optimal_t_ties_go_to_the_smallest_t():
     ts = selection.uniform_ts(20)
     t_star, gap = selection.optimal_t(ts, np.full(20, 3.0), lo=0.8, hi=1.0)
     assert t_star == pytest.approx(0.8) and gap == pytest.approx(3.0)
+
+
+# The gap of a class-wise digits curve (MCU_beta on RL, seed 1): a steep drop as the class is
+# forgotten, then a plateau at the gap of t = 1 with a one-image dip near the end.
+DROP_THEN_PLATEAU = np.array(
+    [34.2559, 34.2559, 32.378, 25.8052, 9.8427, 1.3054] + [1.0707] * 8 + [0.9226] * 5 + [1.0707])
+
+
+def test_cubic_spline_overshoots_a_drop_and_a_plateau_pchip_does_not():
+    """The paper's cubic spline swings below every measured gap after the drop, so it puts
+    t* at t ~ 0.29 with a predicted gap no sample shows, and rings about the plateau into
+    pieces of region; the shape-preserving interpolant stays within the samples: t* lies in
+    the measured dip and the region is that dip alone."""
+    ts = selection.uniform_ts(20)
+    gaps = DROP_THEN_PLATEAU
+    t_cubic, predicted_cubic = selection.optimal_t(ts, gaps, lo=0.0)
+    assert predicted_cubic < gaps.min() - 0.2 and t_cubic < 0.35
+    assert len(selection.effective_region(ts, gaps)) > 1
+    t_pchip, predicted_pchip = selection.optimal_t(ts, gaps, lo=0.0, kind="pchip")
+    assert predicted_pchip == pytest.approx(gaps.min())
+    assert ts[13] <= t_pchip <= ts[18]
+    [(start, end)] = selection.effective_region(ts, gaps, kind="pchip")
+    assert ts[13] < start < ts[14] and ts[18] < end < ts[19]
+    # Between samples the shape-preserving interpolant never leaves their range.
+    dense = np.linspace(0, 1, 2001)
+    values = selection.interpolate_gap(ts, gaps, "pchip")(dense)
+    for a, b, lo, hi in zip(ts[:-1], ts[1:], gaps[:-1], gaps[1:], strict=True):
+        inside = values[(dense >= a) & (dense <= b)]
+        assert inside.min() >= min(lo, hi) - 1e-9 and inside.max() <= max(lo, hi) + 1e-9
+
+
+def test_both_interpolants_pass_through_the_samples_and_unknown_kinds_are_refused():
+    ts = selection.uniform_ts(20)
+    gaps = np.cos(3 * ts) + ts
+    for kind in selection.INTERPOLATIONS:
+        np.testing.assert_allclose(selection.interpolate_gap(ts, gaps, kind)(ts), gaps,
+                                   atol=1e-12)
+    with pytest.raises(ValueError, match="kind='linear'"):
+        selection.interpolate_gap(ts, gaps, "linear")
