@@ -35,5 +35,22 @@ def cifar10(name: str, model: str, scenario: str, schedule: TrainConfig, seeds) 
     )
 
 
+def cpu_scale(scenario: str) -> ExperimentConfig:
+    """``cifar10_resnet20_{scenario}_cpu``: ResNet-20 on a class-stratified 5,000-image
+    subset (the whole test set), one seed, theta_o and RT 20 epochs (cosine from 0.05),
+    NegGrad+ and MCU_beta with the paper's settings: about 30 minutes on a 2-core CPU."""
+    name = f"cifar10_resnet20_{scenario}_cpu"
+    schedule = TrainConfig(epochs=20, lr=0.05, batch_size=128, schedule="cosine")
+    cfg = cifar10(name, "resnet20", scenario, schedule, seeds=(0,))
+    return dataclasses.replace(
+        cfg,
+        problem=dataclasses.replace(cfg.problem, train_size=5_000),
+        methods=("neggrad",),
+        mcu_modes=("adaptive",),
+        fixed_betas=(),  # no MCU (fixed beta) rows
+        table1=False,
+    )
+
+
 def with_data_dir(cfg: ExperimentConfig, data_dir: str | None) -> ExperimentConfig:
     return dataclasses.replace(cfg, problem=dataclasses.replace(cfg.problem, data_dir=data_dir))

@@ -12,21 +12,8 @@ results in docs/reproduction.md.
 `cifar10_resnet20_random` is the full-size run.
 """
 
-import dataclasses
-
 import _cifar10
-
-from mcu_jax.train import TrainConfig
 
 
 def get_config():
-    schedule = TrainConfig(epochs=20, lr=0.05, batch_size=128, schedule="cosine")
-    cfg = _cifar10.cifar10("cifar10_resnet20_random_cpu", "resnet20", "random", schedule,
-                           seeds=(0,))
-    return dataclasses.replace(
-        cfg,
-        problem=dataclasses.replace(cfg.problem, train_size=5_000),
-        methods=("neggrad",),
-        mcu_modes=("adaptive",),
-        table1=False,
-    )
+    return _cifar10.cpu_scale("random")
