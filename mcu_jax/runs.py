@@ -216,23 +216,37 @@ class RunDir:
         return f"RunDir({str(self.root)!r})"
 
 
+def _lock_file(folder: Path):
+    """``folder``'s lock file, open; None where there is nothing to lock: no ``fcntl`` (not
+    POSIX), a folder this process holds already, or a read-only folder."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return None
+    if folder in _HELD:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / _LOCK, "a")  # noqa: SIM115 (the caller closes it)
+    except OSError:  # read-only: nothing can be made there, only loaded
+        return None
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike):
     """Holds ``folder`` (created if missing) for this process: another process entering it
     waits, with a message, until this one leaves. The lock is advisory (``fcntl.flock`` on
     ``folder/.lock``) and ends with the process, so a killed run leaves no stale lock; it
-    serialises processes on one machine (shared file systems may not honour it), and
-    platforms without ``fcntl`` go unlocked."""
+    serialises processes on one machine (shared file systems may not honour it); platforms
+    without ``fcntl`` and read-only folders (whose models can only be loaded) go unlocked."""
     folder = Path(folder).resolve()
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        fcntl = None
-    if fcntl is None or folder in _HELD:
+    handle = _lock_file(folder)
+    if handle is None:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / _LOCK, "a") as handle:
+    import fcntl
+
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -898,3 +898,22 @@ def test_model_making_functions_hold_their_out_dir(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             fn(**dict.fromkeys(required), out_dir=tmp_path / fn.__name__)
         assert held[-1] == str(tmp_path / fn.__name__)
+
+
+def test_a_read_only_folder_is_entered_unlocked(tmp_path, monkeypatch):
+    """A folder where no lock file can be written (read-only: its models can only be loaded)
+    is entered without a lock instead of failing."""
+    from pathlib import Path
+
+    folder = tmp_path / "models"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == folder.resolve():
+            raise OSError(30, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with runs.exclusive(folder):
+        pass
+    assert not (folder / ".lock").exists()
