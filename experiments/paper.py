@@ -4,7 +4,7 @@
 SUITE names the settings run, one experiment config each, in order:
 
 - ``digits`` (default): every table and figure at the scale of the embedded digits set, on a
-  CPU (about 10 minutes on 2 cores).
+  CPU (about 8.5 minutes on 2 cores).
 - ``cifar10``: the paper's CIFAR-10 / PreResNet-110 settings: Tables 1 and 3, the CIFAR-10
   rows of Table 2, Figures 2-9 (GPU; ``--data-dir`` holds CIFAR-10).
 - ``all``: ``cifar10`` and Table 2's Tiny-ImageNet and ImageNet-100 rows.
