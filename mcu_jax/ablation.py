@@ -141,7 +141,7 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
                 for label, out_name, vmask in _mask_variants(exp, value, ctx.seed).values():
                     rows[_mask_row_name(cfg, label)] = mcu_row(
                         ctx, base, mcu_cfg, vmask, exp.selection, key, f"MCU-{name} {label}",
-                        out_name, figure=False,
+                        out_name, figures=None,
                     )
                 return rows
             if kind == "beta":
@@ -151,7 +151,7 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
     prefix = "MCU" if mcu_cfg.beta_mode == "fixed" else "MCU_beta"
     rows[f"{prefix}-{name} ({_label(kind, value)})"] = mcu_row(
         ctx, base, mcu_cfg, mask_cfg, exp.selection, key, f"{prefix}-{name} {tag}",
-        f"ablation_{tag}", figure=False,
+        f"ablation_{tag}", figures=None,
     )
     return rows
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -277,30 +278,50 @@ def run_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> dict[str, dict]:
             {"rte_min": base.minutes}, ctx.mesh,
         )
         for mode in cfg.mcu_modes:
-            for label, mcu_cfg, out_name in _mcu_variants(cfg, name, mode):
+            for label, mcu_cfg, out_name, figures in _mcu_variants(cfg, name, mode):
                 rows[label] = mcu_row(ctx, base, mcu_cfg, cfg.mask, cfg.selection,
-                                      name_key(ctx.curve_key, name), label, out_name)
+                                      name_key(ctx.curve_key, name), label, out_name, figures)
     for row in rows.values():
         row["avg_gap"] = metrics.avg_gap(row, rows["RT"])
     return rows
 
 
-def beta_row_name(method: str, beta: float) -> str:
-    """``MCU-NegGrad+ beta=0.2``: the MCU row of one value of a beta search."""
-    return f"{row_name(method, 'fixed')} beta={beta:g}"
+def beta_row_name(mcu_label: str, beta: float) -> str:
+    """``MCU-NegGrad+ beta=0.2``: the row of one value of MCU row ``mcu_label``'s beta
+    search."""
+    return f"{mcu_label} beta={beta:g}"
+
+
+BETA_SEARCH_FIGURES = "curves/beta_search"  # every value's curve; the chosen one's in curves/
 
 
 def _mcu_variants(cfg: ExperimentConfig, method: str, mode: str):
-    """(row label, MCUConfig, folder name) of each curve of ``mode`` on top of ``method``:
-    one, or one per value of ``cfg.fixed_betas`` for MCU (fixed beta)."""
+    """(row label, MCUConfig, folder name, figure folder) of each curve of ``mode`` on top of
+    ``method``: one, or one per value of ``cfg.fixed_betas`` for MCU (fixed beta)."""
     label = row_name(method, mode)
     if mode != "fixed" or not cfg.fixed_betas:
-        yield label, dataclasses.replace(cfg.mcu, beta_mode=mode), f"mcu_{mode}_{_slug(label)}"
+        yield (label, dataclasses.replace(cfg.mcu, beta_mode=mode), f"mcu_{mode}_{_slug(label)}",
+               "curves")
         return
     for beta in cfg.fixed_betas:
-        yield (beta_row_name(method, beta),
+        yield (beta_row_name(label, beta),
                dataclasses.replace(cfg.mcu, beta_mode="fixed", beta=float(beta)),
-               f"mcu_fixed_{_slug(label)}_beta{beta:g}")
+               f"mcu_fixed_{_slug(label)}_beta{beta:g}", BETA_SEARCH_FIGURES)
+
+
+def _copy_chosen_figures(cfg: ExperimentConfig, run: RunDir, rows: list[dict]) -> None:
+    """Each seed's curve figure of the beta a search chose, as its MCU row's figure in
+    ``curves/`` (where the other rows' figures are)."""
+    for row in rows:
+        if "beta" not in row:
+            continue
+        chosen = _slug(beta_row_name(row["method"], row["beta"]))
+        for seed in cfg.seeds:
+            source = run.path(BETA_SEARCH_FIGURES, f"{chosen}_seed{seed}.png")
+            if source.is_file():
+                target = run.path("curves", f"{_slug(row['method'])}_seed{seed}.png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
 
 
 def choose_fixed_betas(cfg: ExperimentConfig, rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -313,12 +334,13 @@ def choose_fixed_betas(cfg: ExperimentConfig, rows: list[dict]) -> tuple[list[di
     by_name = {row["method"]: row for row in rows}
     chosen, searched = {}, []
     for method in cfg.methods:
-        values = [(beta, by_name[beta_row_name(method, beta)]) for beta in cfg.fixed_betas]
+        label = row_name(method, "fixed")
+        values = [(beta, by_name[beta_row_name(label, beta)]) for beta in cfg.fixed_betas]
         gaps = [metrics.table_avg_gap(rows, row, class_wise) for _, row in values]
         best = min(range(len(values)),
                    key=lambda i: math.inf if gaps[i] is None else gaps[i])
         beta, row = values[best]
-        chosen[row["method"]] = {**row, "method": row_name(method, "fixed"), "beta": beta}
+        chosen[row["method"]] = {**row, "method": label, "beta": beta}
         searched += [row for _, row in values]
     searched_names = {row["method"] for row in searched}
     kept = [chosen.get(row["method"], row) for row in rows
@@ -336,8 +358,9 @@ def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict,
 
 
 def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, label: str,
-            out_name: str, figure: bool = True) -> dict:
-    """MCU on top of ``base`` (a MethodResult), evaluated like every other row.
+            out_name: str, figures: str | None = "curves") -> dict:
+    """MCU on top of ``base`` (a MethodResult), evaluated like every other row; its curve
+    figure goes to the run's folder ``figures`` (None: no figure).
 
     The row also keeps the sweep (``sweep``: ts and accuracies per set) so figures can be
     redrawn from the run folder alone.
@@ -369,8 +392,8 @@ def mcu_row(ctx: SeedContext, base, mcu_cfg: MCUConfig, mask_cfg, sel_cfg, key, 
     epoch_s = steady_epoch_seconds(out.epoch_seconds)
     if epoch_s is not None:  # seconds per curve-training epoch, compilation excluded
         result["rte_curve_epoch_s"] = epoch_s
-    if figure:
-        png = ctx.run.path("curves", f"{_slug(label)}_seed{ctx.seed}.png")
+    if figures is not None:
+        png = ctx.run.path(figures, f"{_slug(label)}_seed{ctx.seed}.png")
         png.parent.mkdir(parents=True, exist_ok=True)
         # The star's label: the measured theta(t*)'s gap to RT (not the sweep interpolated).
         plots.curve_figure(
@@ -414,6 +437,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             {k: {m: v for m, v in r.items() if m in ROW_KEYS} for k, r in rows.items()}
         )
     rows, searched = choose_fixed_betas(cfg, metrics.rows_over_seeds(per_seed))
+    _copy_chosen_figures(cfg, run, rows)
     class_wise = cfg.problem.scenario == "class"
     results = {"config": config.to_dict(cfg), "rows": rows}
     if searched:

@@ -736,3 +736,11 @@ def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
         assert record["config"]["mcu"]["beta"] == beta
     md = (out / "results.md").read_text()
     assert "## MCU's beta search" in md and "| MCU-NegGrad+ beta=0.5 |" in md
+    # Every value's curve figure is kept aside; the chosen one is the MCU row's figure.
+    searched_pngs = sorted(p.name for p in (out / "curves" / "beta_search").glob("*.png"))
+    assert searched_pngs == ["MCU-NegGradplus_beta=0.5_seed0.png",
+                             "MCU-NegGradplus_beta=0_seed0.png"]
+    assert sorted(p.name for p in (out / "curves").glob("*.png")) == ["MCU-NegGradplus_seed0.png"]
+    chosen_png = (out / "curves" / "beta_search"
+                  / f"MCU-NegGradplus_beta={chosen['beta']:g}_seed0.png")
+    assert (out / "curves" / "MCU-NegGradplus_seed0.png").read_bytes() == chosen_png.read_bytes()
