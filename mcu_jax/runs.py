@@ -15,14 +15,15 @@ done once ``phases/<name>.json`` exists; it is written to a temporary file and r
 a killed run never leaves a half-written marker.
 
 A folder that makes a model (``train.train_model``, ``methods.produce``,
-``pipeline.run_mcu``) is held by one process at a time (:func:`exclusive`): a second process
-asking for the same model, e.g. two runs sharing a models folder (``models_from``), waits for
-the first and then finds the model made.
+``pipeline.run_mcu``) is held by one process (or thread) at a time (:func:`exclusive`): a
+second one asking for the same model, e.g. two runs sharing a models folder
+(``models_from``), waits for the first and then finds the model made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -30,6 +31,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,14 @@ import numpy as np
 import mcu_jax
 from mcu_jax.checkpoint import write_json
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: folders go unlocked
+    fcntl = None
+
 _RUN_FILE = "run.json"
 _LOCK = ".lock"
-_HELD: set[Path] = set()  # folders this process holds (a nested call for one passes through)
+_HELD = threading.local()  # .folders: those this thread holds (a nested call passes through)
 _PHASES = "phases"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MISSING = "<missing>"
@@ -216,36 +223,40 @@ class RunDir:
         return f"RunDir({str(self.root)!r})"
 
 
+def _held() -> set[Path]:
+    if not hasattr(_HELD, "folders"):
+        _HELD.folders = set()
+    return _HELD.folders
+
+
 def _lock_file(folder: Path):
     """``folder``'s lock file, open; None where there is nothing to lock: no ``fcntl`` (not
-    POSIX), a folder this process holds already, or a read-only folder."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        return None
-    if folder in _HELD:
+    POSIX), several JAX processes (they make one model together), a folder this thread
+    holds already, or a read-only folder."""
+    if fcntl is None or jax.process_count() > 1 or folder in _held():
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         return open(folder / _LOCK, "a")  # noqa: SIM115 (the caller closes it)
-    except OSError:  # read-only: nothing can be made there, only loaded
-        return None
+    except OSError as err:
+        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+            return None  # read-only: nothing can be made there, only loaded
+        raise
 
 
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike):
-    """Holds ``folder`` (created if missing) for this process: another process entering it
-    waits, with a message, until this one leaves. The lock is advisory (``fcntl.flock`` on
-    ``folder/.lock``) and ends with the process, so a killed run leaves no stale lock; it
-    serialises processes on one machine (shared file systems may not honour it); platforms
-    without ``fcntl`` and read-only folders (whose models can only be loaded) go unlocked."""
+    """Holds ``folder`` (created if missing) for this thread: another process or thread
+    entering it waits, with a message, until this one leaves. The lock is advisory
+    (``fcntl.flock`` on ``folder/.lock``) and ends with the process, so a killed run leaves no
+    stale lock. The processes of one multi-process JAX run (``jax.process_count() > 1``) make
+    each model together and take no lock; nor do platforms without ``fcntl`` or read-only
+    folders (whose models can only be loaded)."""
     folder = Path(folder).resolve()
     handle = _lock_file(folder)
     if handle is None:
         yield
         return
-    import fcntl
-
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -253,11 +264,11 @@ def exclusive(folder: str | os.PathLike):
             print(f"{folder}: another process is making this model; waiting for it to finish",
                   file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        _HELD.add(folder)
+        _held().add(folder)
         try:
             yield
         finally:
-            _HELD.discard(folder)
+            _held().discard(folder)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

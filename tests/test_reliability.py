@@ -917,3 +917,43 @@ def test_a_read_only_folder_is_entered_unlocked(tmp_path, monkeypatch):
     with runs.exclusive(folder):
         pass
     assert not (folder / ".lock").exists()
+
+
+def test_two_threads_do_not_share_a_folder(tmp_path):
+    """Threads of one process are kept apart as processes are (each takes its own lock)."""
+    folder, inside, overlaps = tmp_path / "m", [], []
+
+    def work():
+        with runs.exclusive(folder):
+            inside.append(1)
+            overlaps.append(len(inside))
+            time.sleep(0.3)
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert overlaps == [1, 1]
+
+
+def test_the_processes_of_one_multi_process_run_take_no_lock(tmp_path, monkeypatch):
+    """Several JAX processes make one model together (collectives, barriers): a lock would
+    leave one waiting for another that waits for it, so they take none."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with runs.exclusive(tmp_path / "m"), runs.exclusive(tmp_path / "m"):
+        pass
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_folder_that_cannot_be_written_for_another_reason_is_an_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(OSError, match="No space left"):
+        with runs.exclusive(tmp_path / "m"):
+            pass
