@@ -37,9 +37,13 @@ _ABLATIONS = (
 )
 
 
+def _ablations(prefix: str) -> list[tuple[str, str]]:
+    return [(item, f"{prefix}_{kind}") for item, kind in _ABLATIONS]
+
+
 def _suite(prefix: str, ablation_prefix: str) -> list[tuple[str, str]]:
-    return ([(item, prefix + tail) for item, tail in (_RANDOM, _CLASS)]
-            + [(item, f"{ablation_prefix}_{kind}") for item, kind in _ABLATIONS])
+    return [(item, prefix + tail) for item, tail in (_RANDOM, _CLASS)] + _ablations(
+        ablation_prefix)
 
 
 SUITES: dict[str, list[tuple[str, str]]] = {
@@ -49,7 +53,7 @@ SUITES: dict[str, list[tuple[str, str]]] = {
                ("Tables 1-2 (all six methods, with MCU and MCU_beta)", "digits_methods"),
                ("Table 3 (NegGrad+ rows) and Figure 3b", "digits_class"),
                ("Table 3 (all six methods, with MCU and MCU_beta)", "digits_methods_class"),
-               *_suite("digits", "digits_ablation")[2:]],
+               *_ablations("digits_ablation")],
     "cifar10": _suite("cifar10_preresnet110", "cifar10_preresnet110_ablation"),
 }
 SUITES["all"] = SUITES["cifar10"] + [

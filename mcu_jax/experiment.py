@@ -102,18 +102,25 @@ class ExperimentConfig:
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:
                 raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: got {self.seeds!r}; each seed may appear once (a repeated "
-                             "seed would count twice in the mean and std)")
+        _check_once("seeds", self.seeds, self.seeds, "seed", " (a repeated seed would count "
+                    "twice in the mean and std)")
         for name in self.methods:
             check_base_method(name, "methods")
+        _check_once("methods", self.methods, self.methods, "method")
+        _check_once("mcu_modes", self.mcu_modes, self.mcu_modes, "mode")
         for beta in self.fixed_betas:
             if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
                 raise ValueError(f"fixed_betas: got {beta!r}; each beta must be a finite "
                                  "number >= 0")
-        if len(set(self.fixed_betas)) != len(self.fixed_betas):
-            raise ValueError(f"fixed_betas: got {self.fixed_betas!r}; each value may appear "
-                             "once")
+        # Values are named (rows, folders) as {beta:g}: two values of one name would clash.
+        _check_once("fixed_betas", self.fixed_betas, [f"{b:g}" for b in self.fixed_betas],
+                    "value (to 6 significant digits)")
+
+
+def _check_once(field: str, values, names, what: str, why: str = "") -> None:
+    """ValueError naming ``field`` when two of ``values`` share a name."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: got {tuple(values)!r}; each {what} may appear once{why}")
 
 
 def rerun_command(cfg: ExperimentConfig) -> str:
@@ -326,8 +333,9 @@ def _copy_chosen_figures(cfg: ExperimentConfig, run: RunDir, rows: list[dict]) -
 
 def choose_fixed_betas(cfg: ExperimentConfig, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(rows, searched): each method's beta-search rows replaced by one MCU row, the value
-    with the smallest Avg. Gap to RT (the table's, over seeds; ties: the first value), which
-    records ``beta``; ``searched`` holds every value's row. Without a search, (rows, [])."""
+    with the smallest Avg. Gap to RT (the table's, over seeds, compared unrounded; exact ties:
+    the first value), which records ``beta``; ``searched`` holds every value's row. Without
+    a search, (rows, [])."""
     if not cfg.fixed_betas or "fixed" not in cfg.mcu_modes:
         return rows, []
     class_wise = cfg.problem.scenario == "class"
@@ -449,7 +457,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     if cfg.table1:
         text += "\n## Table 1 layout\n\n" + metrics.table1_markdown(rows) + "\n"
     if searched:
-        text += (f"\n## MCU's beta search\n\n{BETA_SEARCH_NOTE}\n\n"
+        chosen = ", ".join(f"{r['method']}: beta = {r['beta']:g}" for r in rows if "beta" in r)
+        text += (f"\n## MCU's beta search\n\n{BETA_SEARCH_NOTE} Chosen: {chosen}.\n\n"
                  + metrics.markdown_table([r for r in rows if r["method"] == "RT"] + searched,
                                           class_wise=class_wise) + "\n")
     (out / "results.md").write_text(text)

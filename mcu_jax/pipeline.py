@@ -49,8 +49,8 @@ class SelectionConfig:
     t_lo: float = 0.75  # t* is searched in [t_lo, t_hi]
     t_hi: float = 1.0
     # The gap's interpolant (selection.INTERPOLATIONS): "cubic", the paper's spline, or
-    # "pchip", shape-preserving, which never puts t* or the region where the spline
-    # overshoots the measured gaps (after a steep drop or on a plateau).
+    # "pchip", shape-preserving: it stays within the measured gaps, so t* and the region never
+    # rest on the spline's overshoot (after a steep drop or on a plateau).
     interpolation: str = "cubic"
     include_test: bool = True  # the release leaves the test term out of the gap
     bn_set: str = "retain"  # BatchNorm statistics over D_r ("train": the release's choice)

@@ -703,11 +703,15 @@ def test_beta_search_keeps_the_value_closest_to_rt_in_its_rows_place():
     assert experiment.choose_fixed_betas(plain, rows[:3]) == (rows[:3], [])
 
 
-@pytest.mark.parametrize("betas, match", [((0.1, -0.2), "-0.2"), ((0.1, float("nan")), "nan"),
-                                          ((0.2, 0.2), "once")])
-def test_bad_fixed_betas_are_refused(betas, match):
-    with pytest.raises(ValueError, match=f"fixed_betas.*{match}"):
-        experiment.ExperimentConfig(fixed_betas=betas)
+@pytest.mark.parametrize("field, value, match", [
+    ("fixed_betas", (0.1, -0.2), "-0.2"), ("fixed_betas", (0.1, float("nan")), "nan"),
+    ("fixed_betas", (0.2, 0.2), "once"), ("fixed_betas", (0.1, 0.1000001), "6 significant"),
+    ("methods", ("neggrad", "ga", "neggrad"), "each method may appear once"),
+    ("mcu_modes", ("fixed", "fixed"), "each mode may appear once"),
+])
+def test_repeated_or_bad_values_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=f"{field}.*{match}"):
+        experiment.ExperimentConfig(**{field: value})
 
 
 def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
@@ -736,6 +740,7 @@ def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
         assert record["config"]["mcu"]["beta"] == beta
     md = (out / "results.md").read_text()
     assert "## MCU's beta search" in md and "| MCU-NegGrad+ beta=0.5 |" in md
+    assert f"Chosen: MCU-NegGrad+: beta = {chosen['beta']:g}." in md
     # Every value's curve figure is kept aside; the chosen one is the MCU row's figure.
     searched_pngs = sorted(p.name for p in (out / "curves" / "beta_search").glob("*.png"))
     assert searched_pngs == ["MCU-NegGradplus_beta=0.5_seed0.png",

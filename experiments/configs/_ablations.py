@@ -42,7 +42,7 @@ def cifar10(kind: str) -> AblationConfig:
     exp = dataclasses.replace(
         cifar10_preresnet110_random.get_config(), name=name,
         command=f"python experiments/run.py {name} experiment.problem.data_dir=DIR",
-        seeds=(0,), methods=(method,), mcu_modes=(), table1=False,
+        seeds=(0,), methods=(method,), mcu_modes=(), fixed_betas=(), table1=False,
         models_from="cifar10_preresnet110_random",
     )
     return AblationConfig(experiment=exp, kind=kind, values=values, method=method,
