@@ -45,6 +45,8 @@ DISPLAY = {
 }
 MCU_MODES = {"fixed": "MCU", "adaptive": "MCU_beta"}
 TABLE1_METHODS = ("ft", "rl", "ga", "neggrad", "salun", "negtv")
+# The paper's beta values (Figure 4), searched for its MCU (fixed beta) rows (fixed_betas).
+PAPER_BETAS = (0.1, 0.2, 0.3, 0.5)
 
 
 def _paper(method: str, **overrides) -> Any:
@@ -339,21 +341,21 @@ def choose_fixed_betas(cfg: ExperimentConfig, rows: list[dict]) -> tuple[list[di
     if not cfg.fixed_betas or "fixed" not in cfg.mcu_modes:
         return rows, []
     class_wise = cfg.problem.scenario == "class"
+
+    def gap(row: dict) -> float:
+        value = metrics.table_avg_gap(rows, row, class_wise)
+        return math.inf if value is None else value
+
     by_name = {row["method"]: row for row in rows}
-    chosen, searched = {}, []
+    chosen, searched = {}, []  # chosen: the chosen value's row name -> the MCU row
     for method in cfg.methods:
         label = row_name(method, "fixed")
         values = [(beta, by_name[beta_row_name(label, beta)]) for beta in cfg.fixed_betas]
-        gaps = [metrics.table_avg_gap(rows, row, class_wise) for _, row in values]
-        best = min(range(len(values)),
-                   key=lambda i: math.inf if gaps[i] is None else gaps[i])
-        beta, row = values[best]
+        beta, row = min(values, key=lambda value: gap(value[1]))  # ties: the first
         chosen[row["method"]] = {**row, "method": label, "beta": beta}
         searched += [row for _, row in values]
-    searched_names = {row["method"] for row in searched}
-    kept = [chosen.get(row["method"], row) for row in rows
-            if row["method"] not in searched_names or row["method"] in chosen]
-    return kept, searched
+    dropped = {row["method"] for row in searched} - set(chosen)
+    return [chosen.get(r["method"], r) for r in rows if r["method"] not in dropped], searched
 
 
 def _evaluated(run: RunDir, phase: str, prob, variables, cfg, seed, extra: dict,

@@ -48,10 +48,19 @@ except ImportError:  # not POSIX: folders go unlocked
 
 _RUN_FILE = "run.json"
 _LOCK = ".lock"
-_HELD = threading.local()  # .folders: those this thread holds (a nested call passes through)
 _PHASES = "phases"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MISSING = "<missing>"
+
+
+class _Held(threading.local):
+    """The folders this thread holds (a nested call for one of them passes through)."""
+
+    def __init__(self):
+        self.folders: set[Path] = set()
+
+
+_HELD = _Held()
 
 #: Settings that change how fast or how visibly a run goes, not its result: a folder bound to
 #: a request may be reopened with other values of these.
@@ -223,17 +232,11 @@ class RunDir:
         return f"RunDir({str(self.root)!r})"
 
 
-def _held() -> set[Path]:
-    if not hasattr(_HELD, "folders"):
-        _HELD.folders = set()
-    return _HELD.folders
-
-
 def _lock_file(folder: Path):
     """``folder``'s lock file, open; None where there is nothing to lock: no ``fcntl`` (not
     POSIX), several JAX processes (they make one model together), a folder this thread
     holds already, or a read-only folder."""
-    if fcntl is None or jax.process_count() > 1 or folder in _held():
+    if fcntl is None or jax.process_count() > 1 or folder in _HELD.folders:
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -264,11 +267,11 @@ def exclusive(folder: str | os.PathLike):
             print(f"{folder}: another process is making this model; waiting for it to finish",
                   file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        _held().add(folder)
+        _HELD.folders.add(folder)
         try:
             yield
         finally:
-            _held().discard(folder)
+            _HELD.folders.discard(folder)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

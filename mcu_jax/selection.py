@@ -81,9 +81,14 @@ def interpolate_gap(ts: ArrayLike, gaps: ArrayLike,
 
     ``ts`` must be strictly increasing in [0, 1] with at least 4 points.
     """
+    ts, gaps = _check_sweep(ts, gaps)
+    return _fit(ts, gaps, kind)
+
+
+def _fit(ts: np.ndarray, gaps: np.ndarray, kind: str):
+    """:func:`interpolate_gap` for a checked sweep."""
     if kind not in INTERPOLATIONS:
         raise ValueError(f"kind={kind!r}; expected one of {INTERPOLATIONS}")
-    ts, gaps = _check_sweep(ts, gaps)
     return CubicSpline(ts, gaps) if kind == "cubic" else PchipInterpolator(ts, gaps)
 
 
@@ -111,7 +116,7 @@ def effective_region(
         raise ValueError(f"the sweep must end at t = 1, got last t = {ts[-1]}")
     if num_dense < 2:
         raise ValueError(f"num_dense must be at least 2, got {num_dense}")
-    interpolant = interpolate_gap(ts, gaps, kind)
+    interpolant = _fit(ts, gaps, kind)
     grid = np.linspace(ts[0], 1.0, num_dense)
     ref = gaps[-1]
     below = interpolant(grid) < ref - 1e-9 * max(1.0, abs(ref))
@@ -140,7 +145,7 @@ def optimal_t(
     if num_dense < 2:
         raise ValueError(f"num_dense must be at least 2, got {num_dense}")
     grid = np.linspace(lo, hi, num_dense)
-    values = interpolate_gap(ts, gaps, kind)(grid)
+    values = _fit(ts, gaps, kind)(grid)
     i = int(np.argmin(values))
     return float(grid[i]), float(values[i])
 

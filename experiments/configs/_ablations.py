@@ -6,11 +6,12 @@ import cifar10_preresnet110_random
 import digits_random
 
 from mcu_jax.ablation import AblationConfig
+from mcu_jax.experiment import PAPER_BETAS
 
 # kind -> (values, default value framed in the figure, base method); the paper's settings.
 PAPER = {
     "mask": ((0.1,), 0.1, "neggrad"),
-    "beta": ((0.1, 0.2, 0.3, 0.5), 0.2, "neggrad"),
+    "beta": (PAPER_BETAS, 0.2, "neggrad"),
     "k": ((0.1, 0.3, 0.5, 0.7), 0.5, "neggrad"),
     "k_r": ((0.0, 0.1, 0.2, 0.3), 0.1, "neggrad"),
     "forgetting": ((15, 20), None, "rl"),

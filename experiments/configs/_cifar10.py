@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from mcu_jax.experiment import ExperimentConfig, MethodsConfig
+from mcu_jax.experiment import PAPER_BETAS, ExperimentConfig, MethodsConfig
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.methods import default_config
 from mcu_jax.problem import ProblemConfig
@@ -29,8 +29,7 @@ def cifar10(name: str, model: str, scenario: str, schedule: TrainConfig, seeds) 
         mcu_modes=("fixed", "adaptive"),
         # The paper: 10 epochs of curve training for random forgetting, 5 class-wise.
         mcu=MCUConfig(epochs=10 if scenario == "random" else 5),
-        # MCU's rows: the best of the paper's beta ablation values (its "beta search").
-        fixed_betas=(0.1, 0.2, 0.3, 0.5),
+        fixed_betas=PAPER_BETAS,  # MCU's rows: the paper's "beta search"
         table1=True,
     )
 

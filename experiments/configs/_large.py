@@ -1,6 +1,6 @@
 """Shared builder of the Tiny-ImageNet and ImageNet-100 configs (not an experiment itself)."""
 
-from mcu_jax.experiment import ExperimentConfig, MethodsConfig
+from mcu_jax.experiment import PAPER_BETAS, ExperimentConfig, MethodsConfig
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.methods import default_config
 from mcu_jax.problem import ProblemConfig
@@ -26,7 +26,7 @@ def build(name, dataset, model, scenario, setting, schedule, mcu_epochs, mcu_lr=
         method_configs=MethodsConfig(**configs),
         mcu_modes=("fixed", "adaptive"),
         mcu=MCUConfig(epochs=mcu_epochs, lr=mcu_lr),
-        fixed_betas=(0.1, 0.2, 0.3, 0.5),  # MCU's rows: the paper's "beta search"
+        fixed_betas=PAPER_BETAS,  # MCU's rows: the paper's "beta search"
         table1=True,
     )
 

@@ -12,19 +12,10 @@ paper's beta values, as the paper's MCU rows do.
 
 import dataclasses
 
+import _digits
 import digits_random
-
-from mcu_jax.experiment import TABLE1_METHODS
 
 
 def get_config():
-    return dataclasses.replace(
-        digits_random.get_config(),
-        name="digits_methods",
-        command="python experiments/run.py digits_methods",
-        methods=TABLE1_METHODS,
-        mcu_modes=("fixed", "adaptive"),
-        fixed_betas=(0.1, 0.2, 0.3, 0.5),  # MCU's rows: the paper's "beta search"
-        table1=True,
-        models_from="digits_random",
-    )
+    cfg = _digits.six_methods(digits_random.get_config(), "digits_methods")
+    return dataclasses.replace(cfg, table1=True)

@@ -8,20 +8,9 @@ NegGrad+, SalUn and NegTV as theta_p (the paper's class-wise CIFAR-10 hyperparam
 seeds. MCU (fixed beta) takes the best of the paper's beta values, as the paper's MCU rows.
 """
 
-import dataclasses
-
+import _digits
 import digits_class
-
-from mcu_jax.experiment import TABLE1_METHODS
 
 
 def get_config():
-    return dataclasses.replace(
-        digits_class.get_config(),
-        name="digits_methods_class",
-        command="python experiments/run.py digits_methods_class",
-        methods=TABLE1_METHODS,
-        mcu_modes=("fixed", "adaptive"),
-        fixed_betas=(0.1, 0.2, 0.3, 0.5),  # MCU's rows: the paper's "beta search"
-        models_from="digits_class",
-    )
+    return _digits.six_methods(digits_class.get_config(), "digits_methods_class")
