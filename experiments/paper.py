@@ -135,7 +135,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from mcu_jax import config, experiment, runs
+    from mcu_jax import experiment, runs
 
     names = [name for _, name in SUITES[args.suite]]
     unknown = sorted(set(args.only) - set(names))
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     for item, name in SUITES[args.suite]:
         try:
             cfg = run_script.load_config(name)
-            cfg = config.override(cfg, overrides_for(cfg, args.overrides, args.data_dir,
-                                                     args.out_dir))
+            cfg = run_script.apply_overrides(cfg, overrides_for(cfg, args.overrides,
+                                                                args.data_dir, args.out_dir))
         except ValueError as err:
             print(f"paper {args.suite}: error in {name}: {err}", file=sys.stderr)
             return 2

@@ -4,6 +4,8 @@ NAME is a file in experiments/configs/ (without .py), or the path of any such ``
 (e.g. your own config that registers your own unlearning method), whose ``get_config()``
 returns an ``ExperimentConfig`` (or an ``AblationConfig``, whose experiment fields are then under
 ``experiment.``); every field can be overridden, e.g. ``seeds=0,1,2 mcu.epochs=5``.
+Groups a config leaves unset (``mcu``, a method's config) take the paper's values for the
+problem's data set and scenario, and ``problem.`` overrides are applied first for that.
 ``--fields`` lists the overridable fields; ``--compile-cache DIR|off`` sets the persistent
 compilation cache (``mcu_jax.compile_cache``). User errors end with one line and exit code 2.
 """
@@ -29,7 +31,15 @@ def load_config(name: str):
     spec = importlib.util.spec_from_file_location(f"mcu_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} has no get_config() function")
+    from mcu_jax import ablation, experiment
+
+    cfg = module.get_config()
+    if not isinstance(cfg, experiment.ExperimentConfig | ablation.AblationConfig):
+        raise ValueError(f"get_config() of {path} returned a {type(cfg).__name__}; expected "
+                         "an ExperimentConfig or an AblationConfig")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        cfg = config.override(load_config(args.name), args.overrides)
+        cfg = apply_overrides(load_config(args.name), args.overrides)
         if args.fields:
-            print("\n".join(config.field_names(cfg)))
+            print("\n".join(config.field_names(paper_defaults(cfg))))
             return 0
         compile_cache.enable_from_args(args.compile_cache)
         run(cfg)
@@ -53,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {args.name}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """``cfg`` with ``group.field=value`` overrides; the ``problem.`` ones go first, as the
+    data set and scenario decide the paper's values an unset group (``mcu``, a method's
+    config) is filled with before one of its fields is set."""
+    from mcu_jax import config
+
+    ordered = sorted(overrides, key=lambda item: item.split("=", 1)[0].split(".")[-2:-1]
+                     != ["problem"])
+    return config.override(cfg, ordered, fill=paper_defaults)
+
+
+def paper_defaults(cfg):
+    """An ``ExperimentConfig`` or ``AblationConfig`` with its unset groups written out."""
+    from mcu_jax import ablation, experiment
+
+    if isinstance(cfg, ablation.AblationConfig):
+        return ablation.with_paper_defaults(cfg)
+    return experiment.paper_defaults(cfg)
 
 
 def run(cfg) -> Path:

@@ -25,13 +25,15 @@ from mcu_jax.experiment import (
     _evaluated,
     base_model,
     check_base_method,
+    mcu_config,
     mcu_row,
     method_config,
     name_key,
+    open_run,
+    paper_defaults,
     prepare_seed,
     rerun_command,
 )
-from mcu_jax.runs import RunDir
 
 KINDS = {
     "mask": "no mask vs parameter mask (k = k_r = value) vs random mask, MCU (Figure 2)",
@@ -115,7 +117,7 @@ def _point(cfg: AblationConfig, ctx: SeedContext, value: float) -> dict[str, dic
     kind, tag = cfg.kind, f"{cfg.kind}_{value:g}"
     name = DISPLAY.get(cfg.method, cfg.method)
     key = name_key(ctx.curve_key, cfg.method)
-    mcu_cfg, mask_cfg = exp.mcu, exp.mask
+    mcu_cfg, mask_cfg = mcu_config(exp), exp.mask
     rows = {}
     if kind == "forgetting":
         mcfg = dataclasses.replace(method_config(exp, cfg.method), epochs=int(value))
@@ -187,12 +189,17 @@ def mask_note(trained: dict[str, float | None], seconds: dict[str, float | None]
             f"which compiles, excluded): {'; '.join(parts)}.\n\n")
 
 
+def with_paper_defaults(cfg: AblationConfig) -> AblationConfig:
+    """``cfg`` with its experiment's unset groups written out (``experiment.paper_defaults``)."""
+    return dataclasses.replace(cfg, experiment=paper_defaults(cfg.experiment))
+
+
 def run_ablation(cfg: AblationConfig) -> Path:
     """Runs (or resumes) the sweep over ``cfg.values`` for every seed; returns the folder."""
+    cfg = with_paper_defaults(cfg)
     exp = cfg.experiment
     out = Path(exp.out_dir) / exp.name
-    run = RunDir(out)
-    run.open(config.to_dict(cfg))
+    run = open_run(out, config.to_dict(cfg), exp)
     start = time.perf_counter()
     per_seed, panels = [], []
     for seed in exp.seeds:

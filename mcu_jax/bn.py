@@ -4,8 +4,10 @@ A point theta(t) on a curve has no running statistics of its own, so they are me
 with one pass in train mode over a data set. The model is cloned with ``bn_momentum=0``,
 which makes a train-mode call write exactly the current batch's mean and (biased)
 variance; the per-batch statistics are then averaged with weights equal to the batch
-sizes (the cumulative average that PyTorch's ``update_bn`` forms with ``momentum=None``,
-except that we average the biased variances BatchNorm itself normalises with).
+sizes (the cumulative average that the release's ``utils.update_bn``, after Garipov et al.,
+forms with momentum ``b / (n + b)``; ``torch.optim.swa_utils.update_bn`` weights every batch
+alike, which differs only through a last, smaller batch), except that we average the biased
+variances BatchNorm itself normalises with.
 
 The batches take the set in a fixed shuffled order (:func:`bn_batches`, ``seed=0``; ``None``
 keeps the given order), as PyTorch's shuffled loader does, so a class-sorted set still gives

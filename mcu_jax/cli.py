@@ -31,6 +31,7 @@ from mcu_jax import (
     config,
     loop,
     masks,
+    mcu,
     methods,
     pipeline,
     problem,
@@ -86,7 +87,7 @@ def cmd_unlearn(args) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class MCUCommand:
-    mcu: MCUConfig = MCUConfig()
+    mcu: MCUConfig = MCUConfig()  # cmd_mcu starts from mcu.paper_config for theta_o's problem
     mask: pipeline.MaskConfig = pipeline.MaskConfig()
     selection: pipeline.SelectionConfig = pipeline.SelectionConfig()
     key: int = 0
@@ -95,7 +96,9 @@ class MCUCommand:
 def cmd_mcu(args) -> dict:
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
     theta_p, _ = checkpoint.load_model(args.theta_p)
-    cfg = config.override(MCUCommand(), args.overrides)
+    # The paper's curve training for theta_o's problem (e.g. 5 epochs class-wise).
+    base = mcu.paper_config(pcfg.scenario, methods.setting_of(pcfg.dataset))
+    cfg = config.override(MCUCommand(mcu=base), args.overrides)
     prob = problem.build(pcfg)
     out = pipeline.run_mcu(
         prob.model, theta_o, theta_p, prob.train, prob.test, prob.split, meta["refs"],

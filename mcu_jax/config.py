@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -62,13 +62,27 @@ def field_names(config: Any, prefix: str = "") -> list[str]:
     return names
 
 
-def override(config: Any, assignments: Iterable[str]) -> Any:
-    """A copy of the dataclass ``config`` with ``name=value`` assignments applied."""
+class UnsetGroup(ValueError):
+    """An override reaches into a group of fields that is None (unset)."""
+
+
+def override(config: Any, assignments: Iterable[str],
+             fill: Callable[[Any], Any] | None = None) -> Any:
+    """A copy of the dataclass ``config`` with ``name=value`` assignments applied.
+
+    A group that is None (e.g. "the paper's values for the problem") has no fields to set:
+    ``fill(config)``, when given, returns the config with such groups written out, and is
+    applied before an assignment into one; without it that assignment is refused."""
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like field=value")
-        name, text = item.split("=", 1)
-        config = _set(config, name.strip(), text.strip(), name.strip(), "")
+        name, text = (part.strip() for part in item.split("=", 1))
+        try:
+            config = _set(config, name, text, name, "")
+        except UnsetGroup:
+            if fill is None:
+                raise
+            config = _set(fill(config), name, text, name, "")
     return config
 
 
@@ -82,11 +96,14 @@ def _set(config: Any, name: str, text: str, full: str, prefix: str) -> Any:
             f"{', '.join(field_names(config, prefix))}"
         )
     current = getattr(config, head)
+    if rest and current is None:
+        raise UnsetGroup(f"{full!r}: {prefix}{head} is None (unset), so it has no field "
+                         f"{rest!r}; set {prefix}{head} in the config first")
     if rest:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"config field {head!r} has no sub-field {rest!r}")
         value = _set(current, rest, text, full, f"{prefix}{head}.")
-    elif dataclasses.is_dataclass(current):
+    elif dataclasses.is_dataclass(current) or _is_group(hints[head]):
         raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
     else:
         value = _parse(text, hints[head], full)
@@ -95,6 +112,12 @@ def _set(config: Any, name: str, text: str, full: str, prefix: str) -> Any:
         except (ValueError, TypeError) as err:
             raise ValueError(f"{full}={text}: {err}") from None
     return dataclasses.replace(config, **{head: value})
+
+
+def _is_group(annotation: Any) -> bool:
+    """Whether a field's type is a config dataclass (or one or None)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return any(isinstance(a, type) and dataclasses.is_dataclass(a) for a in args)
 
 
 def to_dict(config: Any) -> dict:

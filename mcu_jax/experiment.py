@@ -16,7 +16,6 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -36,6 +35,7 @@ from mcu_jax import (
 )
 from mcu_jax import train as train_lib
 from mcu_jax.mcu import MCUConfig, steady_epoch_seconds
+from mcu_jax.mcu import paper_config as paper_mcu_config
 from mcu_jax.methods import MethodConfig, default_config
 from mcu_jax.runs import RunDir
 
@@ -49,21 +49,18 @@ TABLE1_METHODS = ("ft", "rl", "ga", "neggrad", "salun", "negtv")
 PAPER_BETAS = (0.1, 0.2, 0.3, 0.5)
 
 
-def _paper(method: str, **overrides) -> Any:
-    return dataclasses.field(default_factory=lambda: default_config(method, **overrides))
-
-
 @dataclasses.dataclass(frozen=True)
 class MethodsConfig:
-    """Hyperparameters of each pre-unlearning method (the paper's CIFAR-10 defaults; NegTV's
-    alpha None takes the paper's value for the experiment's scenario and data set)."""
+    """Hyperparameters of each pre-unlearning method. None (the default) is the paper's for
+    the experiment's data set and scenario (``methods.default_config``), and so is NegTV's
+    alpha None; :func:`paper_defaults` writes them out."""
 
-    ft: MethodConfig = _paper("ft")
-    rl: MethodConfig = _paper("rl")
-    ga: MethodConfig = _paper("ga")
-    neggrad: MethodConfig = _paper("neggrad")
-    salun: MethodConfig = _paper("salun")
-    negtv: MethodConfig = _paper("negtv", alpha=None)
+    ft: MethodConfig | None = None
+    rl: MethodConfig | None = None
+    ga: MethodConfig | None = None
+    neggrad: MethodConfig | None = None
+    salun: MethodConfig | None = None
+    negtv: MethodConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +74,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("neggrad",)  # base methods giving theta_p
     method_configs: MethodsConfig = MethodsConfig()
     mcu_modes: tuple[str, ...] = ("adaptive",)  # "fixed" -> MCU, "adaptive" -> MCU_beta
-    mcu: MCUConfig = MCUConfig()
+    mcu: MCUConfig | None = None  # None: the paper's for the problem (mcu.paper_config)
     mask: pipeline.MaskConfig = pipeline.MaskConfig()
     selection: pipeline.SelectionConfig = pipeline.SelectionConfig()
     mia: bool = True
@@ -149,6 +146,32 @@ def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
     if name == "negtv" and base.alpha is None:
         base = dataclasses.replace(base, alpha=methods.negtv_alpha(scenario, dataset))
     return dataclasses.replace(base, progress=cfg.progress)
+
+
+def mcu_config(cfg: ExperimentConfig) -> MCUConfig:
+    """``cfg.mcu``, or when None the paper's curve training for the problem's scenario and
+    data set (``mcu.paper_config``: e.g. 5 epochs class-wise on CIFAR-10)."""
+    scenario, dataset = cfg.problem.scenario, cfg.problem.dataset
+    return cfg.mcu or paper_mcu_config(scenario, methods.setting_of(dataset))
+
+
+def paper_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its unset (None) groups written out: ``mcu`` and every registered
+    method's config, the paper's values for the problem (NegTV's alpha stays None, resolved
+    by :func:`method_config`). Runs record and report this form; the command line fills
+    these groups so that their fields can be overridden."""
+    scenario, setting = cfg.problem.scenario, methods.setting_of(cfg.problem.dataset)
+    known = methods.available()
+    unset = {
+        f.name: default_config(f.name, scenario, setting,
+                               **({"alpha": None} if f.name == "negtv" else {}))
+        for f in dataclasses.fields(cfg.method_configs)
+        if getattr(cfg.method_configs, f.name) is None and f.name in known
+    }
+    return dataclasses.replace(
+        cfg, mcu=mcu_config(cfg),
+        method_configs=dataclasses.replace(cfg.method_configs, **unset),
+    )
 
 
 def row_name(method: str, mode: str | None = None) -> str:
@@ -307,14 +330,14 @@ BETA_SEARCH_FIGURES = "curves/beta_search"  # every value's curve; the chosen on
 def _mcu_variants(cfg: ExperimentConfig, method: str, mode: str):
     """(row label, MCUConfig, folder name, figure folder) of each curve of ``mode`` on top of
     ``method``: one, or one per value of ``cfg.fixed_betas`` for MCU (fixed beta)."""
-    label = row_name(method, mode)
+    label, base = row_name(method, mode), mcu_config(cfg)
     if mode != "fixed" or not cfg.fixed_betas:
-        yield (label, dataclasses.replace(cfg.mcu, beta_mode=mode), f"mcu_{mode}_{_slug(label)}",
+        yield (label, dataclasses.replace(base, beta_mode=mode), f"mcu_{mode}_{_slug(label)}",
                "curves")
         return
     for beta in cfg.fixed_betas:
         yield (beta_row_name(label, beta),
-               dataclasses.replace(cfg.mcu, beta_mode="fixed", beta=float(beta)),
+               dataclasses.replace(base, beta_mode="fixed", beta=float(beta)),
                f"mcu_fixed_{_slug(label)}_beta{beta:g}", BETA_SEARCH_FIGURES)
 
 
@@ -434,11 +457,21 @@ ROW_KEYS = (
 )
 
 
+def open_run(out: Path, record: dict, cfg: ExperimentConfig) -> RunDir:
+    """The run folder ``out`` bound to ``record``, once the first seed's problem has been
+    made (``problem.check``): a data set, split or model that cannot be made is refused
+    before the folder is bound to it."""
+    problem.check(dataclasses.replace(cfg.problem, seed=cfg.seeds[0]))
+    run = RunDir(out)
+    run.open(record)
+    return run
+
+
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Runs (or resumes) every seed of ``cfg``; returns the run folder."""
+    cfg = paper_defaults(cfg)
     out = Path(cfg.out_dir) / cfg.name
-    run = RunDir(out)
-    run.open(config.to_dict(cfg))
+    run = open_run(out, config.to_dict(cfg), cfg)
     start = time.perf_counter()
     per_seed = []
     for seed in cfg.seeds:

@@ -11,7 +11,9 @@ from typing import Any
 
 from mcu_jax import checks
 from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
+from mcu_jax.data.splits import check_request
 from mcu_jax.models import create
+from mcu_jax.models.layers import resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,11 @@ class ProblemConfig:
     test_size: int | None = None
 
     def __post_init__(self):
+        # What can be checked without the data, so that a bad request fails before any
+        # loading or run folder (make_split and create check the rest against the data).
+        check_request(self.scenario, self.forget_ratio, self.forget_class, self.val_ratio,
+                      self.retain_ratio, self.seed, where="")
+        resolve_dtype(self.dtype)
         for name in ("train_size", "test_size"):
             checks.optional_integer(name, getattr(self, name), low=1)
 
@@ -51,8 +58,13 @@ class Problem:
         return (1, *self.dataset.x_train.shape[1:])
 
 
-def build(config: ProblemConfig) -> Problem:
-    """Loads the data (and its subset), draws the split from the seed, creates the model."""
+def check(config: ProblemConfig) -> None:
+    """Raises what :func:`build` would (missing data, a split or model that cannot be made)
+    without putting the images on the device: to refuse a request before a run starts."""
+    _parts(config)
+
+
+def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
     dataset = subsample(load_dataset(config.dataset, config.data_dir),
                         config.train_size, config.test_size)
     split = make_split(
@@ -64,7 +76,12 @@ def build(config: ProblemConfig) -> Problem:
         retain_ratio=config.retain_ratio,
         seed=config.seed,
     )
-    model = create(config.model, dataset.num_classes, dtype=config.dtype)
+    return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype)
+
+
+def build(config: ProblemConfig) -> Problem:
+    """Loads the data (and its subset), draws the split from the seed, creates the model."""
+    dataset, split, model = _parts(config)
     return Problem(
         config=config,
         dataset=dataset,

@@ -205,3 +205,28 @@ def test_cli_passes_retrain_pool_and_key_to_the_library(monkeypatch, tmp_path, c
     argv = ["mcu", "--theta-o", "o", "--theta-p", "p", "--out", str(tmp_path / "m"), "key=3"]
     assert _run(capsys, argv)[0] == 0
     np.testing.assert_array_equal(seen["key"], jax.random.key_data(jax.random.PRNGKey(3)))
+
+
+def test_mcu_takes_the_papers_curve_training_for_theta_os_problem(monkeypatch, tmp_path,
+                                                                   capsys):
+    """mcu-jax mcu trains the curve 10 epochs for random forgetting and 5 class-wise (the
+    paper's CIFAR-10 protocol, which digits follows), 2 on ImageNet-100; an override wins."""
+    from types import SimpleNamespace
+
+    from mcu_jax.problem import ProblemConfig
+
+    seen = []
+    monkeypatch.setattr(cli.checkpoint, "load_model", lambda path: ({}, {}))
+    monkeypatch.setattr(cli.problem, "build", lambda cfg: SimpleNamespace(
+        model=None, train=None, test=None, split=None))
+    monkeypatch.setattr(cli.pipeline, "run_mcu", lambda *args, **kwargs: seen.append(
+        args[8].epochs) or SimpleNamespace(t_star=1.0, region=[], measured={},
+                                           measured_gap=0.0, minutes={}))
+    argv = ["mcu", "--theta-o", "o", "--theta-p", "p", "--out", str(tmp_path / "m")]
+    for dataset, scenario, extra in [("digits", "random", []), ("digits", "class", []),
+                                     ("imagenet100", "class", []),
+                                     ("digits", "class", ["mcu.epochs=7"])]:
+        pcfg = ProblemConfig(dataset=dataset, scenario=scenario)
+        monkeypatch.setattr(cli, "_load_theta_o", lambda path, p=pcfg: ({}, {"refs": {}}, p))
+        assert _run(capsys, [*argv, *extra])[0] == 0
+    assert seen == [10, 5, 2, 7]

@@ -749,3 +749,77 @@ def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
     chosen_png = (out / "curves" / "beta_search"
                   / f"MCU-NegGradplus_beta={chosen['beta']:g}_seed0.png")
     assert (out / "curves" / "MCU-NegGradplus_seed0.png").read_bytes() == chosen_png.read_bytes()
+
+
+def test_unset_groups_take_the_papers_values_for_the_problem():
+    """A config that leaves the method configs and ``mcu`` unset gets the paper's numbers for
+    its data set and scenario (ImageNet-100: GA 2 epochs at lr 0.001, curve 2 epochs;
+    CIFAR-10 class-wise: curve 5 epochs), and the run records them written out."""
+    from mcu_jax.mcu import paper_config
+
+    for dataset, scenario, curve_epochs in [("imagenet100", "class", 2),
+                                            ("cifar10", "class", 5), ("digits", "random", 10)]:
+        cfg = experiment.ExperimentConfig(problem=ProblemConfig(dataset=dataset,
+                                                                scenario=scenario))
+        setting = "cifar10" if dataset == "digits" else dataset
+        for name in experiment.TABLE1_METHODS:
+            assert experiment.method_config(cfg, name) == default_config(name, scenario,
+                                                                         setting)
+        assert experiment.mcu_config(cfg) == paper_config(scenario, setting)
+        assert experiment.mcu_config(cfg).epochs == curve_epochs
+        full = experiment.paper_defaults(cfg)
+        assert full.mcu == experiment.mcu_config(cfg)
+        assert full.method_configs.ga == default_config("ga", scenario, setting)
+        assert full.method_configs.negtv.alpha is None  # resolved per scenario, as before
+        assert experiment.method_config(full, "negtv") == experiment.method_config(cfg, "negtv")
+        assert experiment.paper_defaults(full) == full
+    assert experiment.method_config(cfg, "ga").epochs == 5  # digits: CIFAR-10's protocol
+    # Written out, the default config is the one run folders recorded before None existed.
+    old = {m: default_config(m, **({"alpha": None} if m == "negtv" else {}))
+           for m in experiment.TABLE1_METHODS}
+    assert experiment.paper_defaults(experiment.ExperimentConfig()) == dataclasses.replace(
+        experiment.ExperimentConfig(), mcu=MCUConfig(),
+        method_configs=experiment.MethodsConfig(**old))
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        paper_config("classwise")
+
+
+def test_command_line_fills_an_unset_group_before_setting_its_field(capsys):
+    """``method_configs.ft.epochs=3`` on a config that leaves FT unset starts from the
+    paper's FT for the problem, whose ``problem.`` overrides apply first wherever they are
+    given; a group cannot be set as a value, and without a fill the field is refused."""
+    from mcu_jax import config
+
+    cfg = run_script.apply_overrides(run_script.load_config("digits_random"),
+                                     ["method_configs.ft.epochs=3", "problem.dataset=imagenet100"])
+    assert cfg.method_configs.ft == default_config("ft", "random", "imagenet100", epochs=3)
+    assert cfg.method_configs.neggrad.lr == 0.05  # the config's own value is kept
+    with pytest.raises(config.UnsetGroup, match="method_configs.ft is None"):
+        config.override(experiment.ExperimentConfig(), ["method_configs.ft.epochs=3"])
+    with pytest.raises(ValueError, match="is a group of fields"):
+        run_script.apply_overrides(experiment.ExperimentConfig(), ["method_configs.ft=3"])
+    assert run_script.main(["digits_class", "--fields"]) == 0
+    assert {"mcu.epochs", "method_configs.salun.fraction"} <= set(capsys.readouterr().out.split())
+
+
+def test_a_bad_problem_or_config_file_binds_no_folder(tmp_path, capsys):
+    """A split, model or data set that cannot be made is refused in one line before the run
+    folder is bound to it (a corrected command then runs there), and so is a config file
+    without a usable get_config()."""
+    out = tmp_path / "runs"
+    for bad, match in [("problem.forget_ratio=1.5", "problem.forget_ratio=1.5: forget_ratio"),
+                       ("problem.scenario=classwise", "scenario='classwise'"),
+                       ("problem.model=resnet21", "unknown model 'resnet21'"),
+                       ("problem.dataset=cifar1O", "unknown name='cifar1O'")]:
+        assert run_script.main(["digits_random", bad, f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+    assert run_script.main(["digits_class", "problem.forget_class=12", f"out_dir={out}"]) == 2
+    assert "forget_class=12; expected an int in [0, 10)" in capsys.readouterr().err
+    assert not out.exists()
+    for text, match in [("x = 1\n", "has no get_config"),
+                        ("def get_config():\n    return {}\n", "returned a dict")]:
+        path = tmp_path / "mine.py"
+        path.write_text(text)
+        assert run_script.main([str(path)]) == 2
+        assert match in capsys.readouterr().err

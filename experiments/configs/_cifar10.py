@@ -3,7 +3,7 @@
 import dataclasses
 
 from mcu_jax.experiment import PAPER_BETAS, ExperimentConfig, MethodsConfig
-from mcu_jax.mcu import MCUConfig
+from mcu_jax.mcu import paper_config
 from mcu_jax.methods import default_config
 from mcu_jax.problem import ProblemConfig
 from mcu_jax.train import TrainConfig
@@ -28,7 +28,7 @@ def cifar10(name: str, model: str, scenario: str, schedule: TrainConfig, seeds) 
         method_configs=methods,
         mcu_modes=("fixed", "adaptive"),
         # The paper: 10 epochs of curve training for random forgetting, 5 class-wise.
-        mcu=MCUConfig(epochs=10 if scenario == "random" else 5),
+        mcu=paper_config(scenario, "cifar10"),
         fixed_betas=PAPER_BETAS,  # MCU's rows: the paper's "beta search"
         table1=True,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
 import os
 import pickle
 import tarfile
@@ -580,6 +581,19 @@ def _cifar10_npz(key: tuple) -> Dataset:
 
 def _from_tfds(name: str, roots: list[Path], num_classes: int, mean: tuple, std: tuple,
                class_names: tuple[str, ...] | None) -> tuple[Dataset | None, str]:
+    """:func:`_probe_tfds` with tensorflow-datasets' warnings about the folders it probes
+    silenced: the error raised when nothing is found names every place looked."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return _probe_tfds(name, roots, num_classes, mean, std, class_names)
+    finally:
+        absl.setLevel(level)
+
+
+def _probe_tfds(name: str, roots: list[Path], num_classes: int, mean: tuple, std: tuple,
+                class_names: tuple[str, ...] | None) -> tuple[Dataset | None, str]:
     """Try tensorflow-datasets (never downloading). Returns (dataset or None, note for errors).
 
     ``tfds.data_source`` (array_record / parquet preparations) needs no TensorFlow; a TFRecord
@@ -665,9 +679,9 @@ def _load_cifar(name: str, roots: list[Path]) -> Dataset:
         return ds
     url = "https://www.cs.toronto.edu/~kriz/cifar.html"
     if name == "cifar10":
-        hint = (f"copy cifar10_jpeg.npz from the project's shared/data folder, or download "
-                f"cifar-10-python.tar.gz from {url} (extracting it is optional), or prepare "
-                "the tensorflow-datasets 'cifar10' set")
+        hint = (f"download cifar-10-python.tar.gz from {url} (extracting it is optional), "
+                "or prepare the tensorflow-datasets 'cifar10' set, or copy a "
+                "cifar10_jpeg.npz you have (the project's shared/data folder)")
     else:
         hint = (f"download cifar-100-python.tar.gz from {url} (extracting it is optional), or "
                 "prepare the tensorflow-datasets 'cifar100' set")

@@ -77,13 +77,40 @@ def _round(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def _check_ratio(name: str, value: Any, *, closed_right: bool) -> float:
+def _check_ratio(name: str, value: Any, where: str, *, closed_right: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok else float("nan")
     if not (0.0 < v < 1.0 or (closed_right and v == 1.0)):
         interval = "(0, 1]" if closed_right else "(0, 1)"
-        raise ValueError(f"make_split: {name}={value!r}; expected a number in {interval}")
+        raise ValueError(f"{where}{name}={value!r}; expected a number in {interval}")
     return v
+
+
+def check_request(scenario: str, forget_ratio: float, forget_class: int | None,
+                  val_ratio: float, retain_ratio: float, seed: int,
+                  where: str = "make_split") -> None:
+    """ValueError (prefixed ``where: ``) for a split request that no data set can satisfy:
+    an unknown scenario, a ratio outside its interval, a bad seed, a forget class that is
+    not an int >= 0 or is given for random forgetting. :func:`make_split` also checks the
+    class against the data; a config checks these when it is made."""
+    where = f"{where}: " if where else ""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"{where}scenario={scenario!r}; expected one of {SCENARIOS}")
+    _check_ratio("forget_ratio", forget_ratio, where, closed_right=False)
+    _check_ratio("val_ratio", val_ratio, where, closed_right=False)
+    _check_ratio("retain_ratio", retain_ratio, where, closed_right=True)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"{where}seed={seed!r}; expected an int >= 0")
+    if forget_class is None:
+        return
+    if scenario == "random":
+        raise ValueError(
+            f"{where}forget_class={forget_class!r} given with scenario='random'; "
+            "a forget class is only meaningful for scenario='class'"
+        )
+    if (isinstance(forget_class, bool) or not isinstance(forget_class, numbers.Integral)
+            or forget_class < 0):
+        raise ValueError(f"{where}forget_class={forget_class!r}; expected an int >= 0")
 
 
 def _sorted_index(a: np.ndarray) -> np.ndarray:
@@ -110,26 +137,15 @@ def make_split(dataset: Any, scenario: str = "random", forget_ratio: float = 0.1
     Each part draws from its own child of ``np.random.SeedSequence(seed)``, so the same seed
     always gives the same split (and the same val/test split in both scenarios).
     """
-    if scenario not in SCENARIOS:
-        raise ValueError(f"make_split: scenario={scenario!r}; expected one of {SCENARIOS}")
-    forget_ratio = _check_ratio("forget_ratio", forget_ratio, closed_right=False)
-    val_ratio = _check_ratio("val_ratio", val_ratio, closed_right=False)
-    retain_ratio = _check_ratio("retain_ratio", retain_ratio, closed_right=True)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"make_split: seed={seed!r}; expected an int >= 0")
+    check_request(scenario, forget_ratio, forget_class, val_ratio, retain_ratio, seed)
+    forget_ratio, val_ratio, retain_ratio = map(float, (forget_ratio, val_ratio, retain_ratio))
     seed = int(seed)
     num_classes = int(dataset.num_classes)
     y_train = np.asarray(dataset.y_train)
     y_test = np.asarray(dataset.y_test)
     n_train = len(y_train)
     if forget_class is not None:
-        if scenario == "random":
-            raise ValueError(
-                f"make_split: forget_class={forget_class!r} given with scenario='random'; "
-                "a forget class is only meaningful for scenario='class'"
-            )
-        if (isinstance(forget_class, bool) or not isinstance(forget_class, numbers.Integral)
-                or not 0 <= forget_class < num_classes):
+        if not forget_class < num_classes:
             raise ValueError(
                 f"make_split: forget_class={forget_class!r}; expected an int in "
                 f"[0, {num_classes})"

@@ -11,8 +11,8 @@ BatchNorm statistics. The running statistics are not parameters: task arithmetic
 has no meaning (a variance can even turn negative), and theta_o's statistics do not match the
 new weights. By default (``config.bn == "recompute"``) they are therefore recomputed for
 theta_p with one pass over D_r (``mcu_jax.bn.recompute``: train-mode statistics of batches of
-``config.batch_size``, averaged over the set, no augmentation), the same treatment MCU gives
-every point of a curve.
+``config.batch_size`` with the training augmentation from a fixed key, averaged over the
+set), the same treatment MCU gives every point of a curve.
 The alternatives are ``"arithmetic"`` (the formula applied to the running statistics as well,
 variances clipped at 0; what task arithmetic on a whole PyTorch ``state_dict`` does) and
 ``"original"`` (keep theta_o's statistics).
