@@ -9,7 +9,8 @@ every output leaf gets a leading axis of size ``T`` (computed with ``vmap``). A 
 outside ``[0, 1]`` raises ``ValueError``; a traced ``t`` cannot be checked and is not.
 
 The weights are exactly 0 or 1 at ``t = 0`` and ``t = 1``, so the curve returns its first point
-at ``t = 0`` and its last point at ``t = 1`` bit for bit (up to the sign of a zero). Each leaf's
+at ``t = 0`` and its last point at ``t = 1`` bit for bit (up to the sign of a zero), as long as
+every point is finite (0 * NaN is NaN; ``pytrees.check_finite`` refuses such points). Each leaf's
 weights are computed in the promoted dtype of ``t`` and the leaf and then cast to the leaf's
 dtype, so the output dtype equals the input dtype; integer leaves are rejected.
 """
@@ -177,6 +178,7 @@ def point(kind: str, points: Sequence[PyTree], t: Any) -> PyTree:
     fn = curve_fn(kind)
     if fn is bezier:
         if len(points) != 3:
-            raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)}")
+            raise ValueError(f"a quadratic Bezier curve needs 3 points, got {len(points)} "
+                             "(curves 'bernstein' and 'polychain' take any number from 2)")
         return bezier(*points, t)
     return fn(points, t)

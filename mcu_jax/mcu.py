@@ -274,6 +274,24 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     return state, consts, runner
 
 
+def check_curve_data(forget: Any, retain_subset: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The curve-training indices into ``n`` images, checked: D_f and the retain subset in
+    range, neither empty, and disjoint (ValueError naming what is wrong)."""
+    forget = check_indices("forget", forget, n)
+    retain_subset = check_indices("retain_subset", retain_subset, n)
+    if forget.size == 0:
+        raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
+    if retain_subset.size == 0:
+        raise ValueError("the retain subset is empty: curve training needs retain data")
+    overlap = np.intersect1d(forget, retain_subset)
+    if overlap.size:
+        raise ValueError(
+            f"retain_subset and forget share {overlap.size} indices (e.g. {overlap[0]}); "
+            "D_r and D_f must be disjoint"
+        )
+    return forget, retain_subset
+
+
 def check_refs(refs: Any) -> None:
     """ValueError unless ``refs`` holds theta_o's reference accuracies "train" and "val" in
     percent (finite, in [0, 100], and not both <= 1, which are fractions by mistake)."""
@@ -326,21 +344,11 @@ def train_curve(
     if theta_c is None:
         theta_c = curves.midpoint(p_o, p_p)
     pytrees.check_compatible(theta_o=p_o, theta_c=theta_c)
+    for name, tree in (("theta_o", p_o), ("theta_p", p_p), ("theta_c", theta_c)):
+        pytrees.check_finite(name, tree)
     if mask is None:
         mask = jax.tree.map(lambda _: True, p_o)
-    n = images.num_examples
-    forget = check_indices("forget", forget, n)
-    retain_subset = check_indices("retain_subset", retain_subset, n)
-    if forget.size == 0:
-        raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
-    if retain_subset.size == 0:
-        raise ValueError("the retain subset is empty: curve training needs retain data")
-    overlap = np.intersect1d(forget, retain_subset)
-    if overlap.size:
-        raise ValueError(
-            f"retain_subset and forget share {overlap.size} indices (e.g. {overlap[0]}); "
-            "D_r and D_f must be disjoint"
-        )
+    forget, retain_subset = check_curve_data(forget, retain_subset, images.num_examples)
     check_refs(refs)
     is_forget = np.zeros(images.num_examples, bool)
     is_forget[forget] = True

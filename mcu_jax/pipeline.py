@@ -30,7 +30,7 @@ import numpy as np
 
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.device import Images
-from mcu_jax.mcu import MCUConfig, check_refs, train_curve
+from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
 from mcu_jax.models import check_variables
 
 BN_SETS = ("retain", "train")
@@ -203,6 +203,11 @@ def run_mcu(
 ) -> MCUOutput:
     """Runs MCU between theta_o and theta_p (variables dicts) on ``split``.
 
+    Only the parameters of theta_o and theta_p span the curve: every point's BatchNorm
+    statistics are recomputed (section 2.5), so theta_p's ``batch_stats`` are checked
+    (shapes, finite) but not used. D_f, the retain subset, the variables and ``refs`` are
+    checked before any work (ValueError naming what is wrong).
+
     ``refs`` are theta_o's reference accuracies in percent (keys "train", "val"), measured
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
@@ -223,8 +228,7 @@ def run_mcu(
     check_variables(model, theta_o, train.x.shape[1:], "theta_o")
     check_variables(model, theta_p, train.x.shape[1:], "theta_p")
     check_refs(refs)
-    if len(split.forget) == 0:
-        raise ValueError("the forget set D_f is empty: there is nothing to unlearn")
+    check_curve_data(split.forget, split.retain_subset, train.num_examples)
     class_wise = split.scenario == "class"
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:  # its cached parts must come from this very request

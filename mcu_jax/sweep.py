@@ -228,8 +228,9 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     if curve not in CURVES:
         raise ValueError(f"unknown curve {curve!r}; known: {CURVES}")
     first = points[0]
-    for i, p in enumerate(points[1:], start=1):
+    for i, p in enumerate(points):
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
+        pytrees.check_finite(f"points[{i}]", p)
     strategy = resolve_strategy(strategy)
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:

@@ -4,10 +4,11 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcu_jax import bn, checkpoint, curves, evaluation, masks, pipeline, selection, train
+from mcu_jax import bn, checkpoint, curves, evaluation, masks, pipeline, pytrees, selection, train
 from mcu_jax.mcu import MCUConfig
 
 # Programs run_mcu used to compile once more for theta(t*) (BatchNorm pass, evaluation per
@@ -283,6 +284,30 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
                             digits_split.retain_subset, digits_split.forget, refs,
                             MCUConfig(epochs=1, progress=False), jax.random.PRNGKey(0),
                             mask=mask)
+
+    # A NaN or infinity in a point spoils the whole curve, its ends too (0 * NaN is NaN).
+    name = sorted(pytrees.flatten(theta_p["params"]))[0]
+    flat = pytrees.flatten(theta_p["params"])
+    nan_params = pytrees.unflatten(theta_p["params"], {**flat, name: flat[name].at[0].set(
+        jnp.nan)})
+    nan_p = {**theta_p, "params": nan_params}
+    with pytest.raises(ValueError, match=f"theta_p: leaf params/{name} has a NaN"):
+        pipeline.run_mcu(small_model, theta_o, nan_p, *args)
+    with pytest.raises(ValueError, match=f"theta_p: leaf {name} has a NaN"):
+        mcu.train_curve(small_model, theta_o, nan_p, train_images, digits_split.retain_subset,
+                        digits_split.forget, refs, MCUConfig(epochs=0, progress=False),
+                        jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=f"points\\[2\\]: leaf {name} has a NaN"):
+        sweep.sweep(small_model, [theta_o["params"], theta_o["params"], nan_params], [0.0],
+                    theta_o["batch_stats"], (train_images, digits_split.retain[:64]),
+                    {"forget": (train_images, digits_split.forget)})
+    # An empty or overlapping retain subset is refused before the mask phase too.
+    for retain_subset, words in ((np.zeros(0, np.int64), "retain subset is empty"),
+                                 (digits_split.forget[:3], "share 3 indices")):
+        bad = dataclasses.replace(digits_split, retain_subset=retain_subset)
+        with pytest.raises(ValueError, match=words):
+            pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images, bad,
+                             refs, jax.random.PRNGKey(0))
 
     x = np.zeros((3, 8, 8, 1), np.uint8)
     with pytest.raises(ValueError, match="labels must be integers"):

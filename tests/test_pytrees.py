@@ -115,3 +115,11 @@ def test_check_compatible_compares_exact_shapes_and_dtypes(leaf, match):
     b["params"]["Dense_0"]["kernel"] = leaf
     with pytest.raises(ValueError, match=match):
         pytrees.check_compatible(theta_o=_tree(), theta_p=b)
+
+
+def test_check_finite_names_the_first_bad_leaf_and_skips_traced_ones():
+    tree = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.inf]), "d": jnp.arange(3)}}
+    with pytest.raises(ValueError, match="theta_p: leaf b/c has a NaN or infinite value"):
+        pytrees.check_finite("theta_p", tree)
+    pytrees.check_finite("theta_p", {"a": jnp.ones(3), "d": jnp.arange(3)})  # ints pass
+    jax.jit(lambda t: pytrees.check_finite("traced", t) or t)(tree)  # cannot look: no error

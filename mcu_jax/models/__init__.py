@@ -125,14 +125,16 @@ def check_variables(model: nn.Module, variables: Any, input_shape: Sequence[int]
                     name: str = "variables") -> None:
     """ValueError unless ``variables`` are ``model``'s: ``{"params", "batch_stats"}`` with the
     leaves, shapes and dtypes that :func:`init_variables` makes for ``input_shape`` (the first
-    leaf that differs is named). Run before any work, so that another model's checkpoint is
-    refused up front with a clear message instead of a Flax scope error inside a trace."""
+    leaf that differs is named), all finite. Run before any work, so that another model's
+    checkpoint, or a NaN, is refused up front with a clear message instead of a Flax scope
+    error inside a trace or a NaN loss later."""
     if not isinstance(variables, dict) or "params" not in variables:
         got = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
         raise ValueError(f"{name} must be a dict with 'params' and 'batch_stats', got {got}")
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
     given = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     pytrees.check_compatible(**{f"the {type(model).__name__} model": expected, name: given})
+    pytrees.check_finite(name, given)
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
