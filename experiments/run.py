@@ -66,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """``cfg`` with ``group.field=value`` overrides; the ``problem.`` ones go first, as the
-    data set and scenario decide the paper's values an unset group (``mcu``, a method's
-    config) is filled with before one of its fields is set."""
+    """``cfg`` with ``group.field=value`` overrides; the ``problem.`` ones first, as the data
+    set and scenario decide the paper's values an unset group (``mcu``, a method's config)
+    is filled with before one of its fields is set."""
     from mcu_jax import config
 
-    ordered = sorted(overrides, key=lambda item: item.split("=", 1)[0].split(".")[-2:-1]
-                     != ["problem"])
-    return config.override(cfg, ordered, fill=paper_defaults)
+    def of_problem(item: str) -> bool:
+        return item.split("=", 1)[0].strip().split(".")[-2:-1] == ["problem"]
+
+    cfg = config.override(cfg, [item for item in overrides if of_problem(item)])
+    return config.override(cfg, [item for item in overrides if not of_problem(item)],
+                           fill=paper_defaults)
 
 
 def paper_defaults(cfg):

@@ -70,48 +70,61 @@ def override(config: Any, assignments: Iterable[str],
              fill: Callable[[Any], Any] | None = None) -> Any:
     """A copy of the dataclass ``config`` with ``name=value`` assignments applied.
 
-    A group that is None (e.g. "the paper's values for the problem") has no fields to set:
-    ``fill(config)``, when given, returns the config with such groups written out, and is
-    applied before an assignment into one; without it that assignment is refused."""
+    The assignments to one group's fields are applied together (one ``dataclasses.replace``,
+    so one run of its checks), so fields that are checked against each other can be given
+    in any order (``problem.forget_class=3 problem.scenario=class``); a later assignment of
+    the same field wins. A group that is None (e.g. "the paper's values for the problem")
+    has no fields to set: ``fill(config)``, when given, returns the config with such groups
+    written out and is applied first; without it an assignment into one is refused."""
+    given = {}
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like field=value")
         name, text = (part.strip() for part in item.split("=", 1))
-        try:
-            config = _set(config, name, text, name, "")
-        except UnsetGroup:
-            if fill is None:
-                raise
-            config = _set(fill(config), name, text, name, "")
-    return config
+        given.pop(name, None)  # keeps the order of the last assignment
+        given[name] = text
+    try:
+        return _apply(config, given, "")
+    except UnsetGroup:
+        if fill is None:
+            raise
+        return _apply(fill(config), given, "")
 
 
-def _set(config: Any, name: str, text: str, full: str, prefix: str) -> Any:
-    head, _, rest = name.partition(".")
+def _apply(config: Any, given: dict[str, str], prefix: str) -> Any:
+    """``config`` with ``given`` (full dotted names, all below ``prefix``, -> text)."""
     hints = typing.get_type_hints(type(config))
     known = {f.name for f in dataclasses.fields(config)}
-    if head not in known:
-        raise ValueError(
-            f"unknown config field {full!r}; known fields: "
-            f"{', '.join(field_names(config, prefix))}"
-        )
-    current = getattr(config, head)
-    if rest and current is None:
-        raise UnsetGroup(f"{full!r}: {prefix}{head} is None (unset), so it has no field "
-                         f"{rest!r}; set {prefix}{head} in the config first")
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ValueError(f"config field {head!r} has no sub-field {rest!r}")
-        value = _set(current, rest, text, full, f"{prefix}{head}.")
-    elif dataclasses.is_dataclass(current) or _is_group(hints[head]):
-        raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
-    else:
-        value = _parse(text, hints[head], full)
-        try:  # the config's own checks (its __post_init__), named by the override
-            return dataclasses.replace(config, **{head: value})
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{full}={text}: {err}") from None
-    return dataclasses.replace(config, **{head: value})
+    groups: dict[str, dict[str, str]] = {}
+    values = {}
+    for full, text in given.items():
+        head, _, rest = full[len(prefix):].partition(".")
+        if head not in known:
+            raise ValueError(
+                f"unknown config field {full!r}; known fields: "
+                f"{', '.join(field_names(config, prefix))}"
+            )
+        current = getattr(config, head)
+        if rest and current is None:
+            raise UnsetGroup(f"{full!r}: {prefix}{head} is None (unset), so it has no field "
+                             f"{rest!r}; set {prefix}{head} in the config first")
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"config field {head!r} has no sub-field {rest!r}")
+            groups.setdefault(head, {})[full] = text
+        elif dataclasses.is_dataclass(current) or _is_group(hints[head]):
+            raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
+        else:
+            values[head] = _parse(text, hints[head], full)
+    changes = {head: _apply(getattr(config, head), sub, f"{prefix}{head}.")
+               for head, sub in groups.items()}
+    if not changes and not values:
+        return config
+    try:  # the config's own checks (its __post_init__), named by the overrides
+        return dataclasses.replace(config, **changes, **values)
+    except (ValueError, TypeError) as err:
+        named = [f"{prefix}{head}" for head in values] or list(given)
+        raise ValueError(f"{', '.join(f'{n}={given[n]}' for n in named)}: {err}") from None
 
 
 def _is_group(annotation: Any) -> bool:

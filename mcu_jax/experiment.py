@@ -159,7 +159,8 @@ def paper_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with its unset (None) groups written out: ``mcu`` and every registered
     method's config, the paper's values for the problem (NegTV's alpha stays None, resolved
     by :func:`method_config`). Runs record and report this form; the command line fills
-    these groups so that their fields can be overridden."""
+    these groups so that their fields can be overridden. The values are the problem's at
+    this call: a later change of ``problem`` leaves them as they are."""
     scenario, setting = cfg.problem.scenario, methods.setting_of(cfg.problem.dataset)
     known = methods.available()
     unset = {
@@ -458,11 +459,12 @@ ROW_KEYS = (
 
 
 def open_run(out: Path, record: dict, cfg: ExperimentConfig) -> RunDir:
-    """The run folder ``out`` bound to ``record``, once the first seed's problem has been
-    made (``problem.check``): a data set, split or model that cannot be made is refused
-    before the folder is bound to it."""
-    problem.check(dataclasses.replace(cfg.problem, seed=cfg.seeds[0]))
+    """The run folder ``out`` bound to ``record``; a new folder only once the first seed's
+    problem has been made (``problem.check``), so that a data set, split or model that
+    cannot be made is refused before the folder is bound to it."""
     run = RunDir(out)
+    if not run.bound():
+        problem.check(dataclasses.replace(cfg.problem, seed=cfg.seeds[0]))
     run.open(record)
     return run
 

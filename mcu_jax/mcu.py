@@ -36,6 +36,7 @@ from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
+from mcu_jax.protocols import check_setting
 
 BETA_MODES = ("adaptive", "fixed")
 #: Curves of one control point that curve training can shape (``curves.point`` kinds).
@@ -87,11 +88,11 @@ _PAPER_EPOCHS = {"imagenet100": 2, "tinyimagenet": 5}
 
 def paper_config(scenario: str = "random", setting: str = "cifar10", **overrides) -> MCUConfig:
     """The paper's curve training for ``scenario`` ("random" or "class") in ``setting`` (a
-    ``methods.setting_of`` name): SGD lr 0.01, momentum 0.9, batch 128, 10 epochs for
-    random forgetting and 5 class-wise (2 on ImageNet-100, 5 on Tiny-ImageNet);
-    ``overrides`` replace fields."""
+    ``protocols.SETTINGS`` name, aliases accepted): SGD lr 0.01, momentum 0.9, batch 128,
+    10 epochs for random forgetting and 5 class-wise (2 on ImageNet-100, 5 on
+    Tiny-ImageNet); ``overrides`` replace fields."""
     checks.choice("scenario", scenario, SCENARIOS)
-    epochs = _PAPER_EPOCHS.get(setting, 10 if scenario == "random" else 5)
+    epochs = _PAPER_EPOCHS.get(check_setting(setting), 10 if scenario == "random" else 5)
     return MCUConfig(**{"epochs": epochs, **overrides})
 
 

@@ -203,6 +203,9 @@ def run_mcu(
 ) -> MCUOutput:
     """Runs MCU between theta_o and theta_p (variables dicts) on ``split``.
 
+    ``mcu_config`` None is ``MCUConfig()``, the paper's CIFAR-10 random setting (10 epochs);
+    ``mcu.paper_config(scenario, setting)`` gives the others (5 epochs class-wise).
+
     Only the parameters of theta_o and theta_p span the curve: every point's BatchNorm
     statistics are recomputed (section 2.5), so theta_p's ``batch_stats`` are checked
     (shapes, finite) but not used. D_f, the retain subset, the variables and ``refs`` are

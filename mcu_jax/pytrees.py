@@ -106,13 +106,17 @@ def check_compatible(**trees: PyTree) -> None:
 
 
 def check_finite(name: str, tree: PyTree) -> None:
-    """ValueError naming the first leaf of ``tree`` with a NaN or infinity (traced leaves are
-    skipped). A curve multiplies every point by its weight, and 0 * NaN is NaN: one
-    non-finite point spoils the whole curve, its ends included, so it is refused up front."""
+    """ValueError naming the first leaf of ``tree`` with a NaN or infinity (leaves that are
+    not concrete arrays, such as tracers or shapes, are skipped). A curve multiplies every
+    point by its weight, and 0 * NaN is NaN: one non-finite point spoils the whole curve,
+    its ends included, so it is refused up front."""
     leaves = [(path, leaf) for path, leaf in _leaves_with_paths(tree)
-              if not isinstance(leaf, jax.core.Tracer)
-              and np.issubdtype(_dtype(leaf), np.inexact)]
-    finite = jax.device_get([jax.numpy.isfinite(leaf).all() for _, leaf in leaves])
+              if isinstance(leaf, jax.Array | np.ndarray | np.generic)
+              and not isinstance(leaf, jax.core.Tracer)
+              and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)]
+    finite = jax.device_get([  # one transfer; host arrays stay on the host
+        np.isfinite(leaf).all() if isinstance(leaf, np.ndarray | np.generic)
+        else jax.numpy.isfinite(leaf).all() for _, leaf in leaves])
     bad = next((path for (path, _), ok in zip(leaves, finite, strict=True) if not ok), None)
     if bad is not None:
         raise ValueError(f"{name}: leaf {bad} has a NaN or infinite value")

@@ -170,6 +170,10 @@ class RunDir:
         """A path inside the run folder (not created)."""
         return self.root.joinpath(*parts)
 
+    def bound(self) -> bool:
+        """Whether the folder is already bound to a request (its ``run.json`` exists)."""
+        return self.path(_RUN_FILE).is_file()
+
     def open(self, config: dict,
              ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir", "command", "models_from")
              ) -> None:

@@ -174,6 +174,8 @@ def sweep(
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
                  return_probs=return_probs, return_stats=return_stats, strategy=strategy,
                  chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn)
+    for i, p in enumerate(points):  # (precompile's points may be shapes only)
+        pytrees.check_finite(f"points[{i}]", p)
     ts = plan.ts
     outs = []
     for lo in range(0, ts.size, plan.chunk):
@@ -228,9 +230,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     if curve not in CURVES:
         raise ValueError(f"unknown curve {curve!r}; known: {CURVES}")
     first = points[0]
-    for i, p in enumerate(points):
+    for i, p in enumerate(points[1:], start=1):
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
-        pytrees.check_finite(f"points[{i}]", p)
     strategy = resolve_strategy(strategy)
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:

@@ -172,6 +172,27 @@ def test_override_parses_by_declared_type():
         config.override(cli.MCUCommand(), ["mcu.lr=0"])
 
 
+def test_fields_checked_together_may_come_in_any_order():
+    """A group's assignments are applied together: a forget class and the class-wise
+    scenario in either order, and back; a later assignment of a field wins; a refused
+    combination names the group's assignments."""
+    from mcu_jax.problem import ProblemConfig
+
+    for order in (["problem.forget_class=3", "problem.scenario=class"],
+                  ["problem.scenario=class", "problem.forget_class=3"]):
+        cfg = config.override(cli.TrainCommand(), order)
+        assert (cfg.problem.scenario, cfg.problem.forget_class) == ("class", 3)
+    back = config.override(cfg, ["problem.scenario=random", "problem.forget_class=none"])
+    assert (back.problem.scenario, back.problem.forget_class) == ("random", None)
+    assert config.override(MCUConfig(), ["epochs=3", "epochs=4"]).epochs == 4
+    with pytest.raises(ValueError, match="problem.forget_class=3: forget_class=3 given with "
+                                         "scenario='random'"):
+        config.override(cli.TrainCommand(), ["problem.forget_class=3"])
+    with pytest.raises(ValueError, match="is a group of fields"):
+        config.override(cli.TrainCommand(), ["problem=x", "problem.seed=1"])
+    assert config.override(ProblemConfig(), []) == ProblemConfig()
+
+
 def test_cli_passes_retrain_pool_and_key_to_the_library(monkeypatch, tmp_path, capsys):
     """`train retrain=true` trains on all of D_r; `mcu key=3` curves with PRNGKey(3)."""
     from types import SimpleNamespace

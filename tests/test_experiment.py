@@ -782,6 +782,9 @@ def test_unset_groups_take_the_papers_values_for_the_problem():
         method_configs=experiment.MethodsConfig(**old))
     with pytest.raises(ValueError, match="scenario must be one of"):
         paper_config("classwise")
+    assert paper_config("random", "tiny_imagenet").epochs == 5  # the data set's name works
+    with pytest.raises(ValueError, match="setting='bogus'"):
+        paper_config("random", "bogus")
 
 
 def test_command_line_fills_an_unset_group_before_setting_its_field(capsys):

@@ -123,3 +123,8 @@ def test_check_finite_names_the_first_bad_leaf_and_skips_traced_ones():
         pytrees.check_finite("theta_p", tree)
     pytrees.check_finite("theta_p", {"a": jnp.ones(3), "d": jnp.arange(3)})  # ints pass
     jax.jit(lambda t: pytrees.check_finite("traced", t) or t)(tree)  # cannot look: no error
+    pytrees.check_finite("shapes", jax.eval_shape(lambda: tree))
+    with pytest.raises(ValueError, match="leaf h has a NaN"):  # bfloat16 and host arrays too
+        pytrees.check_finite("x", {"g": np.ones(2), "h": jnp.array([jnp.nan], jnp.bfloat16)})
+    with pytest.raises(ValueError, match="leaf g has a NaN"):
+        pytrees.check_finite("x", {"g": np.array([np.nan])})

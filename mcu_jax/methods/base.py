@@ -27,13 +27,11 @@ import numpy as np
 
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
+from mcu_jax.protocols import check_setting, setting_of
 from mcu_jax.train import SCHEDULES, TrainConfig
 
-SETTINGS = ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
 RELABEL = ("epoch", "once")
 BN_MODES = ("recompute", "arithmetic", "original")
-_SETTING_ALIASES = {"tiny_imagenet": "tinyimagenet", "tiny-imagenet": "tinyimagenet",
-                    "imagenet-100": "imagenet100"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +218,6 @@ _NEGTV_ALPHA = {
 }
 
 
-def setting_of(dataset: str) -> str:
-    """The paper's protocol (a :data:`SETTINGS` name) for data set ``dataset``: its own
-    where the paper has one ("tiny_imagenet" -> "tinyimagenet"), CIFAR-10's otherwise."""
-    setting = _SETTING_ALIASES.get(dataset, dataset)
-    return setting if setting in SETTINGS else "cifar10"
-
-
 def negtv_alpha(scenario: str, setting: str = "cifar10") -> float:
     """The paper's NegTV alpha: 0.9 for random and 0.2 for class-wise forgetting (CIFAR-10;
     CIFAR-100 the same), 0.1 on Tiny-ImageNet, 0.9 on ImageNet-100; other data sets take
@@ -250,9 +241,7 @@ def default_config(method: str, scenario: str = "random", setting: str = "cifar1
     get(method)  # unknown method -> ValueError listing the known ones
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario={scenario!r}; expected one of {SCENARIOS}")
-    setting = _SETTING_ALIASES.get(setting, setting)
-    if setting not in SETTINGS:
-        raise ValueError(f"setting={setting!r}; expected one of {SETTINGS}")
+    setting = check_setting(setting)
     fields = dict(_PROTOCOLS[setting].get(method, {}))
     if method == "negtv":
         fields["alpha"] = negtv_alpha(scenario, setting)
