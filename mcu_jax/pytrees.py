@@ -105,6 +105,12 @@ def check_compatible(**trees: PyTree) -> None:
                 )
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    """One flag per leaf, in one compiled call (a model has hundreds of leaves)."""
+    return jax.numpy.stack([jax.numpy.isfinite(leaf).all() for leaf in leaves])
+
+
 def check_finite(name: str, tree: PyTree) -> None:
     """ValueError naming the first leaf of ``tree`` with a NaN or infinity (leaves that are
     not concrete arrays, such as tracers or shapes, are skipped). A curve multiplies every
@@ -114,9 +120,11 @@ def check_finite(name: str, tree: PyTree) -> None:
               if isinstance(leaf, jax.Array | np.ndarray | np.generic)
               and not isinstance(leaf, jax.core.Tracer)
               and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)]
-    finite = jax.device_get([  # one transfer; host arrays stay on the host
-        np.isfinite(leaf).all() if isinstance(leaf, np.ndarray | np.generic)
-        else jax.numpy.isfinite(leaf).all() for _, leaf in leaves])
+    on_host = [isinstance(leaf, np.ndarray | np.generic) for _, leaf in leaves]
+    device = [leaf for (_, leaf), host in zip(leaves, on_host, strict=True) if not host]
+    flags = iter(jax.device_get(_all_finite(device)) if device else [])
+    finite = [np.isfinite(leaf).all() if host else next(flags)
+              for (_, leaf), host in zip(leaves, on_host, strict=True)]
     bad = next((path for (path, _), ok in zip(leaves, finite, strict=True) if not ok), None)
     if bad is not None:
         raise ValueError(f"{name}: leaf {bad} has a NaN or infinite value")
