@@ -215,7 +215,9 @@ def run_mcu(
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
     training checkpoints every epoch (and resumes), the mask is cached, and theta(t*) is
     exported to ``out_dir/model`` with the summary in ``out_dir/mcu.json``; a rerun reuses
-    every finished part (mask, curve epochs, ``sweep.json``, the exported model). The folder
+    every finished part (mask, curve epochs, ``sweep.json``, the exported model).
+    ``out_dir/theta_c`` holds the trained control point (``{"params"}``; metadata: the curve
+    kind), to study the curve later without the training state. The folder
     is bound to the request (``out_dir/run.json``: the configs, a digest of the split, the
     references, the key and digests of theta_o's and theta_p's variables): a rerun whose
     request differs (other than speed-only settings such as ``progress`` or ``strategy``)
@@ -274,6 +276,11 @@ def run_mcu(
     )
     minutes["curve"] = result.minutes
     log.info("run_mcu: curve training done in %.1f s", 60 * minutes["curve"])
+    if out is not None and not checkpoint.model_exists(out / "theta_c"):
+        # The trained control point on its own, for analyses of the curve
+        # (curves.point(curve, [theta_o, theta_c, theta_p], t)).
+        checkpoint.save_model(out / "theta_c", {"params": result.theta_c},
+                              {"curve": mcu_config.curve})
 
     start = time.perf_counter()
     if compiling is not None:

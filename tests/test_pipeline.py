@@ -60,6 +60,11 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
     assert meta["t_star"] == pytest.approx(out.t_star)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(out.variables), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The trained control point is saved on its own, to study the curve later.
+    saved, meta = checkpoint.load_model(tmp_path / "mcu" / "theta_c")
+    assert meta == {"curve": "bezier"}
+    for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(out.theta_c), strict=True):
+        np.testing.assert_array_equal(a, b)
     # theta(t*) is the Bezier point at the float32 t*, its statistics those bn.recompute
     # finds, and ``measured`` what evaluate_sets measures of the exported variables.
     params = curves.bezier(theta_o["params"], out.theta_c, theta_p["params"],
