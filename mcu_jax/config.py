@@ -75,7 +75,8 @@ def override(config: Any, assignments: Iterable[str],
     in any order (``problem.forget_class=3 problem.scenario=class``); a later assignment of
     the same field wins. A group that is None (e.g. "the paper's values for the problem")
     has no fields to set: ``fill(config)``, when given, returns the config with such groups
-    written out and is applied first; without it an assignment into one is refused."""
+    written out and is applied first (so an unknown field's error lists their fields too);
+    without it an assignment into one is refused."""
     given = {}
     for item in assignments:
         if "=" not in item:
@@ -83,12 +84,7 @@ def override(config: Any, assignments: Iterable[str],
         name, text = (part.strip() for part in item.split("=", 1))
         given.pop(name, None)  # keeps the order of the last assignment
         given[name] = text
-    try:
-        return _apply(config, given, "")
-    except UnsetGroup:
-        if fill is None:
-            raise
-        return _apply(fill(config), given, "")
+    return _apply(config if fill is None else fill(config), given, "")
 
 
 def _apply(config: Any, given: dict[str, str], prefix: str) -> Any:
