@@ -74,8 +74,6 @@ class AblationConfig:
                 raise ValueError(f"values: beta={v}; expected a finite number >= 0")
             if self.kind == "forgetting" and not (float(v).is_integer() and v >= 1):
                 raise ValueError(f"values: forgetting={v}; expected whole epochs >= 1")
-        if self.default is None and self.kind in PAPER_DEFAULTS:
-            object.__setattr__(self, "default", PAPER_DEFAULTS[self.kind])
 
 
 def _label(kind: str, value: float) -> str:
@@ -189,6 +187,13 @@ def mask_note(trained: dict[str, float | None], seconds: dict[str, float | None]
             f"which compiles, excluded): {'; '.join(parts)}.\n\n")
 
 
+def default_value(cfg: AblationConfig) -> float | None:
+    """The value framed in the figure: ``cfg.default``, or the paper's default of the kind
+    (resolved here, not when the config is made, so that another ``kind`` given later, e.g.
+    on the command line, gets its own)."""
+    return cfg.default if cfg.default is not None else PAPER_DEFAULTS.get(cfg.kind)
+
+
 def with_paper_defaults(cfg: AblationConfig) -> AblationConfig:
     """``cfg`` with its experiment's unset groups written out (``experiment.paper_defaults``)."""
     return dataclasses.replace(cfg, experiment=paper_defaults(cfg.experiment))
@@ -196,7 +201,7 @@ def with_paper_defaults(cfg: AblationConfig) -> AblationConfig:
 
 def run_ablation(cfg: AblationConfig) -> Path:
     """Runs (or resumes) the sweep over ``cfg.values`` for every seed; returns the folder."""
-    cfg = with_paper_defaults(cfg)
+    cfg = dataclasses.replace(with_paper_defaults(cfg), default=default_value(cfg))  # recorded
     exp = cfg.experiment
     out = Path(exp.out_dir) / exp.name
     run = open_run(out, config.to_dict(cfg), exp)
@@ -227,7 +232,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
                     "acc": mcu["sweep"]["acc"], "rt_acc": ctx.rt["acc"],
                     "region": mcu["region"], "t_star": mcu["t_star"],
                     "star_gap": plots.rt_gap(mcu["acc"], ctx.rt["acc"]),
-                    "highlight": cfg.default is not None and value == cfg.default,
+                    "highlight": value == default_value(cfg),
                 })
         for row in rows.values():
             row["avg_gap"] = metrics.avg_gap(row, rows["RT"])

@@ -159,13 +159,14 @@ def save_model(directory: str | os.PathLike, variables: Any, metadata: dict | No
     """Writes a finished model: variables with orbax, then ``metadata.json`` last.
 
     The metadata file doubles as the completion marker: :func:`model_exists` is true only
-    once both parts are on disk.
+    once both parts are on disk. The variables are saved as host arrays, so a model made on
+    a mesh of several devices loads on any other machine.
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / "variables"
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(target, variables, force=True)
+    ckptr.save(target, jax.device_get(variables), force=True)
     ckptr.wait_until_finished()
     ckptr.close()
     write_json(directory / "metadata.json", metadata or {})

@@ -113,19 +113,26 @@ def _all_finite(leaves: list) -> jax.Array:
 
 def check_finite(name: str, tree: PyTree) -> None:
     """ValueError naming the first leaf of ``tree`` with a NaN or infinity (leaves that are
-    not concrete arrays, such as tracers or shapes, are skipped). A curve multiplies every
+    not concrete numbers, such as tracers or shapes, are skipped). A curve multiplies every
     point by its weight, and 0 * NaN is NaN: one non-finite point spoils the whole curve,
     its ends included, so it is refused up front."""
-    leaves = [(path, leaf) for path, leaf in _leaves_with_paths(tree)
-              if isinstance(leaf, jax.Array | np.ndarray | np.generic)
-              and not isinstance(leaf, jax.core.Tracer)
-              and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)]
-    on_host = [isinstance(leaf, np.ndarray | np.generic) for _, leaf in leaves]
-    device = [leaf for (_, leaf), host in zip(leaves, on_host, strict=True) if not host]
-    flags = iter(jax.device_get(_all_finite(device)) if device else [])
-    finite = [np.isfinite(leaf).all() if host else next(flags)
-              for (_, leaf), host in zip(leaves, on_host, strict=True)]
-    bad = next((path for (path, _), ok in zip(leaves, finite, strict=True) if not ok), None)
+    flags: dict[str, bool] = {}
+    on_device: dict[Any, list[tuple[str, Any]]] = {}  # one compiled check per device set
+    for path, leaf in _leaves_with_paths(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            continue
+        if isinstance(leaf, float | np.ndarray | np.generic):  # on the host: checked there
+            host = np.asarray(leaf)
+            if jax.numpy.issubdtype(host.dtype, jax.numpy.inexact):
+                flags[path] = bool(np.isfinite(host).all())
+        elif isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype,
+                                                                  jax.numpy.inexact):
+            on_device.setdefault(frozenset(leaf.sharding.device_set), []).append((path, leaf))
+    for group in on_device.values():
+        ok = jax.device_get(_all_finite([leaf for _, leaf in group]))
+        flags.update((path, bool(v)) for (path, _), v in zip(group, ok, strict=True))
+    bad = next((path for path, _ in _leaves_with_paths(tree) if not flags.get(path, True)),
+               None)
     if bad is not None:
         raise ValueError(f"{name}: leaf {bad} has a NaN or infinite value")
 

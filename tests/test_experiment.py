@@ -370,7 +370,7 @@ def test_mask_ablation_runs_no_mask_parameter_and_random_curves(tmp_path, monkey
                               mcu_modes=(), mcu=MCUConfig(epochs=2), original=once,
                               retrain=once, selection=SelectionConfig(num_t=4))
     cfg = ablation.AblationConfig(experiment=exp, kind="mask", values=(0.1, 0.3))
-    assert cfg.default == 0.1
+    assert ablation.default_value(cfg) == 0.1
     calls, trained = [], []
     mcu_row, run_mcu = ablation.mcu_row, experiment.pipeline.run_mcu
 
@@ -435,11 +435,15 @@ def test_ablation_values_are_checked_up_front(kind, values, match):
 def test_ablation_default_is_the_papers_for_the_kind():
     from mcu_jax import ablation
 
-    defaults = {kind: ablation.AblationConfig(kind=kind, values=(1,)).default
+    defaults = {kind: ablation.default_value(ablation.AblationConfig(kind=kind, values=(1,)))
                 for kind in ("mask", "beta", "k", "k_r", "retain_share", "forgetting")}
     assert defaults == {"mask": 0.1, "beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5,
                         "forgetting": None}
-    assert ablation.AblationConfig(kind="k", values=(0.3,), default=0.3).default == 0.3
+    given = ablation.AblationConfig(kind="k", values=(0.3,), default=0.3)
+    assert ablation.default_value(given) == 0.3
+    # Another kind given later gets its own default, and a run records it written out.
+    changed = run_script.apply_overrides(ablation.AblationConfig(kind="beta"), ["kind=k"])
+    assert ablation.default_value(changed) == 0.5
 
 
 def _numbers(rows):
@@ -671,7 +675,8 @@ def test_ablation_figure_highlights_exactly_the_default_value(tmp_path, monkeypa
         ablation.run_ablation(cfg)
         panels = drawn.pop("panels")
         assert [p["label"] for p in panels] == [f"beta={v:g}" for v in values]
-        assert [p["highlight"] for p in panels] == [v == cfg.default for v in values]
+        framed = ablation.default_value(cfg)
+        assert [p["highlight"] for p in panels] == [v == framed for v in values]
     assert len(calls) == 8  # every value of every sweep ran (stubbed) MCU
 
 
@@ -826,3 +831,19 @@ def test_a_bad_problem_or_config_file_binds_no_folder(tmp_path, capsys):
         path.write_text(text)
         assert run_script.main([str(path)]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_a_bound_run_folder_is_compared_before_the_data_is_loaded(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Reopening a folder bound to another request fails on the request (no data loaded,
+    even when it could not be); only a new folder checks the problem first."""
+    from mcu_jax import problem
+    from mcu_jax.runs import RunDir
+
+    out = tmp_path / "runs"
+    RunDir(out / "digits_random").open({"another": "request"})
+    assert RunDir(out / "digits_random").bound() and not RunDir(out / "x").bound()
+    checked = []
+    monkeypatch.setattr(problem, "check", lambda cfg: checked.append(cfg))
+    assert run_script.main(["digits_random", f"out_dir={out}"]) == 2
+    assert "was made with a different config" in capsys.readouterr().err and not checked

@@ -128,3 +128,9 @@ def test_check_finite_names_the_first_bad_leaf_and_skips_traced_ones():
         pytrees.check_finite("x", {"g": np.ones(2), "h": jnp.array([jnp.nan], jnp.bfloat16)})
     with pytest.raises(ValueError, match="leaf g has a NaN"):
         pytrees.check_finite("x", {"g": np.array([np.nan])})
+    with pytest.raises(ValueError, match="leaf g has a NaN"):
+        pytrees.check_finite("x", {"a": np.ones(1, jnp.bfloat16), "g": float("nan")})
+    # Leaves on different devices are checked per device set (one compiled call each).
+    first, last = jax.devices()[0], jax.devices()[-1]
+    pytrees.check_finite("x", {"a": jax.device_put(jnp.ones(2), first),
+                               "b": jax.device_put(jnp.ones(3), last)})

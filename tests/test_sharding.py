@@ -57,6 +57,7 @@ def main() -> None:
     import tempfile
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from mcu_jax import loop, methods, sharding, sweep, train
@@ -280,13 +281,25 @@ def main() -> None:
                              retain=split.retain[:512], test=split.test[:150])
     run = dict(mcu_config=mcu_cfg, selection_config=pipeline.SelectionConfig(num_t=5))
     p1 = pipeline.run_mcu(model, theta_o, theta_p, images, test_images, tiny, refs, key, **run)
+    folder = tempfile.mkdtemp(prefix="mcu_mesh_")  # its models are loaded on one device
     p8 = pipeline.run_mcu(model, theta_o, theta_p, images, test_images, tiny, refs, key,
-                          mesh=mesh, **run)
+                          mesh=mesh, out_dir=folder, **run)
     out["pipeline"] = {
         "t_star": [p1.t_star, p8.t_star],
         "gaps_close": bool(np.allclose(p1.gaps, p8.gaps, atol=1e-3)),
         "theta_c": _max_diff(p1.theta_c, p8.theta_c),
+        "folder": folder,
     }
+    # Leaves on different devices are checked for NaN per device set.
+    from mcu_jax import pytrees
+
+    spread = {"a": jax.device_put(jnp.ones(2), jax.devices()[0]),
+              "b": jax.device_put(jnp.array([jnp.nan]), jax.devices()[-1])}
+    try:
+        pytrees.check_finite("spread", spread)
+        out["finite_spread"] = None
+    except ValueError as err:
+        out["finite_spread"] = str(err)
     # A mesh of n devices takes the first n; the t of a sweep are split over the mesh.
     out["mesh_layout"] = {
         "first_devices": sharding.make_mesh(2).devices.tolist() == jax.devices()[:2],
@@ -461,6 +474,20 @@ def test_eight_devices_equal_one():
         assert got["per_device_batch"] and not got["whole_batch"], (name, got)
     assert out["eval_split"]["gradient"]["all_reduce"]
     assert out["pipeline"]["theta_c"]["allclose"] and out["pipeline"]["gaps_close"]
+    # The models a mesh run saved load in this one-device process.
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from mcu_jax import checkpoint
+
+    folder = Path(out["pipeline"]["folder"])
+    for name in ("theta_c", "model"):
+        variables, _ = checkpoint.load_model(folder / name)
+        assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(variables))
+    shutil.rmtree(folder)
+    assert out["finite_spread"] == "spread: leaf b has a NaN or infinite value"
     assert abs(out["pipeline"]["t_star"][0] - out["pipeline"]["t_star"][1]) < 1e-6
     assert out["mesh_layout"] == {"first_devices": True, "t_split": True}
 
