@@ -101,23 +101,25 @@ class ExperimentConfig:
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:
                 raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
-        _check_once("seeds", self.seeds, self.seeds, "seed", " (a repeated seed would count "
-                    "twice in the mean and std)")
+        _check_once("seeds", self.seeds, "seed", " (a repeated seed would count twice in the "
+                    "mean and std)")
         for name in self.methods:
             check_base_method(name, "methods")
-        _check_once("methods", self.methods, self.methods, "method")
-        _check_once("mcu_modes", self.mcu_modes, self.mcu_modes, "mode")
+        _check_once("methods", self.methods, "method")
+        _check_once("mcu_modes", self.mcu_modes, "mode")
         for beta in self.fixed_betas:
             if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
                 raise ValueError(f"fixed_betas: got {beta!r}; each beta must be a finite "
                                  "number >= 0")
         # Values are named (rows, folders) as {beta:g}: two values of one name would clash.
-        _check_once("fixed_betas", self.fixed_betas, [f"{b:g}" for b in self.fixed_betas],
-                    "value (to 6 significant digits)")
+        _check_once("fixed_betas", self.fixed_betas, "value (to 6 significant digits)",
+                    names=[f"{b:g}" for b in self.fixed_betas])
 
 
-def _check_once(field: str, values, names, what: str, why: str = "") -> None:
-    """ValueError naming ``field`` when two of ``values`` share a name."""
+def _check_once(field: str, values, what: str, why: str = "", names=None) -> None:
+    """ValueError naming ``field`` when two of ``values`` are equal (or share a name of
+    ``names``, one per value)."""
+    names = list(values if names is None else names)
     if len(set(names)) != len(names):
         raise ValueError(f"{field}: got {tuple(values)!r}; each {what} may appear once{why}")
 

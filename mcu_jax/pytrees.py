@@ -116,9 +116,10 @@ def check_finite(name: str, tree: PyTree) -> None:
     not concrete numbers, such as tracers or shapes, are skipped). A curve multiplies every
     point by its weight, and 0 * NaN is NaN: one non-finite point spoils the whole curve,
     its ends included, so it is refused up front."""
+    leaves = _leaves_with_paths(tree)
     flags: dict[str, bool] = {}
     on_device: dict[Any, list[tuple[str, Any]]] = {}  # one compiled check per device set
-    for path, leaf in _leaves_with_paths(tree):
+    for path, leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
             continue
         if isinstance(leaf, float | np.ndarray | np.generic):  # on the host: checked there
@@ -131,8 +132,7 @@ def check_finite(name: str, tree: PyTree) -> None:
     for group in on_device.values():
         ok = jax.device_get(_all_finite([leaf for _, leaf in group]))
         flags.update((path, bool(v)) for (path, _), v in zip(group, ok, strict=True))
-    bad = next((path for path, _ in _leaves_with_paths(tree) if not flags.get(path, True)),
-               None)
+    bad = next((path for path, _ in leaves if not flags.get(path, True)), None)
     if bad is not None:
         raise ValueError(f"{name}: leaf {bad} has a NaN or infinite value")
 

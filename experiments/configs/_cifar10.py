@@ -2,10 +2,9 @@
 
 import dataclasses
 
-from mcu_jax.experiment import PAPER_BETAS, ExperimentConfig, MethodsConfig
-from mcu_jax.mcu import paper_config
-from mcu_jax.methods import default_config
-from mcu_jax.problem import ProblemConfig
+from _paper import build
+
+from mcu_jax.experiment import ExperimentConfig
 from mcu_jax.train import TrainConfig
 
 # The paper's schedule for theta_o and RT: 200 epochs, SGD, cosine learning rate from 0.01.
@@ -13,25 +12,9 @@ PAPER_SCHEDULE = TrainConfig(epochs=200, lr=0.01, batch_size=128, schedule="cosi
 
 
 def cifar10(name: str, model: str, scenario: str, schedule: TrainConfig, seeds) -> ExperimentConfig:
-    methods = MethodsConfig(**{
-        m: default_config(m, scenario, "cifar10")
-        for m in ("ft", "rl", "ga", "neggrad", "salun", "negtv")
-    })
-    return ExperimentConfig(
-        name=name,
-        command=f"python experiments/run.py {name} problem.data_dir=DIR",
-        problem=ProblemConfig(dataset="cifar10", model=model, scenario=scenario),
-        seeds=tuple(seeds),
-        original=schedule,
-        retrain=schedule,
-        methods=("ft", "rl", "ga", "neggrad", "salun", "negtv"),
-        method_configs=methods,
-        mcu_modes=("fixed", "adaptive"),
-        # The paper: 10 epochs of curve training for random forgetting, 5 class-wise.
-        mcu=paper_config(scenario, "cifar10"),
-        fixed_betas=PAPER_BETAS,  # MCU's rows: the paper's "beta search"
-        table1=True,
-    )
+    """CIFAR-10 with the paper's numbers (``_paper.build``; the paper: 10 epochs of curve
+    training for random forgetting, 5 class-wise)."""
+    return build(name, "cifar10", model, scenario, "cifar10", schedule, seeds=seeds)
 
 
 def cpu_scale(scenario: str) -> ExperimentConfig:

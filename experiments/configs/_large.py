@@ -1,35 +1,9 @@
 """Shared builder of the Tiny-ImageNet and ImageNet-100 configs (not an experiment itself)."""
 
-from mcu_jax.experiment import PAPER_BETAS, ExperimentConfig, MethodsConfig
-from mcu_jax.mcu import paper_config
-from mcu_jax.methods import default_config
-from mcu_jax.problem import ProblemConfig
+from _paper import build
+
+from mcu_jax.experiment import ExperimentConfig
 from mcu_jax.train import TrainConfig
-
-METHODS = ("ft", "rl", "ga", "neggrad", "salun", "negtv")
-
-
-def build(name, dataset, model, scenario, setting, schedule, pretrained=None, seeds=range(3),
-          args="problem.data_dir=DIR") -> ExperimentConfig:
-    """Every method and the curve training with the paper's numbers for ``setting``
-    (``methods.default_config``, ``mcu.paper_config``); ``args``: the command-line overrides
-    the config's command names."""
-    configs = {m: default_config(m, scenario, setting) for m in METHODS}
-    return ExperimentConfig(
-        name=name,
-        command=f"python experiments/run.py {name} {args}",
-        problem=ProblemConfig(dataset=dataset, model=model, scenario=scenario,
-                              pretrained=pretrained),
-        seeds=tuple(seeds),
-        original=schedule,
-        retrain=schedule,
-        methods=METHODS,
-        method_configs=MethodsConfig(**configs),
-        mcu_modes=("fixed", "adaptive"),
-        mcu=paper_config(scenario, setting),
-        fixed_betas=PAPER_BETAS,  # MCU's rows: the paper's "beta search"
-        table1=True,
-    )
 
 
 def tinyimagenet(scenario: str) -> ExperimentConfig:

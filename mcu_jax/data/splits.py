@@ -77,13 +77,12 @@ def _round(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def _check_ratio(name: str, value: Any, where: str, *, closed_right: bool) -> float:
+def _check_ratio(name: str, value: Any, where: str, *, closed_right: bool) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok else float("nan")
     if not (0.0 < v < 1.0 or (closed_right and v == 1.0)):
         interval = "(0, 1]" if closed_right else "(0, 1)"
         raise ValueError(f"{where}{name}={value!r}; expected a number in {interval}")
-    return v
 
 
 def check_request(scenario: str, forget_ratio: float, forget_class: int | None,
