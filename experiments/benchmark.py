@@ -101,6 +101,15 @@ def parse_mask(text: str) -> tuple[float, float] | Path | None:
     return (parts[0], parts[-1])
 
 
+FUSED_TEXT = {False: "", True: ", fused BatchNorm"}  # --fused-bn in a row's setting
+
+
+def model_of(args):
+    """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``)."""
+    return create(args.model, args.classes, dtype=args.dtype,
+                  **({"fused_bn": True} if args.fused_bn else {}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Time mcu-jax's curve-training step, t-sweep and end-to-end MCU phase.",
@@ -110,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", default="preresnet110")
     w.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
+    w.add_argument("--fused-bn", action="store_true",
+                   help="train-mode BatchNorm + ReLU with the hand-written backward pass "
+                   "(the models' fused_bn, ProblemConfig.fused_bn; BatchNorm models only)")
     w.add_argument("--mask", type=parse_mask, default="none",
                    metavar="{none,paper,K,K,K_R,FILE.json}",
                    help="parameter mask: none, paper (k=0.5, k_r=0.1), K (k=k_r=K), K,K_R, or "
@@ -187,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        model_of(args)
+    except ValueError as e:
+        parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")
@@ -405,7 +421,7 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     step_s = elapsed / steps
     compile_s = max(first - call * step_s, 0.0)
     frac = masks.trained_fraction(mask, theta_o["params"])
-    setting = (f"{args.model} {args.dtype}, batch {args.batch_size}, "
+    setting = (f"{args.model} {args.dtype}{FUSED_TEXT[args.fused_bn]}, batch {args.batch_size}, "
                f"mask {describe_mask(args.mask)} ({100 * frac:.1f}% of elements trained), "
                f"{steps} steps")
     if args.devices > 1:
@@ -454,6 +470,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         setting += f", {args.devices} devices (t parallel)"
     if args.fold_bn:
         setting += ", BN folded for evaluation"
+    setting += FUSED_TEXT[args.fused_bn]
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),
@@ -508,8 +525,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    setting = (f"{args.model} {args.dtype}, D_r {args.retain:,}, D_f {args.forget:,}, "
-               f"test {args.test:,}, {args.epochs} epochs ({steps} steps), "
+    setting = (f"{args.model} {args.dtype}{FUSED_TEXT[args.fused_bn]}, D_r {args.retain:,}, "
+               f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
                f"{', BN folded for evaluation' if args.fold_bn else ''}")
@@ -552,7 +569,7 @@ def markdown_table(rows: list[dict]) -> str:
 def run(args) -> dict:
     """Runs the selected parts; returns {"rows": [...], "params": ...} (rows as printed)."""
     shape = input_shape(args)
-    model = create(args.model, args.classes, dtype=args.dtype)
+    model = model_of(args)
     k_o, k_p, k_step, k_e2e = jax.random.split(jax.random.PRNGKey(args.seed), 4)
     theta_o = initial_variables(args.theta_o, model, k_o, shape, "--theta-o")
     theta_p = initial_variables(args.theta_p, model, k_p, shape, "--theta-p")

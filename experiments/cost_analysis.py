@@ -16,7 +16,9 @@ rate and its measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`
 ``--sweep-images`` images (a train-mode and an eval-mode pass per image and t). For the eval
 passes it also counts the convolutions the GPU compiler turned into cuDNN calls with a fused
 bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
-decides the bytes); on CPU they estimate a GPU's. With ``--mask`` (a mask saved by
+decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it also
+compiles the step with the models' ``fused_bn`` (BatchNorm + ReLU with a hand-written
+backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient. Prints a Markdown table.
 """
@@ -44,6 +46,13 @@ def _cost(compiled) -> tuple[float, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _share(row: dict, plain: dict, plain_name: str) -> str:
+    """``row``'s FLOPs and bytes as shares of ``plain``'s (the same program without the
+    row's change, called ``plain_name``)."""
+    return (f"{row['flops'] / plain['flops']:.2f} of {plain_name} FLOPs, "
+            f"{row['bytes'] / plain['bytes']:.2f} of its bytes")
 
 
 def _conv_calls(compiled) -> str:
@@ -77,7 +86,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     tx = optax.sgd(config.lr, momentum=config.momentum)
     idx = jnp.arange(batch_size, dtype=jnp.int32)
 
-    def step_row(mask, name: str) -> dict:
+    def step_row(mask, name: str, model=model) -> dict:
         state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
                                            is_forget, (100.0, 90.0), config)
         step = mcu.make_curve_step(model, tx, config, theta_o["params"])
@@ -86,7 +95,8 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         return {"program": f"curve step (batch {batch_size}{name})", "flops": flops,
                 "bytes": nbytes, "per": "step"}
 
-    rows = [step_row(jax.tree.map(lambda _: True, theta_o["params"]), "")]
+    every = jax.tree.map(lambda _: True, theta_o["params"])
+    rows = [step_row(every, "")]
     xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
     train_fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     flops, nbytes = _cost(train_fwd.lower(theta_o, xb).compile())
@@ -100,12 +110,16 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
                      "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
                      "per": "image", "note": _conv_calls(compiled)})
+    if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
+        # passes are the same program either way)
+        row = step_row(every, ", fused BatchNorm", model.clone(fused_bn=True))
+        row["note"] = _share(row, rows[0], "the unfused step's")
+        rows.append(row)
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])
         row = step_row(mask, f", mask from {mask_file}: {share:.1f}% of elements trained")
-        row["note"] = (f"{row['flops'] / rows[0]['flops']:.2f} of the unmasked step's FLOPs, "
-                       f"{row['bytes'] / rows[0]['bytes']:.2f} of its bytes")
+        row["note"] = _share(row, rows[0], "the unmasked step's")
         rows.append(row)
     return rows
 

@@ -5,6 +5,8 @@
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
+#   fused        f32's curve step with --fused-bn (BatchNorm + ReLU with a hand-written
+#                backward pass; compare with f32's step) to decide the models' fused_bn
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   profile      f32 again (compiled programs come from the persistent cache) with a
 #                jax.profiler trace of the timed regions only (50 steps, one sweep);
@@ -218,6 +220,7 @@ profile() {
 
 STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
+bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 reference
 profile
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what

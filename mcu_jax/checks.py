@@ -46,6 +46,13 @@ def fraction(name: str, value: Any) -> float:
     return v
 
 
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; ValueError otherwise (``"yes"`` or 1 would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
     """``value`` if it is one of ``options``; ValueError listing them otherwise."""
     if value not in tuple(options):

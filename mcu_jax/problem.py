@@ -22,6 +22,10 @@ class ProblemConfig:
     data_dir: str | None = None
     model: str = "cnn_small"
     dtype: str = "float32"  # compute dtype of the model
+    # Train-mode BatchNorm (+ ReLU) with a hand-written backward pass that moves fewer bytes
+    # (models/batchnorm.py; the models' fused_bn): the same function, rounded differently.
+    # Off until measured on a GPU; BatchNorm models only.
+    fused_bn: bool = False
     pretrained: str | None = None  # local .npz of initial weights for theta_o and RT
     scenario: str = "random"  # "random" or "class"
     forget_ratio: float = 0.1
@@ -40,6 +44,7 @@ class ProblemConfig:
         check_request(self.scenario, self.forget_ratio, self.forget_class, self.val_ratio,
                       self.retain_ratio, self.seed, where="")
         resolve_dtype(self.dtype)
+        checks.flag("fused_bn", self.fused_bn)
         for name in ("train_size", "test_size"):
             checks.optional_integer(name, getattr(self, name), low=1)
 
@@ -76,7 +81,9 @@ def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
         retain_ratio=config.retain_ratio,
         seed=config.seed,
     )
-    return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype)
+    options = {"fused_bn": True} if config.fused_bn else {}  # models without it: default
+    return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype,
+                                  **options)
 
 
 def build(config: ProblemConfig) -> Problem:

@@ -91,12 +91,20 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+#: Model fields added after run folders may have been made -> the value that behaves as
+#: before; at that value the field is left out of :func:`model_identity`, as in older records.
+ADDED_MODEL_FIELDS = {"fused_bn": False}
+
+
 def model_identity(model: Any) -> str:
     """A Flax model's class and attributes as text (its repr), with ``fold_bn`` (the same
-    function, evaluated faster) left out, to bind run folders to the model they trained."""
+    function, evaluated faster) and added fields at their old behaviour left out, to bind
+    run folders to the model they trained."""
     if getattr(model, "fold_bn", False):
         model = model.clone(fold_bn=False)
-    return repr(model)
+    old = {f"{name} = {value!r}" for name, value in ADDED_MODEL_FIELDS.items()
+           if getattr(model, name, not value) == value}
+    return "\n".join(line for line in repr(model).split("\n") if line.strip() not in old)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -119,6 +127,7 @@ ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
+    "problem.fused_bn": False,  # ProblemConfig
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
     "selection.interpolation": "cubic",  # SelectionConfig
 }

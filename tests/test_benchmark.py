@@ -86,12 +86,12 @@ def test_end_to_end_row(benchmark, capsys):
     out = benchmark.main(TINY + [
         "--skip-step", "--skip-sweep", "--end-to-end", "--retain", "96", "--forget", "32",
         "--test", "40", "--epochs", "1", "--num-t", "4", "--mask", "paper", "--precompile",
-        "--fold-bn",
+        "--fold-bn", "--fused-bn",
     ])
     captured = capsys.readouterr()
     rows = _table_rows(captured.out)[2:]
     assert [r[0] for r in rows] == ["end-to-end"]
-    assert "BN folded for evaluation" in rows[0][1]
+    assert "BN folded for evaluation" in rows[0][1] and "fused BatchNorm" in rows[0][1]
     # Each phase is reported as it finishes (a run cut short still shows where time went).
     for phase in ("mask done", "curve training done", "sweep over 4 t done", "selection",
                   "sweep programs compiled in the background"):
@@ -115,6 +115,8 @@ def test_arguments(benchmark):
         benchmark.parse_args(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--end-to-end", "--num-t", "3"])
+    with pytest.raises(SystemExit):  # a model without BatchNorm
+        benchmark.parse_args(["--model", "vit_small", "--fused-bn"])
     args = benchmark.parse_args([])
     assert (args.model, args.batch_size, args.num_t, args.sweep_images) == (
         "preresnet110", 128, 20, 6000)

@@ -47,7 +47,7 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
-             _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000))]
+             _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0)]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
            "device": "Test GPU", "torch": "2.x"}
@@ -58,6 +58,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "NOT met" in lines["curve step <= 5 ms (float32)"]
     assert "4.00 ms (25.0x the release's float32)" in lines["curve step <= 5 ms (bfloat16)"]
     assert "| met |" in lines["curve step <= 5 ms (bfloat16)"]
+    assert ("8.00 ms (12.5x the release's float32); 0.80 of the unfused float32 step"
+            in lines["curve step <= 5 ms (float32, fused BatchNorm)"])
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
@@ -213,8 +215,12 @@ def test_cost_analysis_counts_the_programs(capsys):
     assert [r.split("|")[1].strip() for r in rows] == [
         "curve step (batch 16)", "train-mode forward (batch 16)",
         "eval-mode forward (batch 32)", "eval-mode forward (batch 32, BN folded)",
-        "sweep (2 t x (10 BN + 10 eval images))"]
+        "sweep (2 t x (10 BN + 10 eval images))", "curve step (batch 16, fused BatchNorm)"]
     assert "no cuDNN convolutions (not a GPU)" in text
+    # The fused step's share of the unfused step's bytes: fewer.
+    step_note = rows[5].split("|")[7].strip()
+    assert " of the unfused step's FLOPs, " in step_note
+    assert float(step_note.split(", ")[1].split(" of its")[0]) < 1.0
     step = cost.analyse("cnn_small", 16, "float32", 32)
     assert all(r["flops"] > 0 and r["bytes"] > 0 for r in step)
     assert step[3]["flops"] == pytest.approx(step[2]["flops"], rel=0.05)  # the same work
@@ -243,13 +249,13 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
                       str(tmp_path / "mask.json")])
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names[4].startswith("sweep (") and len(names) == 6
+    assert names[4].startswith("sweep (") and len(names) == 7
     share = 100 * sum(v.size for p, v in flat.items() if p.startswith("head/")) / sum(
         v.size for v in flat.values())
-    assert names[5] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
+    assert names[6] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
                         f"{share:.1f}% of elements trained)")
     # The note gives the masked step's share of the unmasked step's FLOPs (no second compile).
-    note = rows[5].split("|")[7].strip()
+    note = rows[6].split("|")[7].strip()
     assert note.endswith(" of its bytes") and " of the unmasked step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     capsys.readouterr()

@@ -460,6 +460,65 @@ def test_folded_batchnorm_is_the_same_function(name, shape, options):
     assert variable_shapes(fold, shape) == variable_shapes(base, shape)
 
 
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("cnn_small", (8, 8, 1), {}),
+        ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),
+        ("preresnet110", (32, 32, 3), {"depth": 11}),
+        ("vgg16_bn", (32, 32, 3), {}),
+    ],
+)
+def test_fused_batchnorm_is_the_same_function(name, shape, options):
+    """``fused_bn`` (BatchNorm + ReLU with the hand-written backward pass) changes neither
+    the variables nor the function: the same logits and running statistics, and the same
+    gradients within float rounding; evaluation mode is untouched."""
+    base = create(name, 5, **options)
+    fused = create(name, 5, fused_bn=True, **options)
+    assert fused.fused_bn and not base.fused_bn
+    assert variable_shapes(fused, shape) == variable_shapes(base, shape)
+    v = fake_variables(base, shape)
+    x = images(shape, n=4)
+    np.testing.assert_array_equal(evaluate(fused, v, x), evaluate(base, v, x))
+    (out_b, stats_b), (out_f, stats_f) = train_call(base, v, x), train_call(fused, v, x)
+    np.testing.assert_allclose(out_f, out_b, rtol=1e-4, atol=1e-4)
+    leaves_close(stats_f, stats_b, rtol=1e-4, atol=1e-5)
+    y = jnp.arange(4) % 5
+
+    def grads(model):
+        def loss(p):
+            logits, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                    train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": KEY})
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+        return jax.jit(jax.grad(loss))(v["params"])
+
+    g_b, g_f = grads(base), grads(fused)
+    # Against the largest gradient: some are 0 up to rounding (a conv bias before a BN).
+    atol = 1e-4 * max(float(np.abs(b).max()) for b in jax.tree.leaves(g_b))
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=atol)
+
+
+def test_fused_batchnorm_in_the_problem_and_the_run_records():
+    """ProblemConfig.fused_bn builds the model with it (BatchNorm models only); a record
+    made before the field existed still matches the default model."""
+    from mcu_jax import runs
+    from mcu_jax.problem import ProblemConfig
+
+    with pytest.raises(ValueError, match="fused_bn must be True or False, got 'yes'"):
+        ProblemConfig(fused_bn="yes")
+    with pytest.raises(ValueError, match="fused_bn"):
+        create("vit_small", 5, fused_bn=True, **TINY_VIT)
+    base, fused = create("resnet20", 10), create("resnet20", 10, fused_bn=True)
+    assert "fused_bn" not in runs.model_identity(base)  # as in older records
+    assert "fused_bn = True" in runs.model_identity(fused)
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "fused_bn": False}}) is None
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "fused_bn": True}}) is not None
+
+
 def test_folded_leaves_models_without_the_field_alone():
     vit = create("vit_small", 5, **TINY_VIT)
     assert models.folded(vit) is vit

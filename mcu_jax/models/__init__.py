@@ -6,7 +6,9 @@ of all its BatchNorm layers, default 0.9), and is called as ``model.apply(variab
 train=...)`` on normalised float NHWC images, returning float32 logits. Variables are
 ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` is ``{}`` without BatchNorm). The
 BatchNorm models also have ``fold_bn`` (evaluation with BatchNorm folded into the
-convolutions; :func:`folded` turns it on where it exists).
+convolutions; :func:`folded` turns it on where it exists) and ``fused_bn`` (train-mode
+BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes, ``batchnorm.py``;
+off until measured on a GPU; the same function either way, rounded differently).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):

@@ -26,6 +26,7 @@ class CNNSmall(nn.Module):
     widths: tuple[int, ...] = (32, 64)
     strides: tuple[int, ...] = (1, 2)
     fold_bn: bool = False  # evaluation mode: every BN folded into its conv (layers.conv_bn)
+    fused_bn: bool = False  # train mode: BN + ReLU with a hand-written backward (batchnorm.py)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -33,9 +34,9 @@ class CNNSmall(nn.Module):
         fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
         for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=True)):
-            x = nn.relu(conv_bn(conv(width, 3, stride, dtype=dt, name=f"conv{i}"),
-                                batch_norm(train, self.bn_momentum, dtype=dt, name=f"bn{i}"),
-                                x, fold))
+            x = conv_bn(conv(width, 3, stride, dtype=dt, name=f"conv{i}"),
+                        batch_norm(train, self.bn_momentum, dtype=dt, relu=True,
+                                   fused=self.fused_bn, name=f"bn{i}"), x, fold)
         x = x.reshape(x.shape[0], -1)
         x = dense(self.num_classes, dtype=dt, name="head")(x)
         return x.astype(jnp.float32)

@@ -9,6 +9,8 @@ All layers keep their parameters in float32 (``param_dtype``) and compute in the
 folded into the convolution's kernel and a bias, so the pair is one convolution (on GPUs
 XLA then fuses the bias and a following ReLU into the cuDNN call instead of a separate
 normalise pass). The variables are the same either way; only the computation changes.
+BatchNorm itself is ``batchnorm.BatchNorm`` (``nn.BatchNorm``'s variables and function, with
+an optional ReLU and a train-mode backward pass that moves fewer bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mcu_jax.models.batchnorm import BatchNorm
 
 #: Compute dtypes a model accepts, by name.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -74,18 +78,25 @@ def conv(
     )
 
 
-def batch_norm(train: bool, momentum: float, *, dtype: Any, name: str | None = None):
-    """BatchNorm over NHWC channels; batch statistics in train mode, running ones in eval.
+def batch_norm(train: bool, momentum: float, *, dtype: Any, relu: bool = False,
+               fused: bool = False, name: str | None = None) -> BatchNorm:
+    """BatchNorm over NHWC channels (``relu``: followed by a ReLU); batch statistics in train
+    mode, running ones in eval.
 
     Running statistics are ``momentum * old + (1 - momentum) * batch`` with the biased batch
     variance, so ``momentum=0.0`` stores exactly the current batch's mean and variance.
+    ``batchnorm.BatchNorm`` has ``nn.BatchNorm``'s variables and function; ``fused`` gives
+    it a hand-written backward pass that moves fewer bytes (with the ReLU inside, that pass
+    recomputes its mask instead of storing it); the models' ``fused_bn`` field.
     """
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=momentum,
         epsilon=BN_EPSILON,
         dtype=dtype,
         param_dtype=jnp.float32,
+        relu=relu,
+        fused=fused,
         name=name,
     )
 
@@ -95,11 +106,12 @@ def dense(features: int, *, dtype: Any, name: str | None = None, **kwargs) -> nn
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
 
 
-def conv_bn(conv_layer: nn.Conv, bn_layer: nn.BatchNorm, x, fold: bool):
-    """``bn_layer(conv_layer(x))``; with ``fold`` (evaluation mode only, variables already
-    there) one convolution with kernel ``k * s`` and bias ``(b - mean) * s + beta``, where
-    ``s = scale / sqrt(var + eps)`` per output channel and ``b`` the conv's own bias (0 if
-    none): the same function, rounded differently."""
+def conv_bn(conv_layer: nn.Conv, bn_layer: BatchNorm, x, fold: bool):
+    """``bn_layer(conv_layer(x))`` (with its ReLU when ``bn_layer.relu``); with ``fold``
+    (evaluation mode only, variables already there) one convolution with kernel ``k * s`` and
+    bias ``(b - mean) * s + beta``, where ``s = scale / sqrt(var + eps)`` per output channel
+    and ``b`` the conv's own bias (0 if none), then the ReLU: the same function, rounded
+    differently."""
     if not fold:
         return bn_layer(conv_layer(x))
     conv_vars, bn_vars = conv_layer.variables, bn_layer.variables
@@ -108,4 +120,5 @@ def conv_bn(conv_layer: nn.Conv, bn_layer: nn.BatchNorm, x, fold: bool):
     stats, affine = bn_vars["batch_stats"], bn_vars["params"]
     s = affine["scale"] * jax.lax.rsqrt(stats["var"] + bn_layer.epsilon)
     folded = {"kernel": kernel * s, "bias": (bias - stats["mean"]) * s + affine["bias"]}
-    return conv_layer.clone(use_bias=True, parent=None).apply({"params": folded}, x)
+    out = conv_layer.clone(use_bias=True, parent=None).apply({"params": folded}, x)
+    return nn.relu(out) if bn_layer.relu else out

@@ -38,15 +38,18 @@ class PreActBottleneck(nn.Module):
     dtype: Any
     bn_momentum: float
     fold: bool = False  # evaluation mode: bn2, bn3 folded into conv1, conv2 (layers.conv_bn)
+    fused: bool = False  # BatchNorm + ReLU with the hand-written backward pass (batchnorm.py)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        dt, m = self.dtype, self.bn_momentum
-        out = nn.relu(batch_norm(train, m, dtype=dt, name="bn1")(x))
-        out = nn.relu(conv_bn(conv(self.planes, 1, dtype=dt, name="conv1"),
-                              batch_norm(train, m, dtype=dt, name="bn2"), out, self.fold))
-        out = nn.relu(conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv2"),
-                              batch_norm(train, m, dtype=dt, name="bn3"), out, self.fold))
+        dt, m, fused = self.dtype, self.bn_momentum, self.fused
+        out = batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn1")(x)
+        out = conv_bn(conv(self.planes, 1, dtype=dt, name="conv1"),
+                      batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn2"), out,
+                      self.fold)
+        out = conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv2"),
+                      batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn3"), out,
+                      self.fold)
         out = conv(self.planes * EXPANSION, 1, dtype=dt, name="conv3")(out)
         if self.project:
             x = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt, name="shortcut")(x)
@@ -63,6 +66,10 @@ class PreResNet(nn.Module):
     # Evaluation mode only: the BatchNorms that directly follow a convolution (two of three
     # per block) are folded into it (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
+    # Train mode: BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes
+    # (batchnorm.py); off until measured on a GPU. Off: autodiff of the composed ops
+    # (as nn.BatchNorm). The same function either way.
+    fused_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -84,9 +91,11 @@ class PreResNet(nn.Module):
                     dt,
                     self.bn_momentum,
                     fold,
+                    self.fused_bn,
                     name=f"stage{s + 1}_block{b}",
                 )(x, train)
-        x = nn.relu(batch_norm(train, self.bn_momentum, dtype=dt, name="final_bn")(x))
+        x = batch_norm(train, self.bn_momentum, dtype=dt, relu=True, fused=self.fused_bn,
+                       name="final_bn")(x)
         x = jnp.mean(x, axis=(1, 2))
         x = dense(self.num_classes, dtype=dt, name="head")(x)
         return x.astype(jnp.float32)

@@ -29,15 +29,15 @@ class BasicBlock(nn.Module):
     dtype: Any
     bn_momentum: float
     fold: bool = False  # evaluation mode: every BN folded into its conv (layers.conv_bn)
+    fused: bool = False  # BatchNorm (+ ReLU) with the hand-written backward pass (batchnorm.py)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        dt, m, fold = self.dtype, self.bn_momentum, self.fold
+        dt, m, fold, fused = self.dtype, self.bn_momentum, self.fold, self.fused
         out = conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv1"),
-                      batch_norm(train, m, dtype=dt, name="bn1"), x, fold)
-        out = nn.relu(out)
+                      batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn1"), x, fold)
         out = conv_bn(conv(self.planes, 3, dtype=dt, name="conv2"),
-                      batch_norm(train, m, dtype=dt, name="bn2"), out, fold)
+                      batch_norm(train, m, dtype=dt, fused=fused, name="bn2"), out, fold)
         residual = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             if self.shortcut == "A":
@@ -48,7 +48,8 @@ class BasicBlock(nn.Module):
                 )
             else:
                 residual = conv_bn(conv(self.planes, 1, self.stride, dtype=dt, name="proj"),
-                                   batch_norm(train, m, dtype=dt, name="proj_bn"), x, fold)
+                                   batch_norm(train, m, dtype=dt, fused=fused, name="proj_bn"),
+                                   x, fold)
         return nn.relu(out + residual)
 
 
@@ -64,6 +65,10 @@ class CifarResNet(nn.Module):
     # Evaluation mode only: every BatchNorm is folded into the convolution before it
     # (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
+    # Train mode: BatchNorm (+ ReLU) with a hand-written backward pass that moves fewer bytes
+    # (batchnorm.py); off until measured on a GPU. Off: autodiff of the composed ops
+    # (as nn.BatchNorm). The same function either way.
+    fused_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -75,9 +80,9 @@ class CifarResNet(nn.Module):
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
-        x = nn.relu(conv_bn(conv(self.widths[0], 3, dtype=dt, name="stem"),
-                            batch_norm(train, self.bn_momentum, dtype=dt, name="stem_bn"), x,
-                            fold))
+        x = conv_bn(conv(self.widths[0], 3, dtype=dt, name="stem"),
+                    batch_norm(train, self.bn_momentum, dtype=dt, relu=True,
+                               fused=self.fused_bn, name="stem_bn"), x, fold)
         for s, (planes, stride) in enumerate(zip(self.widths, (1, 2, 2), strict=True)):
             for b in range(n):
                 x = BasicBlock(
@@ -87,6 +92,7 @@ class CifarResNet(nn.Module):
                     dt,
                     self.bn_momentum,
                     fold,
+                    self.fused_bn,
                     name=f"stage{s + 1}_block{b}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))

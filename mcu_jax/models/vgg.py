@@ -34,6 +34,10 @@ class VGG16BN(nn.Module):
     # Evaluation mode only: every BatchNorm is folded into the convolution before it
     # (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
+    # Train mode: BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes
+    # (batchnorm.py); off until measured on a GPU. Off: autodiff of the composed ops
+    # (as nn.BatchNorm). The same function either way.
+    fused_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -43,9 +47,9 @@ class VGG16BN(nn.Module):
         layer = 0
         for block in VGG16_BLOCKS:
             for width in block:
-                x = nn.relu(conv_bn(conv(width, 3, dtype=dt, use_bias=True, name=f"conv{layer}"),
-                                    batch_norm(train, self.bn_momentum, dtype=dt,
-                                               name=f"bn{layer}"), x, fold))
+                x = conv_bn(conv(width, 3, dtype=dt, use_bias=True, name=f"conv{layer}"),
+                            batch_norm(train, self.bn_momentum, dtype=dt, relu=True,
+                                       fused=self.fused_bn, name=f"bn{layer}"), x, fold)
                 layer += 1
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)

@@ -1,0 +1,150 @@
+"""BatchNorm (optionally with its ReLU) whose train-mode gradient is written out by hand.
+
+The same function and variables as ``flax.linen.BatchNorm`` (``params``: ``scale``,
+``bias``; ``batch_stats``: ``mean``, ``var``; fast variance ``E[x^2] - E[x]^2`` in float32,
+clipped at 0; running statistics ``momentum * old + (1 - momentum) * batch``), so models,
+checkpoints and masks are unchanged. What differs is how many times a training step reads
+and writes each activation, which bounds the curve step's speed (docs/benchmarks.md, "Where
+the time goes"). Per BatchNorm + ReLU, in units of one activation's size:
+
+- autodiff of the composed ops: the statistics (2 on XLA's CPU backend, where each sum is a
+  library call; GPUs fuse sibling reductions), the normalised and the activated output
+  written (4: ``x - mean`` is kept for the backward pass), and a backward pass of 13 (the
+  ReLU's gradient, three reductions, a product and ``dx`` as separate passes);
+- here (``fused=True``): the same statistics, one output written (2), and a backward pass
+  of 6: one reduction over ``(dy, x)`` for the scale and bias gradients (2) and one
+  elementwise pass ``dx = s / sigma * (dz - mean(dz) - xhat * mean(dz * xhat))`` (4, with a
+  residual branch's gradient added in it, as in the count above), both recomputing ``xhat``
+  and the ReLU mask from ``x``.
+
+XLA's byte count of PreResNet-110's curve step (batch 128, float32, CPU backend) falls from
+33.7 GB to 23.9 GB (docs/benchmarks.md). ``fused=False`` (the default until measured on a
+GPU) and evaluation mode are ``nn.BatchNorm`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (last axis) sums of ``a`` and ``b`` in one variadic reduction, so that
+    every backend reads both (and computes what they are made of) in one pass."""
+    axes = tuple(range(a.ndim - 1))
+    zero = jnp.zeros((), a.dtype)
+    return jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
+
+
+def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance ``E[x^2] - E[x]^2`` (clipped at 0) in float32, as
+    Flax computes them. Two means, not :func:`_sums`: on XLA's CPU backend the variadic
+    reduction rounded worse, and the variance, a small difference of two large sums, lost
+    digits (a VGG-16 test's gradients moved by up to 4%); XLA's GPU backend fuses sibling
+    reductions of one input into one pass anyway."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    return mean, jnp.maximum(0.0, jnp.mean(jax.lax.square(xf), axes) - jax.lax.square(mean))
+
+
+def _pre_activation(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
+    """``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in float32 (Flax's order of ops)."""
+    mul = jax.lax.rsqrt(var + epsilon) * scale
+    return (x.astype(jnp.float32) - mean) * mul + bias
+
+
+def normalize(x, mean, var, scale, bias, epsilon: float, relu: bool) -> jax.Array:
+    """``[relu](bn(x))`` with the given statistics, in ``x``'s dtype (the ReLU after the cast,
+    as ``nn.relu(nn.BatchNorm(...)(x))``)."""
+    y = _pre_activation(x, mean, var, scale, bias, epsilon).astype(x.dtype)
+    return nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     relu: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode ``[relu](bn(x))`` over the last axis, with the batch's ``(mean, var)``.
+
+    ``x``: (..., C) in the compute dtype; ``scale``, ``bias``: (C,) float32. Returns
+    ``(y, mean, var)``: ``y`` like ``x``, the statistics (C,) float32. Differentiable in
+    ``x``, ``scale`` and ``bias`` (through the returned statistics too).
+    """
+    return _train(x, scale, bias, epsilon, relu)
+
+
+def _train(x, scale, bias, epsilon, relu):
+    mean, var = _stats(x)
+    return normalize(x, mean, var, scale, bias, epsilon, relu), mean, var
+
+
+def _forward(x, scale, bias, epsilon, relu):
+    y, mean, var = _train(x, scale, bias, epsilon, relu)
+    return (y, mean, var), (x, mean, var, scale, bias)  # x, not x - mean, is kept for dx
+
+
+def _backward(epsilon, relu, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
+    dy, dmean, dvar = cotangents
+    n = x.size // x.shape[-1]
+    inv = jax.lax.rsqrt(var + epsilon)
+    centred = x.astype(jnp.float32) - mean
+    xhat = centred * inv
+    dz = dz_dx = dy.astype(jnp.float32)
+    if relu:  # the forward pass's pre-activation (cast as there), so the same mask
+        z = _pre_activation(x, mean, var, scale, bias, epsilon).astype(x.dtype)
+        dz = jnp.where(z > 0, dz, 0.0)
+        # The same values, written differently so that XLA does not merge the two: each
+        # consumer (the reduction, dx) then computes its own from dy and x instead of both
+        # reading a materialised dz (2 activation-sized passes fewer on the CPU backend).
+        dz_dx = jnp.where(z <= 0, 0.0, dz_dx)
+    dbias, dscale = _sums(dz, dz * xhat)
+    dx = (inv * scale) * (dz_dx - dbias / n - xhat * (dscale / n))
+    # The statistics' own cotangents (zero when only y is used, as in the models):
+    # d mean / dx = 1 / n and d var / dx = 2 (x - mean) / n.
+    dx = dx + dmean / n + centred * (2.0 * dvar / n)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` (the same fields, variables and function), optionally + ReLU.
+
+    ``relu``: returns ``relu(bn(x))``. ``fused``: in train mode, the hand-written backward
+    pass of this module's docstring (over the last axis, Flax's default); otherwise, and in
+    evaluation mode, Flax's own computation (then ``nn.relu``), bit for bit.
+    """
+
+    relu: bool = False
+    fused: bool = False
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        train = not nn.merge_param("use_running_average", self.use_running_average,
+                                   use_running_average)
+        if not (self.fused and train):
+            y = super().__call__(x, use_running_average, mask=mask)
+            return nn.relu(y) if self.relu else y
+        if (mask is not None or self.axis != -1 or self.axis_name is not None
+                or not (self.use_scale and self.use_bias and self.use_fast_variance)):
+            raise ValueError(
+                "BatchNorm(fused=True) covers the models' case only: statistics over all but "
+                "the last axis, no mask, no axis_name (a sharded jit needs none), scale, bias "
+                f"and fast variance; got {self!r}, mask={'set' if mask is not None else None}")
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
