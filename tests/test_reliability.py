@@ -568,7 +568,8 @@ def test_run_folder_default_ignores_speed_settings_at_any_depth(tmp_path):
 def test_digests_and_model_identity():
     """tree_digest sees which leaf holds which array (swapped leaves, or the same arrays
     under other names, differ); the model identity leaves out fold_bn (the same function,
-    evaluated faster) and nothing else."""
+    evaluated faster) and fields added later at their old value (fused_bn=False; checked in
+    test_models.py), and nothing else."""
     from mcu_jax.models import create, folded
 
     x, y = np.zeros(3, np.float32), np.ones(3, np.float32)
@@ -628,9 +629,9 @@ def test_a_field_added_later_at_its_old_behaviour_keeps_old_folders(tmp_path):
 
 
 def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
-    """An ablation folder made before the random mask, the data subsets and models_from
-    existed is still its own request today (those fields at their old behaviour), and
-    refuses the new behaviours."""
+    """An ablation folder made before the random mask, the data subsets, models_from and
+    fused_bn existed is still its own request today (those fields at their old behaviour),
+    and refuses the new behaviours."""
     from mcu_jax import config
     from mcu_jax.ablation import AblationConfig
     from mcu_jax.experiment import ExperimentConfig
@@ -642,14 +643,14 @@ def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
 
     today = config.to_dict(AblationConfig(
         experiment=ExperimentConfig(models_from="digits_random"), kind="k", values=(0.1,)))
-    old = without(today, {"train_size", "test_size", "models_from", "seed"})
+    old = without(today, {"train_size", "test_size", "models_from", "seed", "fused_bn"})
     old["experiment"]["mask"].pop("kind")
     old["experiment"]["problem"]["seed"] = 0  # the problem's seed is no new field
     run = runs.RunDir(tmp_path / "abl")
     run.open(old)
     run.open(today)
-    for field, value in (("train_size", 500), ("kind", "random")):
-        group = "problem" if field == "train_size" else "mask"
+    for field, value in (("train_size", 500), ("fused_bn", True), ("kind", "random")):
+        group = "mask" if field == "kind" else "problem"
         changed = config.to_dict(AblationConfig(
             experiment=ExperimentConfig(**{group: type(getattr(ExperimentConfig(), group))(
                 **{field: value})}), kind="k", values=(0.1,)))
