@@ -460,6 +460,39 @@ def test_folded_batchnorm_is_the_same_function(name, shape, options):
     assert variable_shapes(fold, shape) == variable_shapes(base, shape)
 
 
+def param_grads(model, v, x):
+    """Gradients in the params of a train-mode cross-entropy over ``x`` (labels i % 5)."""
+    y = jnp.arange(x.shape[0]) % 5
+
+    def loss(p):
+        logits, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                train=True, mutable=["batch_stats"], rngs={"dropout": KEY})
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), y])
+
+    return jax.jit(jax.grad(loss))(v["params"])
+
+
+def test_fused_batchnorm_in_bfloat16_rounds_no_worse():
+    """In bfloat16 both BatchNorms round: the fused one's gradients are no further from the
+    float32 gradients than autodiff's."""
+    shape = (32, 32, 3)
+    reference = create("preresnet110", 5, depth=11)
+    v, x = fake_variables(reference, shape), images(shape, n=4)
+
+    def flat(grads):
+        return np.concatenate([np.ravel(np.asarray(a, np.float64))
+                               for a in jax.tree.leaves(grads)])
+
+    want = flat(param_grads(reference, v, x))
+
+    def error(fused_bn):
+        model = create("preresnet110", 5, depth=11, dtype="bfloat16", fused_bn=fused_bn)
+        return np.linalg.norm(flat(param_grads(model, v, x)) - want) / np.linalg.norm(want)
+
+    plain, fused = error(False), error(True)
+    assert 0 < plain < 0.1 and fused <= 1.5 * plain, (plain, fused)
+
+
 @pytest.mark.parametrize(
     "name, shape, options",
     [
@@ -483,17 +516,7 @@ def test_fused_batchnorm_is_the_same_function(name, shape, options):
     (out_b, stats_b), (out_f, stats_f) = train_call(base, v, x), train_call(fused, v, x)
     np.testing.assert_allclose(out_f, out_b, rtol=1e-4, atol=1e-4)
     leaves_close(stats_f, stats_b, rtol=1e-4, atol=1e-5)
-    y = jnp.arange(4) % 5
-
-    def grads(model):
-        def loss(p):
-            logits, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
-                                    train=True, mutable=["batch_stats"],
-                                    rngs={"dropout": KEY})
-            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
-        return jax.jit(jax.grad(loss))(v["params"])
-
-    g_b, g_f = grads(base), grads(fused)
+    g_b, g_f = param_grads(base, v, x), param_grads(fused, v, x)
     # Against the largest gradient: some are 0 up to rounding (a conv bias before a BN).
     atol = 1e-4 * max(float(np.abs(b).max()) for b in jax.tree.leaves(g_b))
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_b), strict=True):
@@ -510,6 +533,8 @@ def test_fused_batchnorm_in_the_problem_and_the_run_records():
         ProblemConfig(fused_bn="yes")
     with pytest.raises(ValueError, match="fused_bn"):
         create("vit_small", 5, fused_bn=True, **TINY_VIT)
+    with pytest.raises(ValueError, match="fused_bn must be True or False, got 0"):
+        create("resnet20", 5, fused_bn=0)
     base, fused = create("resnet20", 10), create("resnet20", 10, fused_bn=True)
     assert "fused_bn" not in runs.model_identity(base)  # as in older records
     assert "fused_bn = True" in runs.model_identity(fused)

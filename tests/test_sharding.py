@@ -86,6 +86,13 @@ def main() -> None:
     out["fit"]["loss"] = [hist1[0]["loss"], hist8[0]["loss"]]
     out["fit"]["replicated"] = _replicated_on(multi, mesh)
     out["fit"]["moved"] = _max_diff(v0["params"], single["params"])["max_abs_diff"]
+    # The models' fused BatchNorm (hand-written backward pass) on the mesh too: its sums over
+    # the split batch are all-reduced like the composed ops'.
+    fused = model.clone(fused_bn=True)
+    fused_single, _ = train.fit(fused, v0, images, pool, config, key)
+    out["fit_fused"] = _max_diff(fused_single, train.fit(fused, v0, images, pool, config, key,
+                                                         mesh=mesh)[0])
+    out["fit_fused"]["vs_unfused"] = _max_diff(single, fused_single)["max_abs_diff"]
 
     # The scanned (accelerator) runner with a mesh, through loop.run_epochs directly, against
     # the scanned runner on one device. XLA's CPU backend rounds the scanned step differently
@@ -438,10 +445,11 @@ def test_eight_devices_equal_one():
     print(json.dumps(out, indent=1), f"\nsubprocess: {time.perf_counter() - start:.1f} s")
     assert out["devices"] == DEVICES and out["platform"] == "cpu"
     assert out["fit"]["moved"] > 1e-3, "training did not change the parameters"
-    for part in ("fit", "fit_scanned", "curve", "neggrad", "negtv", "bn_300", "bn_200",
-                 "bn_13", "bn_30"):
+    for part in ("fit", "fit_scanned", "fit_fused", "curve", "neggrad", "negtv", "bn_300",
+                 "bn_200", "bn_13", "bn_30"):
         assert out[part]["allclose"], (part, out[part])
     assert abs(out["fit"]["loss"][0] - out["fit"]["loss"][1]) < 1e-4
+    assert out["fit_fused"]["vs_unfused"] < 1e-4  # the same training, rounded differently
     assert out["fit"]["replicated"] and out["fit_scanned"]["replicated"]
     assert out["curve"]["replicated"] and out["bn_300"]["replicated"]
     assert out["bn_split"]["per_device_batch"] and not out["bn_split"]["whole_batch"]

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcu_jax import pytrees
+from mcu_jax import checks, pytrees
 from mcu_jax.models.cnn import CNNSmall
 from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
 from mcu_jax.models.preresnet import PreResNet, preresnet
@@ -98,8 +98,9 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     Options common to all models: ``dtype`` (compute dtype, ``jnp.float32`` default, or
     ``jnp.bfloat16``; the strings "float32"/"bfloat16" work too) and ``bn_momentum`` (float in
     [0, 1], default 0.9). Other options are fields of the model (e.g. ``depth`` for ViTs,
-    ``shortcut`` for ``resnet20``). Raises ValueError for an unknown name (listing the known
-    ones), a bad ``num_classes``/``dtype``/``bn_momentum`` or an unknown option.
+    ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models). Raises
+    ValueError for an unknown name (listing the known ones), a bad
+    ``num_classes``/``dtype``/``bn_momentum``/``fused_bn`` or an unknown option.
     """
     if name not in _REGISTRY:
         raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
@@ -112,6 +113,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"bn_momentum: got {momentum!r}, expected a float in [0, 1]")
     options["bn_momentum"] = float(momentum)
+    if "fused_bn" in options:  # a bool, or older run records' model text would not match
+        checks.flag("fused_bn", options["fused_bn"])
     try:
         return _REGISTRY[name](num_classes=num_classes, **options)
     except TypeError as e:
