@@ -65,7 +65,7 @@ def _pre_activation(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
     return (x.astype(jnp.float32) - mean) * mul + bias
 
 
-def normalize(x, mean, var, scale, bias, epsilon: float, relu: bool) -> jax.Array:
+def _normalize(x, mean, var, scale, bias, epsilon: float, relu: bool) -> jax.Array:
     """``[relu](bn(x))`` with the given statistics, in ``x``'s dtype (the ReLU after the cast,
     as ``nn.relu(nn.BatchNorm(...)(x))``)."""
     y = _pre_activation(x, mean, var, scale, bias, epsilon).astype(x.dtype)
@@ -86,7 +86,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 def _train(x, scale, bias, epsilon, relu):
     mean, var = _stats(x)
-    return normalize(x, mean, var, scale, bias, epsilon, relu), mean, var
+    return _normalize(x, mean, var, scale, bias, epsilon, relu), mean, var
 
 
 def _forward(x, scale, bias, epsilon, relu):
