@@ -20,7 +20,8 @@ decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it 
 compiles the step with the models' ``fused_bn`` (BatchNorm + ReLU with a hand-written
 backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
-step with that mask, whose frozen tensors get no weight gradient. Prints a Markdown table.
+step with that mask, whose frozen tensors get no weight gradient (with and without
+``fused_bn``). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -110,17 +111,23 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
                      "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
                      "per": "image", "note": _conv_calls(compiled)})
+    fused = None
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
         # passes are the same program either way)
-        row = step_row(every, ", fused BatchNorm", model.clone(fused_bn=True))
-        row["note"] = _share(row, rows[0], "the unfused step's")
-        rows.append(row)
+        fused = step_row(every, ", fused BatchNorm", model.clone(fused_bn=True))
+        fused["note"] = _share(fused, rows[0], "the unfused step's")
+        rows.append(fused)
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])
-        row = step_row(mask, f", mask from {mask_file}: {share:.1f}% of elements trained")
+        name = f", mask from {mask_file}: {share:.1f}% of elements trained"
+        row = step_row(mask, name)
         row["note"] = _share(row, rows[0], "the unmasked step's")
         rows.append(row)
+        if fused is not None:  # the same mask with the fused BatchNorm
+            row = step_row(mask, name + ", fused BatchNorm", model.clone(fused_bn=True))
+            row["note"] = _share(row, fused, "the unmasked fused step's")
+            rows.append(row)
     return rows
 
 

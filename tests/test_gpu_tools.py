@@ -249,7 +249,7 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
                       str(tmp_path / "mask.json")])
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names[4].startswith("sweep (") and len(names) == 7
+    assert names[4].startswith("sweep (") and len(names) == 8
     share = 100 * sum(v.size for p, v in flat.items() if p.startswith("head/")) / sum(
         v.size for v in flat.values())
     assert names[6] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
@@ -257,5 +257,10 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
     # The note gives the masked step's share of the unmasked step's FLOPs (no second compile).
     note = rows[6].split("|")[7].strip()
     assert note.endswith(" of its bytes") and " of the unmasked step's FLOPs, " in note
+    assert float(note.split(" of the unmasked")[0]) < 0.5
+    # The same mask with the fused BatchNorm, against the unmasked fused step.
+    assert names[7] == names[6][:-1] + ", fused BatchNorm)"
+    note = rows[7].split("|")[7].strip()
+    assert " of the unmasked fused step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     capsys.readouterr()
