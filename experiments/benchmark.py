@@ -106,8 +106,7 @@ FUSED_TEXT = {False: "", True: ", fused BatchNorm"}  # --fused-bn in a row's set
 
 def model_of(args):
     """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``)."""
-    return create(args.model, args.classes, dtype=args.dtype,
-                  **({"fused_bn": True} if args.fused_bn else {}))
+    return create(args.model, args.classes, dtype=args.dtype, fused_bn=args.fused_bn)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,10 +111,11 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
                      "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
                      "per": "image", "note": _conv_calls(compiled)})
-    fused = None
+    fused = fused_model = None
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
         # passes are the same program either way)
-        fused = step_row(every, ", fused BatchNorm", model.clone(fused_bn=True))
+        fused_model = model.clone(fused_bn=True)
+        fused = step_row(every, ", fused BatchNorm", fused_model)
         fused["note"] = _share(fused, rows[0], "the unfused step's")
         rows.append(fused)
     if mask_file is not None:
@@ -125,7 +126,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         row["note"] = _share(row, rows[0], "the unmasked step's")
         rows.append(row)
         if fused is not None:  # the same mask with the fused BatchNorm
-            row = step_row(mask, name + ", fused BatchNorm", model.clone(fused_bn=True))
+            row = step_row(mask, name + ", fused BatchNorm", fused_model)
             row["note"] = _share(row, fused, "the unmasked fused step's")
             rows.append(row)
     return rows

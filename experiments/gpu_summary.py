@@ -118,14 +118,15 @@ def summary(out: Path) -> str:
     else:
         lines.append("- authors' release: not measured in this call")
     lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+    unfused_ms = _step_ms(parts, "f32")
     for name, label in (("f32", "float32"), ("fused", "float32, fused BatchNorm"),
                         ("bf16", "bfloat16"), ("cmdbuf", "float32, command buffers")):
         ms = _step_ms(parts, name)
         text = "-" if ms is None else f"{ms:.2f} ms"
         if ms is not None and ref is not None:
             text += f" ({ref['step_ms'] / ms:.1f}x the release's float32)"
-        if ms is not None and name == "fused" and _step_ms(parts, "f32") is not None:
-            text += f"; {ms / _step_ms(parts, 'f32'):.2f} of the unfused float32 step"
+        if ms is not None and name == "fused" and unfused_ms is not None:
+            text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
     for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),

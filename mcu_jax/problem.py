@@ -81,9 +81,8 @@ def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
         retain_ratio=config.retain_ratio,
         seed=config.seed,
     )
-    options = {"fused_bn": True} if config.fused_bn else {}  # models without it: default
     return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype,
-                                  **options)
+                                  fused_bn=config.fused_bn)
 
 
 def build(config: ProblemConfig) -> Problem:

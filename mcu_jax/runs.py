@@ -103,7 +103,7 @@ def model_identity(model: Any) -> str:
     if getattr(model, "fold_bn", False):
         model = model.clone(fold_bn=False)
     old = {f"{name} = {value!r}" for name, value in ADDED_MODEL_FIELDS.items()
-           if getattr(model, name, not value) == value}
+           if getattr(model, name, None) == value}
     return "\n".join(line for line in repr(model).split("\n") if line.strip() not in old)
 
 

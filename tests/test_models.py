@@ -396,15 +396,16 @@ def test_bn_momentum_zero_writes_exact_batch_statistics():
     leaves_close(same["batch_stats"], v["batch_stats"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "name, shape, options",
-    [
-        ("cnn_small", (8, 8, 1), {}),
-        ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),
-        ("preresnet110", (32, 32, 3), {"depth": 11}),
-        ("vgg16_bn", (32, 32, 3), {}),
-    ],
-)
+#: Every built-in BatchNorm model, small: (name, input shape, create options).
+BN_MODEL_CASES = [
+    ("cnn_small", (8, 8, 1), {}),
+    ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),
+    ("preresnet110", (32, 32, 3), {"depth": 11}),
+    ("vgg16_bn", (32, 32, 3), {}),
+]
+
+
+@pytest.mark.parametrize("name, shape, options", BN_MODEL_CASES)
 def test_bn_momentum_reaches_every_batchnorm(name, shape, options):
     # Train mode normalises with batch statistics, so activations do not depend on the
     # momentum; hence stats(m) == m * old + (1 - m) * stats(0) in EVERY BN iff every BN
@@ -493,15 +494,7 @@ def test_fused_batchnorm_in_bfloat16_rounds_no_worse():
     assert 0 < plain < 0.1 and fused <= 1.5 * plain, (plain, fused)
 
 
-@pytest.mark.parametrize(
-    "name, shape, options",
-    [
-        ("cnn_small", (8, 8, 1), {}),
-        ("resnet20", (32, 32, 3), {"depth": 8, "shortcut": "B"}),
-        ("preresnet110", (32, 32, 3), {"depth": 11}),
-        ("vgg16_bn", (32, 32, 3), {}),
-    ],
-)
+@pytest.mark.parametrize("name, shape, options", BN_MODEL_CASES)
 def test_fused_batchnorm_is_the_same_function(name, shape, options):
     """``fused_bn`` (BatchNorm + ReLU with the hand-written backward pass) changes neither
     the variables nor the function: the same logits and running statistics, and the same

@@ -98,7 +98,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     Options common to all models: ``dtype`` (compute dtype, ``jnp.float32`` default, or
     ``jnp.bfloat16``; the strings "float32"/"bfloat16" work too) and ``bn_momentum`` (float in
     [0, 1], default 0.9). Other options are fields of the model (e.g. ``depth`` for ViTs,
-    ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models). Raises
+    ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models;
+    ``fused_bn=False``, every model's behaviour, is accepted by all). Raises
     ValueError for an unknown name (listing the known ones), a bad
     ``num_classes``/``dtype``/``bn_momentum``/``fused_bn`` or an unknown option.
     """
@@ -114,7 +115,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
         raise ValueError(f"bn_momentum: got {momentum!r}, expected a float in [0, 1]")
     options["bn_momentum"] = float(momentum)
     if "fused_bn" in options:  # a bool, or older run records' model text would not match
-        checks.flag("fused_bn", options["fused_bn"])
+        if not checks.flag("fused_bn", options["fused_bn"]):
+            del options["fused_bn"]  # the default, and what models without BatchNorm do
     try:
         return _REGISTRY[name](num_classes=num_classes, **options)
     except TypeError as e:
