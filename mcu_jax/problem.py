@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mcu_jax import checks
+from mcu_jax import checks, models
 from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
 from mcu_jax.data.splits import check_request
 from mcu_jax.models import create
@@ -44,7 +44,14 @@ class ProblemConfig:
         check_request(self.scenario, self.forget_ratio, self.forget_class, self.val_ratio,
                       self.retain_ratio, self.seed, where="")
         resolve_dtype(self.dtype)
-        checks.flag("fused_bn", self.fused_bn)
+        if checks.flag("fused_bn", self.fused_bn) and self.model in models.MODELS:
+            # A model without BatchNorm (a ViT) has no fused_bn field: refuse it now, not
+            # after the data set is loaded. Building the module is cheap (no parameters).
+            try:
+                create(self.model, 2, dtype=self.dtype, fused_bn=True)
+            except ValueError as e:
+                raise ValueError(f"fused_bn: model {self.model!r} has no fused BatchNorm "
+                                 f"(only the BatchNorm models do): {e}") from e
         for name in ("train_size", "test_size"):
             checks.optional_integer(name, getattr(self, name), low=1)
 

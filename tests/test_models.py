@@ -526,6 +526,10 @@ def test_fused_batchnorm_in_the_problem_and_the_run_records():
         ProblemConfig(fused_bn="yes")
     with pytest.raises(ValueError, match="fused_bn"):
         create("vit_small", 5, fused_bn=True, **TINY_VIT)
+    # refused by the config itself, before any data set is loaded
+    with pytest.raises(ValueError, match="fused_bn: model 'vit_small' has no fused BatchNorm"):
+        ProblemConfig(model="vit_small", fused_bn=True)
+    assert ProblemConfig(model="resnet20", fused_bn=True).fused_bn
     with pytest.raises(ValueError, match="fused_bn must be True or False, got 0"):
         create("resnet20", 5, fused_bn=0)
     base, fused = create("resnet20", 10), create("resnet20", 10, fused_bn=True)
