@@ -10,9 +10,10 @@ alike, which differs only through a last, smaller batch), except that we average
 variances BatchNorm itself normalises with.
 
 The batches take the set in a fixed shuffled order (:func:`bn_batches`, ``seed=0``; ``None``
-keeps the given order), as PyTorch's shuffled loader does, so a class-sorted set still gives
-mixed batches. Each batch gets the images' own training augmentation (``Images.augment``),
-drawn from a fixed key, as in the training loader that the release's ``update_bn`` reads:
+keeps the given order), so a class-sorted set still gives mixed batches (our choice: the
+release's ``eval_curve.py`` reads its training loader unshuffled). Each batch gets the
+images' own training augmentation (``Images.augment``), drawn from a fixed key, as in the
+training loader that the release's ``update_bn`` reads:
 a model trained on padded random crops has running statistics of such images, and
 statistics of clean images cost it accuracy (CIFAR-10, ResNet-20: theta_o's 70.3% on D_r
 fell to 65.3% with clean statistics and stayed at 70.4% with augmented ones). Everything is
@@ -47,8 +48,8 @@ def bn_batches(indices, batch_size: int, n: int | None = None, seed: int | None 
     there is no full batch or no remainder); ``n`` bounds the indices when given.
 
     The batches take the set in a fixed pseudo-random order (the sorted indices permuted
-    by ``np.random.default_rng(seed)``), as the shuffled loader of PyTorch's ``update_bn``
-    does: averaged per-batch statistics depend on how the set is cut into batches, and a
+    by ``np.random.default_rng(seed)``; the release reads its loader unshuffled):
+    averaged per-batch statistics depend on how the set is cut into batches, and a
     sorted D_r of a data set stored class by class (Tiny-ImageNet) would give batches of
     one class, whose variances miss the variance between classes. The same set and seed
     give the same batches. ``seed=None`` keeps the order of ``indices`` as given.

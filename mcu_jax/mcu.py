@@ -81,8 +81,8 @@ class MCUConfig:
 
 
 # Curve-training epochs of the paper's protocols (NOTES.md) where they differ from the random
-# setting's 10: the ViT on ImageNet-100 trains 2; Tiny-ImageNet's 5 is our assumption (the
-# paper's text gives none). Other settings (CIFAR-10, CIFAR-100, digits): 5 class-wise.
+# setting's 10: the ViT on ImageNet-100 trains 2, Tiny-ImageNet 5 (appendix C; its sentence
+# resumes after Table 2). Other settings (CIFAR-10, CIFAR-100, digits): 5 class-wise.
 _PAPER_EPOCHS = {"imagenet100": 2, "tinyimagenet": 5}
 
 
