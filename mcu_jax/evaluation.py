@@ -1,4 +1,5 @@
-"""Exact evaluation of one model on index sets of an image set (no augmentation).
+"""Exact evaluation of one model on index sets of an image set (no augmentation; a mean
+gradient may take the training augmentation on request).
 
 Every index is seen exactly once: full batches run inside one ``lax.scan`` call and the
 remainder in a second call of its own shape. Results are per-sample arrays (correct,
@@ -24,7 +25,7 @@ import numpy as np
 from mcu_jax import sharding
 from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
-from mcu_jax.data.transforms import normalize
+from mcu_jax.data.transforms import normalize, prepare_batch
 
 
 def per_sample_outputs(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
@@ -51,9 +52,11 @@ def _eval_chunk(model, variables, images: Images, batches):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
-def _add_batch_gradient(model, total, variables, images: Images, idx, weight):
+def _add_batch_gradient(model, total, variables, images: Images, idx, weight, key=None):
     others = {k: v for k, v in variables.items() if k != "params"}
-    x = normalize(images.x[idx], images.mean, images.std)
+    # key None: the images as stored; a key: the images' training augmentation
+    x = prepare_batch(key, images.x[idx], images.mean, images.std, images.augment,
+                      train=key is not None)
 
     def summed_loss(params):
         logits = model.apply({"params": params, **others}, x, train=False)
@@ -166,9 +169,15 @@ def evaluate_sets(model, variables, sets: dict, batch_size: int = 500,
 
 
 def mean_gradient(model, variables, images: Images, indices, batch_size: int = 256,
-                  mesh=None):
+                  mesh=None, augment_key: jax.Array | None = None):
     """Gradient of the mean cross-entropy over ``images[indices]`` w.r.t. the params, with
     evaluation-mode BatchNorm (samples independent, so the batched sum is exact).
+
+    The images are used as stored, unless ``augment_key`` is given: then each one gets the
+    set's training augmentation (``images.augment``, e.g. random crop and flip; nothing for
+    "none"), batch ``i`` (of ``batch_size`` indices in the given order) drawn from
+    ``jax.random.fold_in(augment_key, i)``, as a gradient over a training loader would be
+    (the release's masks). The same key, indices and batch size give the same gradient.
 
     Every batch has ``batch_size`` rows (the last one padded, its padding weighted by 0), so
     one compiled step serves the whole set; the host loops over batches, because XLA's CPU
@@ -207,5 +216,6 @@ def mean_gradient(model, variables, images: Images, indices, batch_size: int = 2
             padded, weight = jnp.asarray(padded), jnp.asarray(weight)
         else:
             padded, weight = sharding.place((padded, weight), split)
-        total = step(model, total, variables, images, padded, weight)
+        key = None if augment_key is None else jax.random.fold_in(augment_key, start // bs)
+        total = step(model, total, variables, images, padded, weight, key)
     return jax.tree.map(lambda g, p: (g / idx.size).astype(p.dtype), total, params)

@@ -171,18 +171,24 @@ def mask_gradients(
     forget_idx: Any,
     batch_size: int = 256,
     mesh: Any = None,
+    augment_key: Any = None,
 ) -> tuple[PyTree, PyTree]:
     """Gradients of the mean cross-entropy at theta_o over all of D_r and all of D_f.
 
     ``retain_idx``/``forget_idx`` index into ``images``. Both are
     ``evaluation.mean_gradient`` (evaluation-mode BatchNorm, exact batched sums), data
     parallel over ``mesh`` when one is given (``batch_size`` divisible by its device count).
+    The images are taken as stored; with ``augment_key`` they get their training
+    augmentation, as the release's loaders give it (D_r's batches from
+    ``fold_in(augment_key, 0)``, D_f's from ``fold_in(augment_key, 1)``).
     Returns ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
     """
     n = images.num_examples
     retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
     forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)
+    keys = (None, None) if augment_key is None else (
+        jax.random.fold_in(augment_key, 0), jax.random.fold_in(augment_key, 1))
     return (
-        mean_gradient(model, variables, images, retain_idx, batch_size, mesh),
-        mean_gradient(model, variables, images, forget_idx, batch_size, mesh),
+        mean_gradient(model, variables, images, retain_idx, batch_size, mesh, keys[0]),
+        mean_gradient(model, variables, images, forget_idx, batch_size, mesh, keys[1]),
     )

@@ -126,6 +126,7 @@ def _default(obj: Any) -> Any:
 ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
+    "mask.augment": False,  # MaskConfig (augmented mask gradients)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
     "problem.fused_bn": False,  # ProblemConfig
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)

@@ -221,15 +221,18 @@ class TinyNet(nn.Module):
         return nn.Dense(3)(x)
 
 
-def test_mask_gradients_equal_full_batch_gradient():
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _tiny_problem():
+    """TinyNet with non-trivial running statistics (so evaluation-mode BatchNorm matters),
+    41 random 6x6 images and a 32 / 9 retain / forget split."""
     rng = np.random.default_rng(0)
     n = 41
     x = rng.integers(0, 256, size=(n, 6, 6, 3), dtype=np.uint8)
     y = rng.integers(0, 3, size=n).astype(np.int32)
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     model = TinyNet()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)), train=False)
-    # Non-trivial running statistics, so evaluation-mode BatchNorm matters.
     variables = {
         "params": variables["params"],
         "batch_stats": jax.tree_util.tree_map(
@@ -238,19 +241,29 @@ def test_mask_gradients_equal_full_batch_gradient():
         ),
     }
     perm = rng.permutation(n)
-    forget_idx, retain_idx = perm[:9], perm[9:]
+    return model, variables, x, y, perm[9:], perm[:9]
+
+
+def _summed_ce_grad(model, variables, x_uint8, y):
+    """Gradient of the summed cross-entropy over raw images, normalised here by hand."""
+    xb = (np.asarray(x_uint8).astype(np.float32) / 255.0 - np.array(MEAN, np.float32)) / (
+        np.array(STD, np.float32))
+
+    def loss(p):
+        logits = model.apply({**variables, "params": p}, jnp.asarray(xb), train=False)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.sum(logp[jnp.arange(len(y)), y])
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+
+def test_mask_gradients_equal_full_batch_gradient():
+    model, variables, x, y, retain_idx, forget_idx = _tiny_problem()
+    n, mean, std = len(y), MEAN, STD
 
     def full_batch_grad(idx):
-        xb = (x[idx].astype(np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(
-            std, np.float32
-        )
-
-        def loss(p):
-            logits = model.apply({**variables, "params": p}, jnp.asarray(xb), train=False)
-            logp = jax.nn.log_softmax(logits)
-            return -jnp.mean(logp[jnp.arange(idx.size), y[idx]])
-
-        return jax.jit(jax.grad(loss))(variables["params"])
+        return jax.tree.map(lambda g: g / idx.size,
+                            _summed_ce_grad(model, variables, x[idx], y[idx]))
 
     images = Images.from_arrays(x, y, mean, std)
     gr, gf = masks.mask_gradients(
@@ -274,6 +287,40 @@ def test_mask_gradients_equal_full_batch_gradient():
     with pytest.raises(ValueError, match="retain_idx"):
         masks.mask_gradients(model, variables, images, np.array([0, n]), forget_idx)
 
+
+def test_mask_gradients_of_augmented_images():
+    """With a key, batch i of each set gets the set's training augmentation from
+    fold_in(set key, i) (D_r's set key fold_in(key, 0), D_f's fold_in(key, 1)): equal to
+    the gradient of those augmented images computed batch by batch here; a set without
+    augmentation gives the clean gradient."""
+    from mcu_jax.data.transforms import augment
+
+    model, variables, x, y, retain_idx, forget_idx = _tiny_problem()
+    key = jax.random.PRNGKey(3)
+    images = Images.from_arrays(x, y, MEAN, STD, "crop_flip")
+    got = masks.mask_gradients(model, variables, images, retain_idx, forget_idx, batch_size=8,
+                               augment_key=key)
+    for part, (g, idx) in enumerate(zip(got, (retain_idx, forget_idx), strict=True)):
+        set_key, total = jax.random.fold_in(key, part), None
+        for i, start in enumerate(range(0, idx.size, 8)):
+            b = idx[start:start + 8]
+            xb = augment(jax.random.fold_in(set_key, i), jnp.asarray(x[b]), "crop_flip")
+            gb = _summed_ce_grad(model, variables, xb, y[b])
+            total = gb if total is None else jax.tree.map(jnp.add, total, gb)
+        for a, want in zip(jax.tree.leaves(g), jax.tree.leaves(total), strict=True):
+            np.testing.assert_allclose(a, want / idx.size, rtol=2e-5, atol=1e-6)
+    clean = masks.mask_gradients(model, variables, images, retain_idx, forget_idx, batch_size=8)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(got[0]),
+                                                     jax.tree.leaves(clean[0]), strict=True))
+    again = masks.mask_gradients(model, variables, images, retain_idx, forget_idx, batch_size=8,
+                                 augment_key=key)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again),
+                                                    jax.tree.leaves(got), strict=True))
+    plain = Images.from_arrays(x, y, MEAN, STD)  # augment="none": the key changes nothing
+    for a, b in zip(jax.tree.leaves(masks.mask_gradients(
+            model, variables, plain, retain_idx, forget_idx, 8, augment_key=key)),
+            jax.tree.leaves(clean), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 def test_save_and_load_round_trip_and_refusals(tmp_path):
     params = {"conv": {"kernel": np.zeros((3, 3, 1, 4))}, "dense": {"bias": np.zeros(4)}}

@@ -195,8 +195,8 @@ def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_spl
     g_f = {n: np.full(s, (5 - rank[n]) * np.sqrt(s), np.float32) for n, s in sizes.items()}
     seen = {}
 
-    def fake(model, theta, images, retain, forget, batch_size, mesh):
-        seen.update(retain=retain, forget=forget)
+    def fake(model, theta, images, retain, forget, batch_size, mesh, augment_key):
+        seen.update(retain=retain, forget=forget, augment_key=augment_key)
         return g_r, g_f
 
     monkeypatch.setattr(pipeline.masks, "mask_gradients", fake)
@@ -205,6 +205,13 @@ def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_spl
     # k_r = 10 of 100 elements drops d (most retain-important); k = 25 keeps a, then b.
     assert got == {"a": True, "b": True, "c": False, "d": False}
     assert seen["retain"] is digits_split.retain and seen["forget"] is digits_split.forget
+    assert seen["augment_key"] is None  # the images as stored
+    # mask.augment: the training augmentation, drawn from the mask's seed
+    pipeline.compute_mask(None, {"params": g_r}, None, digits_split,
+                          pipeline.MaskConfig(augment=True, seed=7))
+    np.testing.assert_array_equal(seen["augment_key"], jax.random.PRNGKey(7))
+    with pytest.raises(ValueError, match="augment must be True or False, got 'yes'"):
+        pipeline.MaskConfig(augment="yes")
 
 
 def test_random_mask_kind_draws_the_budget_from_its_seed(theta_o, digits_split):

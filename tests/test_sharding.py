@@ -189,6 +189,12 @@ def main() -> None:
     m1 = masks.mask_gradients(model, theta_o, images, retain, forget, 64)
     m8 = masks.mask_gradients(model, theta_o, images, retain, forget, 64, mesh=mesh)
     out["mask_gradients"] = _max_diff(m1, m8)
+    # with the training augmentation (random crops and flips of the 8x8 digits)
+    cropped, key = images.replace(augment="crop_flip"), jax.random.PRNGKey(5)
+    out["mask_gradients_augmented"] = _max_diff(
+        masks.mask_gradients(model, theta_o, cropped, retain, forget, 64, augment_key=key),
+        masks.mask_gradients(model, theta_o, cropped, retain, forget, 64, mesh=mesh,
+                             augment_key=key))
     try:
         evaluation.mean_gradient(model, theta_o, images, retain, 60, mesh=mesh)
         out["gradient_divisibility_error"] = None
@@ -466,7 +472,8 @@ def test_eight_devices_equal_one():
     for name in ("sweep_vmap_chunk3", "sweep_map"):
         assert out[name]["acc_equal"], (name, out[name]["acc"])
         assert out[name]["probs"]["allclose"], (name, out[name]["probs"])
-    for part in ("mean_gradient", "mean_gradient_small", "mask_gradients"):
+    for part in ("mean_gradient", "mean_gradient_small", "mask_gradients",
+                 "mask_gradients_augmented"):
         assert out[part]["allclose"], (part, out[part])
     assert out["mean_gradient"]["replicated"] and out["mean_gradient"]["scale"] > 1e-3
     err = out["gradient_divisibility_error"]
