@@ -17,6 +17,10 @@
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
 #   e2e_warm     e2e again on e2e's filled compilation cache (a later MCU row's cost)
 #   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
+#   e2e_fast     e2e with every speed option: bfloat16, --fused-bn, --fold-bn, --precompile
+#                (whether the 60 s target can be met at all; bfloat16's accuracy is
+#                gpu_accuracy.sh's question)
+#   e2e_fast_warm  e2e_fast again on its filled compilation cache
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
 #   fold         float32 sweep with BatchNorm folded into the convolutions for evaluation
 #                (--fold-bn; compare with f32's sweep) to decide SelectionConfig.fold_bn
@@ -238,6 +242,15 @@ elif wanted e2e_warm; then
 fi
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
+FAST=(--model preresnet110 --dtype bfloat16 --fused-bn --mask paper --skip-step --skip-sweep
+  --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --fold-bn
+  --precompile)
+CACHE=$WORK/cache_e2e_fast bench e2e_fast 300 "${FAST[@]}"
+if [ -f "$WORK/e2e_fast.json" ]; then
+  CACHE=$WORK/cache_e2e_fast bench e2e_fast_warm 200 "${FAST[@]}"
+elif wanted e2e_fast_warm; then
+  log "skip e2e_fast_warm: e2e_fast did not finish in this call, so its cache is not warm"
+fi
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
 bench fold 90 --model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000 \
   --fold-bn

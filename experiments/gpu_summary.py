@@ -152,7 +152,9 @@ def summary(out: Path) -> str:
         verdict = _judged(ok, parts, masked, plain) if masked != "f32_paper" else "(information)"
         lines.append(f"| {target} ({label}) | {text} | {verdict} |")
     for name, label in (("e2e", ""), ("e2e_warm", ", compilation cache warm"),
-                        ("e2e_pre", ", sweep compiled in the background")):
+                        ("e2e_pre", ", sweep compiled in the background"),
+                        ("e2e_fast", ", every speed option"),
+                        ("e2e_fast_warm", ", every speed option, compilation cache warm")):
         e2e = parts.get(name, {}).get("e2e")
         if e2e is None:
             lines.append(f"| end-to-end MCU phase <= {E2E_TARGET_S:g} s{label} | - | "
