@@ -127,6 +127,7 @@ ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "mask.augment": False,  # MaskConfig (augmented mask gradients)
+    "saliency_augment": False,  # MethodConfig (SalUn's augmented saliency)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
     "problem.fused_bn": False,  # ProblemConfig
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)

@@ -71,7 +71,7 @@ def test_fields_lists_what_overrides_can_set(capsys):
     assert code == 0 and "train.epochs" in out.split()
     code, out, _ = _run(capsys, ["mask", "--fields"])
     assert code == 0 and out.split() == ["mask.enabled", "mask.k", "mask.k_r", "mask.batch_size",
-                                         "mask.kind", "mask.seed"]
+                                         "mask.kind", "mask.seed", "mask.augment"]
     with pytest.raises(SystemExit) as info:  # without --fields the folders are required
         cli.main(["mcu", "--out", "x"])
     assert info.value.code == 2

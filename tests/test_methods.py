@@ -655,6 +655,21 @@ def test_salun_mask_comes_from_the_forget_gradient(env, monkeypatch):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
         np.testing.assert_array_equal(np.asarray(used), np.asarray(w))
 
+    # saliency_augment: the gradient of D_f's training augmentation (random crops and flips
+    # here), drawn from the method key's own stream
+    cropped = dataclasses.replace(data, train=data.train.replace(augment="crop_flip"))
+    config = dataclasses.replace(CONFIG, saliency_augment=True)
+    key = jax.random.key(0)
+    out = salun_module.salun(env["model"], env["theta_o"], cropped, config, key)
+    grads = forget_gradient(env["model"], env["theta_o"], cropped.train, data.split.forget,
+                            augment_key=jax.random.fold_in(key, salun_module.SALIENCY_STREAM))
+    want_aug = saliency_mask(grads, 0.5)
+    assert jax.tree.map(np.array_equal, out.info["mask"], want_aug) == jax.tree.map(
+        lambda _: True, want_aug)
+    assert jax.tree.leaves(jax.tree.map(np.array_equal, want_aug, want)).count(False) > 0
+    with pytest.raises(ValueError, match="saliency_augment"):
+        MethodConfig(saliency_augment=1)
+
 
 def test_rl_per_step_relabelling_draws_wrong_labels_among_all_classes():
     """RL's loss (relabel="epoch") replaces each D_f row's label by the step key's random

@@ -810,6 +810,11 @@ def test_an_added_field_is_matched_by_its_path_not_its_name_alone(tmp_path):
         run.open({"experiment": {"mask": {"k": 0.5}, "problem": {"name": "digits", "seed": 0}}})
     with pytest.raises(runs.RequestMismatch, match=r"experiment\.mask\.seed is '<missing>'"):
         run.open({"experiment": {"mask": {"k": 0.5, "seed": 3}, "problem": {"name": "digits"}}})
+    # SalUn's saliency_augment in a method folder's record, likewise
+    assert runs.first_difference({"config": {"fraction": 0.5}},
+                                 {"config": {"fraction": 0.5, "saliency_augment": False}}) is None
+    assert runs.first_difference({"config": {"fraction": 0.5}},
+                                 {"config": {"fraction": 0.5, "saliency_augment": True}})
     # mask.augment (added later): False is the old behaviour, True another request
     run.open({"experiment": {"mask": {"k": 0.5, "augment": False},
                              "problem": {"name": "digits"}}})

@@ -89,7 +89,9 @@ class MethodConfig:
       the default), "arithmetic" (the same task arithmetic on the running statistics,
       variances clipped at 0) or "original" (theta_o's statistics);
     - ``grad_batch_size``: batch size of SalUn's evaluation-mode gradient pass over D_f (a
-      speed/memory knob only: the summed gradient is exact for any batch size).
+      speed/memory knob only: the summed gradient is exact for any batch size);
+    - ``saliency_augment``: SalUn's saliency from the training-augmented images of D_f, as
+      the release reads its training loader (False: the images as stored).
     """
 
     epochs: int = 10
@@ -104,6 +106,7 @@ class MethodConfig:
     ft_epochs: int | None = None
     relabel: str = "epoch"
     bn: str = "recompute"
+    saliency_augment: bool = False
     grad_batch_size: int = 256
     steps_per_call: int = 50
     progress: bool = True
@@ -147,6 +150,8 @@ class MethodConfig:
             bad("relabel", f"one of {RELABEL}")
         if self.bn not in BN_MODES:
             bad("bn", f"one of {BN_MODES}")
+        if not isinstance(self.saliency_augment, bool):
+            bad("saliency_augment", "True or False")
         # Plain Python numbers, so configs compare equal and serialise to JSON.
         for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
             object.__setattr__(self, name, int(getattr(self, name)))

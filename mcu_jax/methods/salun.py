@@ -3,6 +3,8 @@
 1. Saliency at theta_o: the gradient of the forget loss -CE, averaged over *all* of D_f with
    evaluation-mode BatchNorm (samples independent, so the batched sum is exact); data
    parallel under ``MethodData.mesh`` (``grad_batch_size`` divisible by its device count).
+   The images are taken as stored, or with their training augmentation when
+   ``saliency_augment`` is set (the release's loader; drawn from the method key).
 2. Mask: the top ``fraction`` (default 0.5) of *all* parameter elements by |gradient|, as one
    boolean array per tensor. Exactly ``floor(fraction * N)`` elements are selected; ties at
    the threshold go to the elements first in flattening order.
@@ -32,14 +34,16 @@ from mcu_jax.methods.rl import train_random_labels
 
 
 def forget_gradient(model, variables: dict, images: Images, forget, batch_size: int = 256,
-                    mesh=None):
+                    mesh=None, augment_key: jax.Array | None = None):
     """Gradient of the forget loss -mean CE over ``images[forget]`` at ``variables``
     (evaluation-mode BatchNorm), shaped like the params, float32.
 
     It is ``-evaluation.mean_gradient`` (exact for any batch size), data parallel over
-    ``mesh`` when given (``batch_size`` divisible by its device count).
+    ``mesh`` when given (``batch_size`` divisible by its device count), of the images'
+    training augmentation when ``augment_key`` is given.
     """
-    mean_ce = evaluation.mean_gradient(model, variables, images, forget, batch_size, mesh)
+    mean_ce = evaluation.mean_gradient(model, variables, images, forget, batch_size, mesh,
+                                       augment_key)
     return jax.tree.map(lambda g: -g.astype(jnp.float32), mean_ce)
 
 
@@ -79,14 +83,20 @@ def mask_fraction(mask) -> float:
     return float(sum(int(m.sum()) for m in leaves) / total) if total else 0.0
 
 
+SALIENCY_STREAM = 0x5A1
+"""``fold_in`` data of the saliency pass's augmentation key (``saliency_augment``)."""
+
+
 @register("salun")
 def salun(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax.Array,
           *, checkpoint_dir=None) -> MethodResult:
     """RL in which only the ``config.fraction`` most salient weights may change."""
     start = time.perf_counter()
     forget = indices(data.split, "forget", "salun")
+    # The augmentation's own stream (fold_in), so the training's randomness is unchanged.
+    augment_key = jax.random.fold_in(key, SALIENCY_STREAM) if config.saliency_augment else None
     grads = forget_gradient(model, theta_o, data.train, forget, config.grad_batch_size,
-                            data.mesh)
+                            data.mesh, augment_key)
     mask = saliency_mask(grads, config.fraction)  # shaped like the params by construction
     device_mask = jax.tree.map(jnp.asarray, mask)
     variables, history = train_random_labels(
