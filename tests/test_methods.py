@@ -669,6 +669,9 @@ def test_salun_mask_comes_from_the_forget_gradient(env, monkeypatch):
     assert jax.tree.leaves(jax.tree.map(np.array_equal, want_aug, want)).count(False) > 0
     with pytest.raises(ValueError, match="saliency_augment"):
         MethodConfig(saliency_augment=1)
+    # the saliency pass's batch size is a speed setting, unless it decides the augmentation
+    assert "grad_batch_size" not in CONFIG.result_fields()
+    assert config.result_fields()["grad_batch_size"] == 256
 
 
 def test_rl_per_step_relabelling_draws_wrong_labels_among_all_classes():

@@ -89,7 +89,8 @@ class MethodConfig:
       the default), "arithmetic" (the same task arithmetic on the running statistics,
       variances clipped at 0) or "original" (theta_o's statistics);
     - ``grad_batch_size``: batch size of SalUn's evaluation-mode gradient pass over D_f (a
-      speed/memory knob only: the summed gradient is exact for any batch size);
+      speed/memory knob only: the summed gradient is exact for any batch size, unless
+      ``saliency_augment`` draws each batch's augmentation);
     - ``saliency_augment``: SalUn's saliency from the training-augmented images of D_f, as
       the release reads its training loader (False: the images as stored).
     """
@@ -177,10 +178,14 @@ class MethodConfig:
         )
 
     def result_fields(self) -> dict:
-        """The fields that determine the result (everything but progress/steps_per_call)."""
+        """The fields that determine the result: all but the speed settings (progress,
+        steps_per_call, checkpoint_every and grad_batch_size; the last one stays when
+        ``saliency_augment`` is set, because it decides which batch, hence which random
+        crop, each image of the saliency pass gets)."""
         out = dataclasses.asdict(self)
         for name in ("progress", "steps_per_call", "grad_batch_size", "checkpoint_every"):
-            out.pop(name)
+            if name != "grad_batch_size" or not self.saliency_augment:
+                out.pop(name)
         return out
 
 

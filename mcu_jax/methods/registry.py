@@ -126,9 +126,9 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
 
     Without ``out_dir`` this is :func:`run`. A saved model (or an unfinished run, recorded
     in ``out_dir/method.json``) whose method, config (up to ``progress``, ``steps_per_call``
-    and ``grad_batch_size``), key, split, model or theta_o (a digest of its variables) differ
-    raises ValueError rather than being reused or resumed. The minutes of a resumed run
-    include its earlier sessions (``loop.earlier_seconds``).
+    and, unless ``saliency_augment``, ``grad_batch_size``), key, split, model or theta_o (a
+    digest of its variables) differ raises ValueError rather than being reused or resumed.
+    The minutes of a resumed run include its earlier sessions (``loop.earlier_seconds``).
     """
     get(name)
     check_variables(model, theta_o, data.input_shape, "theta_o")
