@@ -12,6 +12,9 @@
 # half of it compilation), so DTYPES="float32" and DTYPES="bfloat16" in two calls fit better
 # than both in one; results_<dtype>.json in $OUT from both calls are then compared here with
 #   python experiments/compare_runs.py results_float32.json results_bfloat16.json --tolerance 0.5
+# The float32 call also evaluates its own models in bfloat16 (dtype_eval.md/.json: the
+# dtype's effect without retraining, whose rounding noise alone moved a CPU-scale CIFAR-10
+# run by several points; docs/benchmarks.md).
 # Knobs: CONFIG (default cifar10_resnet20_random), DTYPES (default "float32 bfloat16"),
 # OVERRIDES (extra field=value words, e.g. "original.epochs=15 retrain.epochs=15"),
 # BUDGET_S (default 545: timeout_s 600 minus a margin for the SIGTERM stop). Dry run on CPU:
@@ -63,6 +66,17 @@ for dtype in $DTYPES; do
   if [ -f "$WORK/$dtype/$CONFIG/results.json" ]; then
     cp "$WORK/$dtype/$CONFIG/results.json" "$OUT/results_$dtype.json"
     cp "$WORK/$dtype/$CONFIG/results.md" "$OUT/results_$dtype.md"
+  fi
+  # The float32 run's own models evaluated in bfloat16 too: the dtype's effect without the
+  # noise of retraining (experiments/dtype_eval.py; minutes on a CPU, seconds on a GPU).
+  if [ "$dtype" = float32 ] && [ -d "$WORK/float32/$CONFIG/seed_0/theta_o" ]; then
+    left=$((BUDGET_S - SECONDS))
+    if ((left >= 30)); then
+      log "run dtype_eval: the float32 models evaluated in bfloat16"
+      timeout -k 5 "$left" $PY experiments/dtype_eval.py "$WORK/float32/$CONFIG/seed_0" \
+        --json "$OUT/dtype_eval.json" >"$OUT/dtype_eval.md" 2>>"$LOG"
+      log "done dtype_eval (exit $?)"
+    fi
   fi
 done
 if [ -f "$OUT/results_float32.json" ] && [ -f "$OUT/results_bfloat16.json" ]; then

@@ -269,3 +269,38 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
     assert " of the unmasked fused step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     capsys.readouterr()
+
+
+def test_dtype_eval_evaluates_every_model_of_a_seed_folder(tmp_path, theta_o, theta_p, capsys):
+    """experiments/dtype_eval.py: theta_o, the method folders beside it and each MCU run's
+    model, each evaluated as experiment.evaluate_model does, in float32 and in the dtype."""
+    import dataclasses
+
+    import numpy as np
+
+    from mcu_jax import checkpoint, experiment, problem
+
+    dtype_eval = _load("dtype_eval")
+    seed_dir = tmp_path / "seed_0"
+    with pytest.raises(SystemExit, match="no finished theta_o"):
+        dtype_eval.main([str(seed_dir)])
+    config = problem.ProblemConfig()  # digits, cnn_small, seed 0: the fixtures' problem
+    checkpoint.save_model(seed_dir / "theta_o", theta_o,
+                          {"problem": dataclasses.asdict(config)})
+    checkpoint.save_model(seed_dir / "neggrad", theta_p, {})
+    checkpoint.save_model(seed_dir / "mcu_run" / "model", theta_p, {})
+    (seed_dir / "not_a_model").mkdir()
+    assert [n for n, _ in dtype_eval.model_folders(seed_dir)] == ["theta_o", "mcu_run",
+                                                                 "neggrad"]
+    assert dtype_eval.main([str(seed_dir), "--dtype", "float32"]) == 0.0
+    out = tmp_path / "out.json"
+    worst = dtype_eval.main([str(seed_dir), "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| theta_o | " in text and "| neggrad | " in text and "largest difference" in text
+    results = json.loads(out.read_text())
+    want = experiment.evaluate_model(problem.build(config), theta_o, mia=True, seed=0)
+    for metric in ("UA", "RA", "TA", "MIA"):
+        np.testing.assert_allclose(results["theta_o"]["float32"][metric], want[metric])
+    diffs = [abs(r["float32"][m] - r["bfloat16"][m]) for r in results.values()
+             for m in ("UA", "RA", "TA", "MIA")]
+    assert worst == pytest.approx(max(diffs)) and worst < 10.0
