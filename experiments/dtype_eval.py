@@ -12,7 +12,7 @@ moved its retrained results by up to 7 points of MIA: docs/benchmarks.md). The m
 the seed folder's theta_o, every method folder beside it (RT, NegGrad+, ...) and every MCU
 run's ``model`` (theta(t*)); the problem (data set, split, model) is theta_o's, read from its
 metadata, with its data folder replaced by ``--data-dir`` when given. Prints a Markdown table
-and the largest difference against ``--tolerance``.
+and the largest difference against ``--tolerance``; exits with 1 when it is over.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from mcu_jax import checkpoint, experiment, problem
+from mcu_jax.models import create
 
 METRICS = ("UA", "UA_test", "RA", "TA", "MIA")
 
@@ -33,7 +34,8 @@ def model_folders(seed_dir: Path) -> list[tuple[str, Path]]:
     finished models beside it and each MCU run's theta(t*) (``NAME/model``), by name."""
     if not checkpoint.model_exists(seed_dir / "theta_o"):
         raise SystemExit(f"{seed_dir} has no finished theta_o: not a seed folder of "
-                         "experiments/run.py (RUN/CONFIG/seed_N)?")
+                         "experiments/run.py (RUN/CONFIG/seed_N)? A run made with "
+                         "models_from keeps theta_o in that folder.")
     found = [("theta_o", seed_dir / "theta_o")]
     for d in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name != "theta_o"):
         if checkpoint.model_exists(d / "model"):
@@ -52,8 +54,10 @@ def evaluate(seed_dir: Path, dtype: str, data_dir: str | None = None) -> dict[st
     config = problem.ProblemConfig(**meta["problem"])
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
-    problems = {d: problem.build(dataclasses.replace(config, dtype=d))
-                for d in dict.fromkeys(("float32", dtype))}
+    prob = problem.build(dataclasses.replace(config, dtype="float32"))
+    problems = {d: dataclasses.replace(prob, model=create(
+        config.model, prob.dataset.num_classes, dtype=d, fused_bn=config.fused_bn))
+        for d in dict.fromkeys(("float32", dtype))}
     out = {}
     for name, folder in folders:
         variables, _ = checkpoint.load_model(folder)
@@ -82,7 +86,8 @@ def table(results: dict[str, dict], dtype: str) -> tuple[str, float]:
     return "\n".join(lines), worst
 
 
-def main(argv=None) -> float:
+def main(argv=None) -> int:
+    """Prints the comparison; 0 when the largest difference is within the tolerance."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("seed_dir", type=Path, help="RUN/CONFIG/seed_N of experiments/run.py")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
@@ -98,8 +103,8 @@ def main(argv=None) -> float:
           f"{args.tolerance:g} points")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
-    return worst
+    return 0 if worst <= args.tolerance else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    sys.exit(main())

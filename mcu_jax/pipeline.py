@@ -92,7 +92,9 @@ class MaskConfig:
     k_r: float = 0.1
     batch_size: int = 256
     kind: str = "parameter"
-    seed: int = 0  # of the random mask, and of the augmentation with ``augment``
+    # Of the random mask, and of the augmentation with ``augment`` (a constant like the
+    # BatchNorm pass's: the same crops for every experiment seed unless it is changed).
+    seed: int = 0
     # Gradients of the images with their training augmentation (random crop and flip on
     # CIFAR), as the release's mask reads its training loaders; False: the images as stored
     # (docs/design.md: the two masks of a CIFAR-10 ResNet-20 differ).
@@ -104,7 +106,10 @@ class MaskConfig:
         checks.integer("batch_size", self.batch_size, 1)
         checks.choice("kind", self.kind, MASK_KINDS)
         checks.integer("seed", self.seed, 0)
-        checks.flag("augment", self.augment)
+        if checks.flag("augment", self.augment) and (self.kind != "parameter"
+                                                       or not self.enabled):
+            raise ValueError(f"augment=True needs the gradient mask (kind='parameter', "
+                             f"enabled=True), got kind={self.kind!r}, enabled={self.enabled!r}")
 
 
 @dataclasses.dataclass

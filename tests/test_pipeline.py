@@ -212,6 +212,9 @@ def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_spl
     np.testing.assert_array_equal(seen["augment_key"], jax.random.PRNGKey(7))
     with pytest.raises(ValueError, match="augment must be True or False, got 'yes'"):
         pipeline.MaskConfig(augment="yes")
+    for other in (dict(kind="random"), dict(enabled=False)):  # no gradients to augment
+        with pytest.raises(ValueError, match="augment=True needs the gradient mask"):
+            pipeline.MaskConfig(augment=True, **other)
 
 
 def test_random_mask_kind_draws_the_budget_from_its_seed(theta_o, digits_split):

@@ -8,8 +8,9 @@ from mcu_jax.train import TrainConfig
 
 def tinyimagenet(scenario: str) -> ExperimentConfig:
     """Paper appendix C: theta_o/RT 100 epochs at lr 0.1; FT, RL, SalUn 10 epochs at lr
-    0.01; GA and NegGrad+ 5 epochs; NegTV fine-tunes 10 epochs at lr 0.01, alpha 0.1; MCU 5
-    epochs at lr 0.01 (the sentence resumes after Table 2)."""
+    0.01; GA and NegGrad+ 5 epochs (lr 0.01 assumed: the paper gives none); NegTV fine-tunes
+    10 epochs at lr 0.01, alpha 0.1; MCU 5 epochs at lr 0.01 (the sentence resumes after
+    Table 2)."""
     return build(
         f"tinyimagenet_vgg16bn_{scenario}", "tiny_imagenet", "vgg16_bn", scenario,
         "tinyimagenet", TrainConfig(epochs=100, lr=0.1, schedule="cosine"),

@@ -213,8 +213,8 @@ _PROTOCOLS = {
 }
 _PROTOCOLS["cifar100"] = _PROTOCOLS["cifar10"]
 # Tiny-ImageNet: theta_o / RT 100 epochs at lr 0.1; FT, RL, SalUn 10 epochs at lr 0.01; GA
-# and NegGrad+ 5 epochs, NegTV's fine-tuning 10 at lr 0.01 (appendix C, whose sentence resumes
-# after Table 2): CIFAR-10's numbers.
+# and NegGrad+ 5 epochs (the paper gives no rate: 0.01 assumed), NegTV's fine-tuning 10 at lr
+# 0.01 (appendix C, whose sentence resumes after Table 2): CIFAR-10's numbers.
 _PROTOCOLS["tinyimagenet"] = {**_PROTOCOLS["cifar10"],
                               "rt": dict(epochs=100, lr=0.1, schedule="cosine")}
 _NEGTV_ALPHA = {
