@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mcu_jax import runs
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.protocols import check_setting, setting_of
@@ -182,11 +183,8 @@ class MethodConfig:
         steps_per_call, checkpoint_every and grad_batch_size; the last one stays when
         ``saliency_augment`` is set, because it decides which batch, hence which random
         crop, each image of the saliency pass gets)."""
-        out = dataclasses.asdict(self)
-        for name in ("progress", "steps_per_call", "grad_batch_size", "checkpoint_every"):
-            if name != "grad_batch_size" or not self.saliency_augment:
-                out.pop(name)
-        return out
+        speed = runs.SPEED_FIELDS + (() if self.saliency_augment else ("grad_batch_size",))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in speed}
 
 
 # The paper's protocols (appendix C; NOTES.md, "Baselines"): SGD momentum 0.9, batch 128.

@@ -19,6 +19,7 @@ any of them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,14 +43,14 @@ class PreActBottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        dt, m, fused = self.dtype, self.bn_momentum, self.fused
-        out = batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn1")(x)
-        out = conv_bn(conv(self.planes, 1, dtype=dt, name="conv1"),
-                      batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn2"), out,
+        dt = self.dtype
+        bn_relu = functools.partial(batch_norm, train, self.bn_momentum, dtype=dt, relu=True,
+                                    fused=self.fused)
+        out = bn_relu(name="bn1")(x)
+        out = conv_bn(conv(self.planes, 1, dtype=dt, name="conv1"), bn_relu(name="bn2"), out,
                       self.fold)
         out = conv_bn(conv(self.planes, 3, self.stride, dtype=dt, name="conv2"),
-                      batch_norm(train, m, dtype=dt, relu=True, fused=fused, name="bn3"), out,
-                      self.fold)
+                      bn_relu(name="bn3"), out, self.fold)
         out = conv(self.planes * EXPANSION, 1, dtype=dt, name="conv3")(out)
         if self.project:
             x = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt, name="shortcut")(x)
@@ -66,10 +67,7 @@ class PreResNet(nn.Module):
     # Evaluation mode only: the BatchNorms that directly follow a convolution (two of three
     # per block) are folded into it (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
-    # Train mode: BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes
-    # (batchnorm.py); off until measured on a GPU. Off: autodiff of the composed ops
-    # (as nn.BatchNorm). The same function either way.
-    fused_bn: bool = False
+    fused_bn: bool = False  # train mode: BN + ReLU with a hand-written backward (batchnorm.py)
 
     @nn.compact
     def __call__(self, x, train: bool):

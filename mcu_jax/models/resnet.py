@@ -65,10 +65,7 @@ class CifarResNet(nn.Module):
     # Evaluation mode only: every BatchNorm is folded into the convolution before it
     # (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
-    # Train mode: BatchNorm (+ ReLU) with a hand-written backward pass that moves fewer bytes
-    # (batchnorm.py); off until measured on a GPU. Off: autodiff of the composed ops
-    # (as nn.BatchNorm). The same function either way.
-    fused_bn: bool = False
+    fused_bn: bool = False  # train mode: BN (+ ReLU) with a hand-written backward (batchnorm.py)
 
     @nn.compact
     def __call__(self, x, train: bool):
