@@ -36,8 +36,16 @@ print(json.dumps({"used": str(used), "hits": len(hits), "out": out,
 """
 
 
+def _clean_env(**extra: str) -> dict:
+    """This process's environment without conftest's test-run cache (JAX reads it from
+    JAX_COMPILATION_CACHE_DIR at import), so a subprocess starts with JAX's defaults."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
+
+
 def _run(directory) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = _clean_env()
     proc = subprocess.run([sys.executable, "-c", SNIPPET, str(directory)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -79,8 +87,7 @@ def test_no_option_means_the_default_folder(tmp_path):
     """No --compile-cache: the entry points use default_dir() (here from the environment)."""
     code = ("import jax; from mcu_jax import compile_cache; "
             "print(compile_cache.enable_from_args(None), jax.config.jax_compilation_cache_dir)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           compile_cache.ENV: str(tmp_path / "c")}
+    env = _clean_env(**{compile_cache.ENV: str(tmp_path / "c")})
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
