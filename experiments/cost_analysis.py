@@ -5,6 +5,7 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
+                                           [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
 Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
 runs, batch ``--batch-size``), (2) a train-mode forward pass (BatchNorm with batch statistics,
@@ -22,12 +23,27 @@ backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). Prints a Markdown table.
+
+Every row also counts the program's kernels: the instructions of its compiled entry
+computation that launch work (fusions, library calls, copies), and how many of them touch
+under 1 MB each. On a GPU each costs a launch and a few microseconds however little it does.
+
+``--gpu-target FILE`` compiles for a GPU described by an XLA target config (the H100's is
+``experiments/gpu_targets/h100.pbtxt``) without one: a deviceless compilation on this
+machine, through ``jax.experimental.topologies``, which needs JAX's CUDA plugin installed
+(``pip install -e ".[cuda13]"``) but no GPU or driver. The GPU compiler makes the fusion
+decisions, so the kernel counts and bytes are the card's. Such a program has no
+``cost_analysis()``: its bytes are the operand and output bytes of each kernel read off the
+compiled HLO, and its FLOPs are not given.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +59,91 @@ from mcu_jax.models import create, folded, init_variables
 SHAPES = {"cnn_small": (8, 8, 1), "vgg16_bn": (64, 64, 3), "vit_b16": (224, 224, 3)}
 
 
-def _cost(compiled) -> tuple[float, float]:
+TINY_BYTES = 1_000_000  # a kernel touching fewer bytes than this is launch-bound on a GPU
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of every array shape (``f32[128,3,3,16]``) in an HLO type string."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+        if dtype in _ITEM_BYTES:
+            total += _ITEM_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hlo_kernels(hlo: str) -> list[tuple[str, int]]:
+    """``(opcode, operand + output bytes)`` of each instruction of a compiled HLO module's
+    entry computation that launches work (not parameters, constants, tuples, bitcasts);
+    fusions and custom calls are named with their kind or target."""
+    entry = hlo[hlo.index("\nENTRY "):] if "\nENTRY " in hlo else hlo[hlo.index("ENTRY "):]
+    sizes: dict[str, int] = {}
+    kernels = []
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)", line)
+        if not m:
+            continue
+        name, out_type, op, rest = m.groups()
+        sizes[name] = _shape_bytes(out_type)
+        if op in _NO_KERNEL:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        kind = re.search(r'custom_call_target="([^"]+)"|kind=(\w+)', rest)
+        label = f"{op}:{kind.group(1) or kind.group(2)}" if kind else op
+        kernels.append((label, sizes[name] + sum(sizes.get(o, 0) for o in operands)))
+    return kernels
+
+
+def _cost(compiled) -> dict:
+    """FLOPs and bytes (XLA's cost analysis; without one, as for a deviceless GPU
+    compilation, no FLOPs and the kernels' bytes from the HLO) and the kernel counts."""
+    kernels = hlo_kernels(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    if cost:
+        flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    else:
+        flops, nbytes = math.nan, float(sum(b for _, b in kernels))
+    return {"flops": flops, "bytes": nbytes, "kernels": len(kernels),
+            "tiny": sum(b < TINY_BYTES for _, b in kernels)}
 
 
 def _share(row: dict, plain: dict, plain_name: str) -> str:
-    """``row``'s FLOPs and bytes as shares of ``plain``'s (the same program without the
+    """``row``'s FLOPs, bytes and kernels against ``plain``'s (the same program without the
     row's change, called ``plain_name``)."""
-    return (f"{row['flops'] / plain['flops']:.2f} of {plain_name} FLOPs, "
-            f"{row['bytes'] / plain['bytes']:.2f} of its bytes")
+    parts = ([] if math.isnan(row["flops"])
+             else [f"{row['flops'] / plain['flops']:.2f} of {plain_name} FLOPs"])
+    parts.append(f"{row['bytes'] / plain['bytes']:.2f} of {'its' if parts else plain_name} "
+                 "bytes")
+    parts.append(f"{row['kernels'] - plain['kernels']:+d} kernels")
+    return ", ".join(parts)
+
+
+def target_device(config_file: str):
+    """A deviceless GPU described by an XLA target config (``GpuTargetConfigProto`` text),
+    for compiling without the card; needs JAX's CUDA plugin, not a GPU."""
+    from jax.experimental import topologies
+
+    text = Path(config_file).read_text()
+    try:
+        topology = topologies.get_topology_desc("target", "cuda", target_config=text,
+                                                topology="1x1x1")
+    except Exception as err:  # noqa: BLE001 - the plugin's errors have no common type
+        raise SystemExit(f"cannot compile for {config_file} without a GPU: {err} (this "
+                         "needs JAX's CUDA plugin: pip install -e '.[cuda13]')") from err
+    return topology.devices[0]
+
+
+def _compile(fn, *args, device=None):
+    """``jax.jit(fn)`` compiled for ``args``: for their device, or for ``device`` (e.g.
+    :func:`target_device`) from their shapes alone."""
+    if device is not None:
+        place = jax.sharding.SingleDeviceSharding(device)
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
+                                                           sharding=place), args)
+    return jax.jit(fn).lower(*args).compile()
 
 
 def _conv_calls(compiled) -> str:
@@ -67,10 +157,17 @@ def _conv_calls(compiled) -> str:
     return f"cuDNN convolutions: {fused} fused, {plain} plain"
 
 
+def _per_image(cost: dict, batch: int) -> dict:
+    """A forward pass's cost per image (kernel counts stay per batch)."""
+    return {**cost, "flops": cost["flops"] / batch, "bytes": cost["bytes"] / batch,
+            "per": f"image ({batch} a batch)"}
+
+
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
-            mask_file: str | None = None) -> list[dict]:
-    """Rows {"program", "flops", "bytes", "per"} (and "note" for the evaluation passes) of
-    the four programs, then the masked step's when ``mask_file`` is given."""
+            mask_file: str | None = None, device=None) -> list[dict]:
+    """Rows {"program", "flops", "bytes", "kernels", "tiny", "per"} (and "note" for the
+    evaluation passes) of the four programs, then the masked step's when ``mask_file`` is
+    given; compiled for ``device`` (:func:`target_device`) when given."""
     h, w, c = SHAPES.get(model_name, (32, 32, 3))
     model = create(model_name, 10, dtype=dtype)
     theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
@@ -91,26 +188,23 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
                                            is_forget, (100.0, 90.0), config)
         step = mcu.make_curve_step(model, tx, config, theta_o["params"])
-        flops, nbytes = _cost(jax.jit(step).lower(state, consts, idx, jax.random.PRNGKey(0))
-                              .compile())
-        return {"program": f"curve step (batch {batch_size}{name})", "flops": flops,
-                "bytes": nbytes, "per": "step"}
+        compiled = _compile(step, state, consts, idx, jax.random.PRNGKey(0), device=device)
+        return {"program": f"curve step (batch {batch_size}{name})", **_cost(compiled),
+                "per": "step"}
 
     every = jax.tree.map(lambda _: True, theta_o["params"])
     rows = [step_row(every, "")]
     xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
-    train_fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    flops, nbytes = _cost(train_fwd.lower(theta_o, xb).compile())
+    compiled = _compile(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                        theta_o, xb, device=device)
     rows.append({"program": f"train-mode forward (batch {batch_size})",
-                 "flops": flops / batch_size, "bytes": nbytes / batch_size, "per": "image"})
+                 **_per_image(_cost(compiled), batch_size)})
     xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
     for name, m in (("", model), (", BN folded", folded(model))):
-        eval_fwd = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
-        compiled = eval_fwd.lower(theta_o, xe).compile()
-        flops, nbytes = _cost(compiled)
+        compiled = _compile(lambda v, x, m=m: m.apply(v, x, train=False), theta_o, xe,
+                            device=device)
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
-                     "flops": flops / eval_batch, "bytes": nbytes / eval_batch,
-                     "per": "image", "note": _conv_calls(compiled)})
+                     **_per_image(_cost(compiled), eval_batch), "note": _conv_calls(compiled)})
     fused = fused_model = None
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
         # passes are the same program either way)
@@ -147,13 +241,15 @@ def _time(seconds: float) -> str:
 
 
 def table(rows: list[dict], flops_per_s: float, bytes_per_s: float) -> str:
-    lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time | "
+             "kernels (under 1 MB) | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        flops = ("-", "-") if math.isnan(r["flops"]) else (
+            f"{r['flops']:.3g}", _time(r["flops"] / flops_per_s))
+        kernels = f"{r['kernels']} ({r['tiny']})" if "kernels" in r else "-"
         lines.append(
-            f"| {r['program']} | {r['per']} | {r['flops']:.3g} | {r['bytes']:.3g} | "
-            f"{_time(r['flops'] / flops_per_s)} | {_time(r['bytes'] / bytes_per_s)} | "
-            f"{r.get('note', '')} |"
+            f"| {r['program']} | {r['per']} | {flops[0]} | {r['bytes']:.3g} | {flops[1]} | "
+            f"{_time(r['bytes'] / bytes_per_s)} | {kernels} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
@@ -170,14 +266,20 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
+    p.add_argument("--gpu-target", metavar="FILE", default=None,
+                   help="compile for the GPU this XLA target config describes, without one "
+                   "(experiments/gpu_targets/h100.pbtxt; needs JAX's CUDA plugin)")
     args = p.parse_args(argv)
     for name in ("batch_size", "eval_batch", "num_t", "sweep_images", "flops_per_s",
                  "bytes_per_s"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask)
+    device = target_device(args.gpu_target) if args.gpu_target else None
+    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask, device)
     rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))  # after the 4 programs
-    text = (f"# XLA cost analysis: {args.model} {args.dtype} on {jax.devices()[0].device_kind} "
+    where = (f"{device.device_kind}, compiled without it from {args.gpu_target}" if device
+             else jax.devices()[0].device_kind)
+    text = (f"# XLA cost analysis: {args.model} {args.dtype} on {where} "
             f"(jax {jax.__version__})\n\n"
             + table(rows, args.flops_per_s, args.bytes_per_s))
     print(text)

@@ -223,17 +223,68 @@ def test_cost_analysis_counts_the_programs(capsys):
         "sweep (2 t x (10 BN + 10 eval images))", "curve step (batch 16, fused BatchNorm)"]
     assert "no cuDNN convolutions (not a GPU)" in text
     # The fused step's share of the unfused step's bytes: fewer.
-    step_note = rows[5].split("|")[7].strip()
-    assert " of the unfused step's FLOPs, " in step_note
+    step_note = rows[5].split("|")[8].strip()
+    assert " of the unfused step's FLOPs, " in step_note and step_note.endswith(" kernels")
     assert float(step_note.split(", ")[1].split(" of its")[0]) < 1.0
     step = cost.analyse("cnn_small", 16, "float32", 32)
     assert all(r["flops"] > 0 and r["bytes"] > 0 for r in step)
+    # Kernel counts: the step launches more kernels than a forward pass.
+    assert step[0]["kernels"] > step[1]["kernels"] > 0 and 0 <= step[0]["tiny"] <= step[0][
+        "kernels"]
+    assert rows[0].split("|")[7].strip() == f"{step[0]['kernels']} ({step[0]['tiny']})"
     assert step[3]["flops"] == pytest.approx(step[2]["flops"], rel=0.05)  # the same work
     # A backward pass costs more than the forward passes of the same batch.
     assert step[0]["flops"] > 16 * step[1]["flops"]
     sweep = cost.sweep_row(step, 2, 10)
     assert sweep["flops"] == pytest.approx(20 * (step[1]["flops"] + step[2]["flops"]))
     assert "cnn_small float32" in capsys.readouterr().out
+
+
+# The entry computation of a GPU program as XLA prints it (shortened): a cuDNN convolution,
+# a fusion that reads it, and instructions that launch nothing.
+GPU_HLO = """HloModule jit_f, is_scheduled=true
+
+%fused_relu (param_0: f32[128,32,32,16]) -> f32[128,32,32,16] {
+  ROOT %m = f32[128,32,32,16]{3,2,1,0} maximum(%param_0, %param_0)
+}
+
+ENTRY %main.2 (x.1: f32[128,32,32,16], w.1: f32[3,3,16,16]) -> (f32[128,32,32,16], f32[10]) {
+  %x.1 = f32[128,32,32,16]{3,2,1,0} parameter(0), sharding={replicated}
+  %w.1 = f32[3,3,16,16]{3,2,1,0} parameter(1)
+  %b = f32[10]{0} bitcast(%w.1)
+  %c = (f32[128,32,32,16], u8[0]) custom-call(%x.1, %w.1), custom_call_target="__cudnn$convForward"
+  %gte = f32[128,32,32,16]{3,2,1,0} get-tuple-element(%c), index=0
+  %relu = f32[128,32,32,16]{3,2,1,0} fusion(%gte), kind=kLoop, calls=%fused_relu
+  %small = f32[10]{0} fusion(%b), kind=kLoop, calls=%fused_relu
+  ROOT %tuple = (f32[128,32,32,16]{3,2,1,0}, f32[10]{0}) tuple(%relu, %small)
+}
+"""
+
+
+def test_hlo_kernels_counts_what_launches_and_its_bytes():
+    cost = _load("cost_analysis")
+    act, w = 128 * 32 * 32 * 16 * 4, 3 * 3 * 16 * 16 * 4
+    assert cost.hlo_kernels(GPU_HLO) == [
+        ("custom-call:__cudnn$convForward", act + act + w),  # output (and u8[0]), operands
+        ("fusion:kLoop", 2 * act),
+        ("fusion:kLoop", 40 + 40),
+    ]
+    assert cost._shape_bytes("(bf16[2,3]{1,0}, pred[4], u8[0]{0})") == 12 + 4
+
+
+def test_cost_analysis_compiles_for_a_gpu_it_does_not_have():
+    """--gpu-target: a deviceless compilation for the H100 target config (only where JAX's
+    CUDA plugin is installed; the GPU compiler's kernels and bytes, no FLOPs)."""
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="JAX's CUDA 13 plugin is not "
+                        "installed (pip install -e '.[cuda13]'); no GPU is needed")
+    cost = _load("cost_analysis")
+    text = cost.main(["--model", "cnn_small", "--batch-size", "16", "--eval-batch", "32",
+                      "--num-t", "2", "--sweep-images", "10", "--gpu-target",
+                      str(ROOT / "experiments" / "gpu_targets" / "h100.pbtxt")])
+    assert "on NVIDIA H100 80GB HBM3, compiled without it from " in text
+    step = [ln for ln in text.splitlines() if ln.startswith("| curve step (batch 16) |")][0]
+    cells = [c.strip() for c in step.split("|")]
+    assert cells[3] == "-" and float(cells[4]) > 0 and int(cells[7].split()[0]) > 0
 
 
 def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
@@ -260,12 +311,12 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
     assert names[6] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
                         f"{share:.1f}% of elements trained)")
     # The note gives the masked step's share of the unmasked step's FLOPs (no second compile).
-    note = rows[6].split("|")[7].strip()
-    assert note.endswith(" of its bytes") and " of the unmasked step's FLOPs, " in note
+    note = rows[6].split("|")[8].strip()
+    assert " of its bytes, " in note and " of the unmasked step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     # The same mask with the fused BatchNorm, against the unmasked fused step.
     assert names[7] == names[6][:-1] + ", fused BatchNorm)"
-    note = rows[7].split("|")[7].strip()
+    note = rows[7].split("|")[8].strip()
     assert " of the unmasked fused step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     capsys.readouterr()
