@@ -62,7 +62,9 @@ SHAPES = {"cnn_small": (8, 8, 1), "vgg16_bn": (64, 64, 3), "vit_b16": (224, 224,
 TINY_BYTES = 1_000_000  # a kernel touching fewer bytes than this is launch-bound on a GPU
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+              "opt-barrier", "add-dependency", "partition-id", "replica-id"}
+_INSTRUCTION = re.compile(r"\s+(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)")
 
 
 def _shape_bytes(text: str) -> int:
@@ -74,26 +76,72 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """A printed HLO module's computations (name -> instruction lines) and its entry's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+        if head:
+            current = comps.setdefault(head.group(2), [])
+            entry = head.group(2) if head.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _operands(args: str) -> list[str]:
+    """Operand names of an instruction, from the text after its opening parenthesis."""
+    depth = 1
+    for i, ch in enumerate(args):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return re.findall(r"%([\w.\-]+)", args[:i])
+    raise ValueError(f"unbalanced operand list: {args[:80]!r}")
+
+
 def hlo_kernels(hlo: str) -> list[tuple[str, int]]:
-    """``(opcode, operand + output bytes)`` of each instruction of a compiled HLO module's
-    entry computation that launches work (not parameters, constants, tuples, bitcasts);
-    fusions and custom calls are named with their kind or target."""
-    entry = hlo[hlo.index("\nENTRY "):] if "\nENTRY " in hlo else hlo[hlo.index("ENTRY "):]
-    sizes: dict[str, int] = {}
-    kernels = []
-    for line in entry.splitlines()[1:]:
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)", line)
-        if not m:
-            continue
-        name, out_type, op, rest = m.groups()
-        sizes[name] = _shape_bytes(out_type)
-        if op in _NO_KERNEL:
-            continue
-        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-        kind = re.search(r'custom_call_target="([^"]+)"|kind=(\w+)', rest)
-        label = f"{op}:{kind.group(1) or kind.group(2)}" if kind else op
-        kernels.append((label, sizes[name] + sum(sizes.get(o, 0) for o in operands)))
-    return kernels
+    """``(opcode, operand + output bytes)`` of each instruction of a compiled HLO module that
+    launches work (not parameters, constants, tuples, bitcasts), in its entry computation and
+    in the bodies of its loops (once per iteration where XLA knows the trip count, else once)
+    and calls; fusions and custom calls are named with their kind or target. Each operand's
+    whole size counts once: an estimate, which misses re-reads and over-counts slices."""
+    comps, entry = _computations(hlo)
+
+    def walk(name: str) -> list[tuple[str, int]]:
+        sizes: dict[str, int] = {}
+        kernels = []
+        for line in comps[name]:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            label, out_type, op, rest = m.groups()
+            sizes[label] = _shape_bytes(out_type)
+            if op in _NO_KERNEL:
+                continue
+            if op == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                kernels += walk(body) * (int(trips.group(1)) if trips else 1)
+                continue
+            if op in ("call", "conditional"):  # every branch of a conditional counts
+                called = re.findall(r"(?:to_apply|true_computation|false_computation)="
+                                    r"%([\w.\-]+)", rest)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                called += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+                for computation in called:
+                    kernels += walk(computation)
+                continue
+            kind = re.search(r'custom_call_target="([^"]+)"|kind=(\w+)', rest)
+            op = f"{op}:{kind.group(1) or kind.group(2)}" if kind else op
+            kernels.append((op, sizes[label] + sum(sizes.get(o, 0) for o in _operands(rest))))
+        return kernels
+
+    return walk(entry)
 
 
 def _cost(compiled) -> dict:
@@ -141,8 +189,9 @@ def _compile(fn, *args, device=None):
     :func:`target_device`) from their shapes alone."""
     if device is not None:
         place = jax.sharding.SingleDeviceSharding(device)
-        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
-                                                           sharding=place), args)
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a), sharding=place,
+            weak_type=getattr(a, "weak_type", False)), args)
     return jax.jit(fn).lower(*args).compile()
 
 
