@@ -32,6 +32,7 @@
 #                and conditionals (XLA_FLAGS=$CMDBUF_FLAGS; slower on 2026-11-27)
 #   cost         experiments/cost_analysis.py: XLA's FLOP and byte counts with GPU fusion,
 #                and how many convolutions got a fused cuDNN epilogue with BN folded or not
+#                (its bytes and kernels can also be had without a GPU: --gpu-target)
 #
 # Before the call (on the development machine, in the repository root):
 #   1. Put the authors' release (TIML-Group/Mode-Connectivity-Unlearning, commit ff1f215: its
