@@ -5,13 +5,13 @@
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
-#   fused        f32's curve step with --fused-bn (BatchNorm + ReLU with a hand-written
-#                backward pass; compare with f32's step) to decide the models' fused_bn
-#   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   profile      f32 again (compiled programs come from the persistent cache) with a
 #                jax.profiler trace of the timed regions only (50 steps, one sweep);
 #                experiments/profile_summary.py's table goes into summary.md, each timed
 #                region's traces into $OUT/profile_<region>.tgz when it is under 16 MB
+#   fused        f32's curve step with --fused-bn (BatchNorm + ReLU with a hand-written
+#                backward pass; compare with f32's step) to decide the models' fused_bn
+#   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
@@ -225,9 +225,9 @@ profile() {
 
 STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
+profile  # right after f32, whose compiled programs it reuses: where the step's time goes
 bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 reference
-profile
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.
 CACHE=$WORK/cache_e2e bench e2e 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
