@@ -24,9 +24,10 @@ backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). Prints a Markdown table.
 
-Every row also counts the program's kernels: the instructions of its compiled entry
-computation that launch work (fusions, library calls, copies), and how many of them touch
-under 1 MB each. On a GPU each costs a launch and a few microseconds however little it does.
+Every row also counts the program's kernels: the instructions of its compiled program that
+launch work (fusions, library calls, copies; a loop's once per iteration), and how many of
+them touch under 1 MB each. On a GPU each costs a launch and a few microseconds however
+little it does.
 
 ``--gpu-target FILE`` compiles for a GPU described by an XLA target config (the H100's is
 ``experiments/gpu_targets/h100.pbtxt``) without one: a deviceless compilation on this
@@ -144,10 +145,11 @@ def hlo_kernels(hlo: str) -> list[tuple[str, int]]:
     return walk(entry)
 
 
-def _cost(compiled) -> dict:
+def _cost(compiled, kernels: list[tuple[str, int]] | None = None) -> dict:
     """FLOPs and bytes (XLA's cost analysis; without one, as for a deviceless GPU
-    compilation, no FLOPs and the kernels' bytes from the HLO) and the kernel counts."""
-    kernels = hlo_kernels(compiled.as_text())
+    compilation, no FLOPs and the kernels' bytes from the HLO) and the kernel counts;
+    ``kernels`` is the program's :func:`hlo_kernels` where the caller has it already."""
+    kernels = hlo_kernels(compiled.as_text()) if kernels is None else kernels
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     if cost:
@@ -195,12 +197,12 @@ def _compile(fn, *args, device=None):
     return jax.jit(fn).lower(*args).compile()
 
 
-def _conv_calls(compiled) -> str:
-    """cuDNN forward convolutions of a compiled program: fused (bias, side input or ReLU in
-    the call) and plain; "no cuDNN" on other backends."""
-    text = compiled.as_text()
-    fused = text.count('custom_call_target="__cudnn$convBiasActivationForward"')
-    plain = text.count('custom_call_target="__cudnn$convForward"')
+def _conv_calls(kernels: list[tuple[str, int]]) -> str:
+    """cuDNN forward convolutions among a program's :func:`hlo_kernels`: fused (bias, side
+    input or ReLU in the call) and plain; "no cuDNN" on other backends."""
+    labels = [label for label, _ in kernels]
+    fused = labels.count("custom-call:__cudnn$convBiasActivationForward")
+    plain = labels.count("custom-call:__cudnn$convForward")
     if not fused and not plain:
         return "no cuDNN convolutions (not a GPU)"
     return f"cuDNN convolutions: {fused} fused, {plain} plain"
@@ -252,8 +254,10 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     for name, m in (("", model), (", BN folded", folded(model))):
         compiled = _compile(lambda v, x, m=m: m.apply(v, x, train=False), theta_o, xe,
                             device=device)
+        kernels = hlo_kernels(compiled.as_text())  # once for the cost and the note
         rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
-                     **_per_image(_cost(compiled), eval_batch), "note": _conv_calls(compiled)})
+                     **_per_image(_cost(compiled, kernels), eval_batch),
+                     "note": _conv_calls(kernels)})
     fused = fused_model = None
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
         # passes are the same program either way)
