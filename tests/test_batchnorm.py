@@ -167,7 +167,7 @@ def test_fused_under_vmap_equals_a_loop():
 
 def test_fused_at_a_real_batch_size():
     """Batch 128 of 32x32 maps (131,072 values per channel, as in the paper's CIFAR step):
-    the gradients stay within 1e-4 of autodiff's (the sums are done in two stages)."""
+    the gradients stay within 1e-4 of autodiff's."""
     x = _x(shape=(128, 32, 32, C), seed=6)
     params, stats = _variables(x)
     _, _, _, (dp_ref, dx_ref) = _loss_and_grads(
@@ -178,6 +178,27 @@ def test_fused_at_a_real_batch_size():
         x, params, stats)
     for a, b in zip(jax.tree.leaves((dp, dx)), jax.tree.leaves((dp_ref, dx_ref)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_fused_reduces_each_activation_once_per_pass():
+    """The statistics (forward) and the scale and bias gradients (backward) each read the
+    activation in one reduction, then add up one small (N, 2C) array of partial sums, so a
+    GPU compiles two kernels per pass instead of three (docs/benchmarks.md, "Fewer kernels
+    in the fused BatchNorm")."""
+    x = _x(shape=(4, 3, 3, C))
+    params, _ = _variables(x)
+
+    def loss(x, scale, bias):
+        y, _, _ = batch_norm_train(x, scale, bias, 1e-5, True)
+        return jnp.sum(y)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, params["scale"],
+                                                              params["bias"])
+    reductions = [(e.primitive.name, [v.aval.shape for v in e.invars])
+                  for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("reduce")]
+    reductions.remove(("reduce_sum", [x.shape]))  # the loss's
+    per_pass = [("reduce", [x.shape, x.shape, (), ()]), ("reduce_sum", [(4, 2 * C)])]
+    assert reductions == per_pass * 2
 
 
 @pytest.mark.parametrize("fields, dtype", [

@@ -11,14 +11,16 @@ the time goes"). Per BatchNorm + ReLU, in units of one activation's size:
   library call; GPUs fuse sibling reductions), ``x - mean`` written for the backward pass
   (2), the normalised and activated output written (2), and a backward pass of 13 (the
   ReLU's gradient, three reductions, a product and ``dx`` as separate passes);
-- here (``fused=True``): the same statistics, one output written (2), and a backward pass
+- here (``fused=True``): the statistics (2), one output written (2), and a backward pass
   of 6: one reduction over ``(dy, x)`` for the scale and bias gradients (2) and one
   elementwise pass ``dx = s / sigma * (dz - mean(dz) - xhat * mean(dz * xhat))`` (4, with a
   residual branch's gradient added in it, as in the count above), both recomputing ``xhat``
-  and the ReLU mask from ``x``.
+  and the ReLU mask from ``x``. Each pass computes its two sums together
+  (:func:`_channel_sums`), so a GPU runs two reduction kernels per pass instead of three.
 
-XLA's byte count of PreResNet-110's curve step (batch 128, float32, CPU backend) falls from
-33.7 GB to 23.9 GB (docs/benchmarks.md). ``fused=False`` (the default until measured on a
+PreResNet-110's curve step (batch 128, float32): XLA's byte count on the CPU backend falls
+from 33.7 GB to 22.9 GB; compiled for an H100 it moves 0.96 of the bytes in 1,692 kernels
+instead of 2,102 (docs/benchmarks.md). ``fused=False`` (the default until measured on a
 GPU) and evaluation mode are ``nn.BatchNorm`` itself.
 """
 
@@ -31,32 +33,36 @@ import jax
 import jax.numpy as jnp
 
 
-def _sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel (last axis) sums of ``a`` and ``b``: one variadic reduction over all but
-    the first and last axes, so that every backend reads both (and computes what they are
-    made of) in one pass, then ``jnp.sum`` of the small (N, C) partial sums. XLA's CPU
-    backend adds up a variadic reduction one element after another; in two stages the
-    rounding stays near ``jnp.sum``'s (over 131,072 elements, relative to the largest sum:
-    one stage off by up to 9e-6, two stages by 7e-7, ``jnp.sum`` by 1e-7)."""
-    inner = tuple(range(1, a.ndim - 1)) or (0,)
-    zero = jnp.zeros((), a.dtype)
-    pa, pb = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]),
-                            inner)
-    if pa.ndim == 1:  # (N, C) input: one stage was all
-        return pa, pb
-    return jnp.sum(pa, 0), jnp.sum(pb, 0)
+def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (last axis) sums of ``a`` and ``b`` in float32, in two stages: one
+    variadic reduction over each example's positions (all but the first and last axes), so
+    that both are read, and computed from what they are made of, in one pass; then one
+    ``jnp.sum`` over the examples of the small ``(N, 2C)`` partial sums side by side.
+
+    Why so: XLA's CPU backend adds up a reduction one element after another, and in two
+    stages the rounding stays near ``jnp.sum``'s (over 131,072 values per channel, relative
+    to the largest sum: one stage off by up to 9e-6, two by 7e-7, ``jnp.sum`` by 1e-7). A
+    GPU compiles each stage as one kernel, where two sibling reductions of one input took
+    three (a shared first stage, then a second per output): the PreResNet-110 curve step
+    has 253 kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused BatchNorm")."""
+    zero = jnp.zeros((), jnp.float32)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    inner = tuple(range(1, a.ndim - 1))
+    if inner:
+        a, b = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]),
+                              inner)
+    sums = jnp.sum(jnp.concatenate([a, b], axis=-1), 0)
+    return sums[:a.shape[-1]], sums[a.shape[-1]:]
 
 
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and biased variance ``E[x^2] - E[x]^2`` (clipped at 0) in float32, as
-    Flax computes them. Two means, not :func:`_sums`: on XLA's CPU backend the variadic
-    reduction rounded worse, and the variance, a small difference of two large sums, lost
-    digits (a VGG-16 test's gradients moved by up to 4%); XLA's GPU backend fuses sibling
-    reductions of one input into one pass anyway."""
+    Flax computes them."""
     xf = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(xf, axes)
-    return mean, jnp.maximum(0.0, jnp.mean(jax.lax.square(xf), axes) - jax.lax.square(mean))
+    n = x.size // x.shape[-1]
+    total, total_sq = _channel_sums(xf, jax.lax.square(xf))
+    mean = total / n
+    return mean, jnp.maximum(0.0, total_sq / n - jax.lax.square(mean))
 
 
 def _pre_activation(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
@@ -109,7 +115,7 @@ def _backward(epsilon, relu, residuals, cotangents):
         # consumer (the reduction, dx) then computes its own from dy and x instead of both
         # reading a materialised dz (2 activation-sized passes fewer on the CPU backend).
         dz_dx = jnp.where(z <= 0, 0.0, dz_dx)
-    dbias, dscale = _sums(dz, dz * xhat)
+    dbias, dscale = _channel_sums(dz, dz * xhat)
     dx = (inv * scale) * (dz_dx - dbias / n - xhat * (dscale / n))
     # The statistics' own cotangents (zero when only y is used, as in the models):
     # d mean / dx = 1 / n and d var / dx = 2 (x - mean) / n.
