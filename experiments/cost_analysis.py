@@ -18,8 +18,8 @@ rate and its measured copy bandwidth), plus the sums for a t-sweep of ``--num-t`
 passes it also counts the convolutions the GPU compiler turned into cuDNN calls with a fused
 bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
 decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it also
-compiles the step with the models' ``fused_bn`` (BatchNorm + ReLU with a hand-written
-backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
+compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNorm + ReLU
+with a hand-written backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). Prints a Markdown table.
@@ -246,10 +246,15 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     every = jax.tree.map(lambda _: True, theta_o["params"])
     rows = [step_row(every, "")]
     xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
-    compiled = _compile(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-                        theta_o, xb, device=device)
-    rows.append({"program": f"train-mode forward (batch {batch_size})",
-                 **_per_image(_cost(compiled), batch_size)})
+
+    def train_forward_row(name: str, model=model) -> dict:
+        compiled = _compile(lambda v, x: model.apply(v, x, train=True,
+                                                     mutable=["batch_stats"]),
+                            theta_o, xb, device=device)
+        return {"program": f"train-mode forward (batch {batch_size}{name})",
+                **_per_image(_cost(compiled), batch_size)}
+
+    rows.append(train_forward_row(""))
     xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
     for name, m in (("", model), (", BN folded", folded(model))):
         compiled = _compile(lambda v, x, m=m: m.apply(v, x, train=False), theta_o, xe,
@@ -259,12 +264,14 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
                      **_per_image(_cost(compiled, kernels), eval_batch),
                      "note": _conv_calls(kernels)})
     fused = fused_model = None
-    if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (the forward
-        # passes are the same program either way)
+    if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (evaluation mode
+        # is the same program either way)
         fused_model = model.clone(fused_bn=True)
         fused = step_row(every, ", fused BatchNorm", fused_model)
         fused["note"] = _share(fused, rows[0], "the unfused step's")
-        rows.append(fused)
+        forward = train_forward_row(", fused BatchNorm", fused_model)
+        forward["note"] = _share(forward, rows[1], "the unfused pass's")
+        rows += [fused, forward]
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])

@@ -221,12 +221,15 @@ def test_cost_analysis_counts_the_programs(capsys):
     assert [r.split("|")[1].strip() for r in rows] == [
         "curve step (batch 16)", "train-mode forward (batch 16)",
         "eval-mode forward (batch 32)", "eval-mode forward (batch 32, BN folded)",
-        "sweep (2 t x (10 BN + 10 eval images))", "curve step (batch 16, fused BatchNorm)"]
+        "sweep (2 t x (10 BN + 10 eval images))", "curve step (batch 16, fused BatchNorm)",
+        "train-mode forward (batch 16, fused BatchNorm)"]
     assert "no cuDNN convolutions (not a GPU)" in text
     # The fused step's share of the unfused step's bytes: fewer.
     step_note = rows[5].split("|")[8].strip()
     assert " of the unfused step's FLOPs, " in step_note and step_note.endswith(" kernels")
     assert float(step_note.split(", ")[1].split(" of its")[0]) < 1.0
+    # The fused train-mode pass (the sweep's BatchNorm pass) against the unfused one.
+    assert " of the unfused pass's FLOPs, " in rows[6].split("|")[8]
     step = cost.analyse("cnn_small", 16, "float32", 32)
     assert all(r["flops"] > 0 and r["bytes"] > 0 for r in step)
     # Kernel counts: the step launches more kernels than a forward pass.
@@ -341,18 +344,18 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
                       str(tmp_path / "mask.json")])
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names[4].startswith("sweep (") and len(names) == 8
+    assert names[4].startswith("sweep (") and len(names) == 9
     share = 100 * sum(v.size for p, v in flat.items() if p.startswith("head/")) / sum(
         v.size for v in flat.values())
-    assert names[6] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
+    assert names[7] == (f"curve step (batch 16, mask from {tmp_path / 'mask.json'}: "
                         f"{share:.1f}% of elements trained)")
     # The note gives the masked step's share of the unmasked step's FLOPs (no second compile).
-    note = rows[6].split("|")[8].strip()
+    note = rows[7].split("|")[8].strip()
     assert " of its bytes, " in note and " of the unmasked step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     # The same mask with the fused BatchNorm, against the unmasked fused step.
-    assert names[7] == names[6][:-1] + ", fused BatchNorm)"
-    note = rows[7].split("|")[8].strip()
+    assert names[8] == names[7][:-1] + ", fused BatchNorm)"
+    note = rows[8].split("|")[8].strip()
     assert " of the unmasked fused step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
     capsys.readouterr()
