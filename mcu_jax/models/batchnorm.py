@@ -42,9 +42,11 @@ def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     Why so: XLA's CPU backend adds up a reduction one element after another, and in two
     stages the rounding stays near ``jnp.sum``'s (over 131,072 values per channel, relative
     to the largest sum: one stage off by up to 9e-6, two by 7e-7, ``jnp.sum`` by 1e-7). A
-    GPU compiles each stage as one kernel, where two sibling reductions of one input took
-    three (a shared first stage, then a second per output): the PreResNet-110 curve step
-    has 253 kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused BatchNorm")."""
+    GPU compiles each stage as one kernel (for most layers: XLA may place the partial sums
+    side by side in a small kernel of its own), where two sibling reductions of one input
+    took three (a shared first stage, then a second per output): the PreResNet-110 curve
+    step has 253 kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused
+    BatchNorm")."""
     zero = jnp.zeros((), jnp.float32)
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     inner = tuple(range(1, a.ndim - 1))
