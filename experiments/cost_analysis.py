@@ -217,8 +217,11 @@ def _per_image(cost: dict, batch: int) -> dict:
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
             mask_file: str | None = None, device=None) -> list[dict]:
     """Rows {"program", "flops", "bytes", "kernels", "tiny", "per"} (and "note" for the
-    evaluation passes) of the four programs, then the masked step's when ``mask_file`` is
-    given; compiled for ``device`` (:func:`target_device`) when given."""
+    evaluation passes and the comparisons) of the four programs (step, train-mode pass,
+    eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
+    then the step and the train-mode pass with it; with ``mask_file`` then the masked step
+    (and the masked step with ``fused_bn``). Compiled for ``device``
+    (:func:`target_device`) when given."""
     h, w, c = SHAPES.get(model_name, (32, 32, 3))
     model = create(model_name, 10, dtype=dtype)
     theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))

@@ -11,7 +11,8 @@ the time goes"). Per BatchNorm + ReLU, in units of one activation's size:
   library call; GPUs fuse sibling reductions), ``x - mean`` written for the backward pass
   (2), the normalised and activated output written (2), and a backward pass of 13 (the
   ReLU's gradient, three reductions, a product and ``dx`` as separate passes);
-- here (``fused=True``): the statistics (2), one output written (2), and a backward pass
+- here (``fused=True``): the statistics (1: one reduction reads ``x`` for both sums), one
+  output written (2), and a backward pass
   of 6: one reduction over ``(dy, x)`` for the scale and bias gradients (2) and one
   elementwise pass ``dx = s / sigma * (dz - mean(dz) - xhat * mean(dz * xhat))`` (4, with a
   residual branch's gradient added in it, as in the count above), both recomputing ``xhat``
@@ -34,23 +35,22 @@ import jax.numpy as jnp
 
 
 def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel (last axis) sums of ``a`` and ``b`` in float32, in two stages: one
+    """Per-channel (last axis) sums of the float32 ``a`` and ``b`` in two stages: one
     variadic reduction over each example's positions (all but the first and last axes), so
     that both are read, and computed from what they are made of, in one pass; then one
-    ``jnp.sum`` over the examples of the small ``(N, 2C)`` partial sums side by side.
+    ``jnp.sum`` over the examples of the small ``(N, 2C)`` partial sums side by side (for
+    ``(N, C)`` inputs, which have no positions, that sum alone).
 
     Why so: XLA's CPU backend adds up a reduction one element after another, and in two
     stages the rounding stays near ``jnp.sum``'s (over 131,072 values per channel, relative
     to the largest sum: one stage off by up to 9e-6, two by 7e-7, ``jnp.sum`` by 1e-7). A
-    GPU compiles each stage as one kernel (for most layers: XLA may place the partial sums
-    side by side in a small kernel of its own), where two sibling reductions of one input
-    took three (a shared first stage, then a second per output): the PreResNet-110 curve
-    step has 253 kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused
-    BatchNorm")."""
-    zero = jnp.zeros((), jnp.float32)
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    GPU compiles each stage as one kernel (for most layers), where the two sums of a pass
+    took three kernels before; and as a layer's scale and bias gradients come out of one
+    array, XLA updates both in one optimizer kernel. The PreResNet-110 curve step has 253
+    kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused BatchNorm")."""
     inner = tuple(range(1, a.ndim - 1))
     if inner:
+        zero = jnp.zeros((), jnp.float32)
         a, b = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]),
                               inner)
     sums = jnp.sum(jnp.concatenate([a, b], axis=-1), 0)
@@ -149,16 +149,17 @@ class BatchNorm(nn.BatchNorm):
         if not (self.fused and train):
             y = super().__call__(x, use_running_average, mask=mask)
             return nn.relu(y) if self.relu else y
-        if (mask is not None or self.axis != -1 or self.axis_name is not None
+        if (mask is not None or x.ndim < 2 or self.axis != -1 or self.axis_name is not None
                 or not (self.use_scale and self.use_bias and self.use_fast_variance
                         and self.force_float32_reductions)
                 or self.dtype is None or jnp.dtype(x.dtype) != jnp.dtype(self.dtype)
                 or jnp.dtype(x.dtype).itemsize > 4):
             raise ValueError(
                 "BatchNorm(fused=True) covers the models' case only: statistics over all but "
-                "the last axis, no mask, no axis_name (a sharded jit needs none), scale, bias, "
-                "fast variance, float32 reductions, and an input already in dtype (float32 or "
-                f"narrower); got {self!r} on a {x.dtype} input"
+                "the last axis of an input of 2 or more axes, no mask, no axis_name (a sharded "
+                "jit needs none), scale, bias, fast variance, float32 reductions, and an input "
+                "already in dtype (float32 or narrower); got "
+                f"{self!r} on a {x.dtype}{list(x.shape)} input"
                 f"{', with a mask' if mask is not None else ''}")
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
