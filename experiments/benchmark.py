@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for the BatchNorm pass and for accuracy, per t")
     e.add_argument("--bn-batch-size", type=int, default=128)
     e.add_argument("--eval-batch-size", type=int, default=500)
+    e.add_argument("--bn-group", type=int, default=1,
+                   help="BatchNorm-pass batches run at once (sweep.sweep's bn_group)")
     e.add_argument("--strategy", default="auto", choices=sweep.STRATEGIES)
     e.add_argument("--chunk-size", type=int, default=None, help="t per compiled chunk")
     e.add_argument("--compare-strategies", action="store_true",
@@ -192,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     positive = ("classes", "devices", "batch_size", "train_images", "steps", "steps_per_call",
                 "mask_images", "num_t", "sweep_images", "bn_batch_size", "eval_batch_size",
-                "repeats", "retain", "forget", "test", "epochs")
+                "bn_group", "repeats", "retain", "forget", "test", "epochs")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -443,6 +445,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
             strategy=strategy, chunk_size=chunk, mesh=mesh, fold_bn=args.fold_bn,
+            bn_group=args.bn_group,
         )
 
     mesh = device_mesh(args)
@@ -469,6 +472,8 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         setting += f", {args.devices} devices (t parallel)"
     if args.fold_bn:
         setting += ", BN folded for evaluation"
+    if args.bn_group > 1:
+        setting += f", {args.bn_group} BN batches at once"
     setting += FUSED_TEXT[args.fused_bn]
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
@@ -502,7 +507,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    chunk_size=args.chunk_size,
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
-                                   precompile=args.precompile, fold_bn=args.fold_bn)
+                                   precompile=args.precompile, fold_bn=args.fold_bn,
+                                   bn_group=args.bn_group)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))

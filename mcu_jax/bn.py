@@ -67,12 +67,17 @@ def bn_batches(indices, batch_size: int, n: int | None = None, seed: int | None 
     return (full if full.shape[0] else None), (rest if rest.shape[0] else None)
 
 
-def batch_statistics(model, params, template, images: Images, batches, rest):
+def batch_statistics(model, params, template, images: Images, batches, rest, group: int = 1):
     """Size-weighted mean of per-batch BatchNorm statistics (pure; jit/vmap friendly).
 
     ``template`` is any batch_stats pytree of the model (only its structure is used);
-    ``batches``/``rest`` come from :func:`bn_batches`. Returns a new batch_stats pytree.
+    ``batches``/``rest`` come from :func:`bn_batches`. ``group`` full batches run at once
+    (``vmap`` over them, each normalised with its own statistics, so the result is the same
+    up to float rounding): fewer, larger kernels. The batches are padded to a whole number
+    of groups by repeating the first one with weight zero (fewer than one batch per group
+    of extra work). Returns a new batch_stats pytree.
     """
+    group = check_batch_size("group", group)
     if not jax.tree.leaves(template):
         return template
     model0 = model.clone(bn_momentum=0.0)
@@ -94,27 +99,38 @@ def batch_statistics(model, params, template, images: Images, batches, rest):
     total = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), template)
     count = 0
     if batches is not None:
+        s, b = batches.shape
+        steps = -(-s // min(group, s))
+        g = -(-s // steps)  # the same number of steps with the least padding
+        pad = steps * g - s
+
+        def grouped(a):  # (s, ...) -> (steps, g, ...), padded with copies of a[0]
+            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])
+            return a.reshape(steps, g, *a.shape[1:])
+
+        weights = (jnp.arange(steps * g) < s).astype(jnp.float32).reshape(steps, g)
 
         def body(acc, xs):
-            s = stats(*xs)
-            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, s), None
+            idx, key, w = xs
+            st = jax.vmap(stats)(idx, key)  # every leaf (g, ...)
+            return jax.tree.map(
+                lambda a, v: a + jnp.tensordot(w, v.astype(jnp.float32), 1), acc, st), None
 
-        summed, _ = jax.lax.scan(body, total, (batches, keys[:-1]))
-        b = batches.shape[1]
+        summed, _ = jax.lax.scan(body, total, (grouped(batches), grouped(keys[:-1]), weights))
         total = jax.tree.map(lambda a: a * b, summed)
-        count += batches.shape[0] * b
+        count += s * b
     if rest is not None:
         r = rest.shape[0]
-        total = jax.tree.map(lambda a, s: a + r * s.astype(jnp.float32), total,
+        total = jax.tree.map(lambda a, v: a + r * v.astype(jnp.float32), total,
                              stats(rest, keys[-1]))
         count += r
     return jax.tree.map(lambda a, t: (a / count).astype(t.dtype), total, template)
 
 
 def recompute(model, variables: dict, images: Images, indices, batch_size: int = 128,
-              mesh=None, seed: int | None = 0) -> dict:
+              mesh=None, seed: int | None = 0, group: int = 1) -> dict:
     """``variables`` with batch_stats recomputed over ``images[indices]`` (in the batches of
-    :func:`bn_batches` with ``seed``).
+    :func:`bn_batches` with ``seed``; ``group`` of them at once, :func:`batch_statistics`).
 
     With a ``mesh`` the pass is data parallel (``batch_size`` must be divisible by the
     device count, ValueError otherwise; a set smaller than one batch, like the remainder,
@@ -124,7 +140,7 @@ def recompute(model, variables: dict, images: Images, indices, batch_size: int =
     batches, rest = bn_batches(indices, batch_size, images.num_examples, seed)
     params, template = variables["params"], variables["batch_stats"]
     if mesh is None:
-        stats = _batch_statistics_jit(model, params, template, images, batches, rest)
+        stats = _batch_statistics_jit(model, params, template, images, batches, rest, group)
         return {"params": params, "batch_stats": stats}
     sharding.check_batch_size(batch_size, mesh, "BatchNorm recompute: batch_size")
     n = sharding.num_shards(mesh)
@@ -142,14 +158,15 @@ def recompute(model, variables: dict, images: Images, indices, batch_size: int =
         batches = lay(batches, 2)
     if rest is not None:
         rest = lay(rest, 1)
-    stats = _mesh_program(mesh)(model, params, template, images, batches, rest)
+    stats = _mesh_program(mesh)(model, params, template, images, batches, rest, group)
     return {"params": params, "batch_stats": stats}
 
 
-_batch_statistics_jit = jax.jit(batch_statistics, static_argnums=0)
+_batch_statistics_jit = jax.jit(batch_statistics, static_argnums=(0, 6))
 
 
 @functools.cache
 def _mesh_program(mesh):
     """:func:`batch_statistics` compiled with its result replicated on ``mesh``."""
-    return jax.jit(batch_statistics, static_argnums=0, out_shardings=sharding.replicated(mesh))
+    return jax.jit(batch_statistics, static_argnums=(0, 6),
+                   out_shardings=sharding.replicated(mesh))

@@ -55,6 +55,9 @@ class SelectionConfig:
     include_test: bool = True  # the release leaves the test term out of the gap
     bn_set: str = "retain"  # BatchNorm statistics over D_r ("train": the release's choice)
     bn_batch_size: int = 128
+    # BatchNorm-pass batches run at once (sweep.sweep's bn_group): the same statistics up to
+    # float rounding, fewer and larger kernels; 1 until measured on a GPU.
+    bn_group: int = 1
     eval_batch_size: int = 500
     strategy: str = "auto"  # sweep over t: "vmap", "map" or "auto" (per backend)
     chunk_size: int | None = None
@@ -75,6 +78,7 @@ class SelectionConfig:
         checks.choice("bn_set", self.bn_set, BN_SETS)
         checks.choice("strategy", self.strategy, sweep.STRATEGIES)
         checks.integer("bn_batch_size", self.bn_batch_size, 1)
+        checks.integer("bn_group", self.bn_group, 1)
         checks.integer("eval_batch_size", self.eval_batch_size, 1)
         checks.optional_integer("chunk_size", self.chunk_size, 1)
 
@@ -348,7 +352,7 @@ def run_mcu(
 # Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
 # in the same out_dir may change them.
 _FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch_size",
-         "fold_bn")
+         "fold_bn", "bn_group")
 
 
 def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key,
@@ -392,7 +396,8 @@ def _sweep_options(sc: SelectionConfig, mesh, curve: str, at_one_t: bool = False
     """sweep.sweep's keywords for the sweep over t or (``at_one_t``) the one-t sweep that
     materialises t*; one place, so the background compilation builds the same programs."""
     options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
-                   strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn, curve=curve)
+                   strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn, curve=curve,
+                   bn_group=sc.bn_group)
     if at_one_t:
         return {**options, "chunk_size": 1, "return_stats": True, "return_probs": True}
     return {**options, "chunk_size": sc.chunk_size}

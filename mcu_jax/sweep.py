@@ -66,11 +66,11 @@ def _padded_batches(indices, batch_size: int):
 @functools.partial(
     jax.jit,
     static_argnames=("model", "kind", "strategy", "return_probs", "return_stats", "mesh",
-                     "fold_bn"),
+                     "fold_bn", "bn_group"),
 )
 def _sweep_chunk(
     points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs,
-    return_stats=False, mesh=None, fold_bn=False,
+    return_stats=False, mesh=None, fold_bn=False, bn_group=1,
 ):
     """``name -> {"correct": (T,), "prob": (T, n_padded)}``; with ``return_stats`` the pair
     ``(that, batch_stats)``, every leaf of ``batch_stats`` with a leading axis T."""
@@ -79,7 +79,8 @@ def _sweep_chunk(
     def per_t(t, points, template, bn_data, eval_data):
         bn_images, bn_full, bn_rest = bn_data
         params = curves.point(kind, points, t)
-        stats = bn.batch_statistics(model, params, template, bn_images, bn_full, bn_rest)
+        stats = bn.batch_statistics(model, params, template, bn_images, bn_full, bn_rest,
+                                     bn_group)
         variables = {"params": params, "batch_stats": stats}
         result = {}
         for name, (images, batches, valid) in eval_data.items():
@@ -146,6 +147,7 @@ def sweep(
     chunk_size: int | None = None,
     mesh: Any = None,
     fold_bn: bool = False,
+    bn_group: int = 1,
 ) -> SweepResult:
     """Evaluates the curve at every t in ``ts``.
 
@@ -169,11 +171,15 @@ def sweep(
         (``models.folded``): the same accuracies up to float rounding, fewer passes over the
         activations where XLA fuses the convolution's bias and ReLU (GPUs). The BatchNorm
         pass itself (train mode) is unchanged.
+      bn_group: how many of the BatchNorm pass's batches run at once
+        (``bn.batch_statistics``): the same statistics up to float rounding, in larger and
+        fewer kernels. With ``strategy="map"`` on a GPU the convolutions then stay dense and
+        large, where ``vmap`` over t makes them grouped convolutions (one group per t).
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
                  return_probs=return_probs, return_stats=return_stats, strategy=strategy,
-                 chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn)
+                 chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn, bn_group=bn_group)
     for i, p in enumerate(points):  # (precompile's points may be shapes only)
         pytrees.check_finite(f"points[{i}]", p)
     ts = plan.ts
@@ -221,7 +227,7 @@ class _Plan:
 
 def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
           eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh,
-          fold_bn=False) -> _Plan:
+          fold_bn=False, bn_group=1) -> _Plan:
     ts = np.asarray(ts, np.float32).reshape(-1)
     if ts.size == 0:
         raise ValueError("ts is empty")
@@ -258,7 +264,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
             (points, template, bn_data, eval_data), mesh
         )
     statics = dict(model=model, kind=curve, strategy=strategy, return_probs=return_probs,
-                   return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn))
+                   return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn),
+                   bn_group=check_batch_size("bn_group", bn_group))
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
 
 

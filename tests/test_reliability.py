@@ -452,6 +452,7 @@ def _cli(capsys, argv):
     ("mask.k=1.5", ["mask.k=1.5: k must be a fraction in [0, 1], got 1.5"]),
     ("mask.k_r=-0.1", ["mask.k_r=-0.1: k_r must be a fraction in [0, 1], got -0.1"]),
     ("selection.bn_batch_size=0", ["selection.bn_batch_size=0", "int >= 1, got 0"]),
+    ("selection.bn_group=0", ["selection.bn_group=0", "int >= 1, got 0"]),
     ("selection.strategy=fast", ["selection.strategy=fast", "vmap", "'fast'"]),
     ("selection.chunk_size=0", ["selection.chunk_size=0", "int >= 1, got 0"]),
     ("mask.batch_size=0", ["mask.batch_size=0", "int >= 1, got 0"]),

@@ -57,6 +57,46 @@ def test_recompute_sees_the_images_training_augmentation():
     assert not np.allclose(clean["batch_stats"]["bn"]["var"], var, rtol=1e-3)
 
 
+@pytest.mark.parametrize("group", [2, 3, 7, 50])
+def test_grouped_batchnorm_pass_equals_one_batch_at_a_time(group, theta_o, small_model):
+    """``group`` batches at once (padded to whole groups where 7 full batches do not divide,
+    capped at 7 where it exceeds them), each with its own augmentation key and statistics:
+    the statistics of one batch after another, up to float rounding, with the remainder."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(61, 8, 8, 1), dtype=np.uint8)  # 7 batches of 8 + 5
+    images = Images.from_arrays(x, rng.integers(0, 10, 61), (0.5,), (0.25,), "crop_flip")
+    one = bn.recompute(small_model, theta_o, images, np.arange(61), batch_size=8)
+    grouped = bn.recompute(small_model, theta_o, images, np.arange(61), batch_size=8,
+                           group=group)
+    for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(one), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group, steps", [(1, 7), (2, 4), (3, 3), (7, 1), (50, 1)])
+def test_grouped_batchnorm_pass_runs_group_batches_per_step(group, steps, theta_o,
+                                                            small_model):
+    """The pass's loop runs ceil(7 / group) steps, each over the group's images at once."""
+    images = Images.from_arrays(np.zeros((56, 8, 8, 1), np.uint8), np.zeros(56, np.int32),
+                                (0.5,), (0.25,))
+    batches, rest = bn.bn_batches(np.arange(56), 8)
+    jaxpr = jax.make_jaxpr(lambda p: bn.batch_statistics(
+        small_model, p, theta_o["batch_stats"], images, batches, rest, group))(
+        theta_o["params"])
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in scans] == [steps]
+    per_step = -(-7 // steps)
+    convs = [e for e in scans[0].params["jaxpr"].jaxpr.eqns
+             if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.invars[0].aval.shape[0] == per_step * 8 for e in convs)
+
+
+def test_grouped_batchnorm_pass_rejects_a_bad_group(theta_o, small_model, digits_images):
+    train_images, _ = digits_images
+    for group in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"group={group!r}"):
+            bn.recompute(small_model, theta_o, train_images, np.arange(20), group=group)
+
+
 @pytest.fixture(scope="module")
 def curve_points(theta_o):
     """theta_o, a perturbed control point and a perturbed end point."""
@@ -86,9 +126,10 @@ def _loop_reference(model, points, ts, template, train_images, bn_idx, sets, cur
     return acc, probs
 
 
-@pytest.mark.parametrize("strategy, chunk", [("vmap", None), ("map", 3)])
-def test_sweep_equals_loop_over_t(strategy, chunk, curve_points, theta_o, digits_images,
-                                  digits_split, small_model):
+@pytest.mark.parametrize("strategy, chunk, bn_group", [("vmap", None, 1), ("map", 3, 1),
+                                                     ("map", None, 2)])
+def test_sweep_equals_loop_over_t(strategy, chunk, bn_group, curve_points, theta_o,
+                                  digits_images, digits_split, small_model):
     train_images, test_images = digits_images
     ts = np.array([0.0, 0.3, 0.55, 0.8, 1.0], np.float32)
     sets = {
@@ -99,7 +140,8 @@ def test_sweep_equals_loop_over_t(strategy, chunk, curve_points, theta_o, digits
     bn_idx = digits_split.retain[:400]
     result = sweep.sweep(small_model, curve_points, ts, theta_o["batch_stats"],
                          (train_images, bn_idx), sets, return_probs=True,
-                         strategy=strategy, chunk_size=chunk, eval_batch_size=128)
+                         strategy=strategy, chunk_size=chunk, eval_batch_size=128,
+                         bn_group=bn_group)
     acc, probs = _loop_reference(small_model, curve_points, ts, theta_o["batch_stats"],
                                  train_images, bn_idx, sets)
     for name in sets:
@@ -212,6 +254,8 @@ def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_mod
         sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, strategy="pmap")
     with pytest.raises(ValueError, match="unknown curve"):
         sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, curve="spline")
+    with pytest.raises(ValueError, match="bn_group=0"):
+        sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, bn_group=0)
     bad = [curve_points[0], curve_points[1], {"other": jnp.zeros(3)}]
     with pytest.raises(ValueError, match="mismatch"):
         sweep.sweep(small_model, bad, [0.5], theta_o["batch_stats"], bn_set, sets)
