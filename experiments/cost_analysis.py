@@ -5,6 +5,8 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
+                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH ...]
+                                           [--kernel-us 3.5]
                                            [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
 Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
@@ -22,7 +24,11 @@ compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNo
 with a hand-written backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient (with and without
-``fused_bn``). Prints a Markdown table.
+``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
+program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
+strategy (vmap or map over t), ``bn_group`` and evaluation batch, and estimates its time by
+two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a kernel. Prints a
+Markdown table.
 
 Every row also counts the program's kernels: the instructions of its compiled program that
 launch work (fusions, library calls, copies; a loop's once per iteration), and how many of
@@ -41,6 +47,7 @@ compiled HLO, and its FLOPs are not given.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -51,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import curves, masks, mcu
+from mcu_jax import curves, masks, mcu, sweep
 from mcu_jax.data import Images
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -299,6 +306,61 @@ def sweep_row(rows: list[dict], num_t: int, images: int) -> dict:
             "bytes": count * (train_fwd["bytes"] + eval_fwd["bytes"]), "per": "sweep"}
 
 
+def parse_sweep_program(spec: str) -> tuple[str, int, int]:
+    """``"STRATEGY:BN_GROUP:EVAL_BATCH"`` (e.g. ``vmap:1:500``, the GPU default) ->
+    ``(strategy, bn_group, eval_batch)``."""
+    parts = spec.split(":")
+    try:
+        strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH, e.g. "
+            "vmap:1:500") from None
+    if len(parts) != 3 or strategy not in ("vmap", "map") or group < 1 or eval_batch < 1:
+        raise argparse.ArgumentTypeError(
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH with STRATEGY "
+            "vmap or map and positive integers, e.g. map:16:2000")
+    return strategy, group, eval_batch
+
+
+def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple[str, int, int],
+                      num_t: int, images: int, kernel_s: float, bytes_per_s: float,
+                      device=None) -> dict:
+    """The sweep's own program (``sweep.chunk_program``, as ``sweep.sweep`` and benchmark.py
+    run it: ``num_t`` t, BatchNorm statistics over ``images`` images and accuracy on the
+    same) for ``program = (strategy, bn_group, eval_batch)``. Its bytes are the kernels'
+    (:func:`hlo_kernels`, a loop's once per iteration) on every backend; the note counts the
+    convolutions that ``vmap`` over t made grouped (one group per t) and gives the two-term
+    estimate: the bytes at ``bytes_per_s`` plus ``kernel_s`` per kernel."""
+    strategy, group, eval_batch = program
+    h, w, c = SHAPES.get(model_name, (32, 32, 3))
+    model = create(model_name, 10, dtype=dtype)
+    theta = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
+    rng = np.random.default_rng(0)
+    data = Images.from_arrays(rng.integers(0, 256, size=(images, h, w, c), dtype=np.uint8),
+                              rng.integers(0, 10, size=images), (CIFAR10_MEAN * c)[:c],
+                              (CIFAR10_STD * c)[:c], "crop_flip" if (h, w) == (32, 32) else "none")
+    every = np.arange(images)
+    fn, args, statics = sweep.chunk_program(
+        model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
+        (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
+        eval_batch_size=eval_batch, strategy=strategy, bn_group=group)
+    compiled = _compile(functools.partial(fn, **statics), *args, device=device)
+    hlo = compiled.as_text()
+    kernels = hlo_kernels(hlo)
+    nbytes = float(sum(b for _, b in kernels))
+    grouped = sum(int(g) > 1 for g in re.findall(r"feature_group_count=(\d+)", hlo))
+    convs = len(re.findall(r"convolution\(|__cudnn\$conv", hlo))
+    estimate = nbytes / bytes_per_s + len(kernels) * kernel_s
+    return {"program": f"sweep program: {strategy}, {group} BN batch{'es' if group > 1 else ''}"
+                       f" at once, eval batch {eval_batch} ({num_t} t x ({images:,} BN + "
+                       f"{images:,} eval images))",
+            "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
+            "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
+            "note": f"{grouped} of {convs} convolutions in the program grouped; bytes + "
+                    f"{1e6 * kernel_s:.3g} us a kernel: {estimate:.3g} s"}
+
+
 def _time(seconds: float) -> str:
     return f"{1e3 * seconds:.3g} ms" if seconds >= 1e-3 else f"{1e6 * seconds:.3g} us"
 
@@ -329,17 +391,26 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
+    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH", action="append",
+                   type=parse_sweep_program, default=[],
+                   help="also the sweep's own program with these settings, scaled to --num-t "
+                   "t over --sweep-images images (repeatable; vmap:1:500 is the GPU default)")
+    p.add_argument("--kernel-us", type=float, default=3.5,
+                   help="microseconds a kernel, for the sweep programs' two-term estimate")
     p.add_argument("--gpu-target", metavar="FILE", default=None,
                    help="compile for the GPU this XLA target config describes, without one "
                    "(experiments/gpu_targets/h100.pbtxt; needs JAX's CUDA plugin)")
     args = p.parse_args(argv)
     for name in ("batch_size", "eval_batch", "num_t", "sweep_images", "flops_per_s",
-                 "bytes_per_s"):
+                 "bytes_per_s", "kernel_us"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = target_device(args.gpu_target) if args.gpu_target else None
     rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask, device)
     rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))  # after the 4 programs
+    rows += [sweep_program_row(args.model, args.dtype, args.batch_size, program, args.num_t,
+                               args.sweep_images, 1e-6 * args.kernel_us, args.bytes_per_s,
+                               device) for program in args.sweep_program]
     where = (f"{device.device_kind}, compiled without it from {args.gpu_target}" if device
              else jax.devices()[0].device_kind)
     text = (f"# XLA cost analysis: {args.model} {args.dtype} on {where} "

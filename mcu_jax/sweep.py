@@ -269,19 +269,33 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
 
 
-def precompile(model, points: Sequence[Any], ts, template: Any, bn_set: tuple[Images, Any],
-               eval_sets: dict[str, tuple[Images, Any]], **options) -> None:
-    """Compiles the program(s) that :func:`sweep` with the same arguments will run, without
-    running them (``options`` are :func:`sweep`'s keywords; only shapes and dtypes matter, so
+def chunk_program(model, points: Sequence[Any], ts, template: Any,
+                  bn_set: tuple[Images, Any], eval_sets: dict[str, tuple[Images, Any]],
+                  **options) -> tuple[Any, tuple, dict]:
+    """``(program, args, statics)``: the jitted program that :func:`sweep` with the same
+    arguments runs once per chunk of t, the arguments of its first chunk and its static
+    keywords, so that ``program.lower(*args, **statics)`` compiles it without running it
+    (:func:`precompile`; ``experiments/cost_analysis.py`` compiles it for a GPU it does not
+    have). ``options`` are :func:`sweep`'s keywords; only shapes and dtypes matter, so
     ``points`` may hold any arrays shaped like the curve's and ``ts`` any values of the same
-    count). XLA releases the GIL while it compiles, so a thread can compile the sweep while
-    the main thread trains the curve; the later :func:`sweep` call then reuses the program.
-    """
+    count. Every chunk is padded to the same number of t, so one program serves them all."""
     # sweep's own signature supplies the defaults (and rejects unknown options).
     call = inspect.signature(sweep).bind(model, points, ts, template, bn_set, eval_sets,
                                          **options)
     call.apply_defaults()
     plan = _plan(**call.arguments)
-    # Every chunk is padded to plan.chunk t, so one program serves them all.
-    _sweep_chunk.lower(plan.points, plan.chunk_ts(plan.ts[: plan.chunk]), plan.template,
-                       plan.bn_data, plan.eval_data, **plan.statics).compile()
+    args = (plan.points, plan.chunk_ts(plan.ts[: plan.chunk]), plan.template, plan.bn_data,
+            plan.eval_data)
+    return _sweep_chunk, args, plan.statics
+
+
+def precompile(model, points: Sequence[Any], ts, template: Any, bn_set: tuple[Images, Any],
+               eval_sets: dict[str, tuple[Images, Any]], **options) -> None:
+    """Compiles the program(s) that :func:`sweep` with the same arguments will run, without
+    running them (the arguments as :func:`chunk_program` takes them). XLA releases the GIL
+    while it compiles, so a thread can compile the sweep while the main thread trains the
+    curve; the later :func:`sweep` call then reuses the program.
+    """
+    program, args, statics = chunk_program(model, points, ts, template, bn_set, eval_sets,
+                                           **options)
+    program.lower(*args, **statics).compile()

@@ -243,6 +243,33 @@ def test_cost_analysis_counts_the_programs(capsys):
     assert "cnn_small float32" in capsys.readouterr().out
 
 
+def test_cost_analysis_of_the_sweep_programs():
+    """--sweep-program compiles the sweep's own program: vmap over t makes the
+    convolutions grouped (one group per t), map with several BatchNorm batches at once keeps
+    them dense; the loops count once per iteration, and the note's estimate is the two terms."""
+    cost = _load("cost_analysis")
+    text = cost.main(["--model", "cnn_small", "--batch-size", "16", "--eval-batch", "32",
+                      "--num-t", "3", "--sweep-images", "64", "--sweep-program", "vmap:1:16",
+                      "--sweep-program", "map:2:64", "--kernel-us", "2"])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| sweep program: ")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == [
+        "sweep program: vmap, 1 BN batch at once, eval batch 16 (3 t x (64 BN + 64 eval images))",
+        "sweep program: map, 2 BN batches at once, eval batch 64 (3 t x (64 BN + 64 eval "
+        "images))"]
+    vmap_note, map_note = (r.split("|")[8].strip() for r in rows)
+    assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
+    row = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 64, 2e-6, 1e12)
+    assert row["note"].endswith(f"{row['bytes'] / 1e12 + row['kernels'] * 2e-6:.3g} s")
+    twice = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 128, 2e-6,
+                                   1e12)  # twice the loop iterations of each pass
+    assert 1.5 * row["bytes"] < twice["bytes"] < 2.5 * row["bytes"]
+    assert twice["kernels"] > row["kernels"]
+    for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5"):
+        with pytest.raises(SystemExit):
+            cost.main(["--model", "cnn_small", "--sweep-program", bad])
+
+
 # A GPU program as XLA prints it (shortened): in the entry computation a cuDNN convolution,
 # a fusion that reads it, a loop of three iterations and instructions that launch nothing.
 GPU_HLO = """HloModule jit_f, is_scheduled=true
