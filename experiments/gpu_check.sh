@@ -11,6 +11,10 @@
 #                region's traces into $OUT/profile_<region>.tgz when it is under 16 MB
 #   fused        f32's curve step with --fused-bn (BatchNorm + ReLU with a hand-written
 #                backward pass; compare with f32's step) to decide the models' fused_bn
+#   sweep_map    f32's sweep under lax.map over t with 16 BatchNorm batches at once and
+#                evaluation batches of 2,000 (dense convolutions, where vmap over t makes
+#                them grouped; compare with f32's sweep) to decide resolve_strategy and the
+#                default bn_group on GPUs
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
@@ -227,6 +231,8 @@ STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
 profile  # right after f32, whose compiled programs it reuses: where the step's time goes
 bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
+bench sweep_map 70 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
+  --sweep-images 6000 --strategy map --bn-group 16 --eval-batch-size 2000
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.

@@ -130,6 +130,7 @@ def summary(out: Path) -> str:
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
     for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
+                        ("sweep_map", "float32, lax.map over t, 16 BN batches at once"),
                         ("bf16", "bfloat16")):
         sw = _sweep(parts, name)
         text = "-"

@@ -48,7 +48,8 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
-             _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0)]
+             _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
+             _part("sweep_map", sweep=(4.0, 240000))]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
            "device": "Test GPU", "torch": "2.x"}
@@ -67,6 +68,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
     assert "6 s, 40,000 img-fwd/s" in lines[
         "20-point sweep <= 1.1 s (float32, BN folded for evaluation)"]
+    assert "4 s, 60,000 img-fwd/s" in lines[
+        "20-point sweep <= 1.1 s (float32, lax.map over t, 16 BN batches at once)"]
     masked = lines["masked step <= half the unmasked (float32)"]
     assert "6.00 / 10.00 ms = 0.60" in masked and "NOT met" in masked
     assert "not measured" in lines["masked step <= half the unmasked (bfloat16)"]
