@@ -41,7 +41,9 @@ STRATEGIES = ("auto", "vmap", "map")
 
 
 def resolve_strategy(strategy: str) -> str:
-    """'auto' picks lax.map on CPU and vmap on accelerators (measured; see docs)."""
+    """'auto' picks lax.map on CPU (measured: 3-5x faster than vmap there) and vmap on
+    accelerators (where map with ``bn_group`` is not yet measured against it;
+    docs/benchmarks.md, "The sweep's own program")."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
