@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import curves, masks, mcu, sweep
+from mcu_jax import bn, curves, masks, mcu, sweep
 from mcu_jax.data import Images
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -221,6 +221,21 @@ def _per_image(cost: dict, batch: int) -> dict:
             "per": f"image ({batch} a batch)"}
 
 
+def _workload(model_name: str, dtype: str, n: int) -> tuple:
+    """``(model, theta_o, images)``: the model with 10 classes, its variables at key 0 and
+    ``n`` random uint8 images of its input shape (with CIFAR's normalisation, and its
+    training augmentation at 32x32), as the benchmark's timing data."""
+    h, w, c = SHAPES.get(model_name, (32, 32, 3))
+    model = create(model_name, 10, dtype=dtype)
+    theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
+    rng = np.random.default_rng(0)
+    images = Images.from_arrays(rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8),
+                                rng.integers(0, 10, size=n), (CIFAR10_MEAN * c)[:c],
+                                (CIFAR10_STD * c)[:c],
+                                "crop_flip" if (h, w) == (32, 32) else "none")
+    return model, theta_o, images
+
+
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
             mask_file: str | None = None, device=None) -> list[dict]:
     """Rows {"program", "flops", "bytes", "kernels", "tiny", "per"} (and "note" for the
@@ -229,16 +244,10 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     then the step and the train-mode pass with it; with ``mask_file`` then the masked step
     (and the masked step with ``fused_bn``). Compiled for ``device``
     (:func:`target_device`) when given."""
-    h, w, c = SHAPES.get(model_name, (32, 32, 3))
-    model = create(model_name, 10, dtype=dtype)
-    theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
-    theta_p = init_variables(model, jax.random.PRNGKey(1), (1, h, w, c))
     n = max(batch_size, eval_batch)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-    y = rng.integers(0, 10, size=n)
-    images = Images.from_arrays(x, y, (CIFAR10_MEAN * c)[:c], (CIFAR10_STD * c)[:c],
-                                "crop_flip" if (h, w) == (32, 32) else "none")
+    model, theta_o, images = _workload(model_name, dtype, n)
+    h, w, c = images.x.shape[1:]
+    theta_p = init_variables(model, jax.random.PRNGKey(1), (1, h, w, c))
     is_forget = np.arange(n) % 11 == 0
     config = MCUConfig(batch_size=batch_size, progress=False)
     theta_c = curves.midpoint(theta_o["params"], theta_p["params"])
@@ -333,13 +342,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     convolutions that ``vmap`` over t made grouped (one group per t) and gives the two-term
     estimate: the bytes at ``bytes_per_s`` plus ``kernel_s`` per kernel."""
     strategy, group, eval_batch = program
-    h, w, c = SHAPES.get(model_name, (32, 32, 3))
-    model = create(model_name, 10, dtype=dtype)
-    theta = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
-    rng = np.random.default_rng(0)
-    data = Images.from_arrays(rng.integers(0, 256, size=(images, h, w, c), dtype=np.uint8),
-                              rng.integers(0, 10, size=images), (CIFAR10_MEAN * c)[:c],
-                              (CIFAR10_STD * c)[:c], "crop_flip" if (h, w) == (32, 32) else "none")
+    model, theta, data = _workload(model_name, dtype, images)
     every = np.arange(images)
     fn, args, statics = sweep.chunk_program(
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
@@ -352,9 +355,13 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     grouped = sum(int(g) > 1 for g in re.findall(r"feature_group_count=(\d+)", hlo))
     convs = len(re.findall(r"convolution\(|__cudnn\$conv", hlo))
     estimate = nbytes / bytes_per_s + len(kernels) * kernel_s
-    return {"program": f"sweep program: {strategy}, {group} BN batch{'es' if group > 1 else ''}"
-                       f" at once, eval batch {eval_batch} ({num_t} t x ({images:,} BN + "
-                       f"{images:,} eval images))",
+    full = images // batch_size  # full BatchNorm batches; the remainder runs on its own
+    steps, g = bn.group_layout(full, group) if full else (0, 0)
+    batches = (f"{full} BN batches of {batch_size}" + (f" + {images % batch_size}"
+                                                       if images % batch_size else "")
+               + (f", {g} at once in {steps} steps" if g > 1 else ", one at a time"))
+    return {"program": f"sweep program: {strategy} over t, {batches}, eval batch {eval_batch}"
+                       f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
             "note": f"{grouped} of {convs} convolutions in the program grouped; bytes + "

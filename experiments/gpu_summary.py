@@ -129,9 +129,12 @@ def summary(out: Path) -> str:
             text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
+    map_args = parts.get("sweep_map", {}).get("args", {})
+    map_label = (f"float32, lax.map over t, {map_args.get('bn_group', '?')} BN batches at "
+                 f"once, eval batch {map_args.get('eval_batch_size', '?')}")
+    plain = _sweep(parts, "f32")
     for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
-                        ("sweep_map", "float32, lax.map over t, 16 BN batches at once"),
-                        ("bf16", "bfloat16")):
+                        ("sweep_map", map_label), ("bf16", "bfloat16")):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:
@@ -139,6 +142,8 @@ def summary(out: Path) -> str:
             if ref is not None:
                 text += (f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x "
                          "the release's float32)")
+            if name in ("fold", "sweep_map") and plain is not None:
+                text += f"; {sw['sweep_s'] / plain['sweep_s']:.2f} of the float32 sweep"
         ok = None
         if sw is not None and sw["image_forwards"] == 240000:
             ok = sw["sweep_s"] <= SWEEP_TARGET_S

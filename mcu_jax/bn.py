@@ -67,15 +67,25 @@ def bn_batches(indices, batch_size: int, n: int | None = None, seed: int | None 
     return (full if full.shape[0] else None), (rest if rest.shape[0] else None)
 
 
+def group_layout(num_batches: int, group: int) -> tuple[int, int]:
+    """``(steps, g)``: how :func:`batch_statistics` runs ``num_batches`` full batches with
+    ``group`` at once: ``steps`` loop steps of ``g`` batches each, the fewest steps for
+    ``group`` with the least padding (``steps * g - num_batches < steps`` copies)."""
+    group = check_batch_size("group", group)
+    steps = -(-num_batches // min(group, max(num_batches, 1)))
+    return steps, -(-num_batches // max(steps, 1))
+
+
 def batch_statistics(model, params, template, images: Images, batches, rest, group: int = 1):
     """Size-weighted mean of per-batch BatchNorm statistics (pure; jit/vmap friendly).
 
     ``template`` is any batch_stats pytree of the model (only its structure is used);
     ``batches``/``rest`` come from :func:`bn_batches`. ``group`` full batches run at once
-    (``vmap`` over them, each normalised with its own statistics, so the result is the same
-    up to float rounding): fewer, larger kernels. The batches are padded to a whole number
-    of groups by repeating the first one with weight zero (fewer than one batch per group
-    of extra work). Returns a new batch_stats pytree.
+    (:func:`group_layout`; ``vmap`` over them with the same parameters, each normalised with
+    its own statistics and augmentation key, so the statistics are the same up to float
+    rounding): larger, fewer kernels, and ``group`` times the activation memory. The batches
+    are padded to whole groups by repeating the first one with weight zero. ``group=1``
+    runs one batch after another. Returns a new batch_stats pytree.
     """
     group = check_batch_size("group", group)
     if not jax.tree.leaves(template):
@@ -94,35 +104,42 @@ def batch_statistics(model, params, template, images: Images, batches, rest, gro
             {"params": params, "batch_stats": template}, x, train=True, mutable=["batch_stats"],
             rngs={"dropout": jax.random.PRNGKey(0)},
         )
-        return new["batch_stats"]
+        return jax.tree.map(lambda v: v.astype(jnp.float32), new["batch_stats"])
 
     total = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), template)
     count = 0
     if batches is not None:
         s, b = batches.shape
-        steps = -(-s // min(group, s))
-        g = -(-s // steps)  # the same number of steps with the least padding
-        pad = steps * g - s
+        steps, g = group_layout(s, group)
+        if g == 1:
+            def body(acc, xs):
+                return jax.tree.map(jnp.add, acc, stats(*xs)), None
 
-        def grouped(a):  # (s, ...) -> (steps, g, ...), padded with copies of a[0]
-            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])
-            return a.reshape(steps, g, *a.shape[1:])
+            xs = (batches, keys[:-1])
+        else:
+            pad = steps * g - s
 
-        weights = (jnp.arange(steps * g) < s).astype(jnp.float32).reshape(steps, g)
+            def grouped(a):  # (s, ...) -> (steps, g, ...), padded with copies of a[0]
+                a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])
+                return a.reshape(steps, g, *a.shape[1:])
 
-        def body(acc, xs):
-            idx, key, w = xs
-            st = jax.vmap(stats)(idx, key)  # every leaf (g, ...)
-            return jax.tree.map(
-                lambda a, v: a + jnp.tensordot(w, v.astype(jnp.float32), 1), acc, st), None
+            def body(acc, xs):
+                idx, key, w = xs
+                st = jax.vmap(stats)(idx, key)  # every leaf (g, ...)
+                # Weighted by an elementwise product and a sum, not a dot (which a GPU
+                # may run at reduced precision).
+                return jax.tree.map(
+                    lambda a, v: a + jnp.sum(w.reshape(g, *[1] * (v.ndim - 1)) * v, 0),
+                    acc, st), None
 
-        summed, _ = jax.lax.scan(body, total, (grouped(batches), grouped(keys[:-1]), weights))
+            real = (jnp.arange(steps * g) < s).astype(jnp.float32).reshape(steps, g)
+            xs = (grouped(batches), grouped(keys[:-1]), real)
+        summed, _ = jax.lax.scan(body, total, xs)
         total = jax.tree.map(lambda a: a * b, summed)
         count += s * b
     if rest is not None:
         r = rest.shape[0]
-        total = jax.tree.map(lambda a, v: a + r * v.astype(jnp.float32), total,
-                             stats(rest, keys[-1]))
+        total = jax.tree.map(lambda a, v: a + r * v, total, stats(rest, keys[-1]))
         count += r
     return jax.tree.map(lambda a, t: (a / count).astype(t.dtype), total, template)
 
@@ -132,16 +149,21 @@ def recompute(model, variables: dict, images: Images, indices, batch_size: int =
     """``variables`` with batch_stats recomputed over ``images[indices]`` (in the batches of
     :func:`bn_batches` with ``seed``; ``group`` of them at once, :func:`batch_statistics`).
 
-    With a ``mesh`` the pass is data parallel (``batch_size`` must be divisible by the
-    device count, ValueError otherwise; a set smaller than one batch, like the remainder,
-    runs whole on every device); the statistics equal the single-device ones within float
-    tolerance (the batch sums are reduced in another order) and come back replicated.
+    With a ``mesh`` the pass is data parallel (``group`` must be 1 and ``batch_size``
+    divisible by the device count, ValueError otherwise; a set smaller than one batch, like
+    the remainder, runs whole on every device); the statistics equal the single-device ones
+    within float tolerance (the batch sums are reduced in another order) and come back
+    replicated.
     """
+    group = check_batch_size("group", group)
     batches, rest = bn_batches(indices, batch_size, images.num_examples, seed)
     params, template = variables["params"], variables["batch_stats"]
     if mesh is None:
         stats = _batch_statistics_jit(model, params, template, images, batches, rest, group)
         return {"params": params, "batch_stats": stats}
+    if group > 1:  # vmap merges the groups into one batch that a mesh cannot split
+        raise ValueError(f"group={group} with a mesh: the data-parallel pass runs one batch "
+                         "at a time (group=1), its batches split over the devices")
     sharding.check_batch_size(batch_size, mesh, "BatchNorm recompute: batch_size")
     n = sharding.num_shards(mesh)
     params, template, images = sharding.replicate((params, template, images), mesh)

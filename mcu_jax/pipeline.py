@@ -56,7 +56,8 @@ class SelectionConfig:
     bn_set: str = "retain"  # BatchNorm statistics over D_r ("train": the release's choice)
     bn_batch_size: int = 128
     # BatchNorm-pass batches run at once (sweep.sweep's bn_group): the same statistics up to
-    # float rounding, fewer and larger kernels; 1 until measured on a GPU.
+    # float rounding, fewer and larger kernels, bn_group times the pass's activation memory;
+    # 1 until measured on a GPU.
     bn_group: int = 1
     eval_batch_size: int = 500
     strategy: str = "auto"  # sweep over t: "vmap", "map" or "auto" (per backend)

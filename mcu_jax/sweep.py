@@ -175,8 +175,10 @@ def sweep(
         pass itself (train mode) is unchanged.
       bn_group: how many of the BatchNorm pass's batches run at once
         (``bn.batch_statistics``): the same statistics up to float rounding, in larger and
-        fewer kernels. With ``strategy="map"`` on a GPU the convolutions then stay dense and
-        large, where ``vmap`` over t makes them grouped convolutions (one group per t).
+        fewer kernels, and ``bn_group`` times the pass's activation memory (under ``vmap``,
+        times the chunk's t as well). With ``strategy="map"`` on a GPU the convolutions then
+        stay dense and large, where ``vmap`` over t makes them grouped convolutions (one
+        group per t).
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
@@ -241,6 +243,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     for i, p in enumerate(points[1:], start=1):
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
     strategy = resolve_strategy(strategy)
+    bn_group = check_batch_size("bn_group", bn_group)
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -267,7 +270,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         )
     statics = dict(model=model, kind=curve, strategy=strategy, return_probs=return_probs,
                    return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn),
-                   bn_group=check_batch_size("bn_group", bn_group))
+                   bn_group=bn_group)
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
 
 

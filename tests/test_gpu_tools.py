@@ -49,7 +49,8 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
-             _part("sweep_map", sweep=(4.0, 240000))]
+             _part("sweep_map", sweep=(4.0, 240000),
+                   args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
            "device": "Test GPU", "torch": "2.x"}
@@ -66,10 +67,11 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
     assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
-    assert "6 s, 40,000 img-fwd/s" in lines[
-        "20-point sweep <= 1.1 s (float32, BN folded for evaluation)"]
-    assert "4 s, 60,000 img-fwd/s" in lines[
-        "20-point sweep <= 1.1 s (float32, lax.map over t, 16 BN batches at once)"]
+    assert "6 s, 40,000 img-fwd/s (13.3x the release's float32); 0.75 of the float32 sweep" in (
+        lines["20-point sweep <= 1.1 s (float32, BN folded for evaluation)"])
+    assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
+        lines["20-point sweep <= 1.1 s (float32, lax.map over t, 16 BN batches at once, eval "
+              "batch 2000)"])
     masked = lines["masked step <= half the unmasked (float32)"]
     assert "6.00 / 10.00 ms = 0.60" in masked and "NOT met" in masked
     assert "not measured" in lines["masked step <= half the unmasked (bfloat16)"]
@@ -257,9 +259,10 @@ def test_cost_analysis_of_the_sweep_programs():
     rows = [ln for ln in text.splitlines() if ln.startswith("| sweep program: ")]
     names = [r.split("|")[1].strip() for r in rows]
     assert names == [
-        "sweep program: vmap, 1 BN batch at once, eval batch 16 (3 t x (64 BN + 64 eval images))",
-        "sweep program: map, 2 BN batches at once, eval batch 64 (3 t x (64 BN + 64 eval "
-        "images))"]
+        "sweep program: vmap over t, 4 BN batches of 16, one at a time, eval batch 16 (3 t x "
+        "(64 BN + 64 eval images))",
+        "sweep program: map over t, 4 BN batches of 16, 2 at once in 2 steps, eval batch 64 (3 "
+        "t x (64 BN + 64 eval images))"]
     vmap_note, map_note = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
     row = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 64, 2e-6, 1e12)
@@ -268,6 +271,9 @@ def test_cost_analysis_of_the_sweep_programs():
                                    1e12)  # twice the loop iterations of each pass
     assert 1.5 * row["bytes"] < twice["bytes"] < 2.5 * row["bytes"]
     assert twice["kernels"] > row["kernels"]
+    # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
+    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64), 3, 140, 2e-6, 1e12)
+    assert "8 BN batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])

@@ -165,8 +165,9 @@ def test_background_compilation_is_reused_and_changes_nothing(theta_o, theta_p, 
                                                               digits_split, small_model):
     train_images, test_images = digits_images
     refs = {"train": 100.0, "val": 95.0}
-    # Shapes no other test uses, so every compile of these sweep programs is seen here.
-    base = pipeline.SelectionConfig(num_t=5, bn_batch_size=50, eval_batch_size=77)
+    # Shapes no other test uses, so every compile of these sweep programs is seen here (3
+    # BatchNorm batches at once: the background thread compiles that program too).
+    base = pipeline.SelectionConfig(num_t=5, bn_batch_size=50, eval_batch_size=77, bn_group=3)
 
     def run(precompile):
         return pipeline.run_mcu(

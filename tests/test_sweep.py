@@ -1,5 +1,7 @@
 """BatchNorm recomputation and the vectorised t-sweep against independent loops."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,10 +93,16 @@ def test_grouped_batchnorm_pass_runs_group_batches_per_step(group, steps, theta_
 
 
 def test_grouped_batchnorm_pass_rejects_a_bad_group(theta_o, small_model, digits_images):
+    from mcu_jax import sharding
+
     train_images, _ = digits_images
-    for group in (0, 1.5, True):
-        with pytest.raises(ValueError, match=f"group={group!r}"):
+    for group in (0, 1.5, True, [2]):
+        with pytest.raises(ValueError, match=re.escape(f"group={group!r}")):
             bn.recompute(small_model, theta_o, train_images, np.arange(20), group=group)
+    # With a mesh the batches are split over the devices; groups would be gathered whole.
+    with pytest.raises(ValueError, match="group=2 with a mesh"):
+        bn.recompute(small_model, theta_o, train_images, np.arange(20), mesh=sharding.make_mesh(1),
+                     group=2)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +135,7 @@ def _loop_reference(model, points, ts, template, train_images, bn_idx, sets, cur
 
 
 @pytest.mark.parametrize("strategy, chunk, bn_group", [("vmap", None, 1), ("map", 3, 1),
-                                                     ("map", None, 2)])
+                                                     ("map", None, 2), ("vmap", None, 3)])
 def test_sweep_equals_loop_over_t(strategy, chunk, bn_group, curve_points, theta_o,
                                   digits_images, digits_split, small_model):
     train_images, test_images = digits_images
