@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import checkpoint, curves, masks, mcu, pipeline, selection, sharding, sweep
+from mcu_jax import bn, checkpoint, curves, masks, mcu, pipeline, selection, sharding, sweep
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
@@ -473,7 +473,8 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
     if args.fold_bn:
         setting += ", BN folded for evaluation"
     if args.bn_group > 1:
-        setting += f", {args.bn_group} BN batches at once"
+        passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
+        setting += f", BN pass: {passes}"
     setting += FUSED_TEXT[args.fused_bn]
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",

@@ -26,7 +26,8 @@ with a hand-written backward pass, ``models/batchnorm.py``). With ``--mask`` (a 
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
 program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
-strategy (vmap or map over t), ``bn_group`` and evaluation batch, and estimates its time by
+strategy (vmap or map over t), ``bn_group`` and evaluation batch (BatchNorm batches of
+``--batch-size``, as the step's), and estimates its time by
 two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a kernel. Prints a
 Markdown table.
 
@@ -59,13 +60,12 @@ import numpy as np
 import optax
 
 from mcu_jax import bn, curves, masks, mcu, sweep
-from mcu_jax.data import Images
-from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.models import create, folded, init_variables
 
-SHAPES = {"cnn_small": (8, 8, 1), "vgg16_bn": (64, 64, 3), "vit_b16": (224, 224, 3)}
-
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling benchmark.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import INPUT_SHAPES, synthetic_images  # noqa: E402 - the benchmark's own data
 
 TINY_BYTES = 1_000_000  # a kernel touching fewer bytes than this is launch-bound on a GPU
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
@@ -221,19 +221,15 @@ def _per_image(cost: dict, batch: int) -> dict:
             "per": f"image ({batch} a batch)"}
 
 
+@functools.cache
 def _workload(model_name: str, dtype: str, n: int) -> tuple:
     """``(model, theta_o, images)``: the model with 10 classes, its variables at key 0 and
-    ``n`` random uint8 images of its input shape (with CIFAR's normalisation, and its
-    training augmentation at 32x32), as the benchmark's timing data."""
-    h, w, c = SHAPES.get(model_name, (32, 32, 3))
+    ``n`` of the benchmark's random images (``benchmark.synthetic_images``, seed 0); built
+    once per argument set (the sweep-program rows share it)."""
+    h, w, c = INPUT_SHAPES.get(model_name, (32, 32, 3))
     model = create(model_name, 10, dtype=dtype)
     theta_o = init_variables(model, jax.random.PRNGKey(0), (1, h, w, c))
-    rng = np.random.default_rng(0)
-    images = Images.from_arrays(rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8),
-                                rng.integers(0, 10, size=n), (CIFAR10_MEAN * c)[:c],
-                                (CIFAR10_STD * c)[:c],
-                                "crop_flip" if (h, w) == (32, 32) else "none")
-    return model, theta_o, images
+    return model, theta_o, synthetic_images(n, (h, w, c), 10, np.random.default_rng(0))
 
 
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
@@ -321,11 +317,10 @@ def parse_sweep_program(spec: str) -> tuple[str, int, int]:
     parts = spec.split(":")
     try:
         strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
+        ok = len(parts) == 3 and strategy in ("vmap", "map") and min(group, eval_batch) >= 1
     except (IndexError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH, e.g. "
-            "vmap:1:500") from None
-    if len(parts) != 3 or strategy not in ("vmap", "map") or group < 1 or eval_batch < 1:
+        ok = False
+    if not ok:
         raise argparse.ArgumentTypeError(
             f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH with STRATEGY "
             "vmap or map and positive integers, e.g. map:16:2000")
@@ -355,12 +350,8 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     grouped = sum(int(g) > 1 for g in re.findall(r"feature_group_count=(\d+)", hlo))
     convs = len(re.findall(r"convolution\(|__cudnn\$conv", hlo))
     estimate = nbytes / bytes_per_s + len(kernels) * kernel_s
-    full = images // batch_size  # full BatchNorm batches; the remainder runs on its own
-    steps, g = bn.group_layout(full, group) if full else (0, 0)
-    batches = (f"{full} BN batches of {batch_size}" + (f" + {images % batch_size}"
-                                                       if images % batch_size else "")
-               + (f", {g} at once in {steps} steps" if g > 1 else ", one at a time"))
-    return {"program": f"sweep program: {strategy} over t, {batches}, eval batch {eval_batch}"
+    batches = bn.describe_pass(images, batch_size, group)
+    return {"program": f"sweep program: {strategy} over t, BN {batches}, eval batch {eval_batch}"
                        f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",

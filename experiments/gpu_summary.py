@@ -129,9 +129,11 @@ def summary(out: Path) -> str:
             text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
-    map_args = parts.get("sweep_map", {}).get("args", {})
-    map_label = (f"float32, lax.map over t, {map_args.get('bn_group', '?')} BN batches at "
-                 f"once, eval batch {map_args.get('eval_batch_size', '?')}")
+    # gpu_check.sh's settings of the part, or those it ran with
+    map_args = {"strategy": "map", "bn_group": 16, "eval_batch_size": 2000,
+                **parts.get("sweep_map", {}).get("args", {})}
+    map_label = (f"float32, {map_args['strategy']} over t, {map_args['bn_group']} BN batches "
+                 f"at once, eval batch {map_args['eval_batch_size']}")
     plain = _sweep(parts, "f32")
     for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
                         ("sweep_map", map_label), ("bf16", "bfloat16")):

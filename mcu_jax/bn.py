@@ -76,6 +76,18 @@ def group_layout(num_batches: int, group: int) -> tuple[int, int]:
     return steps, -(-num_batches // max(steps, 1))
 
 
+def describe_pass(n: int, batch_size: int, group: int = 1) -> str:
+    """How the pass over ``n`` images runs, in words (for tables): e.g. "46 batches of 128 +
+    112, 16 at once in 3 steps" (the remainder runs on its own) or "..., one at a time"."""
+    b = min(check_batch_size("batch_size", batch_size), n)
+    full, rest = divmod(n, b)
+    steps, g = group_layout(full, group)
+    text = f"{full} batch{'es' if full != 1 else ''} of {b}" + (f" + {rest}" if rest else "")
+    if g < 2:
+        return text + ", one at a time"
+    return text + f", {g} at once in {steps} step{'s' if steps > 1 else ''}"
+
+
 def batch_statistics(model, params, template, images: Images, batches, rest, group: int = 1):
     """Size-weighted mean of per-batch BatchNorm statistics (pure; jit/vmap friendly).
 
@@ -87,7 +99,7 @@ def batch_statistics(model, params, template, images: Images, batches, rest, gro
     are padded to whole groups by repeating the first one with weight zero. ``group=1``
     runs one batch after another. Returns a new batch_stats pytree.
     """
-    group = check_batch_size("group", group)
+    group = check_batch_size("group", group)  # before anything else: a public entry point
     if not jax.tree.leaves(template):
         return template
     model0 = model.clone(bn_momentum=0.0)

@@ -176,9 +176,9 @@ def sweep(
       bn_group: how many of the BatchNorm pass's batches run at once
         (``bn.batch_statistics``): the same statistics up to float rounding, in larger and
         fewer kernels, and ``bn_group`` times the pass's activation memory (under ``vmap``,
-        times the chunk's t as well). With ``strategy="map"`` on a GPU the convolutions then
-        stay dense and large, where ``vmap`` over t makes them grouped convolutions (one
-        group per t).
+        times the chunk's t as well). ``strategy="map"`` keeps a GPU's convolutions dense,
+        where ``vmap`` over t makes them grouped convolutions (one group per t);
+        ``bn_group`` then makes them larger and fewer.
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
@@ -252,6 +252,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         chunk = -(-chunk // n_dev) * n_dev
     bn_images, bn_idx = bn_set
     bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size, bn_images.num_examples))
+    full = bn_data[1]  # the static is the group that runs, so equal layouts share a program
+    bn_group = 1 if full is None else bn.group_layout(full.shape[0], bn_group)[1]
     check_batch_size("eval_batch_size", eval_batch_size)
     eval_sets = {
         name: (images, check_indices(f"eval_sets[{name!r}]", idx, images.num_examples,

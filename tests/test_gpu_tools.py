@@ -70,7 +70,7 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "6 s, 40,000 img-fwd/s (13.3x the release's float32); 0.75 of the float32 sweep" in (
         lines["20-point sweep <= 1.1 s (float32, BN folded for evaluation)"])
     assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
-        lines["20-point sweep <= 1.1 s (float32, lax.map over t, 16 BN batches at once, eval "
+        lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval "
               "batch 2000)"])
     masked = lines["masked step <= half the unmasked (float32)"]
     assert "6.00 / 10.00 ms = 0.60" in masked and "NOT met" in masked
@@ -259,9 +259,9 @@ def test_cost_analysis_of_the_sweep_programs():
     rows = [ln for ln in text.splitlines() if ln.startswith("| sweep program: ")]
     names = [r.split("|")[1].strip() for r in rows]
     assert names == [
-        "sweep program: vmap over t, 4 BN batches of 16, one at a time, eval batch 16 (3 t x "
+        "sweep program: vmap over t, BN 4 batches of 16, one at a time, eval batch 16 (3 t x "
         "(64 BN + 64 eval images))",
-        "sweep program: map over t, 4 BN batches of 16, 2 at once in 2 steps, eval batch 64 (3 "
+        "sweep program: map over t, BN 4 batches of 16, 2 at once in 2 steps, eval batch 64 (3 "
         "t x (64 BN + 64 eval images))"]
     vmap_note, map_note = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
@@ -273,7 +273,7 @@ def test_cost_analysis_of_the_sweep_programs():
     assert twice["kernels"] > row["kernels"]
     # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
     odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64), 3, 140, 2e-6, 1e12)
-    assert "8 BN batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
+    assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])

@@ -92,6 +92,29 @@ def test_grouped_batchnorm_pass_runs_group_batches_per_step(group, steps, theta_
     assert convs and all(e.invars[0].aval.shape[0] == per_step * 8 for e in convs)
 
 
+def test_group_layout_and_its_description():
+    """The steps and batches per step that run, and how tables name them."""
+    assert bn.group_layout(46, 16) == (3, 16)  # 48: two padding copies
+    assert bn.group_layout(46, 47) == bn.group_layout(46, 46) == (1, 46)
+    assert bn.group_layout(7, 1) == (7, 1) and bn.group_layout(0, 4) == (0, 0)
+    assert bn.describe_pass(6000, 128, 16) == "46 batches of 128 + 112, 16 at once in 3 steps"
+    assert bn.describe_pass(6000, 128) == "46 batches of 128 + 112, one at a time"
+    assert bn.describe_pass(100, 128, 4) == "1 batch of 100, one at a time"  # one batch
+    assert bn.describe_pass(256, 128, 9) == "2 batches of 128, 2 at once in 1 step"
+
+
+def test_sweep_compiles_one_program_for_groups_that_run_alike(curve_points, theta_o,
+                                                              digits_images, small_model):
+    """bn_group is capped at the full batches there are: 5 and 9 of 4 batches run alike."""
+    train_images, _ = digits_images
+    plans = [sweep._plan(small_model, curve_points, [0.5], theta_o["batch_stats"],
+                         (train_images, np.arange(200)), {"r": (train_images, np.arange(10))},
+                         curve="bezier", bn_batch_size=50, eval_batch_size=10,
+                         return_probs=False, return_stats=False, strategy="map",
+                         chunk_size=None, mesh=None, bn_group=g) for g in (4, 5, 9)]
+    assert [p.statics["bn_group"] for p in plans] == [4, 4, 4]
+
+
 def test_grouped_batchnorm_pass_rejects_a_bad_group(theta_o, small_model, digits_images):
     from mcu_jax import sharding
 
