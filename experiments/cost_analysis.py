@@ -5,7 +5,7 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
-                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH ...]
+                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:fold]]
                                            [--kernel-us 3.5]
                                            [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
@@ -27,7 +27,8 @@ step with that mask, whose frozen tensors get no weight gradient (with and witho
 ``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
 program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
 strategy (vmap or map over t), ``bn_group`` and evaluation batch (BatchNorm batches of
-``--batch-size``, as the step's), and estimates its time by
+``--batch-size``, as the step's; ``:fold``: BatchNorm folded for evaluation), and estimates
+its time by
 two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a kernel. Prints a
 Markdown table.
 
@@ -311,38 +312,42 @@ def sweep_row(rows: list[dict], num_t: int, images: int) -> dict:
             "bytes": count * (train_fwd["bytes"] + eval_fwd["bytes"]), "per": "sweep"}
 
 
-def parse_sweep_program(spec: str) -> tuple[str, int, int]:
-    """``"STRATEGY:BN_GROUP:EVAL_BATCH"`` (e.g. ``vmap:1:500``, the GPU default) ->
-    ``(strategy, bn_group, eval_batch)``."""
+def parse_sweep_program(spec: str) -> tuple[str, int, int, bool]:
+    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold]"`` (e.g. ``vmap:1:500``, the GPU default;
+    ``map:16:2000:fold`` with BatchNorm folded for evaluation) ->
+    ``(strategy, bn_group, eval_batch, fold_bn)``."""
     parts = spec.split(":")
+    fold = parts[3:] == ["fold"]
     try:
         strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
-        ok = len(parts) == 3 and strategy in ("vmap", "map") and min(group, eval_batch) >= 1
+        ok = (len(parts) == 3 + fold and strategy in ("vmap", "map")
+              and min(group, eval_batch) >= 1)
     except (IndexError, ValueError):
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(
-            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH with STRATEGY "
-            "vmap or map and positive integers, e.g. map:16:2000")
-    return strategy, group, eval_batch
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold] with "
+            "STRATEGY vmap or map and positive integers, e.g. map:16:2000 or map:16:2000:fold")
+    return strategy, group, eval_batch, fold
 
 
-def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple[str, int, int],
+def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple,
                       num_t: int, images: int, kernel_s: float, bytes_per_s: float,
                       device=None) -> dict:
     """The sweep's own program (``sweep.chunk_program``, as ``sweep.sweep`` and benchmark.py
     run it: ``num_t`` t, BatchNorm statistics over ``images`` images and accuracy on the
-    same) for ``program = (strategy, bn_group, eval_batch)``. Its bytes are the kernels'
+    same) for ``program = (strategy, bn_group, eval_batch[, fold_bn])``. Its bytes are the kernels'
     (:func:`hlo_kernels`, a loop's once per iteration) on every backend; the note counts the
     convolutions that ``vmap`` over t made grouped (one group per t) and gives the two-term
     estimate: the bytes at ``bytes_per_s`` plus ``kernel_s`` per kernel."""
-    strategy, group, eval_batch = program
+    strategy, group, eval_batch, *fold = program
+    fold = bool(fold and fold[0])
     model, theta, data = _workload(model_name, dtype, images)
     every = np.arange(images)
     fn, args, statics = sweep.chunk_program(
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
-        eval_batch_size=eval_batch, strategy=strategy, bn_group=group)
+        eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold)
     compiled = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)
@@ -352,6 +357,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     estimate = nbytes / bytes_per_s + len(kernels) * kernel_s
     batches = bn.describe_pass(images, batch_size, group)
     return {"program": f"sweep program: {strategy} over t, BN {batches}, eval batch {eval_batch}"
+                       f"{', BN folded' if fold else ''}"
                        f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
@@ -389,7 +395,8 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
-    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH", action="append",
+    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold]",
+                   action="append",
                    type=parse_sweep_program, default=[],
                    help="also the sweep's own program with these settings, scaled to --num-t "
                    "t over --sweep-images images (repeatable; vmap:1:500 is the GPU default)")

@@ -26,8 +26,10 @@
 #                gpu_accuracy.sh's question)
 #   e2e_fast_warm  e2e_fast again on its filled compilation cache
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
-#   fold         float32 sweep with BatchNorm folded into the convolutions for evaluation
-#                (--fold-bn; compare with f32's sweep) to decide SelectionConfig.fold_bn
+#   fold         sweep_map's sweep with BatchNorm folded into the convolutions for
+#                evaluation (--fold-bn; compare with sweep_map's) to decide
+#                SelectionConfig.fold_bn: compiled for an H100, folding saves bytes with dense
+#                convolutions only (under vmap over t the program moves the same bytes)
 #   bf16         bfloat16, no mask: curve step + sweep
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
@@ -231,8 +233,9 @@ STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
 profile  # right after f32, whose compiled programs it reuses: where the step's time goes
 bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
-bench sweep_map 70 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
-  --sweep-images 6000 --strategy map --bn-group 16 --eval-batch-size 2000
+DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
+  --strategy map --bn-group 16 --eval-batch-size 2000)
+bench sweep_map 70 "${DENSE[@]}"
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.
@@ -259,8 +262,7 @@ elif wanted e2e_fast_warm; then
   log "skip e2e_fast_warm: e2e_fast did not finish in this call, so its cache is not warm"
 fi
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
-bench fold 90 --model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000 \
-  --fold-bn
+bench fold 90 "${DENSE[@]}" --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
   --sweep-images 6000 --compare-strategies --chunk-size 5

@@ -134,9 +134,12 @@ def summary(out: Path) -> str:
                 **parts.get("sweep_map", {}).get("args", {})}
     map_label = (f"float32, {map_args['strategy']} over t, {map_args['bn_group']} BN batches "
                  f"at once, eval batch {map_args['eval_batch_size']}")
-    plain = _sweep(parts, "f32")
-    for name, label in (("f32", "float32"), ("fold", "float32, BN folded for evaluation"),
-                        ("sweep_map", map_label), ("bf16", "bfloat16")):
+    # each variant against the sweep it changes: sweep_map against f32's, fold against
+    # sweep_map's (gpu_check.sh folds on the dense settings)
+    base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep")}
+    for name, label in (("f32", "float32"), ("sweep_map", map_label),
+                        ("fold", map_label + ", BN folded for evaluation"),
+                        ("bf16", "bfloat16")):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:
@@ -144,8 +147,9 @@ def summary(out: Path) -> str:
             if ref is not None:
                 text += (f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x "
                          "the release's float32)")
-            if name in ("fold", "sweep_map") and plain is not None:
-                text += f"; {sw['sweep_s'] / plain['sweep_s']:.2f} of the float32 sweep"
+            if name in base and _sweep(parts, base[name][0]) is not None:
+                ratio = sw["sweep_s"] / _sweep(parts, base[name][0])["sweep_s"]
+                text += f"; {ratio:.2f} of the {base[name][1]}"
         ok = None
         if sw is not None and sw["image_forwards"] == 240000:
             ok = sw["sweep_s"] <= SWEEP_TARGET_S

@@ -67,8 +67,9 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
     assert "| met |" in lines["20-point sweep <= 1.1 s (bfloat16)"]
-    assert "6 s, 40,000 img-fwd/s (13.3x the release's float32); 0.75 of the float32 sweep" in (
-        lines["20-point sweep <= 1.1 s (float32, BN folded for evaluation)"])
+    assert "6 s, 40,000 img-fwd/s (13.3x the release's float32); 1.50 of the unfolded sweep" in (
+        lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval batch "
+              "2000, BN folded for evaluation)"])
     assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
         lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval "
               "batch 2000)"])
@@ -255,15 +256,18 @@ def test_cost_analysis_of_the_sweep_programs():
     cost = _load("cost_analysis")
     text = cost.main(["--model", "cnn_small", "--batch-size", "16", "--eval-batch", "32",
                       "--num-t", "3", "--sweep-images", "64", "--sweep-program", "vmap:1:16",
-                      "--sweep-program", "map:2:64", "--kernel-us", "2"])
+                      "--sweep-program", "map:2:64", "--sweep-program", "map:2:64:fold",
+                      "--kernel-us", "2"])
     rows = [ln for ln in text.splitlines() if ln.startswith("| sweep program: ")]
     names = [r.split("|")[1].strip() for r in rows]
     assert names == [
         "sweep program: vmap over t, BN 4 batches of 16, one at a time, eval batch 16 (3 t x "
         "(64 BN + 64 eval images))",
         "sweep program: map over t, BN 4 batches of 16, 2 at once in 2 steps, eval batch 64 (3 "
-        "t x (64 BN + 64 eval images))"]
-    vmap_note, map_note = (r.split("|")[8].strip() for r in rows)
+        "t x (64 BN + 64 eval images))",
+        "sweep program: map over t, BN 4 batches of 16, 2 at once in 2 steps, eval batch 64, "
+        "BN folded (3 t x (64 BN + 64 eval images))"]
+    vmap_note, map_note, _ = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
     row = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 64, 2e-6, 1e12)
     assert row["note"].endswith(f"{row['bytes'] / 1e12 + row['kernels'] * 2e-6:.3g} s")
@@ -274,7 +278,8 @@ def test_cost_analysis_of_the_sweep_programs():
     # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
     odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64), 3, 140, 2e-6, 1e12)
     assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
-    for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5"):
+    for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5", "map:1:5:folded",
+                "map:1:5:fold:x"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])
 
