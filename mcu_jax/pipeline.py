@@ -66,7 +66,8 @@ class SelectionConfig:
     # computed (one device only). Off by default until measured on a GPU (docs/benchmarks.md).
     precompile: bool = False
     # Evaluate the sweep with BatchNorm folded into the convolutions (sweep.folded): the same
-    # accuracies up to float rounding; off by default until measured on a GPU.
+    # accuracies up to float rounding, fewer bytes on GPUs with strategy "map" (not under
+    # vmap); off by default until measured on a GPU.
     fold_bn: bool = False
 
     def __post_init__(self):

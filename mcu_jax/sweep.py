@@ -171,8 +171,9 @@ def sweep(
         count and padded); None: one device.
       fold_bn: evaluate with the BatchNorms that follow a convolution folded into it
         (``models.folded``): the same accuracies up to float rounding, fewer passes over the
-        activations where XLA fuses the convolution's bias and ReLU (GPUs). The BatchNorm
-        pass itself (train mode) is unchanged.
+        activations where XLA fuses the convolution's bias and ReLU (GPUs, with dense
+        convolutions: ``strategy="map"``; under ``vmap`` the compiled program moves the same
+        bytes). The BatchNorm pass itself (train mode) is unchanged.
       bn_group: how many of the BatchNorm pass's batches run at once
         (``bn.batch_statistics``): the same statistics up to float rounding, in larger and
         fewer kernels, and ``bn_group`` times the pass's activation memory (under ``vmap``,
