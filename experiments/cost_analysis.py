@@ -28,9 +28,8 @@ step with that mask, whose frozen tensors get no weight gradient (with and witho
 program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
 strategy (vmap or map over t), ``bn_group`` and evaluation batch (BatchNorm batches of
 ``--batch-size``, as the step's; ``:fold``: BatchNorm folded for evaluation), and estimates
-its time by
-two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a kernel. Prints a
-Markdown table.
+its time by two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a
+kernel. Prints a Markdown table.
 
 Every row also counts the program's kernels: the instructions of its compiled program that
 launch work (fusions, library calls, copies; a loop's once per iteration), and how many of
@@ -336,12 +335,12 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
                       device=None) -> dict:
     """The sweep's own program (``sweep.chunk_program``, as ``sweep.sweep`` and benchmark.py
     run it: ``num_t`` t, BatchNorm statistics over ``images`` images and accuracy on the
-    same) for ``program = (strategy, bn_group, eval_batch[, fold_bn])``. Its bytes are the kernels'
-    (:func:`hlo_kernels`, a loop's once per iteration) on every backend; the note counts the
-    convolutions that ``vmap`` over t made grouped (one group per t) and gives the two-term
-    estimate: the bytes at ``bytes_per_s`` plus ``kernel_s`` per kernel."""
-    strategy, group, eval_batch, *fold = program
-    fold = bool(fold and fold[0])
+    same) for ``program = (strategy, bn_group, eval_batch, fold_bn)``
+    (:func:`parse_sweep_program`). Its bytes are the kernels' (:func:`hlo_kernels`, a loop's
+    once per iteration) on every backend; the note counts the convolutions that ``vmap`` over
+    t made grouped (one group per t) and gives the two-term estimate: the bytes at
+    ``bytes_per_s`` plus ``kernel_s`` per kernel."""
+    strategy, group, eval_batch, fold = program
     model, theta, data = _workload(model_name, dtype, images)
     every = np.arange(images)
     fn, args, statics = sweep.chunk_program(
@@ -398,8 +397,8 @@ def main(argv=None) -> str:
     p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold]",
                    action="append",
                    type=parse_sweep_program, default=[],
-                   help="also the sweep's own program with these settings, scaled to --num-t "
-                   "t over --sweep-images images (repeatable; vmap:1:500 is the GPU default)")
+                   help="also the sweep's own program with these settings, for --num-t t "
+                   "over --sweep-images images (repeatable; vmap:1:500 is the GPU default)")
     p.add_argument("--kernel-us", type=float, default=3.5,
                    help="microseconds a kernel, for the sweep programs' two-term estimate")
     p.add_argument("--gpu-target", metavar="FILE", default=None,

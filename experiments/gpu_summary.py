@@ -147,9 +147,9 @@ def summary(out: Path) -> str:
             if ref is not None:
                 text += (f" ({sw['image_forwards_per_s'] / ref['sweep_img_fwd_per_s']:.1f}x "
                          "the release's float32)")
-            if name in base and _sweep(parts, base[name][0]) is not None:
-                ratio = sw["sweep_s"] / _sweep(parts, base[name][0])["sweep_s"]
-                text += f"; {ratio:.2f} of the {base[name][1]}"
+            before = _sweep(parts, base[name][0]) if name in base else None
+            if before is not None:
+                text += f"; {sw['sweep_s'] / before['sweep_s']:.2f} of the {base[name][1]}"
         ok = None
         if sw is not None and sw["image_forwards"] == 240000:
             ok = sw["sweep_s"] <= SWEEP_TARGET_S

@@ -191,8 +191,7 @@ def sweep(
     outs = []
     for lo in range(0, ts.size, plan.chunk):
         part = ts[lo : lo + plan.chunk]
-        out = _sweep_chunk(plan.points, plan.chunk_ts(part), plan.template, plan.bn_data,
-                           plan.eval_data, **plan.statics)
+        out = _sweep_chunk(*plan.args(part), **plan.statics)
         outs.append(jax.tree.map(lambda a, k=part.size: np.asarray(a)[:k], out))
     stats = None
     if return_stats:
@@ -222,12 +221,13 @@ class _Plan:
     statics: dict  # the static arguments of _sweep_chunk
     mesh: Any
 
-    def chunk_ts(self, part: np.ndarray) -> jax.Array:
-        """``part`` padded with its last t to a whole chunk, placed as the chunk takes it."""
+    def args(self, part: np.ndarray) -> tuple:
+        """:func:`_sweep_chunk`'s arguments for the t in ``part``: padded with the last t to a
+        whole chunk and placed as the chunk takes them."""
         padded = np.concatenate([part, np.full(self.chunk - part.size, part[-1], np.float32)])
-        if self.mesh is None:
-            return jnp.asarray(padded)
-        return sharding.place(padded, sharding.t_sharding(self.mesh))
+        ts = (jnp.asarray(padded) if self.mesh is None
+              else sharding.place(padded, sharding.t_sharding(self.mesh)))
+        return self.points, ts, self.template, self.bn_data, self.eval_data
 
 
 def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
@@ -292,9 +292,7 @@ def chunk_program(model, points: Sequence[Any], ts, template: Any,
                                          **options)
     call.apply_defaults()
     plan = _plan(**call.arguments)
-    args = (plan.points, plan.chunk_ts(plan.ts[: plan.chunk]), plan.template, plan.bn_data,
-            plan.eval_data)
-    return _sweep_chunk, args, plan.statics
+    return _sweep_chunk, plan.args(plan.ts[: plan.chunk]), plan.statics
 
 
 def precompile(model, points: Sequence[Any], ts, template: Any, bn_set: tuple[Images, Any],

@@ -269,14 +269,16 @@ def test_cost_analysis_of_the_sweep_programs():
         "BN folded (3 t x (64 BN + 64 eval images))"]
     vmap_note, map_note, _ = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
-    row = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 64, 2e-6, 1e12)
+    dense = ("map", 2, 64, False)
+    row = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 64, 2e-6, 1e12)
     assert row["note"].endswith(f"{row['bytes'] / 1e12 + row['kernels'] * 2e-6:.3g} s")
-    twice = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 2, 64), 3, 128, 2e-6,
+    twice = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 128, 2e-6,
                                    1e12)  # twice the loop iterations of each pass
     assert 1.5 * row["bytes"] < twice["bytes"] < 2.5 * row["bytes"]
     assert twice["kernels"] > row["kernels"]
     # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
-    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64), 3, 140, 2e-6, 1e12)
+    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64, False), 3, 140,
+                                 2e-6, 1e12)
     assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5", "map:1:5:folded",
                 "map:1:5:fold:x"):
