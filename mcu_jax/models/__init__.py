@@ -9,6 +9,9 @@ BatchNorm models also have ``fold_bn`` (evaluation with BatchNorm folded into th
 convolutions; :func:`folded` turns it on where it exists) and ``fused_bn`` (train-mode
 BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes, ``batchnorm.py``;
 off until measured on a GPU; the same function either way, rounded differently).
+PreResNet also has ``pointwise`` (its 1x1 convolutions as one kernel with the BatchNorm +
+ReLU before them and the statistics after them, ``pointwise.py``; :func:`with_pointwise`
+sets it where it exists; for the forward passes of the sweep).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 from mcu_jax import checks, pytrees
 from mcu_jax.models.cnn import CNNSmall
 from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
-from mcu_jax.models.preresnet import PreResNet, preresnet
+from mcu_jax.models.preresnet import POINTWISE, PreResNet, pointwise_impl, preresnet
 from mcu_jax.models.pretrained import load_pretrained, save_npz
 from mcu_jax.models.resnet import CifarResNet
 from mcu_jax.models.vgg import VGG16BN
@@ -48,6 +51,7 @@ __all__ = [
     "CNNSmall",
     "CifarResNet",
     "MODELS",
+    "POINTWISE",
     "PreResNet",
     "VGG16BN",
     "VisionTransformer",
@@ -60,6 +64,7 @@ __all__ = [
     "preresnet",
     "register",
     "save_npz",
+    "with_pointwise",
 ]
 
 Factory = Callable[..., nn.Module]
@@ -188,4 +193,14 @@ def folded(model):
     field (no BatchNorm, or a user model) is returned as it is."""
     if "fold_bn" in getattr(model, "__dataclass_fields__", {}):
         return model.clone(fold_bn=True)
+    return model
+
+
+def with_pointwise(model, pointwise: str):
+    """``model`` with its ``pointwise`` field set (PreResNet's 1x1 convolutions as
+    ``pointwise.bn_relu_matmul``; one of :data:`POINTWISE`, checked); a model without that
+    field is returned as it is, as is every model for "conv"."""
+    pointwise_impl(pointwise)
+    if pointwise != "conv" and "pointwise" in getattr(model, "__dataclass_fields__", {}):
+        return model.clone(pointwise=pointwise)
     return model

@@ -171,3 +171,42 @@ class BatchNorm(nn.BatchNorm):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+
+class BatchNormCoefficients(nn.Module):
+    """``nn.BatchNorm``'s variables (the same names, shapes and initial values), returning the
+    affine map it would apply instead of applying it: ``(mean, mul, bias)``, all (C,)
+    float32, with ``bn(x) = (x - mean) * mul + bias`` and ``mul = rsqrt(var + eps) * scale``
+    (Flax's order of operations). For a kernel that applies it on the way in
+    (``pointwise.bn_relu_matmul``).
+
+    In train mode the batch statistics come from ``sums`` (the channels' sum and sum of
+    squares over ``n`` values, e.g. from the kernel that wrote ``x``) or, without them, from
+    ``x`` itself (``x`` is then read; with ``sums`` only its shape is); the running
+    statistics are updated as ``nn.BatchNorm`` updates them (fast variance, clipped at 0).
+    """
+
+    use_running_average: bool
+    momentum: float
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x, sums=None):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            if sums is None:
+                mean, var = _stats(x)
+            else:
+                n = x.size // c
+                mean = sums[0] / n
+                var = jnp.maximum(0.0, sums[1] / n - jax.lax.square(mean))
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return mean, jax.lax.rsqrt(var + self.epsilon) * scale, bias

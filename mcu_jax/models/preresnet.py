@@ -23,11 +23,51 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtype
+from mcu_jax.models import pointwise as pw
+from mcu_jax.models.batchnorm import BatchNormCoefficients
+from mcu_jax.models.layers import (
+    BN_EPSILON,
+    batch_norm,
+    conv,
+    conv_bn,
+    conv_init,
+    dense,
+    resolve_dtype,
+)
 
 EXPANSION = 4
+
+#: Values of the models' ``pointwise`` field: "conv" (``nn.Conv`` and ``nn.BatchNorm``, the
+#: default), "fused" (the 1x1 convolutions as ``pointwise.bn_relu_matmul``: its Pallas kernel
+#: on GPUs, the same computation in XLA ops elsewhere), "pallas" (the kernel on any
+#: backend: to compile for a GPU without one) and "interpret" (the kernel interpreted: tests).
+POINTWISE = ("conv", "fused", "pallas", "interpret")
+
+
+def pointwise_impl(pointwise: str) -> str:
+    """The ``pointwise.bn_relu_matmul`` impl that a ``pointwise`` setting other than "conv"
+    runs (checked: ValueError for a value not in :data:`POINTWISE`)."""
+    if pointwise not in POINTWISE:
+        raise ValueError(f"pointwise: got {pointwise!r}, expected one of {POINTWISE}")
+    if pointwise == "fused":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return pointwise
+
+
+class _Kernel1x1(nn.Module):
+    """The variables of a bias-free 1x1 ``nn.Conv`` (``kernel``, (1, 1, K, N), the same
+    initial values), returned as the (K, N) matrix."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", conv_init, (1, 1, in_features, self.features),
+                            jnp.float32)
+        return kernel.reshape(in_features, self.features)
 
 
 class PreActBottleneck(nn.Module):
@@ -40,10 +80,13 @@ class PreActBottleneck(nn.Module):
     bn_momentum: float
     fold: bool = False  # evaluation mode: bn2, bn3 folded into conv1, conv2 (layers.conv_bn)
     fused: bool = False  # BatchNorm + ReLU with the hand-written backward pass (batchnorm.py)
+    pointwise: str = "conv"  # POINTWISE; not "conv": returns (out, its sums or None)
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, sums=None):
         dt = self.dtype
+        if self.pointwise != "conv":
+            return self._pointwise(x, train, sums)
         bn_relu = functools.partial(batch_norm, train, self.bn_momentum, dtype=dt, relu=True,
                                     fused=self.fused)
         out = bn_relu(name="bn1")(x)
@@ -55,6 +98,27 @@ class PreActBottleneck(nn.Module):
         if self.project:
             x = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt, name="shortcut")(x)
         return out + x
+
+    def _pointwise(self, x, train: bool, sums):
+        """The block with conv1 and conv3 as ``pointwise.bn_relu_matmul`` (bn1 and bn3 applied
+        on their way in, the residual add and the next BatchNorm's sums on their way out):
+        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known."""
+        dt, impl = self.dtype, pointwise_impl(self.pointwise)
+        coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
+                                         BN_EPSILON)
+        z1, sums1 = pw.bn_relu_matmul(
+            x, *coefficients(name="bn1")(x, sums),
+            _Kernel1x1(self.planes, name="conv1")(x.shape[-1]), stats=train, impl=impl)
+        a2 = pw.bn_relu(z1, *coefficients(name="bn2")(z1, sums1))
+        z2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")(a2)
+        shortcut = x
+        if self.project:
+            shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
+                            name="shortcut")(x)
+        return pw.bn_relu_matmul(
+            z2, *coefficients(name="bn3")(z2),
+            _Kernel1x1(self.planes * EXPANSION, name="conv3")(self.planes), shortcut,
+            stats=train, impl=impl)
 
 
 class PreResNet(nn.Module):
@@ -68,21 +132,30 @@ class PreResNet(nn.Module):
     # per block) are folded into it (layers.conv_bn); same variables, same function.
     fold_bn: bool = False
     fused_bn: bool = False  # train mode: BN + ReLU with a hand-written backward (batchnorm.py)
+    # The blocks' 1x1 convolutions as one kernel with the BatchNorm + ReLU before them and
+    # the statistics after them (POINTWISE, pointwise.py); the same variables and function.
+    # Not with fold_bn; fused_bn then changes nothing (no BatchNorm of its kind is left).
+    pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool):
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
+        pointwise_impl(self.pointwise)  # checked before anything is built
+        if self.pointwise != "conv" and self.fold_bn:
+            raise ValueError(f"pointwise={self.pointwise!r} with fold_bn: the fused kernel "
+                             "applies the BatchNorms that folding removes; use one of them")
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
         x = x.astype(dt)
         x = conv(16, 3, dtype=dt, name="stem")(x)
+        sums = None  # with pointwise: the last block's output sums (train mode)
         for s, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2), strict=True)):
             for b in range(n):
                 first = b == 0
                 project = first and (stride != 1 or x.shape[-1] != planes * EXPANSION)
-                x = PreActBottleneck(
+                block = PreActBottleneck(
                     planes,
                     stride if first else 1,
                     project,
@@ -90,10 +163,19 @@ class PreResNet(nn.Module):
                     self.bn_momentum,
                     fold,
                     self.fused_bn,
+                    self.pointwise,
                     name=f"stage{s + 1}_block{b}",
-                )(x, train)
-        x = batch_norm(train, self.bn_momentum, dtype=dt, relu=True, fused=self.fused_bn,
-                       name="final_bn")(x)
+                )
+                if self.pointwise == "conv":
+                    x = block(x, train)
+                else:
+                    x, sums = block(x, train, sums)
+        if self.pointwise == "conv":
+            x = batch_norm(train, self.bn_momentum, dtype=dt, relu=True, fused=self.fused_bn,
+                           name="final_bn")(x)
+        else:
+            x = pw.bn_relu(x, *BatchNormCoefficients(not train, self.bn_momentum, BN_EPSILON,
+                                                     name="final_bn")(x, sums))
         x = jnp.mean(x, axis=(1, 2))
         x = dense(self.num_classes, dtype=dt, name="head")(x)
         return x.astype(jnp.float32)

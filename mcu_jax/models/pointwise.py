@@ -1,0 +1,164 @@
+"""A 1x1 convolution with the BatchNorm + ReLU before it and the statistics after it, as one
+GPU kernel (Pallas, Triton backend).
+
+In PreResNet-110's bottleneck blocks two of three convolutions are 1x1, and they read and
+write the block's widest activations. Run as XLA composes them, each is several passes over
+memory: the BatchNorm's normalise + ReLU reads its input and writes the activated copy, the
+convolution reads that and writes its output, the residual add reads two tensors and writes
+a third, and the next BatchNorm's statistics read the result again. Here one kernel reads
+the raw input ``z`` (M, K) once, normalises and activates it in registers
+(``relu((z - mean) * mul + bias)``, Flax's order of operations), multiplies by ``w`` (K, N),
+adds an optional ``residual`` (M, N), writes the output once and, in train mode, returns the
+per-channel sums of the output and of its square (the next BatchNorm's statistics) from the
+same pass. The sweep's train-mode pass and evaluation are forward only, bound by memory
+traffic; see docs/benchmarks.md, "A fused kernel for the 1x1 convolutions".
+
+``impl`` picks how it runs: ``"pallas"`` the kernel (a GPU, or compiling for one without
+it), ``"interpret"`` the kernel interpreted by Pallas on any backend (tests), ``"xla"`` the
+same computation in plain jax.numpy (other backends; what XLA would run). Every impl
+returns the same values up to float rounding. The kernel has no derivative of its own: its
+backward pass is that of the plain computation (``jax.vjp`` of :func:`reference`, which
+recomputes the forward), so models that use it still train, only without the kernel's
+saving in the backward pass.
+
+Block sizes are fixed by a rule (:func:`blocks`), not tuned on a card: no GPU has timed
+this kernel yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("pallas", "interpret", "xla")
+
+
+def blocks(k: int, n: int) -> tuple[int, int]:
+    """``(block_m, block_n)``: rows and output channels a kernel instance computes. The input
+    tile ``block_m x k`` stays near 32 KB in float32 (16 to 128 rows), ``block_n`` is at most
+    64 channels. Untuned."""
+    return max(16, min(128, 8192 // k)), min(n, 64)
+
+
+def bn_relu(z, mean, mul, bias):
+    """``relu((z - mean) * mul + bias)`` in float32, then cast to z's dtype before the ReLU
+    (as ``nn.relu(nn.BatchNorm(...)(z))``)."""
+    return jnp.maximum(((z.astype(jnp.float32) - mean) * mul + bias).astype(z.dtype), 0)
+
+
+def _check(z, mean, mul, bias, w, residual) -> tuple[int, int, int]:
+    m, k = z.shape
+    if w.shape[0] != k or any(v.shape != (k,) for v in (mean, mul, bias)):
+        raise ValueError(f"bn_relu_matmul: z {z.shape} needs w ({k}, N) and mean, mul, bias "
+                         f"({k},); got w {w.shape}, mean {mean.shape}, mul {mul.shape}, "
+                         f"bias {bias.shape}")
+    n = w.shape[1]
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"bn_relu_matmul: residual must be ({m}, {n}), got {residual.shape}")
+    return m, k, n
+
+
+def reference(z, mean, mul, bias, w, residual=None, stats: bool = False):
+    """The computation in jax.numpy: ``(out (M, N) in z's dtype, (sum, sum of squares) of
+    out's channels in float32 or None)``; see the module docstring."""
+    _check(z, mean, mul, bias, w, residual)
+    dt = z.dtype
+    c = jnp.dot(bn_relu(z, mean, mul, bias), w.astype(dt), preferred_element_type=jnp.float32)
+    if residual is not None:
+        c = c + residual.astype(jnp.float32)
+    out = c.astype(dt)
+    if not stats:
+        return out, None
+    o = out.astype(jnp.float32)
+    return out, (jnp.sum(o, 0), jnp.sum(o * o, 0))
+
+
+def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
+    """The Pallas kernel; arguments and results as :func:`reference`."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+    from jax.experimental.pallas import triton as pltriton
+
+    m, k, n = _check(z, mean, mul, bias, w, residual)
+    if not all(v >= 16 and v & (v - 1) == 0 for v in (k, n)):  # Triton's tiles and products
+        raise ValueError(f"bn_relu_matmul: the Pallas kernel needs K and N powers of two, at "
+                         f"least 16; got K={k}, N={n} (impl='xla' takes any)")
+    dt = z.dtype
+    block_m, block_n = blocks(k, n)
+    grid = (pl.cdiv(m, block_m), n // block_n)
+
+    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, *refs):
+        r_ref = refs[0] if residual is not None else None
+        out_ref, *sum_refs = refs[residual is not None:]
+        a = bn_relu(z_ref[...], mean_ref[...], mul_ref[...], bias_ref[...])
+        c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
+        if r_ref is not None:
+            c = c + r_ref[...].astype(jnp.float32)
+        out = c.astype(dt)
+        out_ref[...] = out
+        if sum_refs:  # rows past m (the last block's) hold no data: left out of the sums
+            rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+            o = jnp.where((rows < m)[:, None], out.astype(jnp.float32), 0.0)
+            sum_refs[0][...] = jnp.sum(o, axis=0)
+            sum_refs[1][...] = jnp.sum(o * o, axis=0)
+
+    vector = pl.BlockSpec((k,), lambda i, j: (0,))
+    tile = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
+    in_specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), vector, vector, vector,
+                pl.BlockSpec((k, block_n), lambda i, j: (0, j))]
+    args = [z, mean, mul, bias, w.astype(dt)]
+    if residual is not None:
+        in_specs.append(tile)
+        args.append(residual)
+    out_specs, out_shape = [tile], [jax.ShapeDtypeStruct((m, n), dt)]
+    if stats:  # one row of partial sums per block of rows, added up below
+        partial = pl.BlockSpec((None, block_n), lambda i, j: (i, j))
+        out_specs += [partial, partial]
+        out_shape += [jax.ShapeDtypeStruct((grid[0], n), jnp.float32)] * 2
+    results = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
+                                                                        num_stages=2),
+        interpret=interpret, name="bn_relu_matmul")(*args)
+    if not stats:
+        return results[0], None
+    return results[0], (jnp.sum(results[1], 0), jnp.sum(results[2], 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _kernel(z, mean, mul, bias, w, residual, stats, interpret):
+    return _pallas(z, mean, mul, bias, w, residual, stats, interpret)
+
+
+def _kernel_fwd(z, mean, mul, bias, w, residual, stats, interpret):
+    return _pallas(z, mean, mul, bias, w, residual, stats, interpret), (
+        z, mean, mul, bias, w, residual)
+
+
+def _kernel_bwd(stats, interpret, primals, cotangents):
+    _, vjp = jax.vjp(functools.partial(reference, stats=stats), *primals)
+    return vjp(cotangents)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, stats: bool = False,
+                   impl: str = "xla"):
+    """``relu((z - mean) * mul + bias) @ w (+ residual)`` over the last axis of ``z`` (any
+    leading axes: an NHWC activation is a 1x1 convolution's input), and with ``stats`` the
+    output channels' ``(sum, sum of squares)`` in float32 (else None). ``mean``, ``mul``,
+    ``bias``: (K,) float32 (a BatchNorm's statistics and ``scale / sqrt(var + eps)``); ``w``:
+    (K, N); ``residual``: like the output. ``impl``: one of :data:`IMPLS` (module docstring).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    lead = z.shape[:-1]
+    flat = z.reshape(-1, z.shape[-1])
+    res = None if residual is None else residual.reshape(flat.shape[0], -1)
+    if impl == "xla":
+        out, sums = reference(flat, mean, mul, bias, w, res, stats)
+    else:
+        out, sums = _kernel(flat, mean, mul, bias, w, res, stats, impl == "interpret")
+    return out.reshape(*lead, w.shape[1]), sums
