@@ -102,6 +102,8 @@ def parse_mask(text: str) -> tuple[float, float] | Path | None:
 
 
 FUSED_TEXT = {False: "", True: ", fused BatchNorm"}  # --fused-bn in a row's setting
+#: --pointwise in a sweep or end-to-end row's setting
+POINTWISE_TEXT = {"conv": "", "fused": ", fused 1x1 kernel in the sweep"}
 
 
 def model_of(args):
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fold-bn", action="store_true",
                    help="evaluate with BatchNorm folded into the convolutions "
                    "(sweep fold_bn, SelectionConfig.fold_bn; end-to-end too)")
+    e.add_argument("--pointwise", default="conv", choices=("conv", "fused"),
+                   help="fused: PreResNet's 1x1 convolutions in the sweep as one kernel with "
+                   "the BatchNorm + ReLU before them and the statistics after them (a Pallas "
+                   "kernel on GPUs; sweep pointwise, SelectionConfig.pointwise; end-to-end "
+                   "too)")
     x = p.add_argument_group("end-to-end MCU phase")
     x.add_argument("--end-to-end", action="store_true", help="also time pipeline.run_mcu")
     x.add_argument("--retain", type=int, default=45000, help="|D_r|")
@@ -200,6 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.fold_bn and args.pointwise != "conv":
+        parser.error("--fold-bn with --pointwise fused: the fused kernel applies the "
+                     "BatchNorms that folding removes; choose one")
     try:
         model_of(args)
     except ValueError as e:
@@ -445,7 +455,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
             strategy=strategy, chunk_size=chunk, mesh=mesh, fold_bn=args.fold_bn,
-            bn_group=args.bn_group,
+            bn_group=args.bn_group, pointwise=args.pointwise,
         )
 
     mesh = device_mesh(args)
@@ -472,6 +482,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
         setting += f", {args.devices} devices (t parallel)"
     if args.fold_bn:
         setting += ", BN folded for evaluation"
+    setting += POINTWISE_TEXT[args.pointwise]
     if args.bn_group > 1:
         passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
         setting += f", BN pass: {passes}"
@@ -509,7 +520,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
                                    precompile=args.precompile, fold_bn=args.fold_bn,
-                                   bn_group=args.bn_group)
+                                   bn_group=args.bn_group, pointwise=args.pointwise)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
@@ -535,7 +546,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
-               f"{', BN folded for evaluation' if args.fold_bn else ''}")
+               f"{', BN folded for evaluation' if args.fold_bn else ''}"
+               f"{POINTWISE_TEXT[args.pointwise]}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
                  f"selection {phases['selection']:.3g}; compile included)")
     return _row(

@@ -31,7 +31,7 @@ import numpy as np
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
-from mcu_jax.models import check_variables
+from mcu_jax.models import POINTWISE, check_variables
 
 BN_SETS = ("retain", "train")
 MASK_KINDS = ("parameter", "random")
@@ -69,6 +69,12 @@ class SelectionConfig:
     # accuracies up to float rounding, fewer bytes on GPUs with strategy "map" (not under
     # vmap); off by default until measured on a GPU.
     fold_bn: bool = False
+    # PreResNet's 1x1 convolutions in the sweep as one kernel with the BatchNorm + ReLU before
+    # them and the statistics after them (models.POINTWISE: "fused" is a Pallas kernel on
+    # GPUs, XLA's ops elsewhere; sweep.sweep's pointwise): the same accuracies up to float
+    # rounding, about 0.6 of the bytes compiled for an H100; "conv" until timed on a card.
+    # Not with fold_bn.
+    pointwise: str = "conv"
 
     def __post_init__(self):
         if checks.integer("num_t", self.num_t) < 4:
@@ -83,6 +89,10 @@ class SelectionConfig:
         checks.integer("bn_group", self.bn_group, 1)
         checks.integer("eval_batch_size", self.eval_batch_size, 1)
         checks.optional_integer("chunk_size", self.chunk_size, 1)
+        checks.choice("pointwise", self.pointwise, POINTWISE)
+        if self.fold_bn and self.pointwise != "conv":
+            raise ValueError(f"fold_bn=True with pointwise={self.pointwise!r}: the fused kernel "
+                             "applies the BatchNorms that folding removes; choose one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +364,7 @@ def run_mcu(
 # Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
 # in the same out_dir may change them.
 _FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch_size",
-         "fold_bn", "bn_group")
+         "fold_bn", "bn_group", "pointwise")
 
 
 def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key,
@@ -399,7 +409,7 @@ def _sweep_options(sc: SelectionConfig, mesh, curve: str, at_one_t: bool = False
     materialises t*; one place, so the background compilation builds the same programs."""
     options = dict(bn_batch_size=sc.bn_batch_size, eval_batch_size=sc.eval_batch_size,
                    strategy=sc.strategy, mesh=mesh, fold_bn=sc.fold_bn, curve=curve,
-                   bn_group=sc.bn_group)
+                   bn_group=sc.bn_group, pointwise=sc.pointwise)
     if at_one_t:
         return {**options, "chunk_size": 1, "return_stats": True, "return_probs": True}
     return {**options, "chunk_size": sc.chunk_size}

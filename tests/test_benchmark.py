@@ -117,7 +117,10 @@ def test_arguments(benchmark):
         benchmark.parse_args(["--end-to-end", "--num-t", "3"])
     with pytest.raises(SystemExit):  # a model without BatchNorm
         benchmark.parse_args(["--model", "vit_small", "--fused-bn"])
+    with pytest.raises(SystemExit):  # the fused 1x1 kernel applies what folding removes
+        benchmark.parse_args(["--fold-bn", "--pointwise", "fused"])
     args = benchmark.parse_args([])
+    assert args.pointwise == "conv"
     assert (args.model, args.batch_size, args.num_t, args.sweep_images) == (
         "preresnet110", 128, 20, 6000)
     assert benchmark.input_shape(args) == (32, 32, 3)

@@ -1,0 +1,192 @@
+"""The fused 1x1 convolution (models/pointwise.py) and PreResNet's ``pointwise`` setting: the
+kernel (interpreted by Pallas on the CPU) against an independent computation, and the model
+with it against the model without it."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import models, sweep
+from mcu_jax.models import pointwise as pw
+from mcu_jax.models.batchnorm import BatchNormCoefficients
+from mcu_jax.pipeline import SelectionConfig
+
+
+def _operands(m, k, n, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(m, k)).astype(dtype), rng.normal(size=k).astype(np.float32),
+            rng.uniform(0.5, 2.0, size=k).astype(np.float32),
+            rng.normal(size=k).astype(np.float32),
+            (rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32),
+            rng.normal(size=(m, n)).astype(dtype))
+
+
+def _numpy(z, mean, mul, bias, w, residual):
+    """float64 numpy: relu(bn(z)) @ w + residual, and the output's channel sums."""
+    a = np.maximum((z.astype(np.float64) - mean) * mul + bias, 0.0)
+    out = a @ w.astype(np.float64) + residual
+    return out, out.sum(0), (out * out).sum(0)
+
+
+@pytest.mark.parametrize("m,k,n", [(200, 16, 16), (96, 64, 32), (130, 32, 128)])
+def test_kernel_equals_an_independent_computation(m, k, n):
+    """Interpreted, the kernel gives relu(bn(z)) @ w + residual and its channel sums, also when
+    the rows do not fill the last block (200, 130 rows) and with several blocks of output
+    channels (128 > 64)."""
+    z, mean, mul, bias, w, residual = _operands(m, k, n)
+    out, (s1, s2) = pw.bn_relu_matmul(z, mean, mul, bias, w, residual, stats=True,
+                                      impl="interpret")
+    want, w1, w2 = _numpy(z, mean, mul, bias, w, residual)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s1, w1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(s2, w2, rtol=1e-4, atol=1e-3)
+    plain, none = pw.bn_relu_matmul(z, mean, mul, bias, w, impl="interpret")
+    assert none is None  # no statistics, no residual
+    np.testing.assert_allclose(plain, want - residual, rtol=1e-4, atol=1e-4)
+
+
+def test_every_impl_gives_the_same_values_and_gradients():
+    """"xla" and the interpreted kernel agree on an NHWC activation (float32 and bfloat16),
+    and the kernel's gradient (its custom VJP) is that of the plain computation."""
+    z, mean, mul, bias, w, _ = _operands(2 * 6 * 6, 32, 16, seed=1)
+    z = z.reshape(2, 6, 6, 32)
+    residual = np.ones((2, 6, 6, 16), np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        zd, rd = z.astype(dtype), residual.astype(dtype)
+        a, sa = pw.bn_relu_matmul(zd, mean, mul, bias, w, rd, stats=True, impl="xla")
+        b, sb = pw.bn_relu_matmul(zd, mean, mul, bias, w, rd, stats=True, impl="interpret")
+        assert a.shape == b.shape == (2, 6, 6, 16) and a.dtype == b.dtype == dtype
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+        np.testing.assert_allclose(sa, sb, rtol=tol)
+
+    def loss(impl, *args):
+        out, (s1, s2) = pw.bn_relu_matmul(*args, residual, stats=True, impl=impl)
+        return jnp.sum(out ** 2) + jnp.sum(s1) + 1e-3 * jnp.sum(s2)
+
+    args = (z, mean, mul, bias, w)
+    want = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("xla", *args)
+    got = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("interpret", *args)
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_operands_are_refused():
+    z, mean, mul, bias, w, residual = _operands(8, 16, 16)
+    with pytest.raises(ValueError, match="impl"):
+        pw.bn_relu_matmul(z, mean, mul, bias, w, impl="triton")
+    with pytest.raises(ValueError, match=r"w \(16, N\)"):
+        pw.bn_relu_matmul(z, mean, mul, bias, w[:8], impl="xla")
+    with pytest.raises(ValueError, match="residual must be"):
+        pw.bn_relu_matmul(z, mean, mul, bias, w, residual[:, :8], impl="xla")
+    with pytest.raises(ValueError, match="got K=16, N=24"):
+        pw.bn_relu_matmul(z, mean, mul, bias, np.ones((16, 24), np.float32), impl="interpret")
+
+
+def test_batchnorm_coefficients_are_what_nn_batchnorm_applies():
+    """Same variables as nn.BatchNorm; the affine map it applies in evaluation mode; in train
+    mode the same batch statistics and running-statistics update, from x or from sums."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 5, 8)) * 3 + 1
+    bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    variables = bn.init(jax.random.PRNGKey(1), x)
+    variables = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.PRNGKey(2), a.shape),
+                             variables)  # not the initial ones: scale, bias, mean, var matter
+    y, new = bn.apply(variables, x, mutable=["batch_stats"])
+    sums = (jnp.sum(x, (0, 1, 2)), jnp.sum(x * x, (0, 1, 2)))
+    coefficients = BatchNormCoefficients(False, 0.9, 1e-5)
+    assert (jax.tree.map(jnp.shape, coefficients.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    for given in (None, sums):
+        (mean, mul, bias), got = coefficients.apply(variables, x, given, mutable=["batch_stats"])
+        np.testing.assert_allclose((x - mean) * mul + bias, y, rtol=1e-4, atol=1e-4)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(new), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    evaluation = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x)
+    mean, mul, bias = BatchNormCoefficients(True, 0.9, 1e-5).apply(variables, x)
+    np.testing.assert_allclose((x - mean) * mul + bias, evaluation, rtol=1e-5, atol=1e-5)
+
+
+def test_preresnet_with_the_kernel_is_the_same_model():
+    """The same variables at initialisation, and up to float rounding the same logits, batch
+    statistics and gradients in both modes, as the model with nn.Conv and nn.BatchNorm (each
+    block passes its output's statistics to the next, the last to the final BatchNorm). The
+    kernel interpreted; "fused" on the CPU (XLA's ops) in the sweep's test below."""
+    base = models.create("preresnet110", 5, depth=11)
+    model = models.with_pointwise(base, "interpret")
+    assert model.pointwise == "interpret"
+    v = models.init_variables(base, jax.random.PRNGKey(0), (1, 8, 8, 3))
+    same = models.init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 3))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), v, same))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+
+    @jax.jit
+    def outputs(params):
+        """Both models' eval logits, train logits, batch statistics and gradients."""
+        def train(m, p):
+            return m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"])
+
+        return [(m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=False),
+                 *train(m, params),
+                 jax.grad(lambda p, m=m: jnp.sum(train(m, p)[0] ** 2))(params))
+                for m in (model, base)]
+
+    got, want = outputs(v["params"])
+    for i, tol in enumerate((1e-5, 1e-5, 1e-5, 1e-4)):  # eval, train, statistics, gradients
+        for a, b in zip(jax.tree.leaves(got[i]), jax.tree.leaves(want[i]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol)
+
+
+def test_pointwise_settings_are_checked():
+    base = models.create("preresnet110", 5, depth=11)
+    x = jnp.zeros((1, 8, 8, 3))
+    with pytest.raises(ValueError, match="pointwise: got 'dense'"):
+        models.with_pointwise(base, "dense")
+    with pytest.raises(ValueError, match="pointwise: got 'dense'"):
+        base.clone(pointwise="dense").init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="use one of them"):
+        base.clone(pointwise="fused", fold_bn=True).init(jax.random.PRNGKey(0), x, train=False)
+    # fused_bn changes nothing with the kernel (its BatchNorms are the kernel's): the same
+    # program in both modes
+    v = base.init(jax.random.PRNGKey(0), x, train=False)
+    for train in (False, True):
+        programs = [str(jax.make_jaxpr(functools.partial(
+            base.clone(pointwise="fused", fused_bn=fused).apply, train=train,
+            mutable=["batch_stats"]))(v, x)) for fused in (False, True)]
+        assert programs[0] == programs[1]
+    small = models.create("cnn_small", 5)  # no 1x1 convolution: unchanged
+    assert models.with_pointwise(small, "fused") is small
+    assert models.with_pointwise(base, "conv") is base
+    with pytest.raises(ValueError, match="pointwise must be one of"):
+        SelectionConfig(pointwise="dense")
+    with pytest.raises(ValueError, match="fold_bn=True with pointwise='fused'"):
+        SelectionConfig(pointwise="fused", fold_bn=True)
+
+
+def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
+    """``pointwise`` changes how the sweep computes, not what: the same accuracies and (up to
+    float rounding) the same probabilities and BatchNorm statistics at every t."""
+    train_images, test_images = digits_images
+    model = models.create("preresnet110", 10, depth=11)
+    points = [models.init_variables(model, jax.random.PRNGKey(i), (8, 8, 1))["params"]
+              for i in range(3)]
+    template = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))["batch_stats"]
+    args = (model, points, np.linspace(0, 1, 3), template,
+            (train_images, digits_split.retain[:300]),
+            {"f": (train_images, digits_split.forget), "t": (test_images, digits_split.test)})
+    options = dict(return_probs=True, return_stats=True, bn_batch_size=128, strategy="map")
+    plain = sweep.sweep(*args, **options)
+    fused = sweep.sweep(*args, **options, pointwise="fused")
+    for name in plain.acc:
+        np.testing.assert_allclose(fused.acc[name], plain.acc[name], atol=1e-4)
+        np.testing.assert_allclose(fused.probs[name], plain.probs[name], rtol=1e-3, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused.batch_stats), jax.tree.leaves(plain.batch_stats),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fold_bn with pointwise='fused'"):
+        sweep.sweep(*args, fold_bn=True, pointwise="fused")
