@@ -5,7 +5,7 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
-                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:fold]]
+                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:FLAG]]
                                            [--kernel-us 3.5]
                                            [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
@@ -21,13 +21,16 @@ passes it also counts the convolutions the GPU compiler turned into cuDNN calls 
 bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
 decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it also
 compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNorm + ReLU
-with a hand-written backward pass, ``models/batchnorm.py``). With ``--mask`` (a mask saved by
+with a hand-written backward pass, ``models/batchnorm.py``), and for PreResNet both forward
+passes with its 1x1 convolutions as the fused kernel of ``models/pointwise.py`` (its Pallas
+kernel when compiled for a GPU). With ``--mask`` (a mask saved by
 ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
 program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
 strategy (vmap or map over t), ``bn_group`` and evaluation batch (BatchNorm batches of
-``--batch-size``, as the step's; ``:fold``: BatchNorm folded for evaluation), and estimates
+``--batch-size``, as the step's; ``:fold``: BatchNorm folded for evaluation; ``:pointwise``:
+PreResNet's fused 1x1 kernel in both passes), and estimates
 its time by two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a
 kernel. Prints a Markdown table.
 
@@ -61,7 +64,7 @@ import optax
 
 from mcu_jax import bn, curves, masks, mcu, sweep
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import create, folded, init_variables
+from mcu_jax.models import create, folded, init_variables, with_pointwise
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling benchmark.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -271,13 +274,16 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
 
     rows.append(train_forward_row(""))
     xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
-    for name, m in (("", model), (", BN folded", folded(model))):
-        compiled = _compile(lambda v, x, m=m: m.apply(v, x, train=False), theta_o, xe,
+
+    def eval_forward_row(name: str, m) -> dict:
+        compiled = _compile(lambda v, x: m.apply(v, x, train=False), theta_o, xe,
                             device=device)
         kernels = hlo_kernels(compiled.as_text())  # once for the cost and the note
-        rows.append({"program": f"eval-mode forward (batch {eval_batch}{name})",
-                     **_per_image(_cost(compiled, kernels), eval_batch),
-                     "note": _conv_calls(kernels)})
+        return {"program": f"eval-mode forward (batch {eval_batch}{name})",
+                **_per_image(_cost(compiled, kernels), eval_batch),
+                "note": _conv_calls(kernels)}
+
+    rows += [eval_forward_row("", model), eval_forward_row(", BN folded", folded(model))]
     fused = fused_model = None
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (evaluation mode
         # is the same program either way)
@@ -287,6 +293,13 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         forward = train_forward_row(", fused BatchNorm", fused_model)
         forward["note"] = _share(forward, rows[1], "the unfused pass's")
         rows += [fused, forward]
+    if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel
+        kernel = with_pointwise(model, pointwise_setting(device))
+        forward = train_forward_row(", fused 1x1 kernel", kernel)
+        forward["note"] = _share(forward, rows[1], "the default pass's")
+        evaluation = eval_forward_row(", fused 1x1 kernel", kernel)
+        evaluation["note"] += "; " + _share(evaluation, rows[2], "the default pass's")
+        rows += [forward, evaluation]
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])
@@ -311,23 +324,35 @@ def sweep_row(rows: list[dict], num_t: int, images: int) -> dict:
             "bytes": count * (train_fwd["bytes"] + eval_fwd["bytes"]), "per": "sweep"}
 
 
-def parse_sweep_program(spec: str) -> tuple[str, int, int, bool]:
-    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold]"`` (e.g. ``vmap:1:500``, the GPU default;
-    ``map:16:2000:fold`` with BatchNorm folded for evaluation) ->
-    ``(strategy, bn_group, eval_batch, fold_bn)``."""
+SWEEP_FLAGS = ("fold", "pointwise")
+
+
+def parse_sweep_program(spec: str) -> tuple[str, int, int, bool, bool]:
+    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise]"`` (e.g. ``vmap:1:500``, the GPU
+    default; ``map:16:2000:fold`` with BatchNorm folded for evaluation; ``map:16:2000:pointwise``
+    with PreResNet's fused 1x1 kernel in both passes) ->
+    ``(strategy, bn_group, eval_batch, fold_bn, pointwise)``."""
     parts = spec.split(":")
-    fold = parts[3:] == ["fold"]
+    flags = parts[3:]
     try:
         strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
-        ok = (len(parts) == 3 + fold and strategy in ("vmap", "map")
-              and min(group, eval_batch) >= 1)
+        ok = (strategy in ("vmap", "map") and min(group, eval_batch) >= 1
+              and len(flags) <= 1 and set(flags) <= set(SWEEP_FLAGS))
     except (IndexError, ValueError):
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(
-            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold] with "
-            "STRATEGY vmap or map and positive integers, e.g. map:16:2000 or map:16:2000:fold")
-    return strategy, group, eval_batch, fold
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise] "
+            "with STRATEGY vmap or map and positive integers, e.g. map:16:2000 or "
+            "map:16:2000:fold")
+    return strategy, group, eval_batch, "fold" in flags, "pointwise" in flags
+
+
+def pointwise_setting(device) -> str:
+    """The models' ``pointwise`` value that runs the fused 1x1 kernel where the program is
+    compiled: "pallas" for a GPU (``device``, a deviceless target, or the backend), else
+    "fused" (which is XLA's own ops there)."""
+    return "pallas" if device is not None or jax.default_backend() == "gpu" else "fused"
 
 
 def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple,
@@ -340,13 +365,14 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     once per iteration) on every backend; the note counts the convolutions that ``vmap`` over
     t made grouped (one group per t) and gives the two-term estimate: the bytes at
     ``bytes_per_s`` plus ``kernel_s`` per kernel."""
-    strategy, group, eval_batch, fold = program
+    strategy, group, eval_batch, fold, fused = program
     model, theta, data = _workload(model_name, dtype, images)
     every = np.arange(images)
     fn, args, statics = sweep.chunk_program(
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
-        eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold)
+        eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold,
+        pointwise=pointwise_setting(device) if fused else "conv")
     compiled = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)
@@ -357,6 +383,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     batches = bn.describe_pass(images, batch_size, group)
     return {"program": f"sweep program: {strategy} over t, BN {batches}, eval batch {eval_batch}"
                        f"{', BN folded' if fold else ''}"
+                       f"{', fused 1x1 kernel' if fused else ''}"
                        f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
@@ -394,7 +421,7 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
-    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold]",
+    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise]",
                    action="append",
                    type=parse_sweep_program, default=[],
                    help="also the sweep's own program with these settings, for --num-t t "

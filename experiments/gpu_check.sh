@@ -15,13 +15,21 @@
 #                evaluation batches of 2,000 (dense convolutions, where vmap over t makes
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
+#   pointwise_check  experiments/check_pointwise.py: the fused 1x1 kernel's Pallas (Triton)
+#                build on this card against XLA's ops, and a PreResNet with it against the
+#                default model (exit status 1 if a difference is above the tolerance)
+#   pointwise    sweep_map's sweep with PreResNet's 1x1 convolutions as the fused kernel
+#                (--pointwise fused; compare with sweep_map's) to decide
+#                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
+#                bytes and 0.66 of evaluation's
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
 #                over 250 s on an H100 on 2026-11-27, so it often needs a call of its own
 #   e2e_warm     e2e again on e2e's filled compilation cache (a later MCU row's cost)
 #   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
-#   e2e_fast     e2e with every speed option: bfloat16, --fused-bn, --fold-bn, --precompile
+#   e2e_fast     e2e with every speed option: bfloat16, --fused-bn, --fold-bn (or
+#                $FAST_SWEEP), --precompile
 #                (whether the 60 s target can be met at all; bfloat16's accuracy is
 #                gpu_accuracy.sh's question)
 #   e2e_fast_warm  e2e_fast again on its filled compilation cache
@@ -236,6 +244,13 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
+if wanted pointwise_check && left=$(time_left pointwise_check 40); then
+  log "run pointwise_check: experiments/check_pointwise.py"
+  { echo "## pointwise_check"; echo; timeout "$left" $PY experiments/check_pointwise.py; rc=$?
+    echo; } >>"$SUMMARY" 2>>"$LOG"
+  log "done pointwise_check (exit $rc)"
+fi
+bench pointwise 70 "${DENSE[@]}" --pointwise fused
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.
@@ -252,9 +267,12 @@ elif wanted e2e_warm; then
 fi
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
+# FAST_SWEEP: e2e_fast's sweep option, --fold-bn unless set (e.g. to "--pointwise fused",
+# which excludes --fold-bn, once the pointwise part has won)
+# shellcheck disable=SC2206 # FAST_SWEEP is a list of words
 FAST=(--model preresnet110 --dtype bfloat16 --fused-bn --mask paper --skip-step --skip-sweep
-  --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --fold-bn
-  --precompile)
+  --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
+  ${FAST_SWEEP---fold-bn} --precompile)
 CACHE=$WORK/cache_e2e_fast bench e2e_fast 300 "${FAST[@]}"
 if [ -f "$WORK/e2e_fast.json" ]; then
   CACHE=$WORK/cache_e2e_fast bench e2e_fast_warm 200 "${FAST[@]}"

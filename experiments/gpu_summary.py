@@ -134,11 +134,13 @@ def summary(out: Path) -> str:
                 **parts.get("sweep_map", {}).get("args", {})}
     map_label = (f"float32, {map_args['strategy']} over t, {map_args['bn_group']} BN batches "
                  f"at once, eval batch {map_args['eval_batch_size']}")
-    # each variant against the sweep it changes: sweep_map against f32's, fold against
-    # sweep_map's (gpu_check.sh folds on the dense settings)
-    base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep")}
+    # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise
+    # against sweep_map's (gpu_check.sh runs them on the dense settings)
+    base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
+            "pointwise": ("sweep_map", "sweep with nn.Conv")}
     for name, label in (("f32", "float32"), ("sweep_map", map_label),
                         ("fold", map_label + ", BN folded for evaluation"),
+                        ("pointwise", map_label + ", fused 1x1 kernel"),
                         ("bf16", "bfloat16")):
         sw = _sweep(parts, name)
         text = "-"

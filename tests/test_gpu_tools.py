@@ -2,6 +2,7 @@
 profile_summary.py (where a trace's device time goes), on hand-made inputs whose answers are
 known."""
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -9,6 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from mcu_jax import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +52,7 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
-             _part("sweep_map", sweep=(4.0, 240000),
+             _part("pointwise", sweep=(2.0, 240000)), _part("sweep_map", sweep=(4.0, 240000),
                    args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
@@ -70,6 +73,9 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "6 s, 40,000 img-fwd/s (13.3x the release's float32); 1.50 of the unfolded sweep" in (
         lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval batch "
               "2000, BN folded for evaluation)"])
+    assert ("2 s, 120,000 img-fwd/s (40.0x the release's float32); 0.50 of the sweep with "
+            "nn.Conv") in lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at "
+                                "once, eval batch 2000, fused 1x1 kernel)"]
     assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
         lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval "
               "batch 2000)"])
@@ -269,7 +275,7 @@ def test_cost_analysis_of_the_sweep_programs():
         "BN folded (3 t x (64 BN + 64 eval images))"]
     vmap_note, map_note, _ = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
-    dense = ("map", 2, 64, False)
+    dense = ("map", 2, 64, False, False)
     row = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 64, 2e-6, 1e12)
     assert row["note"].endswith(f"{row['bytes'] / 1e12 + row['kernels'] * 2e-6:.3g} s")
     twice = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 128, 2e-6,
@@ -277,11 +283,13 @@ def test_cost_analysis_of_the_sweep_programs():
     assert 1.5 * row["bytes"] < twice["bytes"] < 2.5 * row["bytes"]
     assert twice["kernels"] > row["kernels"]
     # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
-    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64, False), 3, 140,
+    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64, False, False), 3, 140,
                                  2e-6, 1e12)
     assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
+    assert cost.parse_sweep_program("map:16:2000:pointwise") == ("map", 16, 2000, False, True)
+    assert cost.parse_sweep_program("vmap:1:500:fold") == ("vmap", 1, 500, True, False)
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5", "map:1:5:folded",
-                "map:1:5:fold:x"):
+                "map:1:5:fold:x", "map:1:5:fold:pointwise"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])
 
@@ -440,3 +448,36 @@ def test_dtype_eval_evaluates_every_model_of_a_seed_folder(tmp_path, theta_o, th
     assert f"largest difference: {max(diffs):.2f} points" in text
     if max(diffs) > 0:  # over a tolerance below it: exit status 1
         assert dtype_eval.main([str(seed_dir), "--tolerance", str(max(diffs) / 2)]) == 1
+
+
+def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch):
+    """For PreResNet both forward passes are compiled again with the fused 1x1 kernel
+    (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernel for a GPU target) and
+    compared with the default passes; ``:pointwise`` sweeps with it."""
+    cost = _load("cost_analysis")
+    # A PreResNet of 11 layers under a name of its own, registered for this test only.
+    monkeypatch.setitem(models._REGISTRY, "preresnet11_cost_test",
+                        functools.partial(models.PreResNet, depth=11))
+    assert cost.pointwise_setting(None) == "fused"  # a CPU backend
+    assert cost.pointwise_setting(object()) == "pallas"  # a GPU target
+    text = cost.main(["--model", "preresnet11_cost_test", "--batch-size", "8", "--eval-batch",
+                      "8", "--num-t", "2", "--sweep-images", "16", "--sweep-program",
+                      "map:1:8:pointwise"])
+    rows = {r.split("|")[1].strip(): r.split("|")[8].strip()
+            for r in text.splitlines() if r.startswith("| ")}
+    assert "of the default pass's FLOPs" in rows["train-mode forward (batch 8, fused 1x1 kernel)"]
+    assert "of the default pass's FLOPs" in rows["eval-mode forward (batch 8, fused 1x1 kernel)"]
+    assert any(name.startswith("sweep program: map over t") and "fused 1x1 kernel" in name
+               for name in rows)
+
+
+def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
+    """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel with XLA's
+    ops on PreResNet-110's 1x1 shapes, and a PreResNet with it with the default model."""
+    check = _load("check_pointwise")
+    assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# fused 1x1 kernel (interpret, float32)")
+    assert f"{len(check.SHAPES) + 1} of {len(check.SHAPES) + 1} checks passed" in out
+    with pytest.raises(SystemExit):
+        check.main(["--rows", "0"])
