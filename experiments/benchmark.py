@@ -65,7 +65,13 @@ from mcu_jax import bn, checkpoint, curves, masks, mcu, pipeline, selection, sha
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import check_variables, count_params, create, init_variables
+from mcu_jax.models import (
+    check_pointwise,
+    check_variables,
+    count_params,
+    create,
+    init_variables,
+)
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
 #: Default input shape per model (H, W, C); anything else is CIFAR-shaped.
@@ -207,13 +213,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.fold_bn and args.pointwise != "conv":
-        parser.error("--fold-bn with --pointwise fused: the fused kernel applies the "
-                     "BatchNorms that folding removes; choose one")
     try:
         model_of(args)
     except ValueError as e:
         parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
+    try:
+        check_pointwise(args.pointwise, args.fold_bn)
+    except ValueError as e:
+        parser.error(f"--pointwise {args.pointwise}{' --fold-bn' if args.fold_bn else ''}: {e}")
+    if args.pointwise != "conv" and "pointwise" not in model_of(args).__dataclass_fields__:
+        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no 1x1 "
+                     "convolutions to fuse (PreResNet has)")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")

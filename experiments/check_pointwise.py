@@ -1,8 +1,10 @@
 """Checks the fused 1x1 kernel (mcu_jax/models/pointwise.py) where it runs: its Pallas kernel on
 a GPU (interpreted elsewhere) against the same computation in XLA ops, on the shapes of
-PreResNet-110's 1x1 convolutions, and a PreResNet with it against the default model.
+PreResNet-110's 1x1 convolutions, and a PreResNet with it against the default model. The
+default sizes fill no whole number of the kernel's blocks of rows (4,100 rows; 63 images),
+so its padded last block is checked too.
 
-usage: python experiments/check_pointwise.py [--rows 4096] [--batch 64] [--depth 20]
+usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
 
 Prints one line per check with the largest difference relative to the largest value, and
@@ -23,9 +25,11 @@ import numpy as np
 from mcu_jax import models
 from mcu_jax.models import pointwise as pw
 
-#: (K, N) of PreResNet-110's 1x1 convolutions: conv1 (4 planes -> planes) and conv3
-#: (planes -> 4 planes), planes 16, 32, 64 (stage 1's first block reads 16 channels).
-SHAPES = ((16, 16), (64, 16), (16, 64), (128, 32), (32, 128), (256, 64), (64, 256))
+#: (K, N) of PreResNet-110's 1x1 convolutions: conv1 (4 planes -> planes; the first block
+#: of a stage reads the previous stage's width) and conv3 (planes -> 4 planes), planes 16, 32,
+#: 64.
+SHAPES = ((16, 16), (64, 16), (16, 64), (64, 32), (128, 32), (32, 128), (128, 64), (256, 64),
+          (64, 256))
 
 
 def _relative(a, b) -> float:
@@ -74,8 +78,8 @@ def model_check(batch: int, depth: int, dtype, pointwise: str) -> tuple[str, flo
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=4096, help="rows (images x positions) a check")
-    p.add_argument("--batch", type=int, default=64, help="images of the model check")
+    p.add_argument("--rows", type=int, default=4100, help="rows (images x positions) a check")
+    p.add_argument("--batch", type=int, default=63, help="images of the model check")
     p.add_argument("--depth", type=int, default=20, help="the model check's PreResNet (9n+2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)

@@ -240,8 +240,9 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     """Rows {"program", "flops", "bytes", "kernels", "tiny", "per"} (and "note" for the
     evaluation passes and the comparisons) of the four programs (step, train-mode pass,
     eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
-    then the step and the train-mode pass with it; with ``mask_file`` then the masked step
-    (and the masked step with ``fused_bn``). Compiled for ``device``
+    then the step and the train-mode pass with it; for a model with ``pointwise``
+    (PreResNet) then both forward passes with its fused 1x1 kernel; with ``mask_file`` then
+    the masked step (and the masked step with ``fused_bn``). Compiled for ``device``
     (:func:`target_device`) when given."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
@@ -293,8 +294,9 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         forward = train_forward_row(", fused BatchNorm", fused_model)
         forward["note"] = _share(forward, rows[1], "the unfused pass's")
         rows += [fused, forward]
-    if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel
-        kernel = with_pointwise(model, pointwise_setting(device))
+    if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel (the
+        # Pallas kernel when compiled for a GPU, XLA's ops otherwise)
+        kernel = with_pointwise(model, "fused")
         forward = train_forward_row(", fused 1x1 kernel", kernel)
         forward["note"] = _share(forward, rows[1], "the default pass's")
         evaluation = eval_forward_row(", fused 1x1 kernel", kernel)
@@ -348,19 +350,12 @@ def parse_sweep_program(spec: str) -> tuple[str, int, int, bool, bool]:
     return strategy, group, eval_batch, "fold" in flags, "pointwise" in flags
 
 
-def pointwise_setting(device) -> str:
-    """The models' ``pointwise`` value that runs the fused 1x1 kernel where the program is
-    compiled: "pallas" for a GPU (``device``, a deviceless target, or the backend), else
-    "fused" (which is XLA's own ops there)."""
-    return "pallas" if device is not None or jax.default_backend() == "gpu" else "fused"
-
-
 def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple,
                       num_t: int, images: int, kernel_s: float, bytes_per_s: float,
                       device=None) -> dict:
     """The sweep's own program (``sweep.chunk_program``, as ``sweep.sweep`` and benchmark.py
     run it: ``num_t`` t, BatchNorm statistics over ``images`` images and accuracy on the
-    same) for ``program = (strategy, bn_group, eval_batch, fold_bn)``
+    same) for ``program = (strategy, bn_group, eval_batch, fold_bn, pointwise)``
     (:func:`parse_sweep_program`). Its bytes are the kernels' (:func:`hlo_kernels`, a loop's
     once per iteration) on every backend; the note counts the convolutions that ``vmap`` over
     t made grouped (one group per t) and gives the two-term estimate: the bytes at
@@ -372,7 +367,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
         eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold,
-        pointwise=pointwise_setting(device) if fused else "conv")
+        pointwise="fused" if fused else "conv")
     compiled = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)

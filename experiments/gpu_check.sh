@@ -78,6 +78,8 @@
 #   --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 --forget 144 \
 #   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
 #   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
+# (with --model cnn_small the part pointwise, and e2e_fast with FAST_SWEEP="--pointwise
+# fused", stop at the benchmark's argument check: the kernel is PreResNet's)
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1

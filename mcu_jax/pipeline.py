@@ -31,7 +31,7 @@ import numpy as np
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
-from mcu_jax.models import POINTWISE, check_variables
+from mcu_jax.models import check_pointwise, check_variables
 
 BN_SETS = ("retain", "train")
 MASK_KINDS = ("parameter", "random")
@@ -89,10 +89,7 @@ class SelectionConfig:
         checks.integer("bn_group", self.bn_group, 1)
         checks.integer("eval_batch_size", self.eval_batch_size, 1)
         checks.optional_integer("chunk_size", self.chunk_size, 1)
-        checks.choice("pointwise", self.pointwise, POINTWISE)
-        if self.fold_bn and self.pointwise != "conv":
-            raise ValueError(f"fold_bn=True with pointwise={self.pointwise!r}: the fused kernel "
-                             "applies the BatchNorms that folding removes; choose one")
+        check_pointwise(self.pointwise, self.fold_bn)
 
 
 @dataclasses.dataclass(frozen=True)

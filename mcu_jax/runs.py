@@ -93,7 +93,7 @@ def tree_digest(tree: Any) -> str:
 
 #: Model fields added after run folders may have been made -> the value that behaves as
 #: before; at that value the field is left out of :func:`model_identity`, as in older records.
-ADDED_MODEL_FIELDS = {"fused_bn": False}
+ADDED_MODEL_FIELDS = {"fused_bn": False, "pointwise": "conv"}
 
 
 def model_identity(model: Any) -> str:

@@ -34,7 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, with_pointwise
+from mcu_jax.models import check_pointwise, folded, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -253,10 +253,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
-    with_pointwise(model, pointwise)  # checks the value
-    if fold_bn and pointwise != "conv":
-        raise ValueError(f"fold_bn with pointwise={pointwise!r}: the fused kernel applies the "
-                         "BatchNorms that folding would remove; use one of them")
+    check_pointwise(pointwise, fold_bn)
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

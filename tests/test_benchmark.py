@@ -119,6 +119,8 @@ def test_arguments(benchmark):
         benchmark.parse_args(["--model", "vit_small", "--fused-bn"])
     with pytest.raises(SystemExit):  # the fused 1x1 kernel applies what folding removes
         benchmark.parse_args(["--fold-bn", "--pointwise", "fused"])
+    with pytest.raises(SystemExit):  # a model without 1x1 convolutions
+        benchmark.parse_args(["--model", "cnn_small", "--pointwise", "fused"])
     args = benchmark.parse_args([])
     assert args.pointwise == "conv"
     assert (args.model, args.batch_size, args.num_t, args.sweep_images) == (

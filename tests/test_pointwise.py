@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcu_jax import models, sweep
+from mcu_jax import models, runs, sweep
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import BatchNormCoefficients
 from mcu_jax.pipeline import SelectionConfig
@@ -161,11 +161,27 @@ def test_pointwise_settings_are_checked():
         assert programs[0] == programs[1]
     small = models.create("cnn_small", 5)  # no 1x1 convolution: unchanged
     assert models.with_pointwise(small, "fused") is small
-    assert models.with_pointwise(base, "conv") is base
-    with pytest.raises(ValueError, match="pointwise must be one of"):
+    assert models.with_pointwise(models.with_pointwise(base, "fused"), "conv") == base
+    # Run folders made before the field existed still match (it is left out at "conv")
+    assert "pointwise" not in runs.model_identity(base)
+    assert "pointwise = 'fused'" in runs.model_identity(models.with_pointwise(base, "fused"))
+    with pytest.raises(ValueError, match="pointwise: got 'dense'"):
         SelectionConfig(pointwise="dense")
-    with pytest.raises(ValueError, match="fold_bn=True with pointwise='fused'"):
+    with pytest.raises(ValueError, match="pointwise='fused' with fold_bn=True"):
         SelectionConfig(pointwise="fused", fold_bn=True)
+
+
+def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
+    """"fused" (impl "auto") lowers to the Triton kernel for an NVIDIA GPU, whatever the
+    default backend, and to XLA's own ops for the CPU."""
+    args = _operands(256, 16, 16)[:5]
+
+    def f(*a):
+        return pw.bn_relu_matmul(*a, stats=True, impl="auto")
+
+    for platform, kernel in (("cuda", True), ("cpu", False)):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        assert ("bn_relu_matmul" in text and "triton" in text) == kernel, platform
 
 
 def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
@@ -188,5 +204,12 @@ def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
     for a, b in zip(jax.tree.leaves(fused.batch_stats), jax.tree.leaves(plain.batch_stats),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="fold_bn with pointwise='fused'"):
+    with pytest.raises(ValueError, match="pointwise='fused' with fold_bn=True"):
         sweep.sweep(*args, fold_bn=True, pointwise="fused")
+    # The kernel itself (interpreted) under vmap over t, with BatchNorm batches two at once
+    # and a remainder batch whose rows fill no whole block
+    kernel = sweep.sweep(*args, **{**options, "strategy": "vmap"}, bn_group=2,
+                         pointwise="interpret")
+    for name in plain.acc:
+        np.testing.assert_allclose(kernel.acc[name], plain.acc[name], atol=1e-4)
+        np.testing.assert_allclose(kernel.probs[name], plain.probs[name], rtol=1e-3, atol=1e-5)

@@ -40,7 +40,13 @@ import jax.numpy as jnp
 from mcu_jax import checks, pytrees
 from mcu_jax.models.cnn import CNNSmall
 from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
-from mcu_jax.models.preresnet import POINTWISE, PreResNet, pointwise_impl, preresnet
+from mcu_jax.models.preresnet import (
+    POINTWISE,
+    PreResNet,
+    check_pointwise,
+    pointwise_impl,
+    preresnet,
+)
 from mcu_jax.models.pretrained import load_pretrained, save_npz
 from mcu_jax.models.resnet import CifarResNet
 from mcu_jax.models.vgg import VGG16BN
@@ -55,6 +61,7 @@ __all__ = [
     "PreResNet",
     "VGG16BN",
     "VisionTransformer",
+    "check_pointwise",
     "check_variables",
     "count_params",
     "create",
@@ -199,8 +206,8 @@ def folded(model):
 def with_pointwise(model, pointwise: str):
     """``model`` with its ``pointwise`` field set (PreResNet's 1x1 convolutions as
     ``pointwise.bn_relu_matmul``; one of :data:`POINTWISE`, checked); a model without that
-    field is returned as it is, as is every model for "conv"."""
+    field is returned as it is."""
     pointwise_impl(pointwise)
-    if pointwise != "conv" and "pointwise" in getattr(model, "__dataclass_fields__", {}):
+    if "pointwise" in getattr(model, "__dataclass_fields__", {}):
         return model.clone(pointwise=pointwise)
     return model

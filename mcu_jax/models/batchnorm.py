@@ -67,10 +67,15 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.maximum(0.0, total_sq / n - jax.lax.square(mean))
 
 
+def affine(x, mean, mul, bias) -> jax.Array:
+    """``(x - mean) * mul + bias`` in float32: a BatchNorm's map with ``mul = rsqrt(var + eps)
+    * scale`` (Flax's order of operations)."""
+    return (x.astype(jnp.float32) - mean) * mul + bias
+
+
 def _pre_activation(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
     """``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in float32 (Flax's order of ops)."""
-    mul = jax.lax.rsqrt(var + epsilon) * scale
-    return (x.astype(jnp.float32) - mean) * mul + bias
+    return affine(x, mean, jax.lax.rsqrt(var + epsilon) * scale, bias)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon: float, relu: bool) -> jax.Array:
@@ -161,16 +166,29 @@ class BatchNorm(nn.BatchNorm):
                 "already in dtype (float32 or narrower); got "
                 f"{self!r} on a {x.dtype}{list(x.shape)} input"
                 f"{', with a mask' if mask is not None else ''}")
-        c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        ra_mean, ra_var, scale, bias = _variables(self, x.shape[-1], self.scale_init,
+                                                  self.bias_init, self.param_dtype)
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu)
-        if not self.is_initializing():
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        _update(self, ra_mean, ra_var, mean, var)
         return y
+
+
+def _variables(module: nn.Module, c: int, scale_init=nn.initializers.ones,
+               bias_init=nn.initializers.zeros, param_dtype=jnp.float32):
+    """nn.BatchNorm's variables for ``c`` channels, created in ``module`` as it creates
+    them: ``(mean, var)`` (batch_stats variables) and ``(scale, bias)`` (params)."""
+    ra_mean = module.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = module.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    scale = module.param("scale", scale_init, (c,), param_dtype)
+    bias = module.param("bias", bias_init, (c,), param_dtype)
+    return ra_mean, ra_var, scale, bias
+
+
+def _update(module: nn.Module, ra_mean, ra_var, mean, var) -> None:
+    """nn.BatchNorm's running-statistics update (none while initialising)."""
+    if not module.is_initializing():
+        ra_mean.value = module.momentum * ra_mean.value + (1 - module.momentum) * mean
+        ra_var.value = module.momentum * ra_var.value + (1 - module.momentum) * var
 
 
 class BatchNormCoefficients(nn.Module):
@@ -193,10 +211,7 @@ class BatchNormCoefficients(nn.Module):
     @nn.compact
     def __call__(self, x, sums=None):
         c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean, ra_var, scale, bias = _variables(self, c)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -206,7 +221,5 @@ class BatchNormCoefficients(nn.Module):
                 n = x.size // c
                 mean = sums[0] / n
                 var = jnp.maximum(0.0, sums[1] / n - jax.lax.square(mean))
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            _update(self, ra_mean, ra_var, mean, var)
         return mean, jax.lax.rsqrt(var + self.epsilon) * scale, bias

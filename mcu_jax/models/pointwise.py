@@ -13,13 +13,15 @@ per-channel sums of the output and of its square (the next BatchNorm's statistic
 same pass. The sweep's train-mode pass and evaluation are forward only, bound by memory
 traffic; see docs/benchmarks.md, "A fused kernel for the 1x1 convolutions".
 
-``impl`` picks how it runs: ``"pallas"`` the kernel (a GPU, or compiling for one without
-it), ``"interpret"`` the kernel interpreted by Pallas on any backend (tests), ``"xla"`` the
-same computation in plain jax.numpy (other backends; what XLA would run). Every impl
-returns the same values up to float rounding. The kernel has no derivative of its own: its
-backward pass is that of the plain computation (``jax.vjp`` of :func:`reference`, which
-recomputes the forward), so models that use it still train, only without the kernel's
-saving in the backward pass.
+``impl`` picks how it runs: ``"auto"`` the kernel where the program is compiled for an
+NVIDIA GPU (a card, or a deviceless compilation for one) and the plain computation
+elsewhere (``jax.lax.platform_dependent``: the choice follows the platform the program is
+lowered for, not the default backend); ``"pallas"`` the kernel; ``"interpret"`` the kernel
+interpreted by Pallas on any backend (tests); ``"xla"`` the same computation in plain
+jax.numpy (:func:`reference`). Every impl returns the same values up to float rounding. The
+kernel has no derivative of its own: its backward pass is that of the plain computation
+(``jax.vjp`` of :func:`reference`, which recomputes the forward), so models that use it
+still train, only without the kernel's saving in the backward pass.
 
 Block sizes are fixed by a rule (:func:`blocks`), not tuned on a card: no GPU has timed
 this kernel yet.
@@ -32,20 +34,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("pallas", "interpret", "xla")
+from mcu_jax.models.batchnorm import affine
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
 def blocks(k: int, n: int) -> tuple[int, int]:
-    """``(block_m, block_n)``: rows and output channels a kernel instance computes. The input
-    tile ``block_m x k`` stays near 32 KB in float32 (16 to 128 rows), ``block_n`` is at most
-    64 channels. Untuned."""
+    """``(block_m, block_n)``: rows and output channels a kernel instance computes: 128 rows,
+    fewer where ``k`` is over 64 so that the input tile stays at 32 KB of float32 (down to 16
+    rows), and at most 64 output channels. Untuned."""
     return max(16, min(128, 8192 // k)), min(n, 64)
 
 
 def bn_relu(z, mean, mul, bias):
-    """``relu((z - mean) * mul + bias)`` in float32, then cast to z's dtype before the ReLU
-    (as ``nn.relu(nn.BatchNorm(...)(z))``)."""
-    return jnp.maximum(((z.astype(jnp.float32) - mean) * mul + bias).astype(z.dtype), 0)
+    """``relu((z - mean) * mul + bias)``, the affine map in float32 and cast to z's dtype
+    before the ReLU (as ``nn.relu(nn.BatchNorm(...)(z))``)."""
+    return jax.nn.relu(affine(z, mean, mul, bias).astype(z.dtype))
 
 
 def _check(z, mean, mul, bias, w, residual) -> tuple[int, int, int]:
@@ -87,17 +91,23 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
     dt = z.dtype
     block_m, block_n = blocks(k, n)
     grid = (pl.cdiv(m, block_m), n // block_n)
+    pad = grid[0] * block_m - m
+    if pad:  # Triton's block loads and stores are not bounded: whole blocks of rows only
+        z = jnp.pad(z, ((0, pad), (0, 0)))
+        residual = None if residual is None else jnp.pad(residual, ((0, pad), (0, 0)))
 
     def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, *refs):
-        r_ref = refs[0] if residual is not None else None
-        out_ref, *sum_refs = refs[residual is not None:]
+        if residual is None:
+            r_ref, (out_ref, *sum_refs) = None, refs
+        else:
+            r_ref, out_ref, *sum_refs = refs
         a = bn_relu(z_ref[...], mean_ref[...], mul_ref[...], bias_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
         if r_ref is not None:
             c = c + r_ref[...].astype(jnp.float32)
         out = c.astype(dt)
         out_ref[...] = out
-        if sum_refs:  # rows past m (the last block's) hold no data: left out of the sums
+        if sum_refs:  # the padding rows past m are left out of the sums
             rows = pl.program_id(0) * block_m + jnp.arange(block_m)
             o = jnp.where((rows < m)[:, None], out.astype(jnp.float32), 0.0)
             sum_refs[0][...] = jnp.sum(o, axis=0)
@@ -111,7 +121,7 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
     if residual is not None:
         in_specs.append(tile)
         args.append(residual)
-    out_specs, out_shape = [tile], [jax.ShapeDtypeStruct((m, n), dt)]
+    out_specs, out_shape = [tile], [jax.ShapeDtypeStruct((m + pad, n), dt)]
     if stats:  # one row of partial sums per block of rows, added up below
         partial = pl.BlockSpec((None, block_n), lambda i, j: (i, j))
         out_specs += [partial, partial]
@@ -121,9 +131,10 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
                                                                         num_stages=2),
         interpret=interpret, name="bn_relu_matmul")(*args)
+    out = results[0][:m] if pad else results[0]
     if not stats:
-        return results[0], None
-    return results[0], (jnp.sum(results[1], 0), jnp.sum(results[2], 0))
+        return out, None
+    return out, (jnp.sum(results[1], 0), jnp.sum(results[2], 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -145,20 +156,32 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, stats: bool = False,
-                   impl: str = "xla"):
+                   impl: str = "auto"):
     """``relu((z - mean) * mul + bias) @ w (+ residual)`` over the last axis of ``z`` (any
     leading axes: an NHWC activation is a 1x1 convolution's input), and with ``stats`` the
     output channels' ``(sum, sum of squares)`` in float32 (else None). ``mean``, ``mul``,
     ``bias``: (K,) float32 (a BatchNorm's statistics and ``scale / sqrt(var + eps)``); ``w``:
-    (K, N); ``residual``: like the output. ``impl``: one of :data:`IMPLS` (module docstring).
+    (K, N); ``residual``: the output's shape. ``impl``: one of :data:`IMPLS` (module
+    docstring). ValueError for shapes that do not fit.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
     lead = z.shape[:-1]
+    if residual is not None and residual.shape != (*lead, w.shape[-1]):
+        raise ValueError(f"bn_relu_matmul: residual must be {(*lead, w.shape[-1])} (z "
+                         f"{z.shape} times w {w.shape}), got {residual.shape}")
     flat = z.reshape(-1, z.shape[-1])
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
-    if impl == "xla":
-        out, sums = reference(flat, mean, mul, bias, w, res, stats)
+
+    def plain(*args):
+        return reference(*args, stats)
+
+    def kernel(*args, interpret=impl == "interpret"):
+        return _kernel(*args, stats, interpret)
+
+    args = (flat, mean, mul, bias, w, res)
+    if impl == "auto":
+        out, sums = jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
     else:
-        out, sums = _kernel(flat, mean, mul, bias, w, res, stats, impl == "interpret")
-    return out.reshape(*lead, w.shape[1]), sums
+        out, sums = plain(*args) if impl == "xla" else kernel(*args)
+    return out.reshape(*lead, w.shape[-1]), sums

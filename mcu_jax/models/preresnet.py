@@ -23,7 +23,6 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mcu_jax.models import pointwise as pw
@@ -42,9 +41,9 @@ EXPANSION = 4
 
 #: Values of the models' ``pointwise`` field: "conv" (``nn.Conv`` and ``nn.BatchNorm``, the
 #: default), "fused" (the 1x1 convolutions as ``pointwise.bn_relu_matmul``: its Pallas kernel
-#: on GPUs, the same computation in XLA ops elsewhere), "pallas" (the kernel on any
-#: backend: to compile for a GPU without one) and "interpret" (the kernel interpreted: tests).
-POINTWISE = ("conv", "fused", "pallas", "interpret")
+#: where the program is compiled for an NVIDIA GPU, the same computation in XLA ops
+#: elsewhere) and "interpret" (the kernel interpreted by Pallas on any backend: tests).
+POINTWISE = ("conv", "fused", "interpret")
 
 
 def pointwise_impl(pointwise: str) -> str:
@@ -52,8 +51,16 @@ def pointwise_impl(pointwise: str) -> str:
     runs (checked: ValueError for a value not in :data:`POINTWISE`)."""
     if pointwise not in POINTWISE:
         raise ValueError(f"pointwise: got {pointwise!r}, expected one of {POINTWISE}")
-    if pointwise == "fused":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return "auto" if pointwise == "fused" else pointwise
+
+
+def check_pointwise(pointwise: str, fold_bn: bool) -> str:
+    """``pointwise`` if it is a :data:`POINTWISE` value that goes with ``fold_bn``; ValueError
+    otherwise (the fused kernel applies the BatchNorms that folding removes)."""
+    pointwise_impl(pointwise)
+    if fold_bn and pointwise != "conv":
+        raise ValueError(f"pointwise={pointwise!r} with fold_bn=True: the fused 1x1 kernel "
+                         "applies the BatchNorms that folding removes; use one of them")
     return pointwise
 
 
@@ -141,10 +148,7 @@ class PreResNet(nn.Module):
     def __call__(self, x, train: bool):
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
-        pointwise_impl(self.pointwise)  # checked before anything is built
-        if self.pointwise != "conv" and self.fold_bn:
-            raise ValueError(f"pointwise={self.pointwise!r} with fold_bn: the fused kernel "
-                             "applies the BatchNorms that folding removes; use one of them")
+        check_pointwise(self.pointwise, self.fold_bn)  # before anything is built
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
