@@ -65,13 +65,7 @@ from mcu_jax import bn, checkpoint, curves, masks, mcu, pipeline, selection, sha
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import (
-    check_pointwise,
-    check_variables,
-    count_params,
-    create,
-    init_variables,
-)
+from mcu_jax.models import check_variables, count_params, create, init_variables
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
 #: Default input shape per model (H, W, C); anything else is CIFAR-shaped.
@@ -217,10 +211,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         model_of(args)
     except ValueError as e:
         parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
-    try:
-        check_pointwise(args.pointwise, args.fold_bn)
-    except ValueError as e:
-        parser.error(f"--pointwise {args.pointwise}{' --fold-bn' if args.fold_bn else ''}: {e}")
     if args.pointwise != "conv" and "pointwise" not in model_of(args).__dataclass_fields__:
         parser.error(f"--pointwise {args.pointwise}: model {args.model} has no 1x1 "
                      "convolutions to fuse (PreResNet has)")

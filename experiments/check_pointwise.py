@@ -58,17 +58,19 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
 
 
 def model_check(batch: int, depth: int, dtype, pointwise: str) -> tuple[str, float]:
-    """A PreResNet's train-mode logits and batch statistics and its eval-mode logits on
-    ``batch`` random images, with ``pointwise`` against the default model."""
+    """A PreResNet's train-mode logits and batch statistics and its eval-mode logits (also
+    with BatchNorm folded) on ``batch`` random images, with ``pointwise`` against the default
+    model."""
     base = models.create("preresnet110", 10, depth=depth, dtype=dtype)
     v = models.init_variables(base, jax.random.PRNGKey(0), (1, 32, 32, 3))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
 
     @jax.jit
     def run(variables):
+        kernel = models.with_pointwise(base, pointwise)
         return [(m.apply(variables, x, train=True, mutable=["batch_stats"]),
-                 m.apply(variables, x, train=False))
-                for m in (models.with_pointwise(base, pointwise), base)]
+                 m.apply(variables, x, train=False), f.apply(variables, x, train=False))
+                for m, f in ((kernel, models.folded(kernel)), (base, base))]
 
     got, want = run(v)
     worst = max(_relative(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),

@@ -5,7 +5,7 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--dtype float32] [--eval-batch 500] [--num-t 20]
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
-                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:FLAG]]
+                                           [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:FLAGS]]
                                            [--kernel-us 3.5]
                                            [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
@@ -330,21 +330,21 @@ SWEEP_FLAGS = ("fold", "pointwise")
 
 
 def parse_sweep_program(spec: str) -> tuple[str, int, int, bool, bool]:
-    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise]"`` (e.g. ``vmap:1:500``, the GPU
+    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise]"`` (e.g. ``vmap:1:500``, the GPU
     default; ``map:16:2000:fold`` with BatchNorm folded for evaluation; ``map:16:2000:pointwise``
-    with PreResNet's fused 1x1 kernel in both passes) ->
+    with PreResNet's fused 1x1 kernel in both passes; both flags in either order) ->
     ``(strategy, bn_group, eval_batch, fold_bn, pointwise)``."""
     parts = spec.split(":")
     flags = parts[3:]
     try:
         strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
         ok = (strategy in ("vmap", "map") and min(group, eval_batch) >= 1
-              and len(flags) <= 1 and set(flags) <= set(SWEEP_FLAGS))
+              and len(set(flags)) == len(flags) and set(flags) <= set(SWEEP_FLAGS))
     except (IndexError, ValueError):
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(
-            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise] "
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise] "
             "with STRATEGY vmap or map and positive integers, e.g. map:16:2000 or "
             "map:16:2000:fold")
     return strategy, group, eval_batch, "fold" in flags, "pointwise" in flags
@@ -416,7 +416,7 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
-    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold|:pointwise]",
+    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise]",
                    action="append",
                    type=parse_sweep_program, default=[],
                    help="also the sweep's own program with these settings, for --num-t t "

@@ -269,8 +269,8 @@ elif wanted e2e_warm; then
 fi
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
-# FAST_SWEEP: e2e_fast's sweep option, --fold-bn unless set (e.g. to "--pointwise fused",
-# which excludes --fold-bn, once the pointwise part has won)
+# FAST_SWEEP: e2e_fast's sweep options, --fold-bn unless set (e.g. to "--fold-bn
+# --pointwise fused" once the pointwise part has won)
 # shellcheck disable=SC2206 # FAST_SWEEP is a list of words
 FAST=(--model preresnet110 --dtype bfloat16 --fused-bn --mask paper --skip-step --skip-sweep
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20

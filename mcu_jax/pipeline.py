@@ -31,7 +31,7 @@ import numpy as np
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
-from mcu_jax.models import check_pointwise, check_variables
+from mcu_jax.models import POINTWISE, check_variables
 
 BN_SETS = ("retain", "train")
 MASK_KINDS = ("parameter", "random")
@@ -73,7 +73,6 @@ class SelectionConfig:
     # them and the statistics after them (models.POINTWISE: "fused" is a Pallas kernel on
     # GPUs, XLA's ops elsewhere; sweep.sweep's pointwise): the same accuracies up to float
     # rounding, about 0.6 of the bytes compiled for an H100; "conv" until timed on a card.
-    # Not with fold_bn.
     pointwise: str = "conv"
 
     def __post_init__(self):
@@ -89,7 +88,7 @@ class SelectionConfig:
         checks.integer("bn_group", self.bn_group, 1)
         checks.integer("eval_batch_size", self.eval_batch_size, 1)
         checks.optional_integer("chunk_size", self.chunk_size, 1)
-        check_pointwise(self.pointwise, self.fold_bn)
+        checks.choice("pointwise", self.pointwise, POINTWISE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import check_pointwise, folded, with_pointwise
+from mcu_jax.models import folded, pointwise_impl, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -186,7 +186,8 @@ def sweep(
         the BatchNorm + ReLU before them and the statistics after them
         (``models.with_pointwise``, ``models/pointwise.py``; a Pallas kernel on GPUs): the
         same accuracies up to float rounding, about 0.6 of the bytes when compiled for an
-        H100 (not yet timed on a card); other models are unchanged. Not with ``fold_bn``.
+        H100 (not yet timed on a card); other models are unchanged. With ``fold_bn`` the
+        evaluation pass also folds the BatchNorms after the kernel and the 3x3 convolution.
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
@@ -253,7 +254,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
-    check_pointwise(pointwise, fold_bn)
+    pointwise_impl(pointwise)  # checked
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -117,8 +117,6 @@ def test_arguments(benchmark):
         benchmark.parse_args(["--end-to-end", "--num-t", "3"])
     with pytest.raises(SystemExit):  # a model without BatchNorm
         benchmark.parse_args(["--model", "vit_small", "--fused-bn"])
-    with pytest.raises(SystemExit):  # the fused 1x1 kernel applies what folding removes
-        benchmark.parse_args(["--fold-bn", "--pointwise", "fused"])
     with pytest.raises(SystemExit):  # a model without 1x1 convolutions
         benchmark.parse_args(["--model", "cnn_small", "--pointwise", "fused"])
     args = benchmark.parse_args([])

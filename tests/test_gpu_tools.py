@@ -288,8 +288,9 @@ def test_cost_analysis_of_the_sweep_programs():
     assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
     assert cost.parse_sweep_program("map:16:2000:pointwise") == ("map", 16, 2000, False, True)
     assert cost.parse_sweep_program("vmap:1:500:fold") == ("vmap", 1, 500, True, False)
+    assert cost.parse_sweep_program("map:1:5:pointwise:fold") == ("map", 1, 5, True, True)
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5", "map:1:5:folded",
-                "map:1:5:fold:x", "map:1:5:fold:pointwise"):
+                "map:1:5:fold:x", "map:1:5:fold:fold"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])
 

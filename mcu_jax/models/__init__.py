@@ -43,7 +43,6 @@ from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
 from mcu_jax.models.preresnet import (
     POINTWISE,
     PreResNet,
-    check_pointwise,
     pointwise_impl,
     preresnet,
 )
@@ -61,7 +60,6 @@ __all__ = [
     "PreResNet",
     "VGG16BN",
     "VisionTransformer",
-    "check_pointwise",
     "check_variables",
     "count_params",
     "create",

@@ -202,6 +202,7 @@ class BatchNormCoefficients(nn.Module):
     squares over ``n`` values, e.g. from the kernel that wrote ``x``) or, without them, from
     ``x`` itself (``x`` is then read; with ``sums`` only its shape is); the running
     statistics are updated as ``nn.BatchNorm`` updates them (fast variance, clipped at 0).
+    In evaluation mode only ``x``'s last axis is read (a ``jax.ShapeDtypeStruct`` will do).
     """
 
     use_running_average: bool

@@ -114,11 +114,17 @@ def conv_bn(conv_layer: nn.Conv, bn_layer: BatchNorm, x, fold: bool):
     differently."""
     if not fold:
         return bn_layer(conv_layer(x))
-    conv_vars, bn_vars = conv_layer.variables, bn_layer.variables
-    kernel = conv_vars["params"]["kernel"]
-    bias = conv_vars["params"].get("bias", jnp.zeros(kernel.shape[-1], kernel.dtype))
-    stats, affine = bn_vars["batch_stats"], bn_vars["params"]
+    stats, affine = bn_layer.variables["batch_stats"], bn_layer.variables["params"]
     s = affine["scale"] * jax.lax.rsqrt(stats["var"] + bn_layer.epsilon)
-    folded = {"kernel": kernel * s, "bias": (bias - stats["mean"]) * s + affine["bias"]}
+    return conv_folded(conv_layer, x, stats["mean"], s, affine["bias"], bn_layer.relu)
+
+
+def conv_folded(conv_layer: nn.Conv, x, mean, mul, bias, relu: bool):
+    """``conv_layer(x)`` followed by the BatchNorm map ``(y - mean) * mul + bias`` (then a
+    ReLU if ``relu``) as one convolution: kernel ``k * mul`` and bias ``(b - mean) * mul +
+    bias``, ``b`` the conv's own bias (0 if none). Its variables must exist (evaluation)."""
+    kernel = conv_layer.variables["params"]["kernel"]
+    own = conv_layer.variables["params"].get("bias", jnp.zeros(kernel.shape[-1], kernel.dtype))
+    folded = {"kernel": kernel * mul, "bias": (own - mean) * mul + bias}
     out = conv_layer.clone(use_bias=True, parent=None).apply({"params": folded}, x)
-    return nn.relu(out) if bn_layer.relu else out
+    return nn.relu(out) if relu else out

@@ -52,7 +52,7 @@ def bn_relu(z, mean, mul, bias):
     return jax.nn.relu(affine(z, mean, mul, bias).astype(z.dtype))
 
 
-def _check(z, mean, mul, bias, w, residual) -> tuple[int, int, int]:
+def _check(z, mean, mul, bias, w, residual, out_bias=None) -> tuple[int, int, int]:
     m, k = z.shape
     if w.shape[0] != k or any(v.shape != (k,) for v in (mean, mul, bias)):
         raise ValueError(f"bn_relu_matmul: z {z.shape} needs w ({k}, N) and mean, mul, bias "
@@ -61,30 +61,43 @@ def _check(z, mean, mul, bias, w, residual) -> tuple[int, int, int]:
     n = w.shape[1]
     if residual is not None and residual.shape != (m, n):
         raise ValueError(f"bn_relu_matmul: residual must be ({m}, {n}), got {residual.shape}")
+    if out_bias is not None and out_bias.shape != (n,):
+        raise ValueError(f"bn_relu_matmul: out_bias must be ({n},), got {out_bias.shape}")
     return m, k, n
 
 
-def reference(z, mean, mul, bias, w, residual=None, stats: bool = False):
-    """The computation in jax.numpy: ``(out (M, N) in z's dtype, (sum, sum of squares) of
-    out's channels in float32 or None)``; see the module docstring."""
-    _check(z, mean, mul, bias, w, residual)
-    dt = z.dtype
-    c = jnp.dot(bn_relu(z, mean, mul, bias), w.astype(dt), preferred_element_type=jnp.float32)
+def _epilogue(c, out_bias, residual, out_relu: bool, dt):
+    """The float32 product ``c`` plus ``out_bias`` and ``residual`` (either may be None), cast
+    to ``dt``, then the ReLU if ``out_relu``."""
+    if out_bias is not None:
+        c = c + out_bias
     if residual is not None:
         c = c + residual.astype(jnp.float32)
     out = c.astype(dt)
+    return jax.nn.relu(out) if out_relu else out
+
+
+def reference(z, mean, mul, bias, w, residual=None, out_bias=None, stats: bool = False,
+              out_relu: bool = False):
+    """The computation in jax.numpy: ``(out (M, N) in z's dtype, (sum, sum of squares) of
+    out's channels in float32 or None)``; see :func:`bn_relu_matmul`."""
+    _check(z, mean, mul, bias, w, residual, out_bias)
+    dt = z.dtype
+    c = jnp.dot(bn_relu(z, mean, mul, bias), w.astype(dt), preferred_element_type=jnp.float32)
+    out = _epilogue(c, out_bias, residual, out_relu, dt)
     if not stats:
         return out, None
     o = out.astype(jnp.float32)
     return out, (jnp.sum(o, 0), jnp.sum(o * o, 0))
 
 
-def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
+def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bool,
+            interpret: bool):
     """The Pallas kernel; arguments and results as :func:`reference`."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
     from jax.experimental.pallas import triton as pltriton
 
-    m, k, n = _check(z, mean, mul, bias, w, residual)
+    m, k, n = _check(z, mean, mul, bias, w, residual, out_bias)
     if not all(v >= 16 and v & (v - 1) == 0 for v in (k, n)):  # Triton's tiles and products
         raise ValueError(f"bn_relu_matmul: the Pallas kernel needs K and N powers of two, at "
                          f"least 16; got K={k}, N={n} (impl='xla' takes any)")
@@ -97,15 +110,14 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
         residual = None if residual is None else jnp.pad(residual, ((0, pad), (0, 0)))
 
     def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, *refs):
-        if residual is None:
-            r_ref, (out_ref, *sum_refs) = None, refs
-        else:
-            r_ref, out_ref, *sum_refs = refs
+        refs = list(refs)  # the optional inputs, then the outputs
+        ob_ref = refs.pop(0) if out_bias is not None else None
+        r_ref = refs.pop(0) if residual is not None else None
+        out_ref, *sum_refs = refs
         a = bn_relu(z_ref[...], mean_ref[...], mul_ref[...], bias_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
-        if r_ref is not None:
-            c = c + r_ref[...].astype(jnp.float32)
-        out = c.astype(dt)
+        out = _epilogue(c, None if ob_ref is None else ob_ref[...],
+                        None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
         if sum_refs:  # the padding rows past m are left out of the sums
             rows = pl.program_id(0) * block_m + jnp.arange(block_m)
@@ -118,6 +130,9 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
     in_specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), vector, vector, vector,
                 pl.BlockSpec((k, block_n), lambda i, j: (0, j))]
     args = [z, mean, mul, bias, w.astype(dt)]
+    if out_bias is not None:
+        in_specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
+        args.append(out_bias)
     if residual is not None:
         in_specs.append(tile)
         args.append(residual)
@@ -137,32 +152,32 @@ def _pallas(z, mean, mul, bias, w, residual, stats: bool, interpret: bool):
     return out, (jnp.sum(results[1], 0), jnp.sum(results[2], 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _kernel(z, mean, mul, bias, w, residual, stats, interpret):
-    return _pallas(z, mean, mul, bias, w, residual, stats, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _kernel(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret):
+    return _pallas(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret)
 
 
-def _kernel_fwd(z, mean, mul, bias, w, residual, stats, interpret):
-    return _pallas(z, mean, mul, bias, w, residual, stats, interpret), (
-        z, mean, mul, bias, w, residual)
+def _kernel_fwd(*args):
+    return _kernel(*args), args[:7]
 
 
-def _kernel_bwd(stats, interpret, primals, cotangents):
-    _, vjp = jax.vjp(functools.partial(reference, stats=stats), *primals)
+def _kernel_bwd(stats, out_relu, interpret, primals, cotangents):
+    _, vjp = jax.vjp(functools.partial(reference, stats=stats, out_relu=out_relu), *primals)
     return vjp(cotangents)
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, stats: bool = False,
-                   impl: str = "auto"):
-    """``relu((z - mean) * mul + bias) @ w (+ residual)`` over the last axis of ``z`` (any
-    leading axes: an NHWC activation is a 1x1 convolution's input), and with ``stats`` the
-    output channels' ``(sum, sum of squares)`` in float32 (else None). ``mean``, ``mul``,
-    ``bias``: (K,) float32 (a BatchNorm's statistics and ``scale / sqrt(var + eps)``); ``w``:
-    (K, N); ``residual``: the output's shape. ``impl``: one of :data:`IMPLS` (module
-    docstring). ValueError for shapes that do not fit.
+def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
+                   out_relu: bool = False, stats: bool = False, impl: str = "auto"):
+    """``relu((z - mean) * mul + bias) @ w (+ out_bias) (+ residual)``, then a ReLU if
+    ``out_relu``, over the last axis of ``z`` (any leading axes: an NHWC activation is a 1x1
+    convolution's input), and with ``stats`` the output channels' ``(sum, sum of squares)``
+    in float32 (else None). ``mean``, ``mul``, ``bias``: (K,) float32 (a BatchNorm's
+    statistics and ``scale / sqrt(var + eps)``); ``w``: (K, N); ``out_bias``: (N,) float32
+    (e.g. the next BatchNorm folded in, with ``out_relu``); ``residual``: the output's shape.
+    ``impl``: one of :data:`IMPLS` (module docstring). ValueError for shapes that do not fit.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
@@ -174,12 +189,12 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, stats: bool = False,
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
 
     def plain(*args):
-        return reference(*args, stats)
+        return reference(*args, stats=stats, out_relu=out_relu)
 
     def kernel(*args, interpret=impl == "interpret"):
-        return _kernel(*args, stats, interpret)
+        return _kernel(*args, stats, out_relu, interpret)
 
-    args = (flat, mean, mul, bias, w, res)
+    args = (flat, mean, mul, bias, w, res, out_bias)
     if impl == "auto":
         out, sums = jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
     else:

@@ -23,6 +23,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mcu_jax.models import pointwise as pw
@@ -32,6 +33,7 @@ from mcu_jax.models.layers import (
     batch_norm,
     conv,
     conv_bn,
+    conv_folded,
     conv_init,
     dense,
     resolve_dtype,
@@ -52,16 +54,6 @@ def pointwise_impl(pointwise: str) -> str:
     if pointwise not in POINTWISE:
         raise ValueError(f"pointwise: got {pointwise!r}, expected one of {POINTWISE}")
     return "auto" if pointwise == "fused" else pointwise
-
-
-def check_pointwise(pointwise: str, fold_bn: bool) -> str:
-    """``pointwise`` if it is a :data:`POINTWISE` value that goes with ``fold_bn``; ValueError
-    otherwise (the fused kernel applies the BatchNorms that folding removes)."""
-    pointwise_impl(pointwise)
-    if fold_bn and pointwise != "conv":
-        raise ValueError(f"pointwise={pointwise!r} with fold_bn=True: the fused 1x1 kernel "
-                         "applies the BatchNorms that folding removes; use one of them")
-    return pointwise
 
 
 class _Kernel1x1(nn.Module):
@@ -109,23 +101,32 @@ class PreActBottleneck(nn.Module):
     def _pointwise(self, x, train: bool, sums):
         """The block with conv1 and conv3 as ``pointwise.bn_relu_matmul`` (bn1 and bn3 applied
         on their way in, the residual add and the next BatchNorm's sums on their way out):
-        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known."""
+        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. With
+        ``fold`` (evaluation) bn2 is applied on conv1's way out and bn3 folded into conv2."""
         dt, impl = self.dtype, pointwise_impl(self.pointwise)
         coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
                                          BN_EPSILON)
-        z1, sums1 = pw.bn_relu_matmul(
-            x, *coefficients(name="bn1")(x, sums),
-            _Kernel1x1(self.planes, name="conv1")(x.shape[-1]), stats=train, impl=impl)
-        a2 = pw.bn_relu(z1, *coefficients(name="bn2")(z1, sums1))
-        z2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")(a2)
+        bn1 = coefficients(name="bn1")(x, sums)
+        w1 = _Kernel1x1(self.planes, name="conv1")(x.shape[-1])
+        conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
+        w3 = _Kernel1x1(self.planes * EXPANSION, name="conv3")(self.planes)
         shortcut = x
         if self.project:
             shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
                             name="shortcut")(x)
-        return pw.bn_relu_matmul(
-            z2, *coefficients(name="bn3")(z2),
-            _Kernel1x1(self.planes * EXPANSION, name="conv3")(self.planes), shortcut,
-            stats=train, impl=impl)
+        if self.fold:  # running statistics: only the channel count of bn2's and bn3's input
+            channels = jax.ShapeDtypeStruct((self.planes,), dt)
+            mean2, mul2, bias2 = coefficients(name="bn2")(channels)
+            a2, _ = pw.bn_relu_matmul(x, *bn1, w1 * mul2, out_bias=(0 - mean2) * mul2 + bias2,
+                                      out_relu=True, impl=impl)
+            a3 = conv_folded(conv2, a2, *coefficients(name="bn3")(channels), relu=True)
+            # a3 is normalised and activated already: the kernel's own map is the identity
+            identity = (jnp.zeros(self.planes), jnp.ones(self.planes), jnp.zeros(self.planes))
+            return pw.bn_relu_matmul(a3, *identity, w3, shortcut, impl=impl)
+        z1, sums1 = pw.bn_relu_matmul(x, *bn1, w1, stats=train, impl=impl)
+        z2 = conv2(pw.bn_relu(z1, *coefficients(name="bn2")(z1, sums1)))
+        return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut, stats=train,
+                                 impl=impl)
 
 
 class PreResNet(nn.Module):
@@ -141,14 +142,15 @@ class PreResNet(nn.Module):
     fused_bn: bool = False  # train mode: BN + ReLU with a hand-written backward (batchnorm.py)
     # The blocks' 1x1 convolutions as one kernel with the BatchNorm + ReLU before them and
     # the statistics after them (POINTWISE, pointwise.py); the same variables and function.
-    # Not with fold_bn; fused_bn then changes nothing (no BatchNorm of its kind is left).
+    # With fold_bn, evaluation folds bn2 and bn3 into the kernel's output and conv2; fused_bn
+    # then changes nothing (no BatchNorm of its kind is left).
     pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool):
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
-        check_pointwise(self.pointwise, self.fold_bn)  # before anything is built
+        pointwise_impl(self.pointwise)  # checked before anything is built
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
