@@ -22,6 +22,10 @@
 #                (--pointwise fused; compare with sweep_map's) to decide
 #                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
 #                bytes and 0.66 of evaluation's
+#   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
+#                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
+#                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
+#                (1.13 s estimated, against the 1.1 s target; compare with bf16's sweep)
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
@@ -253,6 +257,9 @@ if wanted pointwise_check && left=$(time_left pointwise_check 40); then
   log "done pointwise_check (exit $rc)"
 fi
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
+bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
+  --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
+  --pointwise fused
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.

@@ -101,6 +101,15 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
+def _dense_label(parts: dict, name: str, dtype: str, group: int, eval_batch: int) -> str:
+    """The sweep settings of part ``name`` in words: those it ran with, or gpu_check.sh's
+    (``group`` BatchNorm batches at once, evaluation batches of ``eval_batch``)."""
+    args = {"strategy": "map", "bn_group": group, "eval_batch_size": eval_batch,
+            **parts.get(name, {}).get("args", {})}
+    return (f"{dtype}, {args['strategy']} over t, {args['bn_group']} BN batches at once, eval "
+            f"batch {args['eval_batch_size']}")
+
+
 def summary(out: Path) -> str:
     parts = load_parts(out)
     ref = load_reference(out)
@@ -129,19 +138,18 @@ def summary(out: Path) -> str:
             text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
-    # gpu_check.sh's settings of the part, or those it ran with
-    map_args = {"strategy": "map", "bn_group": 16, "eval_batch_size": 2000,
-                **parts.get("sweep_map", {}).get("args", {})}
-    map_label = (f"float32, {map_args['strategy']} over t, {map_args['bn_group']} BN batches "
-                 f"at once, eval batch {map_args['eval_batch_size']}")
+    map_label = _dense_label(parts, "sweep_map", "float32", 16, 2000)
     # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise
     # against sweep_map's (gpu_check.sh runs them on the dense settings)
     base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
-            "pointwise": ("sweep_map", "sweep with nn.Conv")}
+            "pointwise": ("sweep_map", "sweep with nn.Conv"),
+            "pointwise_bf16": ("bf16", "bfloat16 sweep")}
     for name, label in (("f32", "float32"), ("sweep_map", map_label),
                         ("fold", map_label + ", BN folded for evaluation"),
                         ("pointwise", map_label + ", fused 1x1 kernel"),
-                        ("bf16", "bfloat16")):
+                        ("bf16", "bfloat16"),
+                        ("pointwise_bf16", _dense_label(parts, "pointwise_bf16", "bfloat16", 46,
+                                                        6000) + ", BN folded, fused 1x1 kernel")):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:

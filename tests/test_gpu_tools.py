@@ -52,7 +52,8 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
-             _part("pointwise", sweep=(2.0, 240000)), _part("sweep_map", sweep=(4.0, 240000),
+             _part("pointwise", sweep=(2.0, 240000)),
+             _part("pointwise_bf16", sweep=(0.5, 240000)), _part("sweep_map", sweep=(4.0, 240000),
                    args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
@@ -76,6 +77,10 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert ("2 s, 120,000 img-fwd/s (40.0x the release's float32); 0.50 of the sweep with "
             "nn.Conv") in lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at "
                                 "once, eval batch 2000, fused 1x1 kernel)"]
+    best = lines["20-point sweep <= 1.1 s (bfloat16, map over t, 46 BN batches at once, eval "
+                 "batch 6000, BN folded, fused 1x1 kernel)"]
+    assert "0.5 s, 480,000 img-fwd/s (160.0x the release's float32); 0.50 of the bfloat16 " \
+           "sweep | met |" in best
     assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
         lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval "
               "batch 2000)"])
