@@ -208,12 +208,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     try:
-        model_of(args)
+        model = model_of(args)
     except ValueError as e:
         parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
-    if args.pointwise != "conv" and "pointwise" not in model_of(args).__dataclass_fields__:
-        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no 1x1 "
-                     "convolutions to fuse (PreResNet has)")
+    if args.pointwise != "conv" and "pointwise" not in model.__dataclass_fields__:
+        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no pointwise "
+                     "field (PreResNet only)")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")

@@ -39,7 +39,8 @@ def _relative(a, b) -> float:
 
 def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the kernel's output and channel sums against the
-    "xla" impl, for every shape in :data:`SHAPES`."""
+    "xla" impl, for every shape in :data:`SHAPES`, with a residual and with an output bias
+    and ReLU (a BatchNorm folded in)."""
     rng = np.random.default_rng(0)
     results = []
     for k, n in SHAPES:
@@ -48,12 +49,16 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
         mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
         w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.float32)
         residual = jnp.asarray(rng.normal(size=(rows, n)), dtype)
-        got, (g1, g2) = jax.jit(lambda *a: pw.bn_relu_matmul(*a, stats=True, impl=impl))(
-            z, mean, mul, bias, w, residual)
-        want, (w1, w2) = pw.bn_relu_matmul(z, mean, mul, bias, w, residual, stats=True,
-                                           impl="xla")
-        worst = max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))
-        results.append((f"kernel K={k} N={n}, {rows} rows", worst))
+        out_bias = jnp.asarray(rng.normal(size=n), jnp.float32)
+        for label, options in (("residual", {"residual": residual}),
+                               ("output bias and ReLU", {"out_bias": out_bias,
+                                                         "out_relu": True})):
+            got, (g1, g2) = jax.jit(lambda *a, o=options: pw.bn_relu_matmul(
+                *a, **o, stats=True, impl=impl))(z, mean, mul, bias, w)
+            want, (w1, w2) = pw.bn_relu_matmul(z, mean, mul, bias, w, **options, stats=True,
+                                               impl="xla")
+            worst = max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))
+            results.append((f"kernel K={k} N={n}, {rows} rows, {label}", worst))
     return results
 
 

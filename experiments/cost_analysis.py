@@ -296,10 +296,10 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         rows += [fused, forward]
     if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel (the
         # Pallas kernel when compiled for a GPU, XLA's ops otherwise)
-        kernel = with_pointwise(model, "fused")
-        forward = train_forward_row(", fused 1x1 kernel", kernel)
+        kernel_model = with_pointwise(model, "fused")
+        forward = train_forward_row(", fused 1x1 kernel", kernel_model)
         forward["note"] = _share(forward, rows[1], "the default pass's")
-        evaluation = eval_forward_row(", fused 1x1 kernel", kernel)
+        evaluation = eval_forward_row(", fused 1x1 kernel", kernel_model)
         evaluation["note"] += "; " + _share(evaluation, rows[2], "the default pass's")
         rows += [forward, evaluation]
     if mask_file is not None:
@@ -360,14 +360,17 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     once per iteration) on every backend; the note counts the convolutions that ``vmap`` over
     t made grouped (one group per t) and gives the two-term estimate: the bytes at
     ``bytes_per_s`` plus ``kernel_s`` per kernel."""
-    strategy, group, eval_batch, fold, fused = program
+    strategy, group, eval_batch, fold, pointwise = program
     model, theta, data = _workload(model_name, dtype, images)
+    if pointwise and "pointwise" not in model.__dataclass_fields__:
+        raise SystemExit(f"--sweep-program ...:pointwise: model {model_name} has no pointwise "
+                         "field (PreResNet only)")
     every = np.arange(images)
     fn, args, statics = sweep.chunk_program(
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
         eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold,
-        pointwise="fused" if fused else "conv")
+        pointwise="fused" if pointwise else "conv")
     compiled = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)
@@ -378,7 +381,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     batches = bn.describe_pass(images, batch_size, group)
     return {"program": f"sweep program: {strategy} over t, BN {batches}, eval batch {eval_batch}"
                        f"{', BN folded' if fold else ''}"
-                       f"{', fused 1x1 kernel' if fused else ''}"
+                       f"{', fused 1x1 kernel' if pointwise else ''}"
                        f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",

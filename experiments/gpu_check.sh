@@ -243,6 +243,16 @@ profile() {
   fi
 }
 
+run_script() {  # name, estimated seconds, a Python script and its arguments: output to summary.md
+  local name=$1 need=$2 left rc
+  shift 2
+  wanted "$name" || return 0
+  left=$(time_left "$name" "$need") || return 0
+  log "run $name: $*"
+  { echo "## $name"; echo; timeout "$left" $PY "$@"; rc=$?; echo; } >>"$SUMMARY" 2>>"$LOG"
+  log "done $name (exit $rc)"
+}
+
 STD=(--model preresnet110 --batch-size 128 --steps 200 --warmup 10)
 bench f32 150 "${STD[@]}" --dtype float32 --mask none --num-t 20 --sweep-images 6000
 profile  # right after f32, whose compiled programs it reuses: where the step's time goes
@@ -250,12 +260,7 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
-if wanted pointwise_check && left=$(time_left pointwise_check 40); then
-  log "run pointwise_check: experiments/check_pointwise.py"
-  { echo "## pointwise_check"; echo; timeout "$left" $PY experiments/check_pointwise.py; rc=$?
-    echo; } >>"$SUMMARY" 2>>"$LOG"
-  log "done pointwise_check (exit $rc)"
-fi
+run_script pointwise_check 40 experiments/check_pointwise.py
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
 bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
   --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
@@ -296,12 +301,7 @@ bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20
 bench bf16_k01 80 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep
 bench f32_paper 80 "${STD[@]}" --dtype float32 --mask paper --skip-sweep
 FLAGS=$CMDBUF_FLAGS bench cmdbuf 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep
-if wanted cost && left=$(time_left cost 90); then
-  log "run cost: experiments/cost_analysis.py (XLA's FLOP and byte counts on the GPU)"
-  { echo "## cost"; echo; timeout "$left" $PY experiments/cost_analysis.py; rc=$?; echo; } \
-    >>"$SUMMARY" 2>>"$LOG"
-  log "done cost (exit $rc)"
-fi
+run_script cost 90 experiments/cost_analysis.py
 
 # 3. targets and ratios to the release
 $PY experiments/gpu_summary.py "$OUT" 2>>"$LOG" | tee -a "$SUMMARY"

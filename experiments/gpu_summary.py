@@ -101,13 +101,16 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
-def _dense_label(parts: dict, name: str, dtype: str, group: int, eval_batch: int) -> str:
-    """The sweep settings of part ``name`` in words: those it ran with, or gpu_check.sh's
-    (``group`` BatchNorm batches at once, evaluation batches of ``eval_batch``)."""
-    args = {"strategy": "map", "bn_group": group, "eval_batch_size": eval_batch,
-            **parts.get(name, {}).get("args", {})}
-    return (f"{dtype}, {args['strategy']} over t, {args['bn_group']} BN batches at once, eval "
-            f"batch {args['eval_batch_size']}")
+def _dense_label(parts: dict, name: str, dtype: str, group: int, eval_batch: int,
+                 fold_bn: bool = False, pointwise: str = "conv") -> str:
+    """The sweep settings of part ``name`` in words: those it ran with (its benchmark
+    arguments), or where it did not run gpu_check.sh's (the other arguments)."""
+    args = {"dtype": dtype, "strategy": "map", "bn_group": group, "eval_batch_size": eval_batch,
+            "fold_bn": fold_bn, "pointwise": pointwise, **parts.get(name, {}).get("args", {})}
+    return (f"{args['dtype']}, {args['strategy']} over t, {args['bn_group']} BN batches at "
+            f"once, eval batch {args['eval_batch_size']}"
+            f"{', BN folded for evaluation' if args['fold_bn'] else ''}"
+            f"{', fused 1x1 kernel' if args['pointwise'] == 'fused' else ''}")
 
 
 def summary(out: Path) -> str:
@@ -144,12 +147,14 @@ def summary(out: Path) -> str:
     base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
             "pointwise": ("sweep_map", "sweep with nn.Conv"),
             "pointwise_bf16": ("bf16", "bfloat16 sweep")}
-    for name, label in (("f32", "float32"), ("sweep_map", map_label),
-                        ("fold", map_label + ", BN folded for evaluation"),
-                        ("pointwise", map_label + ", fused 1x1 kernel"),
-                        ("bf16", "bfloat16"),
-                        ("pointwise_bf16", _dense_label(parts, "pointwise_bf16", "bfloat16", 46,
-                                                        6000) + ", BN folded, fused 1x1 kernel")):
+    for name, label in (
+            ("f32", "float32"), ("sweep_map", map_label),
+            ("fold", _dense_label(parts, "fold", "float32", 16, 2000, fold_bn=True)),
+            ("pointwise", _dense_label(parts, "pointwise", "float32", 16, 2000,
+                                       pointwise="fused")),
+            ("bf16", "bfloat16"),
+            ("pointwise_bf16", _dense_label(parts, "pointwise_bf16", "bfloat16", 46, 6000,
+                                            fold_bn=True, pointwise="fused"))):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:

@@ -132,6 +132,8 @@ ADDED_FIELDS = {
     "problem.fused_bn": False,  # ProblemConfig
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
     "selection.interpolation": "cubic",  # SelectionConfig
+    # SelectionConfig's speed settings (the same results up to float rounding)
+    "selection.fold_bn": False, "selection.bn_group": 1, "selection.pointwise": "conv",
 }
 
 

@@ -76,7 +76,8 @@ def _sweep_chunk(
 ):
     """``name -> {"correct": (T,), "prob": (T, n_padded)}``; with ``return_stats`` the pair
     ``(that, batch_stats)``, every leaf of ``batch_stats`` with a leading axis T."""
-    model = with_pointwise(model, pointwise)
+    if pointwise != "conv":  # else the model's own setting stands
+        model = with_pointwise(model, pointwise)
     eval_model = folded(model) if fold_bn else model
 
     def per_t(t, points, template, bn_data, eval_data):

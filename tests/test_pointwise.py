@@ -47,6 +47,12 @@ def test_kernel_equals_an_independent_computation(m, k, n):
     plain, none = pw.bn_relu_matmul(z, mean, mul, bias, w, impl="interpret")
     assert none is None  # no statistics, no residual
     np.testing.assert_allclose(plain, want - residual, rtol=1e-4, atol=1e-4)
+    # An output bias and ReLU (a following BatchNorm folded in), every block of channels its
+    # own part of the bias
+    out_bias = np.linspace(-1.0, 1.0, n).astype(np.float32)
+    folded, _ = pw.bn_relu_matmul(z, mean, mul, bias, w, residual, out_bias=out_bias,
+                                  out_relu=True, impl="interpret")
+    np.testing.assert_allclose(folded, np.maximum(want + out_bias, 0.0), rtol=1e-4, atol=1e-4)
 
 
 def test_every_impl_gives_the_same_values_and_gradients():
@@ -153,9 +159,9 @@ def test_preresnet_with_the_kernel_is_the_same_model():
 def test_pointwise_settings_are_checked():
     base = models.create("preresnet110", 5, depth=11)
     x = jnp.zeros((1, 8, 8, 3))
-    with pytest.raises(ValueError, match="pointwise: got 'dense'"):
+    with pytest.raises(ValueError, match="pointwise must be one of .* got 'dense'"):
         models.with_pointwise(base, "dense")
-    with pytest.raises(ValueError, match="pointwise: got 'dense'"):
+    with pytest.raises(ValueError, match="pointwise must be one of .* got 'dense'"):
         base.clone(pointwise="dense").init(jax.random.PRNGKey(0), x, train=False)
     # fused_bn changes nothing with the kernel (its BatchNorms are the kernel's): the same
     # program in both modes

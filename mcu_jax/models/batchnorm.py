@@ -61,8 +61,12 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and biased variance ``E[x^2] - E[x]^2`` (clipped at 0) in float32, as
     Flax computes them."""
     xf = x.astype(jnp.float32)
-    n = x.size // x.shape[-1]
-    total, total_sq = _channel_sums(xf, jax.lax.square(xf))
+    return moments(*_channel_sums(xf, jax.lax.square(xf)), x.size // x.shape[-1])
+
+
+def moments(total, total_sq, n: int) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance ``E[x^2] - E[x]^2`` (clipped at 0) from the sum and the sum
+    of squares of ``n`` values."""
     mean = total / n
     return mean, jnp.maximum(0.0, total_sq / n - jax.lax.square(mean))
 
@@ -216,11 +220,6 @@ class BatchNormCoefficients(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            if sums is None:
-                mean, var = _stats(x)
-            else:
-                n = x.size // c
-                mean = sums[0] / n
-                var = jnp.maximum(0.0, sums[1] / n - jax.lax.square(mean))
+            mean, var = _stats(x) if sums is None else moments(*sums, x.size // c)
             _update(self, ra_mean, ra_var, mean, var)
         return mean, jax.lax.rsqrt(var + self.epsilon) * scale, bias

@@ -125,6 +125,14 @@ def conv_folded(conv_layer: nn.Conv, x, mean, mul, bias, relu: bool):
     bias``, ``b`` the conv's own bias (0 if none). Its variables must exist (evaluation)."""
     kernel = conv_layer.variables["params"]["kernel"]
     own = conv_layer.variables["params"].get("bias", jnp.zeros(kernel.shape[-1], kernel.dtype))
-    folded = {"kernel": kernel * mul, "bias": (own - mean) * mul + bias}
-    out = conv_layer.clone(use_bias=True, parent=None).apply({"params": folded}, x)
+    kernel, own = fold_affine(kernel, own, mean, mul, bias)
+    out = conv_layer.clone(use_bias=True, parent=None).apply(
+        {"params": {"kernel": kernel, "bias": own}}, x)
     return nn.relu(out) if relu else out
+
+
+def fold_affine(kernel, own_bias, mean, mul, bias):
+    """``(kernel * mul, (own_bias - mean) * mul + bias)``: a linear layer (any kernel whose
+    last axis is its output channels) followed by the BatchNorm map ``(y - mean) * mul +
+    bias``, as one layer."""
+    return kernel * mul, (own_bias - mean) * mul + bias

@@ -8,20 +8,23 @@ convolution reads that and writes its output, the residual add reads two tensors
 a third, and the next BatchNorm's statistics read the result again. Here one kernel reads
 the raw input ``z`` (M, K) once, normalises and activates it in registers
 (``relu((z - mean) * mul + bias)``, Flax's order of operations), multiplies by ``w`` (K, N),
-adds an optional ``residual`` (M, N), writes the output once and, in train mode, returns the
-per-channel sums of the output and of its square (the next BatchNorm's statistics) from the
-same pass. The sweep's train-mode pass and evaluation are forward only, bound by memory
-traffic; see docs/benchmarks.md, "A fused kernel for the 1x1 convolutions".
+adds an optional ``out_bias`` (N,) and ``residual`` (M, N), applies an optional ReLU (a
+following BatchNorm folded in: ``out_bias``, ``out_relu``), writes the output once and, in
+train mode, returns the per-channel sums of the output and of its square (the next
+BatchNorm's statistics) from the same pass. The sweep's train-mode pass and evaluation are
+forward only, bound by memory traffic; see docs/benchmarks.md, "A fused kernel for the 1x1
+convolutions".
 
 ``impl`` picks how it runs: ``"auto"`` the kernel where the program is compiled for an
-NVIDIA GPU (a card, or a deviceless compilation for one) and the plain computation
-elsewhere (``jax.lax.platform_dependent``: the choice follows the platform the program is
-lowered for, not the default backend); ``"pallas"`` the kernel; ``"interpret"`` the kernel
-interpreted by Pallas on any backend (tests); ``"xla"`` the same computation in plain
-jax.numpy (:func:`reference`). Every impl returns the same values up to float rounding. The
-kernel has no derivative of its own: its backward pass is that of the plain computation
-(``jax.vjp`` of :func:`reference`, which recomputes the forward), so models that use it
-still train, only without the kernel's saving in the backward pass.
+NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts it takes,
+:func:`kernel_fits`) and the plain computation elsewhere (``jax.lax.platform_dependent``:
+the choice follows the platform the program is lowered for, not the default backend);
+``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by Pallas on any backend
+(tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`). Every impl
+returns the same values up to float rounding. The kernel has no derivative of its own: its
+backward pass is that of the plain computation (``jax.vjp`` of :func:`reference`, which
+recomputes the forward), so models that use it still train, only without the kernel's
+saving in the backward pass.
 
 Block sizes are fixed by a rule (:func:`blocks`), not tuned on a card: no GPU has timed
 this kernel yet.
@@ -50,6 +53,12 @@ def bn_relu(z, mean, mul, bias):
     """``relu((z - mean) * mul + bias)``, the affine map in float32 and cast to z's dtype
     before the ReLU (as ``nn.relu(nn.BatchNorm(...)(z))``)."""
     return jax.nn.relu(affine(z, mean, mul, bias).astype(z.dtype))
+
+
+def kernel_fits(k: int, n: int) -> bool:
+    """Whether the Pallas kernel takes ``k`` input and ``n`` output channels: powers of two,
+    at least 16 (Triton's tiles and products); "auto" runs the plain computation otherwise."""
+    return all(v >= 16 and v & (v - 1) == 0 for v in (k, n))
 
 
 def _check(z, mean, mul, bias, w, residual, out_bias=None) -> tuple[int, int, int]:
@@ -98,7 +107,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     from jax.experimental.pallas import triton as pltriton
 
     m, k, n = _check(z, mean, mul, bias, w, residual, out_bias)
-    if not all(v >= 16 and v & (v - 1) == 0 for v in (k, n)):  # Triton's tiles and products
+    if not kernel_fits(k, n):
         raise ValueError(f"bn_relu_matmul: the Pallas kernel needs K and N powers of two, at "
                          f"least 16; got K={k}, N={n} (impl='xla' takes any)")
     dt = z.dtype
@@ -119,9 +128,11 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         out = _epilogue(c, None if ob_ref is None else ob_ref[...],
                         None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
-        if sum_refs:  # the padding rows past m are left out of the sums
-            rows = pl.program_id(0) * block_m + jnp.arange(block_m)
-            o = jnp.where((rows < m)[:, None], out.astype(jnp.float32), 0.0)
+        if sum_refs:
+            o = out.astype(jnp.float32)
+            if pad:  # the padding rows past m are left out of the sums
+                rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+                o = jnp.where((rows < m)[:, None], o, 0.0)
             sum_refs[0][...] = jnp.sum(o, axis=0)
             sum_refs[1][...] = jnp.sum(o * o, axis=0)
 
@@ -195,8 +206,8 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
         return _kernel(*args, stats, out_relu, interpret)
 
     args = (flat, mean, mul, bias, w, res, out_bias)
-    if impl == "auto":
+    if impl == "auto" and kernel_fits(*w.shape):
         out, sums = jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
     else:
-        out, sums = plain(*args) if impl == "xla" else kernel(*args)
+        out, sums = plain(*args) if impl in ("xla", "auto") else kernel(*args)
     return out.reshape(*lead, w.shape[-1]), sums

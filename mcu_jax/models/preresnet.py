@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcu_jax import checks
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import BatchNormCoefficients
 from mcu_jax.models.layers import (
@@ -36,6 +37,7 @@ from mcu_jax.models.layers import (
     conv_folded,
     conv_init,
     dense,
+    fold_affine,
     resolve_dtype,
 )
 
@@ -51,8 +53,7 @@ POINTWISE = ("conv", "fused", "interpret")
 def pointwise_impl(pointwise: str) -> str:
     """The ``pointwise.bn_relu_matmul`` impl that a ``pointwise`` setting other than "conv"
     runs (checked: ValueError for a value not in :data:`POINTWISE`)."""
-    if pointwise not in POINTWISE:
-        raise ValueError(f"pointwise: got {pointwise!r}, expected one of {POINTWISE}")
+    checks.choice("pointwise", pointwise, POINTWISE)
     return "auto" if pointwise == "fused" else pointwise
 
 
@@ -77,7 +78,9 @@ class PreActBottleneck(nn.Module):
     project: bool
     dtype: Any
     bn_momentum: float
-    fold: bool = False  # evaluation mode: bn2, bn3 folded into conv1, conv2 (layers.conv_bn)
+    # evaluation mode: bn2, bn3 folded into conv1, conv2 (layers.conv_bn; with pointwise, bn2
+    # on the kernel's way out)
+    fold: bool = False
     fused: bool = False  # BatchNorm + ReLU with the hand-written backward pass (batchnorm.py)
     pointwise: str = "conv"  # POINTWISE; not "conv": returns (out, its sums or None)
 
@@ -116,9 +119,9 @@ class PreActBottleneck(nn.Module):
                             name="shortcut")(x)
         if self.fold:  # running statistics: only the channel count of bn2's and bn3's input
             channels = jax.ShapeDtypeStruct((self.planes,), dt)
-            mean2, mul2, bias2 = coefficients(name="bn2")(channels)
-            a2, _ = pw.bn_relu_matmul(x, *bn1, w1 * mul2, out_bias=(0 - mean2) * mul2 + bias2,
-                                      out_relu=True, impl=impl)
+            mean2, mul2, bias2 = coefficients(name="bn2")(channels)  # applied by conv1
+            w1, b1 = fold_affine(w1, 0.0, mean2, mul2, bias2)
+            a2, _ = pw.bn_relu_matmul(x, *bn1, w1, out_bias=b1, out_relu=True, impl=impl)
             a3 = conv_folded(conv2, a2, *coefficients(name="bn3")(channels), relu=True)
             # a3 is normalised and activated already: the kernel's own map is the identity
             identity = (jnp.zeros(self.planes), jnp.ones(self.planes), jnp.zeros(self.planes))
@@ -142,8 +145,8 @@ class PreResNet(nn.Module):
     fused_bn: bool = False  # train mode: BN + ReLU with a hand-written backward (batchnorm.py)
     # The blocks' 1x1 convolutions as one kernel with the BatchNorm + ReLU before them and
     # the statistics after them (POINTWISE, pointwise.py); the same variables and function.
-    # With fold_bn, evaluation folds bn2 and bn3 into the kernel's output and conv2; fused_bn
-    # then changes nothing (no BatchNorm of its kind is left).
+    # With fold_bn, evaluation folds bn2 and bn3 into the kernel's output and conv2. fused_bn
+    # has no effect with it, in either mode (no BatchNorm of its kind is left).
     pointwise: str = "conv"
 
     @nn.compact
