@@ -102,8 +102,12 @@ def parse_mask(text: str) -> tuple[float, float] | Path | None:
 
 
 FUSED_TEXT = {False: "", True: ", fused BatchNorm"}  # --fused-bn in a row's setting
-#: --pointwise in a sweep or end-to-end row's setting
-POINTWISE_TEXT = {"conv": "", "fused": ", fused 1x1 kernel in the sweep"}
+
+
+def sweep_options_text(args) -> str:
+    """--fold-bn and --pointwise in a sweep or end-to-end row's setting."""
+    return (f"{', BN folded for evaluation' if args.fold_bn else ''}"
+            f"{', fused 1x1 kernel in the sweep' if args.pointwise == 'fused' else ''}")
 
 
 def model_of(args):
@@ -480,9 +484,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
                f"images), strategy {label}{chunk_text}")
     if mesh is not None:
         setting += f", {args.devices} devices (t parallel)"
-    if args.fold_bn:
-        setting += ", BN folded for evaluation"
-    setting += POINTWISE_TEXT[args.pointwise]
+    setting += sweep_options_text(args)
     if args.bn_group > 1:
         passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
         setting += f", BN pass: {passes}"
@@ -546,8 +548,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
-               f"{', BN folded for evaluation' if args.fold_bn else ''}"
-               f"{POINTWISE_TEXT[args.pointwise]}")
+               f"{sweep_options_text(args)}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
                  f"selection {phases['selection']:.3g}; compile included)")
     return _row(

@@ -141,14 +141,14 @@ def summary(out: Path) -> str:
             text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
-    map_label = _dense_label(parts, "sweep_map", "float32", 16, 2000)
     # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise
     # against sweep_map's (gpu_check.sh runs them on the dense settings)
     base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
             "pointwise": ("sweep_map", "sweep with nn.Conv"),
             "pointwise_bf16": ("bf16", "bfloat16 sweep")}
     for name, label in (
-            ("f32", "float32"), ("sweep_map", map_label),
+            ("f32", "float32"),
+            ("sweep_map", _dense_label(parts, "sweep_map", "float32", 16, 2000)),
             ("fold", _dense_label(parts, "fold", "float32", 16, 2000, fold_bn=True)),
             ("pointwise", _dense_label(parts, "pointwise", "float32", 16, 2000,
                                        pointwise="fused")),

@@ -34,7 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, pointwise_impl, with_pointwise
+from mcu_jax.models import folded, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -68,16 +68,14 @@ def _padded_batches(indices, batch_size: int):
 @functools.partial(
     jax.jit,
     static_argnames=("model", "kind", "strategy", "return_probs", "return_stats", "mesh",
-                     "fold_bn", "bn_group", "pointwise"),
+                     "fold_bn", "bn_group"),
 )
 def _sweep_chunk(
     points, ts, template, bn_data, eval_data, *, model, kind, strategy, return_probs,
-    return_stats=False, mesh=None, fold_bn=False, bn_group=1, pointwise="conv",
+    return_stats=False, mesh=None, fold_bn=False, bn_group=1,
 ):
     """``name -> {"correct": (T,), "prob": (T, n_padded)}``; with ``return_stats`` the pair
     ``(that, batch_stats)``, every leaf of ``batch_stats`` with a leading axis T."""
-    if pointwise != "conv":  # else the model's own setting stands
-        model = with_pointwise(model, pointwise)
     eval_model = folded(model) if fold_bn else model
 
     def per_t(t, points, template, bn_data, eval_data):
@@ -255,7 +253,9 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
-    pointwise_impl(pointwise)  # checked
+    with_pointwise_model = with_pointwise(model, pointwise)  # checks the value
+    if pointwise != "conv":  # the model both passes run; "conv" leaves its own setting
+        model = with_pointwise_model
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -284,7 +284,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         )
     statics = dict(model=model, kind=curve, strategy=strategy, return_probs=return_probs,
                    return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn),
-                   bn_group=bn_group, pointwise=pointwise)
+                   bn_group=bn_group)
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
 
 
