@@ -3,6 +3,7 @@ kernel (interpreted by Pallas on the CPU) against an independent computation, an
 with it against the model without it."""
 
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -80,6 +81,58 @@ def test_every_impl_gives_the_same_values_and_gradients():
     got = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("interpret", *args)
     for g, h in zip(got, want, strict=True):
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_written_out_derivative_is_autodiffs(dtype):
+    """``pointwise.backward`` (the kernel's VJP, which keeps the forward pass's output rather
+    than recomputing the product) gives autodiff's cotangents of the plain computation for
+    every combination of statistics, residual, output bias and output ReLU."""
+    z, mean, mul, bias, w, residual = _operands(40, 32, 16, seed=2)
+    z, residual = z.astype(dtype), residual.astype(dtype)
+    out_bias = np.linspace(-1.0, 1.0, 16).astype(np.float32)
+    rng = np.random.default_rng(3)
+    d_out = rng.normal(size=(40, 16)).astype(dtype)
+    d_sums = tuple(rng.normal(size=16).astype(np.float32) for _ in range(2))
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    for stats, out_relu, r, ob in itertools.product((False, True), repeat=4):
+        args = (z, mean, mul, bias, w, residual if r else None, out_bias if ob else None)
+        plain = functools.partial(pw.reference, stats=stats, out_relu=out_relu)
+        (out, _), vjp = jax.vjp(plain, *args)
+        cotangents = (d_out, d_sums if stats else None)
+        got = pw.backward(*args, out, cotangents, stats, out_relu)
+        want = vjp(cotangents)
+        for g, h in zip(got, want, strict=True):
+            assert (g is None) == (h is None)
+            if g is not None:
+                assert g.dtype == h.dtype and g.shape == h.shape
+                scale = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
+                np.testing.assert_allclose(np.asarray(g, np.float32),
+                                           np.asarray(h, np.float32), rtol=tol,
+                                           atol=tol * scale)
+
+
+@pytest.mark.parametrize("m,k,n", [(33000, 16, 16), (300, 256, 64)])
+def test_backward_kernel_is_the_written_out_derivative(m, k, n):
+    """The backward kernel (interpreted) gives :func:`pointwise.backward`'s XLA result: with
+    several loop steps per program and padded rows (33,000 rows of 16 channels: 256-row
+    programs, 128 rows a step), and with several blocks of input channels (256 = 2 x 128)."""
+    assert pw.backward_blocks(33000, 16, 16) == (128, 16, 256)
+    assert pw.backward_blocks(300, 256, 64) == (64, 128, 64)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        z, mean, mul, bias, w, residual = _operands(m, k, n, dtype, seed=4)
+        args = (z, mean, mul, bias, w, residual, None)
+        out, _ = pw.reference(*args, stats=True)
+        rng = np.random.default_rng(5)
+        cotangents = (rng.normal(size=(m, n)).astype(dtype),
+                      tuple(rng.normal(size=n).astype(np.float32) for _ in range(2)))
+        want = pw.backward(*args, out, cotangents, True, False)
+        got = pw.backward(*args, out, cotangents, True, False, kernel=True)
+        for g, h in zip(got[:5], want[:5], strict=True):
+            assert g.dtype == h.dtype and g.shape == h.shape
+            scale = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
+                                       rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_bad_operands_are_refused():

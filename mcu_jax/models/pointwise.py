@@ -21,10 +21,11 @@ NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts 
 the choice follows the platform the program is lowered for, not the default backend);
 ``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by Pallas on any backend
 (tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`). Every impl
-returns the same values up to float rounding. The kernel has no derivative of its own: its
-backward pass is that of the plain computation (``jax.vjp`` of :func:`reference`, which
-recomputes the forward), so models that use it still train, only without the kernel's
-saving in the backward pass.
+returns the same values up to float rounding. The kernel's derivative is written out
+(:func:`backward`, in XLA ops): it keeps the kernel's output, which the statistics'
+derivative needs, instead of recomputing the product as autodiff of the plain computation
+would, so a training step with the kernel moves fewer bytes than one without it (docs/
+benchmarks.md, "The fused 1x1 kernel in training").
 
 Block sizes are fixed by a rule (:func:`blocks`), not tuned on a card: no GPU has timed
 this kernel yet.
@@ -122,19 +123,19 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         refs = list(refs)  # the optional inputs, then the outputs
         ob_ref = refs.pop(0) if out_bias is not None else None
         r_ref = refs.pop(0) if residual is not None else None
-        out_ref, *sum_refs = refs
+        out_ref, *sums_ref = refs
         a = bn_relu(z_ref[...], mean_ref[...], mul_ref[...], bias_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
         out = _epilogue(c, None if ob_ref is None else ob_ref[...],
                         None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
-        if sum_refs:
+        if sums_ref:
             o = out.astype(jnp.float32)
             if pad:  # the padding rows past m are left out of the sums
                 rows = pl.program_id(0) * block_m + jnp.arange(block_m)
                 o = jnp.where((rows < m)[:, None], o, 0.0)
-            sum_refs[0][...] = jnp.sum(o, axis=0)
-            sum_refs[1][...] = jnp.sum(o * o, axis=0)
+            sums_ref[0][0, :] = jnp.sum(o, axis=0)
+            sums_ref[0][1, :] = jnp.sum(o * o, axis=0)
 
     vector = pl.BlockSpec((k,), lambda i, j: (0,))
     tile = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
@@ -148,10 +149,9 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         in_specs.append(tile)
         args.append(residual)
     out_specs, out_shape = [tile], [jax.ShapeDtypeStruct((m + pad, n), dt)]
-    if stats:  # one row of partial sums per block of rows, added up below
-        partial = pl.BlockSpec((None, block_n), lambda i, j: (i, j))
-        out_specs += [partial, partial]
-        out_shape += [jax.ShapeDtypeStruct((grid[0], n), jnp.float32)] * 2
+    if stats:  # partial sums for each block of rows, added up below in one reduction
+        out_specs.append(pl.BlockSpec((None, 2, block_n), lambda i, j: (i, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32))
     results = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
@@ -160,7 +160,113 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     out = results[0][:m] if pad else results[0]
     if not stats:
         return out, None
-    return out, (jnp.sum(results[1], 0), jnp.sum(results[2], 0))
+    sums = jnp.sum(results[1], 0)
+    return out, (sums[0], sums[1])
+
+
+def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
+    program computes (its weight gradient, ``block_k`` x n, accumulates in at most 32 KB of
+    float32), ``block_m`` rows a loop step (the gradient's tile at most 32 KB), and ``rows``
+    per program, a power-of-two multiple of ``block_m`` chosen so that about 256 programs
+    share the rows and channels. Untuned."""
+    block_k = max(16, min(k, 8192 // n))
+    block_m = max(16, min(128, 8192 // max(n, block_k)))
+    chunks = max(1, 256 // (k // block_k))
+    rows = block_m
+    while rows * chunks < m:
+        rows *= 2
+    return block_m, block_k, rows
+
+
+def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool):
+    """The derivative of the kernel's product and its BatchNorm + ReLU as one Pallas kernel:
+    from ``gd`` (M, N), the output's cotangent in z's dtype, ``(d_z (M, K) in z's dtype,
+    d_x's sums: (sum d_x, sum d_x * (z - mean)) (2, K) float32, d_w (K, N) float32)``, where
+    ``d_x`` is the cotangent of the affine map's output. Each program reads its rows of ``z``
+    and ``gd`` once, recomputes the activated input in registers, and returns partial sums of
+    the weight gradient and of d_x's sums for its rows, added up here."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+    from jax.experimental.pallas import triton as pltriton
+
+    m, k = z.shape
+    n = w.shape[1]
+    dt = z.dtype
+    block_m, block_k, rows = backward_blocks(m, k, n)
+    grid = (pl.cdiv(m, rows), k // block_k)
+    pad = grid[0] * rows - m
+    if pad:  # zero cotangent rows add nothing to any sum
+        z, gd = jnp.pad(z, ((0, pad), (0, 0))), jnp.pad(gd, ((0, pad), (0, 0)))
+
+    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, dz_ref, sums_ref, dw_ref):
+        mean, mul, bias, w_t = mean_ref[...], mul_ref[...], bias_ref[...], w_ref[...]
+
+        def step(j, carry):
+            d_w, s_x, s_xz = carry
+            here = pl.ds(j * block_m, block_m)
+            zj, gj = z_ref[here, :], g_ref[here, :]
+            a = bn_relu(zj, mean, mul, bias)
+            d_a = jnp.dot(gj, w_t.T, preferred_element_type=jnp.float32)
+            d_x = jnp.where(a > 0, d_a, 0.0)
+            dz_ref[here, :] = (d_x * mul).astype(dt)
+            d_w = d_w + jnp.dot(a.T, gj, preferred_element_type=jnp.float32)
+            return (d_w, s_x + jnp.sum(d_x, axis=0),
+                    s_xz + jnp.sum(d_x * (zj.astype(jnp.float32) - mean), axis=0))
+
+        zeros = jnp.zeros((block_k,), jnp.float32)
+        d_w, s_x, s_xz = jax.lax.fori_loop(
+            0, rows // block_m, step, (jnp.zeros((block_k, n), jnp.float32), zeros, zeros))
+        dw_ref[...] = d_w
+        sums_ref[0, :] = s_x
+        sums_ref[1, :] = s_xz
+
+    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
+    results = pl.pallas_call(
+        kernel, grid=grid,
+        in_specs=[pl.BlockSpec((rows, block_k), lambda i, j: (i, j)), vector, vector, vector,
+                  pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
+                  pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
+        out_specs=[pl.BlockSpec((rows, block_k), lambda i, j: (i, j)),
+                   pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j)),
+                   pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((m + pad, k), dt),
+                   jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32),
+                   jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32)],
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
+                                                                        num_stages=2),
+        interpret=interpret, name="bn_relu_matmul_backward")(z, mean, mul, bias,
+                                                              w.astype(dt), gd)
+    dz = results[0][:m] if pad else results[0]
+    return dz, jnp.sum(results[1], 0), jnp.sum(results[2], 0)
+
+
+def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
+             out_relu: bool, kernel: bool | None = None):
+    """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
+    bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
+    ``out``. Unlike autodiff of the plain computation it does not recompute the product
+    ``out`` (the statistics' derivative needs it). ``kernel``: None for XLA ops, else the
+    backward Pallas kernel (interpreted if True), which recomputes the activated input in
+    registers instead of in memory."""
+    dt, f32 = z.dtype, jnp.float32
+    d_out, d_sums = cotangents
+    g = d_out.astype(f32)
+    if stats:  # d(sum o)/do = 1, d(sum o^2)/do = 2 o
+        g = g + d_sums[0] + 2.0 * out.astype(f32) * d_sums[1]
+    if out_relu:
+        g = jnp.where(out > 0, g, 0.0)
+    gd = g.astype(dt)
+    if kernel is not None:
+        d_z, (d_bias, d_mul), d_w = _pallas_backward(z, mean, mul, bias, w, gd, kernel)
+    else:
+        a = bn_relu(z, mean, mul, bias)
+        d_w = jnp.dot(a.T, gd, preferred_element_type=f32)
+        d_x = jnp.where(a > 0, jnp.dot(gd, w.astype(dt).T, preferred_element_type=f32), 0.0)
+        d_z = (d_x * mul).astype(dt)  # through the ReLU and the cast, then the affine map
+        d_bias, d_mul = jnp.sum(d_x, 0), jnp.sum(d_x * (z.astype(f32) - mean), 0)
+    return (d_z, -mul * d_bias, d_mul, d_bias, d_w.astype(w.dtype),
+            None if residual is None else g.astype(residual.dtype),
+            None if out_bias is None else jnp.sum(g, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -169,12 +275,12 @@ def _kernel(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpre
 
 
 def _kernel_fwd(*args):
-    return _kernel(*args), args[:7]
+    results = _kernel(*args)
+    return results, (*args[:7], results[0])
 
 
-def _kernel_bwd(stats, out_relu, interpret, primals, cotangents):
-    _, vjp = jax.vjp(functools.partial(reference, stats=stats, out_relu=out_relu), *primals)
-    return vjp(cotangents)
+def _kernel_bwd(stats, out_relu, interpret, saved, cotangents):
+    return backward(*saved, cotangents, stats, out_relu, kernel=interpret)
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
