@@ -1,21 +1,23 @@
-"""Checks the fused 1x1 kernel (mcu_jax/models/pointwise.py) where it runs: its Pallas kernel on
-a GPU (interpreted elsewhere) against the same computation in XLA ops, on the shapes of
-PreResNet-110's 1x1 convolutions, and a PreResNet with it against the default model. The
-default sizes fill no whole number of the kernel's blocks of rows (4,100 rows; 63 images),
-so its padded last block is checked too.
+"""Checks the fused 1x1 kernel (mcu_jax/models/pointwise.py) where it runs: its Pallas kernels
+(forward and backward) on a GPU (interpreted elsewhere) against the same computation in XLA
+ops, on the shapes of PreResNet-110's 1x1 convolutions, and a PreResNet with it against the
+default model (outputs and gradients). The default sizes fill no whole number of the
+kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is checked too.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
 
-Prints one line per check with the largest difference relative to the largest value, and
-exits with status 1 if any is above the tolerance (float32: 2e-2, as both sides may multiply
-in TF32 on a GPU; bfloat16: 5e-2). ``experiments/gpu_check.sh`` runs it as the part
-``pointwise_check`` before timing the kernel: the tests run it interpreted only.
+Prints one line per check with its relative difference (the largest difference over the
+largest value; for the model's gradient, the norm of the difference over the gradient's
+norm), and exits with status 1 if any is above the tolerance (float32: 2e-2, as both
+sides may multiply in TF32 on a GPU; bfloat16: 5e-2). ``experiments/gpu_check.sh`` runs it
+as the part ``pointwise_check`` before timing the kernel: the tests run it interpreted only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
@@ -37,10 +39,17 @@ def _relative(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _derivative(impl: str, cotangents, *args):
+    """The cotangents of ``bn_relu_matmul(*args, stats=True, impl=impl)``'s operands."""
+    return jax.vjp(functools.partial(pw.bn_relu_matmul, stats=True, impl=impl),
+                   *args)[1](cotangents)
+
+
 def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the kernel's output and channel sums against the
     "xla" impl, for every shape in :data:`SHAPES`, with a residual and with an output bias
-    and ReLU (a BatchNorm folded in)."""
+    and ReLU (a BatchNorm folded in), and of its derivative (the backward kernel) against
+    autodiff of the "xla" impl."""
     rng = np.random.default_rng(0)
     results = []
     for k, n in SHAPES:
@@ -59,28 +68,59 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
                                                impl="xla")
             worst = max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))
             results.append((f"kernel K={k} N={n}, {rows} rows, {label}", worst))
+        # The backward kernel: the kernel's VJP against autodiff of the XLA ops, with
+        # cotangents for the output and both sums
+        cotangents = (jnp.asarray(rng.normal(size=(rows, n)), dtype),
+                      tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)))
+
+        args = (z, mean, mul, bias, w, residual)
+        got = jax.jit(_derivative, static_argnums=0)(impl, cotangents, *args)
+        want = _derivative("xla", cotangents, *args)
+        results.append((f"backward kernel K={k} N={n}, {rows} rows, residual",
+                        max(_relative(a, b) for a, b in zip(got, want, strict=True))))
     return results
 
 
-def model_check(batch: int, depth: int, dtype, pointwise: str) -> tuple[str, float]:
+def _global(a, b) -> float:
+    """The norm of the difference of two pytrees over the norm of ``b``: gradients of a deep
+    model at initialisation have leaves near zero, where any rounding is large relative to
+    the leaf."""
+    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+            for t in (a, b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[str, float]]:
     """A PreResNet's train-mode logits and batch statistics and its eval-mode logits (also
-    with BatchNorm folded) on ``batch`` random images, with ``pointwise`` against the default
-    model."""
+    with BatchNorm folded), and the gradient of its training loss (cross-entropy, random
+    labels; relative in norm), on ``batch`` random images, with ``pointwise`` against the
+    default model."""
     base = models.create("preresnet110", 10, depth=depth, dtype=dtype)
     v = models.init_variables(base, jax.random.PRNGKey(0), (1, 32, 32, 3))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+    labels = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+
+    def train(m, params):
+        return m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+
+    def loss(m, params):
+        logits = train(m, params)[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
     @jax.jit
     def run(variables):
         kernel = models.with_pointwise(base, pointwise)
-        return [(m.apply(variables, x, train=True, mutable=["batch_stats"]),
-                 m.apply(variables, x, train=False), f.apply(variables, x, train=False))
+        return [((train(m, variables["params"]), m.apply(variables, x, train=False),
+                  f.apply(variables, x, train=False)),
+                 jax.grad(functools.partial(loss, m))(variables["params"]))
                 for m, f in ((kernel, models.folded(kernel)), (base, base))]
 
-    got, want = run(v)
-    worst = max(_relative(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
-                                                strict=True))
-    return f"PreResNet-{depth} pointwise={pointwise!r} against the default model", worst
+    (got, got_grad), (want, want_grad) = run(v)
+    name = f"PreResNet-{depth} pointwise={pointwise!r} against the default model"
+    return [(f"{name}: logits and batch statistics",
+             max(_relative(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                                                 strict=True))),
+            (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad))]
 
 
 def main(argv=None) -> int:
@@ -98,13 +138,13 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     tolerance = 2e-2 if args.dtype == "float32" else 5e-2
     checks = [*kernel_checks(args.rows, dtype, impl),
-              model_check(args.batch, args.depth, dtype, setting)]
+              *model_checks(args.batch, args.depth, dtype, setting)]
     print(f"# fused 1x1 kernel ({impl}, {args.dtype}) on {jax.devices()[0].device_kind}")
     failed = 0
     for label, worst in checks:
         ok = worst <= tolerance
         failed += not ok
-        print(f"- {label}: largest difference {worst:.2e} of the largest value "
+        print(f"- {label}: relative difference {worst:.2e} "
               f"({'within' if ok else 'ABOVE'} the tolerance {tolerance:g})")
     print(f"{len(checks) - failed} of {len(checks)} checks passed")
     return 1 if failed else 0

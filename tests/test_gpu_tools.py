@@ -476,13 +476,14 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch):
 
 
 def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
-    """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel with XLA's
-    ops on PreResNet-110's 1x1 shapes, and a PreResNet with it with the default model."""
+    """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel and its
+    backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, and a PreResNet with it
+    with the default model (outputs, and gradients)."""
     check = _load("check_pointwise")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 kernel (interpret, float32)")
-    checks = 2 * len(check.SHAPES) + 1
+    checks = 3 * len(check.SHAPES) + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
