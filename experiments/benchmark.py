@@ -65,7 +65,13 @@ from mcu_jax import bn, checkpoint, curves, masks, mcu, pipeline, selection, sha
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import check_variables, count_params, create, init_variables
+from mcu_jax.models import (
+    check_variables,
+    count_params,
+    create,
+    init_variables,
+    with_pointwise,
+)
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
 #: Default input shape per model (H, W, C); anything else is CIFAR-shaped.
@@ -101,18 +107,17 @@ def parse_mask(text: str) -> tuple[float, float] | Path | None:
     return (parts[0], parts[-1])
 
 
-FUSED_TEXT = {False: "", True: ", fused BatchNorm"}  # --fused-bn in a row's setting
-
-
-def sweep_options_text(args) -> str:
-    """--fold-bn and --pointwise in a sweep or end-to-end row's setting."""
-    return (f"{', BN folded for evaluation' if args.fold_bn else ''}"
-            f"{', fused 1x1 kernel in the sweep' if args.pointwise == 'fused' else ''}")
+def model_text(args) -> str:
+    """--fused-bn and --pointwise (the model's options) in a row's setting."""
+    return (f"{', fused BatchNorm' if args.fused_bn else ''}"
+            f"{', fused 1x1 kernel' if args.pointwise == 'fused' else ''}")
 
 
 def model_of(args):
-    """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``)."""
-    return create(args.model, args.classes, dtype=args.dtype, fused_bn=args.fused_bn)
+    """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``,
+    ``--pointwise``; a model without the pointwise field is returned without it)."""
+    return with_pointwise(create(args.model, args.classes, dtype=args.dtype,
+                                 fused_bn=args.fused_bn), args.pointwise)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fused-bn", action="store_true",
                    help="train-mode BatchNorm + ReLU with the hand-written backward pass "
                    "(the models' fused_bn, ProblemConfig.fused_bn; BatchNorm models only)")
+    w.add_argument("--pointwise", default="conv", choices=("conv", "fused"),
+                   help="fused: PreResNet's 1x1 convolutions as one kernel with the BatchNorm "
+                   "+ ReLU before them and the statistics after them, and a backward kernel "
+                   "(Pallas kernels on GPUs; the model's pointwise, ProblemConfig.pointwise: "
+                   "step, sweep and end-to-end)")
     w.add_argument("--mask", type=parse_mask, default="none",
                    metavar="{none,paper,K,K,K_R,FILE.json}",
                    help="parameter mask: none, paper (k=0.5, k_r=0.1), K (k=k_r=K), K,K_R, or "
@@ -178,11 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fold-bn", action="store_true",
                    help="evaluate with BatchNorm folded into the convolutions "
                    "(sweep fold_bn, SelectionConfig.fold_bn; end-to-end too)")
-    e.add_argument("--pointwise", default="conv", choices=("conv", "fused"),
-                   help="fused: PreResNet's 1x1 convolutions in the sweep as one kernel with "
-                   "the BatchNorm + ReLU before them and the statistics after them (a Pallas "
-                   "kernel on GPUs; sweep pointwise, SelectionConfig.pointwise; end-to-end "
-                   "too)")
     x = p.add_argument_group("end-to-end MCU phase")
     x.add_argument("--end-to-end", action="store_true", help="also time pipeline.run_mcu")
     x.add_argument("--retain", type=int, default=45000, help="|D_r|")
@@ -215,9 +220,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         model = model_of(args)
     except ValueError as e:
         parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
-    if args.pointwise != "conv" and "pointwise" not in model.__dataclass_fields__:
-        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no pointwise "
-                     "field (PreResNet only)")
+    if getattr(model, "pointwise", "conv") != args.pointwise:
+        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no fused 1x1 "
+                     "kernel (PreResNet only)")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")
@@ -436,7 +441,7 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     step_s = elapsed / steps
     compile_s = max(first - call * step_s, 0.0)
     frac = masks.trained_fraction(mask, theta_o["params"])
-    setting = (f"{args.model} {args.dtype}{FUSED_TEXT[args.fused_bn]}, batch {args.batch_size}, "
+    setting = (f"{args.model} {args.dtype}{model_text(args)}, batch {args.batch_size}, "
                f"mask {describe_mask(args.mask)} ({100 * frac:.1f}% of elements trained), "
                f"{steps} steps")
     if args.devices > 1:
@@ -484,11 +489,12 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
                f"images), strategy {label}{chunk_text}")
     if mesh is not None:
         setting += f", {args.devices} devices (t parallel)"
-    setting += sweep_options_text(args)
+    if args.fold_bn:
+        setting += ", BN folded for evaluation"
     if args.bn_group > 1:
         passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
         setting += f", BN pass: {passes}"
-    setting += FUSED_TEXT[args.fused_bn]
+    setting += model_text(args)
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),
@@ -544,11 +550,11 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    setting = (f"{args.model} {args.dtype}{FUSED_TEXT[args.fused_bn]}, D_r {args.retain:,}, "
+    setting = (f"{args.model} {args.dtype}{model_text(args)}, D_r {args.retain:,}, "
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"
-               f"{sweep_options_text(args)}")
+               f"{', BN folded for evaluation' if args.fold_bn else ''}")
     time_text = (f"{total:.3g} s (mask {phases['mask']:.3g}, curve {phases['curve']:.3g}, "
                  f"selection {phases['selection']:.3g}; compile included)")
     return _row(

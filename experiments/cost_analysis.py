@@ -21,10 +21,10 @@ passes it also counts the convolutions the GPU compiler turned into cuDNN calls 
 bias/ReLU epilogue. The counts come from the backend the program is compiled for (its fusion
 decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it also
 compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNorm + ReLU
-with a hand-written backward pass, ``models/batchnorm.py``), and for PreResNet both forward
-passes with its 1x1 convolutions as the fused kernel of ``models/pointwise.py`` (its Pallas
-kernel when compiled for a GPU). With ``--mask`` (a mask saved by
-``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
+with a hand-written backward pass, ``models/batchnorm.py``), and for PreResNet the step and
+both forward passes with its 1x1 convolutions as the fused kernel of ``models/pointwise.py``
+(its Pallas kernels, forward and backward, when compiled for a GPU). With ``--mask`` (a mask
+saved by ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
 step with that mask, whose frozen tensors get no weight gradient (with and without
 ``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
 program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
@@ -241,9 +241,9 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     evaluation passes and the comparisons) of the four programs (step, train-mode pass,
     eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
     then the step and the train-mode pass with it; for a model with ``pointwise``
-    (PreResNet) then both forward passes with its fused 1x1 kernel; with ``mask_file`` then
-    the masked step (and the masked step with ``fused_bn``). Compiled for ``device``
-    (:func:`target_device`) when given."""
+    (PreResNet) then the step and both forward passes with its fused 1x1 kernel; with
+    ``mask_file`` then the masked step (and the masked step with ``fused_bn``). Compiled
+    for ``device`` (:func:`target_device`) when given."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
     h, w, c = images.x.shape[1:]
@@ -297,6 +297,9 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel (the
         # Pallas kernel when compiled for a GPU, XLA's ops otherwise)
         kernel_model = with_pointwise(model, "fused")
+        step = step_row(every, ", fused 1x1 kernel", kernel_model)
+        step["note"] = _share(step, rows[0], "the default step's")
+        rows.append(step)
         forward = train_forward_row(", fused 1x1 kernel", kernel_model)
         forward["note"] = _share(forward, rows[1], "the default pass's")
         evaluation = eval_forward_row(", fused 1x1 kernel", kernel_model)

@@ -18,6 +18,9 @@
 #   pointwise_check  experiments/check_pointwise.py: the fused 1x1 kernel's Pallas (Triton)
 #                build on this card against XLA's ops, and a PreResNet with it against the
 #                default model (exit status 1 if a difference is above the tolerance)
+#   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
+#                and its backward kernel (--pointwise fused; compare with f32's step):
+#                compiled for an H100, 12.7 GB in 1,536 kernels against 18.2 GB in 2,102
 #   pointwise    sweep_map's sweep with PreResNet's 1x1 convolutions as the fused kernel
 #                (--pointwise fused; compare with sweep_map's) to decide
 #                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
@@ -33,7 +36,7 @@
 #   e2e_warm     e2e again on e2e's filled compilation cache (a later MCU row's cost)
 #   e2e_pre      e2e with the sweep programs compiled in a background thread (--precompile)
 #   e2e_fast     e2e with every speed option: bfloat16, --fused-bn, --fold-bn (or
-#                $FAST_SWEEP), --precompile
+#                $FAST_OPTIONS), --precompile
 #                (whether the 60 s target can be met at all; bfloat16's accuracy is
 #                gpu_accuracy.sh's question)
 #   e2e_fast_warm  e2e_fast again on its filled compilation cache
@@ -43,6 +46,7 @@
 #                SelectionConfig.fold_bn: compiled for an H100, folding saves bytes with dense
 #                convolutions only (under vmap over t the program moves the same bytes)
 #   bf16         bfloat16, no mask: curve step + sweep
+#   pointwise_step_bf16  pointwise_step in bfloat16 (compare with bf16's step)
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
@@ -82,7 +86,7 @@
 #   --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 --forget 144 \
 #   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
 #   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
-# (with --model cnn_small the part pointwise, and e2e_fast with FAST_SWEEP="--pointwise
+# (with --model cnn_small the parts pointwise*, and e2e_fast with FAST_OPTIONS="--pointwise
 # fused", stop at the benchmark's argument check: the kernel is PreResNet's)
 set -u -o pipefail
 
@@ -261,6 +265,7 @@ DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-image
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
 run_script pointwise_check 40 experiments/check_pointwise.py
+bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
 bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
   --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
@@ -281,12 +286,13 @@ elif wanted e2e_warm; then
 fi
 CACHE=$WORK/cache_e2e_pre bench e2e_pre 300 --model preresnet110 --dtype float32 --mask paper --skip-step --skip-sweep \
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20 --precompile
-# FAST_SWEEP: e2e_fast's sweep options, --fold-bn unless set (e.g. to "--fold-bn
-# --pointwise fused" once the pointwise part has won)
-# shellcheck disable=SC2206 # FAST_SWEEP is a list of words
+# FAST_OPTIONS: e2e_fast's options beyond bfloat16 and --fused-bn, --fold-bn unless set (e.g.
+# to "--fold-bn --pointwise fused", the kernel in training and the sweep, once the
+# pointwise parts have won)
+# shellcheck disable=SC2206 # FAST_OPTIONS is a list of words
 FAST=(--model preresnet110 --dtype bfloat16 --fused-bn --mask paper --skip-step --skip-sweep
   --end-to-end --retain 45000 --forget 5000 --test 10000 --epochs 10 --num-t 20
-  ${FAST_SWEEP---fold-bn} --precompile)
+  ${FAST_OPTIONS---fold-bn} --precompile)
 CACHE=$WORK/cache_e2e_fast bench e2e_fast 300 "${FAST[@]}"
 if [ -f "$WORK/e2e_fast.json" ]; then
   CACHE=$WORK/cache_e2e_fast bench e2e_fast_warm 200 "${FAST[@]}"
@@ -296,6 +302,8 @@ fi
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
 bench fold 90 "${DENSE[@]}" --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
+bench pointwise_step_bf16 70 "${STD[@]}" --dtype bfloat16 --mask none --skip-sweep \
+  --pointwise fused
 bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
   --sweep-images 6000 --compare-strategies --chunk-size 5
 bench bf16_k01 80 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep

@@ -130,15 +130,22 @@ def summary(out: Path) -> str:
     else:
         lines.append("- authors' release: not measured in this call")
     lines += ["", "| target | measured | verdict |", "|---|---|---|"]
-    unfused_ms = _step_ms(parts, "f32")
+    # each step variant against the step it changes
+    step_base = {"fused": ("f32", "unfused float32 step"),
+                 "pointwise_step": ("f32", "float32 step with nn.Conv"),
+                 "pointwise_step_bf16": ("bf16", "bfloat16 step with nn.Conv")}
     for name, label in (("f32", "float32"), ("fused", "float32, fused BatchNorm"),
-                        ("bf16", "bfloat16"), ("cmdbuf", "float32, command buffers")):
+                        ("pointwise_step", "float32, fused 1x1 kernel"),
+                        ("bf16", "bfloat16"),
+                        ("pointwise_step_bf16", "bfloat16, fused 1x1 kernel"),
+                        ("cmdbuf", "float32, command buffers")):
         ms = _step_ms(parts, name)
         text = "-" if ms is None else f"{ms:.2f} ms"
         if ms is not None and ref is not None:
             text += f" ({ref['step_ms'] / ms:.1f}x the release's float32)"
-        if ms is not None and name == "fused" and unfused_ms is not None:
-            text += f"; {ms / unfused_ms:.2f} of the unfused float32 step"
+        before = _step_ms(parts, step_base[name][0]) if name in step_base else None
+        if ms is not None and before is not None:
+            text += f"; {ms / before:.2f} of the {step_base[name][1]}"
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
     # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise

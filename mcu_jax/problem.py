@@ -12,7 +12,7 @@ from typing import Any
 from mcu_jax import checks, models
 from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
 from mcu_jax.data.splits import check_request
-from mcu_jax.models import create
+from mcu_jax.models import POINTWISE, create
 from mcu_jax.models.layers import resolve_dtype
 
 
@@ -26,6 +26,11 @@ class ProblemConfig:
     # (models/batchnorm.py; the models' fused_bn): the same function, rounded differently.
     # Off until measured on a GPU; BatchNorm models only.
     fused_bn: bool = False
+    # PreResNet's 1x1 convolutions as one kernel with the BatchNorm + ReLU before them and the
+    # statistics after them, and a backward kernel (models/pointwise.py; the model's
+    # pointwise): "conv" (default) or "fused" (Pallas kernels where compiled for an NVIDIA
+    # GPU, XLA's ops elsewhere): the same function, rounded differently. Off until measured.
+    pointwise: str = "conv"
     pretrained: str | None = None  # local .npz of initial weights for theta_o and RT
     scenario: str = "random"  # "random" or "class"
     forget_ratio: float = 0.1
@@ -52,6 +57,13 @@ class ProblemConfig:
             except ValueError as e:
                 raise ValueError(f"fused_bn: model {self.model!r} has no fused BatchNorm "
                                  f"(only the BatchNorm models do): {e}") from e
+        if checks.choice("pointwise", self.pointwise, POINTWISE) != "conv" and (
+                self.model in models.MODELS):
+            try:  # refused now for a model without the field, as fused_bn
+                create(self.model, 2, dtype=self.dtype, pointwise=self.pointwise)
+            except ValueError as e:
+                raise ValueError(f"pointwise: model {self.model!r} has no fused 1x1 kernel "
+                                 f"(only PreResNet does): {e}") from e
         for name in ("train_size", "test_size"):
             checks.optional_integer(name, getattr(self, name), low=1)
 
@@ -89,7 +101,7 @@ def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
         seed=config.seed,
     )
     return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype,
-                                  fused_bn=config.fused_bn)
+                                  fused_bn=config.fused_bn, pointwise=config.pointwise)
 
 
 def build(config: ProblemConfig) -> Problem:

@@ -129,7 +129,7 @@ ADDED_FIELDS = {
     "mask.augment": False,  # MaskConfig (augmented mask gradients)
     "saliency_augment": False,  # MethodConfig (SalUn's augmented saliency)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
-    "problem.fused_bn": False,  # ProblemConfig
+    "problem.fused_bn": False, "problem.pointwise": "conv",  # ProblemConfig
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
     "selection.interpolation": "cubic",  # SelectionConfig
     # SelectionConfig's speed settings (the same results up to float rounding)

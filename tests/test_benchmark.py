@@ -174,3 +174,23 @@ def test_trained_models_and_a_mask_file(benchmark, tmp_path, capsys):
         with pytest.raises(SystemExit):
             benchmark.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
+    """--pointwise fused is the model's setting: the step trains with the kernel (its
+    derivative the backward kernel; XLA's ops on the CPU) and the sweep runs it."""
+    import functools
+
+    from mcu_jax import models
+
+    monkeypatch.setitem(models._REGISTRY, "preresnet11_bench_test",
+                        functools.partial(models.PreResNet, depth=11))
+    out = benchmark.main(TINY + [
+        "--model", "preresnet11_bench_test", "--image-size", "8", "--steps", "2",
+        "--warmup", "0", "--steps-per-call", "1", "--num-t", "2", "--pointwise", "fused",
+    ])
+    rows = out["rows"]
+    assert [r["part"] for r in rows] == ["curve step", "sweep"]
+    assert all("fused 1x1 kernel" in r["setting"] for r in rows)
+    assert rows[0]["numbers"]["step_ms"] > 0
+    capsys.readouterr()

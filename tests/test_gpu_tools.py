@@ -52,6 +52,7 @@ def _part(name, step_ms=None, sweep=None, flags="", args=STANDARD):
 def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
+             _part("pointwise_step", 7.0), _part("pointwise_step_bf16", 3.0),
              _part("pointwise", sweep=(2.0, 240000)),
              _part("pointwise_bf16", sweep=(0.5, 240000)), _part("sweep_map", sweep=(4.0, 240000),
                    args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
@@ -67,6 +68,10 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "| met |" in lines["curve step <= 5 ms (bfloat16)"]
     assert ("8.00 ms (12.5x the release's float32); 0.80 of the unfused float32 step"
             in lines["curve step <= 5 ms (float32, fused BatchNorm)"])
+    assert ("7.00 ms (14.3x the release's float32); 0.70 of the float32 step with nn.Conv"
+            in lines["curve step <= 5 ms (float32, fused 1x1 kernel)"])
+    assert "3.00 ms (33.3x the release's float32); 0.75 of the bfloat16 step with nn.Conv" in (
+        lines["curve step <= 5 ms (bfloat16, fused 1x1 kernel)"])
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
@@ -457,9 +462,9 @@ def test_dtype_eval_evaluates_every_model_of_a_seed_folder(tmp_path, theta_o, th
 
 
 def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch):
-    """For PreResNet both forward passes are compiled again with the fused 1x1 kernel
-    (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernel for a GPU target) and
-    compared with the default passes; ``:pointwise`` sweeps with it."""
+    """For PreResNet the step and both forward passes are compiled again with the fused 1x1
+    kernel (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernels for a GPU
+    target) and compared with the default ones; ``:pointwise`` sweeps with it."""
     cost = _load("cost_analysis")
     # A PreResNet of 11 layers under a name of its own, registered for this test only.
     monkeypatch.setitem(models._REGISTRY, "preresnet11_cost_test",
@@ -469,6 +474,7 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch):
                       "map:1:8:pointwise"])
     rows = {r.split("|")[1].strip(): r.split("|")[8].strip()
             for r in text.splitlines() if r.startswith("| ")}
+    assert "of the default step's FLOPs" in rows["curve step (batch 8, fused 1x1 kernel)"]
     assert "of the default pass's FLOPs" in rows["train-mode forward (batch 8, fused 1x1 kernel)"]
     assert "of the default pass's FLOPs" in rows["eval-mode forward (batch 8, fused 1x1 kernel)"]
     assert any(name.startswith("sweep program: map over t") and "fused 1x1 kernel" in name

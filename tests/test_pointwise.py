@@ -235,6 +235,28 @@ def test_pointwise_settings_are_checked():
     assert SelectionConfig(pointwise="fused", fold_bn=True).pointwise == "fused"
 
 
+def test_pointwise_in_the_problem_and_the_run_records():
+    """ProblemConfig.pointwise builds the model with the kernel (PreResNet only, refused for
+    other models before any data is loaded); every model accepts "conv"; a record made
+    before the field existed still matches the default."""
+    from mcu_jax.problem import ProblemConfig, check
+
+    assert models.create("cnn_small", 5, pointwise="conv") == models.create("cnn_small", 5)
+    with pytest.raises(ValueError, match="pointwise: model 'cnn_small' has no fused 1x1"):
+        ProblemConfig(model="cnn_small", pointwise="fused")
+    with pytest.raises(ValueError, match="pointwise must be one of .* got 'dense'"):
+        ProblemConfig(model="preresnet110", pointwise="dense")
+    config = ProblemConfig(model="preresnet110", pointwise="fused")
+    check(config)  # the embedded digits data set: builds the model
+    from mcu_jax.problem import _parts
+
+    assert _parts(config)[2].pointwise == "fused"
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "pointwise": "conv"}}) is None
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "pointwise": "fused"}})
+
+
 def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
     """"fused" (impl "auto") lowers to the Triton kernel for an NVIDIA GPU, whatever the
     default backend, and to XLA's own ops for the CPU."""

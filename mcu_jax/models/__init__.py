@@ -108,10 +108,11 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     Options common to all models: ``dtype`` (compute dtype, ``jnp.float32`` default, or
     ``jnp.bfloat16``; the strings "float32"/"bfloat16" work too) and ``bn_momentum`` (float in
     [0, 1], default 0.9). Other options are fields of the model (e.g. ``depth`` for ViTs,
-    ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models;
-    ``fused_bn=False``, every model's behaviour, is accepted by all). Raises
-    ValueError for an unknown name (listing the known ones), a bad
-    ``num_classes``/``dtype``/``bn_momentum``/``fused_bn`` or an unknown option.
+    ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models,
+    ``pointwise`` for PreResNet; ``fused_bn=False`` and ``pointwise="conv"``, every model's
+    behaviour, are accepted by all). Raises ValueError for an unknown name (listing the known
+    ones), a bad ``num_classes``/``dtype``/``bn_momentum``/``fused_bn``/``pointwise`` or an
+    unknown option.
     """
     if name not in _REGISTRY:
         raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
@@ -127,6 +128,10 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     if "fused_bn" in options:  # a bool, or older run records' model text would not match
         if not checks.flag("fused_bn", options["fused_bn"]):
             del options["fused_bn"]  # the default, and what models without BatchNorm do
+    if "pointwise" in options:  # "conv", the default, is what models without the field do
+        pointwise_impl(options["pointwise"])
+        if options["pointwise"] == "conv":
+            del options["pointwise"]
     try:
         return _REGISTRY[name](num_classes=num_classes, **options)
     except TypeError as e:
