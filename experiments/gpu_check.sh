@@ -16,8 +16,9 @@
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
 #   pointwise_check  experiments/check_pointwise.py: the fused 1x1 kernel's Pallas (Triton)
-#                build on this card against XLA's ops, and a PreResNet with it against the
-#                default model (exit status 1 if a difference is above the tolerance)
+#                builds, forward and backward, on this card against XLA's ops, and a
+#                PreResNet with it against the default model, outputs and gradients (exit
+#                status 1 if a difference is above the tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
 #                compiled for an H100, 12.7 GB in 1,536 kernels against 18.2 GB in 2,102
@@ -264,7 +265,7 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
-run_script pointwise_check 40 experiments/check_pointwise.py
+run_script pointwise_check 60 experiments/check_pointwise.py
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
 bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \

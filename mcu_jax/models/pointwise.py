@@ -1,5 +1,5 @@
 """A 1x1 convolution with the BatchNorm + ReLU before it and the statistics after it, as one
-GPU kernel (Pallas, Triton backend).
+GPU kernel (Pallas, Triton backend), and its derivative as a second one.
 
 In PreResNet-110's bottleneck blocks two of three convolutions are 1x1, and they read and
 write the block's widest activations. Run as XLA composes them, each is several passes over
@@ -11,24 +11,32 @@ the raw input ``z`` (M, K) once, normalises and activates it in registers
 adds an optional ``out_bias`` (N,) and ``residual`` (M, N), applies an optional ReLU (a
 following BatchNorm folded in: ``out_bias``, ``out_relu``), writes the output once and, in
 train mode, returns the per-channel sums of the output and of its square (the next
-BatchNorm's statistics) from the same pass. The sweep's train-mode pass and evaluation are
-forward only, bound by memory traffic; see docs/benchmarks.md, "A fused kernel for the 1x1
-convolutions".
+BatchNorm's statistics) from the same pass. See docs/benchmarks.md, "A fused kernel for the
+1x1 convolutions".
 
-``impl`` picks how it runs: ``"auto"`` the kernel where the program is compiled for an
-NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts it takes,
+The derivative is written out (:func:`backward`): the output's cotangent, with the
+statistics' part added (which needs the output: the forward pass keeps it rather than
+recomputing the product, as autodiff of the plain computation would), goes to a backward
+kernel (:func:`_pallas_backward`) that reads it and ``z`` once per block of input channels,
+recomputes the activated input in registers and writes ``z``'s cotangent, with partial sums
+of the weight gradient and of the BatchNorm's parameter gradients. So a training step with
+the kernels moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md,
+"The fused 1x1 kernel in training").
+
+``impl`` picks how it runs: ``"auto"`` the kernels where the program is compiled for an
+NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts they take,
 :func:`kernel_fits`) and the plain computation elsewhere (``jax.lax.platform_dependent``:
 the choice follows the platform the program is lowered for, not the default backend);
-``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by Pallas on any backend
-(tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`). Every impl
-returns the same values up to float rounding. The kernel's derivative is written out
-(:func:`backward`, in XLA ops): it keeps the kernel's output, which the statistics'
-derivative needs, instead of recomputing the product as autodiff of the plain computation
-would, so a training step with the kernel moves fewer bytes than one without it (docs/
-benchmarks.md, "The fused 1x1 kernel in training").
+``"pallas"`` the kernels; ``"interpret"`` the kernels interpreted by Pallas on any backend
+(tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`,
+differentiated by autodiff). Every impl returns the same values and derivatives up to float
+rounding.
 
-Block sizes are fixed by a rule (:func:`blocks`), not tuned on a card: no GPU has timed
-this kernel yet.
+Block sizes are fixed by rules (:func:`blocks`, :func:`backward_blocks`), not tuned on a
+card: no GPU has timed these kernels yet. The kernels have no rule for XLA's SPMD
+partitioner: where a program splits the batch over several devices, XLA gathers the rows
+before each kernel and runs it whole on every device (the same results, without the
+speed-up; docs/benchmarks.md, "Multiple devices").
 """
 
 from __future__ import annotations
