@@ -114,11 +114,12 @@ def test_written_out_derivative_is_autodiffs(dtype):
 
 @pytest.mark.parametrize("m,k,n", [(33000, 16, 16), (300, 256, 64)])
 def test_backward_kernel_is_the_written_out_derivative(m, k, n):
-    """The backward kernel (interpreted) gives :func:`pointwise.backward`'s XLA result: with
+    """The backward kernel (interpreted) gives :func:`pointwise.backward`'s XLA result, with
     several loop steps per program and padded rows (33,000 rows of 16 channels: 256-row
-    programs, 128 rows a step), and with several blocks of input channels (256 = 2 x 128)."""
+    programs, 128 rows a step; 300 rows of 256: 256-row programs, 64 rows a step), and with
+    several blocks of input channels (256 = 2 x 128)."""
     assert pw.backward_blocks(33000, 16, 16) == (128, 16, 256)
-    assert pw.backward_blocks(300, 256, 64) == (64, 128, 64)
+    assert pw.backward_blocks(300, 256, 64) == (64, 128, 256)
     for dtype in (jnp.float32, jnp.bfloat16):
         z, mean, mul, bias, w, residual = _operands(m, k, n, dtype, seed=4)
         args = (z, mean, mul, bias, w, residual, None)
@@ -127,7 +128,7 @@ def test_backward_kernel_is_the_written_out_derivative(m, k, n):
         cotangents = (rng.normal(size=(m, n)).astype(dtype),
                       tuple(rng.normal(size=n).astype(np.float32) for _ in range(2)))
         want = pw.backward(*args, out, cotangents, True, False)
-        got = pw.backward(*args, out, cotangents, True, False, kernel=True)
+        got = pw.backward(*args, out, cotangents, True, False, impl="interpret")
         for g, h in zip(got[:5], want[:5], strict=True):
             assert g.dtype == h.dtype and g.shape == h.shape
             scale = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
@@ -145,6 +146,7 @@ def test_bad_operands_are_refused():
         pw.bn_relu_matmul(z, mean, mul, bias, w, residual[:, :8], impl="xla")
     with pytest.raises(ValueError, match="got K=16, N=24"):
         pw.bn_relu_matmul(z, mean, mul, bias, np.ones((16, 24), np.float32), impl="interpret")
+    assert pw.kernel_fits(512, 16) and not pw.kernel_fits(1024, 16)  # "auto": plain ops
 
 
 def test_batchnorm_coefficients_are_what_nn_batchnorm_applies():

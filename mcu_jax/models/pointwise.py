@@ -65,9 +65,11 @@ def bn_relu(z, mean, mul, bias):
 
 
 def kernel_fits(k: int, n: int) -> bool:
-    """Whether the Pallas kernel takes ``k`` input and ``n`` output channels: powers of two,
-    at least 16 (Triton's tiles and products); "auto" runs the plain computation otherwise."""
-    return all(v >= 16 and v & (v - 1) == 0 for v in (k, n))
+    """Whether the Pallas kernels take ``k`` input and ``n`` output channels: powers of two
+    from 16 (Triton's tiles and products) to 512 (the tiles of :func:`blocks` and
+    :func:`backward_blocks` stay within 32 KB of float32); "auto" runs the plain computation
+    otherwise."""
+    return all(16 <= v <= 512 and v & (v - 1) == 0 for v in (k, n))
 
 
 def _check(z, mean, mul, bias, w, residual, out_bias=None) -> tuple[int, int, int]:
@@ -109,23 +111,39 @@ def reference(z, mean, mul, bias, w, residual=None, out_bias=None, stats: bool =
     return out, (jnp.sum(o, 0), jnp.sum(o * o, 0))
 
 
+def _pad_rows(pad: int, *arrays):
+    """``arrays`` (None stays None) with ``pad`` rows of zeros appended: Triton's block loads
+    and stores are not bounded, so the kernels take whole blocks of rows only."""
+    if not pad:
+        return arrays
+    return tuple(None if a is None else jnp.pad(a, ((0, pad), (0, 0))) for a in arrays)
+
+
+def _call(kernel, *args, interpret: bool, num_warps: int, **options):
+    """``pl.pallas_call(kernel, **options)(*args)``: Triton's compiler parameters, or
+    Pallas's interpreter."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+    from jax.experimental.pallas import triton as pltriton
+
+    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+    return pl.pallas_call(kernel, compiler_params=params, interpret=interpret,
+                          **options)(*args)
+
+
 def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bool,
             interpret: bool):
     """The Pallas kernel; arguments and results as :func:`reference`."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
-    from jax.experimental.pallas import triton as pltriton
 
     m, k, n = _check(z, mean, mul, bias, w, residual, out_bias)
     if not kernel_fits(k, n):
-        raise ValueError(f"bn_relu_matmul: the Pallas kernel needs K and N powers of two, at "
-                         f"least 16; got K={k}, N={n} (impl='xla' takes any)")
+        raise ValueError(f"bn_relu_matmul: the Pallas kernel needs K and N powers of two "
+                         f"from 16 to 512; got K={k}, N={n} (impl='xla' takes any)")
     dt = z.dtype
     block_m, block_n = blocks(k, n)
     grid = (pl.cdiv(m, block_m), n // block_n)
     pad = grid[0] * block_m - m
-    if pad:  # Triton's block loads and stores are not bounded: whole blocks of rows only
-        z = jnp.pad(z, ((0, pad), (0, 0)))
-        residual = None if residual is None else jnp.pad(residual, ((0, pad), (0, 0)))
+    z, residual = _pad_rows(pad, z, residual)
 
     def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, *refs):
         refs = list(refs)  # the optional inputs, then the outputs
@@ -160,11 +178,9 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     if stats:  # partial sums for each block of rows, added up below in one reduction
         out_specs.append(pl.BlockSpec((None, 2, block_n), lambda i, j: (i, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32))
-    results = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
-                                                                        num_stages=2),
-        interpret=interpret, name="bn_relu_matmul")(*args)
+    results = _call(kernel, *args, interpret=interpret, num_warps=4, grid=grid,
+                    in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                    name="bn_relu_matmul")
     out = results[0][:m] if pad else results[0]
     if not stats:
         return out, None
@@ -175,51 +191,56 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
 def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
     program computes (its weight gradient, ``block_k`` x n, accumulates in at most 32 KB of
-    float32), ``block_m`` rows a loop step (the gradient's tile at most 32 KB), and ``rows``
-    per program, a power-of-two multiple of ``block_m`` chosen so that about 256 programs
-    share the rows and channels. Untuned."""
+    float32), ``block_m`` rows a loop step (the cotangent's tile at most 32 KB), and ``rows``
+    per program, a power-of-two multiple of ``block_m``: about 256 programs share the rows
+    and channels, each with at least 256 rows, so that its partial sums (``block_k`` x n)
+    stay small beside what it reads. Untuned."""
     block_k = max(16, min(k, 8192 // n))
     block_m = max(16, min(128, 8192 // max(n, block_k)))
     chunks = max(1, 256 // (k // block_k))
-    rows = block_m
+    rows = max(block_m, 256)
     while rows * chunks < m:
         rows *= 2
     return block_m, block_k, rows
 
 
+def _backward_rows(z, g, mean, mul, bias, w):
+    """The backward pass over some rows: from ``z`` (rows, K) and the output's cotangent
+    ``g`` (rows, N), both in z's dtype, ``(d_z in z's dtype, the weight gradient's share
+    (K, N), and d_x's sums: sum d_x, sum d_x * (z - mean), float32)``, where ``d_x`` is the
+    cotangent of the affine map's output. The XLA path runs it on all rows, the backward
+    kernel on each block of rows."""
+    f32 = jnp.float32
+    a = bn_relu(z, mean, mul, bias)
+    d_x = jnp.where(a > 0, jnp.dot(g, w.T, preferred_element_type=f32), 0.0)  # ReLU, cast
+    return ((d_x * mul).astype(z.dtype), jnp.dot(a.T, g, preferred_element_type=f32),
+            jnp.sum(d_x, axis=0), jnp.sum(d_x * (z.astype(f32) - mean), axis=0))
+
+
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool):
-    """The derivative of the kernel's product and its BatchNorm + ReLU as one Pallas kernel:
-    from ``gd`` (M, N), the output's cotangent in z's dtype, ``(d_z (M, K) in z's dtype,
-    d_x's sums: (sum d_x, sum d_x * (z - mean)) (2, K) float32, d_w (K, N) float32)``, where
-    ``d_x`` is the cotangent of the affine map's output. Each program reads its rows of ``z``
-    and ``gd`` once, recomputes the activated input in registers, and returns partial sums of
-    the weight gradient and of d_x's sums for its rows, added up here."""
+    """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
+    ``(d_z (M, K), d_w (K, N) float32, (sum d_x, sum d_x * (z - mean)) (2, K) float32)``.
+    Each program reads its rows of ``z`` and ``gd`` (once per block of input channels),
+    recomputes the activated input in registers, writes its rows of ``d_z`` and returns
+    partial sums of the weight gradient and of d_x's sums for its rows, added up here."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
-    from jax.experimental.pallas import triton as pltriton
 
     m, k = z.shape
     n = w.shape[1]
-    dt = z.dtype
     block_m, block_k, rows = backward_blocks(m, k, n)
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
-    if pad:  # zero cotangent rows add nothing to any sum
-        z, gd = jnp.pad(z, ((0, pad), (0, 0))), jnp.pad(gd, ((0, pad), (0, 0)))
+    z, gd = _pad_rows(pad, z, gd)  # zero cotangent rows add nothing to any sum
 
-    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, dz_ref, sums_ref, dw_ref):
-        mean, mul, bias, w_t = mean_ref[...], mul_ref[...], bias_ref[...], w_ref[...]
+    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, dz_ref, dw_ref, sums_ref):
+        coefficients = mean_ref[...], mul_ref[...], bias_ref[...]
 
         def step(j, carry):
-            d_w, s_x, s_xz = carry
             here = pl.ds(j * block_m, block_m)
-            zj, gj = z_ref[here, :], g_ref[here, :]
-            a = bn_relu(zj, mean, mul, bias)
-            d_a = jnp.dot(gj, w_t.T, preferred_element_type=jnp.float32)
-            d_x = jnp.where(a > 0, d_a, 0.0)
-            dz_ref[here, :] = (d_x * mul).astype(dt)
-            d_w = d_w + jnp.dot(a.T, gj, preferred_element_type=jnp.float32)
-            return (d_w, s_x + jnp.sum(d_x, axis=0),
-                    s_xz + jnp.sum(d_x * (zj.astype(jnp.float32) - mean), axis=0))
+            dz, d_w, s_x, s_xz = _backward_rows(z_ref[here, :], g_ref[here, :], *coefficients,
+                                                w_ref[...])
+            dz_ref[here, :] = dz
+            return carry[0] + d_w, carry[1] + s_x, carry[2] + s_xz
 
         zeros = jnp.zeros((block_k,), jnp.float32)
         d_w, s_x, s_xz = jax.lax.fori_loop(
@@ -229,33 +250,30 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool):
         sums_ref[1, :] = s_xz
 
     vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
-    results = pl.pallas_call(
-        kernel, grid=grid,
-        in_specs=[pl.BlockSpec((rows, block_k), lambda i, j: (i, j)), vector, vector, vector,
-                  pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
+    rows_k = pl.BlockSpec((rows, block_k), lambda i, j: (i, j))
+    dz, d_w, sums = _call(
+        kernel, z, mean, mul, bias, w.astype(z.dtype), gd, interpret=interpret, num_warps=8,
+        grid=grid,
+        in_specs=[rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                   pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
-        out_specs=[pl.BlockSpec((rows, block_k), lambda i, j: (i, j)),
-                   pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j)),
-                   pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0))],
-        out_shape=[jax.ShapeDtypeStruct((m + pad, k), dt),
-                   jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32),
-                   jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32)],
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4,
-                                                                        num_stages=2),
-        interpret=interpret, name="bn_relu_matmul_backward")(z, mean, mul, bias,
-                                                              w.astype(dt), gd)
-    dz = results[0][:m] if pad else results[0]
-    return dz, jnp.sum(results[1], 0), jnp.sum(results[2], 0)
+        out_specs=[rows_k, pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0)),
+                   pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((m + pad, k), z.dtype),
+                   jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32),
+                   jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32)],
+        name="bn_relu_matmul_backward")
+    sums = jnp.sum(sums, 0)
+    return dz[:m] if pad else dz, jnp.sum(d_w, 0), (sums[0], sums[1])
 
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
-             out_relu: bool, kernel: bool | None = None):
+             out_relu: bool, impl: str = "xla"):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``. Unlike autodiff of the plain computation it does not recompute the product
-    ``out`` (the statistics' derivative needs it). ``kernel``: None for XLA ops, else the
-    backward Pallas kernel (interpreted if True), which recomputes the activated input in
-    registers instead of in memory."""
+    ``out`` (the statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the
+    backward kernel, :func:`_pallas_backward`, which recomputes the activated input in
+    registers instead of in memory) or "interpret" (that kernel interpreted)."""
     dt, f32 = z.dtype, jnp.float32
     d_out, d_sums = cotangents
     g = d_out.astype(f32)
@@ -264,17 +282,16 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     if out_relu:
         g = jnp.where(out > 0, g, 0.0)
     gd = g.astype(dt)
-    if kernel is not None:
-        d_z, (d_bias, d_mul), d_w = _pallas_backward(z, mean, mul, bias, w, gd, kernel)
+    if impl == "xla":
+        d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, bias, w.astype(dt))
     else:
-        a = bn_relu(z, mean, mul, bias)
-        d_w = jnp.dot(a.T, gd, preferred_element_type=f32)
-        d_x = jnp.where(a > 0, jnp.dot(gd, w.astype(dt).T, preferred_element_type=f32), 0.0)
-        d_z = (d_x * mul).astype(dt)  # through the ReLU and the cast, then the affine map
-        d_bias, d_mul = jnp.sum(d_x, 0), jnp.sum(d_x * (z.astype(f32) - mean), 0)
-    return (d_z, -mul * d_bias, d_mul, d_bias, d_w.astype(w.dtype),
-            None if residual is None else g.astype(residual.dtype),
-            None if out_bias is None else jnp.sum(g, 0))
+        d_z, d_w, sums = _pallas_backward(z, mean, mul, bias, w, gd, impl == "interpret")
+    d_bias, d_mul = sums
+    return (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
+            d_bias.astype(bias.dtype), d_w.astype(w.dtype),
+            None if residual is None else (gd if residual.dtype == dt
+                                           else g.astype(residual.dtype)),
+            None if out_bias is None else jnp.sum(g, 0).astype(out_bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -288,7 +305,8 @@ def _kernel_fwd(*args):
 
 
 def _kernel_bwd(stats, out_relu, interpret, saved, cotangents):
-    return backward(*saved, cotangents, stats, out_relu, kernel=interpret)
+    return backward(*saved, cotangents, stats, out_relu,
+                    impl="interpret" if interpret else "pallas")
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
