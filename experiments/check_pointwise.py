@@ -7,6 +7,8 @@ kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is che
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
 
+The kernel checks run in float32 and bfloat16, the model check in ``--dtype``.
+
 Prints one line per check with its relative difference (the largest difference over the
 largest value; for the model's gradient, the norm of the difference over the gradient's
 norm), and exits with status 1 if any is above the tolerance (float32: 2e-2, as both
@@ -45,19 +47,37 @@ def _derivative(impl: str, cotangents, *args):
                    *args)[1](cotangents)
 
 
+def _operands(rng, rows: int, k: int, n: int, dtype) -> tuple:
+    """Random ``(z, mean, mul, bias, w, residual)`` of the kernel."""
+    z = jnp.asarray(rng.normal(size=(rows, k)), dtype)
+    mean, bias = (jnp.asarray(rng.normal(size=k), jnp.float32) for _ in range(2))
+    mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.float32)
+    return z, mean, mul, bias, w, jnp.asarray(rng.normal(size=(rows, n)), dtype)
+
+
+def _backward_check(rng, args, impl: str) -> float:
+    """The kernel's VJP (the backward kernel) against autodiff of the XLA ops, with random
+    cotangents for the output and both sums: the largest relative difference."""
+    rows, n = args[-1].shape
+    cotangents = (jnp.asarray(rng.normal(size=(rows, n)), args[0].dtype),
+                  tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)))
+    got = jax.jit(_derivative, static_argnums=0)(impl, cotangents, *args)
+    want = _derivative("xla", cotangents, *args)
+    return max(_relative(a, b) for a, b in zip(got, want, strict=True))
+
+
 def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the kernel's output and channel sums against the
     "xla" impl, for every shape in :data:`SHAPES`, with a residual and with an output bias
     and ReLU (a BatchNorm folded in), and of its derivative (the backward kernel) against
-    autodiff of the "xla" impl."""
+    autodiff of the "xla" impl; then the derivative once more on 8 x ``rows`` rows, where
+    every program of the backward kernel loops over several blocks of rows."""
     rng = np.random.default_rng(0)
+    name = jnp.dtype(dtype).name
     results = []
     for k, n in SHAPES:
-        z = jnp.asarray(rng.normal(size=(rows, k)), dtype)
-        mean, bias = (jnp.asarray(rng.normal(size=k), jnp.float32) for _ in range(2))
-        mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.float32)
-        residual = jnp.asarray(rng.normal(size=(rows, n)), dtype)
+        z, mean, mul, bias, w, residual = args = _operands(rng, rows, k, n, dtype)
         out_bias = jnp.asarray(rng.normal(size=n), jnp.float32)
         for label, options in (("residual", {"residual": residual}),
                                ("output bias and ReLU", {"out_bias": out_bias,
@@ -67,17 +87,12 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
             want, (w1, w2) = pw.bn_relu_matmul(z, mean, mul, bias, w, **options, stats=True,
                                                impl="xla")
             worst = max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))
-            results.append((f"kernel K={k} N={n}, {rows} rows, {label}", worst))
-        # The backward kernel: the kernel's VJP against autodiff of the XLA ops, with
-        # cotangents for the output and both sums
-        cotangents = (jnp.asarray(rng.normal(size=(rows, n)), dtype),
-                      tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)))
-
-        args = (z, mean, mul, bias, w, residual)
-        got = jax.jit(_derivative, static_argnums=0)(impl, cotangents, *args)
-        want = _derivative("xla", cotangents, *args)
-        results.append((f"backward kernel K={k} N={n}, {rows} rows, residual",
-                        max(_relative(a, b) for a, b in zip(got, want, strict=True))))
+            results.append((f"kernel K={k} N={n}, {rows} rows, {name}, {label}", worst))
+        results.append((f"backward kernel K={k} N={n}, {rows} rows, {name}, residual",
+                        _backward_check(rng, args, impl)))
+    k, n = SHAPES[1]
+    results.append((f"backward kernel K={k} N={n}, {8 * rows} rows, {name}, residual",
+                    _backward_check(rng, _operands(rng, 8 * rows, k, n, dtype), impl)))
     return results
 
 
@@ -128,24 +143,27 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=4100, help="rows (images x positions) a check")
     p.add_argument("--batch", type=int, default=63, help="images of the model check")
     p.add_argument("--depth", type=int, default=20, help="the model check's PreResNet (9n+2)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model check's dtype (the kernel checks run in both)")
     args = p.parse_args(argv)
     for name in ("rows", "batch", "depth"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     gpu = jax.default_backend() == "gpu"
     impl, setting = ("pallas", "fused") if gpu else ("interpret", "interpret")
-    dtype = jnp.dtype(args.dtype)
-    tolerance = 2e-2 if args.dtype == "float32" else 5e-2
-    checks = [*kernel_checks(args.rows, dtype, impl),
-              *model_checks(args.batch, args.depth, dtype, setting)]
-    print(f"# fused 1x1 kernel ({impl}, {args.dtype}) on {jax.devices()[0].device_kind}")
+    tolerance = {"float32": 2e-2, "bfloat16": 5e-2}
+    checks = [(label, worst, tolerance[name]) for name in tolerance
+              for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
+    checks += [(label, worst, tolerance[args.dtype]) for label, worst in
+               model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
+    print(f"# fused 1x1 kernel ({impl}; the model in {args.dtype}) on "
+          f"{jax.devices()[0].device_kind}")
     failed = 0
-    for label, worst in checks:
-        ok = worst <= tolerance
+    for label, worst, tol in checks:
+        ok = worst <= tol
         failed += not ok
         print(f"- {label}: relative difference {worst:.2e} "
-              f"({'within' if ok else 'ABOVE'} the tolerance {tolerance:g})")
+              f"({'within' if ok else 'ABOVE'} the tolerance {tol:g})")
     print(f"{len(checks) - failed} of {len(checks)} checks passed")
     return 1 if failed else 0
 

@@ -21,15 +21,15 @@
 #                status 1 if a difference is above the tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
-#                compiled for an H100, 12.7 GB in 1,536 kernels against 18.2 GB in 2,102
+#                compiled for an H100, 12.3 GB in 1,536 kernels against 18.2 GB in 2,102
+#   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
+#                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
+#                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
+#                (1.12 s estimated, against the 1.1 s target; compare with bf16's sweep)
 #   pointwise    sweep_map's sweep with PreResNet's 1x1 convolutions as the fused kernel
 #                (--pointwise fused; compare with sweep_map's) to decide
 #                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
 #                bytes and 0.66 of evaluation's
-#   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
-#                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
-#                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
-#                (1.13 s estimated, against the 1.1 s target; compare with bf16's sweep)
 #   reference    the authors' release on the same workload (reference_peer.py: 100 steps, 3 t)
 #   e2e          float32, end-to-end MCU phase of the CIFAR-10 protocol (D_r 45,000,
 #                D_f 5,000, test 10,000, 10 epochs, paper mask k=0.5, k_r=0.1, 20 t);
@@ -87,8 +87,9 @@
 #   --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 --forget 144 \
 #   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
 #   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
-# (with --model cnn_small the parts pointwise*, and e2e_fast with FAST_OPTIONS="--pointwise
-# fused", stop at the benchmark's argument check: the kernel is PreResNet's)
+# (with --model cnn_small the benchmark parts pointwise, pointwise_bf16, pointwise_step and
+# pointwise_step_bf16, and e2e_fast with FAST_OPTIONS="--pointwise fused", stop at the
+# benchmark's argument check: the kernel is PreResNet's)
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -267,10 +268,10 @@ DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-image
 bench sweep_map 70 "${DENSE[@]}"
 run_script pointwise_check 60 experiments/check_pointwise.py
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
-bench pointwise 70 "${DENSE[@]}" --pointwise fused
 bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
   --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
   --pointwise fused
+bench pointwise 70 "${DENSE[@]}" --pointwise fused
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what
 # they measure, and e2e_pre must not load what e2e compiled.

@@ -73,6 +73,8 @@ class SelectionConfig:
     # them and the statistics after them (models.POINTWISE: "fused" is a Pallas kernel on
     # GPUs, XLA's ops elsewhere; sweep.sweep's pointwise): the same accuracies up to float
     # rounding, about 0.6 of the bytes compiled for an H100; "conv" until timed on a card.
+    # "conv" keeps the model's own setting: a model made with ProblemConfig.pointwise="fused"
+    # sweeps with the kernel either way.
     pointwise: str = "conv"
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ from typing import Any
 from mcu_jax import checks, models
 from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
 from mcu_jax.data.splits import check_request
-from mcu_jax.models import POINTWISE, create
+from mcu_jax.models import create
 from mcu_jax.models.layers import resolve_dtype
 
 
@@ -31,6 +31,7 @@ class ProblemConfig:
     # pointwise): "conv" (default) or "fused" (Pallas kernels where compiled for an NVIDIA
     # GPU, XLA's ops elsewhere): the same function, rounded differently. Off until measured;
     # for one device (on several, XLA runs each kernel on the whole batch on every device).
+    # The sweep then uses the kernel too, whatever SelectionConfig.pointwise says.
     pointwise: str = "conv"
     pretrained: str | None = None  # local .npz of initial weights for theta_o and RT
     scenario: str = "random"  # "random" or "class"
@@ -58,7 +59,7 @@ class ProblemConfig:
             except ValueError as e:
                 raise ValueError(f"fused_bn: model {self.model!r} has no fused BatchNorm "
                                  f"(only the BatchNorm models do): {e}") from e
-        if checks.choice("pointwise", self.pointwise, POINTWISE) != "conv" and (
+        if checks.choice("pointwise", self.pointwise, ("conv", "fused")) != "conv" and (
                 self.model in models.MODELS):
             try:  # refused now for a model without the field, as fused_bn
                 create(self.model, 2, dtype=self.dtype, pointwise=self.pointwise)

@@ -177,8 +177,9 @@ def test_trained_models_and_a_mask_file(benchmark, tmp_path, capsys):
 
 
 def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
-    """--pointwise fused is the model's setting: the step trains with the kernel (its
-    derivative the backward kernel; XLA's ops on the CPU) and the sweep runs it."""
+    """--pointwise fused is the model's setting, so the step and the sweep both run the model
+    with it (on the CPU as XLA's ops, differentiated by autodiff: the kernels themselves are
+    tested in test_pointwise.py)."""
     import functools
 
     from mcu_jax import models
@@ -189,6 +190,8 @@ def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
         "--model", "preresnet11_bench_test", "--image-size", "8", "--steps", "2",
         "--warmup", "0", "--steps-per-call", "1", "--num-t", "2", "--pointwise", "fused",
     ])
+    args = benchmark.parse_args(["--model", "preresnet11_bench_test", "--pointwise", "fused"])
+    assert benchmark.model_of(args).pointwise == "fused"
     rows = out["rows"]
     assert [r["part"] for r in rows] == ["curve step", "sweep"]
     assert all("fused 1x1 kernel" in r["setting"] for r in rows)

@@ -488,8 +488,9 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     check = _load("check_pointwise")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# fused 1x1 kernel (interpret, float32)")
-    checks = 3 * len(check.SHAPES) + 2
+    assert out.startswith("# fused 1x1 kernel (interpret; the model in float32)")
+    assert "320 rows, bfloat16, residual: relative difference" in out
+    checks = 2 * (3 * len(check.SHAPES) + 1) + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])

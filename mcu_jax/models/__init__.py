@@ -10,8 +10,8 @@ convolutions; :func:`folded` turns it on where it exists) and ``fused_bn`` (trai
 BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes, ``batchnorm.py``;
 off until measured on a GPU; the same function either way, rounded differently).
 PreResNet also has ``pointwise`` (its 1x1 convolutions as one kernel with the BatchNorm +
-ReLU before them and the statistics after them, ``pointwise.py``; :func:`with_pointwise`
-sets it where it exists; for the forward passes of the sweep).
+ReLU before them and the statistics after them, and a backward kernel, ``pointwise.py``;
+:func:`with_pointwise` sets it where it exists; for training and the sweep).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
