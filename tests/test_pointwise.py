@@ -136,6 +136,31 @@ def test_backward_kernel_is_the_written_out_derivative(m, k, n):
                                        rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_the_kernel_derives_only_what_is_differentiated():
+    """With some operands not differentiated (a frozen weight, say), the kernel's VJP gives
+    autodiff's gradients for the others, and its backward kernel neither computes nor writes
+    the cotangents nobody wants: three outputs with z's and w's, two with one of them."""
+    z, mean, mul, bias, w, residual = _operands(300, 32, 16, seed=6)
+    args = (z, mean, mul, bias, w)
+
+    def loss(impl, *a, stats=True):
+        out, sums = pw.bn_relu_matmul(*a, residual, stats=stats, impl=impl)
+        return jnp.sum(out ** 2) + (jnp.sum(sums[0]) if stats else 0.0)
+
+    for argnums in ((0,), (4,), (1, 2, 3), (0, 4)):
+        for stats in (False, True):
+            got = jax.grad(functools.partial(loss, "interpret", stats=stats),
+                           argnums=argnums)(*args)
+            want = jax.grad(functools.partial(loss, "xla", stats=stats), argnums=argnums)(*args)
+            for g, h in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+        program = str(jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
+                                              argnums=argnums))(*args))
+        backward_call = [line for line in program.splitlines() if "pallas_call[" in line][-1]
+        outputs = backward_call.split("=")[0].split()
+        assert len(outputs) == 1 + (0 in argnums) + (4 in argnums)  # sums, d_z?, d_w?
+
+
 def test_bad_operands_are_refused():
     z, mean, mul, bias, w, residual = _operands(8, 16, 16)
     with pytest.raises(ValueError, match="impl"):

@@ -204,25 +204,29 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     return block_m, block_k, rows
 
 
-def _backward_rows(z, g, mean, mul, bias, w):
+def _backward_rows(z, g, mean, mul, bias, w, with_dw: bool = True):
     """The backward pass over some rows: from ``z`` (rows, K) and the output's cotangent
     ``g`` (rows, N), both in z's dtype, ``(d_z in z's dtype, the weight gradient's share
-    (K, N), and d_x's sums: sum d_x, sum d_x * (z - mean), float32)``, where ``d_x`` is the
-    cotangent of the affine map's output. The XLA path runs it on all rows, the backward
-    kernel on each block of rows."""
+    (K, N) or None without ``with_dw``, and d_x's sums: sum d_x, sum d_x * (z - mean),
+    float32)``, where ``d_x`` is the cotangent of the affine map's output. The XLA path runs
+    it on all rows, the backward kernel on each block of rows."""
     f32 = jnp.float32
     a = bn_relu(z, mean, mul, bias)
     d_x = jnp.where(a > 0, jnp.dot(g, w.T, preferred_element_type=f32), 0.0)  # ReLU, cast
-    return ((d_x * mul).astype(z.dtype), jnp.dot(a.T, g, preferred_element_type=f32),
-            jnp.sum(d_x, axis=0), jnp.sum(d_x * (z.astype(f32) - mean), axis=0))
+    d_w = jnp.dot(a.T, g, preferred_element_type=f32) if with_dw else None
+    return ((d_x * mul).astype(z.dtype), d_w, jnp.sum(d_x, axis=0),
+            jnp.sum(d_x * (z.astype(f32) - mean), axis=0))
 
 
-def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool):
+def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
+                     with_dw: bool = True):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
-    ``(d_z (M, K), d_w (K, N) float32, (sum d_x, sum d_x * (z - mean)) (2, K) float32)``.
-    Each program reads its rows of ``z`` and ``gd`` (once per block of input channels),
-    recomputes the activated input in registers, writes its rows of ``d_z`` and returns
-    partial sums of the weight gradient and of d_x's sums for its rows, added up here."""
+    ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
+    ``with_dw``, (sum d_x, sum d_x * (z - mean)) (2, K) float32)``. Each program reads its
+    rows of ``z`` and ``gd`` (once per block of input channels), recomputes the activated
+    input in registers, writes its rows of ``d_z`` and returns partial sums of the weight
+    gradient and of d_x's sums for its rows, added up here. What is not wanted is neither
+    computed nor written (XLA cannot drop a kernel's unused outputs)."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
@@ -232,52 +236,69 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool):
     pad = grid[0] * rows - m
     z, gd = _pad_rows(pad, z, gd)  # zero cotangent rows add nothing to any sum
 
-    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, dz_ref, dw_ref, sums_ref):
+    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, *out_refs):
+        dz_ref = out_refs[0] if with_dz else None
+        dw_ref, sums_ref = out_refs[-2] if with_dw else None, out_refs[-1]
         coefficients = mean_ref[...], mul_ref[...], bias_ref[...]
 
         def step(j, carry):
             here = pl.ds(j * block_m, block_m)
             dz, d_w, s_x, s_xz = _backward_rows(z_ref[here, :], g_ref[here, :], *coefficients,
-                                                w_ref[...])
-            dz_ref[here, :] = dz
-            return carry[0] + d_w, carry[1] + s_x, carry[2] + s_xz
+                                                w_ref[...], with_dw)
+            if with_dz:
+                dz_ref[here, :] = dz
+            sums = carry[0] + s_x, carry[1] + s_xz
+            return (*sums, carry[2] + d_w) if with_dw else sums
 
         zeros = jnp.zeros((block_k,), jnp.float32)
-        d_w, s_x, s_xz = jax.lax.fori_loop(
-            0, rows // block_m, step, (jnp.zeros((block_k, n), jnp.float32), zeros, zeros))
-        dw_ref[...] = d_w
-        sums_ref[0, :] = s_x
-        sums_ref[1, :] = s_xz
+        init = (zeros, zeros, jnp.zeros((block_k, n), jnp.float32))[:3 if with_dw else 2]
+        carry = jax.lax.fori_loop(0, rows // block_m, step, init)
+        sums_ref[0, :] = carry[0]
+        sums_ref[1, :] = carry[1]
+        if with_dw:
+            dw_ref[...] = carry[2]
 
-    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
     rows_k = pl.BlockSpec((rows, block_k), lambda i, j: (i, j))
-    dz, d_w, sums = _call(
+    out_specs, out_shape = [], []
+    if with_dz:
+        out_specs.append(rows_k)
+        out_shape.append(jax.ShapeDtypeStruct((m + pad, k), z.dtype))
+    if with_dw:
+        out_specs.append(pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32))
+    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
+    results = _call(
         kernel, z, mean, mul, bias, w.astype(z.dtype), gd, interpret=interpret, num_warps=8,
-        grid=grid,
-        in_specs=[rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
-                  pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
-        out_specs=[rows_k, pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0)),
-                   pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j))],
-        out_shape=[jax.ShapeDtypeStruct((m + pad, k), z.dtype),
-                   jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32),
-                   jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32)],
-        name="bn_relu_matmul_backward")
-    sums = jnp.sum(sums, 0)
-    return dz[:m] if pad else dz, jnp.sum(d_w, 0), (sums[0], sums[1])
+        grid=grid, in_specs=[rows_k, vector, vector, vector,
+                             pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
+                             pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
+        out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward")
+    dz = (results[0][:m] if pad else results[0]) if with_dz else None
+    d_w = jnp.sum(results[-2], 0) if with_dw else None
+    sums = jnp.sum(results[-1], 0)
+    return dz, d_w, (sums[0], sums[1])
+
+
+#: The operands of :func:`backward`'s result, in order.
+OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
-             out_relu: bool, impl: str = "xla"):
+             out_relu: bool, impl: str = "xla", wanted=OPERANDS):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
-    ``out``. Unlike autodiff of the plain computation it does not recompute the product
-    ``out`` (the statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the
-    backward kernel, :func:`_pallas_backward`, which recomputes the activated input in
-    registers instead of in memory) or "interpret" (that kernel interpreted)."""
+    ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
+    Unlike autodiff of the plain computation it does not recompute the product ``out`` (the
+    statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the backward
+    kernel, :func:`_pallas_backward`, which recomputes the activated input in registers
+    instead of in memory, and computes no ``z`` or ``w`` cotangent that is not wanted) or
+    "interpret" (that kernel interpreted). ``cotangents``' sums may be None (zero)."""
     dt, f32 = z.dtype, jnp.float32
     d_out, d_sums = cotangents
     g = d_out.astype(f32)
-    if stats:  # d(sum o)/do = 1, d(sum o^2)/do = 2 o
+    if stats and d_sums is not None:  # d(sum o)/do = 1, d(sum o^2)/do = 2 o
         g = g + d_sums[0] + 2.0 * out.astype(f32) * d_sums[1]
     if out_relu:
         g = jnp.where(out > 0, g, 0.0)
@@ -285,13 +306,16 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     if impl == "xla":
         d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, bias, w.astype(dt))
     else:
-        d_z, d_w, sums = _pallas_backward(z, mean, mul, bias, w, gd, impl == "interpret")
+        d_z, d_w, sums = _pallas_backward(z, mean, mul, bias, w, gd, impl == "interpret",
+                                          "z" in wanted, "w" in wanted)
     d_bias, d_mul = sums
-    return (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
-            d_bias.astype(bias.dtype), d_w.astype(w.dtype),
-            None if residual is None else (gd if residual.dtype == dt
-                                           else g.astype(residual.dtype)),
-            None if out_bias is None else jnp.sum(g, 0).astype(out_bias.dtype))
+    result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
+              d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype),
+              None if residual is None else (gd if residual.dtype == dt
+                                             else g.astype(residual.dtype)),
+              None if out_bias is None else jnp.sum(g, 0).astype(out_bias.dtype))
+    return tuple(c if name in wanted else None
+                 for name, c in zip(OPERANDS, result, strict=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -300,16 +324,35 @@ def _kernel(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpre
 
 
 def _kernel_fwd(*args):
-    results = _kernel(*args)
-    return results, (*args[:7], results[0])
+    """With symbolic zeros: the operands come as ``CustomVJPPrimal``s (value, perturbed);
+    the names of the perturbed ones travel to the backward pass as the keys of an empty
+    dict (static, in the residuals' structure)."""
+    primals, flags = args[:7], args[7:]
+    values = [None if p is None else p.value for p in primals]
+    wanted = {name: None for name, p in zip(OPERANDS, primals, strict=True)
+              if p is not None and p.perturbed}
+    results = _pallas(*values, *flags)
+    return results, (*values, results[0], wanted)
 
 
 def _kernel_bwd(stats, out_relu, interpret, saved, cotangents):
-    return backward(*saved, cotangents, stats, out_relu,
-                    impl="interpret" if interpret else "pallas")
+    """Symbolic zeros in the cotangents become zeros (the output's) or None (the sums')."""
+    d_out, d_sums = cotangents
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        d_out = jnp.zeros(d_out.shape, d_out.dtype)
+    if d_sums is not None and all(isinstance(d, jax.custom_derivatives.SymbolicZero)
+                                  for d in d_sums):
+        d_sums = None
+    elif d_sums is not None:
+        d_sums = tuple(jnp.zeros(d.shape, d.dtype)
+                       if isinstance(d, jax.custom_derivatives.SymbolicZero) else d
+                       for d in d_sums)
+    *operands, out, wanted = saved
+    return backward(*operands, out, (d_out, d_sums), stats, out_relu,
+                    impl="interpret" if interpret else "pallas", wanted=tuple(wanted))
 
 
-_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+_kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
 
 
 def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
