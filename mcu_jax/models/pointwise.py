@@ -276,9 +276,12 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
                              pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
         out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward")
     dz = (results[0][:m] if pad else results[0]) if with_dz else None
-    d_w = jnp.sum(results[-2], 0) if with_dw else None
-    sums = jnp.sum(results[-1], 0)
-    return dz, d_w, (sums[0], sums[1])
+    partial = [results[-1].reshape(grid[0], 2 * k)]
+    if with_dw:  # both partial sums side by side: one reduction
+        partial.append(results[-2].reshape(grid[0], k * n))
+    total = jnp.sum(jnp.concatenate(partial, axis=1), 0)
+    d_w = total[2 * k:].reshape(k, n) if with_dw else None
+    return dz, d_w, (total[:k], total[k:2 * k])
 
 
 #: The operands of :func:`backward`'s result, in order.
