@@ -24,14 +24,14 @@ compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNo
 with a hand-written backward pass, ``models/batchnorm.py``), and for PreResNet the step and
 both forward passes with its 1x1 convolutions as the fused kernel of ``models/pointwise.py``
 (its Pallas kernels, forward and backward, when compiled for a GPU). With ``--mask`` (a mask
-saved by ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also compiles the
-step with that mask, whose frozen tensors get no weight gradient (with and without
-``fused_bn``). With ``--sweep-program`` (repeatable) it also compiles the sweep's own
-program (``sweep.chunk_program``) for ``--num-t`` t over ``--sweep-images`` images with that
-strategy (vmap or map over t), ``bn_group`` and evaluation batch (BatchNorm batches of
-``--batch-size``, as the step's; ``:fold``: BatchNorm folded for evaluation; ``:pointwise``:
-PreResNet's fused 1x1 kernel in both passes), and estimates
-its time by two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a
+saved by ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also
+compiles the step with that mask, whose frozen tensors get no weight gradient (also with
+``fused_bn`` and with the fused 1x1 kernel). With ``--sweep-program`` (repeatable) it also
+compiles the sweep's own program (``sweep.chunk_program``) for ``--num-t`` t over
+``--sweep-images`` images with that strategy (vmap or map over t), ``bn_group`` and
+evaluation batch (BatchNorm batches of ``--batch-size``, as the step's; ``:fold``: BatchNorm
+folded for evaluation; ``:pointwise``: PreResNet's fused 1x1 kernel in both passes), and
+estimates its time by two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a
 kernel. Prints a Markdown table.
 
 Every row also counts the program's kernels: the instructions of its compiled program that
@@ -242,7 +242,8 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
     then the step and the train-mode pass with it; for a model with ``pointwise``
     (PreResNet) then the step and both forward passes with its fused 1x1 kernel; with
-    ``mask_file`` then the masked step (and the masked step with ``fused_bn``). Compiled
+    ``mask_file`` then the masked step (and the masked step with ``fused_bn`` and with the
+    kernel). Compiled
     for ``device`` (:func:`target_device`) when given."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
@@ -285,7 +286,8 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
                 "note": _conv_calls(kernels)}
 
     rows += [eval_forward_row("", model), eval_forward_row(", BN folded", folded(model))]
-    fused = fused_model = None
+    # the step variants a mask is applied to as well: (model, unmasked row, label, its name)
+    variants = []
     if "fused_bn" in model.__dataclass_fields__:  # the BatchNorm models (evaluation mode
         # is the same program either way)
         fused_model = model.clone(fused_bn=True)
@@ -294,6 +296,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         forward = train_forward_row(", fused BatchNorm", fused_model)
         forward["note"] = _share(forward, rows[1], "the unfused pass's")
         rows += [fused, forward]
+        variants.append((fused_model, fused, "fused BatchNorm", "the unmasked fused step's"))
     if "pointwise" in model.__dataclass_fields__:  # PreResNet: its fused 1x1 kernel (the
         # Pallas kernel when compiled for a GPU, XLA's ops otherwise)
         kernel_model = with_pointwise(model, "fused")
@@ -305,6 +308,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         evaluation = eval_forward_row(", fused 1x1 kernel", kernel_model)
         evaluation["note"] += "; " + _share(evaluation, rows[2], "the default pass's")
         rows += [forward, evaluation]
+        variants.append((kernel_model, step, "fused 1x1 kernel", "the unmasked kernel step's"))
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])
@@ -312,9 +316,9 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         row = step_row(mask, name)
         row["note"] = _share(row, rows[0], "the unmasked step's")
         rows.append(row)
-        if fused is not None:  # the same mask with the fused BatchNorm
-            row = step_row(mask, name + ", fused BatchNorm", fused_model)
-            row["note"] = _share(row, fused, "the unmasked fused step's")
+        for variant, unmasked, label, unmasked_name in variants:  # the same mask with each
+            row = step_row(mask, f"{name}, {label}", variant)
+            row["note"] = _share(row, unmasked, unmasked_name)
             rows.append(row)
     return rows
 

@@ -415,7 +415,8 @@ def test_cost_analysis_of_a_masked_step(tmp_path, capsys):
     note = rows[7].split("|")[8].strip()
     assert " of its bytes, " in note and " of the unmasked step's FLOPs, " in note
     assert float(note.split(" of the unmasked")[0]) < 0.5
-    # The same mask with the fused BatchNorm, against the unmasked fused step.
+    # The same mask with the fused BatchNorm, against the unmasked fused step (cnn_small
+    # has no fused 1x1 kernel: no row for it).
     assert names[8] == names[7][:-1] + ", fused BatchNorm)"
     note = rows[8].split("|")[8].strip()
     assert " of the unmasked fused step's FLOPs, " in note
@@ -461,20 +462,31 @@ def test_dtype_eval_evaluates_every_model_of_a_seed_folder(tmp_path, theta_o, th
         assert dtype_eval.main([str(seed_dir), "--tolerance", str(max(diffs) / 2)]) == 1
 
 
-def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch):
-    """For PreResNet the step and both forward passes are compiled again with the fused 1x1
-    kernel (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernels for a GPU
-    target) and compared with the default ones; ``:pointwise`` sweeps with it."""
+def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
+    """For PreResNet the step (also masked) and both forward passes are compiled again with
+    the fused 1x1 kernel (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernels
+    for a GPU target) and compared with the default ones; ``:pointwise`` sweeps with it."""
+    import jax
+
+    from mcu_jax import masks, pytrees
+
     cost = _load("cost_analysis")
     # A PreResNet of 11 layers under a name of its own, registered for this test only.
     monkeypatch.setitem(models._REGISTRY, "preresnet11_cost_test",
                         functools.partial(models.PreResNet, depth=11))
+    params = models.init_variables(models.create("preresnet11_cost_test", 10),
+                                   jax.random.PRNGKey(0), (32, 32, 3))["params"]
+    masks.save(pytrees.unflatten(params, {p: "stage3" in p or p.startswith("head/")
+                                          for p in pytrees.flatten(params)}),
+               tmp_path / "mask.json")
     text = cost.main(["--model", "preresnet11_cost_test", "--batch-size", "8", "--eval-batch",
                       "8", "--num-t", "2", "--sweep-images", "16", "--sweep-program",
-                      "map:1:8:pointwise"])
+                      "map:1:8:pointwise", "--mask", str(tmp_path / "mask.json")])
     rows = {r.split("|")[1].strip(): r.split("|")[8].strip()
             for r in text.splitlines() if r.startswith("| ")}
     assert "of the default step's FLOPs" in rows["curve step (batch 8, fused 1x1 kernel)"]
+    masked = [name for name in rows if "mask from" in name and "fused 1x1 kernel" in name]
+    assert len(masked) == 1 and "of the unmasked kernel step's FLOPs" in rows[masked[0]]
     assert "of the default pass's FLOPs" in rows["train-mode forward (batch 8, fused 1x1 kernel)"]
     assert "of the default pass's FLOPs" in rows["eval-mode forward (batch 8, fused 1x1 kernel)"]
     assert any(name.startswith("sweep program: map over t") and "fused 1x1 kernel" in name
