@@ -243,8 +243,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     then the step and the train-mode pass with it; for a model with ``pointwise``
     (PreResNet) then the step and both forward passes with its fused 1x1 kernel; with
     ``mask_file`` then the masked step (and the masked step with ``fused_bn`` and with the
-    kernel). Compiled
-    for ``device`` (:func:`target_device`) when given."""
+    kernel). Compiled for ``device`` (:func:`target_device`) when given."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
     h, w, c = images.x.shape[1:]

@@ -501,7 +501,7 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 kernel (interpret; the model in float32)")
-    assert "320 rows, bfloat16, residual: relative difference" in out
+    assert "1280 rows, bfloat16, residual: relative difference" in out
     checks = 2 * (3 * len(check.SHAPES) + 1) + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):

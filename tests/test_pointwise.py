@@ -283,19 +283,35 @@ def test_pointwise_in_the_problem_and_the_run_records():
                                  {"problem": {"dtype": "float32", "pointwise": "conv"}}) is None
     assert runs.first_difference({"problem": {"dtype": "float32"}},
                                  {"problem": {"dtype": "float32", "pointwise": "fused"}})
+    # On several devices an experiment warns that the kernels run on the whole batch
+    from mcu_jax.experiment import ExperimentConfig, mesh_warning
+
+    assert mesh_warning(ExperimentConfig(problem=config, devices=2)).startswith(
+        "problem.pointwise=fused on 2 devices")
+    assert mesh_warning(ExperimentConfig(problem=config)) is None
+    assert mesh_warning(ExperimentConfig(devices=2)) is None
 
 
 def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
-    """"fused" (impl "auto") lowers to the Triton kernel for an NVIDIA GPU, whatever the
-    default backend, and to XLA's own ops for the CPU."""
+    """"fused" (impl "auto") lowers to the Triton kernel, and its gradient to the backward
+    kernel, for an NVIDIA GPU, whatever the default backend, and to XLA's own ops for the
+    CPU."""
     args = _operands(256, 16, 16)[:5]
 
     def f(*a):
         return pw.bn_relu_matmul(*a, stats=True, impl="auto")
 
+    def loss(*a):
+        out, (s1, s2) = f(*a)
+        return jnp.sum(out ** 2) + jnp.sum(s1) + jnp.sum(s2)
+
     for platform, kernel in (("cuda", True), ("cpu", False)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert ("bn_relu_matmul" in text and "triton" in text) == kernel, platform
+        # and its gradient to the backward kernel
+        text = jax.jit(jax.grad(loss, argnums=(0, 4))).trace(*args).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert ("bn_relu_matmul_backward" in text) == kernel, platform
 
 
 def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):

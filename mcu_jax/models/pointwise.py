@@ -222,7 +222,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
                      with_dw: bool = True):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
-    ``with_dw``, (sum d_x, sum d_x * (z - mean)) (2, K) float32)``. Each program reads its
+    ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32)``. Each program reads its
     rows of ``z`` and ``gd`` (once per block of input channels), recomputes the activated
     input in registers, writes its rows of ``d_z`` and returns partial sums of the weight
     gradient and of d_x's sums for its rows, added up here. What is not wanted is neither
@@ -238,7 +238,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
 
     def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, *out_refs):
         dz_ref = out_refs[0] if with_dz else None
-        dw_ref, sums_ref = out_refs[-2] if with_dw else None, out_refs[-1]
+        dw_ref, sums_ref = (out_refs[-2] if with_dw else None), out_refs[-1]
         coefficients = mean_ref[...], mul_ref[...], bias_ref[...]
 
         def step(j, carry):
@@ -297,12 +297,17 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the backward
     kernel, :func:`_pallas_backward`, which recomputes the activated input in registers
     instead of in memory, and computes no ``z`` or ``w`` cotangent that is not wanted) or
-    "interpret" (that kernel interpreted). ``cotangents``' sums may be None (zero)."""
+    "interpret" (that kernel interpreted). ``cotangents``' sums, or either of them, may be
+    None (zero)."""
+    if impl not in ("xla", "pallas", "interpret"):
+        raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt, f32 = z.dtype, jnp.float32
-    d_out, d_sums = cotangents
+    d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
     g = d_out.astype(f32)
-    if stats and d_sums is not None:  # d(sum o)/do = 1, d(sum o^2)/do = 2 o
-        g = g + d_sums[0] + 2.0 * out.astype(f32) * d_sums[1]
+    if stats and d_sum is not None:  # d(sum o)/do = 1
+        g = g + d_sum
+    if stats and d_squares is not None:  # d(sum o^2)/do = 2 o
+        g = g + 2.0 * out.astype(f32) * d_squares
     if out_relu:
         g = jnp.where(out > 0, g, 0.0)
     gd = g.astype(dt)
@@ -339,17 +344,13 @@ def _kernel_fwd(*args):
 
 
 def _kernel_bwd(stats, out_relu, interpret, saved, cotangents):
-    """Symbolic zeros in the cotangents become zeros (the output's) or None (the sums')."""
+    """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's)."""
+    zero = jax.custom_derivatives.SymbolicZero
     d_out, d_sums = cotangents
-    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+    if isinstance(d_out, zero):
         d_out = jnp.zeros(d_out.shape, d_out.dtype)
-    if d_sums is not None and all(isinstance(d, jax.custom_derivatives.SymbolicZero)
-                                  for d in d_sums):
-        d_sums = None
-    elif d_sums is not None:
-        d_sums = tuple(jnp.zeros(d.shape, d.dtype)
-                       if isinstance(d, jax.custom_derivatives.SymbolicZero) else d
-                       for d in d_sums)
+    if d_sums is not None:
+        d_sums = tuple(None if isinstance(d, zero) else d for d in d_sums)
     *operands, out, wanted = saved
     return backward(*operands, out, (d_out, d_sums), stats, out_relu,
                     impl="interpret" if interpret else "pallas", wanted=tuple(wanted))
