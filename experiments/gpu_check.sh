@@ -16,9 +16,10 @@
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
 #   pointwise_check  experiments/check_pointwise.py: the fused 1x1 kernel's Pallas (Triton)
-#                builds, forward and backward, on this card against XLA's ops, and a
-#                PreResNet with it against the default model, outputs and gradients (exit
-#                status 1 if a difference is above the tolerance)
+#                builds, forward and backward, in float32 and bfloat16, on this card
+#                against XLA's ops, and a PreResNet with it against the default model,
+#                outputs and gradients (exit status 1 if a difference is above the
+#                tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
 #                compiled for an H100, 12.3 GB in 1,489 kernels against 18.2 GB in 2,102
