@@ -506,3 +506,31 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
+
+
+def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
+    """kernel_registers.py finds each Pallas kernel's PTX in an XLA dump and reads ptxas's
+    register and spill report (a stand-in ptxas here)."""
+    regs = _load("kernel_registers")
+    (tmp_path / "module_1.ptx").write_text(".visible .entry bn_relu_matmul_backward(\n")
+    (tmp_path / "module_2.ptx").write_text(".visible .entry other(\n")
+    assert regs.kernel_ptx(tmp_path) == {"bn_relu_matmul_backward": tmp_path / "module_1.ptx"}
+    fake = tmp_path / "ptxas"
+    fake.write_text("#!/bin/sh\necho 'ptxas info    : Used 200 registers, used 1 barriers' >&2\n"
+                    "echo '    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads'"
+                    " >&2\n")
+    fake.chmod(0o755)
+    assert regs.ptxas_report(str(fake), tmp_path / "module_1.ptx", "sm_90a") == (200, 12)
+    monkeypatch.setenv("PTXAS", str(fake))
+    assert regs.find_ptxas() == str(fake)
+
+
+def test_kernel_registers_of_every_shape_for_the_h100():
+    """Where JAX's CUDA plugin (and its ptxas) is installed, kernel_registers.py compiles
+    both kernels of every PreResNet-110 1x1 shape for the H100 without it, and the block
+    rules leave no kernel spilling more than a few bytes."""
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="JAX's CUDA 13 plugin is not "
+                        "installed (pip install -e '.[cuda13]'); no GPU is needed")
+    text = _load("kernel_registers").main(["--rows", "1024"])
+    rows = [r.split("|") for r in text.splitlines() if r.startswith("| K=")]
+    assert len(rows) == 2 * 9 and all(int(r[4]) <= 64 for r in rows)

@@ -116,10 +116,11 @@ def test_written_out_derivative_is_autodiffs(dtype):
 def test_backward_kernel_is_the_written_out_derivative(m, k, n):
     """The backward kernel (interpreted) gives :func:`pointwise.backward`'s XLA result, with
     several loop steps per program and padded rows (33,000 rows of 16 channels: 256-row
-    programs, 128 rows a step; 300 rows of 256: 256-row programs, 64 rows a step), and with
+    programs, 128 rows a step; 300 rows of 256: 256-row programs, 32 rows a step), and with
     several blocks of input channels (256 = 2 x 128)."""
     assert pw.backward_blocks(33000, 16, 16) == (128, 16, 256)
-    assert pw.backward_blocks(300, 256, 64) == (64, 128, 256)
+    assert pw.backward_blocks(300, 256, 64) == (32, 128, 256)
+    assert pw.blocks(256, 64) == (16, 32) and pw.blocks(64, 256) == (128, 64)
     for dtype in (jnp.float32, jnp.bfloat16):
         z, mean, mul, bias, w, residual = _operands(m, k, n, dtype, seed=4)
         args = (z, mean, mul, bias, w, residual, None)

@@ -32,11 +32,12 @@ the choice follows the platform the program is lowered for, not the default back
 differentiated by autodiff). Every impl returns the same values and derivatives up to float
 rounding.
 
-Block sizes are fixed by rules (:func:`blocks`, :func:`backward_blocks`), not tuned on a
-card: no GPU has timed these kernels yet. The kernels have no rule for XLA's SPMD
-partitioner: where a program splits the batch over several devices, XLA gathers the rows
-before each kernel and runs it whole on every device (the same results, without the
-speed-up; docs/benchmarks.md, "Multiple devices").
+Block sizes are fixed by rules (:func:`blocks`, :func:`backward_blocks`) under which no
+kernel spills registers (``experiments/kernel_registers.py``: ptxas for the H100, without
+the card), not tuned for speed: no GPU has timed these kernels yet. The kernels have no
+rule for XLA's SPMD partitioner: where a program splits the batch over several devices, XLA
+gathers the rows before each kernel and runs it whole on every device (the same results,
+without the speed-up; docs/benchmarks.md, "Multiple devices").
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
 def blocks(k: int, n: int) -> tuple[int, int]:
-    """``(block_m, block_n)``: rows and output channels a kernel instance computes: 128 rows,
-    fewer where ``k`` is over 64 so that the input tile stays at 32 KB of float32 (down to 16
-    rows), and at most 64 output channels. Untuned."""
-    return max(16, min(128, 8192 // k)), min(n, 64)
+    """``(block_m, block_n)``: rows and output channels a kernel instance computes: at most
+    128 rows and 64 output channels, with the input tile (``block_m`` x k) and the weight tile
+    (k x ``block_n``) within 8,192 values each, and the input tile smaller still for wide
+    inputs (``block_m <= 2**20 / k**2``: 16 rows for K = 256), so that no tile spills
+    registers (``experiments/kernel_registers.py``: ptxas for the H100 on every PreResNet-110
+    shape). Untuned for speed."""
+    return max(16, min(128, 8192 // k, 2 ** 20 // k ** 2)), min(n, 64, 8192 // k)
 
 
 def bn_relu(z, mean, mul, bias):
@@ -191,12 +195,13 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
 def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
     program computes (its weight gradient, ``block_k`` x n, accumulates in at most 32 KB of
-    float32), ``block_m`` rows a loop step (the cotangent's tile at most 32 KB), and ``rows``
+    float32), ``block_m`` rows a loop step (the cotangent's tile at most 16 KB: larger
+    tiles spill registers, ``experiments/kernel_registers.py``), and ``rows``
     per program, a power-of-two multiple of ``block_m``: about 256 programs share the rows
     and channels, each with at least 256 rows, so that its partial sums (``block_k`` x n)
     stay small beside what it reads. Untuned."""
     block_k = max(16, min(k, 8192 // n))
-    block_m = max(16, min(128, 8192 // max(n, block_k)))
+    block_m = max(16, min(128, 4096 // max(n, block_k)))
     chunks = max(1, 256 // (k // block_k))
     rows = max(block_m, 256)
     while rows * chunks < m:

@@ -1,0 +1,139 @@
+"""Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py) on a GPU that
+is not here: each kernel, forward and backward, is compiled for a GPU target config without
+the card (as ``cost_analysis.py --gpu-target`` does), XLA writes the PTX, and ``ptxas -v``
+reports the registers each thread uses and the bytes it spills to local memory. A spilling
+kernel reads and writes memory the byte counts do not show, so the block-size rules
+(``pointwise.blocks``, ``pointwise.backward_blocks``) are chosen to spill nothing.
+
+usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targets/h100.pbtxt]
+                                              [--dtype float32] [--rows 8192] [--arch sm_90a]
+
+Needs JAX's CUDA plugin (``pip install -e ".[cuda13]"``) and its ``ptxas`` (the
+nvidia-cuda-nvcc wheel the plugin installs, or ``PTXAS=path``); no GPU. Prints a Markdown
+table: one row per PreResNet-110 1x1 shape (``check_pointwise.SHAPES``) and kernel, for the
+gradient of a loss of its output and statistics (so both kernels are compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def find_ptxas() -> str:
+    """``$PTXAS``, the CUDA wheel's ptxas beside the installed ``nvidia`` package, or the
+    one on PATH; SystemExit naming what to install when there is none."""
+    if os.environ.get("PTXAS"):
+        return os.environ["PTXAS"]
+    try:
+        import nvidia  # the CUDA wheels' namespace package
+
+        for root in nvidia.__path__:
+            for found in sorted(Path(root).glob("*/bin/ptxas")):
+                return str(found)
+    except ImportError:
+        pass
+    found = shutil.which("ptxas")
+    if found is None:
+        raise SystemExit("no ptxas: install JAX's CUDA plugin (pip install -e '.[cuda13]'), "
+                         "which brings one, or set PTXAS=/path/to/ptxas")
+    return found
+
+
+def ptxas_report(ptxas: str, ptx: Path, arch: str) -> tuple[int, int]:
+    """``(registers, spill bytes)`` of the one kernel in ``ptx`` (stores and loads)."""
+    out = subprocess.run([ptxas, f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
+                         capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return registers, spills
+
+
+def kernel_ptx(dump: Path) -> dict[str, Path]:
+    """The PTX file of each Pallas kernel XLA wrote into ``dump``, by kernel name."""
+    found = {}
+    for path in sorted(dump.glob("*.ptx")):
+        entry = re.search(r"\.entry (bn_relu_matmul\w*)\(", path.read_text())
+        if entry:
+            found[entry.group(1)] = path
+    return found
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu-target", default=str(HERE / "gpu_targets" / "h100.pbtxt"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--rows", type=int, default=8192, help="rows of each kernel's input")
+    p.add_argument("--arch", default="sm_90a", help="ptxas -arch (the H100's: sm_90a)")
+    args = p.parse_args(argv)
+    if args.rows < 1:
+        p.error(f"--rows must be >= 1, got {args.rows}")
+    ptxas = find_ptxas()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, n in _shapes():
+            dump = Path(tmp) / f"{k}x{n}"
+            # XLA reads its flags once per process: one child process per shape
+            subprocess.run([sys.executable, __file__, "--compile", args.gpu_target, args.dtype,
+                            str(args.rows), str(k), str(n)], check=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                "XLA_FLAGS": f"--xla_dump_to={dump} "
+                                             "--xla_dump_hlo_pass_re=NONE"})
+            for name, ptx in sorted(kernel_ptx(dump).items()):
+                registers, spills = ptxas_report(ptxas, ptx, args.arch)
+                rows.append(f"| K={k} N={n} | {name} | {registers} | {spills} |")
+    text = "\n".join([f"# Fused 1x1 kernels: registers and spills ({args.dtype}, {args.rows} "
+                      f"rows, ptxas -arch={args.arch})", "",
+                      "| shape | kernel | registers | spill bytes |", "|---|---|---|---|",
+                      *rows])
+    print(text)
+    return text
+
+
+def _shapes():
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from check_pointwise import SHAPES
+
+    return SHAPES
+
+
+def _compile(target: str, dtype: str, rows: int, k: int, n: int) -> None:
+    """Compiles the gradient of a loss of the kernel's output and statistics (both kernels)
+    for ``target`` without the GPU; XLA_FLAGS (set by :func:`main`) dumps the PTX."""
+    import jax
+    import jax.numpy as jnp
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from cost_analysis import target_device
+
+    from mcu_jax.models import pointwise as pw
+
+    place = jax.sharding.SingleDeviceSharding(target_device(target))
+
+    def shape(*dims, dt=jnp.float32):
+        return jax.ShapeDtypeStruct(dims, dt, sharding=place)
+
+    def loss(*a):
+        out, (s1, s2) = pw.bn_relu_matmul(*a, stats=True, impl="pallas")
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+
+    args = (shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n),
+            shape(rows, n, dt=jnp.dtype(dtype)))
+    jax.jit(jax.grad(loss, argnums=(0, 4))).lower(*args).compile()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--compile":
+        _compile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
+    else:
+        main()
