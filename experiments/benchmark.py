@@ -65,13 +65,7 @@ from mcu_jax import bn, checkpoint, curves, masks, mcu, pipeline, selection, sha
 from mcu_jax.data import Images, Split
 from mcu_jax.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import (
-    check_variables,
-    count_params,
-    create,
-    init_variables,
-    with_pointwise,
-)
+from mcu_jax.models import check_variables, count_params, create, init_variables
 
 COLUMNS = ("part", "setting", "compile (s)", "time", "throughput", "peak memory (MiB)")
 #: Default input shape per model (H, W, C); anything else is CIFAR-shaped.
@@ -117,9 +111,9 @@ def model_text(args) -> str:
 
 def model_of(args):
     """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``,
-    ``--pointwise``; a model without the pointwise field is returned without it)."""
-    return with_pointwise(create(args.model, args.classes, dtype=args.dtype,
-                                 fused_bn=args.fused_bn), args.pointwise)
+    ``--pointwise``; ValueError for a model without the option)."""
+    return create(args.model, args.classes, dtype=args.dtype, fused_bn=args.fused_bn,
+                  pointwise=args.pointwise)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,12 +213,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     try:
-        model = model_of(args)
+        model_of(args)
     except ValueError as e:
-        parser.error(f"--model {args.model}{' --fused-bn' if args.fused_bn else ''}: {e}")
-    if getattr(model, "pointwise", "conv") != args.pointwise:
-        parser.error(f"--pointwise {args.pointwise}: model {args.model} has no fused 1x1 "
-                     "kernel (PreResNet only)")
+        options = (f"{' --fused-bn' if args.fused_bn else ''}"
+                   f"{f' --pointwise {args.pointwise}' if args.pointwise != 'conv' else ''}")
+        parser.error(f"--model {args.model}{options}: {e}")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcu_jax import models
+from mcu_jax import train as train_lib
 from mcu_jax.models import pointwise as pw
 
 #: (K, N) of PreResNet-110's 1x1 convolutions: conv1 (4 planes -> planes; the first block
@@ -119,9 +120,8 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     def train(m, params):
         return m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
 
-    def loss(m, params):
-        logits = train(m, params)[0]
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    def loss(m, params):  # the training objective (mean cross-entropy)
+        return train_lib.cross_entropy_loss(train(m, params)[0], labels, None, None)[0]
 
     @jax.jit
     def run(variables):

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the sibling check_pointwise.py and cost_analysis.py
+    sys.path.insert(0, str(HERE))
 
 
 def find_ptxas() -> str:
@@ -79,7 +81,9 @@ def main(argv=None) -> str:
     ptxas = find_ptxas()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k, n in _shapes():
+        from check_pointwise import SHAPES
+
+        for k, n in SHAPES:
             dump = Path(tmp) / f"{k}x{n}"
             # XLA reads its flags once per process: one child process per shape
             subprocess.run([sys.executable, __file__, "--compile", args.gpu_target, args.dtype,
@@ -98,22 +102,11 @@ def main(argv=None) -> str:
     return text
 
 
-def _shapes():
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from check_pointwise import SHAPES
-
-    return SHAPES
-
-
 def _compile(target: str, dtype: str, rows: int, k: int, n: int) -> None:
     """Compiles the gradient of a loss of the kernel's output and statistics (both kernels)
     for ``target`` without the GPU; XLA_FLAGS (set by :func:`main`) dumps the PTX."""
     import jax
     import jax.numpy as jnp
-
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     from cost_analysis import target_device
 
     from mcu_jax.models import pointwise as pw

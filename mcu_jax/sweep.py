@@ -34,7 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, with_pointwise
+from mcu_jax.models import folded, pointwise_impl, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -253,9 +253,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
         pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
-    with_pointwise_model = with_pointwise(model, pointwise)  # checks the value
-    if pointwise != "conv":  # the model both passes run; "conv" leaves its own setting
-        model = with_pointwise_model
+    if pointwise_impl(pointwise) != "conv":  # checked; "conv" leaves the model's own setting
+        model = with_pointwise(model, pointwise)
     chunk = ts.size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -66,6 +66,7 @@ __all__ = [
     "folded",
     "init_variables",
     "load_pretrained",
+    "pointwise_impl",
     "preresnet",
     "register",
     "save_npz",

@@ -77,9 +77,15 @@ def affine(x, mean, mul, bias) -> jax.Array:
     return (x.astype(jnp.float32) - mean) * mul + bias
 
 
+def multiplier(var, scale, epsilon: float) -> jax.Array:
+    """``rsqrt(var + eps) * scale``: the factor of a BatchNorm's affine map (Flax's order of
+    operations)."""
+    return jax.lax.rsqrt(var + epsilon) * scale
+
+
 def _pre_activation(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
     """``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in float32 (Flax's order of ops)."""
-    return affine(x, mean, jax.lax.rsqrt(var + epsilon) * scale, bias)
+    return affine(x, mean, multiplier(var, scale, epsilon), bias)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon: float, relu: bool) -> jax.Array:
@@ -222,4 +228,4 @@ class BatchNormCoefficients(nn.Module):
         else:
             mean, var = _stats(x) if sums is None else moments(*sums, x.size // c)
             _update(self, ra_mean, ra_var, mean, var)
-        return mean, jax.lax.rsqrt(var + self.epsilon) * scale, bias
+        return mean, multiplier(var, scale, self.epsilon), bias

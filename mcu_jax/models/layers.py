@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from mcu_jax.models.batchnorm import BatchNorm
+from mcu_jax.models.batchnorm import BatchNorm, multiplier
 
 #: Compute dtypes a model accepts, by name.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -115,8 +114,8 @@ def conv_bn(conv_layer: nn.Conv, bn_layer: BatchNorm, x, fold: bool):
     if not fold:
         return bn_layer(conv_layer(x))
     stats, affine = bn_layer.variables["batch_stats"], bn_layer.variables["params"]
-    s = affine["scale"] * jax.lax.rsqrt(stats["var"] + bn_layer.epsilon)
-    return conv_folded(conv_layer, x, stats["mean"], s, affine["bias"], bn_layer.relu)
+    mul = multiplier(stats["var"], affine["scale"], bn_layer.epsilon)
+    return conv_folded(conv_layer, x, stats["mean"], mul, affine["bias"], bn_layer.relu)
 
 
 def conv_folded(conv_layer: nn.Conv, x, mean, mul, bias, relu: bool):
