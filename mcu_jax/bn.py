@@ -202,5 +202,4 @@ _batch_statistics_jit = jax.jit(batch_statistics, static_argnums=(0, 6))
 @functools.cache
 def _mesh_program(mesh):
     """:func:`batch_statistics` compiled with its result replicated on ``mesh``."""
-    return jax.jit(batch_statistics, static_argnums=(0, 6),
-                   out_shardings=sharding.replicated(mesh))
+    return sharding.data_parallel(batch_statistics, mesh, static_argnums=(0, 6))

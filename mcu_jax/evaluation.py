@@ -69,12 +69,11 @@ def _add_batch_gradient(model, total, variables, images: Images, idx, weight, ke
 @functools.cache
 def _mesh_programs(mesh):
     """:func:`_eval_chunk` and :func:`_add_batch_gradient` for one mesh: the same functions
-    (and program names) with their outputs pinned to the replicated sharding (the donated
-    gradient total stays replicated)."""
-    rep = sharding.replicated(mesh)
-    return (jax.jit(_eval_chunk.__wrapped__, static_argnums=0, out_shardings=rep),
-            jax.jit(_add_batch_gradient.__wrapped__, static_argnums=0, donate_argnums=(1,),
-                    out_shardings=rep))
+    (and program names) as ``sharding.data_parallel`` programs, their outputs pinned to the
+    replicated sharding (the donated gradient total stays replicated)."""
+    return (sharding.data_parallel(_eval_chunk.__wrapped__, mesh, static_argnums=0),
+            sharding.data_parallel(_add_batch_gradient.__wrapped__, mesh, static_argnums=0,
+                                   donate_argnums=(1,)))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -261,24 +261,12 @@ class SeedContext:
     mesh: object = None
 
 
-def mesh_warning(cfg: ExperimentConfig) -> str | None:
-    """What a run on several devices should know about its settings, or None: the fused 1x1
-    kernels (``problem.pointwise``) have no rule for XLA's SPMD partitioner."""
-    if cfg.problem.pointwise == "conv" or not cfg.devices or cfg.devices < 2:
-        return None
-    return (f"problem.pointwise={cfg.problem.pointwise} on {cfg.devices} devices: XLA runs "
-            "each fused 1x1 kernel on the whole batch on every device (the same results, "
-            "without the data-parallel speed-up; docs/benchmarks.md, 'Multiple devices')")
-
-
 def prepare_seed(cfg: ExperimentConfig, run: RunDir, seed: int) -> SeedContext:
     """Builds the seed's problem and trains (or loads) theta_o and RT."""
     prob = problem.build(dataclasses.replace(cfg.problem, seed=seed))
     seed_dir = run.path(f"seed_{seed}")
     k_o, k_rt, k_m, k_c = jax.random.split(jax.random.PRNGKey(seed), 4)
     mesh = sharding.make_mesh(cfg.devices) if cfg.devices and cfg.devices > 1 else None
-    if mesh is not None and (warning := mesh_warning(cfg)):
-        log.warning(warning)
     theta_o, meta_o = _train_phase(
         "theta_o", cfg, prob, np.arange(prob.dataset.num_train), cfg.original, k_o, seed_dir,
         {"seed": seed, "problem": config.to_dict(prob.config), "progress": cfg.progress}, mesh,

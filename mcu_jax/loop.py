@@ -29,6 +29,7 @@ so the donated buffers are reused). ``mesh=None`` is the single-device loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -87,26 +88,26 @@ def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable
 
     With a ``mesh`` (a ``jax.sharding.Mesh``) both forms are data parallel: the runner lays
     out state, consts and keys replicated and the ``(steps, B)`` batches split along B (a
-    no-op for inputs already laid out so), and the compiled step returns the state and the
-    metrics replicated.
+    no-op for inputs already laid out so), and the compiled step, traced under the mesh
+    (``sharding.data_parallel``), returns the state and the metrics replicated.
     """
     if unrolled is None:
         unrolled = jax.default_backend() == "cpu"
     if mesh is None:
         place = None
-        jit_options = {}
+        program = jax.jit
     else:
         rep = sharding.replicated(mesh)
         one_batch = sharding.batch_sharding(mesh, ndim=1)
         call_batches = sharding.batch_sharding(mesh, ndim=2)
-        jit_options = {"out_shardings": rep}
+        program = functools.partial(sharding.data_parallel, mesh=mesh)
 
         def place(state, consts, keys):
             return (sharding.place(state, rep), sharding.place(consts, rep),
                     sharding.place(keys, rep))
 
     if unrolled:
-        one = jax.jit(step, donate_argnums=(0,), **jit_options)
+        one = program(step, donate_argnums=(0,))
 
         def run_steps(state, consts, batches, keys, n_valid=None):
             if place is not None:
@@ -129,7 +130,7 @@ def make_runner(step: Step, unrolled: bool | None = None, mesh=None) -> Callable
 
         return jax.lax.scan(body, state, (batches, keys, jnp.arange(batches.shape[0])))
 
-    scanned = jax.jit(run, donate_argnums=(0,), **jit_options)
+    scanned = program(run, donate_argnums=(0,))
 
     def run_scanned(state, consts, batches, keys, n_valid=None):
         n_valid = _valid_steps(batches, n_valid)

@@ -29,8 +29,8 @@ class ProblemConfig:
     # PreResNet's 1x1 convolutions as one kernel with the BatchNorm + ReLU before them and the
     # statistics after them, and a backward kernel (models/pointwise.py; the model's
     # pointwise): "conv" (default) or "fused" (Pallas kernels where compiled for an NVIDIA
-    # GPU, XLA's ops elsewhere): the same function, rounded differently. Off until measured;
-    # for one device (on several, XLA runs each kernel on the whole batch on every device).
+    # GPU, XLA's ops elsewhere): the same function, rounded differently. Off until measured.
+    # On several devices each runs the kernels on its own rows (sharding.data_parallel).
     # The sweep then uses the kernel too, whatever SelectionConfig.pointwise says.
     pointwise: str = "conv"
     pretrained: str | None = None  # local .npz of initial weights for theta_o and RT

@@ -20,6 +20,11 @@ Nothing here is global state: a :class:`~jax.sharding.Mesh` is made once with
   gradient's batch size must be divisible by the number of devices; an evaluation batch
   size is rounded up to a multiple of it (outputs are per sample). Results come back
   replicated.
+
+  These data-parallel programs are :class:`data_parallel` programs: compiled with their
+  outputs replicated and traced under the mesh (``jax.set_mesh``), where code that XLA's
+  partitioner cannot split does its own: PreResNet's fused 1x1 kernels run in a
+  ``shard_map`` on each device's rows (``models/pointwise.py``).
 - ``sweep.sweep(..., mesh=mesh)``: **t parallel**. Each compiled chunk of t values is sharded
   over the devices (``shard_map``); every device evaluates its own t with the replicated data,
   with no communication until the results are gathered.
@@ -36,8 +41,9 @@ replicated, so every process can read them.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -47,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "batch_sharding",
     "check_batch_size",
+    "data_parallel",
     "initialize_distributed",
     "make_mesh",
     "num_shards",
@@ -174,6 +181,29 @@ def check_batch_size(batch_size: int, mesh: Mesh | None, what: str = "batch_size
             f"data parallelism splits every batch evenly, so use a multiple of {n} "
             f"(e.g. {max(lower, n)} or {lower + n})"
         )
+
+
+class data_parallel:  # noqa: N801 - used like jax.jit, which it wraps
+    """``jax.jit(fn, **jit_options)`` as a data-parallel program on ``mesh``: its outputs
+    replicated on the mesh, and every call (and :meth:`lower`) made with ``mesh`` as JAX's
+    context mesh (``jax.set_mesh``), so that code traced inside can split its own work over
+    the mesh: the fused 1x1 kernels of ``models/pointwise.py``, which XLA's SPMD partitioner
+    cannot split, run on each device's own rows there. Used by the training loop,
+    ``evaluation`` and ``bn.recompute``."""
+
+    def __init__(self, fn: Callable, mesh: Mesh, **jit_options: Any):
+        self.mesh = mesh
+        self._jit = jax.jit(fn, out_shardings=replicated(mesh), **jit_options)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self._jit(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """The program lowered for ``args`` under the mesh (``jax.jit(...).lower``)."""
+        with jax.set_mesh(self.mesh):
+            return self._jit.lower(*args, **kwargs)
 
 
 def initialize_distributed(

@@ -284,13 +284,6 @@ def test_pointwise_in_the_problem_and_the_run_records():
                                  {"problem": {"dtype": "float32", "pointwise": "conv"}}) is None
     assert runs.first_difference({"problem": {"dtype": "float32"}},
                                  {"problem": {"dtype": "float32", "pointwise": "fused"}})
-    # On several devices an experiment warns that the kernels run on the whole batch
-    from mcu_jax.experiment import ExperimentConfig, mesh_warning
-
-    assert mesh_warning(ExperimentConfig(problem=config, devices=2)).startswith(
-        "problem.pointwise=fused on 2 devices")
-    assert mesh_warning(ExperimentConfig(problem=config)) is None
-    assert mesh_warning(ExperimentConfig(devices=2)) is None
 
 
 def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():

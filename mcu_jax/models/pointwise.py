@@ -34,18 +34,21 @@ rounding.
 
 Block sizes are fixed by rules (:func:`blocks`, :func:`backward_blocks`) under which no
 kernel spills registers (``experiments/kernel_registers.py``: ptxas for the H100, without
-the card), not tuned for speed: no GPU has timed these kernels yet. The kernels have no
-rule for XLA's SPMD partitioner: where a program splits the batch over several devices, XLA
-gathers the rows before each kernel and runs it whole on every device (the same results,
-without the speed-up; docs/benchmarks.md, "Multiple devices").
+the card), not tuned for speed: no GPU has timed these kernels yet. XLA's SPMD partitioner
+cannot split a custom kernel (it would gather the rows and run the kernel whole on every
+device), so in a data-parallel program, which traces under its mesh
+(``sharding.data_parallel``), each device runs the kernels on its own rows
+(:func:`_on_own_rows`); docs/benchmarks.md, "Multiple devices".
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mcu_jax.models.batchnorm import affine
 
@@ -389,9 +392,47 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     def kernel(*args, interpret=impl == "interpret"):
         return _kernel(*args, stats, out_relu, interpret)
 
+    def compute(*args):
+        if impl == "auto":
+            return jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
+        return kernel(*args)
+
     args = (flat, mean, mul, bias, w, res, out_bias)
-    if impl == "auto" and kernel_fits(*w.shape):
-        out, sums = jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
+    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)):
+        out, sums = plain(*args)
     else:
-        out, sums = plain(*args) if impl in ("xla", "auto") else kernel(*args)
+        axes = _row_axes(flat.shape[0])
+        out, sums = (_on_own_rows(compute, axes) if axes else compute)(*args)
     return out.reshape(*lead, w.shape[-1]), sums
+
+
+def _row_axes(m: int) -> tuple[str, ...]:
+    """The axes of JAX's context mesh that a data-parallel program splits its batch over (its
+    automatic axes; ``sharding.data_parallel`` traces under the mesh), when they split ``m``
+    rows evenly over more than one device; else ()."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                 if kind == jax.sharding.AxisType.Auto)
+    devices = math.prod(mesh.shape[name] for name in axes)
+    return axes if devices > 1 and m % devices == 0 else ()
+
+
+def _on_own_rows(compute, axes: tuple[str, ...]):
+    """``compute`` on each device's own rows (``shard_map`` over ``axes``): ``z`` and the
+    residual split by rows, the other operands whole, the statistics summed over the devices.
+    XLA's SPMD partitioner cannot split a custom kernel: without this it gathers the rows
+    and runs the kernel on the whole batch on every device. The derivative follows:
+    shard_map's transpose sums the weight and BatchNorm gradients over the devices.
+    ``check_vma=False``: Pallas kernels do not declare how their outputs vary over the
+    mesh."""
+    rows, whole = P(axes), P()
+
+    def local(*args):
+        out, sums = compute(*args)
+        return out, None if sums is None else jax.lax.psum(sums, axes)
+
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(rows, whole, whole, whole, whole, rows, whole),
+                         out_specs=(rows, whole), check_vma=False)
