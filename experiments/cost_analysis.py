@@ -6,7 +6,7 @@ usage: python experiments/cost_analysis.py [--model preresnet110] [--batch-size 
                                            [--sweep-images 6000] [--flops-per-s 4e14]
                                            [--bytes-per-s 3e12] [--mask MASK.json]
                                            [--sweep-program STRATEGY:BN_GROUP:EVAL_BATCH[:FLAGS]]
-                                           [--kernel-us 3.5]
+                                           [--kernel-us 3.5] [--devices 1]
                                            [--gpu-target experiments/gpu_targets/h100.pbtxt]
 
 Compiles, without running, (1) one MCU_beta curve-training step (the step ``mcu.train_curve``
@@ -39,6 +39,11 @@ launch work (fusions, library calls, copies; a loop's once per iteration), and h
 them touch under 1 MB each. On a GPU each costs a launch and a few microseconds however
 little it does.
 
+``--devices N`` compiles the step rows as the data-parallel step of ``mcu.train_curve(...,
+mesh=)`` on N devices (the batch split over them; bytes and kernels per device, and the
+note counts the all-gathers and all-reduces): N GPUs of ``--gpu-target``, or the CPU's host
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
+
 ``--gpu-target FILE`` compiles for a GPU described by an XLA target config (the H100's is
 ``experiments/gpu_targets/h100.pbtxt``) without one: a deviceless compilation on this
 machine, through ``jax.experimental.topologies``, which needs JAX's CUDA plugin installed
@@ -62,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcu_jax import bn, curves, masks, mcu, sweep
+from mcu_jax import bn, curves, masks, mcu, sharding, sweep
 from mcu_jax.mcu import MCUConfig
 from mcu_jax.models import create, folded, init_variables, with_pointwise
 
@@ -181,30 +186,53 @@ def _share(row: dict, plain: dict, plain_name: str) -> str:
     return ", ".join(parts)
 
 
-def target_device(config_file: str):
+def target_device(config_file: str, count: int = 1):
     """A deviceless GPU described by an XLA target config (``GpuTargetConfigProto`` text),
-    for compiling without the card; needs JAX's CUDA plugin, not a GPU."""
+    for compiling without the card; needs JAX's CUDA plugin, not a GPU. ``count`` > 1: a
+    list of that many such GPUs on one host."""
     from jax.experimental import topologies
 
     text = Path(config_file).read_text()
     try:
         topology = topologies.get_topology_desc("target", "cuda", target_config=text,
-                                                topology="1x1x1")
+                                                topology=f"1x1x{count}")
     except Exception as err:  # noqa: BLE001 - the plugin's errors have no common type
         raise SystemExit(f"cannot compile for {config_file} without a GPU: {err} (this "
                          "needs JAX's CUDA plugin: pip install -e '.[cuda13]')") from err
-    return topology.devices[0]
+    return topology.devices[0] if count == 1 else list(topology.devices)
+
+
+def _shaped(tree, place):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct``s laid out with ``place``."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a), sharding=place,
+        weak_type=getattr(a, "weak_type", False)), tree)
 
 
 def _compile(fn, *args, device=None):
     """``jax.jit(fn)`` compiled for ``args``: for their device, or for ``device`` (e.g.
     :func:`target_device`) from their shapes alone."""
     if device is not None:
-        place = jax.sharding.SingleDeviceSharding(device)
-        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a), sharding=place,
-            weak_type=getattr(a, "weak_type", False)), args)
+        args = _shaped(args, jax.sharding.SingleDeviceSharding(device))
     return jax.jit(fn).lower(*args).compile()
+
+
+def _compile_data_parallel(step, mesh, state, consts, idx, key):
+    """The curve step as ``mcu.train_curve(..., mesh=mesh)`` compiles it (a
+    ``sharding.data_parallel`` program: state, constants and key replicated, the index batch
+    split over the devices), from the arguments' shapes alone."""
+    rep = sharding.replicated(mesh)
+    return sharding.data_parallel(step, mesh).lower(
+        _shaped(state, rep), _shaped(consts, rep),
+        _shaped(idx, sharding.batch_sharding(mesh, ndim=1)), _shaped(key, rep)).compile()
+
+
+def _collectives(hlo: str, devices: int) -> str:
+    """A data-parallel program's note: its all-gathers and all-reduces, per device."""
+    gathers, reduces = (len(re.findall(rf" {op}(?:-start)?\(", hlo))
+                        for op in ("all-gather", "all-reduce"))
+    return (f"{devices} devices, per device: {gathers} all-gathers, {reduces} all-reduces "
+            "(counted as kernels)")
 
 
 def _conv_calls(kernels: list[tuple[str, int]]) -> str:
@@ -236,14 +264,16 @@ def _workload(model_name: str, dtype: str, n: int) -> tuple:
 
 
 def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
-            mask_file: str | None = None, device=None) -> list[dict]:
+            mask_file: str | None = None, device=None, mesh=None) -> list[dict]:
     """Rows {"program", "flops", "bytes", "kernels", "tiny", "per"} (and "note" for the
     evaluation passes and the comparisons) of the four programs (step, train-mode pass,
     eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
     then the step and the train-mode pass with it; for a model with ``pointwise``
     (PreResNet) then the step and both forward passes with its fused 1x1 kernel; with
     ``mask_file`` then the masked step (and the masked step with ``fused_bn`` and with the
-    kernel). Compiled for ``device`` (:func:`target_device`) when given."""
+    kernel). Compiled for ``device`` (:func:`target_device`) when given. With a ``mesh`` the
+    step rows are the data-parallel step on its devices (batch ``batch_size`` in all; bytes
+    and kernels per device, the collectives in the note)."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
     h, w, c = images.x.shape[1:]
@@ -258,9 +288,14 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask, images,
                                            is_forget, (100.0, 90.0), config)
         step = mcu.make_curve_step(model, tx, config, theta_o["params"])
-        compiled = _compile(step, state, consts, idx, jax.random.PRNGKey(0), device=device)
+        key = jax.random.PRNGKey(0)
+        if mesh is None:
+            compiled = _compile(step, state, consts, idx, key, device=device)
+            return {"program": f"curve step (batch {batch_size}{name})", **_cost(compiled),
+                    "per": "step"}
+        compiled = _compile_data_parallel(step, mesh, state, consts, idx, key)
         return {"program": f"curve step (batch {batch_size}{name})", **_cost(compiled),
-                "per": "step"}
+                "per": "step", "collectives": _collectives(compiled.as_text(), mesh.size)}
 
     every = jax.tree.map(lambda _: True, theta_o["params"])
     rows = [step_row(every, "")]
@@ -406,9 +441,10 @@ def table(rows: list[dict], flops_per_s: float, bytes_per_s: float) -> str:
         flops = ("-", "-") if math.isnan(r["flops"]) else (
             f"{r['flops']:.3g}", _time(r["flops"] / flops_per_s))
         kernels = f"{r['kernels']} ({r['tiny']})" if "kernels" in r else "-"
+        note = "; ".join(r[k] for k in ("collectives", "note") if r.get(k))
         lines.append(
             f"| {r['program']} | {r['per']} | {flops[0]} | {r['bytes']:.3g} | {flops[1]} | "
-            f"{_time(r['bytes'] / bytes_per_s)} | {kernels} | {r.get('note', '')} |"
+            f"{_time(r['bytes'] / bytes_per_s)} | {kernels} | {note} |"
         )
     return "\n".join(lines)
 
@@ -432,16 +468,29 @@ def main(argv=None) -> str:
                    "over --sweep-images images (repeatable; vmap:1:500 is the GPU default)")
     p.add_argument("--kernel-us", type=float, default=3.5,
                    help="microseconds a kernel, for the sweep programs' two-term estimate")
+    p.add_argument("--devices", type=int, default=1,
+                   help="the step rows as the data-parallel step on this many devices (GPUs "
+                   "of --gpu-target, else the CPU's: XLA_FLAGS="
+                   "--xla_force_host_platform_device_count=N)")
     p.add_argument("--gpu-target", metavar="FILE", default=None,
                    help="compile for the GPU this XLA target config describes, without one "
                    "(experiments/gpu_targets/h100.pbtxt; needs JAX's CUDA plugin)")
     args = p.parse_args(argv)
     for name in ("batch_size", "eval_batch", "num_t", "sweep_images", "flops_per_s",
-                 "bytes_per_s", "kernel_us"):
+                 "bytes_per_s", "kernel_us", "devices"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = target_device(args.gpu_target) if args.gpu_target else None
-    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask, device)
+    mesh = None
+    if args.devices > 1:
+        gpus = target_device(args.gpu_target, args.devices) if args.gpu_target else None
+        try:
+            mesh = sharding.make_mesh(args.devices, devices=gpus)
+            sharding.check_batch_size(args.batch_size, mesh, "--batch-size")
+        except ValueError as err:
+            p.error(str(err))
+    rows = analyse(args.model, args.batch_size, args.dtype, args.eval_batch, args.mask, device,
+                   mesh)
     rows.insert(4, sweep_row(rows, args.num_t, args.sweep_images))  # after the 4 programs
     rows += [sweep_program_row(args.model, args.dtype, args.batch_size, program, args.num_t,
                                args.sweep_images, 1e-6 * args.kernel_us, args.bytes_per_s,

@@ -189,7 +189,8 @@ class data_parallel:  # noqa: N801 - used like jax.jit, which it wraps
     context mesh (``jax.set_mesh``), so that code traced inside can split its own work over
     the mesh: the fused 1x1 kernels of ``models/pointwise.py``, which XLA's SPMD partitioner
     cannot split, run on each device's own rows there. Used by the training loop,
-    ``evaluation`` and ``bn.recompute``."""
+    ``evaluation`` and ``bn.recompute``. Call it from Python, not from inside a traced
+    function (``jax.set_mesh`` refuses to run under ``jit``, ``grad`` or ``vmap``)."""
 
     def __init__(self, fn: Callable, mesh: Mesh, **jit_options: Any):
         self.mesh = mesh

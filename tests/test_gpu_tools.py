@@ -373,6 +373,28 @@ def test_rows_without_flops_read_bytes_and_kernels_off_the_hlo():
         "0.50 of the plain step's bytes, -2 kernels")
 
 
+def test_cost_analysis_of_the_data_parallel_step(capsys):
+    """--devices N: the step rows are the data-parallel step (sharding.data_parallel) on N
+    devices, with its collectives in the note; too few devices are refused by name (a mesh
+    of one device runs the same program here, as this process has one CPU device)."""
+    from mcu_jax import sharding
+
+    cost = _load("cost_analysis")
+    rows = cost.analyse("cnn_small", 16, "float32", 32, mesh=sharding.make_mesh(1))
+    assert rows[0]["collectives"] == ("1 devices, per device: 0 all-gathers, 0 all-reduces "
+                                      "(counted as kernels)")
+    assert "collectives" not in rows[1]  # the forward passes stay single-device programs
+    table = cost.table(rows[:1], 1e12, 1e12)
+    assert table.splitlines()[-1].endswith("| 1 devices, per device: 0 all-gathers, 0 "
+                                           "all-reduces (counted as kernels) |")
+    hlo = "%a = f32[8] all-gather-start(%x)\n%b = f32[] all-reduce(%y)\n%c = all-reduce-done(%b)"
+    assert cost._collectives(hlo, 2).startswith("2 devices, per device: 1 all-gathers, "
+                                                "1 all-reduces")
+    with pytest.raises(SystemExit):
+        cost.main(["--model", "cnn_small", "--devices", "3"])
+    assert "num_devices=3 but only 1 cpu device" in capsys.readouterr().err
+
+
 def test_cost_analysis_compiles_for_a_gpu_it_does_not_have():
     """--gpu-target: a deviceless compilation for the H100 target config (only where JAX's
     CUDA plugin is installed; the GPU compiler's kernels and bytes, no FLOPs)."""
