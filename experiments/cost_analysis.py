@@ -290,12 +290,12 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         step = mcu.make_curve_step(model, tx, config, theta_o["params"])
         key = jax.random.PRNGKey(0)
         if mesh is None:
-            compiled = _compile(step, state, consts, idx, key, device=device)
-            return {"program": f"curve step (batch {batch_size}{name})", **_cost(compiled),
-                    "per": "step"}
-        compiled = _compile_data_parallel(step, mesh, state, consts, idx, key)
+            compiled, extra = _compile(step, state, consts, idx, key, device=device), {}
+        else:
+            compiled = _compile_data_parallel(step, mesh, state, consts, idx, key)
+            extra = {"collectives": _collectives(compiled.as_text(), mesh.size)}
         return {"program": f"curve step (batch {batch_size}{name})", **_cost(compiled),
-                "per": "step", "collectives": _collectives(compiled.as_text(), mesh.size)}
+                "per": "step", **extra}
 
     every = jax.tree.map(lambda _: True, theta_o["params"])
     rows = [step_row(every, "")]
