@@ -120,12 +120,34 @@ def _operands(args: str) -> list[str]:
     raise ValueError(f"unbalanced operand list: {args[:80]!r}")
 
 
+def _sliced_reads(lines: list[str]) -> dict[int, int]:
+    """For a fused computation: the parameters (by number) that it reads only through
+    slices, with the bytes of those slices."""
+    numbers, sizes, uses = {}, {}, {}
+    for line in lines:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        label, out_type, op, rest = m.groups()
+        sizes[label] = _shape_bytes(out_type)
+        if op == "parameter":
+            numbers[label] = int(re.match(r"\d+", rest).group(0))
+            continue
+        for operand in _operands(rest):
+            uses.setdefault(operand, []).append((op, label))
+    return {number: sum(sizes[user] for _, user in uses[label])
+            for label, number in numbers.items()
+            if uses.get(label) and all(op in ("slice", "dynamic-slice")
+                                       for op, _ in uses[label])}
+
+
 def hlo_kernels(hlo: str) -> list[tuple[str, int]]:
     """``(opcode, operand + output bytes)`` of each instruction of a compiled HLO module that
     launches work (not parameters, constants, tuples, bitcasts), in its entry computation and
     in the bodies of its loops (once per iteration where XLA knows the trip count, else once)
     and calls; fusions and custom calls are named with their kind or target. Each operand's
-    whole size counts once: an estimate, which misses re-reads and over-counts slices."""
+    whole size counts once, or, where a fusion reads it only through slices, the slices'
+    sizes: an estimate, which misses re-reads."""
     comps, entry = _computations(hlo)
 
     def walk(name: str) -> list[tuple[str, int]]:
@@ -153,8 +175,11 @@ def hlo_kernels(hlo: str) -> list[tuple[str, int]]:
                     kernels += walk(computation)
                 continue
             kind = re.search(r'custom_call_target="([^"]+)"|kind=(\w+)', rest)
+            fused = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
+            sliced = _sliced_reads(comps[fused.group(1)]) if fused else {}
             op = f"{op}:{kind.group(1) or kind.group(2)}" if kind else op
-            kernels.append((op, sizes[label] + sum(sizes.get(o, 0) for o in _operands(rest))))
+            kernels.append((op, sizes[label] + sum(min(sizes.get(o, 0), sliced.get(i, math.inf))
+                                                   for i, o in enumerate(_operands(rest)))))
         return kernels
 
     return walk(entry)

@@ -182,3 +182,22 @@ def point(kind: str, points: Sequence[PyTree], t: Any) -> PyTree:
                              "(curves 'bernstein' and 'polychain' take any number from 2)")
         return bezier(*points, t)
     return fn(points, t)
+
+
+_WEIGHTS = {"bezier": _bernstein_weights, "bernstein": _bernstein_weights,
+            "polychain": _polychain_weights}
+
+
+def weights(kind: str, t: Any, n: int = 3) -> list[jax.Array]:
+    """The weights ``w_k(t)`` of the curve named ``kind`` through ``n`` points (``theta(t) =
+    sum_k w_k(t) points[k]``, hence ``d theta(t) / d points[k] = w_k(t)``), for a scalar
+    ``t``, in t's floating dtype."""
+    curve_fn(kind)  # checks the name
+    if kind == "bezier" and n != 3:
+        raise ValueError(f"a quadratic Bezier curve has 3 points, got n={n}")
+    if n < 2:
+        raise ValueError(f"a curve needs at least 2 points, got n={n}")
+    t = _check_t(t)
+    if t.ndim:
+        raise ValueError(f"weights: t must be a scalar, got shape {t.shape}")
+    return _WEIGHTS[kind](t, n)

@@ -12,6 +12,10 @@ carry no gradient) and used in that batch's loss, as the paper's Algorithm 1 and
 authors' release do. A batch without a retain or a forget part keeps the previous beta
 (``beta_init`` before the first batch); without a forget part beta does not matter anyway.
 
+theta_c's trained tensors are kept as one vector per dtype (``packing``; ``CurveState``), so
+the optimiser's update is one kernel rather than one per tensor; :func:`control_point`
+rebuilds the pytree.
+
 The curve is the paper's quadratic Bezier by default; ``MCUConfig(curve="polychain")``
 trains the same three points as a polygonal chain theta_o -> theta_c (t = 1/2) -> theta_p
 instead (Garipov et al.'s other curve), for research on the path's shape.
@@ -30,7 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, checks, curves, loop, pytrees
+from mcu_jax import checkpoint, checks, curves, loop, packing, pytrees
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
@@ -133,7 +137,9 @@ def split_loss(per_sample_loss, is_forget):
 
 
 class CurveState(struct.PyTreeNode):
-    trainable: dict  # path -> array: theta_c's masked tensors
+    # theta_c's masked tensors packed, one vector per dtype (packing; :func:`trained_layout`):
+    # the optimiser's update is then one kernel, not one per tensor
+    trainable: dict  # dtype name -> (size,) array
     opt_state: Any
     beta: jax.Array  # beta of the last batch (kept for a batch that lacks a part)
 
@@ -148,13 +154,27 @@ class CurveConsts(struct.PyTreeNode):
     refs: jax.Array  # (2,) Acc_o(D_train), forget reference (Acc_o(D_v) or 0), percent
 
 
+def trained_layout(params_template, frozen: dict) -> packing.Layout:
+    """Where theta_c's trained tensors (those not in ``frozen``) lie in
+    ``CurveState.trainable``: in ``pytrees.flatten`` order."""
+    return packing.Layout.of({k: v for k, v in pytrees.flatten(params_template).items()
+                              if k not in frozen})
+
+
 def control_point(params_template, trainable: dict, frozen: dict):
-    """theta_c rebuilt from its trained and frozen parts."""
-    return pytrees.unflatten(params_template, {**frozen, **trainable})
+    """theta_c rebuilt from its trained (packed, ``CurveState.trainable``) and frozen parts."""
+    layout = trained_layout(params_template, frozen)
+    return pytrees.unflatten(params_template, {**frozen, **packing.unpack(layout, trainable)})
 
 
 def make_curve_step(model, tx, config: MCUConfig, params_template):
-    """The jit-able per-batch MCU step ``(state, consts, idx, key) -> (state, metrics)``."""
+    """The jit-able per-batch MCU step ``(state, consts, idx, key) -> (state, metrics)``.
+
+    The loss is differentiated in the curve point's trained tensors, and their gradients
+    are packed (one vector per dtype) before they are scaled by the control point's weight
+    ``w_c(t)`` (the chain rule through the curve: ``d theta(t) / d theta_c = w_c(t)``), so
+    that the scaling, the momentum and the update are one kernel (``packing``).
+    """
     values = tuple(float(v) for v in config.beta_values)
 
     def step(state: CurveState, c: CurveConsts, idx, key):
@@ -167,9 +187,13 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         is_f = c.is_forget[idx]
         adaptive = config.beta_mode == "adaptive"
 
-        def objective(trainable):
-            theta_c = control_point(params_template, trainable, c.frozen)
-            params = curves.point(config.curve, [c.theta_o, theta_c, c.theta_p], t)
+        layout = trained_layout(params_template, c.frozen)
+        theta_c = control_point(params_template, state.trainable, c.frozen)
+        point = pytrees.flatten(curves.point(config.curve, [c.theta_o, theta_c, c.theta_p], t))
+        fixed = {k: point[k] for k in c.frozen}  # theta(t)'s tensors outside the mask
+
+        def objective(trained):
+            params = pytrees.unflatten(params_template, {**fixed, **trained})
             logits, _ = model.apply(
                 {"params": params, "batch_stats": c.batch_stats},
                 x,
@@ -190,7 +214,11 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
             return loss, dict(ce_r=ce_r, ce_f=ce_f, acc_r=acc_r, acc_f=acc_f, n_r=n_r, n_f=n_f,
                               beta=beta, loss=loss)
 
-        grads, m = jax.grad(objective, has_aux=True)(state.trainable)
+        trained = {k: point[k] for k in layout.paths}
+        grads, m = jax.grad(objective, has_aux=True)(trained)
+        w_c = curves.weights(config.curve, t)[1]
+        grads = {dtype: w_c.astype(g.dtype) * g
+                 for dtype, g in packing.pack(layout, grads).items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"t": t, **m}
@@ -259,6 +287,7 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
     if not trainable:
         raise ValueError("the parameter mask selects no tensor: nothing to train")
+    trainable = packing.pack(trained_layout(p_o, frozen), trainable)
     consts = CurveConsts(
         theta_o=p_o,
         theta_p=p_p,

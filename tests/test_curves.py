@@ -277,3 +277,23 @@ def test_curve_fn():
     np.testing.assert_array_equal(curves.point("polychain", [a, b, c], 0.25)["w"], [2.0, 2.0])
     with pytest.raises(ValueError, match="needs 3 points"):
         curves.point("bezier", [a, c], 0.5)
+
+
+def test_weights_are_the_curves_own():
+    """curves.weights gives w_k(t) of theta(t) = sum_k w_k(t) points[k]: the curve of the
+    unit points, at several t, for every kind; bad arguments are refused."""
+    for kind, n in (("bezier", 3), ("bernstein", 4), ("polychain", 3), ("polychain", 5)):
+        for t in (0.0, 0.2, 0.5, 0.75, 1.0):
+            w = curves.weights(kind, t, n)
+            units = [jnp.eye(n)[k] for k in range(n)]
+            np.testing.assert_allclose(jnp.stack(w), curves.point(kind, units, t), atol=1e-7)
+            assert sum(float(v) for v in w) == pytest.approx(1.0)
+    assert float(curves.weights("bezier", 0.5)[1]) == 0.5  # 2 t (1 - t)
+    with pytest.raises(ValueError, match="3 points, got n=4"):
+        curves.weights("bezier", 0.5, 4)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        curves.weights("spline", 0.5)
+    with pytest.raises(ValueError, match="t must lie in"):
+        curves.weights("bezier", 1.5)
+    with pytest.raises(ValueError, match="t must be a scalar"):
+        curves.weights("bezier", np.array([0.1, 0.2]))

@@ -348,6 +348,26 @@ def test_hlo_kernels_counts_what_launches_and_its_bytes():
     assert cost._shape_bytes("(bf16[2,3]{1,0}, pred[4], u8[0]{0})") == 12 + 4
     with pytest.raises(ValueError, match="no ENTRY computation"):
         cost.hlo_kernels("HloModule m\n")
+    # A fusion that reads a packed vector through a slice reads the slice, not the vector;
+    # an operand it reads whole counts whole.
+    sliced = """HloModule m
+
+%fused (param_0: f32[1000], param_1: f32[10]) -> f32[10] {
+  %param_0 = f32[1000]{0} parameter(0)
+  %param_1 = f32[10]{0} parameter(1)
+  %s = f32[10]{0} slice(%param_0), slice={[20:30]}
+  ROOT %a = f32[10]{0} add(%s, %param_1)
+}
+
+ENTRY %main (v: f32[1000], b: f32[10]) -> f32[10] {
+  %v = f32[1000]{0} parameter(0)
+  %b = f32[10]{0} parameter(1)
+  ROOT %f = f32[10]{0} fusion(%v, %b), kind=kLoop, calls=%fused
+}
+"""
+    assert cost.hlo_kernels(sliced) == [("fusion:kLoop", 40 + 40 + 40)]
+    whole = sliced.replace("  ROOT %a", "  %n = f32[1000]{0} negate(%param_0)\n  ROOT %a")
+    assert cost.hlo_kernels(whole) == [("fusion:kLoop", 40 + 4000 + 40)]
 
 
 def test_rows_without_flops_read_bytes_and_kernels_off_the_hlo():

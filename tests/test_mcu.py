@@ -190,6 +190,53 @@ def test_polychain_curve_trains_the_chain_through_theta_c(theta_o, theta_p, digi
         MCUConfig(curve="spline")
 
 
+@pytest.mark.parametrize("curve", ["bezier", "polychain"])
+def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, theta_p,
+                                                             digits_images, digits_split,
+                                                             small_model):
+    """The step packs theta_c's trained tensors (one vector per dtype) and scales the
+    packed gradient of theta(t) by the control point's weight: one SGD step equals theta_c
+    minus lr times the gradient through the curve, taken independently by autodiff of the
+    per-tensor curve; the frozen tensors stay as they were."""
+    from mcu_jax import pytrees
+    from mcu_jax.data.transforms import normalize
+
+    train_images, _ = digits_images
+    config = MCUConfig(progress=False, curve=curve, beta_mode="fixed", beta=0.3, lr=0.5)
+    is_forget = np.zeros(train_images.num_examples, bool)
+    is_forget[digits_split.forget] = True
+    p_o, p_p = theta_o["params"], theta_p["params"]
+    theta_c = jax.tree.map(lambda a, b: 0.3 * a + 0.5 * b + 0.05, p_o, p_p)
+    flat = pytrees.flatten(p_o)
+    frozen = sorted(flat)[::2]  # every other tensor frozen
+    mask = pytrees.unflatten(p_o, {k: k not in frozen for k in flat})
+    state, consts, _ = mcu.setup_curve(small_model, theta_o, theta_p, theta_c, mask,
+                                       train_images, is_forget, (99.0, 95.0), config)
+    assert set(state.trainable) == {"float32"} and state.trainable["float32"].ndim == 1
+    tx = optax.sgd(config.lr)
+    step = jax.jit(mcu.make_curve_step(small_model, tx, config, p_o))
+    mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
+                                        digits_split.forget[:32]]), jnp.int32)
+    new, m = step(state, consts, mixed, jax.random.PRNGKey(4))
+    x = normalize(train_images.x[mixed], train_images.mean, train_images.std)
+
+    def loss(c):
+        params = curves.point(curve, [p_o, c, p_p], m["t"])
+        logits, _ = small_model.apply({"params": params, "batch_stats": theta_o["batch_stats"]},
+                                      x, train=True, mutable=["batch_stats"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
+        return ce[:96].mean() - 0.3 * ce[96:].mean()
+
+    grad = pytrees.flatten(jax.grad(loss)(theta_c))
+    got = pytrees.flatten(mcu.control_point(p_o, new.trainable, consts.frozen))
+    before = pytrees.flatten(theta_c)
+    for k in flat:
+        want = before[k] if k in frozen else before[k] - config.lr * grad[k]
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+        if k in frozen:
+            assert np.array_equal(got[k], before[k]), k
+
+
 def test_fixed_beta_mode_uses_its_beta(theta_o, theta_p, digits_images, digits_split,
                                        small_model):
     train_images, _ = digits_images

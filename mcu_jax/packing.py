@@ -1,0 +1,81 @@
+"""Many tensors as one vector per dtype, so that per-tensor work runs as one kernel.
+
+A step that updates each tensor of a model on its own (an optimiser's update) launches a
+kernel per tensor: for PreResNet-110 a few hundred tiny kernels per step on a GPU, where
+each costs a launch however little it does (docs/benchmarks.md, "Fewer kernels: theta_c
+packed"). Kept as
+one vector per dtype, the tensors take one update kernel. Curve training keeps theta_c's
+trained tensors so (``mcu.CurveState``).
+
+A :class:`Layout` (static, hashable: a jit-time constant) records each tensor's path, shape
+and dtype in order; :func:`pack` concatenates the tensors of a flat dict
+(``pytrees.flatten``) into ``{dtype name: (size,) vector}`` and :func:`unpack` splits such
+vectors back. ``unpack`` uses ``jnp.split``, whose derivative is a concatenation, so the
+gradient of packed tensors is packed with one copy, not one padded vector per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each tensor lies in its dtype's vector: ``paths``, ``shapes`` and ``dtypes``
+    (names) in packing order."""
+
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, flat: dict) -> Layout:
+        """The layout of a flat dict of arrays (or ShapeDtypeStructs), in its order."""
+        if not flat:
+            raise ValueError("packing.Layout.of: no tensors to pack")
+        return cls(tuple(flat), tuple(tuple(np.shape(v)) for v in flat.values()),
+                   tuple(np.dtype(v.dtype).name for v in flat.values()))
+
+    def groups(self) -> dict[str, list[int]]:
+        """dtype name -> the indices of its tensors, in order."""
+        out: dict[str, list[int]] = {}
+        for i, dtype in enumerate(self.dtypes):
+            out.setdefault(dtype, []).append(i)
+        return out
+
+
+def pack(layout: Layout, flat: dict) -> dict[str, jax.Array]:
+    """``{dtype name: the tensors of that dtype raveled and concatenated}``; ValueError when
+    ``flat`` does not have the layout's paths, shapes and dtypes."""
+    if set(flat) != set(layout.paths):
+        missing = sorted(set(layout.paths) - set(flat))
+        extra = sorted(set(flat) - set(layout.paths))
+        raise ValueError(f"pack: the tensors do not match the layout; missing {missing[:3]}, "
+                         f"not in it {extra[:3]}")
+    for path, shape, dtype in zip(layout.paths, layout.shapes, layout.dtypes, strict=True):
+        got = flat[path]
+        if tuple(np.shape(got)) != shape or np.dtype(got.dtype).name != dtype:
+            raise ValueError(f"pack: tensor {path!r} is {np.dtype(got.dtype).name} "
+                             f"{tuple(np.shape(got))}, the layout says {dtype} {shape}")
+    return {dtype: jnp.concatenate([jnp.ravel(flat[layout.paths[i]]) for i in indices])
+            for dtype, indices in layout.groups().items()}
+
+
+def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:
+    """The flat dict of tensors that :func:`pack` made ``packed`` from (in layout order)."""
+    out = {}
+    for dtype, indices in layout.groups().items():
+        sizes = [math.prod(layout.shapes[i]) for i in indices]
+        vector = packed[dtype]
+        if vector.shape != (sum(sizes),):
+            raise ValueError(f"unpack: the {dtype} vector has shape {vector.shape}, the layout "
+                             f"needs ({sum(sizes)},)")
+        parts = jnp.split(vector, np.cumsum(sizes)[:-1].tolist())
+        out.update({layout.paths[i]: part.reshape(layout.shapes[i])
+                    for i, part in zip(indices, parts, strict=True)})
+    return {path: out[path] for path in layout.paths}

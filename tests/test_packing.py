@@ -1,0 +1,70 @@
+"""packing: tensors as one vector per dtype and back."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcu_jax import packing
+
+
+def _flat():
+    rng = np.random.default_rng(0)
+    return {"a/kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+            "a/scale": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+            "b/half": jnp.asarray(rng.normal(size=(2, 5)), jnp.bfloat16),
+            "c/scalar": jnp.asarray(1.5, jnp.float32)}
+
+
+def test_pack_then_unpack_is_the_identity():
+    flat = _flat()
+    layout = packing.Layout.of(flat)
+    assert layout.paths == tuple(flat) and layout.groups() == {"float32": [0, 1, 3],
+                                                                "bfloat16": [2]}
+    packed = packing.pack(layout, flat)
+    assert {k: v.shape for k, v in packed.items()} == {"float32": (77,), "bfloat16": (10,)}
+    # The float32 vector is the float32 tensors raveled in order.
+    want = np.concatenate([np.ravel(flat[k]) for k in ("a/kernel", "a/scale", "c/scalar")])
+    np.testing.assert_array_equal(packed["float32"], want)
+    back = packing.unpack(layout, packed)
+    assert list(back) == list(flat)
+    for k, v in flat.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    assert hash(layout) == hash(packing.Layout.of(flat))  # a static jit argument
+
+
+def test_the_gradient_of_unpacked_tensors_is_packed_by_concatenation():
+    """unpack's derivative concatenates the tensors' cotangents (no padded vector per
+    tensor) and equals packing the per-tensor gradient."""
+    flat = {k: v for k, v in _flat().items() if v.dtype == jnp.float32}
+    layout = packing.Layout.of(flat)
+
+    def loss(packed):
+        tensors = packing.unpack(layout, packed)
+        return sum(jnp.sum(jnp.sin(v) * (i + 1)) for i, v in enumerate(tensors.values()))
+
+    packed = packing.pack(layout, flat)
+    program = str(jax.make_jaxpr(jax.grad(loss))(packed))
+    assert "concatenate" in program and " pad" not in program
+    per_tensor = jax.grad(lambda f: sum(jnp.sum(jnp.sin(v) * (i + 1))
+                                        for i, v in enumerate(f.values())))(flat)
+    np.testing.assert_allclose(jax.grad(loss)(packed)["float32"],
+                               packing.pack(layout, per_tensor)["float32"], rtol=1e-6)
+
+
+def test_mismatches_are_refused_by_name():
+    flat = _flat()
+    layout = packing.Layout.of(flat)
+    with pytest.raises(ValueError, match=r"missing \['c/scalar'\], not in it \['d'\]"):
+        packing.pack(layout, {**{k: v for k, v in flat.items() if k != "c/scalar"},
+                              "d": jnp.ones(1)})
+    with pytest.raises(ValueError, match=r"'a/scale' is float32 \(5,\), the layout says "
+                                         r"float32 \(4,\)"):
+        packing.pack(layout, {**flat, "a/scale": jnp.ones(5)})
+    with pytest.raises(ValueError, match="'b/half' is float32"):
+        packing.pack(layout, {**flat, "b/half": jnp.ones((2, 5))})
+    with pytest.raises(ValueError, match=r"the float32 vector has shape \(76,\), the layout "
+                                         r"needs \(77,\)"):
+        packing.unpack(layout, {"float32": jnp.ones(76), "bfloat16": jnp.ones(10)})
+    with pytest.raises(ValueError, match="no tensors to pack"):
+        packing.Layout.of({})
