@@ -121,29 +121,17 @@ class Checkpointer:
         _barrier(f"mcu_jax checkpoint removed {step}")  # gone for every process on return
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs);
-        ValueError when the saved state has another structure (another version's or
-        setting's state)."""
+        """Restores into the structure of ``template`` (arrays or ShapeDtypeStructs)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        try:
-            out = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
-                ),
-            )
-        except ValueError as err:
-            if "do not match" not in str(err):
-                raise
-            raise ValueError(
-                f"the checkpoint of step {step} in {self.directory} holds a state of another "
-                "structure than this run's: it was saved by another version of mcu-jax (e.g. "
-                "curve training before 2026-12-07, when theta_c's trained tensors became one "
-                "vector per dtype) or with other settings. Resume it with the version that "
-                f"wrote it, or start in a new folder. orbax: {str(err)[:300]}") from err
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
+            ),
+        )
         return out[_STATE], dict(out[_META] or {})
 
     def metadata(self, step: int | None = None) -> dict:

@@ -331,11 +331,12 @@ def run_epochs(
         try:
             state, meta = checkpointer.restore(state)
         except ValueError as err:  # orbax: another structure, shape or dtype on disk
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            orbax = " ".join(lines[:4]) if lines else repr(err)  # its first mismatch
             raise ValueError(
                 f"{config.desc}: the checkpoint in {checkpointer.directory} does not fit this "
-                f"run's state (another model or optimiser?): {first_line}; use a new "
-                "checkpoint folder"
+                "run's state (another model, optimiser or mask, or a state saved by another "
+                f"version of mcu-jax?): {orbax}; use a new checkpoint folder"
             ) from err
         start = int(meta["epoch"])
         start_step = int(meta.get("step", 0))

@@ -139,7 +139,7 @@ def split_loss(per_sample_loss, is_forget):
 class CurveState(struct.PyTreeNode):
     # theta_c's masked tensors packed, one vector per dtype (packing; :func:`trained_layout`):
     # the optimiser's update is then one kernel, not one per tensor
-    trainable: dict  # dtype name -> (size,) array
+    trainable: dict  # "dtype:fingerprint of the tensors" -> (size,) array
     opt_state: Any
     beta: jax.Array  # beta of the last batch (kept for a batch that lacks a part)
 
@@ -217,8 +217,8 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         trained = {k: point[k] for k in layout.paths}
         grads, m = jax.grad(objective, has_aux=True)(trained)
         w_c = curves.weights(config.curve, t)[1]
-        grads = {dtype: w_c.astype(g.dtype) * g
-                 for dtype, g in packing.pack(layout, grads).items()}
+        grads = {key: w_c.astype(g.dtype) * g
+                 for key, g in packing.pack(layout, grads).items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"t": t, **m}

@@ -9,8 +9,11 @@ trained tensors so (``mcu.CurveState``).
 
 A :class:`Layout` (static, hashable: a jit-time constant) records each tensor's path, shape
 and dtype in order; :func:`pack` concatenates the tensors of a flat dict
-(``pytrees.flatten``) into ``{dtype name: (size,) vector}`` and :func:`unpack` splits such
-vectors back. ``unpack`` uses ``jnp.split``, whose derivative is a concatenation, so the
+(``pytrees.flatten``) into ``{key: (size,) vector}``, one per dtype, and :func:`unpack`
+splits such vectors back. A key is the dtype's name and a fingerprint of the paths and
+shapes packed in its vector (``"float32:1a2b3c4d"``), so a state packed for other tensors
+(a checkpoint of curve training with another mask, even of the same size) does not fit
+this layout's state. ``unpack`` uses ``jnp.split``, whose derivative is a concatenation, so the
 gradient of packed tensors is packed with one copy, not one padded vector per tensor.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +46,22 @@ class Layout:
                    tuple(np.dtype(v.dtype).name for v in flat.values()))
 
     def groups(self) -> dict[str, list[int]]:
-        """dtype name -> the indices of its tensors, in order."""
-        out: dict[str, list[int]] = {}
+        """Key of a packed vector (:func:`pack`) -> the indices of its tensors, in order."""
+        indices: dict[str, list[int]] = {}
         for i, dtype in enumerate(self.dtypes):
-            out.setdefault(dtype, []).append(i)
-        return out
+            indices.setdefault(dtype, []).append(i)
+        return {f"{dtype}:{self._fingerprint(members)}": members
+                for dtype, members in indices.items()}
+
+    def _fingerprint(self, indices: list[int]) -> str:
+        text = ";".join(f"{self.paths[i]}{list(self.shapes[i])}" for i in indices)
+        return f"{zlib.crc32(text.encode()):08x}"
 
 
 def pack(layout: Layout, flat: dict) -> dict[str, jax.Array]:
-    """``{dtype name: the tensors of that dtype raveled and concatenated}``; ValueError when
-    ``flat`` does not have the layout's paths, shapes and dtypes."""
+    """``{key: the tensors of one dtype raveled and concatenated}`` (keys:
+    ``Layout.groups``); ValueError when ``flat`` does not have the layout's paths, shapes and
+    dtypes."""
     if set(flat) != set(layout.paths):
         missing = sorted(set(layout.paths) - set(flat))
         extra = sorted(set(flat) - set(layout.paths))
@@ -62,18 +72,21 @@ def pack(layout: Layout, flat: dict) -> dict[str, jax.Array]:
         if tuple(np.shape(got)) != shape or np.dtype(got.dtype).name != dtype:
             raise ValueError(f"pack: tensor {path!r} is {np.dtype(got.dtype).name} "
                              f"{tuple(np.shape(got))}, the layout says {dtype} {shape}")
-    return {dtype: jnp.concatenate([jnp.ravel(flat[layout.paths[i]]) for i in indices])
-            for dtype, indices in layout.groups().items()}
+    return {key: jnp.concatenate([jnp.ravel(flat[layout.paths[i]]) for i in indices])
+            for key, indices in layout.groups().items()}
 
 
 def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:
     """The flat dict of tensors that :func:`pack` made ``packed`` from (in layout order)."""
     out = {}
-    for dtype, indices in layout.groups().items():
+    for key, indices in layout.groups().items():
+        if key not in packed:
+            raise ValueError(f"unpack: no vector {key!r} (the layout's tensors of that dtype) "
+                             f"among {sorted(packed)}: packed for other tensors?")
         sizes = [math.prod(layout.shapes[i]) for i in indices]
-        vector = packed[dtype]
+        vector = packed[key]
         if vector.shape != (sum(sizes),):
-            raise ValueError(f"unpack: the {dtype} vector has shape {vector.shape}, the layout "
+            raise ValueError(f"unpack: the vector {key!r} has shape {vector.shape}, the layout "
                              f"needs ({sum(sizes)},)")
         parts = jnp.split(vector, np.cumsum(sizes)[:-1].tolist())
         out.update({layout.paths[i]: part.reshape(layout.shapes[i])

@@ -212,29 +212,35 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, the
     mask = pytrees.unflatten(p_o, {k: k not in frozen for k in flat})
     state, consts, _ = mcu.setup_curve(small_model, theta_o, theta_p, theta_c, mask,
                                        train_images, is_forget, (99.0, 95.0), config)
-    assert set(state.trainable) == {"float32"} and state.trainable["float32"].ndim == 1
+    (key,) = state.trainable  # one dtype: "float32:<fingerprint of the packed tensors>"
+    assert key.startswith("float32:") and state.trainable[key].ndim == 1
     tx = optax.sgd(config.lr)
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, p_o))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
                                         digits_split.forget[:32]]), jnp.int32)
-    new, m = step(state, consts, mixed, jax.random.PRNGKey(4))
     x = normalize(train_images.x[mixed], train_images.mean, train_images.std)
-
-    def loss(c):
-        params = curves.point(curve, [p_o, c, p_p], m["t"])
-        logits, _ = small_model.apply({"params": params, "batch_stats": theta_o["batch_stats"]},
-                                      x, train=True, mutable=["batch_stats"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
-        return ce[:96].mean() - 0.3 * ce[96:].mean()
-
-    grad = pytrees.flatten(jax.grad(loss)(theta_c))
-    got = pytrees.flatten(mcu.control_point(p_o, new.trainable, consts.frozen))
     before = pytrees.flatten(theta_c)
-    for k in flat:
-        want = before[k] if k in frozen else before[k] - config.lr * grad[k]
-        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
-        if k in frozen:
-            assert np.array_equal(got[k], before[k]), k
+    sides = set()
+    for seed in range(6):  # several t: both pieces of the polygonal chain
+        new, m = step(state, consts, mixed, jax.random.PRNGKey(seed))
+        sides.add(float(m["t"]) < 0.5)
+
+        def loss(c, t=m["t"]):
+            params = curves.point(curve, [p_o, c, p_p], t)
+            logits, _ = small_model.apply({"params": params,
+                                           "batch_stats": theta_o["batch_stats"]},
+                                          x, train=True, mutable=["batch_stats"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_images.y[mixed])
+            return ce[:96].mean() - 0.3 * ce[96:].mean()
+
+        grad = pytrees.flatten(jax.grad(loss)(theta_c))
+        got = pytrees.flatten(mcu.control_point(p_o, new.trainable, consts.frozen))
+        for k in flat:
+            want = before[k] if k in frozen else before[k] - config.lr * grad[k]
+            np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+            if k in frozen:
+                assert np.array_equal(got[k], before[k]), k
+    assert sides == {True, False}
 
 
 def test_fixed_beta_mode_uses_its_beta(theta_o, theta_p, digits_images, digits_split,
@@ -267,6 +273,30 @@ def test_curve_training_resumes_identically(tmp_path, theta_o, theta_p, digits_i
                       checkpoint_dir=tmp_path / "curve")  # nothing left to train
     assert finished.epoch_seconds == resumed.epoch_seconds
     assert finished.history == straight.history
+
+
+def test_a_checkpoint_of_another_mask_is_refused(tmp_path, theta_o, theta_p, digits_images,
+                                                 digits_split, small_model):
+    """theta_c's trained tensors are packed into one vector per dtype: a checkpoint saved
+    with another mask of the same size must not be loaded into it (the vectors' keys
+    fingerprint the packed tensors), and the message says what may have changed."""
+    train_images, _ = digits_images
+    flat = pytrees.flatten(theta_o["params"])
+    by_shape: dict = {}
+    for path, value in flat.items():
+        by_shape.setdefault(value.shape, []).append(path)
+    first, second = next(paths[:2] for paths in by_shape.values() if len(paths) > 1)
+    config = MCUConfig(epochs=2, progress=False)
+    one = pytrees.unflatten(theta_o["params"], {k: k == first for k in flat})
+    other = pytrees.unflatten(theta_o["params"], {k: k == second for k in flat})
+    _train(small_model, theta_o, theta_p, train_images, digits_split,
+           MCUConfig(epochs=1, progress=False), jax.random.PRNGKey(0), mask=one,
+           checkpoint_dir=tmp_path / "curve")
+    with pytest.raises(ValueError, match=r"does not fit this run's state \(another model, "
+                                         r"optimiser or mask, or a state saved by another "
+                                         r"version of mcu-jax\?\): .*float32:"):
+        _train(small_model, theta_o, theta_p, train_images, digits_split, config,
+               jax.random.PRNGKey(0), mask=other, checkpoint_dir=tmp_path / "curve")
 
 
 def test_curve_training_rejects_bad_input(theta_o, theta_p, digits_images, digits_split,

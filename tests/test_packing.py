@@ -19,13 +19,15 @@ def _flat():
 def test_pack_then_unpack_is_the_identity():
     flat = _flat()
     layout = packing.Layout.of(flat)
-    assert layout.paths == tuple(flat) and layout.groups() == {"float32": [0, 1, 3],
-                                                                "bfloat16": [2]}
+    groups = layout.groups()
+    f32, bf16 = sorted(groups, reverse=True)  # "float32:<fingerprint>", "bfloat16:<...>"
+    assert f32.startswith("float32:") and bf16.startswith("bfloat16:")
+    assert groups == {f32: [0, 1, 3], bf16: [2]}
     packed = packing.pack(layout, flat)
-    assert {k: v.shape for k, v in packed.items()} == {"float32": (77,), "bfloat16": (10,)}
+    assert {k: v.shape for k, v in packed.items()} == {f32: (77,), bf16: (10,)}
     # The float32 vector is the float32 tensors raveled in order.
     want = np.concatenate([np.ravel(flat[k]) for k in ("a/kernel", "a/scale", "c/scalar")])
-    np.testing.assert_array_equal(packed["float32"], want)
+    np.testing.assert_array_equal(packed[f32], want)
     back = packing.unpack(layout, packed)
     assert list(back) == list(flat)
     for k, v in flat.items():
@@ -44,12 +46,13 @@ def test_the_gradient_of_unpacked_tensors_is_packed_by_concatenation():
         return sum(jnp.sum(jnp.sin(v) * (i + 1)) for i, v in enumerate(tensors.values()))
 
     packed = packing.pack(layout, flat)
+    (key,) = packed
     program = str(jax.make_jaxpr(jax.grad(loss))(packed))
     assert "concatenate" in program and " pad" not in program
     per_tensor = jax.grad(lambda f: sum(jnp.sum(jnp.sin(v) * (i + 1))
                                         for i, v in enumerate(f.values())))(flat)
-    np.testing.assert_allclose(jax.grad(loss)(packed)["float32"],
-                               packing.pack(layout, per_tensor)["float32"], rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(packed)[key],
+                               packing.pack(layout, per_tensor)[key], rtol=1e-6)
 
 
 def test_mismatches_are_refused_by_name():
@@ -63,8 +66,17 @@ def test_mismatches_are_refused_by_name():
         packing.pack(layout, {**flat, "a/scale": jnp.ones(5)})
     with pytest.raises(ValueError, match="'b/half' is float32"):
         packing.pack(layout, {**flat, "b/half": jnp.ones((2, 5))})
-    with pytest.raises(ValueError, match=r"the float32 vector has shape \(76,\), the layout "
-                                         r"needs \(77,\)"):
-        packing.unpack(layout, {"float32": jnp.ones(76), "bfloat16": jnp.ones(10)})
+    f32, bf16 = sorted(layout.groups(), reverse=True)
+    with pytest.raises(ValueError, match=r"the vector 'float32:\w+' has shape \(76,\), the "
+                                         r"layout needs \(77,\)"):
+        packing.unpack(layout, {f32: jnp.ones(76), bf16: jnp.ones(10)})
+    # Vectors packed for other tensors of the same sizes (another mask) do not fit: the
+    # keys fingerprint the paths and shapes.
+    swapped = {"a/scale": flat["a/kernel"], "a/kernel": flat["a/scale"]}
+    other = packing.Layout.of({**swapped, "b/half": flat["b/half"], "c/scalar": flat["c/scalar"]})
+    assert sorted(other.groups())[1] != f32 and sorted(other.groups())[0] == bf16
+    with pytest.raises(ValueError, match=r"no vector 'float32:\w+' .* packed for other "
+                                         "tensors"):
+        packing.unpack(layout, packing.pack(other, {**flat, **swapped}))
     with pytest.raises(ValueError, match="no tensors to pack"):
         packing.Layout.of({})
