@@ -198,7 +198,6 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, the
     packed gradient of theta(t) by the control point's weight: one SGD step equals theta_c
     minus lr times the gradient through the curve, taken independently by autodiff of the
     per-tensor curve; the frozen tensors stay as they were."""
-    from mcu_jax import pytrees
     from mcu_jax.data.transforms import normalize
 
     train_images, _ = digits_images
