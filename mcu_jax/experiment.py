@@ -11,7 +11,6 @@ running the same command again reuses what is finished.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import shutil
 import time
@@ -39,8 +38,6 @@ from mcu_jax.mcu import MCUConfig, steady_epoch_seconds
 from mcu_jax.mcu import paper_config as paper_mcu_config
 from mcu_jax.methods import MethodConfig, default_config
 from mcu_jax.runs import RunDir
-
-log = logging.getLogger(__name__)
 
 DISPLAY = {
     "rt": "RT", "ft": "FT", "rl": "RL", "ga": "GA", "neggrad": "NegGrad+", "salun": "SalUn",

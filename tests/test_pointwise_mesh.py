@@ -16,19 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_sharding import _max_diff  # largest difference and allclose (rtol 1e-4)
+
 DEVICES = 4
-
-
-def _close(a, b, rtol: float, atol: float) -> dict:
-    """Largest absolute difference of two pytrees and whether all leaves are allclose."""
-    import jax
-    import numpy as np
-
-    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    return {"max_abs_diff": max(float(np.max(np.abs(np.asarray(x, np.float64)
-                                                   - np.asarray(y, np.float64))))
-                                for x, y in pairs),
-            "allclose": all(np.allclose(x, y, rtol=rtol, atol=atol) for x, y in pairs)}
 
 
 def _kernel_part(mesh) -> dict:
@@ -73,7 +63,7 @@ def _kernel_part(mesh) -> dict:
     placed = [sharding.place(a, rows if a.shape[0] == m else rep) for a in args]
     got = program(*placed)
     hlo = program.lower(*placed).compile().as_text()
-    return {**_close(got, want, rtol=1e-4, atol=1e-4),
+    return {**_max_diff(got, want, atol=1e-4),
             "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo,
             "per_device_rows": f"f32[{m // DEVICES},{k}]" in hlo}
 
@@ -100,12 +90,13 @@ def _model_parts(mesh) -> dict:
     refs = {"train": 90.0, "val": 80.0}
     curve = [train_curve(model, theta_o, theta_p, images, idx[:48], idx[48:], refs, config,
                          jax.random.PRNGKey(2), mesh=m).theta_c for m in (mesh, None)]
-    out["curve"] = _close(*curve, rtol=1e-4, atol=1e-5)
-    out["curve"]["moved"] = _close(curve[1], curves.midpoint(theta_o["params"],
-                                                             theta_p["params"]),
-                                   1e-4, 1e-5)["max_abs_diff"]
-    out["gradient"] = _close(*[evaluation.mean_gradient(model, theta_o, images, idx, 32, mesh=m)
-                               for m in (mesh, None)], rtol=1e-4, atol=1e-6)
+    out["curve"] = _max_diff(*curve)
+    out["curve"]["moved"] = _max_diff(curve[1], curves.midpoint(theta_o["params"],
+                                                                theta_p["params"]))[
+        "max_abs_diff"]
+    out["gradient"] = _max_diff(*[evaluation.mean_gradient(model, theta_o, images, idx, 32,
+                                                            mesh=m)
+                                  for m in (mesh, None)], atol=1e-6)
     # The gradient's compiled program gathers no rows (20 all-gathers without the split)
     _, step = evaluation._mesh_programs(mesh)
     split = sharding.batch_sharding(mesh, ndim=1)
@@ -114,10 +105,10 @@ def _model_parts(mesh) -> dict:
                      sharding.place(idx[:32].astype(np.int32), split),
                      sharding.place(np.ones(32, np.float32), split)).compile().as_text()
     out["gradient"]["all_gathers"] = hlo.count("all-gather(")
-    out["outputs"] = _close(*[evaluation.outputs(model, theta_o, images, idx, 32, mesh=m)
-                              for m in (mesh, None)], rtol=1e-4, atol=1e-5)
-    out["bn"] = _close(*[bn.recompute(model, theta_o, images, idx, 32, mesh=m)["batch_stats"]
-                         for m in (mesh, None)], rtol=1e-4, atol=1e-5)
+    out["outputs"] = _max_diff(*[evaluation.outputs(model, theta_o, images, idx, 32, mesh=m)
+                                 for m in (mesh, None)])
+    out["bn"] = _max_diff(*[bn.recompute(model, theta_o, images, idx, 32, mesh=m)["batch_stats"]
+                            for m in (mesh, None)])
     return out
 
 
