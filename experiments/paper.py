@@ -1,5 +1,6 @@
 """Reproduces the paper's tables and figures with one command: ``python experiments/paper.py
-[SUITE] [group.field=value ...] [--data-dir DIR] [--out-dir DIR] [--only NAME,NAME]``.
+[SUITE] [group.field=value ...] [--data-dir DIR] [--out-dir DIR] [--only NAME,NAME]
+[--compile-cache DIR|off]``.
 
 SUITE names the settings run, one experiment config each, in order:
 
@@ -7,9 +8,13 @@ SUITE names the settings run, one experiment config each, in order:
   CPU (about 8.5 minutes on 2 cores).
 - ``cifar10``: the paper's CIFAR-10 / PreResNet-110 settings: Tables 1 and 3, the CIFAR-10
   rows of Table 2, Figures 2-9 (GPU; ``--data-dir`` holds CIFAR-10).
-- ``all``: ``cifar10`` and Table 2's Tiny-ImageNet and ImageNet-100 rows.
+- ``all``: ``cifar10`` and Table 2's Tiny-ImageNet and ImageNet-100 rows (the latter
+  fine-tunes a pretrained ViT-B/16: ``--pretrained VIT.npz``, or the suite is refused before
+  anything runs).
 
 Every run resumes where it stopped, so the command can simply be repeated after a failure.
+Compiled programs are kept in the persistent compilation cache (``mcu_jax.compile_cache``, as
+``run.py``), so the configs of a suite, and a repeated command, compile each program once.
 ``field=value`` overrides go to every config (to its ``experiment`` in an ablation, e.g.
 ``seeds=0``). The results are gathered in ``OUT/paper_SUITE.md``: each table and figure
 under the paper's number, with links to the run folders.
@@ -62,13 +67,17 @@ SUITES["all"] = SUITES["cifar10"] + [
 ]
 
 
-def overrides_for(cfg, overrides: list[str], data_dir: str | None, out_dir: str | None):
+def overrides_for(cfg, overrides: list[str], data_dir: str | None, out_dir: str | None,
+                  pretrained: str | None = None):
     """The command-line overrides for one config: an ablation's experiment fields get their
-    ``experiment.`` prefix."""
-    from mcu_jax import ablation
+    ``experiment.`` prefix; ``pretrained`` goes to the configs that need pretrained weights
+    (``problem.PRETRAINED_REQUIRED``) only."""
+    from mcu_jax import ablation, problem
 
     given = [f"problem.data_dir={data_dir}"] if data_dir else []
     given += [f"out_dir={out_dir}"] if out_dir else []
+    needs = getattr(cfg, "experiment", cfg).problem.pretrained == problem.PRETRAINED_REQUIRED
+    given += [f"problem.pretrained={pretrained}"] if pretrained and needs else []
     given += overrides
     if not isinstance(cfg, ablation.AblationConfig):
         return given
@@ -121,8 +130,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "for every config")
     parser.add_argument("--data-dir", help="folder of the data sets (problem.data_dir)")
     parser.add_argument("--out-dir", help="parent of the run folders (default: runs)")
+    parser.add_argument("--pretrained", metavar="FILE.npz",
+                        help="initial weights for the settings that fine-tune pretrained ones "
+                             "(ImageNet-100's ViT-B/16; problem.pretrained)")
     parser.add_argument("--only", metavar="NAME[,NAME...]",
                         help="run only these configs of the suite (the index shows them all)")
+    from mcu_jax import compile_cache
+
+    compile_cache.add_argument(parser)
     args = parser.parse_intermixed_args(argv)
     words = list(args.words)
     args.suite = words.pop(0) if words and "=" not in words[0] else "digits"
@@ -135,7 +150,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from mcu_jax import experiment, runs
+    from mcu_jax import compile_cache, experiment, problem, runs
 
     names = [name for _, name in SUITES[args.suite]]
     unknown = sorted(set(args.only) - set(names))
@@ -147,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     for item, name in SUITES[args.suite]:
         try:
             cfg = run_script.load_config(name)
-            cfg = run_script.apply_overrides(cfg, overrides_for(cfg, args.overrides,
-                                                                args.data_dir, args.out_dir))
+            cfg = run_script.apply_overrides(cfg, overrides_for(
+                cfg, args.overrides, args.data_dir, args.out_dir, args.pretrained))
+            if not args.only or name in args.only:
+                problem.check_pretrained(getattr(cfg, "experiment", cfg).problem)
         except ValueError as err:
             print(f"paper {args.suite}: error in {name}: {err}", file=sys.stderr)
             return 2
         configs.append((item, name, cfg, getattr(cfg, "experiment", cfg)))
+    try:
+        compile_cache.enable_from_args(args.compile_cache)
+    except ValueError as err:
+        print(f"paper {args.suite}: error: {err}", file=sys.stderr)
+        return 2
     entries = []
     for item, name, cfg, exp in configs:
         if not args.only or name in args.only:

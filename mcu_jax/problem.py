@@ -33,7 +33,9 @@ class ProblemConfig:
     # On several devices each runs the kernels on its own rows (sharding.data_parallel).
     # The sweep then uses the kernel too, whatever SelectionConfig.pointwise says.
     pointwise: str = "conv"
-    pretrained: str | None = None  # local .npz of initial weights for theta_o and RT
+    # Local .npz of initial weights for theta_o and RT; PRETRAINED_REQUIRED in a setting that
+    # fine-tunes pretrained weights (ImageNet-100's ViT): refused until a file is given
+    pretrained: str | None = None
     scenario: str = "random"  # "random" or "class"
     forget_ratio: float = 0.1
     forget_class: int | None = None
@@ -84,6 +86,18 @@ class Problem:
         return (1, *self.dataset.x_train.shape[1:])
 
 
+PRETRAINED_REQUIRED = "required"
+
+
+def check_pretrained(config: ProblemConfig) -> None:
+    """ValueError when the setting fine-tunes pretrained weights and none were given."""
+    if config.pretrained == PRETRAINED_REQUIRED:
+        raise ValueError(f"problem.pretrained: this setting fine-tunes pretrained weights "
+                         f"({config.model} on {config.dataset}, as the paper): give a local "
+                         ".npz of them as problem.pretrained=FILE.npz (models.load_pretrained "
+                         "reads it; experiments/paper.py: --pretrained FILE.npz)")
+
+
 def check(config: ProblemConfig) -> None:
     """Raises what :func:`build` would (missing data, a split or model that cannot be made)
     without putting the images on the device: to refuse a request before a run starts."""
@@ -91,6 +105,7 @@ def check(config: ProblemConfig) -> None:
 
 
 def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
+    check_pretrained(config)
     dataset = subsample(load_dataset(config.dataset, config.data_dir),
                         config.train_size, config.test_size)
     split = make_split(

@@ -41,6 +41,28 @@ def test_overrides_reach_an_ablations_experiment():
         "experiment.mia=false"]
 
 
+def test_a_setting_that_fine_tunes_pretrained_weights_needs_them(tmp_path, monkeypatch,
+                                                                 capsys):
+    """ImageNet-100's ViT fine-tunes pretrained weights: without a file the suite is refused
+    before anything runs (not trained from random weights), and ``--pretrained`` reaches
+    that config only."""
+    from mcu_jax import problem
+
+    calls = []
+    monkeypatch.setattr(run_script, "run", _fake_run(calls))
+    vit = run_script.load_config("imagenet100_vit_random")
+    assert vit.problem.pretrained == problem.PRETRAINED_REQUIRED
+    with pytest.raises(ValueError, match="problem.pretrained=FILE.npz"):
+        problem.check(vit.problem)
+    assert paper.main(["all", "--out-dir", str(tmp_path)]) == 2
+    assert "imagenet100_vit_random" in capsys.readouterr().err and calls == []
+    assert paper.overrides_for(vit, [], None, None, "V.npz") == ["problem.pretrained=V.npz"]
+    cifar = run_script.load_config("cifar10_preresnet110_random")
+    assert paper.overrides_for(cifar, [], None, None, "V.npz") == []
+    assert paper.main(["all", "--pretrained", "V.npz", "--out-dir", str(tmp_path)]) == 0
+    assert calls[-1][0] == "imagenet100_vit_random"
+
+
 def _fake_run(calls):
     def run(cfg):
         exp = getattr(cfg, "experiment", cfg)

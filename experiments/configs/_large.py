@@ -3,6 +3,7 @@
 from _paper import build
 
 from mcu_jax.experiment import ExperimentConfig
+from mcu_jax.problem import PRETRAINED_REQUIRED
 from mcu_jax.train import TrainConfig
 
 
@@ -22,9 +23,10 @@ def imagenet100(scenario: str) -> ExperimentConfig:
     FT, RL, SalUn 5 epochs, GA and NegGrad+ 2 epochs, NegTV 5 epochs with alpha 0.9, all at
     lr 0.001 (the paper gives the rate for NegTV; we assume it for the others); MCU 2 epochs
     (lr 0.01, as the paper's other data sets: it gives none for ImageNet-100).
-    Pretrained ViT-B/16 weights come from a local .npz: problem.pretrained=PATH."""
+    Pretrained ViT-B/16 weights come from a local .npz: problem.pretrained=PATH (the run is
+    refused without it)."""
     return build(
         f"imagenet100_vit_{scenario}", "imagenet100", "vit_b16", scenario, "imagenet100",
-        TrainConfig(epochs=30, lr=0.001, schedule="cosine"),
+        TrainConfig(epochs=30, lr=0.001, schedule="cosine"), pretrained=PRETRAINED_REQUIRED,
         args="problem.data_dir=DIR problem.pretrained=VIT.npz",
     )
