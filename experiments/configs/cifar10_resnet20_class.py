@@ -1,4 +1,5 @@
-"""CIFAR-10, ResNet-20, class forgetting: a scaled schedule that finishes on one GPU in minutes.
+"""CIFAR-10, ResNet-20, class forgetting: a scaled schedule for one GPU
+(not yet timed on one).
 
 Command: python experiments/run.py cifar10_resnet20_class problem.data_dir=DIR
 
