@@ -12,9 +12,11 @@ carry no gradient) and used in that batch's loss, as the paper's Algorithm 1 and
 authors' release do. A batch without a retain or a forget part keeps the previous beta
 (``beta_init`` before the first batch); without a forget part beta does not matter anyway.
 
-theta_c's trained tensors are kept as one vector per dtype (``packing``; ``CurveState``), so
-the optimiser's update is one kernel rather than one per tensor; :func:`control_point`
-rebuilds the pytree.
+theta_c's trained tensors are kept packed (``packing``; ``CurveState``), so the optimiser's
+update is one kernel rather than one per tensor; :func:`control_point` rebuilds the pytree.
+The vectors among them (BatchNorm scales and offsets, biases) are packed apart from the
+other tensors and combined with theta_o's and theta_p's, packed alike, as one vector: one
+kernel forms theta(t) for all of them instead of one kernel per vector (:func:`layouts`).
 
 The curve is the paper's quadratic Bezier by default; ``MCUConfig(curve="polychain")``
 trains the same three points as a polygonal chain theta_o -> theta_c (t = 1/2) -> theta_p
@@ -24,6 +26,7 @@ instead (Garipov et al.'s other curve), for research on the path's shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -137,9 +140,9 @@ def split_loss(per_sample_loss, is_forget):
 
 
 class CurveState(struct.PyTreeNode):
-    # theta_c's masked tensors packed, one vector per dtype (packing; :func:`trained_layout`):
-    # the optimiser's update is then one kernel, not one per tensor
-    trainable: dict  # "dtype:fingerprint of the tensors" -> (size,) array
+    # theta_c's masked tensors packed (:func:`trained_layouts`): {"vectors": ..., "tensors":
+    # ...}, each one vector per dtype, so that the optimiser's update is one kernel
+    trainable: dict  # part -> "dtype:fingerprint of the tensors" -> (size,) array
     opt_state: Any
     beta: jax.Array  # beta of the last batch (kept for a batch that lacks a part)
 
@@ -148,32 +151,65 @@ class CurveConsts(struct.PyTreeNode):
     theta_o: Any
     theta_p: Any
     frozen: dict  # path -> array: theta_c's tensors outside the mask
+    # The vectors' points packed as the step combines them (:func:`packed_vectors`):
+    # {"trained": [theta_o's, theta_p's], "frozen": [theta_o's, theta_c's, theta_p's]}
+    vectors: dict
     batch_stats: Any
     images: Images
     is_forget: jax.Array  # (N,) bool over the training set
     refs: jax.Array  # (2,) Acc_o(D_train), forget reference (Acc_o(D_v) or 0), percent
 
 
-def trained_layout(params_template, frozen: dict) -> packing.Layout:
+PARTS = ("vectors", "tensors")
+
+
+def layouts(flat: dict) -> dict[str, packing.Layout]:
+    """The tensors of ``flat`` in two packing layouts (each in ``flat``'s order, possibly
+    empty): "vectors", those of at most one axis (BatchNorm scales and offsets, biases), which
+    the step combines along the curve as one packed vector, since XLA's own kernels read them
+    (slices of a vector cost no kernel); and "tensors", the others (convolution and dense
+    weights), combined one by one, since library calls (cuDNN, cuBLAS) read them whole."""
+    part = {k: PARTS[np.ndim(v) > 1] for k, v in flat.items()}
+    return {name: packing.Layout.of({k: v for k, v in flat.items() if part[k] == name})
+            for name in PARTS}
+
+
+def trained_layouts(params_template, frozen: dict) -> dict[str, packing.Layout]:
     """Where theta_c's trained tensors (those not in ``frozen``) lie in
-    ``CurveState.trainable``: in ``pytrees.flatten`` order."""
-    return packing.Layout.of({k: v for k, v in pytrees.flatten(params_template).items()
-                              if k not in frozen})
+    ``CurveState.trainable`` (:func:`layouts`)."""
+    return layouts({k: v for k, v in pytrees.flatten(params_template).items()
+                    if k not in frozen})
+
+
+def _pick(flat: dict, layout: packing.Layout) -> dict:
+    return {k: flat[k] for k in layout.paths}
+
+
+def packed_vectors(p_o, p_p, frozen: dict) -> dict:
+    """``CurveConsts.vectors``: theta_o's and theta_p's trained vectors packed as
+    ``CurveState.trainable["vectors"]``, and theta_o's, theta_c's and theta_p's frozen ones."""
+    trained, fixed = trained_layouts(p_o, frozen)["vectors"], layouts(frozen)["vectors"]
+    ends = [pytrees.flatten(p) for p in (p_o, p_p)]
+    return {"trained": [packing.pack(trained, _pick(e, trained)) for e in ends],
+            "frozen": [packing.pack(fixed, _pick(f, fixed)) for f in (ends[0], frozen, ends[1])]}
 
 
 def control_point(params_template, trainable: dict, frozen: dict):
     """theta_c rebuilt from its trained (packed, ``CurveState.trainable``) and frozen parts."""
-    layout = trained_layout(params_template, frozen)
-    return pytrees.unflatten(params_template, {**frozen, **packing.unpack(layout, trainable)})
+    flat = dict(frozen)
+    for part, layout in trained_layouts(params_template, frozen).items():
+        flat.update(packing.unpack(layout, trainable[part]))
+    return pytrees.unflatten(params_template, flat)
 
 
 def make_curve_step(model, tx, config: MCUConfig, params_template):
     """The jit-able per-batch MCU step ``(state, consts, idx, key) -> (state, metrics)``.
 
-    The loss is differentiated in the curve point's trained tensors, and their gradients
-    are packed (one vector per dtype) before they are scaled by the control point's weight
-    ``w_c(t)`` (the chain rule through the curve: ``d theta(t) / d theta_c = w_c(t)``), so
-    that the scaling, the momentum and the update are one kernel (``packing``).
+    The loss is differentiated in the curve point's trained tensors (its vectors as one
+    packed vector, :func:`layouts`), and their gradients are packed (one vector per dtype and
+    part) before they are scaled by the control point's weight ``w_c(t)`` (the chain rule
+    through the curve: ``d theta(t) / d theta_c = w_c(t)``), so that the scaling, the
+    momentum and the update are one kernel (``packing``).
     """
     values = tuple(float(v) for v in config.beta_values)
 
@@ -187,13 +223,26 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         is_f = c.is_forget[idx]
         adaptive = config.beta_mode == "adaptive"
 
-        layout = trained_layout(params_template, c.frozen)
-        theta_c = control_point(params_template, state.trainable, c.frozen)
-        point = pytrees.flatten(curves.point(config.curve, [c.theta_o, theta_c, c.theta_p], t))
-        fixed = {k: point[k] for k in c.frozen}  # theta(t)'s tensors outside the mask
+        along = functools.partial(curves.point, config.curve, t=t)  # theta(t) of 3 points
+        trained_l, frozen_l = trained_layouts(params_template, c.frozen), layouts(c.frozen)
+        ends = [pytrees.flatten(p) for p in (c.theta_o, c.theta_p)]
+
+        def per_tensor(layout, theta_c: dict) -> dict:
+            return along([_pick(ends[0], layout), theta_c, _pick(ends[1], layout)])
+
+        # theta(t)'s tensors outside the mask, and the trained ones, which are differentiated
+        fixed = {**per_tensor(frozen_l["tensors"], _pick(c.frozen, frozen_l["tensors"])),
+                 **packing.unpack(frozen_l["vectors"], along(c.vectors["frozen"]))}
+        tensors = trained_l["tensors"]
+        trained = {"vectors": along([c.vectors["trained"][0], state.trainable["vectors"],
+                                     c.vectors["trained"][1]]),
+                   "tensors": per_tensor(tensors,
+                                         packing.unpack(tensors, state.trainable["tensors"]))}
 
         def objective(trained):
-            params = pytrees.unflatten(params_template, {**fixed, **trained})
+            params = pytrees.unflatten(params_template, {
+                **fixed, **packing.unpack(trained_l["vectors"], trained["vectors"]),
+                **trained["tensors"]})
             logits, _ = model.apply(
                 {"params": params, "batch_stats": c.batch_stats},
                 x,
@@ -214,11 +263,10 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
             return loss, dict(ce_r=ce_r, ce_f=ce_f, acc_r=acc_r, acc_f=acc_f, n_r=n_r, n_f=n_f,
                               beta=beta, loss=loss)
 
-        trained = {k: point[k] for k in layout.paths}
         grads, m = jax.grad(objective, has_aux=True)(trained)
+        grads = {**grads, "tensors": packing.pack(tensors, grads["tensors"])}
         w_c = curves.weights(config.curve, t)[1]
-        grads = {key: w_c.astype(g.dtype) * g
-                 for key, g in packing.pack(layout, grads).items()}
+        grads = jax.tree.map(lambda g: w_c.astype(g.dtype) * g, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"t": t, **m}
@@ -287,11 +335,13 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
     if not trainable:
         raise ValueError("the parameter mask selects no tensor: nothing to train")
-    trainable = packing.pack(trained_layout(p_o, frozen), trainable)
+    trainable = {part: packing.pack(layout, _pick(trainable, layout))
+                 for part, layout in trained_layouts(p_o, frozen).items()}
     consts = CurveConsts(
         theta_o=p_o,
         theta_p=p_p,
         frozen=frozen,
+        vectors=packed_vectors(p_o, p_p, frozen),
         batch_stats=theta_o.get("batch_stats", {}),
         images=images,
         is_forget=jnp.asarray(is_forget),

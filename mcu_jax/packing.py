@@ -39,9 +39,8 @@ class Layout:
 
     @classmethod
     def of(cls, flat: dict) -> Layout:
-        """The layout of a flat dict of arrays (or ShapeDtypeStructs), in its order."""
-        if not flat:
-            raise ValueError("packing.Layout.of: no tensors to pack")
+        """The layout of a flat dict of arrays (or ShapeDtypeStructs), in its order; an empty
+        dict gives an empty layout, which packs into no vector."""
         return cls(tuple(flat), tuple(tuple(np.shape(v)) for v in flat.values()),
                    tuple(np.dtype(v.dtype).name for v in flat.values()))
 

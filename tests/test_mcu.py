@@ -211,8 +211,12 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, the
     mask = pytrees.unflatten(p_o, {k: k not in frozen for k in flat})
     state, consts, _ = mcu.setup_curve(small_model, theta_o, theta_p, theta_c, mask,
                                        train_images, is_forget, (99.0, 95.0), config)
-    (key,) = state.trainable  # one dtype: "float32:<fingerprint of the packed tensors>"
-    assert key.startswith("float32:") and state.trainable[key].ndim == 1
+    # Trained and frozen tensors of both parts (vectors: BatchNorm scales, offsets, biases)
+    assert set(state.trainable) == set(mcu.PARTS)
+    for part in state.trainable.values():
+        (key,) = part  # one dtype: "float32:<fingerprint of the packed tensors>"
+        assert key.startswith("float32:") and part[key].ndim == 1
+    assert all(np.size(v) for part in consts.vectors.values() for p in part for v in p.values())
     tx = optax.sgd(config.lr)
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, p_o))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
