@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from mcu_jax import compile_cache, config
 
     compile_cache.add_argument(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
 
     try:
         cfg = apply_overrides(load_config(args.name), args.overrides)

@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 
 from mcu_jax import (
     checkpoint,
+    checks,
     config,
     evaluation,
     masks,
@@ -96,8 +98,24 @@ class ExperimentConfig:
     fixed_betas: tuple[float, ...] = ()
 
     def __post_init__(self):
+        _check_folder_name("name", self.name)
+        if self.models_from is not None:
+            _check_folder_name("models_from", self.models_from)
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"out_dir must name a folder (a non-empty string), got "
+                             f"{self.out_dir!r}")
+        if not isinstance(self.command, str):
+            raise ValueError(f"command must be a string, got {self.command!r}")
+        for name in ("mia", "table1", "progress"):
+            checks.flag(name, getattr(self, name))
+        # None (the default) and 1 both run on one device, without a mesh.
+        checks.optional_integer("devices (None: one device)", self.devices, 1)
+        if isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence):
+            raise ValueError(f"seeds must be a tuple of ints, got {self.seeds!r}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        seeds = tuple(checks.integer("seeds: each seed", s, 0) for s in self.seeds)
+        object.__setattr__(self, "seeds", seeds)  # plain ints: the run records them as JSON
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:
                 raise ValueError(f"mcu_modes: unknown mode {mode!r}; known: {tuple(MCU_MODES)}")
@@ -114,6 +132,16 @@ class ExperimentConfig:
         # Values are named (rows, folders) as {beta:g}: two values of one name would clash.
         _check_once("fixed_betas", self.fixed_betas, "value (to 6 significant digits)",
                     names=[f"{b:g}" for b in self.fixed_betas])
+
+
+def _check_folder_name(field: str, value) -> None:
+    """ValueError unless ``value`` is one plain folder name (no separator, not "." or ".."):
+    the run folder is ``out_dir/value``, which a path would leave."""
+    plain = (isinstance(value, str) and value.strip() == value and value not in ("", ".", "..")
+             and "/" not in value and "\\" not in value and "\0" not in value)
+    if not plain:
+        raise ValueError(f"{field} must be a single folder name (no '/', '.' or '..'), got "
+                         f"{value!r}")
 
 
 def _check_once(field: str, values, what: str, why: str = "", names=None) -> None:

@@ -11,7 +11,6 @@ ascent, random labels or NegGrad+ only supply a loss (and, for SalUn, an update 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, evaluation, loop, runs
+from mcu_jax import checkpoint, checks, evaluation, loop, runs
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import prepare_batch
@@ -54,22 +53,26 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
 
     def __post_init__(self):
-        if self.epochs < 0 or self.batch_size < 1 or self.steps_per_call < 1:
-            raise ValueError(
-                f"epochs >= 0, batch_size >= 1 and steps_per_call >= 1 are required, got "
-                f"epochs={self.epochs}, batch_size={self.batch_size}, "
-                f"steps_per_call={self.steps_per_call}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        """Checks every field (a float epoch count or a string rate would otherwise fail only
+        in the training loop, after ``train_model`` bound its folder) and stores plain Python
+        numbers, so configs compare equal and serialise to JSON."""
+        values = {
+            "epochs": checks.integer("epochs", self.epochs, 0),
+            "batch_size": checks.integer("batch_size", self.batch_size, 1),
+            "lr": checks.number("lr", self.lr, positive=True),
+            "momentum": checks.number("momentum", self.momentum),
+            "weight_decay": checks.number("weight_decay", self.weight_decay),
+            "schedule": checks.choice("schedule", self.schedule, SCHEDULES),
+            "steps_per_call": checks.integer("steps_per_call", self.steps_per_call, 1),
+            "progress": checks.flag("progress", self.progress),
+            "checkpoint_every": checks.integer("checkpoint_every", self.checkpoint_every, 1),
+        }
+        if not 0 <= values["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if values["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
 
 class TrainState(struct.PyTreeNode):

@@ -52,6 +52,19 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "no finished model" in err
 
 
+@pytest.mark.parametrize("item, message", [
+    ("train.epochs=1.5", "train.epochs: expected int, got '1.5'"),
+    ("train.checkpoint_every=0", "checkpoint_every must be an int >= 1, got 0"),
+    ("train.momentum=1.0", "momentum must be in [0, 1), got 1.0"),
+])
+def test_a_bad_train_field_is_one_line_before_any_folder(tmp_path, capsys, item, message):
+    """A bad training setting is refused when the config is made, in one line naming it,
+    before the data is loaded or the --out folder is bound to the request."""
+    code, _, err = _run(capsys, ["train", "--out", str(tmp_path / "o"), item])
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_non_finite_loss_is_one_line_with_the_way_on(tmp_path, capsys):
     """A diverging run stops with one line (exit 2) that says the last good checkpoint is
     kept and a new folder is needed for other settings, not with a traceback."""

@@ -719,6 +719,67 @@ def test_repeated_or_bad_values_are_refused(field, value, match):
         experiment.ExperimentConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("devices", -2, "devices (None: one device) must be an int >= 1, got -2"),
+    ("devices", 0, "devices (None: one device) must be an int >= 1, got 0"),
+    ("devices", 1.5, "devices (None: one device) must be an int >= 1, got 1.5"),
+    ("out_dir", "", "out_dir must name a folder (a non-empty string), got ''"),
+    ("name", "../../x", "name must be a single folder name (no '/', '.' or '..'), got '../../x'"),
+    ("name", "a/b", "got 'a/b'"), ("name", "..", "got '..'"), ("name", "", "got ''"),
+    ("models_from", "../digits_random", "models_from must be a single folder name"),
+    ("seeds", (1.5,), "seeds: each seed must be an int >= 0, got 1.5"),
+    ("seeds", (0, -1), "seeds: each seed must be an int >= 0, got -1"),
+    ("seeds", 3, "seeds must be a tuple of ints, got 3"),
+    ("mia", "no", "mia must be True or False, got 'no'"),
+    ("table1", "yes", "table1 must be True or False, got 'yes'"),
+    ("progress", 1, "progress must be True or False, got 1"),
+    ("command", None, "command must be a string, got None"),
+])
+def test_bad_fields_are_refused_naming_field_and_value(field, value, message):
+    """A device count below 1, an empty out_dir, a run name that is a path (it would leave
+    out_dir), a seed that is no int >= 0 and a flag that is no bool are refused when the
+    config is made, not once the run has started."""
+    with pytest.raises(ValueError) as info:
+        experiment.ExperimentConfig(**{field: value})
+    assert message in str(info.value)
+
+
+def test_good_fields_are_kept():
+    """devices None (the default) and 1 both mean one device; seeds become plain ints."""
+    assert experiment.ExperimentConfig().devices is None
+    assert experiment.ExperimentConfig(devices=1).devices == 1
+    cfg = experiment.ExperimentConfig(seeds=[np.int64(2), 0], models_from="digits_random",
+                                      name="my-run_1.v2")
+    assert cfg.seeds == (2, 0) and type(cfg.seeds[0]) is int
+
+
+def test_bad_name_or_devices_on_the_command_line_binds_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for item, message in [("name=../escaped", "name must be a single folder name"),
+                          ("devices=0", "devices (None: one device) must be an int >= 1")]:
+        assert run_script.main(["digits_random", item, f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and item in err and message in err, err
+    assert not out.exists() and not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["digits_random", "--compile-cache", "off", "seeds=3", "mia=false"],
+    ["digits_random", "seeds=3", "--compile-cache", "off", "mia=false"],
+    ["digits_random", "seeds=3", "mia=false", "--compile-cache", "off"],
+])
+def test_run_script_takes_options_between_and_after_the_overrides(monkeypatch, argv):
+    from mcu_jax import compile_cache
+
+    seen = {}
+    monkeypatch.setattr(compile_cache, "enable_from_args",
+                        lambda value: seen.setdefault("cache", value))
+    monkeypatch.setattr(run_script, "run", lambda cfg: seen.setdefault("cfg", cfg))
+    assert run_script.main(argv) == 0
+    assert seen["cache"] == "off"
+    assert seen["cfg"].seeds == (3,) and seen["cfg"].mia is False
+
+
 def test_beta_search_trains_one_curve_per_value_and_reports_the_best(tmp_path):
     """Each value of fixed_betas trains its own fixed-beta curve (its folder records that
     beta); the table's MCU row is the chosen value's, and results.md lists every value."""

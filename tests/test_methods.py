@@ -130,6 +130,80 @@ def test_user_registered_method_is_callable_by_name(monkeypatch):
     assert default_config("identity") == MethodConfig()
 
 
+@pytest.fixture
+def untouched(monkeypatch):
+    """The name of a registered method that fails the test if it ever runs."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register("untouched")
+    def never(model, theta_o, data, config, key, *, checkpoint_dir=None):
+        raise AssertionError("the method ran on a bad input")
+
+    return "untouched"
+
+
+def _bad_inputs(digits, digits_images, digits_split, small_model):
+    """label -> (theta_o, data, key, message) of each input run/produce refuse."""
+    data = MethodData(*digits_images, digits_split, digits.image_shape)
+    theta = init_variables(small_model, jax.random.PRNGKey(0), digits.image_shape)
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), theta)
+    other = {"params": {"Dense_0": {"kernel": jnp.zeros((64, 10))}}, "batch_stats": {}}
+    far = MethodData(*digits_images, dataclasses.replace(digits_split, forget=np.array([99999])),
+                     digits.image_shape)
+    key = jax.random.PRNGKey(0)
+    return {
+        "another model": (other, data, key, "missing from theta_o"),
+        "no params": ({"batch_stats": theta["batch_stats"]}, data, key,
+                      r"theta_o \(the input model\) must be a dict with 'params'"),
+        "NaN theta_o": (nan, data, key, r"theta_o \(the input model\): .* NaN or infinite"),
+        "int key": (theta, data, 0, "key must be a JAX random key"),
+        "forget index": (theta, far, key, r"split.forget has indices outside \[0, "),
+    }
+
+
+@pytest.mark.parametrize("case", ["another model", "no params", "NaN theta_o", "int key",
+                                  "forget index"])
+def test_run_and_produce_refuse_bad_inputs_before_the_method(
+        untouched, tmp_path, digits, digits_images, digits_split, small_model, case):
+    """Another model's variables (a Flax scope error deep in a trace), params without
+    "params" (KeyError), a NaN theta_o (a "loss became nan" that blames the learning rate),
+    an int key (an error deep in jax) and an index past the images (IndexError) are refused
+    up front, naming the input, and produce claims no folder for them."""
+    theta, data, key, match = _bad_inputs(digits, digits_images, digits_split,
+                                          small_model)[case]
+    with pytest.raises(ValueError, match=match):
+        registry.run(untouched, small_model, theta, data, CONFIG, key)
+    with pytest.raises(ValueError, match=match):
+        produce(untouched, small_model, theta, data, CONFIG, key, out_dir=tmp_path / "p")
+    assert not (tmp_path / "p" / "method.json").exists()  # nothing claimed or made
+
+
+def test_methods_called_directly_check_their_indices(digits, digits_images, digits_split,
+                                                     small_model):
+    from mcu_jax.methods import base
+
+    theta = init_variables(small_model, jax.random.PRNGKey(0), digits.image_shape)
+    far = dataclasses.replace(digits_split, forget=np.array([99999]))
+    data = MethodData(*digits_images, far, digits.image_shape)
+    with pytest.raises(ValueError, match=r"neggrad: split.forget has indices outside"):
+        neggrad_module.neggrad_plus(small_model, theta, data, CONFIG, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="forget has indices outside"):
+        base.forget_flags(10, np.array([10]))
+    empty = MethodData(*digits_images, dataclasses.replace(digits_split, forget=np.array([], int)),
+                       digits.image_shape)
+    with pytest.raises(ValueError, match="ga: split.forget is empty"):
+        registry.get("ga")(small_model, theta, empty, CONFIG, jax.random.PRNGKey(0))
+
+
+def test_misspelt_config_fields_are_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'epoch'; .*fields are epochs, lr"):
+        default_config("ga", epoch=3)
+    with pytest.raises(ValueError, match="'epoch', 'betta'"):
+        default_config("neggrad", "class", epoch=3, betta=0.2)
+    with pytest.raises(ValueError, match="progress='no'; expected True or False"):
+        MethodConfig(progress="no")
+
+
 def test_default_config_follows_the_paper():
     for scenario in ("random", "class"):
         assert default_config("ft", scenario).epochs == 10

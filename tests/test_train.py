@@ -1,5 +1,8 @@
 """Ordinary training, evaluation and checkpoints on the digits set with a small CNN."""
 
+import dataclasses
+import json
+import re
 import shutil
 
 import jax
@@ -160,11 +163,35 @@ def test_train_config_rejects_bad_values():
         train.TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
         train.TrainConfig(lr=-1.0)
-    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1, got 0"):
         train.TrainConfig(checkpoint_every=0)
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lr must be a positive finite number"):
             train.TrainConfig(lr=bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 1.5), ("epochs", "3"), ("epochs", True), ("epochs", -1),
+    ("batch_size", 64.0), ("batch_size", 0), ("lr", "0.1"), ("lr", 0.0),
+    ("momentum", "0.9"), ("momentum", 1.0), ("weight_decay", -1e-4),
+    ("weight_decay", float("nan")), ("schedule", "step"), ("steps_per_call", 2.0),
+    ("progress", "no"), ("progress", 1), ("checkpoint_every", 1.5),
+])
+def test_train_config_names_a_bad_field_and_its_value(field, value):
+    """Every field is checked when the config is made (a float epoch count used to pass
+    until the training loop, after train_model had bound its folder; a string rate gave a
+    raw TypeError): one ValueError naming the field and the value."""
+    with pytest.raises(ValueError, match=rf"^{field} must .*, got {re.escape(repr(value))}$"):
+        train.TrainConfig(**{field: value})
+
+
+def test_train_config_stores_plain_numbers():
+    config = train.TrainConfig(epochs=np.int64(2), batch_size=np.int32(8), lr=1,
+                               momentum=np.float32(0.5), weight_decay=0)
+    assert config == train.TrainConfig(epochs=2, batch_size=8, lr=1.0, momentum=0.5,
+                                       weight_decay=0.0)
+    assert type(config.epochs) is int and type(config.lr) is float
+    json.dumps(dataclasses.asdict(config))  # what train_model records in run.json
 
 
 def test_epoch_cosine_is_torchs_cosine_annealing_stepped_per_epoch():

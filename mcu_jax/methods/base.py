@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from mcu_jax import runs
+from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.protocols import check_setting, setting_of
@@ -152,8 +153,9 @@ class MethodConfig:
             bad("relabel", f"one of {RELABEL}")
         if self.bn not in BN_MODES:
             bad("bn", f"one of {BN_MODES}")
-        if not isinstance(self.saliency_augment, bool):
-            bad("saliency_augment", "True or False")
+        for name in ("saliency_augment", "progress"):
+            if not isinstance(getattr(self, name), bool):  # "no" would read as True
+                bad(name, "True or False")
         # Plain Python numbers, so configs compare equal and serialise to JSON.
         for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -162,7 +164,7 @@ class MethodConfig:
         for name in ("lr", "momentum", "weight_decay", "beta", "alpha", "fraction"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
-        object.__setattr__(self, "progress", bool(self.progress))
+        object.__setattr__(self, "checkpoint_every", int(self.checkpoint_every))
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         """The :class:`~mcu_jax.train.TrainConfig` of this method's training loop."""
@@ -254,6 +256,11 @@ def default_config(method: str, scenario: str = "random", setting: str = "cifar1
     fields = dict(_PROTOCOLS[setting].get(method, {}))
     if method == "negtv":
         fields["alpha"] = negtv_alpha(scenario, setting)
+    known = [f.name for f in dataclasses.fields(MethodConfig)]
+    unknown = [name for name in overrides if name not in known]
+    if unknown:  # a misspelt field would otherwise be a TypeError without the list
+        raise ValueError(f"default_config: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         f"MethodConfig's fields are {', '.join(known)}")
     fields.update(overrides)
     return MethodConfig(**fields)
 
@@ -263,21 +270,22 @@ def default_config(method: str, scenario: str = "random", setting: str = "cifar1
 # ------------------------------------------------------------------------------------------
 
 
-def indices(split: Any, name: str, method: str) -> np.ndarray:
-    """``split.<name>`` as int32, non-empty (an empty D_f or D_r cannot be unlearned with)."""
-    idx = np.asarray(getattr(split, name), dtype=np.int32)
-    if idx.ndim != 1 or idx.size == 0:
+def indices(data: MethodData, name: str, method: str) -> np.ndarray:
+    """``data.split.<name>`` as int32, non-empty (an empty D_f or D_r cannot be unlearned
+    with) and inside the training images (an index past them would fail deep in a gather)."""
+    idx = np.asarray(getattr(data.split, name))
+    if idx.size == 0:
         raise ValueError(
             f"{method}: split.{name} is empty (shape {idx.shape}); the method needs a non-empty "
             f"{'forget' if name == 'forget' else 'retain'} set"
         )
-    return idx
+    return check_indices(f"{method}: split.{name}", idx, data.train.num_examples)
 
 
 def forget_flags(num_examples: int, forget: np.ndarray) -> np.ndarray:
     """Per-training-example bool: True for D_f (the ``aux`` of mixed-batch losses)."""
     flags = np.zeros(num_examples, dtype=bool)
-    flags[np.asarray(forget)] = True
+    flags[check_indices("forget", forget, num_examples)] = True
     return flags
 
 

@@ -25,7 +25,7 @@ def fine_tune(model, theta_o: dict, data: MethodData, config: MethodConfig, key:
               *, checkpoint_dir=None) -> MethodResult:
     """theta_o trained further on ``split.retain`` only."""
     start = time.perf_counter()
-    retain = indices(data.split, "retain", "ft")
+    retain = indices(data, "retain", "ft")
     variables, history = fit(
         model, theta_o, data.train, retain, config.train_config(), key,
         checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="FT",

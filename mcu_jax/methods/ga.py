@@ -35,7 +35,7 @@ def gradient_ascent(model, theta_o: dict, data: MethodData, config: MethodConfig
                     key: jax.Array, *, checkpoint_dir=None) -> MethodResult:
     """theta_o trained on ``split.forget`` to maximise its cross-entropy."""
     start = time.perf_counter()
-    forget = indices(data.split, "forget", "ga")
+    forget = indices(data, "forget", "ga")
     variables, history = fit(
         model, theta_o, data.train, forget, config.train_config(), key,
         loss_fn=ascent_loss, checkpoint_dir=checkpoint_dir, mesh=data.mesh, desc="GA",

@@ -67,7 +67,7 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
     BatchNorm statistics as ``config.bn`` says."""
     start = time.perf_counter()
     alpha = config.alpha if config.alpha is not None else negtv_alpha(data.split.scenario)
-    forget = indices(data.split, "forget", "negtv")
+    forget = indices(data, "forget", "negtv")
     epochs = config.epochs if config.ft_epochs is None else config.ft_epochs
     theta_ft, history = fit(
         model, theta_o, data.train, forget, config.train_config(epochs), key,
@@ -82,7 +82,7 @@ def negtv(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
         stats = _arithmetic_stats(stats_o, theta_ft["batch_stats"], alpha)
         variables = {"params": params, "batch_stats": stats}
     else:
-        retain = indices(data.split, "retain", "negtv")
+        retain = indices(data, "retain", "negtv")
         variables = bn.recompute(
             model, {"params": params, "batch_stats": stats_o}, data.train, retain,
             batch_size=config.batch_size, mesh=data.mesh,

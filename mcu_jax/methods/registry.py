@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import checkpoint, loop, runs
+from mcu_jax import checkpoint, checks, loop, runs
+from mcu_jax.data.batching import check_indices
 from mcu_jax.methods.base import MethodConfig, MethodData, MethodResult
 from mcu_jax.models import check_variables
 
@@ -81,12 +82,35 @@ def _accepts_checkpoint_dir(fn: Method) -> bool:
     )
 
 
-def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
-        key: jax.Array, *, checkpoint_dir: str | os.PathLike | None = None) -> MethodResult:
-    """Runs method ``name`` (no saving or reuse; see :func:`produce`)."""
-    fn = get(name)
+def check_inputs(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
+                 key: jax.Array) -> None:
+    """ValueError naming the first bad input of method ``name``, before any work: an unknown
+    method, a config that is no MethodConfig, a key that is no JAX key (an int seed fails deep
+    inside jax), and, given a model and a :class:`MethodData` (a user's method may need
+    neither), a theta_o that is not the model's or holds a NaN/inf (which would look like a
+    diverging method), or split indices outside the training images."""
+    get(name)
     if not isinstance(config, MethodConfig):
         raise ValueError(f"config: expected a MethodConfig, got {type(config).__name__}")
+    checks.key("key", key)
+    if model is None or not isinstance(data, MethodData):
+        return
+    check_variables(model, theta_o, data.input_shape, "theta_o (the input model)")
+    for part in ("forget", "retain"):
+        check_indices(f"split.{part}", getattr(data.split, part), data.train.num_examples)
+
+
+def run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
+        key: jax.Array, *, checkpoint_dir: str | os.PathLike | None = None) -> MethodResult:
+    """Runs method ``name`` (no saving or reuse; see :func:`produce`) after
+    :func:`check_inputs`."""
+    check_inputs(name, model, theta_o, data, config, key)
+    return _run(name, model, theta_o, data, config, key, checkpoint_dir)
+
+
+def _run(name: str, model, theta_o: dict, data: MethodData, config: MethodConfig,
+         key: jax.Array, checkpoint_dir: str | os.PathLike | None = None) -> MethodResult:
+    fn = get(name)
     kwargs, earlier = {}, 0.0
     if checkpoint_dir is not None and _accepts_checkpoint_dir(fn):
         kwargs["checkpoint_dir"] = checkpoint_dir
@@ -130,10 +154,9 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
     digest of its variables) differ raises ValueError rather than being reused or resumed.
     The minutes of a resumed run include its earlier sessions (``loop.earlier_seconds``).
     """
-    get(name)
-    check_variables(model, theta_o, data.input_shape, "theta_o")
+    check_inputs(name, model, theta_o, data, config, key)
     if out_dir is None:
-        return run(name, model, theta_o, data, config, key)
+        return _run(name, model, theta_o, data, config, key)
     out_dir = Path(out_dir)
     identity = json.loads(json.dumps(_identity(name, config, key, data, model, theta_o)))
     if checkpoint.model_exists(out_dir):
@@ -154,7 +177,7 @@ def produce(name: str, model, theta_o: dict, data: MethodData, config: MethodCon
                         "an unfinished run (its epoch checkpoints are in progress/)")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(claim, identity)
-    result = run(name, model, theta_o, data, config, key, checkpoint_dir=out_dir / "progress")
+    result = _run(name, model, theta_o, data, config, key, checkpoint_dir=out_dir / "progress")
     meta = dict(identity)
     meta.update(
         minutes=result.minutes,

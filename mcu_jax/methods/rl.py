@@ -68,8 +68,8 @@ def make_loss():
 
 def _pool(data: MethodData, method: str) -> tuple[np.ndarray, np.ndarray]:
     """The training pool D_r + D_f, and D_f."""
-    forget = indices(data.split, "forget", method)
-    return np.concatenate([indices(data.split, "retain", method), forget]), forget
+    forget = indices(data, "forget", method)
+    return np.concatenate([indices(data, "retain", method), forget]), forget
 
 
 def pool_and_flags(data: MethodData, method: str) -> tuple[np.ndarray, dict]:

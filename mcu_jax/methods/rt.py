@@ -29,7 +29,7 @@ def retrain(model, theta_o: dict, data: MethodData, config: MethodConfig, key: j
     from mcu_jax.models import init_variables
 
     start = time.perf_counter()
-    retain = indices(data.split, "retain", "rt")
+    retain = indices(data, "retain", "rt")
     init_key, train_key = jax.random.split(key)
     variables = init_variables(model, init_key, data.input_shape)
     pytrees.check_compatible(theta_o=theta_o, fresh=variables)

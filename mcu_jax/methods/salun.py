@@ -92,7 +92,7 @@ def salun(model, theta_o: dict, data: MethodData, config: MethodConfig, key: jax
           *, checkpoint_dir=None) -> MethodResult:
     """RL in which only the ``config.fraction`` most salient weights may change."""
     start = time.perf_counter()
-    forget = indices(data.split, "forget", "salun")
+    forget = indices(data, "forget", "salun")
     # The augmentation's own stream (fold_in), so the training's randomness is unchanged.
     augment_key = jax.random.fold_in(key, SALIENCY_STREAM) if config.saliency_augment else None
     grads = forget_gradient(model, theta_o, data.train, forget, config.grad_batch_size,
