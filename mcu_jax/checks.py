@@ -58,3 +58,19 @@ def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
     if value not in tuple(options):
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
     return value
+
+
+def key(name: str, value: Any) -> Any:
+    """``value`` if it is a JAX random key (``jax.random.PRNGKey(seed)``'s uint32 (2,) or a
+    typed ``jax.random.key``); ValueError naming the field otherwise (an int seed in its place
+    would fail deep inside jax)."""
+    import jax  # the configs' checks above need no jax
+    import jax.numpy as jnp
+
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return value
+    if shape == (2,) and dtype == jnp.uint32:
+        return value
+    raise ValueError(f"{name} must be a JAX random key (jax.random.PRNGKey(seed)), got "
+                     f"{value!r}"[:300])

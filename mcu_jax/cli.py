@@ -36,6 +36,7 @@ from mcu_jax import (
     pipeline,
     problem,
     pytrees,
+    runs,
     train,
 )
 from mcu_jax.mcu import MCUConfig
@@ -56,6 +57,20 @@ def _load_theta_o(path: str) -> tuple[dict, dict, problem.ProblemConfig]:
     if "problem" not in meta or "refs" not in meta:
         raise ValueError(f"{path} was not written by 'mcu-jax train' (no problem/refs metadata)")
     return variables, meta, problem.ProblemConfig(**meta["problem"])
+
+
+def _check_origin(path: str, meta: dict, theta_o: dict, pcfg: problem.ProblemConfig) -> None:
+    """A theta_p written by ``mcu-jax unlearn`` records the theta_o it unlearned and the split
+    it used: MCU connects theta_p with that theta_o on that split, so another one is refused
+    (a theta_p from elsewhere records neither and is taken as given)."""
+    made_from = meta.get("theta_o")
+    if made_from is not None and made_from != runs.tree_digest(theta_o):
+        raise ValueError(f"{path} was unlearned from another theta_o (its variables differ "
+                         "from --theta-o's): give the theta_o it was made from")
+    for field, ours in (("scenario", pcfg.scenario), ("split_seed", pcfg.seed)):
+        if meta.get(field) is not None and meta[field] != ours:
+            raise ValueError(f"{path} was unlearned with {field}={meta[field]!r}, but "
+                             f"--theta-o's problem has {ours!r}")
 
 
 def cmd_train(args) -> dict:
@@ -95,7 +110,8 @@ class MCUCommand:
 
 def cmd_mcu(args) -> dict:
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
-    theta_p, _ = checkpoint.load_model(args.theta_p)
+    theta_p, p_meta = checkpoint.load_model(args.theta_p)
+    _check_origin(args.theta_p, p_meta, theta_o, pcfg)
     # The paper's curve training for theta_o's problem (e.g. 5 epochs class-wise).
     base = mcu.paper_config(pcfg.scenario, methods.setting_of(pcfg.dataset))
     cfg = config.override(MCUCommand(mcu=base), args.overrides)

@@ -37,12 +37,13 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, checks, curves, loop, packing, pytrees
+from mcu_jax import checkpoint, checks, curves, loop, packing, pytrees, runs
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
+from mcu_jax.models import check_variables
 from mcu_jax.protocols import check_setting
 
 BETA_MODES = ("adaptive", "fixed")
@@ -81,10 +82,19 @@ class MCUConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not isinstance(self.beta_values, tuple | list) or len(self.beta_values) != 3:
             raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
+        # beta weighs the forget loss that is subtracted: a negative one would learn D_f
         for i, value in enumerate(self.beta_values):
-            checks.number(f"beta_values[{i}]", value)
+            _penalty(f"beta_values[{i}]", value)
         for name in ("beta", "beta_init"):
-            checks.number(name, getattr(self, name))
+            _penalty(name, getattr(self, name))
+        for name in ("augment", "progress"):
+            checks.flag(name, getattr(self, name))
+
+
+def _penalty(name: str, value: Any) -> float:
+    if checks.number(name, value) < 0:
+        raise ValueError(f"{name} must be >= 0 (a penalty on the forget loss), got {value!r}")
+    return value
 
 
 # Curve-training epochs of the paper's protocols (NOTES.md) where they differ from the random
@@ -100,6 +110,10 @@ def paper_config(scenario: str = "random", setting: str = "cifar10", **overrides
     Tiny-ImageNet); ``overrides`` replace fields."""
     checks.choice("scenario", scenario, SCENARIOS)
     epochs = _PAPER_EPOCHS.get(check_setting(setting), 10 if scenario == "random" else 5)
+    fields = [f.name for f in dataclasses.fields(MCUConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"paper_config: no MCUConfig field {unknown}; fields: {fields}")
     return MCUConfig(**{"epochs": epochs, **overrides})
 
 
@@ -372,6 +386,22 @@ def check_curve_data(forget: Any, retain_subset: Any, n: int) -> tuple[np.ndarra
     return forget, retain_subset
 
 
+def _bind_checkpoints(directory, config: MCUConfig, theta_o, theta_p, start_point: str, mask,
+                      pool, consts: CurveConsts, key) -> None:
+    """Binds the checkpoint folder to this training (``runs.RunDir``'s ``run.json``): a
+    resume with other end points, theta_c, mask, data, references, hyperparameters or key is
+    refused, instead of continuing another curve's checkpoints (the speed settings
+    ``progress``, ``steps_per_call`` and ``checkpoint_every`` may change)."""
+    runs.RunDir(directory).open({
+        "mcu": dataclasses.asdict(config),
+        **{name: runs.tree_digest(tree) for name, tree in (
+            ("theta_o", theta_o), ("theta_p", theta_p), ("mask", mask))},
+        "theta_c": start_point,  # "midpoint" (of theta_o and theta_p) or a digest
+        "pool": runs.digest(pool), "forget": runs.digest(np.flatnonzero(consts.is_forget)),
+        "refs": np.asarray(consts.refs).tolist(), "key": runs.key_list(key),
+    })
+
+
 def check_refs(refs: Any) -> None:
     """ValueError unless ``refs`` holds theta_o's reference accuracies "train" and "val" in
     percent (finite, in [0, 100], and not both <= 1, which are fractions by mistake)."""
@@ -419,13 +449,15 @@ def train_curve(
     number), train-mode BatchNorm uses the statistics of the whole batch, and theta_c equals
     the single-device result within float tolerance (its arrays replicated on the mesh).
     """
+    for name, variables in (("theta_o", theta_o), ("theta_p", theta_p)):  # also finite
+        check_variables(model, variables, (1, *images.x.shape[1:]), name)
+    checks.key("key", key)
     p_o, p_p = theta_o["params"], theta_p["params"]
-    pytrees.check_compatible(theta_o=p_o, theta_p=p_p)
+    start_point = "midpoint" if theta_c is None else runs.tree_digest(theta_c)
     if theta_c is None:
         theta_c = curves.midpoint(p_o, p_p)
     pytrees.check_compatible(theta_o=p_o, theta_c=theta_c)
-    for name, tree in (("theta_o", p_o), ("theta_p", p_p), ("theta_c", theta_c)):
-        pytrees.check_finite(name, tree)
+    pytrees.check_finite("theta_c", theta_c)
     if mask is None:
         mask = jax.tree.map(lambda _: True, p_o)
     forget, retain_subset = check_curve_data(forget, retain_subset, images.num_examples)
@@ -446,6 +478,9 @@ def train_curve(
         checkpoint_every=config.checkpoint_every,
     )
     pool = np.concatenate([retain_subset, forget])
+    if checkpoint_dir is not None:
+        _bind_checkpoints(checkpoint_dir, config, theta_o, theta_p, start_point, mask, pool,
+                          consts, key)
     earlier = loop.earlier_seconds(checkpoint_dir)  # sessions before a resume count too
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     start = time.perf_counter()

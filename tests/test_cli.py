@@ -2,9 +2,10 @@
 
 import json
 
+import jax
 import pytest
 
-from mcu_jax import cli, config
+from mcu_jax import checkpoint, cli, config
 from mcu_jax.mcu import MCUConfig
 
 
@@ -41,6 +42,12 @@ def test_train_unlearn_mcu_chain(tmp_path, capsys):
     assert saved == json.loads((tmp_path / "m" / "mask.json").read_text())
     assert result["trained"] == [p for p, kept in saved.items() if kept]
     assert result["summary"].startswith("mask keeps ")
+    # theta_p records the theta_o it was unlearned from: another theta_o is refused
+    variables, meta = checkpoint.load_model(tmp_path / "o")
+    checkpoint.save_model(tmp_path / "o2", jax.tree.map(lambda a: a + 1.0, variables), meta)
+    code, _, err = _run(capsys, ["mcu", "--theta-o", str(tmp_path / "o2"), "--theta-p",
+                                 str(tmp_path / "p"), "--out", str(tmp_path / "m2")])
+    assert code == 2 and "was unlearned from another theta_o" in err, err
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

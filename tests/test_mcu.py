@@ -1,5 +1,6 @@
 """Adaptive beta, the MCU loss, and curve training (mask honoured, resume exact)."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mcu_jax import curves, mcu, pytrees
+from mcu_jax import curves, mcu, models, pytrees, runs
 from mcu_jax.mcu import MCUConfig, adaptive_beta, split_loss
 
 REFS = {"train": 100.0, "val": 90.0}
@@ -295,6 +296,10 @@ def test_a_checkpoint_of_another_mask_is_refused(tmp_path, theta_o, theta_p, dig
     _train(small_model, theta_o, theta_p, train_images, digits_split,
            MCUConfig(epochs=1, progress=False), jax.random.PRNGKey(0), mask=one,
            checkpoint_dir=tmp_path / "curve")
+    with pytest.raises(runs.RequestMismatch, match="mask"):  # the folder's record says so
+        _train(small_model, theta_o, theta_p, train_images, digits_split, config,
+               jax.random.PRNGKey(0), mask=other, checkpoint_dir=tmp_path / "curve")
+    (tmp_path / "curve" / "run.json").unlink()  # as a folder written before the record
     with pytest.raises(ValueError, match=r"does not fit this run's state \(another model, "
                                          r"optimiser or mask, or a state saved by another "
                                          r"version of mcu-jax\?\): .*float32:"):
@@ -321,6 +326,44 @@ def test_curve_training_rejects_bad_input(theta_o, theta_p, digits_images, digit
                jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="beta_mode"):
         MCUConfig(beta_mode="sometimes")
+    # Another model's variables and an int seed for a key: refused up front, named
+    other = models.init_variables(models.create("resnet20", 10), jax.random.PRNGKey(0),
+                                  (1, 8, 8, 1))
+    with pytest.raises(ValueError, match="theta_p"):
+        _train(small_model, theta_o, other, train_images, digits_split, config,
+               jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="key must be a JAX random key"):
+        _train(small_model, theta_o, theta_p, train_images, digits_split, config, 0)
+    for field, value in (("beta", -3.0), ("beta_values", (0.0, -1.0, 0.5)), ("augment", "no"),
+                         ("progress", 1)):
+        with pytest.raises(ValueError, match=field):
+            MCUConfig(**{field: value})
+    with pytest.raises(ValueError, match=r"no MCUConfig field \['epoch'\]"):
+        mcu.paper_config("random", epoch=3)
+
+
+def test_a_checkpoint_folder_resumes_only_its_own_training(tmp_path, theta_o, theta_p,
+                                                            digits_images, digits_split,
+                                                            small_model):
+    """A resume with other end points, hyperparameters, curve or key is refused, naming
+    what differs, instead of continuing the first curve's checkpoints; speed settings may
+    change."""
+    train_images, _ = digits_images
+    base, key, folder = MCUConfig(epochs=1, progress=False), jax.random.PRNGKey(0), tmp_path
+    _train(small_model, theta_o, theta_p, train_images, digits_split, base, key,
+           checkpoint_dir=folder)
+    for changed, field in (((theta_o, theta_o, base, key), "theta_p"),
+                           ((theta_o, theta_p, dataclasses.replace(base, lr=0.02), key), "lr"),
+                           ((theta_o, theta_p, dataclasses.replace(base, curve="polychain"),
+                             key), "curve"),
+                           ((theta_o, theta_p, base, jax.random.PRNGKey(1)), "key")):
+        with pytest.raises(runs.RequestMismatch, match=field):
+            _train(small_model, changed[0], changed[1], train_images, digits_split,
+                   *changed[2:], checkpoint_dir=folder)
+    again = _train(small_model, theta_o, theta_p, train_images, digits_split,
+                   dataclasses.replace(base, steps_per_call=3, checkpoint_every=2), key,
+                   checkpoint_dir=folder)
+    assert len(again.history) == 1
 
 
 @pytest.mark.parametrize("field", ["epochs", "batch_size"])
