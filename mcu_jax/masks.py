@@ -28,6 +28,7 @@ from mcu_jax import checkpoint, checks, pytrees
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.evaluation import mean_gradient
+from mcu_jax.models import check_variables
 
 PyTree = Any
 
@@ -101,6 +102,7 @@ def random_mask(params: PyTree, fraction: float, key: jax.Array) -> PyTree:
     comparison. Deterministic for a given key and parameter structure.
     """
     fraction = checks.fraction("fraction", fraction)
+    key = checks.key("key", key)
     sizes = {p: math.prod(np.shape(v)) for p, v in pytrees.flatten(params).items()}
     paths = sorted(sizes)
     perm = np.asarray(jax.random.permutation(key, len(paths))) if paths else []
@@ -144,13 +146,17 @@ def save(mask: PyTree, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     """Read a mask written by :func:`save` (e.g. ``runs/.../mcu/mask.json``), shaped like
-    ``params``. Refuses a file of another model or with non-boolean values, naming the
-    file and the first offending tensor."""
+    ``params``. Refuses a file that is not JSON, of another model or with non-boolean
+    values, naming the file (and the first offending tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no mask file at {os.fspath(path)!r} (masks.save writes one; "
                                 "every MCU run folder has mask.json)")
-    flat = json.loads(path.read_text())
+    try:
+        flat = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}), not a mask written by masks.save"
+                         ) from None
     if not isinstance(flat, dict):
         raise ValueError(f"{path}: expected a JSON object of tensor path -> true/false, "
                          f"got {type(flat).__name__}")
@@ -181,8 +187,13 @@ def mask_gradients(
     The images are taken as stored; with ``augment_key`` they get their training
     augmentation, as the release's loaders give it (D_r's batches from
     ``fold_in(augment_key, 0)``, D_f's from ``fold_in(augment_key, 1)``).
-    Returns ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``.
+    Returns ``(grads_retain, grads_forget)`` shaped like ``variables["params"]``; variables
+    of another model are refused first (a ValueError naming the first leaf that differs,
+    not a Flax scope error from inside the gradient's trace).
     """
+    check_variables(model, variables, images.x.shape[1:], "variables")
+    if augment_key is not None:
+        checks.key("augment_key", augment_key)
     n = images.num_examples
     retain_idx = check_indices("retain_idx", retain_idx, n, allow_empty=False)
     forget_idx = check_indices("forget_idx", forget_idx, n, allow_empty=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
+from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
 from mcu_jax.models import POINTWISE, check_variables
@@ -84,6 +86,8 @@ class SelectionConfig:
         if not t_lo < t_hi:
             raise ValueError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
         checks.choice("interpolation", self.interpolation, selection.INTERPOLATIONS)
+        for name in ("include_test", "precompile", "fold_bn"):  # "no" would read as true
+            checks.flag(name, getattr(self, name))
         checks.choice("bn_set", self.bn_set, BN_SETS)
         checks.choice("strategy", self.strategy, sweep.STRATEGIES)
         checks.integer("bn_batch_size", self.bn_batch_size, 1)
@@ -115,6 +119,7 @@ class MaskConfig:
     augment: bool = False
 
     def __post_init__(self):
+        checks.flag("enabled", self.enabled)
         checks.fraction("k", self.k)
         checks.fraction("k_r", self.k_r)
         checks.integer("batch_size", self.batch_size, 1)
@@ -201,13 +206,40 @@ def compute_mask(model, theta_o: dict, train: Images, split, config: MaskConfig,
     ``config.kind``'s random mask of the same budget (no gradients)."""
     if not config.enabled:
         return jax.tree.map(lambda _: True, theta_o["params"])
+    _check_mask_budget(config, theta_o["params"])  # before the gradients where it can tell
     if config.kind == "random":
-        return masks.random_mask(theta_o["params"], config.k, jax.random.PRNGKey(config.seed))
-    g_r, g_f = masks.mask_gradients(
-        model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size,
-        mesh=mesh, augment_key=jax.random.PRNGKey(config.seed) if config.augment else None,
-    )
-    return masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
+        mask = masks.random_mask(theta_o["params"], config.k, jax.random.PRNGKey(config.seed))
+    else:
+        g_r, g_f = masks.mask_gradients(
+            model, theta_o, train, split.retain, split.forget, batch_size=config.batch_size,
+            mesh=mesh, augment_key=jax.random.PRNGKey(config.seed) if config.augment else None,
+        )
+        mask = masks.parameter_mask(g_r, g_f, k=config.k, k_r=config.k_r)
+    _check_mask_budget(config, theta_o["params"], mask)
+    return mask
+
+
+def _check_mask_budget(config: MaskConfig, params, mask=None) -> None:
+    """ValueError naming mask.k and mask.k_r when the mask selects no tensor (curve training
+    would have nothing to train): decided from the budgets alone without ``mask`` (k of
+    fewer than one element, or k_r of every element), from ``mask`` once it is computed (the
+    tensors that k_r drops depend on the gradients)."""
+    if not config.enabled:
+        return
+    total = sum(math.prod(np.shape(p)) for p in jax.tree.leaves(params))
+    gradient = config.kind == "parameter"
+    if mask is None:
+        empty = math.floor(config.k * total) == 0 or (
+            gradient and math.floor(config.k_r * total) >= total)
+    else:
+        empty = not any(bool(v) for v in jax.tree.leaves(mask))
+    if empty:
+        budgets = (f"mask.k={config.k!r} and mask.k_r={config.k_r!r}" if gradient
+                   else f"mask.k={config.k!r} (kind='random')")
+        fix = "raise mask.k or lower mask.k_r" if gradient else "raise mask.k"
+        raise ValueError(f"the {config.kind} mask with {budgets} selects no tensor of the "
+                         f"{total:,} parameter elements, so curve training would have nothing "
+                         f"to train: {fix} (or set mask.enabled=False)")
 
 
 @runs.holds_folder("out_dir")
@@ -233,8 +265,9 @@ def run_mcu(
 
     Only the parameters of theta_o and theta_p span the curve: every point's BatchNorm
     statistics are recomputed (section 2.5), so theta_p's ``batch_stats`` are checked
-    (shapes, finite) but not used. D_f, the retain subset, the variables and ``refs`` are
-    checked before any work (ValueError naming what is wrong).
+    (shapes, finite) but not used. The key, the variables, ``refs``, every index set of
+    ``split`` that is read (D_f and the retain subset disjoint) and a mask budget that
+    selects no tensor are checked before any work (ValueError naming what is wrong).
 
     ``refs`` are theta_o's reference accuracies in percent (keys "train", "val"), measured
     once in evaluation mode (see ``train.reference_accuracies``). With ``out_dir``, curve
@@ -255,10 +288,16 @@ def run_mcu(
     mcu_config = mcu_config or MCUConfig()
     mask_config = mask_config or MaskConfig()
     selection_config = selection_config or SelectionConfig()
+    checks.key("key", key)
     check_variables(model, theta_o, train.x.shape[1:], "theta_o")
     check_variables(model, theta_p, train.x.shape[1:], "theta_p")
     check_refs(refs)
     check_curve_data(split.forget, split.retain_subset, train.num_examples)
+    # Every set the mask, the BatchNorm passes and the sweep read, so that a bad index is
+    # refused here rather than in the sweep, after the mask and the whole curve.
+    for name, (images, idx) in eval_sets(train, test, split).items():
+        check_indices(f"split.{name}", idx, images.num_examples, allow_empty=False)
+    _check_mask_budget(mask_config, theta_o["params"])
     class_wise = split.scenario == "class"
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:  # its cached parts must come from this very request
@@ -391,7 +430,8 @@ class _PhaseSeconds:
     def __init__(self, out: Path | None):
         self.path = None if out is None else out / "seconds.json"
         exists = self.path is not None and self.path.is_file()
-        self.saved = json.loads(self.path.read_text()) if exists else {}
+        remedy = "delete it to count this session's seconds only"
+        self.saved = _read_json(self.path, remedy) if exists else {}
 
     def earlier(self, phase: str) -> float:
         return float(self.saved.get(phase, 0.0))
@@ -466,7 +506,10 @@ def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:
     path = out / "sweep.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    saved = _read_json(path, "delete it to recompute the sweep")
+    if not isinstance(saved.get("ts"), list) or not isinstance(saved.get("acc"), dict):
+        raise ValueError(f"{path} is not a saved sweep (no 'ts' list and 'acc' object); "
+                         "delete it to recompute the sweep")
     if not np.array_equal(np.asarray(saved["ts"], np.float32), np.asarray(ts, np.float32)):
         return None
     acc = {k: np.asarray(v, np.float64) for k, v in saved["acc"].items()}
@@ -475,4 +518,22 @@ def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:
 
 def _cached_mask(out: Path, params) -> Any:
     path = out / "mask.json"
-    return masks.load(path, params) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return masks.load(path, params)
+    except ValueError as err:  # not JSON, or not a mask of theta_o
+        raise ValueError(f"{err}; delete it to recompute the mask") from None
+
+
+def _read_json(path: Path, remedy: str) -> dict:
+    """``path``'s JSON object (a cached part of a run folder); ValueError naming the file and
+    what to do (``remedy``) when it is not valid JSON or not an object: a file edited or
+    damaged by hand, where JSON's own message would not say which file."""
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({err}); {remedy}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not an object; {remedy}")
+    return saved

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import bn, curves, pytrees, sharding
+from mcu_jax import bn, checks, curves, sharding
 from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, pointwise_impl, with_pointwise
+from mcu_jax.models import check_variables, folded, init_variables, pointwise_impl, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -157,6 +157,8 @@ def sweep(
     Args:
       points: the curve's params pytrees, e.g. ``[theta_o, theta_c, theta_p]``.
       template: a batch_stats pytree of the model (structure only; ``{}`` without BN).
+        Both are checked against ``model`` (``models.check_variables``, the points finite)
+        before anything is compiled.
       bn_set: ``(images, indices)`` for recomputing BatchNorm statistics at every t.
       eval_sets: ``name -> (images, indices)`` to evaluate at every t.
       return_probs: also return every sample's true-class probability (``probs``).
@@ -193,8 +195,6 @@ def sweep(
                  return_probs=return_probs, return_stats=return_stats, strategy=strategy,
                  chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn, bn_group=bn_group,
                  pointwise=pointwise)
-    for i, p in enumerate(points):  # (precompile's points may be shapes only)
-        pytrees.check_finite(f"points[{i}]", p)
     ts = plan.ts
     outs = []
     for lo in range(0, ts.size, plan.chunk):
@@ -241,27 +241,29 @@ class _Plan:
 def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
           eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh,
           fold_bn=False, bn_group=1, pointwise="conv") -> _Plan:
-    ts = np.asarray(ts, np.float32).reshape(-1)
+    try:
+        ts = np.asarray(ts, np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"ts must be a 1-d sequence of numbers, got {ts!r}"[:300]) from None
+    if ts.ndim != 1:  # a (2, 2) grid would be swept flattened, a scalar is not a sequence
+        raise ValueError(f"ts must be 1-d (one t per point), got shape {ts.shape}")
     if ts.size == 0:
         raise ValueError("ts is empty")
     if np.any((ts < 0) | (ts > 1)) or not np.all(np.isfinite(ts)):
         raise ValueError(f"every t must lie in [0, 1], got {ts}")
     if curve not in CURVES:
         raise ValueError(f"unknown curve {curve!r}; known: {CURVES}")
-    first = points[0]
-    for i, p in enumerate(points[1:], start=1):
-        pytrees.check_compatible(**{"points[0]": first, f"points[{i}]": p})
+    bn_images, bn_idx = bn_set
+    _check_model_variables(model, points, template, bn_images.x.shape[1:])
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
     if pointwise_impl(pointwise) != "conv":  # checked; "conv" leaves the model's own setting
         model = with_pointwise(model, pointwise)
-    chunk = ts.size if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = checks.optional_integer("chunk_size", chunk_size, 1) or ts.size
     if mesh is not None:
         n_dev = sharding.num_shards(mesh)
         chunk = -(-chunk // n_dev) * n_dev
-    bn_images, bn_idx = bn_set
+    bn_idx = check_indices("bn_set", bn_idx, bn_images.num_examples, allow_empty=False)
     bn_data = (bn_images, *bn.bn_batches(bn_idx, bn_batch_size, bn_images.num_examples))
     full = bn_data[1]  # the static is the group that runs, so equal layouts share a program
     bn_group = 1 if full is None else bn.group_layout(full.shape[0], bn_group)[1]
@@ -285,6 +287,24 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
                    return_stats=return_stats, mesh=mesh, fold_bn=bool(fold_bn),
                    bn_group=bn_group)
     return _Plan(ts, chunk, points, template, bn_data, eval_data, sizes, statics, mesh)
+
+
+def _check_model_variables(model, points: Sequence[Any], template: Any,
+                           input_shape: Sequence[int]) -> None:
+    """ValueError unless every point is ``model``'s params and ``template`` its batch_stats
+    (``models.check_variables``: the first leaf that differs is named; the points finite),
+    before anything is compiled: another model's would fail inside Flax or a tree_map. Shapes
+    (``jax.ShapeDtypeStruct``) pass for arrays; the template's values are not read."""
+    if not isinstance(points, Sequence) or isinstance(points, str | bytes) or not points:
+        raise ValueError(f"points must be a non-empty list of params pytrees, got "
+                         f"{type(points).__name__}")
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    for i, p in enumerate(points):
+        check_variables(model, {"params": p, "batch_stats": expected["batch_stats"]},
+                        input_shape, f"points[{i}]")
+    check_variables(model, {"params": expected["params"],
+                            "batch_stats": jax.eval_shape(lambda t: t, template)},
+                    input_shape, "template")
 
 
 def chunk_program(model, points: Sequence[Any], ts, template: Any,

@@ -544,6 +544,18 @@ def test_split_bad_arguments(kwargs, word):
         make_split(_toy(), **kwargs)
 
 
+def test_split_refuses_retain_overlapping_forget():
+    """A Split whose D_r shares samples with D_f (made by hand or with dataclasses.replace) is
+    refused when it is made, naming how many and one of them."""
+    import dataclasses
+
+    s = make_split(_toy())
+    both = np.sort(np.concatenate([s.retain, s.forget[:2]]))
+    with pytest.raises(ValueError, match=rf"retain and Split\.forget share 2 indices "
+                                         rf"\(e\.g\. {s.forget[0]}\); D_r and D_f"):
+        dataclasses.replace(s, retain=both)
+
+
 def test_split_degenerate_forget_sets():
     with pytest.raises(ValueError, match="forget_class=2 has no training samples"):
         make_split(_toy(present=[0, 1, 3]), "class", forget_class=2)

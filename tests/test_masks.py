@@ -195,6 +195,8 @@ def test_random_mask_budget_and_determinism():
     assert a != b
     with pytest.raises(ValueError, match="fraction"):
         masks.random_mask(params, 1.2, key)
+    with pytest.raises(ValueError, match=r"key must be a JAX random key .*got 0"):
+        masks.random_mask(params, 0.5, 0)  # a seed where the key belongs
 
 
 def test_mask_summary():
@@ -286,6 +288,12 @@ def test_mask_gradients_equal_full_batch_gradient():
         masks.mask_gradients(model, variables, images, retain_idx, np.array([], np.int32))
     with pytest.raises(ValueError, match="retain_idx"):
         masks.mask_gradients(model, variables, images, np.array([0, n]), forget_idx)
+    # Another model's variables are named, not a Flax scope error from inside the trace.
+    other = {"params": {"other": variables["params"]}, "batch_stats": variables["batch_stats"]}
+    with pytest.raises(ValueError, match=r"TinyNet model and variables: leaf 'params/"):
+        masks.mask_gradients(model, other, images, retain_idx, forget_idx)
+    with pytest.raises(ValueError, match="augment_key must be a JAX random key"):
+        masks.mask_gradients(model, variables, images, retain_idx, forget_idx, augment_key=3)
 
 
 def test_mask_gradients_of_augmented_images():
@@ -336,6 +344,9 @@ def test_save_and_load_round_trip_and_refusals(tmp_path):
         masks.load(path, other)
     path.write_text('{"conv/kernel": 1, "dense/bias": false}')
     with pytest.raises(ValueError, match=r"tensor 'conv/kernel' has 1, expected true or false"):
+        masks.load(path, params)
+    path.write_text('{"conv/kernel": true,')  # cut short
+    with pytest.raises(ValueError, match=r"mask\.json is not valid JSON \(Expecting"):
         masks.load(path, params)
     with pytest.raises(FileNotFoundError, match="no mask file at .*missing.json"):
         masks.load(tmp_path / "missing.json", params)

@@ -143,6 +143,12 @@ def test_config_validation():
         pipeline.SelectionConfig(bn_set="test")
     with pytest.raises(ValueError, match="interpolation.*'linear'"):
         pipeline.SelectionConfig(interpolation="linear")
+    # A truthy string is not a switch: "no" would keep the test term, the mask on, ...
+    for config, name in ((pipeline.SelectionConfig, "include_test"),
+                         (pipeline.SelectionConfig, "precompile"),
+                         (pipeline.SelectionConfig, "fold_bn"), (pipeline.MaskConfig, "enabled")):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            config(**{name: "no"})
 
 
 def test_selection_uses_the_configured_interpolant(theta_o, theta_p, digits_images,
@@ -211,6 +217,20 @@ def test_compute_mask_takes_retain_then_forget_gradients(monkeypatch, digits_spl
     pipeline.compute_mask(None, {"params": g_r}, None, digits_split,
                           pipeline.MaskConfig(augment=True, seed=7))
     np.testing.assert_array_equal(seen["augment_key"], jax.random.PRNGKey(7))
+    # A budget that selects no tensor names mask.k and mask.k_r: k_r = 95 of 100 elements
+    # drops every tensor here, which only the gradients tell ...
+    with pytest.raises(ValueError, match=r"mask\.k=0\.25 and mask\.k_r=0\.95 selects no tensor"):
+        pipeline.compute_mask(None, {"params": g_r}, None, digits_split,
+                              pipeline.MaskConfig(k=0.25, k_r=0.95))
+    # ... while k of no element, or k_r of all, are refused before any gradient.
+    seen.clear()
+    for cfg, words in ((pipeline.MaskConfig(k=0.0), r"mask\.k=0\.0 and mask\.k_r=0\.1"),
+                       (pipeline.MaskConfig(k_r=1.0), r"mask\.k=0\.5 and mask\.k_r=1\.0"),
+                       (pipeline.MaskConfig(k=0.009, kind="random"),
+                        r"random mask with mask\.k=0\.009 \(kind='random'\) selects no")):
+        with pytest.raises(ValueError, match=words):
+            pipeline.compute_mask(None, {"params": g_r}, None, digits_split, cfg)
+    assert not seen
     with pytest.raises(ValueError, match="augment must be True or False, got 'yes'"):
         pipeline.MaskConfig(augment="yes")
     for other in (dict(kind="random"), dict(enabled=False)):  # no gradients to augment
@@ -309,11 +329,12 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
     nan_p = {**theta_p, "params": nan_params}
     with pytest.raises(ValueError, match=f"theta_p: leaf params/{name} has a NaN"):
         pipeline.run_mcu(small_model, theta_o, nan_p, *args)
-    with pytest.raises(ValueError, match=f"theta_p: leaf {name} has a NaN"):
+    # (train_curve names the leaf with or without its "params/" collection)
+    with pytest.raises(ValueError, match=f"theta_p: leaf (params/)?{name} has a NaN"):
         mcu.train_curve(small_model, theta_o, nan_p, train_images, digits_split.retain_subset,
                         digits_split.forget, refs, MCUConfig(epochs=0, progress=False),
                         jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=f"points\\[2\\]: leaf {name} has a NaN"):
+    with pytest.raises(ValueError, match=f"points\\[2\\]: leaf params/{name} has a NaN"):
         sweep.sweep(small_model, [theta_o["params"], theta_o["params"], nan_params], [0.0],
                     theta_o["batch_stats"], (train_images, digits_split.retain[:64]),
                     {"forget": (train_images, digits_split.forget)})
@@ -332,6 +353,57 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
         sweep.sweep(small_model, [theta_o["params"]] * 3, [0.0, 1.0], theta_o["batch_stats"],
                     (train_images, digits_split.retain[:64]),
                     {"forget": (train_images, np.zeros(0, np.int64))})
+
+
+def test_bad_sets_keys_budgets_and_cached_files_are_refused_before_any_work(
+        monkeypatch, tmp_path, theta_o, theta_p, digits, digits_images, digits_split,
+        small_model):
+    """An index of any set the run reads (here out of range), an int where the key belongs,
+    a mask budget of no tensor and a damaged cached file of the run folder are named before
+    the mask, the curve or the sweep start."""
+    from mcu_jax.data import make_split
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the inputs were checked")
+
+    for name in ("compute_mask", "train_curve"):
+        monkeypatch.setattr(pipeline, name, no_work)
+    monkeypatch.setattr(pipeline.sweep, "sweep", no_work)
+    train_images, test_images = digits_images
+    n_train, n_test = train_images.num_examples, test_images.num_examples
+    refs, key = {"train": 99.0, "val": 95.0}, jax.random.PRNGKey(0)
+    class_split = make_split(digits, "class", forget_class=3, seed=0)
+    far = np.array([0, 5000])
+    for split, words in (
+            (dataclasses.replace(digits_split, test=far), rf"split\.test has .* \[0, {n_test}\)"),
+            (dataclasses.replace(digits_split, retain=np.append(digits_split.retain, 5000)),
+             rf"split\.retain has indices outside \[0, {n_train}\)"),
+            (dataclasses.replace(class_split, test_forget=far), r"split\.test_forget has"),
+            (dataclasses.replace(class_split, test_retain=np.zeros(0, np.int64)),
+             r"split\.test_retain is empty")):
+        with pytest.raises(ValueError, match=words):
+            pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images, split,
+                             refs, key)
+    args = (small_model, theta_o, theta_p, train_images, test_images, digits_split, refs)
+    with pytest.raises(ValueError, match=r"key must be a JAX random key .*got 0"):
+        pipeline.run_mcu(*args, 0)
+    with pytest.raises(ValueError, match=r"mask\.k=0\.0 and mask\.k_r=0\.1 selects no tensor"):
+        pipeline.run_mcu(*args, key, mask_config=pipeline.MaskConfig(k=0.0))
+    # A cached phase file that is not JSON names the file and what to do.
+    for file, words in (("mask.json", "delete it to recompute the mask"),
+                        ("seconds.json", "delete it to count this session's seconds only")):
+        folder = tmp_path / file.split(".")[0]
+        folder.mkdir()
+        (folder / file).write_text('{"conv0/kernel": tru')
+        with pytest.raises(ValueError, match=rf"{file} is not valid JSON \(.*; {words}"):
+            pipeline.run_mcu(*args, key, out_dir=folder)
+    ts = np.linspace(0, 1, 4)
+    for text, words in (("{bad", r"sweep\.json is not valid JSON"),
+                        ("[1, 2]", r"sweep\.json holds a JSON list, not an object"),
+                        ('{"ts": 1}', r"sweep\.json is not a saved sweep")):
+        (tmp_path / "sweep.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{words}.*delete it to recompute the sweep"):
+            pipeline._cached_sweep(tmp_path, ts)
 
 
 def test_curve_trains_on_the_retain_subset_and_the_forget_set(monkeypatch, theta_o, theta_p,

@@ -290,6 +290,29 @@ def test_sweep_rejects_bad_input(curve_points, theta_o, digits_images, small_mod
     bad = [curve_points[0], curve_points[1], {"other": jnp.zeros(3)}]
     with pytest.raises(ValueError, match="mismatch"):
         sweep.sweep(small_model, bad, [0.5], theta_o["batch_stats"], bn_set, sets)
+    # A grid of t is not flattened, nor a fractional chunk rounded down.
+    with pytest.raises(ValueError, match=r"ts must be 1-d .*got shape \(2, 2\)"):
+        sweep.sweep(*args, [[0.1, 0.2], [0.3, 0.4]], theta_o["batch_stats"], bn_set, sets)
+    for chunk in (1.5, 0, True):
+        with pytest.raises(ValueError, match=re.escape(f"chunk_size must be an int >= 1, got "
+                                                       f"{chunk!r}")):
+            sweep.sweep(*args, [0.5], theta_o["batch_stats"], bn_set, sets, chunk_size=chunk)
+    with pytest.raises(ValueError, match=r"bn_set has indices outside \[0, 1437\)"):
+        sweep.sweep(*args, [0.5], theta_o["batch_stats"], (train_images, np.array([0, 9999])),
+                    sets)
+    # Another model's params or batch_stats are named before anything is compiled (shapes
+    # suffice: nothing of them is read).
+    from mcu_jax.models import create, init_variables
+
+    other = jax.eval_shape(lambda: init_variables(create("resnet20", 10), jax.random.PRNGKey(0),
+                                                  (8, 8, 1)))
+    model_name = type(small_model).__name__
+    with pytest.raises(ValueError, match=rf"{model_name} model and points\[0\]: leaf 'params/"):
+        sweep.sweep(small_model, [other["params"]] * 3, [0.5], theta_o["batch_stats"], bn_set,
+                    sets)
+    with pytest.raises(ValueError, match=rf"{model_name} model and template: leaf "
+                                         r"'batch_stats/"):
+        sweep.sweep(*args, [0.5], other["batch_stats"], bn_set, sets)
 
 
 @pytest.mark.parametrize("strategy, chunk, mesh", [("vmap", None, False), ("map", 2, False),

@@ -26,7 +26,8 @@ _TEST_FIELDS = ("val", "test", "test_forget", "test_retain")
 class Split:
     """Sorted int64 index arrays into the training set (``forget``, ``retain``,
     ``retain_subset``) and the test set (``val``, ``test``, ``test_forget``, ``test_retain``),
-    with the scenario, the forgotten class (None for random forgetting) and the seed."""
+    with the scenario, the forgotten class (None for random forgetting) and the seed.
+    ``forget`` and ``retain`` are checked to be disjoint."""
 
     forget: np.ndarray
     retain: np.ndarray
@@ -47,6 +48,14 @@ class Split:
                 raise ValueError(f"Split.{field} must be a 1-D int64 numpy array; got {got}")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"Split.scenario={self.scenario!r}; expected one of {SCENARIOS}")
+        # A sample in both D_r and D_f would be retained and forgotten at once: every retain
+        # accuracy, BatchNorm pass and mask gradient over D_r would see forgotten samples.
+        shared = np.intersect1d(self.retain, self.forget)
+        if shared.size:
+            raise ValueError(
+                f"Split.retain and Split.forget share {shared.size} indices (e.g. {shared[0]}); "
+                "D_r and D_f must be disjoint"
+            )
 
     def sizes(self) -> dict[str, int]:
         """Number of indices of every part, by field name."""
