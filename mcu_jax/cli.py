@@ -27,6 +27,7 @@ import numpy as np
 
 from mcu_jax import (
     checkpoint,
+    checks,
     compile_cache,
     config,
     loop,
@@ -44,12 +45,23 @@ from mcu_jax.mcu import MCUConfig
 _DIGITS_TRAIN = train.TrainConfig(epochs=30, lr=0.05)
 
 
+def _check_seed(value) -> int:
+    """A command's ``key``: the seed of ``jax.random.PRNGKey``, an int in [0, 2**63)."""
+    if checks.integer("key", value, 0) >= 2 ** 63:
+        raise ValueError(f"key must be below 2**63 (a seed of jax.random.PRNGKey), got {value}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainCommand:
     problem: problem.ProblemConfig = problem.ProblemConfig()
     train: train.TrainConfig = _DIGITS_TRAIN
     retrain: bool = False  # RT: train from scratch on D_r only
     key: int = 0
+
+    def __post_init__(self):
+        checks.flag("retrain", self.retrain)
+        _check_seed(self.key)
 
 
 def _load_theta_o(path: str) -> tuple[dict, dict, problem.ProblemConfig]:
@@ -87,6 +99,7 @@ def cmd_train(args) -> dict:
 
 
 def cmd_unlearn(args) -> dict:
+    _check_seed(args.key)
     theta_o, meta, pcfg = _load_theta_o(args.theta_o)
     # The paper's protocol for this data set (epochs, lr, NegTV alpha; CIFAR-10's by default),
     # checked with the overrides before the data set is loaded.
@@ -106,6 +119,9 @@ class MCUCommand:
     mask: pipeline.MaskConfig = pipeline.MaskConfig()
     selection: pipeline.SelectionConfig = pipeline.SelectionConfig()
     key: int = 0
+
+    def __post_init__(self):
+        _check_seed(self.key)
 
 
 def cmd_mcu(args) -> dict:

@@ -173,13 +173,15 @@ _KEPT = ("The last good checkpoint (previous epoch or signal stop) is kept. A ru
          "refuses other settings: rerun in a new one (e.g. with a smaller learning rate).")
 
 
-def _check_finite(metrics: dict, first_step: int, desc: str) -> None:
+def _check_finite(metrics: dict, first_step: int, desc: str, checkpointed: bool) -> None:
     loss = np.asarray(metrics["loss"])
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
         step = first_step + int(bad[0])
+        then = _KEPT if checkpointed else ("No checkpoint folder was given, so nothing is "
+                                           "kept: rerun, e.g. with a smaller learning rate.")
         raise NonFiniteLossError(
-            f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. {_KEPT}")
+            f"{desc}: loss became {loss[bad[0]]} at step {step}; stopping. {then}")
 
 
 def _check_finite_state(state: Any, meta: dict, desc: str) -> None:
@@ -399,7 +401,8 @@ def run_epochs(
                     )
                     metrics = jax.tree.map(lambda m, k=hi - lo: np.asarray(m)[:k],
                                            jax.device_get(metrics))
-                    _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc)
+                    _check_finite(metrics, epoch * steps_per_epoch + lo, config.desc,
+                                  checkpointer is not None)
                     chunks.append(metrics)
                     bar.update(hi - lo)
                     stop = flag.agreed() if hi < steps_per_epoch else None

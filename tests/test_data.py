@@ -289,9 +289,13 @@ def test_not_found_names_every_place(tmp_path, name, expected):
     assert list(tmp_path.iterdir()) == []  # nothing written to data_dir
 
 
-def test_not_found_without_any_folder():
+def test_not_found_without_any_folder(tmp_path_factory):
     with pytest.raises(FileNotFoundError, match=f"no data_dir given and \\${ENV_DATA_DIR}"):
         load_dataset("tiny_imagenet")
+    a_file = tmp_path_factory.mktemp("d") / "cifar10_jpeg.npz"
+    a_file.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file: data_dir names the folder"):
+        load_dataset("tiny_imagenet", data_dir=a_file)
 
 
 def test_corrupt_npz(tmp_path):

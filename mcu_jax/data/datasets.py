@@ -254,7 +254,9 @@ def _not_found(name: str, roots: list[Path], places: list[str], tfds_note: str |
     if not roots:
         lines.append(f"  (no data_dir given and ${ENV_DATA_DIR} is not set: no folder searched)")
     for root in roots:
-        if not root.is_dir():
+        if root.is_file():
+            lines.append(f"  ({root} is a file: data_dir names the folder that holds the data)")
+        elif not root.is_dir():
             lines.append(f"  (folder {root} does not exist)")
     lines += [f"  {p}" for p in places]
     if tfds_note is not None:
