@@ -7,8 +7,9 @@ builds its own, which ``jax.jit``'s in-memory cache cannot match). On a GPU one 
 PreResNet-110 training step costs 20-60 s, and an experiment compiles the same steps for
 every seed, method and beta mode.
 
-``experiments/run.py`` and ``mcu-jax`` call :func:`enable` with ``--compile-cache DIR``
-(default: ``$MCU_JAX_COMPILE_CACHE`` or ``~/.cache/mcu_jax/xla``; ``off`` disables it). The
+``experiments/run.py``, ``experiments/paper.py`` and ``mcu-jax`` call :func:`enable` with
+``--compile-cache DIR`` (default: ``$MCU_JAX_COMPILE_CACHE`` or ``~/.cache/mcu_jax/xla``;
+``off`` disables it). The
 library itself never turns the cache on: importing ``mcu_jax`` changes no JAX setting.
 Results do not depend on it: a cache hit runs the very program a fresh compile would build.
 """
