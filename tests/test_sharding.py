@@ -369,11 +369,11 @@ def main_multihost() -> None:
     straight, _ = train.fit(model, v0, images, np.arange(256), per_step, key, mesh=mesh)
     check, chunks = loop._check_finite, []
 
-    def signalling(metrics, first_step, desc):
+    def signalling(metrics, first_step, *rest):
         chunks.append(first_step)
         if jax.process_index() == 0 and len(chunks) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return check(metrics, first_step, desc)
+        return check(metrics, first_step, *rest)
 
     loop._check_finite = signalling
     ckpt_dir = os.environ["MCU_TEST_CKPT"]
