@@ -6,8 +6,12 @@ write the block's widest activations. Run as XLA composes them, each is several 
 memory: the BatchNorm's normalise + ReLU reads its input and writes the activated copy, the
 convolution reads that and writes its output, the residual add reads two tensors and writes
 a third, and the next BatchNorm's statistics read the result again. Here one kernel reads
-the raw input ``z`` (M, K) once, normalises and activates it in registers
-(``relu((z - mean) * mul + bias)``, Flax's order of operations), multiplies by ``w`` (K, N),
+the raw input ``z`` (M, K) once, normalises and activates it in registers (as
+``relu(z * mul + shift)``, ``shift = bias - mean * mul``: Flax's ``relu((z - mean) * mul +
+bias)`` up to float rounding, with the offset folded into ``shift`` by XLA beside ``mul``,
+so that the BatchNorm offset reaches the kernel inside that kernel's output rather than as
+an operand of its own, which costs a copy kernel where the offset is a slice of a packed
+vector, as in curve training), multiplies by ``w`` (K, N),
 adds an optional ``out_bias`` (N,) and ``residual`` (M, N), applies an optional ReLU (a
 following BatchNorm folded in: ``out_bias``, ``out_relu``), writes the output once and, in
 train mode, returns the per-channel sums of the output and of its square (the next
@@ -69,6 +73,18 @@ def bn_relu(z, mean, mul, bias):
     """``relu((z - mean) * mul + bias)``, the affine map in float32 and cast to z's dtype
     before the ReLU (as ``nn.relu(nn.BatchNorm(...)(z))``)."""
     return jax.nn.relu(affine(z, mean, mul, bias).astype(z.dtype))
+
+
+def shift_of(mean, mul, bias):
+    """``bias - mean * mul``: the affine map as ``x * mul + shift``, the form the kernels apply
+    (one operand fewer than ``(mean, mul, bias)``, and computed by XLA beside ``mul``)."""
+    return bias - mean * mul
+
+
+def bn_relu_shifted(z, mul, shift):
+    """``relu(z * mul + shift)``, the affine map in float32 and cast to z's dtype before the
+    ReLU: :func:`bn_relu` up to float rounding."""
+    return jax.nn.relu((z.astype(jnp.float32) * mul + shift).astype(z.dtype))
 
 
 def kernel_fits(k: int, n: int) -> bool:
@@ -152,12 +168,12 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     pad = grid[0] * block_m - m
     z, residual = _pad_rows(pad, z, residual)
 
-    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, *refs):
+    def kernel(z_ref, mul_ref, shift_ref, w_ref, *refs):
         refs = list(refs)  # the optional inputs, then the outputs
         ob_ref = refs.pop(0) if out_bias is not None else None
         r_ref = refs.pop(0) if residual is not None else None
         out_ref, *sums_ref = refs
-        a = bn_relu(z_ref[...], mean_ref[...], mul_ref[...], bias_ref[...])
+        a = bn_relu_shifted(z_ref[...], mul_ref[...], shift_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
         out = _epilogue(c, None if ob_ref is None else ob_ref[...],
                         None if r_ref is None else r_ref[...], out_relu, dt)
@@ -172,9 +188,9 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
 
     vector = pl.BlockSpec((k,), lambda i, j: (0,))
     tile = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
-    in_specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), vector, vector, vector,
+    in_specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), vector, vector,
                 pl.BlockSpec((k, block_n), lambda i, j: (0, j))]
-    args = [z, mean, mul, bias, w.astype(dt)]
+    args = [z, mul, shift_of(mean, mul, bias), w.astype(dt)]
     if out_bias is not None:
         in_specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
         args.append(out_bias)
@@ -212,14 +228,14 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     return block_m, block_k, rows
 
 
-def _backward_rows(z, g, mean, mul, bias, w, with_dw: bool = True):
+def _backward_rows(z, g, mean, mul, shift, w, with_dw: bool = True):
     """The backward pass over some rows: from ``z`` (rows, K) and the output's cotangent
     ``g`` (rows, N), both in z's dtype, ``(d_z in z's dtype, the weight gradient's share
     (K, N) or None without ``with_dw``, and d_x's sums: sum d_x, sum d_x * (z - mean),
     float32)``, where ``d_x`` is the cotangent of the affine map's output. The XLA path runs
     it on all rows, the backward kernel on each block of rows."""
     f32 = jnp.float32
-    a = bn_relu(z, mean, mul, bias)
+    a = bn_relu_shifted(z, mul, shift)
     d_x = jnp.where(a > 0, jnp.dot(g, w.T, preferred_element_type=f32), 0.0)  # ReLU, cast
     d_w = jnp.dot(a.T, g, preferred_element_type=f32) if with_dw else None
     return ((d_x * mul).astype(z.dtype), d_w, jnp.sum(d_x, axis=0),
@@ -244,10 +260,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     pad = grid[0] * rows - m
     z, gd = _pad_rows(pad, z, gd)  # zero cotangent rows add nothing to any sum
 
-    def kernel(z_ref, mean_ref, mul_ref, bias_ref, w_ref, g_ref, *out_refs):
+    def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *out_refs):
         dz_ref = out_refs[0] if with_dz else None
         dw_ref, sums_ref = (out_refs[-2] if with_dw else None), out_refs[-1]
-        coefficients = mean_ref[...], mul_ref[...], bias_ref[...]
+        coefficients = mean_ref[...], mul_ref[...], shift_ref[...]
 
         def step(j, carry):
             here = pl.ds(j * block_m, block_m)
@@ -278,7 +294,8 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32))
     vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
     results = _call(
-        kernel, z, mean, mul, bias, w.astype(z.dtype), gd, interpret=interpret, num_warps=8,
+        kernel, z, mean, mul, shift_of(mean, mul, bias), w.astype(z.dtype), gd,
+        interpret=interpret, num_warps=8,
         grid=grid, in_specs=[rows_k, vector, vector, vector,
                              pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                              pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
@@ -320,7 +337,8 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         g = jnp.where(out > 0, g, 0.0)
     gd = g.astype(dt)
     if impl == "xla":
-        d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, bias, w.astype(dt))
+        d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias),
+                                         w.astype(dt))
     else:
         d_z, d_w, sums = _pallas_backward(z, mean, mul, bias, w, gd, impl == "interpret",
                                           "z" in wanted, "w" in wanted)
