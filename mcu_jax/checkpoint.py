@@ -42,6 +42,20 @@ def _not_json(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
 
 
+def read_json(path: str | os.PathLike, remedy: str) -> dict:
+    """``path``'s JSON object; ValueError naming the file and what to do (``remedy``) when it
+    is not valid JSON or not an object (a file damaged or edited by hand, where JSON's own
+    message would not say which file)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({err}); {remedy}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not an object; {remedy}")
+    return saved
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Atomic JSON write: a temporary file in the same folder, fsync, then a rename, so a
     reader (or a resumed run) never sees a half-written file."""

@@ -61,16 +61,43 @@ def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
 
 
 def key(name: str, value: Any) -> Any:
-    """``value`` if it is a JAX random key (``jax.random.PRNGKey(seed)``'s uint32 (2,) or a
-    typed ``jax.random.key``); ValueError naming the field otherwise (an int seed in its place
-    would fail deep inside jax)."""
+    """``value`` if it is one JAX random key (``jax.random.PRNGKey(seed)``'s raw uint32 key,
+    (2,) with the default implementation, or a typed ``jax.random.key``); ValueError naming
+    the field otherwise (an int seed in its place would fail deep inside jax)."""
     import jax  # the configs' checks above need no jax
     import jax.numpy as jnp
 
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
         return value
-    if shape == (2,) and dtype == jnp.uint32:
+    raw = jax.eval_shape(jax.random.PRNGKey, 0)  # the default implementation's raw key
+    if shape == raw.shape and dtype == raw.dtype:
         return value
     raise ValueError(f"{name} must be a JAX random key (jax.random.PRNGKey(seed)), got "
                      f"{value!r}"[:300])
+
+
+#: Seeds of ``jax.random.PRNGKey`` are taken modulo 2**32 (without 64-bit mode): 2**32 gives
+#: the key of 0, so larger seeds are refused rather than silently repeating smaller ones.
+SEED_LIMIT = 2 ** 32
+
+
+def seed(name: str, value: Any) -> int:
+    """``value`` if it is an int seed in [0, 2**32) (:data:`SEED_LIMIT`); ValueError else."""
+    value = integer(name, value, 0)
+    if value >= SEED_LIMIT:
+        raise ValueError(f"{name} must be below 2**32 (a seed of jax.random.PRNGKey; larger "
+                         f"ones repeat smaller ones' keys), got {value}")
+    return value
+
+
+def known_fields(where: str, cls: type, names) -> None:
+    """ValueError naming those of ``names`` that are no field of the dataclass ``cls`` and
+    listing its fields (a misspelt keyword would otherwise be a TypeError without them)."""
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [name for name in names if name not in fields]
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         f"{cls.__name__}'s fields are {', '.join(fields)}")

@@ -114,7 +114,7 @@ class ExperimentConfig:
             raise ValueError(f"seeds must be a tuple of ints, got {self.seeds!r}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
-        seeds = tuple(checks.integer("seeds: each seed", s, 0) for s in self.seeds)
+        seeds = tuple(checks.seed("seeds: each seed", s) for s in self.seeds)
         object.__setattr__(self, "seeds", seeds)  # plain ints: the run records them as JSON
         for mode in self.mcu_modes:
             if mode not in MCU_MODES:

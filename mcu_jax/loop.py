@@ -338,7 +338,8 @@ def run_epochs(
             raise ValueError(
                 f"{config.desc}: the checkpoint in {checkpointer.directory} does not fit this "
                 "run's state (another model, optimiser or mask, or a state saved by another "
-                f"version of mcu-jax?): {orbax}; use a new checkpoint folder"
+                f"version of mcu-jax?): {orbax}; use a new checkpoint folder, or delete "
+                f"{checkpointer.directory} to start this training again"
             ) from err
         start = int(meta["epoch"])
         start_step = int(meta.get("step", 0))

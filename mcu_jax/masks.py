@@ -14,7 +14,6 @@ is the rule of the authors' release (``generate_weight_mask.py``: ``int(N * k)``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -152,14 +151,8 @@ def load(path: str | os.PathLike, params: PyTree) -> PyTree:
     if not path.is_file():
         raise FileNotFoundError(f"no mask file at {os.fspath(path)!r} (masks.save writes one; "
                                 "every MCU run folder has mask.json)")
-    try:
-        flat = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ValueError(f"{path} is not valid JSON ({e}), not a mask written by masks.save"
-                         ) from None
-    if not isinstance(flat, dict):
-        raise ValueError(f"{path}: expected a JSON object of tensor path -> true/false, "
-                         f"got {type(flat).__name__}")
+    flat = checkpoint.read_json(path, "not a mask written by masks.save (a JSON object of "
+                                      "tensor path -> true/false)")
     for key, value in flat.items():
         if not isinstance(value, bool):
             raise ValueError(f"{path}: tensor {key!r} has {value!r}, expected true or false")

@@ -110,10 +110,7 @@ def paper_config(scenario: str = "random", setting: str = "cifar10", **overrides
     Tiny-ImageNet); ``overrides`` replace fields."""
     checks.choice("scenario", scenario, SCENARIOS)
     epochs = _PAPER_EPOCHS.get(check_setting(setting), 10 if scenario == "random" else 5)
-    fields = [f.name for f in dataclasses.fields(MCUConfig)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"paper_config: no MCUConfig field {unknown}; fields: {fields}")
+    checks.known_fields("paper_config", MCUConfig, overrides)
     return MCUConfig(**{"epochs": epochs, **overrides})
 
 
@@ -191,8 +188,19 @@ def layouts(flat: dict) -> dict[str, packing.Layout]:
 def trained_layouts(params_template, frozen: dict) -> dict[str, packing.Layout]:
     """Where theta_c's trained tensors (those not in ``frozen``) lie in
     ``CurveState.trainable`` (:func:`layouts`)."""
+    return _layouts_of(params_template, frozen, trained=True)
+
+
+def frozen_layouts(params_template, frozen: dict) -> dict[str, packing.Layout]:
+    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]`` (:func:`layouts`)."""
+    return _layouts_of(params_template, frozen, trained=False)
+
+
+def _layouts_of(params_template, frozen: dict, trained: bool) -> dict[str, packing.Layout]:
+    # In the template's order: ``frozen`` itself comes back from jit with its keys sorted
+    # as strings, which differs where a name holds a character before "/" ("bn-2").
     return layouts({k: v for k, v in pytrees.flatten(params_template).items()
-                    if k not in frozen})
+                    if (k in frozen) != trained})
 
 
 def _pick(flat: dict, layout: packing.Layout) -> dict:
@@ -202,7 +210,7 @@ def _pick(flat: dict, layout: packing.Layout) -> dict:
 def packed_vectors(p_o, p_p, frozen: dict) -> dict:
     """``CurveConsts.vectors``: theta_o's and theta_p's trained vectors packed as
     ``CurveState.trainable["vectors"]``, and theta_o's, theta_c's and theta_p's frozen ones."""
-    trained, fixed = trained_layouts(p_o, frozen)["vectors"], layouts(frozen)["vectors"]
+    trained, fixed = (f(p_o, frozen)["vectors"] for f in (trained_layouts, frozen_layouts))
     ends = [pytrees.flatten(p) for p in (p_o, p_p)]
     return {"trained": [packing.pack(trained, _pick(e, trained)) for e in ends],
             "frozen": [packing.pack(fixed, _pick(f, fixed)) for f in (ends[0], frozen, ends[1])]}
@@ -238,7 +246,8 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         adaptive = config.beta_mode == "adaptive"
 
         along = functools.partial(curves.point, config.curve, t=t)  # theta(t) of 3 points
-        trained_l, frozen_l = trained_layouts(params_template, c.frozen), layouts(c.frozen)
+        trained_l = trained_layouts(params_template, c.frozen)
+        frozen_l = frozen_layouts(params_template, c.frozen)
         ends = [pytrees.flatten(p) for p in (c.theta_o, c.theta_p)]
 
         def per_tensor(layout, theta_c: dict) -> dict:
@@ -386,22 +395,6 @@ def check_curve_data(forget: Any, retain_subset: Any, n: int) -> tuple[np.ndarra
     return forget, retain_subset
 
 
-def _bind_checkpoints(directory, config: MCUConfig, theta_o, theta_p, start_point: str, mask,
-                      pool, consts: CurveConsts, key) -> None:
-    """Binds the checkpoint folder to this training (``runs.RunDir``'s ``run.json``): a
-    resume with other end points, theta_c, mask, data, references, hyperparameters or key is
-    refused, instead of continuing another curve's checkpoints (the speed settings
-    ``progress``, ``steps_per_call`` and ``checkpoint_every`` may change)."""
-    runs.RunDir(directory).open({
-        "mcu": dataclasses.asdict(config),
-        **{name: runs.tree_digest(tree) for name, tree in (
-            ("theta_o", theta_o), ("theta_p", theta_p), ("mask", mask))},
-        "theta_c": start_point,  # "midpoint" (of theta_o and theta_p) or a digest
-        "pool": runs.digest(pool), "forget": runs.digest(np.flatnonzero(consts.is_forget)),
-        "refs": np.asarray(consts.refs).tolist(), "key": runs.key_list(key),
-    })
-
-
 def check_refs(refs: Any) -> None:
     """ValueError unless ``refs`` holds theta_o's reference accuracies "train" and "val" in
     percent (finite, in [0, 100], and not both <= 1, which are fractions by mistake)."""
@@ -449,8 +442,11 @@ def train_curve(
     number), train-mode BatchNorm uses the statistics of the whole batch, and theta_c equals
     the single-device result within float tolerance (its arrays replicated on the mesh).
     """
-    for name, variables in (("theta_o", theta_o), ("theta_p", theta_p)):  # also finite
-        check_variables(model, variables, (1, *images.x.shape[1:]), name)
+    shape = (1, *images.x.shape[1:])
+    check_variables(model, theta_o, shape, "theta_o")  # also finite
+    # theta_p's batch_stats are never read (points take theta_o's): its params will do
+    check_variables(model, {"batch_stats": theta_o.get("batch_stats", {}), **theta_p}
+                    if isinstance(theta_p, dict) else theta_p, shape, "theta_p")
     checks.key("key", key)
     p_o, p_p = theta_o["params"], theta_p["params"]
     start_point = "midpoint" if theta_c is None else runs.tree_digest(theta_c)
@@ -479,8 +475,16 @@ def train_curve(
     )
     pool = np.concatenate([retain_subset, forget])
     if checkpoint_dir is not None:
-        _bind_checkpoints(checkpoint_dir, config, theta_o, theta_p, start_point, mask, pool,
-                          consts, key)
+        # The folder answers only this training (runs.RunDir's run.json): a resume with other
+        # end points, theta_c, mask, data, references, config or key is refused instead of
+        # continuing another curve (the speed settings may change).
+        runs.RunDir(checkpoint_dir).open({
+            "mcu": dataclasses.asdict(config), "theta_c": start_point,  # "midpoint" or digest
+            **{name: runs.tree_digest(tree) for name, tree in (
+                ("theta_o", theta_o), ("theta_p", theta_p), ("mask", mask))},
+            "retain_subset": runs.digest(retain_subset), "forget": runs.digest(forget),
+            "refs": [float(refs["train"]), ref_forget], "key": runs.key_list(key),
+        })
     earlier = loop.earlier_seconds(checkpoint_dir)  # sessions before a resume count too
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     start = time.perf_counter()

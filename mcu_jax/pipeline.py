@@ -16,7 +16,6 @@ on an H100).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -124,7 +123,7 @@ class MaskConfig:
         checks.fraction("k_r", self.k_r)
         checks.integer("batch_size", self.batch_size, 1)
         checks.choice("kind", self.kind, MASK_KINDS)
-        checks.integer("seed", self.seed, 0)
+        checks.seed("seed", self.seed)
         if checks.flag("augment", self.augment) and (self.kind != "parameter"
                                                        or not self.enabled):
             raise ValueError(f"augment=True needs the gradient mask (kind='parameter', "
@@ -431,7 +430,7 @@ class _PhaseSeconds:
         self.path = None if out is None else out / "seconds.json"
         exists = self.path is not None and self.path.is_file()
         remedy = "delete it to count this session's seconds only"
-        self.saved = _read_json(self.path, remedy) if exists else {}
+        self.saved = checkpoint.read_json(self.path, remedy) if exists else {}
 
     def earlier(self, phase: str) -> float:
         return float(self.saved.get(phase, 0.0))
@@ -506,7 +505,7 @@ def _cached_sweep(out: Path, ts: np.ndarray) -> sweep.SweepResult | None:
     path = out / "sweep.json"
     if not path.is_file():
         return None
-    saved = _read_json(path, "delete it to recompute the sweep")
+    saved = checkpoint.read_json(path, "delete it to recompute the sweep")
     if not isinstance(saved.get("ts"), list) or not isinstance(saved.get("acc"), dict):
         raise ValueError(f"{path} is not a saved sweep (no 'ts' list and 'acc' object); "
                          "delete it to recompute the sweep")
@@ -524,16 +523,3 @@ def _cached_mask(out: Path, params) -> Any:
         return masks.load(path, params)
     except ValueError as err:  # not JSON, or not a mask of theta_o
         raise ValueError(f"{err}; delete it to recompute the mask") from None
-
-
-def _read_json(path: Path, remedy: str) -> dict:
-    """``path``'s JSON object (a cached part of a run folder); ValueError naming the file and
-    what to do (``remedy``) when it is not valid JSON or not an object: a file edited or
-    damaged by hand, where JSON's own message would not say which file."""
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ValueError(f"{path} is not valid JSON ({err}); {remedy}") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not an object; {remedy}")
-    return saved

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 import mcu_jax
+from mcu_jax import checks
 from mcu_jax.checkpoint import write_json
 
 try:
@@ -68,7 +69,9 @@ SPEED_FIELDS = ("progress", "steps_per_call", "checkpoint_every")
 
 
 def key_list(key: Any) -> list[int]:
-    """A JAX PRNG key (typed or raw uint32) as a JSON-friendly list of ints."""
+    """A JAX PRNG key (typed or raw uint32) as a JSON-friendly list of ints; ValueError for
+    anything else (``checks.key``), before a run folder records it."""
+    checks.key("key", key)
     if jax.dtypes.issubdtype(jax.numpy.asarray(key).dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return np.asarray(key).ravel().tolist()

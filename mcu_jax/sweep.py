@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import bn, checks, curves, sharding
+from mcu_jax import bn, checks, curves, pytrees, sharding
 from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import check_variables, folded, init_variables, pointwise_impl, with_pointwise
+from mcu_jax.models import folded, init_variables, pointwise_impl, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -157,7 +157,7 @@ def sweep(
     Args:
       points: the curve's params pytrees, e.g. ``[theta_o, theta_c, theta_p]``.
       template: a batch_stats pytree of the model (structure only; ``{}`` without BN).
-        Both are checked against ``model`` (``models.check_variables``, the points finite)
+        Both are checked against ``model`` (shapes and dtypes, the points finite)
         before anything is compiled.
       bn_set: ``(images, indices)`` for recomputing BatchNorm statistics at every t.
       eval_sets: ``name -> (images, indices)`` to evaluate at every t.
@@ -292,19 +292,23 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
 def _check_model_variables(model, points: Sequence[Any], template: Any,
                            input_shape: Sequence[int]) -> None:
     """ValueError unless every point is ``model``'s params and ``template`` its batch_stats
-    (``models.check_variables``: the first leaf that differs is named; the points finite),
-    before anything is compiled: another model's would fail inside Flax or a tree_map. Shapes
+    (the first leaf that differs is named; the points finite), before anything is compiled:
+    another model's would fail inside Flax or a tree_map. The model's shapes are made once
+    and compared with the first point; the others are compared with it. Shapes
     (``jax.ShapeDtypeStruct``) pass for arrays; the template's values are not read."""
     if not isinstance(points, Sequence) or isinstance(points, str | bytes) or not points:
         raise ValueError(f"points must be a non-empty list of params pytrees, got "
                          f"{type(points).__name__}")
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    model_name = f"the {type(model).__name__} model"
+    pytrees.check_compatible(**{f"{model_name}'s params": expected["params"],
+                                "points[0]": points[0]})
     for i, p in enumerate(points):
-        check_variables(model, {"params": p, "batch_stats": expected["batch_stats"]},
-                        input_shape, f"points[{i}]")
-    check_variables(model, {"params": expected["params"],
-                            "batch_stats": jax.eval_shape(lambda t: t, template)},
-                    input_shape, "template")
+        if i:
+            pytrees.check_compatible(**{"points[0]": points[0], f"points[{i}]": p})
+        pytrees.check_finite(f"points[{i}]", p)
+    pytrees.check_compatible(**{f"{model_name}'s batch_stats": expected["batch_stats"],
+                                "template": jax.eval_shape(lambda t: t, template)})
 
 
 def chunk_program(model, points: Sequence[Any], ts, template: Any,

@@ -208,6 +208,7 @@ def fit(
     single-device run within float tolerance; the returned arrays are replicated on the mesh.
     """
     pool = check_indices(f"{desc}: the training index set", pool, images.num_examples, False)
+    checks.key("key", key)
     per_epoch = steps_per_epoch(pool.size, config.batch_size)
     tx = make_optimizer(config, config.epochs * per_epoch, update_mask, per_epoch)
     params = variables["params"]

@@ -334,7 +334,7 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
         mcu.train_curve(small_model, theta_o, nan_p, train_images, digits_split.retain_subset,
                         digits_split.forget, refs, MCUConfig(epochs=0, progress=False),
                         jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=f"points\\[2\\]: leaf params/{name} has a NaN"):
+    with pytest.raises(ValueError, match=f"points\\[2\\]: leaf {name} has a NaN"):
         sweep.sweep(small_model, [theta_o["params"], theta_o["params"], nan_params], [0.0],
                     theta_o["batch_stats"], (train_images, digits_split.retain[:64]),
                     {"forget": (train_images, digits_split.forget)})

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcu_jax import runs
+from mcu_jax import checks, runs
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
@@ -256,11 +256,7 @@ def default_config(method: str, scenario: str = "random", setting: str = "cifar1
     fields = dict(_PROTOCOLS[setting].get(method, {}))
     if method == "negtv":
         fields["alpha"] = negtv_alpha(scenario, setting)
-    known = [f.name for f in dataclasses.fields(MethodConfig)]
-    unknown = [name for name in overrides if name not in known]
-    if unknown:  # a misspelt field would otherwise be a TypeError without the list
-        raise ValueError(f"default_config: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         f"MethodConfig's fields are {', '.join(known)}")
+    checks.known_fields("default_config", MethodConfig, overrides)
     fields.update(overrides)
     return MethodConfig(**fields)
 

@@ -318,6 +318,9 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
+    The activation is recomputed as the kernels compute it (:func:`bn_relu_shifted`), equal
+    to ``reference``'s up to rounding, so the ReLU's mask may differ where an input lies
+    within rounding of zero.
     Unlike autodiff of the plain computation it does not recompute the product ``out`` (the
     statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the backward
     kernel, :func:`_pallas_backward`, which recomputes the activated input in registers
