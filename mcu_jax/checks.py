@@ -27,12 +27,19 @@ def optional_integer(name: str, value: Any, low: int | None = None) -> int | Non
     return None if value is None else integer(name, value, low)
 
 
-def number(name: str, value: Any, *, positive: bool = False) -> float:
-    """``value`` as a finite float (> 0 with ``positive``); ValueError otherwise."""
+def number(name: str, value: Any, *, positive: bool = False, low: float | None = None,
+           below: float | None = None) -> float:
+    """``value`` as a finite float (> 0 with ``positive``, >= ``low`` and < ``below`` when
+    given); ValueError otherwise."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok else math.nan
-    if not math.isfinite(v) or (positive and v <= 0):
+    out = (not math.isfinite(v) or (positive and v <= 0) or (low is not None and v < low)
+           or (below is not None and v >= below))
+    if out:
         kind = "a positive finite number" if positive else "a finite number"
+        if low is not None or below is not None:
+            kind = (f"a number in [{low:g}, {below:g})" if low is not None and below is not None
+                    else f"a number >= {low:g}" if low is not None else f"a number < {below:g}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return v
 

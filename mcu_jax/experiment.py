@@ -126,9 +126,7 @@ class ExperimentConfig:
         _check_once("methods", self.methods, "method")
         _check_once("mcu_modes", self.mcu_modes, "mode")
         for beta in self.fixed_betas:
-            if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
-                raise ValueError(f"fixed_betas: got {beta!r}; each beta must be a finite "
-                                 "number >= 0")
+            checks.number("fixed_betas: each beta", beta, low=0)
         # Values are named (rows, folders) as {beta:g}: two values of one name would clash.
         _check_once("fixed_betas", self.fixed_betas, "value (to 6 significant digits)",
                     names=[f"{b:g}" for b in self.fixed_betas])

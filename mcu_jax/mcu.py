@@ -77,24 +77,16 @@ class MCUConfig:
         for name in ("batch_size", "steps_per_call", "checkpoint_every"):
             checks.integer(name, getattr(self, name), 1)
         checks.number("lr", self.lr, positive=True)
-        momentum = checks.number("momentum", self.momentum)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        checks.number("momentum", self.momentum, low=0, below=1)
         if not isinstance(self.beta_values, tuple | list) or len(self.beta_values) != 3:
             raise ValueError(f"beta_values needs 3 values, got {self.beta_values!r}")
         # beta weighs the forget loss that is subtracted: a negative one would learn D_f
         for i, value in enumerate(self.beta_values):
-            _penalty(f"beta_values[{i}]", value)
+            checks.number(f"beta_values[{i}] (a penalty on the forget loss)", value, low=0)
         for name in ("beta", "beta_init"):
-            _penalty(name, getattr(self, name))
+            checks.number(f"{name} (a penalty on the forget loss)", getattr(self, name), low=0)
         for name in ("augment", "progress"):
             checks.flag(name, getattr(self, name))
-
-
-def _penalty(name: str, value: Any) -> float:
-    if checks.number(name, value) < 0:
-        raise ValueError(f"{name} must be >= 0 (a penalty on the forget loss), got {value!r}")
-    return value
 
 
 # Curve-training epochs of the paper's protocols (NOTES.md) where they differ from the random

@@ -60,17 +60,13 @@ class TrainConfig:
             "epochs": checks.integer("epochs", self.epochs, 0),
             "batch_size": checks.integer("batch_size", self.batch_size, 1),
             "lr": checks.number("lr", self.lr, positive=True),
-            "momentum": checks.number("momentum", self.momentum),
-            "weight_decay": checks.number("weight_decay", self.weight_decay),
+            "momentum": checks.number("momentum", self.momentum, low=0, below=1),
+            "weight_decay": checks.number("weight_decay", self.weight_decay, low=0),
             "schedule": checks.choice("schedule", self.schedule, SCHEDULES),
             "steps_per_call": checks.integer("steps_per_call", self.steps_per_call, 1),
             "progress": checks.flag("progress", self.progress),
             "checkpoint_every": checks.integer("checkpoint_every", self.checkpoint_every, 1),
         }
-        if not 0 <= values["momentum"] < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if values["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         for name, value in values.items():
             object.__setattr__(self, name, value)
 

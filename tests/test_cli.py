@@ -67,7 +67,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("item, message", [
     ("train.epochs=1.5", "train.epochs: expected int, got '1.5'"),
     ("train.checkpoint_every=0", "checkpoint_every must be an int >= 1, got 0"),
-    ("train.momentum=1.0", "momentum must be in [0, 1), got 1.0"),
+    ("train.momentum=1.0", "momentum must be a number in [0, 1), got 1.0"),
 ])
 def test_a_bad_train_field_is_one_line_before_any_folder(tmp_path, capsys, item, message):
     """A bad training setting is refused when the config is made, in one line naming it,

@@ -200,7 +200,7 @@ def test_misspelt_config_fields_are_named_with_the_valid_ones():
         default_config("ga", epoch=3)
     with pytest.raises(ValueError, match="'epoch', 'betta'"):
         default_config("neggrad", "class", epoch=3, betta=0.2)
-    with pytest.raises(ValueError, match="progress='no'; expected True or False"):
+    with pytest.raises(ValueError, match="progress must be True or False, got 'no'"):
         MethodConfig(progress="no")
 
 

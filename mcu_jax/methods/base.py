@@ -18,7 +18,6 @@ field can be overridden with ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -116,55 +115,26 @@ class MethodConfig:
     checkpoint_every: int = 1  # epochs between checkpoints of an interrupted-run-safe method
 
     def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"MethodConfig: {name}={getattr(self, name)!r}; expected {expected}")
-
-        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size",
-                     "checkpoint_every"):
-            value = getattr(self, name)
-            lowest = 0 if name == "epochs" else 1
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lowest:
-                bad(name, f"an int >= {lowest}")
-        if self.ft_epochs is not None and (
-            isinstance(self.ft_epochs, bool)
-            or not isinstance(self.ft_epochs, int | np.integer)
-            or self.ft_epochs < 0
-        ):
-            bad("ft_epochs", "None or an int >= 0")
-        for name in ("lr", "momentum", "weight_decay", "beta", "alpha", "fraction"):
-            value = getattr(self, name)
-            if name == "alpha" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-                bad(name, "a number")
-            if not math.isfinite(value):
-                bad(name, "a finite number")
-        if self.lr <= 0:
-            bad("lr", "a positive number")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", "a number in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "a number >= 0")
-        if not 0 <= self.fraction <= 1:
-            bad("fraction", "a fraction in [0, 1]")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"one of {SCHEDULES}")
-        if self.relabel not in RELABEL:
-            bad("relabel", f"one of {RELABEL}")
-        if self.bn not in BN_MODES:
-            bad("bn", f"one of {BN_MODES}")
-        for name in ("saliency_augment", "progress"):
-            if not isinstance(getattr(self, name), bool):  # "no" would read as True
-                bad(name, "True or False")
+        counts = {name: checks.integer(name, getattr(self, name), 0 if name == "epochs" else 1)
+                  for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size",
+                               "checkpoint_every")}
+        numbers = {
+            "lr": checks.number("lr", self.lr, positive=True),
+            "momentum": checks.number("momentum", self.momentum, low=0, below=1),
+            "weight_decay": checks.number("weight_decay", self.weight_decay, low=0),
+            "beta": checks.number("beta", self.beta),
+            "alpha": None if self.alpha is None else checks.number("alpha", self.alpha),
+            "fraction": checks.fraction("fraction", self.fraction),
+            "ft_epochs": checks.optional_integer("ft_epochs", self.ft_epochs, 0),
+        }
+        checks.choice("schedule", self.schedule, SCHEDULES)
+        checks.choice("relabel", self.relabel, RELABEL)
+        checks.choice("bn", self.bn, BN_MODES)
+        for name in ("saliency_augment", "progress"):  # "no" would read as True
+            checks.flag(name, getattr(self, name))
         # Plain Python numbers, so configs compare equal and serialise to JSON.
-        for name in ("epochs", "batch_size", "steps_per_call", "grad_batch_size"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        if self.ft_epochs is not None:
-            object.__setattr__(self, "ft_epochs", int(self.ft_epochs))
-        for name in ("lr", "momentum", "weight_decay", "beta", "alpha", "fraction"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, float(getattr(self, name)))
-        object.__setattr__(self, "checkpoint_every", int(self.checkpoint_every))
+        for name, value in {**counts, **numbers}.items():
+            object.__setattr__(self, name, value)
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         """The :class:`~mcu_jax.train.TrainConfig` of this method's training loop."""
