@@ -10,11 +10,10 @@ Results go to ``results.json``/``results.md`` like the main runner's, one row pe
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
-from mcu_jax import checkpoint, config, metrics, plots
+from mcu_jax import checkpoint, checks, config, metrics, plots
 from mcu_jax.data import make_split
 from mcu_jax.experiment import (
     DISPLAY,
@@ -66,12 +65,14 @@ class AblationConfig:
         if not self.values:
             raise ValueError("values must list at least one setting")
         for v in self.values:
-            if self.kind in ("k", "k_r") and not 0.0 <= v <= 1.0:
-                raise ValueError(f"values: {self.kind}={v} is outside [0, 1]")
-            if self.kind in ("retain_share", "mask") and not 0.0 < v <= 1.0:
+            # k = 0 keeps no tensor and k_r = 1 drops every one: MCU would have nothing to
+            # train, found only when that value's run is reached
+            if self.kind == "k_r" and not 0.0 <= v < 1.0:
+                raise ValueError(f"values: k_r={v} is outside [0, 1) (1 drops every tensor)")
+            if self.kind in ("k", "retain_share", "mask") and not 0.0 < v <= 1.0:
                 raise ValueError(f"values: {self.kind}={v} is outside (0, 1]")
-            if self.kind == "beta" and not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"values: beta={v}; expected a finite number >= 0")
+            if self.kind == "beta":
+                checks.number("values: beta", v, low=0)
             if self.kind == "forgetting" and not (float(v).is_integer() and v >= 1):
                 raise ValueError(f"values: forgetting={v}; expected whole epochs >= 1")
 

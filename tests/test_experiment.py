@@ -423,8 +423,10 @@ def test_mask_ablation_runs_no_mask_parameter_and_random_curves(tmp_path, monkey
 
 @pytest.mark.parametrize("kind, values, match", [
     ("mask", (0.0,), r"outside \(0, 1\]"),
-    ("retain_share", (0.0,), r"outside \(0, 1\]"), ("beta", (-0.1,), "beta=-0.1"),
-    ("forgetting", (2.5,), "whole epochs"), ("k_r", (1.2,), "outside")])
+    ("retain_share", (0.0,), r"outside \(0, 1\]"),
+    ("beta", (-0.1,), "beta must be a number >= 0, got -0.1"),
+    ("forgetting", (2.5,), "whole epochs"), ("k_r", (1.2,), "outside"),
+    ("k_r", (1.0,), r"outside \[0, 1\)"), ("k", (0.0,), r"outside \(0, 1\]")])
 def test_ablation_values_are_checked_up_front(kind, values, match):
     from mcu_jax import ablation
 
@@ -435,8 +437,9 @@ def test_ablation_values_are_checked_up_front(kind, values, match):
 def test_ablation_default_is_the_papers_for_the_kind():
     from mcu_jax import ablation
 
-    defaults = {kind: ablation.default_value(ablation.AblationConfig(kind=kind, values=(1,)))
-                for kind in ("mask", "beta", "k", "k_r", "retain_share", "forgetting")}
+    defaults = {kind: ablation.default_value(ablation.AblationConfig(
+        kind=kind, values=(1,) if kind == "forgetting" else (0.5,)))
+        for kind in ("mask", "beta", "k", "k_r", "retain_share", "forgetting")}
     assert defaults == {"mask": 0.1, "beta": 0.2, "k": 0.5, "k_r": 0.1, "retain_share": 0.5,
                         "forgetting": None}
     given = ablation.AblationConfig(kind="k", values=(0.3,), default=0.3)
