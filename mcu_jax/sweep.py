@@ -34,7 +34,7 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, init_variables, pointwise_impl, with_pointwise
+from mcu_jax.models import folded, pointwise_impl, variable_shapes, with_pointwise
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -299,7 +299,7 @@ def _check_model_variables(model, points: Sequence[Any], template: Any,
     if not isinstance(points, Sequence) or isinstance(points, str | bytes) or not points:
         raise ValueError(f"points must be a non-empty list of params pytrees, got "
                          f"{type(points).__name__}")
-    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    expected = variable_shapes(model, input_shape)
     model_name = f"the {type(model).__name__} model"
     pytrees.check_compatible(**{f"{model_name}'s params": expected["params"],
                                 "points[0]": points[0]})

@@ -70,6 +70,7 @@ __all__ = [
     "preresnet",
     "register",
     "save_npz",
+    "variable_shapes",
     "with_pointwise",
 ]
 
@@ -154,10 +155,16 @@ def check_variables(model: nn.Module, variables: Any, input_shape: Sequence[int]
     if not isinstance(variables, dict) or "params" not in variables:
         got = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
         raise ValueError(f"{name} must be a dict with 'params' and 'batch_stats', got {got}")
-    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    expected = variable_shapes(model, input_shape)
     given = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     pytrees.check_compatible(**{f"the {type(model).__name__} model": expected, name: given})
     pytrees.check_finite(name, given)
+
+
+def variable_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict:
+    """The shapes and dtypes (``jax.ShapeDtypeStruct``) of :func:`init_variables`' result,
+    without allocating it."""
+    return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
