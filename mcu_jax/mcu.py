@@ -17,6 +17,8 @@ update is one kernel rather than one per tensor; :func:`control_point` rebuilds 
 The vectors among them (BatchNorm scales and offsets, biases) are packed apart from the
 other tensors and combined with theta_o's and theta_p's, packed alike, as one vector: one
 kernel forms theta(t) for all of them instead of one kernel per vector (:func:`layouts`).
+Convolution filters are held output-channel first (:data:`FILTER_ORDER`), as GPUs read
+them, so that no filter or filter gradient is transposed in a step.
 
 The curve is the paper's quadratic Bezier by default; ``MCUConfig(curve="polychain")``
 trains the same three points as a polygonal chain theta_o -> theta_c (t = 1/2) -> theta_p
@@ -43,7 +45,7 @@ from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import check_variables
+from mcu_jax.models import check_variables, conv_filters
 from mcu_jax.protocols import check_setting
 
 BETA_MODES = ("adaptive", "fixed")
@@ -151,9 +153,10 @@ class CurveState(struct.PyTreeNode):
 
 
 class CurveConsts(struct.PyTreeNode):
-    theta_o: Any
-    theta_p: Any
-    frozen: dict  # path -> array: theta_c's tensors outside the mask
+    # [theta_o's, theta_p's] tensors of more than one axis (path -> array), stored as
+    # theta_c's are (:func:`stored`)
+    tensors: list
+    frozen: dict  # path -> array: theta_c's tensors outside the mask, stored
     # The vectors' points packed as the step combines them (:func:`packed_vectors`):
     # {"trained": [theta_o's, theta_p's], "frozen": [theta_o's, theta_c's, theta_p's]}
     vectors: dict
@@ -161,9 +164,40 @@ class CurveConsts(struct.PyTreeNode):
     images: Images
     is_forget: jax.Array  # (N,) bool over the training set
     refs: jax.Array  # (2,) Acc_o(D_train), forget reference (Acc_o(D_v) or 0), percent
+    # the paths of the convolution filters (models.conv_filters), stored in FILTER_ORDER
+    filters: frozenset = struct.field(pytree_node=False)
 
 
 PARTS = ("vectors", "tensors")
+
+#: The axis order in which curve training stores a convolution filter (Flax's HWIO: height,
+#: width, input and output channels): output channels first (OHWI), the order in which
+#: NVIDIA's convolution libraries read a filter and write its gradient. Stored so, theta(t)'s
+#: filter is combined from theta_o's, theta_c's and theta_p's in the layout the convolution
+#: reads, and its gradient is packed as the library writes it; stored as Flax holds them,
+#: XLA transposes every filter and every filter gradient in every step (docs/benchmarks.md,
+#: "Fewer kernels: filters stored as GPUs read them").
+FILTER_ORDER = (3, 0, 1, 2)
+
+
+def stored(flat: dict, filters: frozenset) -> dict:
+    """``flat`` (path -> array or ``jax.ShapeDtypeStruct``) with the tensors at ``filters``'
+    paths in :data:`FILTER_ORDER`, as curve training holds them."""
+    return _permuted(flat, filters, FILTER_ORDER)
+
+
+def restored(flat: dict, filters: frozenset) -> dict:
+    """The inverse of :func:`stored`: every tensor in the model's own axis order."""
+    return _permuted(flat, filters, tuple(int(i) for i in np.argsort(FILTER_ORDER)))
+
+
+def _permuted(flat: dict, filters: frozenset, order: tuple[int, ...]) -> dict:
+    def permute(v):
+        if isinstance(v, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(tuple(v.shape[i] for i in order), v.dtype)
+        return jnp.transpose(v, order)
+
+    return {k: permute(v) if k in filters else v for k, v in flat.items()}
 
 
 def layouts(flat: dict) -> dict[str, packing.Layout]:
@@ -177,22 +211,26 @@ def layouts(flat: dict) -> dict[str, packing.Layout]:
             for name in PARTS}
 
 
-def trained_layouts(params_template, frozen: dict) -> dict[str, packing.Layout]:
-    """Where theta_c's trained tensors (those not in ``frozen``) lie in
-    ``CurveState.trainable`` (:func:`layouts`)."""
-    return _layouts_of(params_template, frozen, trained=True)
+def trained_layouts(params_template, frozen: dict,
+                    filters: frozenset) -> dict[str, packing.Layout]:
+    """Where theta_c's trained tensors (those not in ``frozen``), :func:`stored` with
+    ``filters``, lie in ``CurveState.trainable`` (:func:`layouts`)."""
+    return _layouts_of(params_template, frozen, filters, trained=True)
 
 
-def frozen_layouts(params_template, frozen: dict) -> dict[str, packing.Layout]:
-    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]`` (:func:`layouts`)."""
-    return _layouts_of(params_template, frozen, trained=False)
+def frozen_layouts(params_template, frozen: dict,
+                   filters: frozenset) -> dict[str, packing.Layout]:
+    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]`` (:func:`layouts`),
+    and the order of the frozen tensors."""
+    return _layouts_of(params_template, frozen, filters, trained=False)
 
 
-def _layouts_of(params_template, frozen: dict, trained: bool) -> dict[str, packing.Layout]:
+def _layouts_of(params_template, frozen: dict, filters: frozenset,
+                trained: bool) -> dict[str, packing.Layout]:
     # In the template's order: ``frozen`` itself comes back from jit with its keys sorted
     # as strings, which differs where a name holds a character before "/" ("bn-2").
-    return layouts({k: v for k, v in pytrees.flatten(params_template).items()
-                    if (k in frozen) != trained})
+    return layouts(stored({k: v for k, v in pytrees.flatten(params_template).items()
+                           if (k in frozen) != trained}, filters))
 
 
 def _pick(flat: dict, layout: packing.Layout) -> dict:
@@ -202,18 +240,22 @@ def _pick(flat: dict, layout: packing.Layout) -> dict:
 def packed_vectors(p_o, p_p, frozen: dict) -> dict:
     """``CurveConsts.vectors``: theta_o's and theta_p's trained vectors packed as
     ``CurveState.trainable["vectors"]``, and theta_o's, theta_c's and theta_p's frozen ones."""
-    trained, fixed = (f(p_o, frozen)["vectors"] for f in (trained_layouts, frozen_layouts))
+    # vectors are never filters: their layouts do not depend on them
+    trained, fixed = (f(p_o, frozen, frozenset())["vectors"]
+                      for f in (trained_layouts, frozen_layouts))
     ends = [pytrees.flatten(p) for p in (p_o, p_p)]
     return {"trained": [packing.pack(trained, _pick(e, trained)) for e in ends],
             "frozen": [packing.pack(fixed, _pick(f, fixed)) for f in (ends[0], frozen, ends[1])]}
 
 
-def control_point(params_template, trainable: dict, frozen: dict):
-    """theta_c rebuilt from its trained (packed, ``CurveState.trainable``) and frozen parts."""
-    flat = dict(frozen)
-    for part, layout in trained_layouts(params_template, frozen).items():
+def control_point(params_template, trainable: dict, consts: CurveConsts):
+    """theta_c rebuilt from its trained part (packed, ``CurveState.trainable``) and its
+    frozen part (in ``consts``), in the model's own axis order."""
+    flat = dict(consts.frozen)
+    for part, layout in trained_layouts(params_template, consts.frozen,
+                                        consts.filters).items():
         flat.update(packing.unpack(layout, trainable[part]))
-    return pytrees.unflatten(params_template, flat)
+    return pytrees.unflatten(params_template, restored(flat, consts.filters))
 
 
 def make_curve_step(model, tx, config: MCUConfig, params_template):
@@ -238,15 +280,15 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         adaptive = config.beta_mode == "adaptive"
 
         along = functools.partial(curves.point, config.curve, t=t)  # theta(t) of 3 points
-        trained_l = trained_layouts(params_template, c.frozen)
-        frozen_l = frozen_layouts(params_template, c.frozen)
-        ends = [pytrees.flatten(p) for p in (c.theta_o, c.theta_p)]
+        trained_l = trained_layouts(params_template, c.frozen, c.filters)
+        frozen_l = frozen_layouts(params_template, c.frozen, c.filters)
 
-        def per_tensor(layout, theta_c: dict) -> dict:
-            return along([_pick(ends[0], layout), theta_c, _pick(ends[1], layout)])
+        def per_tensor(layout, theta_c: dict) -> dict:  # in the stored axis order
+            return along([_pick(c.tensors[0], layout), theta_c, _pick(c.tensors[1], layout)])
 
         # theta(t)'s tensors outside the mask, and the trained ones, which are differentiated
-        fixed = {**per_tensor(frozen_l["tensors"], _pick(c.frozen, frozen_l["tensors"])),
+        fixed = {**restored(per_tensor(frozen_l["tensors"],
+                                       _pick(c.frozen, frozen_l["tensors"])), c.filters),
                  **packing.unpack(frozen_l["vectors"], along(c.vectors["frozen"]))}
         tensors = trained_l["tensors"]
         trained = {"vectors": along([c.vectors["trained"][0], state.trainable["vectors"],
@@ -257,7 +299,7 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         def objective(trained):
             params = pytrees.unflatten(params_template, {
                 **fixed, **packing.unpack(trained_l["vectors"], trained["vectors"]),
-                **trained["tensors"]})
+                **restored(trained["tensors"], c.filters)})
             logits, _ = model.apply(
                 {"params": params, "batch_stats": c.batch_stats},
                 x,
@@ -350,17 +392,21 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     frozen = {k: v for k, v in flat_c.items() if not flat_mask[k]}
     if not trainable:
         raise ValueError("the parameter mask selects no tensor: nothing to train")
+    filters = conv_filters(model, p_o)
+    trainable = stored(trainable, filters)
     trainable = {part: packing.pack(layout, _pick(trainable, layout))
-                 for part, layout in trained_layouts(p_o, frozen).items()}
+                 for part, layout in trained_layouts(p_o, frozen, filters).items()}
+    ends = [stored(pytrees.flatten(p), filters) for p in (p_o, p_p)]
+    tensors = layouts(ends[0])["tensors"]
     consts = CurveConsts(
-        theta_o=p_o,
-        theta_p=p_p,
-        frozen=frozen,
+        tensors=[_pick(e, tensors) for e in ends],
+        frozen=stored(frozen, filters),
         vectors=packed_vectors(p_o, p_p, frozen),
         batch_stats=theta_o.get("batch_stats", {}),
         images=images,
         is_forget=jnp.asarray(is_forget),
         refs=jnp.asarray(refs, jnp.float32),
+        filters=filters,
     )
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))
@@ -498,7 +544,7 @@ def train_curve(
         if ckpt is not None:
             ckpt.close()
     minutes = (earlier + time.perf_counter() - start) / 60.0
-    theta_c = control_point(p_o, state.trainable, consts.frozen)
+    theta_c = control_point(p_o, state.trainable, consts)
     # The seconds travel in the checkpointed history; callers get them apart, so that the
     # history of a run does not depend on the machine's speed.
     epoch_seconds = [h.pop(_SECONDS) for h in history if _SECONDS in h]

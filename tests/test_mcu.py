@@ -218,6 +218,13 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, the
         (key,) = part  # one dtype: "float32:<fingerprint of the packed tensors>"
         assert key.startswith("float32:") and part[key].ndim == 1
     assert all(np.size(v) for part in consts.vectors.values() for p in part for v in p.values())
+    # Filters held output-channel first (mcu.FILTER_ORDER): here conv0 frozen, conv1 trained
+    assert consts.filters == {"conv0/kernel", "conv1/kernel"}
+    trained_tensors = mcu.trained_layouts(p_o, consts.frozen, consts.filters)["tensors"]
+    assert dict(zip(trained_tensors.paths, trained_tensors.shapes,
+                    strict=True))["conv1/kernel"] == (64, 3, 3, 32)
+    np.testing.assert_array_equal(consts.frozen["conv0/kernel"],
+                                  np.transpose(theta_c["conv0"]["kernel"], (3, 0, 1, 2)))
     tx = optax.sgd(config.lr)
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, p_o))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],
@@ -238,7 +245,7 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, theta_o, the
             return ce[:96].mean() - 0.3 * ce[96:].mean()
 
         grad = pytrees.flatten(jax.grad(loss)(theta_c))
-        got = pytrees.flatten(mcu.control_point(p_o, new.trainable, consts.frozen))
+        got = pytrees.flatten(mcu.control_point(p_o, new.trainable, consts))
         for k in flat:
             want = before[k] if k in frozen else before[k] - config.lr * grad[k]
             np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
@@ -391,3 +398,21 @@ def test_config_integers_refuse_booleans(field):
     """True is an int to Python; as a count of epochs or a batch size it is a mistake."""
     with pytest.raises(ValueError, match=rf"{field} must be an int"):
         MCUConfig(**{field: True})
+
+
+def test_filters_are_stored_output_channel_first_and_restored():
+    """``mcu.stored`` puts the filters' axes in FILTER_ORDER (HWIO -> OHWI) and leaves the
+    other tensors; ``restored`` undoes it, for arrays and shape structs alike."""
+    w = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    flat = {"conv/kernel": jnp.asarray(w), "dense/kernel": jnp.ones((4, 6)),
+            "other/kernel": jnp.ones((1, 1, 2, 3))}
+    filters = frozenset({"conv/kernel"})
+    held = mcu.stored(flat, filters)
+    assert held["conv/kernel"].shape == (5, 2, 3, 4)
+    assert float(held["conv/kernel"][4, 1, 2, 3]) == w[1, 2, 3, 4]
+    assert held["dense/kernel"] is flat["dense/kernel"]
+    assert held["other/kernel"] is flat["other/kernel"]  # 4-d, but not a filter
+    back = mcu.restored(held, filters)
+    assert all(np.array_equal(back[k], flat[k]) for k in flat)
+    shapes = mcu.stored(jax.eval_shape(lambda: flat), filters)
+    assert shapes["conv/kernel"] == jax.ShapeDtypeStruct((5, 2, 3, 4), jnp.float32)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcu_jax import models
+from mcu_jax import models, pytrees
 from mcu_jax.models import count_params, create, init_variables, load_pretrained, save_npz
 
 # RBG keys: compiling threefry for every parameter shape dominates eager init time on CPU.
@@ -996,3 +996,30 @@ def test_conv_init_is_he_normal_fan_out():
         std = float(np.std(np.asarray(init(keys)["params"]["kernel"])))
         expected = np.sqrt(2.0 / (9 * cout))
         assert abs(std / expected - 1) < 0.1, (cin, cout, std, expected)
+
+
+@pytest.mark.parametrize("name, shape, options", [
+    ("cnn_small", (8, 8, 1), {}),
+    ("preresnet110", (32, 32, 3), {"depth": 11}),
+    ("preresnet110", (32, 32, 3), {"depth": 11, "pointwise": "fused"}),
+])
+def test_conv_filters_are_the_kernels_that_convolutions_read(name, shape, options):
+    """``conv_filters`` (what curve training stores output-channel first) names exactly the
+    kernels of the ``nn.Conv`` modules that a train-mode call runs, recorded here by
+    intercepting the calls: with ``pointwise`` not the 1x1 kernels read as matrices."""
+    model = create(name, 5, **options)
+    variables = models.variable_shapes(model, shape)
+    convs = set()
+
+    def record(call, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            convs.add("/".join(context.module.path) + "/kernel")
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *shape)), train=True,
+                                             mutable=["batch_stats"]), variables)
+    four_d = {k for k, v in pytrees.flatten(variables["params"]).items()
+              if v.ndim == 4}
+    assert models.conv_filters(model, variables["params"]) == convs
+    assert (convs == four_d) == ("pointwise" not in options)  # the 1x1 matrices are left out

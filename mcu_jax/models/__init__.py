@@ -43,6 +43,7 @@ from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
 from mcu_jax.models.preresnet import (
     POINTWISE,
     PreResNet,
+    matrix_kernels,
     pointwise_impl,
     preresnet,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "VGG16BN",
     "VisionTransformer",
     "check_variables",
+    "conv_filters",
     "count_params",
     "create",
     "folded",
@@ -143,6 +145,16 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
 def count_params(params: Any) -> int:
     """Number of scalars in a pytree of arrays (or ``jax.ShapeDtypeStruct``s)."""
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def conv_filters(model: nn.Module, params: Any) -> frozenset[str]:
+    """The paths (``pytrees.flatten``'s) of ``params``' tensors that ``model`` runs as
+    convolution filters (Flax's HWIO): its 4-d tensors, except PreResNet's 1x1 kernels that
+    its ``pointwise`` setting reads as (K, N) matrices. Curve training stores the filters in
+    the order GPUs read them (``mcu.FILTER_ORDER``)."""
+    flat = pytrees.flatten(params)
+    matrices = matrix_kernels(model, flat) if isinstance(model, PreResNet) else frozenset()
+    return frozenset(k for k, v in flat.items() if len(v.shape) == 4 and k not in matrices)
 
 
 def check_variables(model: nn.Module, variables: Any, input_shape: Sequence[int],

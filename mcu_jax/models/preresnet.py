@@ -20,6 +20,8 @@ any of them.
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -188,6 +190,19 @@ class PreResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = dense(self.num_classes, dtype=dt, name="head")(x)
         return x.astype(jnp.float32)
+
+
+#: The paths (``pytrees.flatten``'s) of the blocks' 1x1 kernels that ``_Kernel1x1`` makes.
+_MATRIX_PATH = re.compile(r"stage\d+_block\d+/conv[13]/kernel")
+
+
+def matrix_kernels(model: PreResNet, paths: Iterable[str]) -> frozenset[str]:
+    """The paths among ``paths`` of the 4-d kernels that ``model`` reads as (K, N) matrices,
+    not as convolution filters: its blocks' conv1 and conv3 where ``pointwise`` is not
+    "conv" (``_Kernel1x1``); none otherwise."""
+    if model.pointwise == "conv":
+        return frozenset()
+    return frozenset(p for p in paths if _MATRIX_PATH.fullmatch(p))
 
 
 def preresnet(depth: int, num_classes: int, **options: Any) -> PreResNet:
