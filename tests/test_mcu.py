@@ -416,3 +416,24 @@ def test_filters_are_stored_output_channel_first_and_restored():
     assert all(np.array_equal(back[k], flat[k]) for k in flat)
     shapes = mcu.stored(jax.eval_shape(lambda: flat), filters)
     assert shapes["conv/kernel"] == jax.ShapeDtypeStruct((5, 2, 3, 4), jnp.float32)
+
+
+def test_another_pointwise_setting_packs_other_filters(digits_images):
+    """PreResNet's 1x1 kernels are filters under pointwise="conv" and matrices under the
+    kernel: curve training packs them in another order, so a checkpoint of one does not fit
+    the other's state (its key fingerprints the packed shapes) and a resume is refused."""
+    train_images, _ = digits_images
+    states = {}
+    for pointwise in ("conv", "interpret"):
+        model = models.create("preresnet110", 10, depth=11, pointwise=pointwise)
+        theta = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+        mask = jax.tree.map(lambda _: True, theta["params"])
+        state, consts, _ = mcu.setup_curve(
+            model, theta, theta, theta["params"], mask, train_images,
+            np.zeros(train_images.num_examples, bool), (99.0, 95.0), MCUConfig(progress=False))
+        states[pointwise] = (state, consts)
+    (conv, c_conv), (kernel, c_kernel) = states["conv"], states["interpret"]
+    assert c_kernel.filters < c_conv.filters  # the 1x1 matrices are not filters
+    assert "stage1_block0/conv1/kernel" in c_conv.filters - c_kernel.filters
+    assert set(conv.trainable["tensors"]) != set(kernel.trainable["tensors"])
+    assert conv.trainable["vectors"].keys() == kernel.trainable["vectors"].keys()
