@@ -199,9 +199,22 @@ def _fields(command: str, method: str | None) -> list[str]:
     return config.field_names(MCUCommand())
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` with options and overrides in any order, as ``run.py`` takes
+    them (argparse's intermixed parsing does not support subcommands): the overrides that
+    follow an option are added to the ones before it, in the order given. Anything else it
+    does not know is an error, as with ``parse_args``."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.fields:
         try:
             print("\n".join(_fields(args.command, getattr(args, "method", None))))
