@@ -220,8 +220,8 @@ def trained_layouts(params_template, frozen: dict,
 
 def frozen_layouts(params_template, frozen: dict,
                    filters: frozenset) -> dict[str, packing.Layout]:
-    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]`` (:func:`layouts`),
-    and the order of the frozen tensors."""
+    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]``, and the frozen
+    tensors' stored shapes (:func:`layouts`)."""
     return _layouts_of(params_template, frozen, filters, trained=False)
 
 
