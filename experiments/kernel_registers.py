@@ -116,13 +116,16 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int) -> None:
     def shape(*dims, dt=jnp.float32):
         return jax.ShapeDtypeStruct(dims, dt, sharding=place)
 
-    def loss(*a):
-        out, (s1, s2) = pw.bn_relu_matmul(*a, stats=True, impl="pallas")
-        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+    def loss(*a):  # every operand of the backward kernel: the statistics' part, the
+        # returned input's cotangent, and the residual's cotangent written
+        out, (s1, s2), same = pw.bn_relu_matmul(*a, stats=True, return_input=True,
+                                                impl="pallas")
+        return (jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+                + jnp.sum(same.astype(jnp.float32) ** 2))
 
     args = (shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n),
             shape(rows, n, dt=jnp.dtype(dtype)))
-    jax.jit(jax.grad(loss, argnums=(0, 4))).lower(*args).compile()
+    jax.jit(jax.grad(loss, argnums=(0, 4, 5))).lower(*args).compile()
 
 
 if __name__ == "__main__":

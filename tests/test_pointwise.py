@@ -117,9 +117,11 @@ def test_backward_kernel_is_the_written_out_derivative(m, k, n):
     """The backward kernel (interpreted) gives :func:`pointwise.backward`'s XLA result, with
     several loop steps per program and padded rows (33,000 rows of 16 channels: 256-row
     programs, 128 rows a step; 300 rows of 256: 256-row programs, 32 rows a step), and with
-    several blocks of input channels (256 = 2 x 128)."""
+    several blocks of input channels (256 = 2 x 128), the residual's cotangent written by
+    one of them; with another cotangent of the input added (``d_input``)."""
     assert pw.backward_blocks(33000, 16, 16) == (128, 16, 256)
     assert pw.backward_blocks(300, 256, 64) == (32, 128, 256)
+    assert pw.backward_blocks(300, 256, 64, wide=True) == (16, 128, 256)
     assert pw.blocks(256, 64) == (16, 32) and pw.blocks(64, 256) == (128, 64)
     for dtype in (jnp.float32, jnp.bfloat16):
         z, mean, mul, bias, w, residual = _operands(m, k, n, dtype, seed=4)
@@ -128,9 +130,11 @@ def test_backward_kernel_is_the_written_out_derivative(m, k, n):
         rng = np.random.default_rng(5)
         cotangents = (rng.normal(size=(m, n)).astype(dtype),
                       tuple(rng.normal(size=n).astype(np.float32) for _ in range(2)))
-        want = pw.backward(*args, out, cotangents, True, False)
-        got = pw.backward(*args, out, cotangents, True, False, impl="interpret")
-        for g, h in zip(got[:5], want[:5], strict=True):
+        d_input = rng.normal(size=(m, k)).astype(dtype)  # the returned input's cotangent
+        want = pw.backward(*args, out, cotangents, True, False, d_input=d_input)
+        got = pw.backward(*args, out, cotangents, True, False, impl="interpret",
+                          d_input=d_input)
+        for g, h in zip(got[:6], want[:6], strict=True):  # z, mean, mul, bias, w, residual
             assert g.dtype == h.dtype and g.shape == h.shape
             scale = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
@@ -160,6 +164,55 @@ def test_the_kernel_derives_only_what_is_differentiated():
         backward_call = [line for line in program.splitlines() if "pallas_call[" in line][-1]
         outputs = backward_call.split("=")[0].split()
         assert len(outputs) == 1 + (0 in argnums) + (4 in argnums)  # sums, d_z?, d_w?
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_returned_input_takes_its_cotangent_into_the_kernel(dtype):
+    """With ``return_input`` the kernel returns z as a third result. A loss that uses it (as a
+    block's shortcut does), the output, its residual and its statistics gets autodiff's
+    gradients of the plain computation, and the backward kernel takes the returned input's
+    cotangent and the statistics' part as operands (added as it reads and writes) instead
+    of XLA adding them in passes of their own."""
+    z, mean, mul, bias, w, residual = _operands(300, 32, 16, dtype, seed=7)
+    probe = np.random.default_rng(8).normal(size=z.shape).astype(np.float32)
+
+    def loss(impl, *a):
+        out, (s1, s2), same = pw.bn_relu_matmul(*a, stats=True, return_input=True, impl=impl)
+        assert same.shape == z.shape and same.dtype == z.dtype
+        return (jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + 1e-3 * jnp.sum(s2)
+                + jnp.sum(same.astype(jnp.float32) * probe))
+
+    args = (z, mean, mul, bias, w, residual)
+    _, _, same = pw.bn_relu_matmul(*args, return_input=True, impl="interpret")
+    assert np.array_equal(np.asarray(same), np.asarray(z))
+    argnums = (0, 1, 2, 3, 4, 5)
+    want = jax.grad(functools.partial(loss, "xla"), argnums=argnums)(*args)
+    got = jax.grad(functools.partial(loss, "interpret"), argnums=argnums)(*args)
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    for g, h in zip(got, want, strict=True):
+        assert g.dtype == h.dtype
+        scale = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
+                                   rtol=tol, atol=tol * scale)
+    program = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
+                                      argnums=argnums))(*args)
+    backward_call = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
+                     and e.params["name"] == "bn_relu_matmul_backward"]
+    (call,) = backward_call
+    # z, mean, mul, shift, w, d_out; d_sum, d_squares, out; the returned input's cotangent
+    assert len(call.invars) == 10
+    assert len(call.outvars) == 4  # d_z, d_w's and the sums' partial sums, the residual's
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _equations(inner)
 
 
 def test_bad_operands_are_refused():

@@ -211,16 +211,17 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     return out, (sums[0], sums[1])
 
 
-def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
+def backward_blocks(m: int, k: int, n: int, wide: bool = False) -> tuple[int, int, int]:
     """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
     program computes (its weight gradient, ``block_k`` x n, accumulates in at most 32 KB of
-    float32), ``block_m`` rows a loop step (the cotangent's tile at most 16 KB: larger
-    tiles spill registers, ``experiments/kernel_registers.py``), and ``rows``
+    float32), ``block_m`` rows a loop step (the cotangent's tile at most 16 KB, 8 KB when
+    ``wide``: float32 tiles with the statistics' part and another cotangent of the input
+    read too; larger tiles spill registers, ``experiments/kernel_registers.py``), and ``rows``
     per program, a power-of-two multiple of ``block_m``: about 256 programs share the rows
     and channels, each with at least 256 rows, so that its partial sums (``block_k`` x n)
     stay small beside what it reads. Untuned."""
     block_k = max(16, min(k, 8192 // n))
-    block_m = max(16, min(128, 4096 // max(n, block_k)))
+    block_m = max(16, min(128, (2048 if wide else 4096) // max(n, block_k)))
     chunks = max(1, 256 // (k // block_k))
     rows = max(block_m, 256)
     while rows * chunks < m:
@@ -243,33 +244,67 @@ def _backward_rows(z, g, mean, mul, shift, w, with_dw: bool = True):
 
 
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
-                     with_dw: bool = True):
+                     with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
-    ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32)``. Each program reads its
-    rows of ``z`` and ``gd`` (once per block of input channels), recomputes the activated
-    input in registers, writes its rows of ``d_z`` and returns partial sums of the weight
-    gradient and of d_x's sums for its rows, added up here. What is not wanted is neither
-    computed nor written (XLA cannot drop a kernel's unused outputs)."""
+    ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
+    (M, N) in z's dtype or None without ``with_g``)``. Each program reads its rows of ``z``
+    and ``gd`` (once per block of input channels), recomputes the activated input in
+    registers, writes its rows of ``d_z`` and returns partial sums of the weight gradient and
+    of d_x's sums for its rows, added up here. What is not wanted is neither computed nor
+    written (XLA cannot drop a kernel's unused outputs).
+
+    ``added``: ``(out (M, N), d_sum (N,), d_squares (N,))``, the statistics' part of the
+    output's cotangent, which the kernel adds to ``gd`` as it reads it (``gd + d_sum + 2 *
+    out * d_squares``, rounded to z's dtype as :func:`backward` rounds it) instead of XLA
+    in a pass of its own; ``with_g`` also writes that sum (the residual's cotangent).
+    ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
+    ``return_input``), added to ``d_z`` as it is written."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
     n = w.shape[1]
-    block_m, block_k, rows = backward_blocks(m, k, n)
+    wide = z.dtype.itemsize == 4 and added is not None and d_input is not None
+    block_m, block_k, rows = backward_blocks(m, k, n, wide)
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
-    z, gd = _pad_rows(pad, z, gd)  # zero cotangent rows add nothing to any sum
+    out, d_sum, d_squares = added if added is not None else (None, None, None)
+    # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
+    z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
+    dt, f32 = z.dtype, jnp.float32
 
-    def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *out_refs):
-        dz_ref = out_refs[0] if with_dz else None
-        dw_ref, sums_ref = (out_refs[-2] if with_dw else None), out_refs[-1]
+    def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
+        refs = list(refs)  # the optional inputs, then the outputs
+        sum_ref, sq_ref, out_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if added else [None] * 3
+        di_ref = refs.pop(0) if d_input is not None else None
+        dz_ref = refs.pop(0) if with_dz else None
+        dw_ref = refs.pop(0) if with_dw else None
+        sums_ref = refs.pop(0)
+        g_out_ref = refs.pop(0) if with_g else None
         coefficients = mean_ref[...], mul_ref[...], shift_ref[...]
+        first = pl.program_id(1) == 0  # one block of input channels writes the cotangent
+        base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
 
         def step(j, carry):
             here = pl.ds(j * block_m, block_m)
-            dz, d_w, s_x, s_xz = _backward_rows(z_ref[here, :], g_ref[here, :], *coefficients,
+            g = g_ref[here, :]
+            if added is not None:
+                total = (g.astype(f32) + sum_ref[...]
+                         + 2.0 * out_ref[here, :].astype(f32) * sq_ref[...])
+                if pad:  # d_sum would make the padding rows' cotangent nonzero
+                    row = base + j * block_m + jax.lax.broadcasted_iota(jnp.int32,
+                                                                        (block_m, 1), 0)
+                    total = jnp.where(row < m, total, 0.0)
+                g = total.astype(dt)
+                if with_g:
+                    @pl.when(first)
+                    def _():
+                        g_out_ref[here, :] = g
+            dz, d_w, s_x, s_xz = _backward_rows(z_ref[here, :], g, *coefficients,
                                                 w_ref[...], with_dw)
             if with_dz:
+                if di_ref is not None:
+                    dz = (dz.astype(f32) + di_ref[here, :].astype(f32)).astype(dt)
                 dz_ref[here, :] = dz
             sums = carry[0] + s_x, carry[1] + s_xz
             return (*sums, carry[2] + d_w) if with_dw else sums
@@ -283,30 +318,42 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             dw_ref[...] = carry[2]
 
     rows_k = pl.BlockSpec((rows, block_k), lambda i, j: (i, j))
+    rows_n = pl.BlockSpec((rows, n), lambda i, j: (i, 0))
+    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
+    whole = pl.BlockSpec((n,), lambda i, j: (0,))
+    in_specs = [rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
+                rows_n]
+    args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
+    if added is not None:
+        in_specs += [whole, whole, rows_n]
+        args += [jnp.zeros((n,), f32) if d_sum is None else d_sum,
+                 jnp.zeros((n,), f32) if d_squares is None else d_squares, out]
+    if d_input is not None:
+        in_specs.append(rows_k)
+        args.append(d_input)
     out_specs, out_shape = [], []
     if with_dz:
         out_specs.append(rows_k)
-        out_shape.append(jax.ShapeDtypeStruct((m + pad, k), z.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((m + pad, k), dt))
     if with_dw:
         out_specs.append(pl.BlockSpec((None, block_k, n), lambda i, j: (i, j, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((grid[0], k, n), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0], k, n), f32))
     out_specs.append(pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j)))
-    out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, k), jnp.float32))
-    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
-    results = _call(
-        kernel, z, mean, mul, shift_of(mean, mul, bias), w.astype(z.dtype), gd,
-        interpret=interpret, num_warps=8,
-        grid=grid, in_specs=[rows_k, vector, vector, vector,
-                             pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
-                             pl.BlockSpec((rows, n), lambda i, j: (i, 0))],
-        out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward")
-    dz = (results[0][:m] if pad else results[0]) if with_dz else None
+    out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, k), f32))
+    if with_g:
+        out_specs.append(rows_n)
+        out_shape.append(jax.ShapeDtypeStruct((m + pad, n), dt))
+    results = list(_call(kernel, *args, interpret=interpret, num_warps=8, grid=grid,
+                         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                         name="bn_relu_matmul_backward"))
+    g = results.pop()[:m] if with_g else None
+    dz = results.pop(0)[:m] if with_dz else None
     partial = [results[-1].reshape(grid[0], 2 * k)]
     if with_dw:  # both partial sums side by side: one reduction
-        partial.append(results[-2].reshape(grid[0], k * n))
+        partial.append(results[0].reshape(grid[0], k * n))
     total = jnp.sum(jnp.concatenate(partial, axis=1), 0)
     d_w = total[2 * k:].reshape(k, n) if with_dw else None
-    return dz, d_w, (total[:k], total[k:2 * k])
+    return dz, d_w, (total[:k], total[k:2 * k]), g
 
 
 #: The operands of :func:`backward`'s result, in order.
@@ -314,50 +361,73 @@ OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
-             out_relu: bool, impl: str = "xla", wanted=OPERANDS):
+             out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
+    ``d_input``, if given, is another cotangent of ``z`` (:func:`bn_relu_matmul`'s
+    ``return_input``), added to z's.
     The activation is recomputed as the kernels compute it (:func:`bn_relu_shifted`), equal
     to ``reference``'s up to rounding, so the ReLU's mask may differ where an input lies
     within rounding of zero.
     Unlike autodiff of the plain computation it does not recompute the product ``out`` (the
     statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the backward
     kernel, :func:`_pallas_backward`, which recomputes the activated input in registers
-    instead of in memory, and computes no ``z`` or ``w`` cotangent that is not wanted) or
-    "interpret" (that kernel interpreted). ``cotangents``' sums, or either of them, may be
-    None (zero)."""
+    instead of in memory, adds the statistics' part to the output's cotangent and
+    ``d_input`` to z's as it reads and writes them, and computes no ``z`` or ``w``
+    cotangent that is not wanted) or "interpret" (that kernel interpreted).
+    ``cotangents``' sums, or either of them, may be None (zero)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt, f32 = z.dtype, jnp.float32
     d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
-    g = d_out.astype(f32)
-    if stats and d_sum is not None:  # d(sum o)/do = 1
-        g = g + d_sum
-    if stats and d_squares is not None:  # d(sum o^2)/do = 2 o
-        g = g + 2.0 * out.astype(f32) * d_squares
-    if out_relu:
-        g = jnp.where(out > 0, g, 0.0)
-    gd = g.astype(dt)
+    if not stats:
+        d_sum = d_squares = None
+    wants_residual = residual is not None and "residual" in wanted
+    # The kernel adds the statistics' part itself, unless an output ReLU masks the sum or
+    # the output bias's gradient needs it in float32 (neither in training)
+    in_kernel = (impl != "xla" and not out_relu and (out_bias is None or "out_bias" not in wanted)
+                 and (not wants_residual or residual.dtype == dt))
+    g = gd = None
+    if not in_kernel:
+        g = d_out.astype(f32)
+        if d_sum is not None:  # d(sum o)/do = 1
+            g = g + d_sum
+        if d_squares is not None:  # d(sum o^2)/do = 2 o
+            g = g + 2.0 * out.astype(f32) * d_squares
+        if out_relu:
+            g = jnp.where(out > 0, g, 0.0)
+        gd = g.astype(dt)
     if impl == "xla":
         d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias),
                                          w.astype(dt))
+        if d_input is not None:
+            d_z = (d_z.astype(f32) + d_input.astype(f32)).astype(dt)
     else:
-        d_z, d_w, sums = _pallas_backward(z, mean, mul, bias, w, gd, impl == "interpret",
-                                          "z" in wanted, "w" in wanted)
+        added = (None if not in_kernel or (d_sum is None and d_squares is None)
+                 else (out, d_sum, d_squares))
+        d_z, d_w, sums, g_kernel = _pallas_backward(
+            z, mean, mul, bias, w, gd if gd is not None else d_out.astype(dt),
+            impl == "interpret", "z" in wanted, "w" in wanted, added=added, d_input=d_input,
+            with_g=in_kernel and wants_residual and added is not None)
+        if in_kernel:
+            gd = g_kernel if g_kernel is not None else d_out.astype(dt)
     d_bias, d_mul = sums
     result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
               d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype),
-              None if residual is None else (gd if residual.dtype == dt
-                                             else g.astype(residual.dtype)),
-              None if out_bias is None else jnp.sum(g, 0).astype(out_bias.dtype))
+              None if not wants_residual else (gd if residual.dtype == dt
+                                                else g.astype(residual.dtype)),
+              None if out_bias is None or "out_bias" not in wanted
+              else jnp.sum(g, 0).astype(out_bias.dtype))
     return tuple(c if name in wanted else None
                  for name, c in zip(OPERANDS, result, strict=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _kernel(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret):
-    return _pallas(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _kernel(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret,
+            return_input):
+    out, sums = _pallas(z, mean, mul, bias, w, residual, out_bias, stats, out_relu, interpret)
+    return (out, sums, z) if return_input else (out, sums)
 
 
 def _kernel_fwd(*args):
@@ -368,28 +438,33 @@ def _kernel_fwd(*args):
     values = [None if p is None else p.value for p in primals]
     wanted = {name: None for name, p in zip(OPERANDS, primals, strict=True)
               if p is not None and p.perturbed}
-    results = _pallas(*values, *flags)
-    return results, (*values, results[0], wanted)
+    out, sums = _pallas(*values, *flags[:3])
+    results = (out, sums, values[0]) if flags[3] else (out, sums)
+    return results, (*values, out, wanted)
 
 
-def _kernel_bwd(stats, out_relu, interpret, saved, cotangents):
-    """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's)."""
+def _kernel_bwd(stats, out_relu, interpret, return_input, saved, cotangents):
+    """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's, and
+    the returned input's)."""
     zero = jax.custom_derivatives.SymbolicZero
-    d_out, d_sums = cotangents
+    d_out, d_sums, *d_input = cotangents
     if isinstance(d_out, zero):
         d_out = jnp.zeros(d_out.shape, d_out.dtype)
     if d_sums is not None:
         d_sums = tuple(None if isinstance(d, zero) else d for d in d_sums)
+    d_input = d_input[0] if d_input and not isinstance(d_input[0], zero) else None
     *operands, out, wanted = saved
     return backward(*operands, out, (d_out, d_sums), stats, out_relu,
-                    impl="interpret" if interpret else "pallas", wanted=tuple(wanted))
+                    impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
+                    d_input=d_input)
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
 
 
 def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
-                   out_relu: bool = False, stats: bool = False, impl: str = "auto"):
+                   out_relu: bool = False, stats: bool = False, return_input: bool = False,
+                   impl: str = "auto"):
     """``relu((z - mean) * mul + bias) @ w (+ out_bias) (+ residual)``, then a ReLU if
     ``out_relu``, over the last axis of ``z`` (any leading axes: an NHWC activation is a 1x1
     convolution's input), and with ``stats`` the output channels' ``(sum, sum of squares)``
@@ -397,6 +472,10 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     statistics and ``scale / sqrt(var + eps)``); ``w``: (K, N); ``out_bias``: (N,) float32
     (e.g. the next BatchNorm folded in, with ``out_relu``); ``residual``: the output's shape.
     ``impl``: one of :data:`IMPLS` (module docstring). ValueError for shapes that do not fit.
+
+    With ``return_input`` it returns ``z`` too, as a third result to use in its place
+    elsewhere (a residual block's shortcut): the backward kernel then adds that use's
+    cotangent to z's as it writes it, where XLA would add the two in a pass of its own.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
@@ -408,10 +487,11 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
 
     def plain(*args):
-        return reference(*args, stats=stats, out_relu=out_relu)
+        out, sums = reference(*args, stats=stats, out_relu=out_relu)
+        return (out, sums, args[0]) if return_input else (out, sums)
 
     def kernel(*args, interpret=impl == "interpret"):
-        return _kernel(*args, stats, out_relu, interpret)
+        return _kernel(*args, stats, out_relu, interpret, return_input)
 
     def compute(*args):
         if impl == "auto":
@@ -420,11 +500,12 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
 
     args = (flat, mean, mul, bias, w, res, out_bias)
     if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)):
-        out, sums = plain(*args)
+        results = plain(*args)
     else:
         axes = _row_axes(flat.shape[0])
-        out, sums = (_on_own_rows(compute, axes) if axes else compute)(*args)
-    return out.reshape(*lead, w.shape[-1]), sums
+        results = (_on_own_rows(compute, axes, return_input) if axes else compute)(*args)
+    out, sums = results[0].reshape(*lead, w.shape[-1]), results[1]
+    return (out, sums, results[2].reshape(z.shape)) if return_input else (out, sums)
 
 
 def _row_axes(m: int) -> tuple[str, ...]:
@@ -440,20 +521,21 @@ def _row_axes(m: int) -> tuple[str, ...]:
     return axes if devices > 1 and m % devices == 0 else ()
 
 
-def _on_own_rows(compute, axes: tuple[str, ...]):
+def _on_own_rows(compute, axes: tuple[str, ...], return_input: bool = False):
     """``compute`` on each device's own rows (``shard_map`` over ``axes``): ``z`` and the
     residual split by rows, the other operands whole, the statistics summed over the devices.
     XLA's SPMD partitioner cannot split a custom kernel: without this it gathers the rows
     and runs the kernel on the whole batch on every device. The derivative follows:
     shard_map's transpose sums the weight and BatchNorm gradients over the devices.
     ``check_vma=False``: Pallas kernels do not declare how their outputs vary over the
-    mesh."""
+    mesh. With ``return_input`` the returned ``z`` is split by rows too."""
     rows, whole = P(axes), P()
 
     def local(*args):
-        out, sums = compute(*args)
-        return out, None if sums is None else jax.lax.psum(sums, axes)
+        out, sums, *z = compute(*args)
+        return out, None if sums is None else jax.lax.psum(sums, axes), *z
 
     return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
                          in_specs=(rows, whole, whole, whole, whole, rows, whole),
-                         out_specs=(rows, whole), check_vma=False)
+                         out_specs=(rows, whole, rows)[:3 if return_input else 2],
+                         check_vma=False)

@@ -115,10 +115,8 @@ class PreActBottleneck(nn.Module):
         w1 = _Kernel1x1(self.planes, name="conv1")(x.shape[-1])
         conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
         w3 = _Kernel1x1(self.planes * EXPANSION, name="conv3")(self.planes)
-        shortcut = x
-        if self.project:
-            shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
-                            name="shortcut")(x)
+        shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
+                        name="shortcut") if self.project else (lambda v: v)
         if self.fold:  # running statistics: only the channel count of bn2's and bn3's input
             channels = jax.ShapeDtypeStruct((self.planes,), dt)
             mean2, mul2, bias2 = coefficients(name="bn2")(channels)  # applied by conv1
@@ -127,11 +125,14 @@ class PreActBottleneck(nn.Module):
             a3 = conv_folded(conv2, a2, *coefficients(name="bn3")(channels), relu=True)
             # a3 is normalised and activated already: the kernel's own map is the identity
             identity = (jnp.zeros(self.planes), jnp.ones(self.planes), jnp.zeros(self.planes))
-            return pw.bn_relu_matmul(a3, *identity, w3, shortcut, impl=impl)
-        z1, sums1 = pw.bn_relu_matmul(x, *bn1, w1, stats=train, impl=impl)
+            return pw.bn_relu_matmul(a3, *identity, w3, shortcut(x), impl=impl)
+        # the shortcut reads the x that conv1's kernel returns, so that the backward kernel
+        # adds the shortcut's cotangent to x's (pointwise.bn_relu_matmul's return_input)
+        z1, sums1, x = pw.bn_relu_matmul(x, *bn1, w1, stats=train, return_input=True,
+                                         impl=impl)
         z2 = conv2(pw.bn_relu(z1, *coefficients(name="bn2")(z1, sums1)))
-        return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut, stats=train,
-                                 impl=impl)
+        return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut(x),
+                                 stats=train, impl=impl)
 
 
 class PreResNet(nn.Module):
