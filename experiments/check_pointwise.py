@@ -43,9 +43,11 @@ def _relative(a, b) -> float:
 
 
 def _derivative(impl: str, cotangents, *args):
-    """The cotangents of ``bn_relu_matmul(*args, stats=True, impl=impl)``'s operands."""
-    return jax.vjp(functools.partial(pw.bn_relu_matmul, stats=True, impl=impl),
-                   *args)[1](cotangents)
+    """The cotangents of ``bn_relu_matmul(*args, stats=True, return_input=True,
+    impl=impl)``'s operands (z's with the returned input's cotangent added), as training
+    differentiates it."""
+    return jax.vjp(functools.partial(pw.bn_relu_matmul, stats=True, return_input=True,
+                                     impl=impl), *args)[1](cotangents)
 
 
 def _operands(rng, rows: int, k: int, n: int, dtype) -> tuple:
@@ -59,10 +61,12 @@ def _operands(rng, rows: int, k: int, n: int, dtype) -> tuple:
 
 def _backward_check(rng, args, impl: str) -> float:
     """The kernel's VJP (the backward kernel) against autodiff of the XLA ops, with random
-    cotangents for the output and both sums: the largest relative difference."""
+    cotangents for the output, both sums and the returned input: the largest relative
+    difference."""
     rows, n = args[-1].shape
     cotangents = (jnp.asarray(rng.normal(size=(rows, n)), args[0].dtype),
-                  tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)))
+                  tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)),
+                  jnp.asarray(rng.normal(size=args[0].shape), args[0].dtype))
     derivative = jax.jit(_derivative, static_argnums=0)
     got, want = (derivative(i, cotangents, *args) for i in (impl, "xla"))
     return max(_relative(a, b) for a, b in zip(got, want, strict=True))

@@ -18,14 +18,19 @@ train mode, returns the per-channel sums of the output and of its square (the ne
 BatchNorm's statistics) from the same pass. See docs/benchmarks.md, "A fused kernel for the
 1x1 convolutions".
 
-The derivative is written out (:func:`backward`): the output's cotangent, with the
-statistics' part added (which needs the output: the forward pass keeps it rather than
-recomputing the product, as autodiff of the plain computation would), goes to a backward
-kernel (:func:`_pallas_backward`) that reads it and ``z`` once per block of input channels,
-recomputes the activated input in registers and writes ``z``'s cotangent, with partial sums
-of the weight gradient and of the BatchNorm's parameter gradients. So a training step with
-the kernels moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md,
-"The fused 1x1 kernel in training").
+The derivative is written out (:func:`backward`): a backward kernel
+(:func:`_pallas_backward`) reads the output's cotangent and ``z`` once per block of input
+channels, adds the statistics' part to the cotangent as it reads it (which needs the
+output: the forward pass keeps it rather than recomputing the product, as autodiff of the
+plain computation would) and writes that sum once (the residual's cotangent), recomputes
+the activated input in registers and writes ``z``'s cotangent, with partial sums of the
+weight gradient and of the BatchNorm's parameter gradients. ``return_input`` returns ``z``
+for a residual block's shortcut to read, so that the shortcut's cotangent reaches the
+backward kernel, which adds it to ``z``'s as it writes it: XLA would otherwise add a
+block's two output cotangents and the statistics' part in a pass of its own. So a training
+step with the kernels moves fewer bytes in fewer kernels than one without them
+(docs/benchmarks.md, "The fused 1x1 kernel in training" and "Fewer passes: a block's
+output cotangent summed in the backward kernel").
 
 ``impl`` picks how it runs: ``"auto"`` the kernels where the program is compiled for an
 NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts they take,
