@@ -44,8 +44,9 @@ def _relative(a, b) -> float:
 
 def _derivative(impl: str, cotangents, *args):
     """The cotangents of ``bn_relu_matmul(*args, stats=True, return_input=True,
-    impl=impl)``'s operands (z's with the returned input's cotangent added), as training
-    differentiates it."""
+    impl=impl)``'s operands (z's with the returned input's cotangent added): every operand
+    the backward kernel takes in training (conv1's returned input, conv3's differentiated
+    residual) in one kernel; :func:`model_checks` runs the two as training compiles them."""
     return jax.vjp(functools.partial(pw.bn_relu_matmul, stats=True, return_input=True,
                                      impl=impl), *args)[1](cotangents)
 

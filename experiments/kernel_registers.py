@@ -10,13 +10,16 @@ usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targ
 
 Needs JAX's CUDA plugin (``pip install -e ".[cuda13]"``) and its ``ptxas`` (the
 nvidia-cuda-nvcc wheel the plugin installs, or ``PTXAS=path``); no GPU. Prints a Markdown
-table: one row per PreResNet-110 1x1 shape (``check_pointwise.SHAPES``) and kernel, for the
-gradient of a loss of its output and statistics (so both kernels are compiled).
+table: one row per PreResNet-110 1x1 shape (``check_pointwise.SHAPES``), use (as conv1,
+which returns its input for the shortcut, or conv3, which adds the residual; each compiles
+kernels of its own) and kernel, for the gradient of a loss of its output and statistics
+(so both kernels are compiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -83,28 +86,35 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         from check_pointwise import SHAPES
 
-        for k, n in SHAPES:
-            dump = Path(tmp) / f"{k}x{n}"
-            # XLA reads its flags once per process: one child process per shape
+        for (k, n), variant in itertools.product(SHAPES, VARIANTS):
+            dump = Path(tmp) / f"{k}x{n}-{variant}"
+            # XLA reads its flags once per process: one child process per shape and variant
             subprocess.run([sys.executable, __file__, "--compile", args.gpu_target, args.dtype,
-                            str(args.rows), str(k), str(n)], check=True,
+                            str(args.rows), str(k), str(n), variant], check=True,
                            env={**os.environ, "JAX_PLATFORMS": "cpu",
                                 "XLA_FLAGS": f"--xla_dump_to={dump} "
                                              "--xla_dump_hlo_pass_re=NONE"})
             for name, ptx in sorted(kernel_ptx(dump).items()):
                 registers, spills = ptxas_report(ptxas, ptx, args.arch)
-                rows.append(f"| K={k} N={n} | {name} | {registers} | {spills} |")
+                rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | {spills} |")
     text = "\n".join([f"# Fused 1x1 kernels: registers and spills ({args.dtype}, {args.rows} "
                       f"rows, ptxas -arch={args.arch})", "",
-                      "| shape | kernel | registers | spill bytes |", "|---|---|---|---|",
-                      *rows])
+                      "| shape | as | kernel | registers | spill bytes |",
+                      "|---|---|---|---|---|", *rows])
     print(text)
     return text
 
 
-def _compile(target: str, dtype: str, rows: int, k: int, n: int) -> None:
-    """Compiles the gradient of a loss of the kernel's output and statistics (both kernels)
-    for ``target`` without the GPU; XLA_FLAGS (set by :func:`main`) dumps the PTX."""
+#: How a PreResNet block's training uses the kernels, each compiled on its own: "conv1"
+#: (returns its input for the shortcut, whose cotangent the backward kernel adds) and
+#: "conv3" (adds the residual, whose cotangent the backward kernel writes).
+VARIANTS = ("conv1", "conv3")
+
+
+def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -> None:
+    """Compiles the gradient of a loss of the kernel's output and statistics (both kernels),
+    used as ``variant`` (:data:`VARIANTS`), for ``target`` without the GPU; XLA_FLAGS (set
+    by :func:`main`) dumps the PTX."""
     import jax
     import jax.numpy as jnp
     from cost_analysis import target_device
@@ -116,20 +126,23 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int) -> None:
     def shape(*dims, dt=jnp.float32):
         return jax.ShapeDtypeStruct(dims, dt, sharding=place)
 
-    def loss(*a):  # every operand of the backward kernel: the statistics' part, the
-        # returned input's cotangent, and the residual's cotangent written
-        out, (s1, s2), same = pw.bn_relu_matmul(*a, stats=True, return_input=True,
-                                                impl="pallas")
-        return (jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
-                + jnp.sum(same.astype(jnp.float32) ** 2))
+    conv1 = variant == "conv1"
 
-    args = (shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n),
-            shape(rows, n, dt=jnp.dtype(dtype)))
-    jax.jit(jax.grad(loss, argnums=(0, 4, 5))).lower(*args).compile()
+    def loss(*a):
+        out, (s1, s2), *same = pw.bn_relu_matmul(*a, stats=True, return_input=conv1,
+                                                 impl="pallas")
+        extra = jnp.sum(same[0].astype(jnp.float32) ** 2) if conv1 else 0.0
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2) + extra
+
+    args = [shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n)]
+    if not conv1:
+        args.append(shape(rows, n, dt=jnp.dtype(dtype)))
+    argnums = (0, 4) if conv1 else (0, 4, 5)
+    jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile()
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--compile":
-        _compile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))
+        _compile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), sys.argv[7])
     else:
         main()

@@ -199,7 +199,7 @@ def _fields(command: str, method: str | None) -> list[str]:
     return config.field_names(MCUCommand())
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args`` with options and overrides in any order, as ``run.py`` takes
     them (argparse's intermixed parsing does not support subcommands): the overrides that
     follow an option are added to the ones before it, in the order given. Anything else it
@@ -214,7 +214,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parse_args(parser, argv)
+    args = _parse_args(parser, argv)
     if args.fields:
         try:
             print("\n".join(_fields(args.command, getattr(args, "method", None))))

@@ -176,7 +176,9 @@ PARTS = ("vectors", "tensors")
 #: filter is combined from theta_o's, theta_c's and theta_p's in the layout the convolution
 #: reads, and its gradient is packed as the library writes it; stored as Flax holds them,
 #: XLA transposes every filter and every filter gradient in every step (docs/benchmarks.md,
-#: "Fewer kernels: filters stored as GPUs read them").
+#: "Fewer kernels: filters stored as GPUs read them"). The order is the same on every
+#: backend, so that a checkpoint resumes anywhere: on the CPU the main job's time did not
+#: change; other accelerators are not measured.
 FILTER_ORDER = (3, 0, 1, 2)
 
 
@@ -229,8 +231,9 @@ def _layouts_of(params_template, frozen: dict, filters: frozenset,
                 trained: bool) -> dict[str, packing.Layout]:
     # In the template's order: ``frozen`` itself comes back from jit with its keys sorted
     # as strings, which differs where a name holds a character before "/" ("bn-2").
-    return layouts(stored({k: v for k, v in pytrees.flatten(params_template).items()
-                           if (k in frozen) != trained}, filters))
+    shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype)
+              for k, v in pytrees.flatten(params_template).items() if (k in frozen) != trained}
+    return layouts(stored(shapes, filters))
 
 
 def _pick(flat: dict, layout: packing.Layout) -> dict:

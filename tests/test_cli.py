@@ -282,7 +282,7 @@ def test_options_and_overrides_in_any_order():
     """Overrides may follow options and options overrides, as with run.py; the overrides
     keep their order (a later one wins), and an unknown option is still refused."""
     parser = cli._parser()
-    args = cli.parse_args(parser, ["mask", "mask.k=0.1", "--theta-o", "T", "mask.k_r=0.2",
+    args = cli._parse_args(parser, ["mask", "mask.k=0.1", "--theta-o", "T", "mask.k_r=0.2",
                                    "--out", "O", "mask.k=0.3"])
     assert (args.theta_o, str(args.out)) == ("T", "O")
     assert args.overrides == ["mask.k=0.1", "mask.k_r=0.2", "mask.k=0.3"]
@@ -290,4 +290,4 @@ def test_options_and_overrides_in_any_order():
     for argv in (["mask", "--out", "O", "mask.k=0.1", "--nope"],
                  ["mask", "mask.k=0.1", "--out", "O", "stray"]):
         with pytest.raises(SystemExit):
-            cli.parse_args(parser, argv)
+            cli._parse_args(parser, argv)

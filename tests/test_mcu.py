@@ -420,8 +420,9 @@ def test_filters_are_stored_output_channel_first_and_restored():
 
 def test_another_pointwise_setting_packs_other_filters(digits_images):
     """PreResNet's 1x1 kernels are filters under pointwise="conv" and matrices under the
-    kernel: curve training packs them in another order, so a checkpoint of one does not fit
-    the other's state (its key fingerprints the packed shapes) and a resume is refused."""
+    kernel: curve training packs them in another order, so the packed state's key (which
+    fingerprints the packed shapes) differs, and a checkpoint of one does not fit the
+    other's state (``loop.run_epochs`` refuses a state of another structure)."""
     train_images, _ = digits_images
     states = {}
     for pointwise in ("conv", "interpret"):

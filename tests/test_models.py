@@ -999,8 +999,8 @@ def test_conv_init_is_he_normal_fan_out():
 
 
 @pytest.mark.parametrize("name, shape, options", [
-    ("cnn_small", (8, 8, 1), {}),
-    ("preresnet110", (32, 32, 3), {"depth": 11}),
+    *((name, shape, {"depth": 11} if name == "preresnet110" else options)
+      for name, (shape, options) in INPUTS.items()),
     ("preresnet110", (32, 32, 3), {"depth": 11, "pointwise": "fused"}),
 ])
 def test_conv_filters_are_the_kernels_that_convolutions_read(name, shape, options):
@@ -1018,7 +1018,9 @@ def test_conv_filters_are_the_kernels_that_convolutions_read(name, shape, option
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *shape)), train=True,
-                                             mutable=["batch_stats"]), variables)
+                                             mutable=["batch_stats"],
+                                             rngs={"dropout": jax.random.PRNGKey(0)}),
+                       variables)
     four_d = {k for k, v in pytrees.flatten(variables["params"]).items()
               if v.ndim == 4}
     assert models.conv_filters(model, variables["params"]) == convs

@@ -83,25 +83,33 @@ def test_every_impl_gives_the_same_values_and_gradients():
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_written_out_derivative_is_autodiffs(dtype):
+def test_written_out_derivative_is_autodiffs(dtype, impl):
     """``pointwise.backward`` (the kernel's VJP, which keeps the forward pass's output rather
     than recomputing the product) gives autodiff's cotangents of the plain computation for
-    every combination of statistics, residual, output bias and output ReLU."""
+    every combination of statistics, residual (of z's dtype or float32), output bias and
+    output ReLU, with another cotangent of z added (``return_input``'s): in XLA and with the
+    backward kernel (interpreted), which adds the statistics' part itself or leaves it to
+    XLA where it must (an output ReLU, the output bias's gradient, a float32 residual)."""
     z, mean, mul, bias, w, residual = _operands(40, 32, 16, seed=2)
-    z, residual = z.astype(dtype), residual.astype(dtype)
+    z = z.astype(dtype)
+    residuals = (None, residual.astype(dtype), residual)
     out_bias = np.linspace(-1.0, 1.0, 16).astype(np.float32)
     rng = np.random.default_rng(3)
     d_out = rng.normal(size=(40, 16)).astype(dtype)
     d_sums = tuple(rng.normal(size=16).astype(np.float32) for _ in range(2))
+    d_input = rng.normal(size=z.shape).astype(dtype)
     tol = 1e-4 if dtype == jnp.float32 else 5e-2
-    for stats, out_relu, r, ob in itertools.product((False, True), repeat=4):
-        args = (z, mean, mul, bias, w, residual if r else None, out_bias if ob else None)
+    for stats, out_relu, r, ob in itertools.product((False, True), (False, True), residuals,
+                                                     (False, True)):
+        args = (z, mean, mul, bias, w, r, out_bias if ob else None)
         plain = functools.partial(pw.reference, stats=stats, out_relu=out_relu)
         (out, _), vjp = jax.vjp(plain, *args)
         cotangents = (d_out, d_sums if stats else None)
-        got = pw.backward(*args, out, cotangents, stats, out_relu)
-        want = vjp(cotangents)
+        got = pw.backward(*args, out, cotangents, stats, out_relu, impl=impl, d_input=d_input)
+        want = list(vjp(cotangents))
+        want[0] = (want[0].astype(jnp.float32) + d_input.astype(jnp.float32)).astype(dtype)
         for g, h in zip(got, want, strict=True):
             assert (g is None) == (h is None)
             if g is not None:

@@ -248,6 +248,22 @@ def _backward_rows(z, g, mean, mul, shift, w, with_dw: bool = True):
             jnp.sum(d_x * (z.astype(f32) - mean), axis=0))
 
 
+def _with_statistics(g, out, d_sum, d_squares):
+    """The output's cotangent ``g`` (float32) with the statistics' part added: d(sum o)/do
+    = 1 and d(sum o^2)/do = 2 o (``d_sum``, ``d_squares``: (N,), either may be None). The
+    XLA path and the backward kernel add it alike."""
+    if d_sum is not None:
+        g = g + d_sum
+    if d_squares is not None:
+        g = g + 2.0 * out.astype(jnp.float32) * d_squares
+    return g
+
+
+def _plus(a, b):
+    """``a + b`` added in float32 and rounded to a's dtype (two cotangents of one tensor)."""
+    return (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(a.dtype)
+
+
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
                      with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
@@ -260,9 +276,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     written (XLA cannot drop a kernel's unused outputs).
 
     ``added``: ``(out (M, N), d_sum (N,), d_squares (N,))``, the statistics' part of the
-    output's cotangent, which the kernel adds to ``gd`` as it reads it (``gd + d_sum + 2 *
-    out * d_squares``, rounded to z's dtype as :func:`backward` rounds it) instead of XLA
-    in a pass of its own; ``with_g`` also writes that sum (the residual's cotangent).
+    output's cotangent (either sum's may be None, and ``out`` without ``d_squares``), which
+    the kernel adds to ``gd`` as it reads it (:func:`_with_statistics`, rounded to z's
+    dtype as :func:`backward` rounds it) instead of XLA in a pass of its own; ``with_g``
+    also writes that sum (the residual's cotangent).
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
     ``return_input``), added to ``d_z`` as it is written."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
@@ -274,14 +291,18 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
     out, d_sum, d_squares = added if added is not None else (None, None, None)
+    if d_squares is None:
+        out = None  # read only for the sum of squares' part
     # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
+    optional = [(name, value) for name, value in (("d_sum", d_sum), ("d_squares", d_squares),
+                                                  ("out", out), ("d_input", d_input))
+                if value is not None]
 
     def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
         refs = list(refs)  # the optional inputs, then the outputs
-        sum_ref, sq_ref, out_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if added else [None] * 3
-        di_ref = refs.pop(0) if d_input is not None else None
+        ins = {name: refs.pop(0) for name, _ in optional}
         dz_ref = refs.pop(0) if with_dz else None
         dw_ref = refs.pop(0) if with_dw else None
         sums_ref = refs.pop(0)
@@ -294,8 +315,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             here = pl.ds(j * block_m, block_m)
             g = g_ref[here, :]
             if added is not None:
-                total = (g.astype(f32) + sum_ref[...]
-                         + 2.0 * out_ref[here, :].astype(f32) * sq_ref[...])
+                total = _with_statistics(
+                    g.astype(f32), ins["out"][here, :] if "out" in ins else None,
+                    ins["d_sum"][...] if "d_sum" in ins else None,
+                    ins["d_squares"][...] if "d_squares" in ins else None)
                 if pad:  # d_sum would make the padding rows' cotangent nonzero
                     row = base + j * block_m + jax.lax.broadcasted_iota(jnp.int32,
                                                                         (block_m, 1), 0)
@@ -308,9 +331,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             dz, d_w, s_x, s_xz = _backward_rows(z_ref[here, :], g, *coefficients,
                                                 w_ref[...], with_dw)
             if with_dz:
-                if di_ref is not None:
-                    dz = (dz.astype(f32) + di_ref[here, :].astype(f32)).astype(dt)
-                dz_ref[here, :] = dz
+                dz_ref[here, :] = _plus(dz, ins["d_input"][here, :]) if "d_input" in ins else dz
             sums = carry[0] + s_x, carry[1] + s_xz
             return (*sums, carry[2] + d_w) if with_dw else sums
 
@@ -329,13 +350,9 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     in_specs = [rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                 rows_n]
     args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
-    if added is not None:
-        in_specs += [whole, whole, rows_n]
-        args += [jnp.zeros((n,), f32) if d_sum is None else d_sum,
-                 jnp.zeros((n,), f32) if d_squares is None else d_squares, out]
-    if d_input is not None:
-        in_specs.append(rows_k)
-        args.append(d_input)
+    spec = {"d_sum": whole, "d_squares": whole, "out": rows_n, "d_input": rows_k}
+    in_specs += [spec[name] for name, _ in optional]
+    args += [value for _, value in optional]
     out_specs, out_shape = [], []
     if with_dz:
         out_specs.append(rows_k)
@@ -378,9 +395,12 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     Unlike autodiff of the plain computation it does not recompute the product ``out`` (the
     statistics' derivative needs it). ``impl``: "xla" (XLA ops), "pallas" (the backward
     kernel, :func:`_pallas_backward`, which recomputes the activated input in registers
-    instead of in memory, adds the statistics' part to the output's cotangent and
-    ``d_input`` to z's as it reads and writes them, and computes no ``z`` or ``w``
-    cotangent that is not wanted) or "interpret" (that kernel interpreted).
+    instead of in memory, adds ``d_input`` to z's cotangent as it writes it, and computes no
+    ``z`` or ``w`` cotangent that is not wanted) or "interpret" (that kernel interpreted).
+    The kernel also adds the statistics' part to the output's cotangent as it reads it,
+    except where XLA must form that sum: with ``out_relu`` (the ReLU masks it), a wanted
+    ``out_bias`` (its gradient sums it) or a wanted residual of another dtype than z's
+    (its cotangent is the float32 sum); none of these occurs in training.
     ``cotangents``' sums, or either of them, may be None (zero)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
@@ -389,34 +409,28 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     if not stats:
         d_sum = d_squares = None
     wants_residual = residual is not None and "residual" in wanted
-    # The kernel adds the statistics' part itself, unless an output ReLU masks the sum or
-    # the output bias's gradient needs it in float32 (neither in training)
     in_kernel = (impl != "xla" and not out_relu and (out_bias is None or "out_bias" not in wanted)
                  and (not wants_residual or residual.dtype == dt))
-    g = gd = None
-    if not in_kernel:
-        g = d_out.astype(f32)
-        if d_sum is not None:  # d(sum o)/do = 1
-            g = g + d_sum
-        if d_squares is not None:  # d(sum o^2)/do = 2 o
-            g = g + 2.0 * out.astype(f32) * d_squares
+    if in_kernel:
+        g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
+        added = None if d_sum is None and d_squares is None else (out, d_sum, d_squares)
+    else:
+        g = _with_statistics(d_out.astype(f32), out, d_sum, d_squares)
         if out_relu:
             g = jnp.where(out > 0, g, 0.0)
-        gd = g.astype(dt)
+        gd, added = g.astype(dt), None
     if impl == "xla":
         d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias),
                                          w.astype(dt))
         if d_input is not None:
-            d_z = (d_z.astype(f32) + d_input.astype(f32)).astype(dt)
+            d_z = _plus(d_z, d_input)
     else:
-        added = (None if not in_kernel or (d_sum is None and d_squares is None)
-                 else (out, d_sum, d_squares))
+        with_g = wants_residual and added is not None
         d_z, d_w, sums, g_kernel = _pallas_backward(
-            z, mean, mul, bias, w, gd if gd is not None else d_out.astype(dt),
-            impl == "interpret", "z" in wanted, "w" in wanted, added=added, d_input=d_input,
-            with_g=in_kernel and wants_residual and added is not None)
-        if in_kernel:
-            gd = g_kernel if g_kernel is not None else d_out.astype(dt)
+            z, mean, mul, bias, w, gd, impl == "interpret", "z" in wanted, "w" in wanted,
+            added=added, d_input=d_input, with_g=with_g)
+        if with_g:
+            gd = g_kernel
     d_bias, d_mul = sums
     result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
               d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype),
