@@ -7,6 +7,7 @@ number (``True`` is an ``int`` to Python, but never what a user meant by a batch
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -33,13 +34,16 @@ def number(name: str, value: Any, *, positive: bool = False, low: float | None =
     given); ValueError otherwise."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok else math.nan
-    out = (not math.isfinite(v) or (positive and v <= 0) or (low is not None and v < low)
-           or (below is not None and v >= below))
-    if out:
-        kind = "a positive finite number" if positive else "a finite number"
-        if low is not None or below is not None:
-            kind = (f"a number in [{low:g}, {below:g})" if low is not None and below is not None
-                    else f"a number >= {low:g}" if low is not None else f"a number < {below:g}")
+    if (not math.isfinite(v) or (positive and v <= 0) or (low is not None and v < low)
+            or (below is not None and v >= below)):
+        if low is not None and below is not None:
+            kind = f"a number in [{low:g}, {below:g})"
+        elif low is not None:
+            kind = f"a number >= {low:g}"
+        elif below is not None:
+            kind = f"a number < {below:g}"
+        else:
+            kind = "a positive finite number" if positive else "a finite number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return v
 
@@ -77,11 +81,19 @@ def key(name: str, value: Any) -> Any:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
         return value
-    raw = jax.eval_shape(jax.random.PRNGKey, 0)  # the default implementation's raw key
-    if shape == raw.shape and dtype == raw.dtype:
+    if (shape, dtype) == _raw_key():
         return value
     raise ValueError(f"{name} must be a JAX random key (jax.random.PRNGKey(seed)), got "
                      f"{value!r}"[:300])
+
+
+@functools.cache
+def _raw_key() -> tuple:
+    """(shape, dtype) of the default implementation's raw key, traced once (not per check)."""
+    import jax
+
+    raw = jax.eval_shape(jax.random.PRNGKey, 0)
+    return raw.shape, raw.dtype
 
 
 #: Seeds of ``jax.random.PRNGKey`` are taken modulo 2**32 (without 64-bit mode): 2**32 gives
