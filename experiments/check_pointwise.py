@@ -30,11 +30,13 @@ from mcu_jax import models
 from mcu_jax import train as train_lib
 from mcu_jax.models import pointwise as pw
 
-#: (K, N) of PreResNet-110's 1x1 convolutions: conv1 (4 planes -> planes; the first block
-#: of a stage reads the previous stage's width) and conv3 (planes -> 4 planes), planes 16, 32,
-#: 64.
-SHAPES = ((16, 16), (64, 16), (16, 64), (64, 32), (128, 32), (32, 128), (128, 64), (256, 64),
-          (64, 256))
+#: (K, N) of PreResNet-110's 1x1 convolutions, planes 16, 32, 64: conv1 (4 planes ->
+#: planes; the first block of a stage reads the previous stage's width), which training runs
+#: with the next BatchNorm + ReLU after it (``pointwise.bn_relu_matmul_bn``), and conv3
+#: (planes -> 4 planes).
+CONV1 = ((16, 16), (64, 16), (64, 32), (128, 32), (128, 64), (256, 64))
+CONV3 = ((16, 64), (32, 128), (64, 256))
+SHAPES = CONV1 + CONV3
 
 
 def _relative(a, b) -> float:
@@ -73,11 +75,33 @@ def _backward_check(rng, args, impl: str) -> float:
     return max(_relative(a, b) for a, b in zip(got, want, strict=True))
 
 
+def _following_check(rng, args, impl: str) -> float:
+    """``bn_relu_matmul_bn``'s derivative (the backward kernel taking the next BatchNorm +
+    ReLU's output cotangent) against autodiff of the XLA ops, with random cotangents for
+    its output, statistics and returned input: the largest relative difference."""
+    z, mean, mul, bias, w, _ = args
+    n = w.shape[1]
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, size=n), jnp.float32)
+    offset = jnp.asarray(0.3 * rng.normal(size=n), jnp.float32)
+    cotangents = (jnp.asarray(rng.normal(size=(len(z), n)), z.dtype),
+                  tuple(jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2)),
+                  jnp.asarray(rng.normal(size=z.shape), z.dtype))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def derivative(i, *operands):
+        return jax.vjp(functools.partial(pw.bn_relu_matmul_bn, epsilon=1e-5,
+                                         return_input=True, impl=i), *operands)[1](cotangents)
+
+    got, want = (derivative(i, z, mean, mul, bias, w, scale, offset) for i in (impl, "xla"))
+    return max(_relative(a, b) for a, b in zip(got, want, strict=True))
+
+
 def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the kernel's output and channel sums against the
     "xla" impl, for every shape in :data:`SHAPES`, with a residual and with an output bias
     and ReLU (a BatchNorm folded in), and of its derivative (the backward kernel) against
-    autodiff of the "xla" impl; then the derivative once more on 32 x ``rows`` rows (131,200
+    autodiff of the "xla" impl, for conv1's shapes also with the next BatchNorm + ReLU
+    after it (``bn_relu_matmul_bn``); then the derivative once more on 32 x ``rows`` rows (131,200
     by default, about a training step's first stage), where each program of the backward
     kernel loops over many blocks of rows."""
     rng = np.random.default_rng(0)
@@ -97,6 +121,9 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
             results.append((f"kernel K={k} N={n}, {rows} rows, {name}, {label}", worst))
         results.append((f"backward kernel K={k} N={n}, {rows} rows, {name}, residual",
                         _backward_check(rng, args, impl)))
+        if (k, n) in CONV1:
+            results.append((f"backward kernel K={k} N={n}, {rows} rows, {name}, the next "
+                            "BatchNorm + ReLU", _following_check(rng, args, impl)))
     k, n = SHAPES[1]
     results.append((f"backward kernel K={k} N={n}, {32 * rows} rows, {name}, residual",
                     _backward_check(rng, _operands(rng, 32 * rows, k, n, dtype), impl)))

@@ -10,16 +10,15 @@ usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targ
 
 Needs JAX's CUDA plugin (``pip install -e ".[cuda13]"``) and its ``ptxas`` (the
 nvidia-cuda-nvcc wheel the plugin installs, or ``PTXAS=path``); no GPU. Prints a Markdown
-table: one row per PreResNet-110 1x1 shape (``check_pointwise.SHAPES``), use (as conv1,
-which returns its input for the shortcut, or conv3, which adds the residual; each compiles
-kernels of its own) and kernel, for the gradient of a loss of its output and statistics
-(so both kernels are compiled).
+table: one row per PreResNet-110 1x1 convolution's shape in its use (:data:`VARIANTS`:
+conv1, with the next BatchNorm + ReLU after it and its input returned for the shortcut, or
+conv3, which adds the residual; each compiles kernels of its own) and kernel, for the
+gradient of a loss of its outputs (so both kernels are compiled).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import shutil
@@ -84,19 +83,21 @@ def main(argv=None) -> str:
     ptxas = find_ptxas()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from check_pointwise import SHAPES
+        from check_pointwise import CONV1, CONV3
 
-        for (k, n), variant in itertools.product(SHAPES, VARIANTS):
-            dump = Path(tmp) / f"{k}x{n}-{variant}"
-            # XLA reads its flags once per process: one child process per shape and variant
-            subprocess.run([sys.executable, __file__, "--compile", args.gpu_target, args.dtype,
-                            str(args.rows), str(k), str(n), variant], check=True,
-                           env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                "XLA_FLAGS": f"--xla_dump_to={dump} "
-                                             "--xla_dump_hlo_pass_re=NONE"})
-            for name, ptx in sorted(kernel_ptx(dump).items()):
-                registers, spills = ptxas_report(ptxas, ptx, args.arch)
-                rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | {spills} |")
+        for variant, shapes in zip(VARIANTS, (CONV1, CONV3), strict=True):
+            for k, n in shapes:
+                dump = Path(tmp) / f"{k}x{n}-{variant}"
+                # XLA reads its flags once per process: one child process per shape and use
+                subprocess.run([sys.executable, __file__, "--compile", args.gpu_target,
+                                args.dtype, str(args.rows), str(k), str(n), variant],
+                               check=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                "XLA_FLAGS": f"--xla_dump_to={dump} "
+                                                             "--xla_dump_hlo_pass_re=NONE"})
+                for name, ptx in sorted(kernel_ptx(dump).items()):
+                    registers, spills = ptxas_report(ptxas, ptx, args.arch)
+                    rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | "
+                                f"{spills} |")
     text = "\n".join([f"# Fused 1x1 kernels: registers and spills ({args.dtype}, {args.rows} "
                       f"rows, ptxas -arch={args.arch})", "",
                       "| shape | as | kernel | registers | spill bytes |",
@@ -105,9 +106,11 @@ def main(argv=None) -> str:
     return text
 
 
-#: How a PreResNet block's training uses the kernels, each compiled on its own: "conv1"
-#: (returns its input for the shortcut, whose cotangent the backward kernel adds) and
-#: "conv3" (adds the residual, whose cotangent the backward kernel writes).
+#: How a PreResNet block's training uses the kernels, each compiled on its own for its
+#: shapes (``check_pointwise.CONV1``, ``CONV3``): "conv1" (``bn_relu_matmul_bn``: the next
+#: BatchNorm + ReLU after it, whose derivative the backward kernel applies, and its input
+#: returned for the shortcut, whose cotangent the backward kernel adds) and "conv3" (adds the
+#: residual, whose cotangent the backward kernel writes).
 VARIANTS = ("conv1", "conv3")
 
 
@@ -129,15 +132,15 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     conv1 = variant == "conv1"
 
     def loss(*a):
-        out, (s1, s2), *same = pw.bn_relu_matmul(*a, stats=True, return_input=conv1,
-                                                 impl="pallas")
-        extra = jnp.sum(same[0].astype(jnp.float32) ** 2) if conv1 else 0.0
-        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2) + extra
+        if conv1:
+            out, _, same = pw.bn_relu_matmul_bn(*a, 1e-5, return_input=True, impl="pallas")
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(same.astype(jnp.float32) ** 2)
+        out, (s1, s2) = pw.bn_relu_matmul(*a, stats=True, impl="pallas")
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
 
     args = [shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n)]
-    if not conv1:
-        args.append(shape(rows, n, dt=jnp.dtype(dtype)))
-    argnums = (0, 4) if conv1 else (0, 4, 5)
+    args += [shape(n), shape(n)] if conv1 else [shape(rows, n, dt=jnp.dtype(dtype))]
+    argnums = (0, 4, 5, 6) if conv1 else (0, 4, 5)
     jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile()
 
 

@@ -544,7 +544,7 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 kernel (interpret; the model in float32)")
     assert "1280 rows, bfloat16, residual: relative difference" in out
-    checks = 2 * (3 * len(check.SHAPES) + 1) + 2
+    checks = 2 * (3 * len(check.SHAPES) + len(check.CONV1) + 1) + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
@@ -569,10 +569,11 @@ def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
 
 def test_kernel_registers_of_every_shape_for_the_h100():
     """Where JAX's CUDA plugin (and its ptxas) is installed, kernel_registers.py compiles
-    both kernels of every PreResNet-110 1x1 shape, as conv1 and as conv3 use them, for the
-    H100 without it, and the block rules leave no kernel spilling more than a few bytes."""
+    both kernels of every PreResNet-110 1x1 shape, as its block uses it (conv1 or conv3),
+    for the H100 without it, and the block rules leave no kernel spilling more than a few
+    bytes."""
     pytest.importorskip("jax_plugins.xla_cuda13", reason="JAX's CUDA 13 plugin is not "
                         "installed (pip install -e '.[cuda13]'); no GPU is needed")
     text = _load("kernel_registers").main(["--rows", "1024"])
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| K=")]
-    assert len(rows) == 2 * 2 * 9 and all(int(r[5]) <= 64 for r in rows)
+    assert len(rows) == 2 * 9 and all(int(r[5]) <= 64 for r in rows)

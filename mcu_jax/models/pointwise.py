@@ -27,10 +27,13 @@ the activated input in registers and writes ``z``'s cotangent, with partial sums
 weight gradient and of the BatchNorm's parameter gradients. ``return_input`` returns ``z``
 for a residual block's shortcut to read, so that the shortcut's cotangent reaches the
 backward kernel, which adds it to ``z``'s as it writes it: XLA would otherwise add a
-block's two output cotangents and the statistics' part in a pass of its own. So a training
-step with the kernels moves fewer bytes in fewer kernels than one without them
-(docs/benchmarks.md, "The fused 1x1 kernel in training" and "Fewer passes: a block's
-output cotangent summed in the backward kernel").
+block's two output cotangents and the statistics' part in a pass of its own. And
+:func:`bn_relu_matmul_bn` is the kernel followed by the next BatchNorm + ReLU in train mode,
+whose derivative the backward kernel applies to its output's cotangent as it reads it,
+after one XLA reduction for the BatchNorm's gradients. So a training step with the kernels
+moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md, "The fused
+1x1 kernel in training", "Fewer passes: a block's output cotangent summed in the backward
+kernel" and "Fewer passes: the BatchNorm after the kernel in the backward kernel").
 
 ``impl`` picks how it runs: ``"auto"`` the kernels where the program is compiled for an
 NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts they take,
@@ -59,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mcu_jax.models.batchnorm import affine
+from mcu_jax.models.batchnorm import affine, channel_sums, moments, multiplier
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
@@ -264,8 +267,26 @@ def _plus(a, b):
     return (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(a.dtype)
 
 
+def _through_bn_relu(d_a, out, mul, shift):
+    """The cotangent of a BatchNorm + ReLU's pre-activation from that of its result ``d_a``:
+    ``d_a`` where the ReLU passed, else 0, in float32, the mask recomputed from ``out`` as
+    the kernels compute it (:func:`bn_relu_shifted`, equal to :func:`bn_relu` up to
+    rounding, so the mask may differ where a value lies within rounding of zero)."""
+    return jnp.where(bn_relu_shifted(out, mul, shift) > 0, d_a.astype(jnp.float32), 0.0)
+
+
+def _output_cotangent(d_out, out, through):
+    """The output's cotangent in float32: ``d_out`` itself, or with ``through = (mul,
+    shift)`` that of ``out`` where ``d_out`` is the cotangent of ``bn_relu_shifted(out,
+    *through)`` (:func:`bn_relu_matmul_bn`)."""
+    if through is None:
+        return d_out.astype(jnp.float32)
+    return _through_bn_relu(d_out, out, *through) * through[0]
+
+
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
-                     with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False):
+                     with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False,
+                     through=None):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -281,7 +302,12 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     dtype as :func:`backward` rounds it) instead of XLA in a pass of its own; ``with_g``
     also writes that sum (the residual's cotangent).
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
-    ``return_input``), added to ``d_z`` as it is written."""
+    ``return_input``), added to ``d_z`` as it is written.
+    ``through``: ``(mul, shift)``, each (N,), of a BatchNorm + ReLU applied to the output
+    (:func:`bn_relu_matmul_bn`): ``gd`` is then the cotangent of ``bn_relu_shifted(out,
+    *through)``, which the kernel takes back to the output's as it reads it
+    (:func:`_output_cotangent`, with ``added``'s ``out``) instead of XLA in passes of its
+    own."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
@@ -291,13 +317,17 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
     out, d_sum, d_squares = added if added is not None else (None, None, None)
-    if d_squares is None:
-        out = None  # read only for the sum of squares' part
+    if d_squares is None and through is None:
+        out = None  # read only for the sum of squares' part and the ReLU's mask
+    if through is not None and out is None:
+        raise ValueError("_pallas_backward: through needs added's out")
     # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
+    mul2, shift2 = through if through is not None else (None, None)
     optional = [(name, value) for name, value in (("d_sum", d_sum), ("d_squares", d_squares),
-                                                  ("out", out), ("d_input", d_input))
+                                                  ("out", out), ("d_input", d_input),
+                                                  ("mul2", mul2), ("shift2", shift2))
                 if value is not None]
 
     def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
@@ -315,8 +345,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             here = pl.ds(j * block_m, block_m)
             g = g_ref[here, :]
             if added is not None:
+                o = ins["out"][here, :] if "out" in ins else None
+                after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
                 total = _with_statistics(
-                    g.astype(f32), ins["out"][here, :] if "out" in ins else None,
+                    _output_cotangent(g, o, after), o,
                     ins["d_sum"][...] if "d_sum" in ins else None,
                     ins["d_squares"][...] if "d_squares" in ins else None)
                 if pad:  # d_sum would make the padding rows' cotangent nonzero
@@ -350,7 +382,8 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     in_specs = [rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                 rows_n]
     args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
-    spec = {"d_sum": whole, "d_squares": whole, "out": rows_n, "d_input": rows_k}
+    spec = {"d_sum": whole, "d_squares": whole, "out": rows_n, "d_input": rows_k,
+            "mul2": whole, "shift2": whole}
     in_specs += [spec[name] for name, _ in optional]
     args += [value for _, value in optional]
     out_specs, out_shape = [], []
@@ -383,7 +416,7 @@ OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
-             out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None):
+             out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None, through=None):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
@@ -401,10 +434,13 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     except where XLA must form that sum: with ``out_relu`` (the ReLU masks it), a wanted
     ``out_bias`` (its gradient sums it) or a wanted residual of another dtype than z's
     (its cotangent is the float32 sum); none of these occurs in training.
-    ``cotangents``' sums, or either of them, may be None (zero)."""
+    ``cotangents``' sums, or either of them, may be None (zero). With ``through = (mul2,
+    shift2)`` the output's cotangent in ``cotangents`` is that of a BatchNorm + ReLU of
+    ``out``, ``bn_relu_shifted(out, *through)``, instead (:func:`bn_relu_matmul_bn`),
+    which the backward kernel takes back to the output's itself."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
-    dt, f32 = z.dtype, jnp.float32
+    dt = z.dtype
     d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
     if not stats:
         d_sum = d_squares = None
@@ -413,9 +449,10 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
                  and (not wants_residual or residual.dtype == dt))
     if in_kernel:
         g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
-        added = None if d_sum is None and d_squares is None else (out, d_sum, d_squares)
+        added = (None if d_sum is None and d_squares is None and through is None
+                 else (out, d_sum, d_squares))
     else:
-        g = _with_statistics(d_out.astype(f32), out, d_sum, d_squares)
+        g = _with_statistics(_output_cotangent(d_out, out, through), out, d_sum, d_squares)
         if out_relu:
             g = jnp.where(out > 0, g, 0.0)
         gd, added = g.astype(dt), None
@@ -428,7 +465,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         with_g = wants_residual and added is not None
         d_z, d_w, sums, g_kernel = _pallas_backward(
             z, mean, mul, bias, w, gd, impl == "interpret", "z" in wanted, "w" in wanted,
-            added=added, d_input=d_input, with_g=with_g)
+            added=added, d_input=d_input, with_g=with_g, through=through)
         if with_g:
             gd = g_kernel
     d_bias, d_mul = sums
@@ -525,6 +562,116 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
         results = (_on_own_rows(compute, axes, return_input) if axes else compute)(*args)
     out, sums = results[0].reshape(*lead, w.shape[-1]), results[1]
     return (out, sums, results[2].reshape(z.shape)) if return_input else (out, sums)
+
+
+def _coefficients(total, total_sq, scale, n: int, epsilon: float):
+    """``(mean, var, mul)`` of a BatchNorm in train mode from the channels' sum and sum of
+    squares over ``n`` values (``batchnorm.moments``, ``batchnorm.multiplier``: as
+    ``BatchNormCoefficients`` computes them)."""
+    mean, var = moments(total, total_sq, n)
+    return mean, var, multiplier(var, scale, epsilon)
+
+
+def _after(out, sums, scale, offset, epsilon: float):
+    """The BatchNorm + ReLU that follows the kernel, in train mode and XLA ops: ``(bn_relu(out,
+    mean, mul, offset), (mean, var))``, the statistics those of ``out``'s rows (``sums``)."""
+    mean, var, mul = _coefficients(*sums, scale, out.shape[0], epsilon)
+    return bn_relu(out, mean, mul, offset), (mean, var)
+
+
+#: The differentiable operands of :func:`bn_relu_matmul_bn`, in order.
+BN_OPERANDS = ("z", "mean", "mul", "bias", "w", "scale", "offset")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _kernel_bn(z, mean, mul, bias, w, scale, offset, epsilon, interpret, return_input):
+    out, sums = _pallas(z, mean, mul, bias, w, None, None, True, False, interpret)
+    a, stats = _after(out, sums, scale, offset, epsilon)
+    return (a, stats, z) if return_input else (a, stats)
+
+
+def _kernel_bn_fwd(*args):
+    """As :func:`_kernel_fwd`: the perturbed operands' names travel as an empty dict's keys."""
+    primals, (epsilon, interpret, return_input) = args[:7], args[7:]
+    values = [p.value for p in primals]
+    wanted = {name: None for name, p in zip(BN_OPERANDS, primals, strict=True) if p.perturbed}
+    out, sums = _pallas(*values[:5], None, None, True, False, interpret)
+    a, stats = _after(out, sums, *values[5:], epsilon)
+    return (a, stats, values[0]) if return_input else (a, stats), (*values, out, sums, wanted)
+
+
+def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
+    """One XLA reduction over ``(d_a, out)`` gives the BatchNorm's parameter and coefficient
+    gradients, hence those of the output's sums; the backward kernel then takes ``d_a`` back
+    to the output's cotangent as it reads it (``backward``'s ``through``)."""
+    zero = jax.custom_derivatives.SymbolicZero
+    *operands, out, sums, wanted = saved
+    scale, offset = operands[5:]
+    d_a, d_stats, *d_input = cotangents
+    if isinstance(d_a, zero):
+        d_a = jnp.zeros(d_a.shape, d_a.dtype)
+    d_input = d_input[0] if d_input and not isinstance(d_input[0], zero) else None
+    (mean, var, mul), coefficients_vjp = jax.vjp(
+        functools.partial(_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
+    shift = shift_of(mean, mul, offset)  # not offset, a slice of a packed vector in training
+    d_pre = _through_bn_relu(d_a, out, mul, shift)
+    d_offset, d_mul = channel_sums(d_pre, d_pre * (out.astype(jnp.float32) - mean))
+    d_mean, d_var = (jnp.zeros(mean.shape, mean.dtype) if isinstance(d, zero) else d
+                     for d in d_stats)
+    d_sum, d_squares, d_scale = coefficients_vjp((d_mean - mul * d_offset, d_var, d_mul))
+    grads = backward(*operands[:5], None, None, out, (d_a, (d_sum, d_squares)), True, False,
+                     impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
+                     d_input=d_input, through=(mul, shift))
+    return (*grads[:5], d_scale if "scale" in wanted else None,
+            d_offset if "offset" in wanted else None)
+
+
+_kernel_bn.defvjp(_kernel_bn_fwd, _kernel_bn_bwd, symbolic_zeros=True)
+
+
+def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
+                      return_input: bool = False, impl: str = "auto"):
+    """:func:`bn_relu_matmul` (``stats=True``, no residual) followed by the next BatchNorm +
+    ReLU in train mode: ``relu((out - mean2) * rsqrt(var2 + epsilon) * scale + offset)``
+    with ``(mean2, var2)`` the batch statistics of the output ``out`` (fast variance, as
+    ``BatchNormCoefficients`` computes them) and ``scale``, ``offset`` (N,) float32 that
+    BatchNorm's parameters. Returns ``(a, (mean2, var2))``, ``a`` like ``out``, and ``z``
+    too with ``return_input`` (as :func:`bn_relu_matmul`'s).
+
+    Why one function: in the derivative, the BatchNorm + ReLU's own part (the ReLU's mask,
+    the product with ``mul2`` and the statistics' part) is applied by the backward kernel
+    as it reads ``a``'s cotangent, after one XLA reduction over that cotangent and ``out``
+    for the BatchNorm's gradients; composed, XLA writes the cotangent of ``out`` in passes
+    of its own first (docs/benchmarks.md, "Fewer passes: the BatchNorm after the kernel in
+    the backward kernel"). In a data-parallel program (``_row_axes``) and without the
+    kernel, :func:`bn_relu_matmul` and the BatchNorm in XLA ops, differentiated as composed.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    flat = z.reshape(-1, z.shape[-1])
+    n = w.shape[-1]
+    if scale.shape != (n,) or offset.shape != (n,):
+        raise ValueError(f"bn_relu_matmul_bn: scale and offset must be ({n},) for w "
+                         f"{w.shape}, got {scale.shape} and {offset.shape}")
+    args = (flat, mean, mul, bias, w, scale, offset)
+
+    def composed(*operands, impl=impl):
+        out, sums, *rest = bn_relu_matmul(*operands[:5], stats=True,
+                                          return_input=return_input, impl=impl)
+        return (*_after(out, sums, *operands[5:], epsilon), *rest)
+
+    def kernel(*operands):
+        return _kernel_bn(*operands, epsilon, impl == "interpret", return_input)
+
+    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or _row_axes(len(flat)):
+        results = composed(*args)
+    else:
+        _check(*args[:5], None)
+        results = (jax.lax.platform_dependent(*args, cuda=kernel,
+                                              default=functools.partial(composed, impl="xla"))
+                   if impl == "auto" else kernel(*args))
+    a, stats = results[0].reshape(*z.shape[:-1], n), results[1]
+    return (a, stats, results[2].reshape(z.shape)) if return_input else (a, stats)
 
 
 def _row_axes(m: int) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from mcu_jax import checks
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import BatchNormCoefficients
+from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients
 from mcu_jax.models.layers import (
     BN_EPSILON,
     batch_norm,
@@ -106,8 +106,10 @@ class PreActBottleneck(nn.Module):
     def _pointwise(self, x, train: bool, sums):
         """The block with conv1 and conv3 as ``pointwise.bn_relu_matmul`` (bn1 and bn3 applied
         on their way in, the residual add and the next BatchNorm's sums on their way out):
-        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. With
-        ``fold`` (evaluation) bn2 is applied on conv1's way out and bn3 folded into conv2."""
+        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. In
+        train mode conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU after it (its
+        derivative taken in the backward kernel). With ``fold`` (evaluation) bn2 is applied
+        on conv1's way out and bn3 folded into conv2."""
         dt, impl = self.dtype, pointwise_impl(self.pointwise)
         coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
                                          BN_EPSILON)
@@ -128,9 +130,14 @@ class PreActBottleneck(nn.Module):
             return pw.bn_relu_matmul(a3, *identity, w3, shortcut(x), impl=impl)
         # the shortcut reads the x that conv1's kernel returns, so that the backward kernel
         # adds the shortcut's cotangent to x's (pointwise.bn_relu_matmul's return_input)
-        z1, sums1, x = pw.bn_relu_matmul(x, *bn1, w1, stats=train, return_input=True,
-                                         impl=impl)
-        z2 = conv2(pw.bn_relu(z1, *coefficients(name="bn2")(z1, sums1)))
+        if train:  # bn2 applied after conv1's kernel, its derivative in the backward kernel
+            a2, x = BatchNormApplied(self.bn_momentum, BN_EPSILON, name="bn2")(
+                self.planes, functools.partial(pw.bn_relu_matmul_bn, x, *bn1, w1,
+                                               return_input=True, impl=impl))
+        else:
+            z1, _ = pw.bn_relu_matmul(x, *bn1, w1, impl=impl)
+            a2 = pw.bn_relu(z1, *coefficients(name="bn2")(z1))
+        z2 = conv2(a2)
         return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut(x),
                                  stats=train, impl=impl)
 
