@@ -7,12 +7,15 @@ unfused it is that module bit for bit; fused, the outputs and the gradients
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mcu_jax.models import batchnorm
 from mcu_jax.models.batchnorm import BatchNorm, batch_norm_train
 
 C = 6
@@ -230,3 +233,31 @@ def test_fused_refuses_what_it_does_not_cover(fields, dtype):
     with pytest.raises(ValueError, match=r"on a float32\[6\] input"):  # no batch axis
         BatchNorm(use_running_average=False, fused=True, dtype=jnp.float32).init(
             jax.random.PRNGKey(0), jnp.ones(C))
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 8), (40, 8)])
+def test_statistics_sums_and_their_derivative(shape):
+    """``statistics_sums``: the channels' sum and sum of squares over every other axis (of an
+    NHWC activation and of a matrix), in float32 from bfloat16 too, and its written-out
+    derivative equals autodiff's of the plain sums."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
+    axes = tuple(range(len(shape) - 1))
+    plain = (lambda v: (jnp.sum(v.astype(jnp.float32), axes),
+                        jnp.sum(jnp.square(v.astype(jnp.float32)), axes)))
+    probes = (jnp.linspace(-1.0, 1.0, shape[-1]), jnp.linspace(0.5, -0.3, shape[-1]))
+
+    def loss(f, v):
+        s, q = f(v)
+        return jnp.sum(s * probes[0]) + jnp.sum(q * probes[1])
+
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        v = x.astype(dtype)
+        got, want = batchnorm.statistics_sums(v), plain(v)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == jnp.float32
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+        g, w = (jax.grad(functools.partial(loss, f))(v)
+                for f in (batchnorm.statistics_sums, plain))
+        assert g.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=tol, atol=tol)
