@@ -100,10 +100,10 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the kernel's output and channel sums against the
     "xla" impl, for every shape in :data:`SHAPES`, with a residual and with an output bias
     and ReLU (a BatchNorm folded in), and of its derivative (the backward kernel) against
-    autodiff of the "xla" impl, for conv1's shapes also with the next BatchNorm + ReLU
-    after it (``bn_relu_matmul_bn``); then the derivative once more on 32 x ``rows`` rows (131,200
-    by default, about a training step's first stage), where each program of the backward
-    kernel loops over many blocks of rows."""
+    autodiff of the "xla" impl, for conv1's shapes with K = 4N also with the next
+    BatchNorm + ReLU after it (``bn_relu_matmul_bn``); then the derivative once more on 32
+    x ``rows`` rows (131,200 by default, about a training step's first stage), where each
+    program of the backward kernel loops over many blocks of rows."""
     rng = np.random.default_rng(0)
     name = jnp.dtype(dtype).name
     results = []
@@ -121,7 +121,7 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
             results.append((f"kernel K={k} N={n}, {rows} rows, {name}, {label}", worst))
         results.append((f"backward kernel K={k} N={n}, {rows} rows, {name}, residual",
                         _backward_check(rng, args, impl)))
-        if (k, n) in CONV1:
+        if (k, n) in CONV1 and k == 4 * n:  # conv1 of a stage's later blocks: 33 of 36
             results.append((f"backward kernel K={k} N={n}, {rows} rows, {name}, the next "
                             "BatchNorm + ReLU", _following_check(rng, args, impl)))
     k, n = SHAPES[1]

@@ -544,7 +544,7 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 kernel (interpret; the model in float32)")
     assert "1280 rows, bfloat16, residual: relative difference" in out
-    checks = 2 * (3 * len(check.SHAPES) + len(check.CONV1) + 1) + 2
+    checks = 2 * (3 * len(check.SHAPES) + 3 + 1) + 2  # 3: conv1's shapes with K = 4N
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
