@@ -239,7 +239,7 @@ def test_fused_refuses_what_it_does_not_cover(fields, dtype):
 def test_statistics_sums_and_their_derivative(shape):
     """``statistics_sums``: the channels' sum and sum of squares over every other axis (of an
     NHWC activation and of a matrix), in float32 from bfloat16 too, and its written-out
-    derivative equals autodiff's of the plain sums."""
+    derivative equals autodiff's of the plain sums; a vector is refused."""
     x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
     axes = tuple(range(len(shape) - 1))
     plain = (lambda v: (jnp.sum(v.astype(jnp.float32), axes),
@@ -261,3 +261,5 @@ def test_statistics_sums_and_their_derivative(shape):
         assert g.dtype == dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"2 or more axes .* got shape \(8,\)"):
+        batchnorm.statistics_sums(jnp.ones(8))

@@ -13,7 +13,7 @@ import pytest
 
 from mcu_jax import models, runs, sweep
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import BatchNormCoefficients
+from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients
 from mcu_jax.pipeline import SelectionConfig
 
 
@@ -225,9 +225,10 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
     """``bn_relu_matmul_bn`` (a PreResNet block's conv1 with bn2 + ReLU after it, in train
     mode) gives relu(bn2(out)) and out's batch statistics, and, with the kernels
     (interpreted), autodiff's gradients of the composed computation for every operand:
-    with padding rows, nonzero cotangents of the statistics or none (the models' case) and
-    the returned input's cotangent. The backward kernel takes bn2's output cotangent with
-    bn2's coefficients, so no XLA pass writes the cotangent of the product."""
+    with padding rows, with the returned input's cotangent and with cotangents of the
+    output and the statistics, of the output only (the models' case) or of the statistics
+    only. The backward kernel takes bn2's output cotangent and coefficients as operands;
+    without any of the kernel's own operands to differentiate it does not run."""
     m, k, n = 300, 32, 16
     z, mean, mul, bias, w, _ = _operands(m, k, n, seed=11)
     rng = np.random.default_rng(12)
@@ -242,56 +243,67 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
                                    atol=tol * (1 + np.max(np.abs(expected))))
     probes = [rng.normal(size=shape).astype(np.float32) for shape in ((m, n), (m, k))]
 
-    def loss(impl, statistics, *operands):
+    def loss(impl, parts, *operands):
         y, (mu, var), same = pw.bn_relu_matmul_bn(*operands, 1e-5, return_input=True,
                                                   impl=impl)
-        value = (jnp.sum(y.astype(jnp.float32) * probes[0])
-                 + jnp.sum(same.astype(jnp.float32) * probes[1]))
-        return value + (jnp.sum(mu * 0.3) + jnp.sum(var * 0.1) if statistics else 0.0)
+        value = jnp.sum(same.astype(jnp.float32) * probes[1])
+        if "output" in parts:
+            value += jnp.sum(y.astype(jnp.float32) * probes[0])
+        if "statistics" in parts:
+            value += jnp.sum(mu * 0.3) + jnp.sum(var * 0.1)
+        return value
 
     argnums = tuple(range(7))
-    for statistics in (False, True):
-        want = jax.grad(functools.partial(loss, "xla", statistics), argnums=argnums)(*args)
-        got = jax.grad(functools.partial(loss, "interpret", statistics),
-                       argnums=argnums)(*args)
+    for parts in (("output", "statistics"), ("output",), ("statistics",)):
+        want = jax.grad(functools.partial(loss, "xla", parts), argnums=argnums)(*args)
+        got = jax.grad(functools.partial(loss, "interpret", parts), argnums=argnums)(*args)
         for name, g, h in zip(pw.BN_OPERANDS, got, want, strict=True):
             assert g.dtype == h.dtype, name
             scale_h = float(np.max(np.abs(np.asarray(h, np.float32)))) + 1.0
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
                                        rtol=tol, atol=tol * scale_h, err_msg=name)
-    program = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", False),
+    program = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                       argnums=argnums))(*args)
     (call,) = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
                and e.params["name"] == "bn_relu_matmul_backward"]
     # z, mean, mul, shift, w, bn2's output cotangent; d_sum, d_squares, out, the returned
     # input's cotangent, bn2's mul and shift
     assert len(call.invars) == 12
-    only_w = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", False),
+    only_w = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                      argnums=4))(*args)
     (call,) = [e for e in _equations(only_w.jaxpr) if e.primitive.name == "pallas_call"
                and e.params["name"] == "bn_relu_matmul_backward"]
     assert len(call.outvars) == 2  # d_w's and the sums' partial sums: no d_z
+    only_bn = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
+                                      argnums=(5, 6)))(*args)
+    assert not [e for e in _equations(only_bn.jaxpr) if e.primitive.name == "pallas_call"
+                and e.params["name"] == "bn_relu_matmul_backward"]
 
 
 def test_the_following_batchnorm_on_the_model_path():
-    """Without the kernel ("xla", and "auto" off a GPU) ``bn_relu_matmul_bn`` is
-    ``bn_relu_matmul`` and BatchNormCoefficients' map, as PreResNet applied bn2 before, bit
-    for bit; bad scale or offset shapes are refused."""
+    """Without the kernel ("xla", and "auto" off a GPU) ``bn_relu_matmul_bn`` under
+    ``BatchNormApplied`` (PreResNet's conv1 and bn2 in train mode) is, bit for bit, what the
+    model computed before: ``bn_relu_matmul`` then ``BatchNormCoefficients``' map, with the
+    same running-statistics update. Bad scale or offset shapes are refused."""
     z, mean, mul, bias, w, _ = _operands(2 * 5 * 5, 16, 32, seed=13)
     z = z.reshape(2, 5, 5, 16)
-    scale, offset = np.linspace(0.5, 1.5, 32, dtype=np.float32), np.zeros(32, np.float32)
+    rng = np.random.default_rng(14)
+    scale, offset = rng.uniform(0.5, 1.5, 32).astype(np.float32), rng.normal(size=32)
+    bn2 = {"params": {"scale": scale, "bias": offset.astype(np.float32)},
+           "batch_stats": {"mean": rng.normal(size=32).astype(np.float32),
+                           "var": rng.uniform(0.5, 2.0, 32).astype(np.float32)}}
     out, sums = pw.bn_relu_matmul(z, mean, mul, bias, w, stats=True, impl="xla")
-    bn2 = {"params": {"scale": scale, "bias": offset},
-           "batch_stats": {"mean": np.zeros(32, np.float32), "var": np.ones(32, np.float32)}}
-    coefficients, _ = BatchNormCoefficients(False, 0.9, 1e-5).apply(bn2, out, sums,
-                                                                    mutable=["batch_stats"])
+    coefficients, want_stats = BatchNormCoefficients(False, 0.9, 1e-5).apply(
+        bn2, out, sums, mutable=["batch_stats"])
     want = pw.bn_relu(out, *coefficients)
     for impl in ("xla", "auto"):
-        got, (m2, v2) = pw.bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, 1e-5,
-                                             impl=impl)
+        (got,), stats = BatchNormApplied(0.9, 1e-5).apply(
+            bn2, 32, functools.partial(pw.bn_relu_matmul_bn, z, mean, mul, bias, w, impl=impl),
+            mutable=["batch_stats"])
         assert got.shape == (2, 5, 5, 32)
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(m2, coefficients[0])
+        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"scale and offset must be \(32,\)"):
         pw.bn_relu_matmul_bn(z, mean, mul, bias, w, scale[:16], offset, 1e-5, impl="xla")
 

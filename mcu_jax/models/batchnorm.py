@@ -48,13 +48,18 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     took three kernels before; and as a layer's scale and bias gradients come out of one
     array, XLA updates both in one optimizer kernel. The PreResNet-110 curve step has 253
     kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused BatchNorm")."""
-    inner = tuple(range(1, a.ndim - 1))
-    if inner:
-        zero = jnp.zeros((), jnp.float32)
-        a, b = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]),
-                              inner)
+    a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
     sums = jnp.sum(jnp.concatenate([a, b], axis=-1), 0)
     return sums[:a.shape[-1]], sums[a.shape[-1]:]
+
+
+def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
+    """``(a, b)`` (float32) each summed over ``axes`` in one variadic reduction, which reads
+    both in one pass; unchanged for no axes."""
+    if not axes:
+        return a, b
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
 
 
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,6 +74,14 @@ def moments(total, total_sq, n: int) -> tuple[jax.Array, jax.Array]:
     of squares of ``n`` values."""
     mean = total / n
     return mean, jnp.maximum(0.0, total_sq / n - jax.lax.square(mean))
+
+
+def batch_coefficients(total, total_sq, scale, n: int, epsilon: float):
+    """``(mean, var, mul)`` of a BatchNorm in train mode from the channels' sum and sum of
+    squares over ``n`` values: :func:`moments`, then :func:`multiplier` (as
+    :class:`BatchNormCoefficients` computes them)."""
+    mean, var = moments(total, total_sq, n)
+    return mean, var, multiplier(var, scale, epsilon)
 
 
 def affine(x, mean, mul, bias) -> jax.Array:
@@ -203,28 +216,24 @@ def _update(module: nn.Module, ra_mean, ra_var, mean, var) -> None:
 
 @jax.custom_vjp
 def statistics_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The channels' (last axis) sum and sum of squares of ``x`` over all its other axes, in
-    float32: a BatchNorm's statistics as sums (``moments`` makes them the mean and
-    variance), for ``BatchNormCoefficients``.
+    """The channels' (last axis) sum and sum of squares of ``x`` (2 or more axes) over all
+    its other axes, in float32: a BatchNorm's statistics as sums (``moments`` makes them
+    the mean and variance), for ``BatchNormCoefficients``.
 
-    Two variadic reductions, over each example's positions and then over the examples, so
-    that neither concatenates its two sums (a kernel of its own on a GPU); and the
-    derivative written out, ``d_sum + 2 x d_squares``, one elementwise expression that XLA
-    fuses into its consumer, where autodiff's transpose of the two reductions wrote partial
-    broadcasts. PreResNet-110's kernel step has 26 kernels fewer for it
+    In variadic reductions, over each example's positions (where there are any) and then
+    over the examples, so that no stage concatenates its two sums (as
+    :func:`channel_sums` does: a kernel of its own on a GPU); and the derivative written
+    out, ``d_sum + 2 x d_squares``, one elementwise expression that XLA fuses into its
+    consumer, where autodiff's transpose of the two reductions wrote partial broadcasts.
+    PreResNet-110's kernel step has 26 (bfloat16) to 38 (float32) kernels fewer for it
     (docs/benchmarks.md, "Fewer passes: the BatchNorm after the kernel in the backward
     kernel")."""
+    if x.ndim < 2:
+        raise ValueError(f"statistics_sums: x needs 2 or more axes (examples, ..., "
+                         f"channels), got shape {x.shape}")
     xf = x.astype(jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-
-    def add(p, q):
-        return p[0] + q[0], p[1] + q[1]
-
-    inner = tuple(range(1, x.ndim - 1))
-    sums = (xf, jax.lax.square(xf))
-    if inner:
-        sums = jax.lax.reduce(sums, (zero, zero), add, inner)
-    return jax.lax.reduce(sums, (zero, zero), add, (0,))
+    sums = _sum_pair(xf, jax.lax.square(xf), tuple(range(1, x.ndim - 1)))
+    return _sum_pair(*sums, (0,))
 
 
 def _statistics_sums_fwd(x):
@@ -248,9 +257,9 @@ class BatchNormCoefficients(nn.Module):
 
     In train mode the batch statistics come from ``sums`` (the channels' sum and sum of
     squares over ``n`` values, e.g. from the kernel that wrote ``x``) or, without them, from
-    ``x`` itself (:func:`statistics_sums`; ``x`` is then read, with ``sums`` only its
-    shape is); the running
-    statistics are updated as ``nn.BatchNorm`` updates them (fast variance, clipped at 0).
+    ``x`` itself (:func:`statistics_sums`; ``x`` is then read, with ``sums`` only its shape
+    is); the running statistics are updated as ``nn.BatchNorm`` updates them (fast
+    variance, clipped at 0).
     In evaluation mode only ``x``'s last axis is read (a ``jax.ShapeDtypeStruct`` will do).
     """
 
@@ -263,11 +272,11 @@ class BatchNormCoefficients(nn.Module):
         c = x.shape[-1]
         ra_mean, ra_var, scale, bias = _variables(self, c)
         if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            mean, var = moments(*(statistics_sums(x) if sums is None else sums), x.size // c)
-            _update(self, ra_mean, ra_var, mean, var)
-        return mean, multiplier(var, scale, self.epsilon), bias
+            return ra_mean.value, multiplier(ra_var.value, scale, self.epsilon), bias
+        mean, var, mul = batch_coefficients(*(statistics_sums(x) if sums is None else sums),
+                                            scale, x.size // c, self.epsilon)
+        _update(self, ra_mean, ra_var, mean, var)
+        return mean, mul, bias
 
 
 class BatchNormApplied(nn.Module):

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mcu_jax.models.batchnorm import affine, channel_sums, moments, multiplier
+from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
@@ -297,10 +297,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     written (XLA cannot drop a kernel's unused outputs).
 
     ``added``: ``(out (M, N), d_sum (N,), d_squares (N,))``, the statistics' part of the
-    output's cotangent (either sum's may be None, and ``out`` without ``d_squares``), which
-    the kernel adds to ``gd`` as it reads it (:func:`_with_statistics`, rounded to z's
-    dtype as :func:`backward` rounds it) instead of XLA in a pass of its own; ``with_g``
-    also writes that sum (the residual's cotangent).
+    output's cotangent (either sum's may be None, and ``out`` without ``d_squares`` or
+    ``through``), which the kernel adds to ``gd`` as it reads it (:func:`_with_statistics`,
+    rounded to z's dtype as :func:`backward` rounds it) instead of XLA in a pass of its
+    own; ``with_g`` also writes that sum (the residual's cotangent).
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
     ``return_input``), added to ``d_z`` as it is written.
     ``through``: ``(mul, shift)``, each (N,), of a BatchNorm + ReLU applied to the output
@@ -492,23 +492,39 @@ def _kernel_fwd(*args):
     dict (static, in the residuals' structure)."""
     primals, flags = args[:7], args[7:]
     values = [None if p is None else p.value for p in primals]
-    wanted = {name: None for name, p in zip(OPERANDS, primals, strict=True)
-              if p is not None and p.perturbed}
+    wanted = _perturbed(OPERANDS, primals)
     out, sums = _pallas(*values, *flags[:3])
     results = (out, sums, values[0]) if flags[3] else (out, sums)
     return results, (*values, out, wanted)
 
 
+def _perturbed(names, primals) -> dict:
+    """The names of the perturbed ``CustomVJPPrimal``s among ``primals`` (None: an absent
+    operand), as the keys of an empty dict: static, in the residuals' structure."""
+    return {name: None for name, p in zip(names, primals, strict=True)
+            if p is not None and p.perturbed}
+
+
+def _dense(cotangent):
+    """A symbolic zero cotangent as zeros; any other as it is."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(cotangent.shape, cotangent.dtype)
+    return cotangent
+
+
+def _or_none(cotangent):
+    """A symbolic zero cotangent as None; any other as it is."""
+    return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
+
+
 def _kernel_bwd(stats, out_relu, interpret, return_input, saved, cotangents):
     """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's, and
     the returned input's)."""
-    zero = jax.custom_derivatives.SymbolicZero
     d_out, d_sums, *d_input = cotangents
-    if isinstance(d_out, zero):
-        d_out = jnp.zeros(d_out.shape, d_out.dtype)
+    d_out = _dense(d_out)
     if d_sums is not None:
-        d_sums = tuple(None if isinstance(d, zero) else d for d in d_sums)
-    d_input = d_input[0] if d_input and not isinstance(d_input[0], zero) else None
+        d_sums = tuple(_or_none(d) for d in d_sums)
+    d_input = _or_none(d_input[0]) if d_input else None
     *operands, out, wanted = saved
     return backward(*operands, out, (d_out, d_sums), stats, out_relu,
                     impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
@@ -564,18 +580,10 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     return (out, sums, results[2].reshape(z.shape)) if return_input else (out, sums)
 
 
-def _coefficients(total, total_sq, scale, n: int, epsilon: float):
-    """``(mean, var, mul)`` of a BatchNorm in train mode from the channels' sum and sum of
-    squares over ``n`` values (``batchnorm.moments``, ``batchnorm.multiplier``: as
-    ``BatchNormCoefficients`` computes them)."""
-    mean, var = moments(total, total_sq, n)
-    return mean, var, multiplier(var, scale, epsilon)
-
-
 def _after(out, sums, scale, offset, epsilon: float):
     """The BatchNorm + ReLU that follows the kernel, in train mode and XLA ops: ``(bn_relu(out,
     mean, mul, offset), (mean, var))``, the statistics those of ``out``'s rows (``sums``)."""
-    mean, var, mul = _coefficients(*sums, scale, out.shape[0], epsilon)
+    mean, var, mul = batch_coefficients(*sums, scale, out.shape[0], epsilon)
     return bn_relu(out, mean, mul, offset), (mean, var)
 
 
@@ -583,45 +591,48 @@ def _after(out, sums, scale, offset, epsilon: float):
 BN_OPERANDS = ("z", "mean", "mul", "bias", "w", "scale", "offset")
 
 
+def _bn_forward(operands, epsilon, interpret, return_input):
+    """:func:`_kernel_bn`'s results, with the kernel's output and sums."""
+    out, sums = _pallas(*operands[:5], None, None, True, False, interpret)
+    a, stats = _after(out, sums, *operands[5:], epsilon)
+    return ((a, stats, operands[0]) if return_input else (a, stats)), out, sums
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _kernel_bn(z, mean, mul, bias, w, scale, offset, epsilon, interpret, return_input):
-    out, sums = _pallas(z, mean, mul, bias, w, None, None, True, False, interpret)
-    a, stats = _after(out, sums, scale, offset, epsilon)
-    return (a, stats, z) if return_input else (a, stats)
+    return _bn_forward((z, mean, mul, bias, w, scale, offset), epsilon, interpret,
+                       return_input)[0]
 
 
 def _kernel_bn_fwd(*args):
-    """As :func:`_kernel_fwd`: the perturbed operands' names travel as an empty dict's keys."""
-    primals, (epsilon, interpret, return_input) = args[:7], args[7:]
+    """As :func:`_kernel_fwd`."""
+    primals, flags = args[:7], args[7:]
     values = [p.value for p in primals]
-    wanted = {name: None for name, p in zip(BN_OPERANDS, primals, strict=True) if p.perturbed}
-    out, sums = _pallas(*values[:5], None, None, True, False, interpret)
-    a, stats = _after(out, sums, *values[5:], epsilon)
-    return (a, stats, values[0]) if return_input else (a, stats), (*values, out, sums, wanted)
+    results, out, sums = _bn_forward(values, *flags)
+    return results, (*values, out, sums, _perturbed(BN_OPERANDS, primals))
 
 
 def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     """One XLA reduction over ``(d_a, out)`` gives the BatchNorm's parameter and coefficient
     gradients, hence those of the output's sums; the backward kernel then takes ``d_a`` back
     to the output's cotangent as it reads it (``backward``'s ``through``)."""
-    zero = jax.custom_derivatives.SymbolicZero
     *operands, out, sums, wanted = saved
     scale, offset = operands[5:]
     d_a, d_stats, *d_input = cotangents
-    if isinstance(d_a, zero):
-        d_a = jnp.zeros(d_a.shape, d_a.dtype)
-    d_input = d_input[0] if d_input and not isinstance(d_input[0], zero) else None
+    d_a = _dense(d_a)
+    d_input = _or_none(d_input[0]) if d_input else None
     (mean, var, mul), coefficients_vjp = jax.vjp(
-        functools.partial(_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
+        functools.partial(batch_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
     shift = shift_of(mean, mul, offset)  # not offset, a slice of a packed vector in training
     d_pre = _through_bn_relu(d_a, out, mul, shift)
     d_offset, d_mul = channel_sums(d_pre, d_pre * (out.astype(jnp.float32) - mean))
-    d_mean, d_var = (jnp.zeros(mean.shape, mean.dtype) if isinstance(d, zero) else d
-                     for d in d_stats)
+    d_mean, d_var = (_dense(d) for d in d_stats)
     d_sum, d_squares, d_scale = coefficients_vjp((d_mean - mul * d_offset, d_var, d_mul))
-    grads = backward(*operands[:5], None, None, out, (d_a, (d_sum, d_squares)), True, False,
-                     impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
-                     d_input=d_input, through=(mul, shift))
+    grads = (None,) * 5
+    if any(name in wanted for name in OPERANDS[:5]):  # else no backward kernel is needed
+        grads = backward(*operands[:5], None, None, out, (d_a, (d_sum, d_squares)), True,
+                         False, impl="interpret" if interpret else "pallas",
+                         wanted=tuple(wanted), d_input=d_input, through=(mul, shift))
     return (*grads[:5], d_scale if "scale" in wanted else None,
             d_offset if "offset" in wanted else None)
 
@@ -641,10 +652,13 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
     Why one function: in the derivative, the BatchNorm + ReLU's own part (the ReLU's mask,
     the product with ``mul2`` and the statistics' part) is applied by the backward kernel
     as it reads ``a``'s cotangent, after one XLA reduction over that cotangent and ``out``
-    for the BatchNorm's gradients; composed, XLA writes the cotangent of ``out`` in passes
-    of its own first (docs/benchmarks.md, "Fewer passes: the BatchNorm after the kernel in
-    the backward kernel"). In a data-parallel program (``_row_axes``) and without the
-    kernel, :func:`bn_relu_matmul` and the BatchNorm in XLA ops, differentiated as composed.
+    for the BatchNorm's gradients (both recompute the ReLU's mask from ``out`` in the
+    kernels' form, :func:`bn_relu_shifted`, while ``a`` is computed as :func:`bn_relu`
+    computes it: the masks may differ where a value lies within rounding of zero).
+    Composed, XLA writes the cotangent of ``out`` in passes of its own first
+    (docs/benchmarks.md, "Fewer passes: the BatchNorm after the kernel in the backward
+    kernel"). In a data-parallel program (``_row_axes``) and without the kernel,
+    :func:`bn_relu_matmul` and the BatchNorm in XLA ops, differentiated as composed.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")

@@ -129,13 +129,13 @@ class PreActBottleneck(nn.Module):
             identity = (jnp.zeros(self.planes), jnp.ones(self.planes), jnp.zeros(self.planes))
             return pw.bn_relu_matmul(a3, *identity, w3, shortcut(x), impl=impl)
         # the shortcut reads the x that conv1's kernel returns, so that the backward kernel
-        # adds the shortcut's cotangent to x's (pointwise.bn_relu_matmul's return_input)
+        # adds the shortcut's cotangent to x's (return_input)
         if train:  # bn2 applied after conv1's kernel, its derivative in the backward kernel
             a2, x = BatchNormApplied(self.bn_momentum, BN_EPSILON, name="bn2")(
                 self.planes, functools.partial(pw.bn_relu_matmul_bn, x, *bn1, w1,
                                                return_input=True, impl=impl))
         else:
-            z1, _ = pw.bn_relu_matmul(x, *bn1, w1, impl=impl)
+            z1, _, x = pw.bn_relu_matmul(x, *bn1, w1, return_input=True, impl=impl)
             a2 = pw.bn_relu(z1, *coefficients(name="bn2")(z1))
         z2 = conv2(a2)
         return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut(x),
