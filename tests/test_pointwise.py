@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mcu_jax import models, runs, sweep
+from mcu_jax.models import batchnorm
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients
 from mcu_jax.pipeline import SelectionConfig
@@ -266,9 +267,10 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
                                       argnums=argnums))(*args)
     (call,) = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
                and e.params["name"] == "bn_relu_matmul_backward"]
-    # z, mean, mul, shift, w, bn2's output cotangent; d_sum, d_squares, out, the returned
-    # input's cotangent, bn2's mul and shift
-    assert len(call.invars) == 12
+    # z, mean, mul, shift, w, bn2's output cotangent; out, the returned input's cotangent,
+    # bn2's mul and shift; and what the kernel derives the sums' cotangents from: the
+    # product's sums, bn2's two gradient sums (each pair one array) and mul
+    assert len(call.invars) == 13
     only_w = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                      argnums=4))(*args)
     (call,) = [e for e in _equations(only_w.jaxpr) if e.primitive.name == "pallas_call"
@@ -278,6 +280,44 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
                                       argnums=(5, 6)))(*args)
     assert not [e for e in _equations(only_bn.jaxpr) if e.primitive.name == "pallas_call"
                 and e.params["name"] == "bn_relu_matmul_backward"]
+
+
+def test_the_sums_cotangents_are_the_coefficients_derivative():
+    """``_sums_cotangents`` (what the backward kernel derives the statistics sums'
+    cotangents from) equals autodiff of ``batch_coefficients``, with the multiplier in place
+    of the scale: with and without cotangents of the returned mean and variance, and with a
+    channel whose variance is clipped at zero exactly (half the cotangent, as
+    ``jnp.maximum`` gives at a tie); and ``backward`` computes them as it is told, in XLA
+    and in the backward kernel, as if they were given."""
+    rng = np.random.default_rng(21)
+    n, c = 40, 16
+    x = rng.normal(size=(n, c)).astype(np.float32)
+    x[:, 3] = 0.0  # sum and sum of squares 0: the variance's clip at its tie
+    sums = (x.sum(0), (x * x).sum(0))
+    scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    (mean, var, mul), vjp = jax.vjp(
+        lambda s, q: batchnorm.batch_coefficients(s, q, scale, n, 1e-5), *sums)
+    d_offset, d_mul = rng.normal(size=(2, c)).astype(np.float32)
+    for d_mean, d_var in ((0.0, 0.0), tuple(rng.normal(size=(2, c)).astype(np.float32))):
+        want = vjp((d_mean - mul * d_offset, d_var + np.zeros(c, np.float32), d_mul))
+        got = pw._sums_cotangents(jnp.stack(sums), jnp.concatenate([d_offset, d_mul]), mul,
+                                  d_mean, d_var, n, 1e-5)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    z, mean1, mul1, bias1, w1, _ = _operands(300, 32, 16, seed=22)
+    out, _ = pw.bn_relu_matmul(z, mean1, mul1, bias1, w1, impl="xla")
+    d_out = rng.normal(size=out.shape).astype(np.float32)
+    given = tuple(rng.normal(size=(2, 16)).astype(np.float32))
+    want = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, given), True,
+                       False, impl="xla")
+    for impl in ("xla", "interpret"):
+        got = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, None), True,
+                          False, impl=impl, derive=(lambda a: (a[0, :], a[1, :]),
+                                                    (np.stack(given),)))
+        for g, h in zip(got, want, strict=True):
+            assert (g is None) == (h is None)
+            if g is not None:
+                np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
 
 
 def test_the_following_batchnorm_on_the_model_path():

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums
+from mcu_jax.models.batchnorm import affine, batch_coefficients
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
@@ -286,7 +286,7 @@ def _output_cotangent(d_out, out, through):
 
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
                      with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False,
-                     through=None):
+                     through=None, derive=None):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -307,7 +307,11 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     (:func:`bn_relu_matmul_bn`): ``gd`` is then the cotangent of ``bn_relu_shifted(out,
     *through)``, which the kernel takes back to the output's as it reads it
     (:func:`_output_cotangent`, with ``added``'s ``out``) instead of XLA in passes of its
-    own."""
+    own.
+    ``derive``: ``(fn, operands)``, small arrays from which ``fn`` computes ``(d_sum,
+    d_squares)`` in place of ``added``'s: each program computes them before its loop,
+    where XLA would compute them in a kernel of its own. ``fn`` reads its operands by
+    indexing (``a[...]``, ``a[0, :]``): here it is given their refs."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
@@ -317,7 +321,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
     out, d_sum, d_squares = added if added is not None else (None, None, None)
-    if d_squares is None and through is None:
+    if d_squares is None and through is None and derive is None:
         out = None  # read only for the sum of squares' part and the ReLU's mask
     if through is not None and out is None:
         raise ValueError("_pallas_backward: through needs added's out")
@@ -325,9 +329,11 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
     mul2, shift2 = through if through is not None else (None, None)
+    derived = [] if derive is None else [(f"derive{i}", a) for i, a in enumerate(derive[1])]
     optional = [(name, value) for name, value in (("d_sum", d_sum), ("d_squares", d_squares),
                                                   ("out", out), ("d_input", d_input),
-                                                  ("mul2", mul2), ("shift2", shift2))
+                                                  ("mul2", mul2), ("shift2", shift2),
+                                                  *derived)
                 if value is not None]
 
     def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
@@ -340,6 +346,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
         coefficients = mean_ref[...], mul_ref[...], shift_ref[...]
         first = pl.program_id(1) == 0  # one block of input channels writes the cotangent
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
+        # the statistics' cotangents from derive's operands (fn indexes their refs, as it
+        # indexes arrays on the XLA path), once per program
+        d_statistics = (None if derive is None
+                        else derive[0](*(ins[name] for name, _ in derived)))
 
         def step(j, carry):
             here = pl.ds(j * block_m, block_m)
@@ -347,10 +357,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             if added is not None:
                 o = ins["out"][here, :] if "out" in ins else None
                 after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
-                total = _with_statistics(
-                    _output_cotangent(g, o, after), o,
+                statistics = d_statistics or (
                     ins["d_sum"][...] if "d_sum" in ins else None,
                     ins["d_squares"][...] if "d_squares" in ins else None)
+                total = _with_statistics(_output_cotangent(g, o, after), o, *statistics)
                 if pad:  # d_sum would make the padding rows' cotangent nonzero
                     row = base + j * block_m + jax.lax.broadcasted_iota(jnp.int32,
                                                                         (block_m, 1), 0)
@@ -383,7 +393,9 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
                 rows_n]
     args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
     spec = {"d_sum": whole, "d_squares": whole, "out": rows_n, "d_input": rows_k,
-            "mul2": whole, "shift2": whole}
+            "mul2": whole, "shift2": whole,
+            **{name: pl.BlockSpec(a.shape, lambda i, j, d=a.ndim: (0,) * d)
+               for name, a in derived}}
     in_specs += [spec[name] for name, _ in optional]
     args += [value for _, value in optional]
     out_specs, out_shape = [], []
@@ -416,7 +428,8 @@ OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
-             out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None, through=None):
+             out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None, through=None,
+             derive=None):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
@@ -437,7 +450,9 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     ``cotangents``' sums, or either of them, may be None (zero). With ``through = (mul2,
     shift2)`` the output's cotangent in ``cotangents`` is that of a BatchNorm + ReLU of
     ``out``, ``bn_relu_shifted(out, *through)``, instead (:func:`bn_relu_matmul_bn`),
-    which the backward kernel takes back to the output's itself."""
+    which the backward kernel takes back to the output's itself. ``derive = (fn,
+    operands)`` gives the sums' cotangents as ``fn(*operands)`` instead (small arrays), which
+    the backward kernel computes itself (:func:`_pallas_backward`)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
@@ -447,10 +462,12 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     wants_residual = residual is not None and "residual" in wanted
     in_kernel = (impl != "xla" and not out_relu and (out_bias is None or "out_bias" not in wanted)
                  and (not wants_residual or residual.dtype == dt))
+    if derive is not None and not in_kernel:
+        (d_sum, d_squares), derive = derive[0](*derive[1]), None
     if in_kernel:
         g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
         added = (None if d_sum is None and d_squares is None and through is None
-                 else (out, d_sum, d_squares))
+                 and derive is None else (out, d_sum, d_squares))
     else:
         g = _with_statistics(_output_cotangent(d_out, out, through), out, d_sum, d_squares)
         if out_relu:
@@ -465,7 +482,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         with_g = wants_residual and added is not None
         d_z, d_w, sums, g_kernel = _pallas_backward(
             z, mean, mul, bias, w, gd, impl == "interpret", "z" in wanted, "w" in wanted,
-            added=added, d_input=d_input, with_g=with_g, through=through)
+            added=added, d_input=d_input, with_g=with_g, through=through, derive=derive)
         if with_g:
             gd = g_kernel
     d_bias, d_mul = sums
@@ -587,6 +604,27 @@ def _after(out, sums, scale, offset, epsilon: float):
     return bn_relu(out, mean, mul, offset), (mean, var)
 
 
+def _sums_cotangents(stats, pair, mul, d_mean, d_var, n: int, epsilon: float):
+    """The cotangents of a BatchNorm's statistics sums (``stats[0, :]``, ``stats[1, :]``:
+    sum and sum of squares over ``n`` values) from those of its offset and multiplier
+    (``pair[:N]``, ``pair[N:]``: the sums of ``d_pre`` and ``d_pre * (x - mean)``,
+    ``d_pre`` the cotangent of its pre-activation) and of the batch mean and variance it
+    returns (``d_mean``, ``d_var``): :func:`batchnorm.batch_coefficients`' derivative,
+    written with ``mul`` (``mul[...]``) in place of the scale (d mul / d var = -mul / (2 (var
+    + eps))), the clip at zero variance as ``jnp.maximum``'s (half at a tie). Reads its
+    operands by indexing, so that the backward kernel can give it refs."""
+    f32 = jnp.float32
+    mean = stats[0, :] / n
+    raw = stats[1, :] / n - mean * mean
+    var = jnp.maximum(0.0, raw)
+    channels = mean.shape[0]
+    multiplier = mul[...]
+    d_offset, d_mul = pair[:channels], pair[channels:2 * channels]
+    d_raw = (d_var - 0.5 * d_mul * multiplier / (var + epsilon)) * jnp.where(
+        raw > 0, f32(1.0), jnp.where(raw == 0, f32(0.5), f32(0.0)))
+    return (d_mean - multiplier * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
+
+
 #: The differentiable operands of :func:`bn_relu_matmul_bn`, in order.
 BN_OPERANDS = ("z", "mean", "mul", "bias", "w", "scale", "offset")
 
@@ -625,14 +663,30 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
         functools.partial(batch_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
     shift = shift_of(mean, mul, offset)  # not offset, a slice of a packed vector in training
     d_pre = _through_bn_relu(d_a, out, mul, shift)
-    d_offset, d_mul = channel_sums(d_pre, d_pre * (out.astype(jnp.float32) - mean))
-    d_mean, d_var = (_dense(d) for d in d_stats)
-    d_sum, d_squares, d_scale = coefficients_vjp((d_mean - mul * d_offset, d_var, d_mul))
+    # both sums in one reduction (as batchnorm.channel_sums adds up (M, N) inputs), kept
+    # whole for the backward kernel: a slice given to it would be a copy kernel
+    pair = jnp.sum(jnp.concatenate([d_pre, d_pre * (out.astype(jnp.float32) - mean)], -1), 0)
+    d_offset, d_mul = pair[:len(mean)], pair[len(mean):]
+    d_mean, d_var = (_or_none(d) for d in d_stats)
+    external = [d for d in (d_mean, d_var) if d is not None]
+    d_scale = coefficients_vjp((-mul * d_offset + (0.0 if d_mean is None else d_mean),
+                                jnp.zeros_like(var) if d_var is None else d_var, d_mul))[2]
+
+    def sums_cotangents(stats, pair, multiplier, *given):
+        """The sums' cotangents, from refs in the backward kernel, arrays elsewhere."""
+        given = iter(given)
+        return _sums_cotangents(stats, pair, multiplier,
+                                0.0 if d_mean is None else next(given)[...],
+                                0.0 if d_var is None else next(given)[...],
+                                out.shape[0], epsilon)
+
+    # the sums side by side as the forward kernel's reduction wrote them: a whole buffer
+    derive = (sums_cotangents, (jnp.stack(sums), pair, mul, *external))
     grads = (None,) * 5
     if any(name in wanted for name in OPERANDS[:5]):  # else no backward kernel is needed
-        grads = backward(*operands[:5], None, None, out, (d_a, (d_sum, d_squares)), True,
-                         False, impl="interpret" if interpret else "pallas",
-                         wanted=tuple(wanted), d_input=d_input, through=(mul, shift))
+        grads = backward(*operands[:5], None, None, out, (d_a, None), True, False,
+                         impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
+                         d_input=d_input, through=(mul, shift), derive=derive)
     return (*grads[:5], d_scale if "scale" in wanted else None,
             d_offset if "offset" in wanted else None)
 
