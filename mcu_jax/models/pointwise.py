@@ -651,8 +651,9 @@ def _kernel_bn_fwd(*args):
 
 
 def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
-    """One XLA reduction over ``(d_a, out)`` gives the BatchNorm's parameter and coefficient
-    gradients, hence those of the output's sums; the backward kernel then takes ``d_a`` back
+    """One XLA reduction over ``(d_a, out)`` gives the BatchNorm's offset and multiplier
+    gradients (hence its scale's); the backward kernel derives the output sums' cotangents
+    from them (``backward``'s ``derive``: :func:`_sums_cotangents`) and takes ``d_a`` back
     to the output's cotangent as it reads it (``backward``'s ``through``)."""
     *operands, out, sums, wanted = saved
     scale, offset = operands[5:]
