@@ -668,10 +668,10 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     # whole for the backward kernel: a slice given to it would be a copy kernel
     pair = jnp.sum(jnp.concatenate([d_pre, d_pre * (out.astype(jnp.float32) - mean)], -1), 0)
     d_offset, d_mul = pair[:len(mean)], pair[len(mean):]
+    # the scale reaches the result through the multiplier alone
+    d_scale = coefficients_vjp((jnp.zeros_like(mean), jnp.zeros_like(var), d_mul))[2]
     d_mean, d_var = (_or_none(d) for d in d_stats)
     external = [d for d in (d_mean, d_var) if d is not None]
-    d_scale = coefficients_vjp((-mul * d_offset + (0.0 if d_mean is None else d_mean),
-                                jnp.zeros_like(var) if d_var is None else d_var, d_mul))[2]
 
     def sums_cotangents(stats, pair, multiplier, *given):
         """The sums' cotangents, from refs in the backward kernel, arrays elsewhere."""
