@@ -250,12 +250,15 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
         value = jnp.sum(same.astype(jnp.float32) * probes[1])
         if "output" in parts:
             value += jnp.sum(y.astype(jnp.float32) * probes[0])
-        if "statistics" in parts:
-            value += jnp.sum(mu * 0.3) + jnp.sum(var * 0.1)
+        if "mean" in parts:
+            value += jnp.sum(mu * 0.3)
+        if "var" in parts:
+            value += jnp.sum(var * 0.1)
         return value
 
     argnums = tuple(range(7))
-    for parts in (("output", "statistics"), ("output",), ("statistics",)):
+    for parts in (("output", "mean", "var"), ("output",), ("mean", "var"), ("output", "mean"),
+                  ("output", "var")):
         want = jax.grad(functools.partial(loss, "xla", parts), argnums=argnums)(*args)
         got = jax.grad(functools.partial(loss, "interpret", parts), argnums=argnums)(*args)
         for name, g, h in zip(pw.BN_OPERANDS, got, want, strict=True):
@@ -269,8 +272,15 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
                and e.params["name"] == "bn_relu_matmul_backward"]
     # z, mean, mul, shift, w, bn2's output cotangent; out, the returned input's cotangent,
     # bn2's mul and shift; and what the kernel derives the sums' cotangents from: the
-    # product's sums, bn2's two gradient sums (each pair one array) and mul
-    assert len(call.invars) == 13
+    # product's sums, bn2's two gradient sums (each pair one array) and mul; no d_sum or
+    # d_squares formed outside
+    shapes = [tuple(v.aval.shape) for v in call.invars[6:]]
+    assert shapes == [(512, n), (512, k), (n,), (n,), (2, n), (2 * n,), (n,)]  # padded rows
+    with_statistics = jax.make_jaxpr(jax.grad(
+        functools.partial(loss, "interpret", ("output", "mean", "var")), argnums=argnums))(*args)
+    (call,) = [e for e in _equations(with_statistics.jaxpr) if e.primitive.name
+               == "pallas_call" and e.params["name"] == "bn_relu_matmul_backward"]
+    assert [tuple(v.aval.shape) for v in call.invars[13:]] == [(n,), (n,)]  # mean's, var's
     only_w = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                      argnums=4))(*args)
     (call,) = [e for e in _equations(only_w.jaxpr) if e.primitive.name == "pallas_call"
@@ -285,15 +295,17 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
 def test_the_sums_cotangents_are_the_coefficients_derivative():
     """``_sums_cotangents`` (what the backward kernel derives the statistics sums'
     cotangents from) equals autodiff of ``batch_coefficients``, with the multiplier in place
-    of the scale: with and without cotangents of the returned mean and variance, and with a
+    of the scale: with and without cotangents of the returned mean and variance, with a
     channel whose variance is clipped at zero exactly (half the cotangent, as
-    ``jnp.maximum`` gives at a tie); and ``backward`` computes them as it is told, in XLA
-    and in the backward kernel, as if they were given."""
+    ``jnp.maximum`` gives at a tie) and one clipped below it (none); and ``backward`` with
+    ``derive`` (its fn given refs in the backward kernel) gives what it gives with those
+    cotangents, in XLA and in the kernel, and refuses both at once."""
     rng = np.random.default_rng(21)
     n, c = 40, 16
     x = rng.normal(size=(n, c)).astype(np.float32)
     x[:, 3] = 0.0  # sum and sum of squares 0: the variance's clip at its tie
     sums = (x.sum(0), (x * x).sum(0))
+    sums[1][5] = 0.5 * sums[0][5] ** 2 / n  # E[x^2] < E[x]^2: clipped below its tie
     scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
     (mean, var, mul), vjp = jax.vjp(
         lambda s, q: batchnorm.batch_coefficients(s, q, scale, n, 1e-5), *sums)
@@ -307,17 +319,24 @@ def test_the_sums_cotangents_are_the_coefficients_derivative():
     z, mean1, mul1, bias1, w1, _ = _operands(300, 32, 16, seed=22)
     out, _ = pw.bn_relu_matmul(z, mean1, mul1, bias1, w1, impl="xla")
     d_out = rng.normal(size=out.shape).astype(np.float32)
-    given = tuple(rng.normal(size=(2, 16)).astype(np.float32))
+    # derive's fn reads its operands by indexing: refs in the kernel, arrays in XLA
+    stats = jnp.stack(sums)
+    pair = jnp.concatenate([d_offset, d_mul])
+    given = pw._sums_cotangents(stats, pair, mul, 0.0, 0.0, n, 1e-5)
     want = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, given), True,
                        False, impl="xla")
+    derive = (functools.partial(pw._derived_sums_cotangents, False, False, n, 1e-5),
+              (stats, pair, mul))
     for impl in ("xla", "interpret"):
         got = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, None), True,
-                          False, impl=impl, derive=(lambda a: (a[0, :], a[1, :]),
-                                                    (np.stack(given),)))
+                          False, impl=impl, derive=derive)
         for g, h in zip(got, want, strict=True):
             assert (g is None) == (h is None)
             if g is not None:
                 np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="derive computes"):
+        pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, given), True, False,
+                    impl="xla", derive=derive)
 
 
 def test_the_following_batchnorm_on_the_model_path():

@@ -48,9 +48,16 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     took three kernels before; and as a layer's scale and bias gradients come out of one
     array, XLA updates both in one optimizer kernel. The PreResNet-110 curve step has 253
     kernels fewer (docs/benchmarks.md, "Fewer kernels in the fused BatchNorm")."""
-    a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
-    sums = jnp.sum(jnp.concatenate([a, b], axis=-1), 0)
+    sums = channel_sums_side_by_side(a, b)
     return sums[:a.shape[-1]], sums[a.shape[-1]:]
+
+
+def channel_sums_side_by_side(a: jax.Array, b: jax.Array) -> jax.Array:
+    """:func:`channel_sums` as one (2C,) array, ``a``'s sums then ``b``'s, as the second
+    stage writes them (for a kernel that must read them as one buffer: a slice given to a
+    custom kernel is a copy)."""
+    a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
+    return jnp.sum(jnp.concatenate([a, b], axis=-1), 0)
 
 
 def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mcu_jax.models.batchnorm import affine, batch_coefficients
+from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums_side_by_side
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
@@ -297,10 +297,11 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     written (XLA cannot drop a kernel's unused outputs).
 
     ``added``: ``(out (M, N), d_sum (N,), d_squares (N,))``, the statistics' part of the
-    output's cotangent (either sum's may be None, and ``out`` without ``d_squares`` or
-    ``through``), which the kernel adds to ``gd`` as it reads it (:func:`_with_statistics`,
-    rounded to z's dtype as :func:`backward` rounds it) instead of XLA in a pass of its
-    own; ``with_g`` also writes that sum (the residual's cotangent).
+    output's cotangent (either sum's may be None, and ``out`` without ``d_squares``,
+    ``through`` or ``derive``), which the kernel adds to ``gd`` as it reads it
+    (:func:`_with_statistics`, rounded to z's dtype as :func:`backward` rounds it) instead
+    of XLA in a pass of its own; ``with_g`` also writes that sum (the residual's
+    cotangent).
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
     ``return_input``), added to ``d_z`` as it is written.
     ``through``: ``(mul, shift)``, each (N,), of a BatchNorm + ReLU applied to the output
@@ -323,8 +324,10 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     out, d_sum, d_squares = added if added is not None else (None, None, None)
     if d_squares is None and through is None and derive is None:
         out = None  # read only for the sum of squares' part and the ReLU's mask
-    if through is not None and out is None:
-        raise ValueError("_pallas_backward: through needs added's out")
+    if (through is not None or derive is not None) and out is None:
+        raise ValueError("_pallas_backward: through and derive need added's out")
+    if derive is not None and (d_sum is not None or d_squares is not None):
+        raise ValueError("_pallas_backward: derive computes d_sum and d_squares; got them too")
     # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
@@ -357,7 +360,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             if added is not None:
                 o = ins["out"][here, :] if "out" in ins else None
                 after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
-                statistics = d_statistics or (
+                statistics = d_statistics if derive is not None else (
                     ins["d_sum"][...] if "d_sum" in ins else None,
                     ins["d_squares"][...] if "d_squares" in ins else None)
                 total = _with_statistics(_output_cotangent(g, o, after), o, *statistics)
@@ -451,14 +454,19 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     shift2)`` the output's cotangent in ``cotangents`` is that of a BatchNorm + ReLU of
     ``out``, ``bn_relu_shifted(out, *through)``, instead (:func:`bn_relu_matmul_bn`),
     which the backward kernel takes back to the output's itself. ``derive = (fn,
-    operands)`` gives the sums' cotangents as ``fn(*operands)`` instead (small arrays), which
-    the backward kernel computes itself (:func:`_pallas_backward`)."""
+    operands)`` gives the sums' cotangents as ``fn(*operands)`` in place of
+    ``cotangents``' (which must then be None; small arrays), which the backward kernel
+    computes itself (:func:`_pallas_backward`). ``fn`` is called on the operands' refs in
+    the kernel and on the arrays elsewhere, so it must read them by indexing
+    (``a[...]``, ``a[0, :]``, ``a[:c]``)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
     d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
+    if derive is not None and (d_sum is not None or d_squares is not None):
+        raise ValueError("backward: derive computes the sums' cotangents; got them too")
     if not stats:
-        d_sum = d_squares = None
+        d_sum = d_squares = derive = None
     wants_residual = residual is not None and "residual" in wanted
     in_kernel = (impl != "xla" and not out_relu and (out_bias is None or "out_bias" not in wanted)
                  and (not wants_residual or residual.dtype == dt))
@@ -625,6 +633,16 @@ def _sums_cotangents(stats, pair, mul, d_mean, d_var, n: int, epsilon: float):
     return (d_mean - multiplier * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
 
 
+def _derived_sums_cotangents(has_mean: bool, has_var: bool, n: int, epsilon: float, stats,
+                             pair, mul, *given):
+    """:func:`_sums_cotangents` as ``backward``'s ``derive`` calls it: the batch mean's and
+    variance's cotangents among ``given`` where they are not zero (``has_mean``,
+    ``has_var``, in that order), every operand read by indexing (refs in the kernel)."""
+    d_mean = given[0][...] if has_mean else 0.0
+    d_var = given[int(has_mean)][...] if has_var else 0.0
+    return _sums_cotangents(stats, pair, mul, d_mean, d_var, n, epsilon)
+
+
 #: The differentiable operands of :func:`bn_relu_matmul_bn`, in order.
 BN_OPERANDS = ("z", "mean", "mul", "bias", "w", "scale", "offset")
 
@@ -664,25 +682,17 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
         functools.partial(batch_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
     shift = shift_of(mean, mul, offset)  # not offset, a slice of a packed vector in training
     d_pre = _through_bn_relu(d_a, out, mul, shift)
-    # both sums in one reduction (as batchnorm.channel_sums adds up (M, N) inputs), kept
-    # whole for the backward kernel: a slice given to it would be a copy kernel
-    pair = jnp.sum(jnp.concatenate([d_pre, d_pre * (out.astype(jnp.float32) - mean)], -1), 0)
+    # both sums in one buffer, whole for the backward kernel
+    pair = channel_sums_side_by_side(d_pre, d_pre * (out.astype(jnp.float32) - mean))
     d_offset, d_mul = pair[:len(mean)], pair[len(mean):]
     # the scale reaches the result through the multiplier alone
     d_scale = coefficients_vjp((jnp.zeros_like(mean), jnp.zeros_like(var), d_mul))[2]
     d_mean, d_var = (_or_none(d) for d in d_stats)
-    external = [d for d in (d_mean, d_var) if d is not None]
-
-    def sums_cotangents(stats, pair, multiplier, *given):
-        """The sums' cotangents, from refs in the backward kernel, arrays elsewhere."""
-        given = iter(given)
-        return _sums_cotangents(stats, pair, multiplier,
-                                0.0 if d_mean is None else next(given)[...],
-                                0.0 if d_var is None else next(given)[...],
-                                out.shape[0], epsilon)
 
     # the sums side by side as the forward kernel's reduction wrote them: a whole buffer
-    derive = (sums_cotangents, (jnp.stack(sums), pair, mul, *external))
+    derive = (functools.partial(_derived_sums_cotangents, d_mean is not None,
+                                d_var is not None, out.shape[0], epsilon),
+              (jnp.stack(sums), pair, mul, *(d for d in (d_mean, d_var) if d is not None)))
     grads = (None,) * 5
     if any(name in wanted for name in OPERANDS[:5]):  # else no backward kernel is needed
         grads = backward(*operands[:5], None, None, out, (d_a, None), True, False,
