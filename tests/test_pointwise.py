@@ -208,7 +208,7 @@ def test_the_returned_input_takes_its_cotangent_into_the_kernel(dtype):
     backward_call = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
                      and e.params["name"] == "bn_relu_matmul_backward"]
     (call,) = backward_call
-    # z, mean, mul, shift, w, d_out; d_sum, d_squares, out; the returned input's cotangent
+    # z, mean, mul, shift, w, d_out; out; the returned input's cotangent; d_sum, d_squares
     assert len(call.invars) == 10
     assert len(call.outvars) == 4  # d_z, d_w's and the sums' partial sums, the residual's
 

@@ -285,8 +285,8 @@ def _output_cotangent(d_out, out, through):
 
 
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
-                     with_dw: bool = True, *, added=None, d_input=None, with_g: bool = False,
-                     through=None, derive=None):
+                     with_dw: bool = True, *, out=None, derive=None, through=None,
+                     d_input=None, with_g: bool = False):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -296,45 +296,39 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     of d_x's sums for its rows, added up here. What is not wanted is neither computed nor
     written (XLA cannot drop a kernel's unused outputs).
 
-    ``added``: ``(out (M, N), d_sum (N,), d_squares (N,))``, the statistics' part of the
-    output's cotangent (either sum's may be None, and ``out`` without ``d_squares``,
-    ``through`` or ``derive``), which the kernel adds to ``gd`` as it reads it
-    (:func:`_with_statistics`, rounded to z's dtype as :func:`backward` rounds it) instead
-    of XLA in a pass of its own; ``with_g`` also writes that sum (the residual's
-    cotangent).
-    ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
-    ``return_input``), added to ``d_z`` as it is written.
+    ``derive``: ``(fn, operands)``: ``fn`` gives the sums' cotangents ``(d_sum,
+    d_squares)``, each (N,) or None, from ``operands`` (small arrays, read by indexing:
+    ``a[...]``, ``a[0, :]``; here fn is given their refs), in each loop step: the sums'
+    cotangents as given (:func:`_given_sums`) or derived from what they are made of where
+    XLA would derive them in a kernel of its own. The kernel adds their part to ``gd`` as
+    it reads it (:func:`_with_statistics`, rounded to z's dtype as :func:`backward`
+    rounds it) instead of XLA in a pass of its own; ``with_g`` also writes that sum (the
+    residual's cotangent).
+    ``out`` (M, N): the forward pass's output, for the sum of squares' part and
+    ``through``.
     ``through``: ``(mul, shift)``, each (N,), of a BatchNorm + ReLU applied to the output
     (:func:`bn_relu_matmul_bn`): ``gd`` is then the cotangent of ``bn_relu_shifted(out,
     *through)``, which the kernel takes back to the output's as it reads it
-    (:func:`_output_cotangent`, with ``added``'s ``out``) instead of XLA in passes of its
-    own.
-    ``derive``: ``(fn, operands)``, small arrays from which ``fn`` computes ``(d_sum,
-    d_squares)`` in place of ``added``'s: each program computes them before its loop,
-    where XLA would compute them in a kernel of its own. ``fn`` reads its operands by
-    indexing (``a[...]``, ``a[0, :]``): here it is given their refs."""
+    (:func:`_output_cotangent`) instead of XLA in passes of its own.
+    ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
+    ``return_input``), added to ``d_z`` as it is written."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
     n = w.shape[1]
-    wide = z.dtype.itemsize == 4 and added is not None and d_input is not None
+    adds = derive is not None or through is not None  # to the output's cotangent
+    wide = z.dtype.itemsize == 4 and adds and d_input is not None
     block_m, block_k, rows = backward_blocks(m, k, n, wide)
     grid = (pl.cdiv(m, rows), k // block_k)
     pad = grid[0] * rows - m
-    out, d_sum, d_squares = added if added is not None else (None, None, None)
-    if d_squares is None and through is None and derive is None:
-        out = None  # read only for the sum of squares' part and the ReLU's mask
-    if (through is not None or derive is not None) and out is None:
-        raise ValueError("_pallas_backward: through and derive need added's out")
-    if derive is not None and (d_sum is not None or d_squares is not None):
-        raise ValueError("_pallas_backward: derive computes d_sum and d_squares; got them too")
+    if through is not None and out is None:
+        raise ValueError("_pallas_backward: through needs out")
     # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
     mul2, shift2 = through if through is not None else (None, None)
     derived = [] if derive is None else [(f"derive{i}", a) for i, a in enumerate(derive[1])]
-    optional = [(name, value) for name, value in (("d_sum", d_sum), ("d_squares", d_squares),
-                                                  ("out", out), ("d_input", d_input),
+    optional = [(name, value) for name, value in (("out", out), ("d_input", d_input),
                                                   ("mul2", mul2), ("shift2", shift2),
                                                   *derived)
                 if value is not None]
@@ -349,20 +343,17 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
         coefficients = mean_ref[...], mul_ref[...], shift_ref[...]
         first = pl.program_id(1) == 0  # one block of input channels writes the cotangent
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
-        # the statistics' cotangents from derive's operands (fn indexes their refs, as it
-        # indexes arrays on the XLA path), once per program
-        d_statistics = (None if derive is None
-                        else derive[0](*(ins[name] for name, _ in derived)))
 
         def step(j, carry):
             here = pl.ds(j * block_m, block_m)
             g = g_ref[here, :]
-            if added is not None:
+            if adds:
+                # the sums' cotangents from derive's operands (fn indexes their refs, as it
+                # indexes arrays on the XLA path), in the loop: held across it, they spill
+                statistics = ((None, None) if derive is None
+                              else derive[0](*(ins[name] for name, _ in derived)))
                 o = ins["out"][here, :] if "out" in ins else None
                 after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
-                statistics = d_statistics if derive is not None else (
-                    ins["d_sum"][...] if "d_sum" in ins else None,
-                    ins["d_squares"][...] if "d_squares" in ins else None)
                 total = _with_statistics(_output_cotangent(g, o, after), o, *statistics)
                 if pad:  # d_sum would make the padding rows' cotangent nonzero
                     row = base + j * block_m + jax.lax.broadcasted_iota(jnp.int32,
@@ -395,8 +386,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     in_specs = [rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                 rows_n]
     args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
-    spec = {"d_sum": whole, "d_squares": whole, "out": rows_n, "d_input": rows_k,
-            "mul2": whole, "shift2": whole,
+    spec = {"out": rows_n, "d_input": rows_k, "mul2": whole, "shift2": whole,
             **{name: pl.BlockSpec(a.shape, lambda i, j, d=a.ndim: (0,) * d)
                for name, a in derived}}
     in_specs += [spec[name] for name, _ in optional]
@@ -456,9 +446,9 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     which the backward kernel takes back to the output's itself. ``derive = (fn,
     operands)`` gives the sums' cotangents as ``fn(*operands)`` in place of
     ``cotangents``' (which must then be None; small arrays), which the backward kernel
-    computes itself (:func:`_pallas_backward`). ``fn`` is called on the operands' refs in
-    the kernel and on the arrays elsewhere, so it must read them by indexing
-    (``a[...]``, ``a[0, :]``, ``a[:c]``)."""
+    computes itself (:func:`_pallas_backward`, which takes given sums the same way).
+    ``fn`` is called on the operands' refs in the kernel and on the arrays elsewhere, so
+    it must read them by indexing (``a[...]``, ``a[0, :]``, ``a[:c]``)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
@@ -470,27 +460,31 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     wants_residual = residual is not None and "residual" in wanted
     in_kernel = (impl != "xla" and not out_relu and (out_bias is None or "out_bias" not in wanted)
                  and (not wants_residual or residual.dtype == dt))
-    if derive is not None and not in_kernel:
-        (d_sum, d_squares), derive = derive[0](*derive[1]), None
+    # the output is read for the sum of squares' part and the ReLU's mask
+    reads_out = d_squares is not None or derive is not None or through is not None
+    if derive is None and (d_sum is not None or d_squares is not None):
+        derive = (functools.partial(_given_sums, d_sum is not None, d_squares is not None),
+                  tuple(d for d in (d_sum, d_squares) if d is not None))
     if in_kernel:
         g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
-        added = (None if d_sum is None and d_squares is None and through is None
-                 and derive is None else (out, d_sum, d_squares))
-    else:
-        g = _with_statistics(_output_cotangent(d_out, out, through), out, d_sum, d_squares)
+    else:  # formed here: the kernel, if it runs, adds nothing
+        d_sums = (None, None) if derive is None else derive[0](*derive[1])
+        g = _with_statistics(_output_cotangent(d_out, out, through), out, *d_sums)
         if out_relu:
             g = jnp.where(out > 0, g, 0.0)
-        gd, added = g.astype(dt), None
+        gd, derive, through = g.astype(dt), None, None
+    adds = derive is not None or through is not None  # in the kernel, to gd
     if impl == "xla":
         d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias),
                                          w.astype(dt))
         if d_input is not None:
             d_z = _plus(d_z, d_input)
     else:
-        with_g = wants_residual and added is not None
+        with_g = wants_residual and adds
         d_z, d_w, sums, g_kernel = _pallas_backward(
             z, mean, mul, bias, w, gd, impl == "interpret", "z" in wanted, "w" in wanted,
-            added=added, d_input=d_input, with_g=with_g, through=through, derive=derive)
+            out=out if adds and reads_out else None, derive=derive, through=through,
+            d_input=d_input, with_g=with_g)
         if with_g:
             gd = g_kernel
     d_bias, d_mul = sums
@@ -631,6 +625,13 @@ def _sums_cotangents(stats, pair, mul, d_mean, d_var, n: int, epsilon: float):
     d_raw = (d_var - 0.5 * d_mul * multiplier / (var + epsilon)) * jnp.where(
         raw > 0, f32(1.0), jnp.where(raw == 0, f32(0.5), f32(0.0)))
     return (d_mean - multiplier * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
+
+
+def _given_sums(has_sum: bool, has_squares: bool, *given):
+    """``backward``'s ``derive`` for sums' cotangents that are given: ``(d_sum,
+    d_squares)`` from ``given`` (each read by indexing; None where not given)."""
+    return (given[0][...] if has_sum else None,
+            given[int(has_sum)][...] if has_squares else None)
 
 
 def _derived_sums_cotangents(has_mean: bool, has_var: bool, n: int, epsilon: float, stats,
