@@ -78,13 +78,18 @@ def _weighted_sum(points: Sequence[PyTree], t: jax.Array, weight_fn: WeightFn) -
 
     def combine(*leaves: jax.Array) -> jax.Array:
         leaves = [jnp.asarray(x) for x in leaves]
-        ws = weights_for(leaves[0].dtype)
-        out = ws[0] * leaves[0]
-        for w, x in zip(ws[1:], leaves[1:], strict=True):
-            out = out + w * x
-        return out
+        return combination(weights_for(leaves[0].dtype), leaves)
 
     return jax.tree_util.tree_map(combine, *points)
+
+
+def combination(weights: Sequence[jax.Array], leaves: Sequence[jax.Array]) -> jax.Array:
+    """``weights[0] * leaves[0] + weights[1] * leaves[1] + ...``, summed in that order: the
+    sum every curve forms for each leaf (and ``combine.weighted_sum`` for packed points)."""
+    out = weights[0] * leaves[0]
+    for w, x in zip(weights[1:], leaves[1:], strict=True):
+        out = out + w * x
+    return out
 
 
 def _evaluate(points: Sequence[PyTree], t: Any, weight_fn: WeightFn) -> PyTree:

@@ -1,0 +1,122 @@
+"""Weighted sums of packed tensors, every tensor's sum in one GPU kernel.
+
+Curve training forms the curve point ``sum_k w_k(t) points[k]`` in every step. XLA gives
+each weight tensor's sum a kernel of its own: cuDNN, cuBLAS and the 1x1 kernels read a
+weight as a buffer of its own, so the sum cannot be fused into its consumer, and slices of
+one packed sum would be copies, a kernel each again. For PreResNet-110 that was 114 kernels
+a step (docs/benchmarks.md, "Fewer kernels: the curve point's tensors in one kernel").
+
+:func:`weighted_sum` takes the points packed (``packing.pack``: one vector per dtype, the
+same layout for every point) and returns the sum tensor by tensor, each in the dtype its
+consumer computes in (so that no cast runs after it). ``impl`` picks how: ``"auto"`` one
+Pallas kernel per packed vector (Triton backend), with an output per tensor, where the
+program is compiled for an NVIDIA GPU, and XLA ops elsewhere (``jax.lax.platform_dependent``,
+as ``models.pointwise``); ``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by
+Pallas on any backend (tests); ``"xla"`` XLA ops: the sums of ``curves``, tensor by tensor.
+Every impl returns the same values up to float rounding (the kernel may contract a product
+and a sum into one fused multiply-add).
+
+The kernel is not differentiated: curve training differentiates the loss in the curve
+point's tensors, which it returns, and scales the gradient by ``w_c(t)`` itself (``mcu``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcu_jax import curves, packing
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+
+#: Elements each program of the kernel sums (a power of two, as Triton's blocks are): a
+#: tensor takes ``ceil(size / BLOCK)`` programs, the last one masked.
+BLOCK = 1024
+
+
+def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array]],
+                 weights: Sequence[jax.Array], dtypes: Mapping[str, np.dtype] | None = None,
+                 impl: str = "auto") -> dict[str, jax.Array]:
+    """``{path: sum_k weights[k] * points[k][path]}`` in ``layout``'s order and shapes.
+
+    ``points``: the points packed with ``layout`` (``packing.pack``), all with its vectors.
+    ``weights``: one scalar per point, cast to each vector's dtype. ``dtypes``: path -> the
+    dtype of that tensor's sum (default: the layout's; the sum is formed in the points' dtype
+    and then cast). ValueError for points that do not fit the layout, a number of weights
+    that is not the number of points, or an unknown ``impl`` or path.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"weighted_sum: impl must be one of {IMPLS}, got {impl!r}")
+    if len(weights) != len(points) or not points:
+        raise ValueError(f"weighted_sum: needs one weight per point and a point; got "
+                         f"{len(weights)} weights for {len(points)} points")
+    dtypes = dict(dtypes or {})
+    unknown = sorted(set(dtypes) - set(layout.paths))
+    if unknown:
+        raise ValueError(f"weighted_sum: dtypes for tensors not in the layout: {unknown[:3]}")
+    for point in points:  # the vectors' shapes and keys, checked as unpack checks them
+        packing.unpack(layout, point)
+    out = {}
+    for key, indices in layout.groups().items():
+        paths = [layout.paths[i] for i in indices]
+        shapes = [layout.shapes[i] for i in indices]
+        out_dtypes = [np.dtype(dtypes.get(layout.paths[i], layout.dtypes[i])) for i in indices]
+        vectors = [point[key] for point in points]
+        ws = [jnp.asarray(w).astype(vectors[0].dtype) for w in weights]
+
+        def plain(ws, *vectors, shapes=shapes, out_dtypes=out_dtypes):
+            sizes = [math.prod(s) for s in shapes]
+            parts = [jnp.split(v, np.cumsum(sizes)[:-1].tolist()) for v in vectors]
+            return tuple(curves.combination(ws, [p[j] for p in parts]).astype(dt)
+                         for j, dt in enumerate(out_dtypes))
+
+        def kernel(ws, *vectors, shapes=shapes, out_dtypes=out_dtypes):
+            return tuple(_pallas(jnp.stack(ws), vectors, [math.prod(s) for s in shapes],
+                                 out_dtypes, interpret=impl == "interpret"))
+
+        if impl == "xla":
+            sums = plain(ws, *vectors)
+        elif impl == "auto":
+            sums = jax.lax.platform_dependent(ws, *vectors, cuda=kernel, default=plain)
+        else:
+            sums = kernel(ws, *vectors)
+        out.update({p: s.reshape(shape) for p, s, shape in zip(paths, sums, shapes, strict=True)})
+    return {p: out[p] for p in layout.paths}
+
+
+def _pallas(ws, vectors, sizes: list[int], out_dtypes: list[np.dtype], interpret: bool):
+    """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order)
+    from every vector and writes it to that tensor's output, a (size,) vector."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+    from jax.experimental.pallas import triton as pltriton
+
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    blocks = [pl.cdiv(size, BLOCK) for size in sizes]
+    firsts = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(int).tolist()
+    n = len(vectors)
+
+    def kernel(w_ref, *refs):
+        sources, outs = refs[:n], refs[n:]
+        i = pl.program_id(0)
+        for out, offset, size, first, count in zip(outs, offsets, sizes, firsts, blocks,
+                                                    strict=True):
+            @pl.when((i >= first) & (i < first + count))
+            def _(out=out, offset=offset, size=size, first=first):
+                start = (i - first) * BLOCK
+                inside = start + jnp.arange(BLOCK) < size
+                loaded = [pltriton.load(s.at[pl.ds(offset + start, BLOCK)], mask=inside,
+                                        other=0) for s in sources]
+                total = curves.combination([w_ref[k] for k in range(n)], loaded)
+                pltriton.store(out.at[pl.ds(start, BLOCK)], total.astype(out.dtype),
+                               mask=inside)
+
+    out_shape = [jax.ShapeDtypeStruct((size,), dt)
+                 for size, dt in zip(sizes, out_dtypes, strict=True)]
+    params = None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(sum(blocks),),
+                          compiler_params=params, interpret=interpret,
+                          name="curve_point")(ws, *vectors)
