@@ -17,6 +17,9 @@ update is one kernel rather than one per tensor; :func:`control_point` rebuilds 
 The vectors among them (BatchNorm scales and offsets, biases) are packed apart from the
 other tensors and combined with theta_o's and theta_p's, packed alike, as one vector: one
 kernel forms theta(t) for all of them instead of one kernel per vector (:func:`layouts`).
+The other tensors (convolution and dense weights) are packed alike and combined by
+``combine.weighted_sum``, on GPUs in one kernel with an output per tensor, each in the dtype
+the model computes with it (:func:`models.kernel_dtypes`).
 Convolution filters are held output-channel first (:data:`FILTER_ORDER`), as GPUs read
 them, so that no filter or filter gradient is transposed in a step.
 
@@ -39,13 +42,13 @@ import numpy as np
 import optax
 from flax import struct
 
-from mcu_jax import checkpoint, checks, curves, loop, packing, pytrees, runs
+from mcu_jax import checkpoint, checks, combine, curves, loop, packing, pytrees, runs
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.splits import SCENARIOS
 from mcu_jax.data.transforms import prepare_batch
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import check_variables, conv_filters
+from mcu_jax.models import check_variables, conv_filters, kernel_dtypes
 from mcu_jax.protocols import check_setting
 
 BETA_MODES = ("adaptive", "fixed")
@@ -71,10 +74,14 @@ class MCUConfig:
     progress: bool = True
     checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
     curve: str = "bezier"  # "bezier" (the paper's) or "polychain" through theta_c at t = 1/2
+    # how a step forms the curve point's weight tensors (combine.IMPLS): "auto" one Pallas
+    # kernel on NVIDIA GPUs, XLA ops elsewhere; "xla"; "interpret" (the kernel, for tests)
+    combine: str = "auto"
 
     def __post_init__(self):
         checks.choice("beta_mode", self.beta_mode, BETA_MODES)
         checks.choice("curve", self.curve, MCU_CURVES)
+        checks.choice("combine", self.combine, combine.IMPLS)
         checks.integer("epochs", self.epochs, 0)
         for name in ("batch_size", "steps_per_call", "checkpoint_every"):
             checks.integer(name, getattr(self, name), 1)
@@ -153,13 +160,10 @@ class CurveState(struct.PyTreeNode):
 
 
 class CurveConsts(struct.PyTreeNode):
-    # [theta_o's, theta_p's] tensors of more than one axis (path -> array), stored as
-    # theta_c's are (:func:`stored`)
-    tensors: list
-    frozen: dict  # path -> array: theta_c's tensors outside the mask, stored
-    # The vectors' points packed as the step combines them (:func:`packed_vectors`):
+    frozen: dict  # path -> array: theta_c's tensors outside the mask, stored (:func:`stored`)
+    # The points packed as the step combines them (:func:`packed_points`), by part:
     # {"trained": [theta_o's, theta_p's], "frozen": [theta_o's, theta_c's, theta_p's]}
-    vectors: dict
+    points: dict
     batch_stats: Any
     images: Images
     is_forget: jax.Array  # (N,) bool over the training set
@@ -207,7 +211,8 @@ def layouts(flat: dict) -> dict[str, packing.Layout]:
     empty): "vectors", those of at most one axis (BatchNorm scales and offsets, biases), which
     the step combines along the curve as one packed vector, since XLA's own kernels read them
     (slices of a vector cost no kernel); and "tensors", the others (convolution and dense
-    weights), combined one by one, since library calls (cuDNN, cuBLAS) read them whole."""
+    weights), combined tensor by tensor (in one kernel on GPUs: ``combine``), since library
+    calls (cuDNN, cuBLAS) and the 1x1 kernels read each as a buffer of its own."""
     part = {k: PARTS[np.ndim(v) > 1] for k, v in flat.items()}
     return {name: packing.Layout.of({k: v for k, v in flat.items() if part[k] == name})
             for name in PARTS}
@@ -222,8 +227,8 @@ def trained_layouts(params_template, frozen: dict,
 
 def frozen_layouts(params_template, frozen: dict,
                    filters: frozenset) -> dict[str, packing.Layout]:
-    """Where the frozen vectors lie in ``CurveConsts.vectors["frozen"]``, and the frozen
-    tensors' stored shapes (:func:`layouts`)."""
+    """Where theta_c's frozen tensors, :func:`stored` with ``filters``, lie in
+    ``CurveConsts.points[part]["frozen"]`` (:func:`layouts`)."""
     return _layouts_of(params_template, frozen, filters, trained=False)
 
 
@@ -240,15 +245,17 @@ def _pick(flat: dict, layout: packing.Layout) -> dict:
     return {k: flat[k] for k in layout.paths}
 
 
-def packed_vectors(p_o, p_p, frozen: dict) -> dict:
-    """``CurveConsts.vectors``: theta_o's and theta_p's trained vectors packed as
-    ``CurveState.trainable["vectors"]``, and theta_o's, theta_c's and theta_p's frozen ones."""
-    # vectors are never filters: their layouts do not depend on them
-    trained, fixed = (f(p_o, frozen, frozenset())["vectors"]
-                      for f in (trained_layouts, frozen_layouts))
-    ends = [pytrees.flatten(p) for p in (p_o, p_p)]
-    return {"trained": [packing.pack(trained, _pick(e, trained)) for e in ends],
-            "frozen": [packing.pack(fixed, _pick(f, fixed)) for f in (ends[0], frozen, ends[1])]}
+def packed_points(p_o, p_p, frozen: dict, filters: frozenset) -> dict:
+    """``CurveConsts.points``: for each part (:func:`layouts`), theta_o's and theta_p's
+    trained tensors packed as ``CurveState.trainable[part]``, and theta_o's, theta_c's and
+    theta_p's frozen ones (``frozen``: theta_c's, stored), all :func:`stored`."""
+    trained, fixed = (f(p_o, frozen, filters) for f in (trained_layouts, frozen_layouts))
+    ends = [stored(pytrees.flatten(p), filters) for p in (p_o, p_p)]
+    return {part: {"trained": [packing.pack(trained[part], _pick(e, trained[part]))
+                               for e in ends],
+                   "frozen": [packing.pack(fixed[part], _pick(f, fixed[part]))
+                              for f in (ends[0], frozen, ends[1])]}
+            for part in PARTS}
 
 
 def control_point(params_template, trainable: dict, consts: CurveConsts):
@@ -271,6 +278,7 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
     momentum and the update are one kernel (``packing``).
     """
     values = tuple(float(v) for v in config.beta_values)
+    dtypes = kernel_dtypes(model, params_template)
 
     def step(state: CurveState, c: CurveConsts, idx, key):
         k_t, k_aug, k_drop = jax.random.split(key, 3)
@@ -285,19 +293,23 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         along = functools.partial(curves.point, config.curve, t=t)  # theta(t) of 3 points
         trained_l = trained_layouts(params_template, c.frozen, c.filters)
         frozen_l = frozen_layouts(params_template, c.frozen, c.filters)
+        w = curves.weights(config.curve, t)
 
-        def per_tensor(layout, theta_c: dict) -> dict:  # in the stored axis order
-            return along([_pick(c.tensors[0], layout), theta_c, _pick(c.tensors[1], layout)])
+        def per_tensor(layout, points: list) -> dict:  # in the stored axis order
+            return combine.weighted_sum(layout, points, w, {
+                k: dtypes[k] for k in layout.paths if k in dtypes}, impl=config.combine)
+
+        def ends(part, theta_c):
+            o, p = c.points[part]["trained"]
+            return [o, theta_c, p]
 
         # theta(t)'s tensors outside the mask, and the trained ones, which are differentiated
-        fixed = {**restored(per_tensor(frozen_l["tensors"],
-                                       _pick(c.frozen, frozen_l["tensors"])), c.filters),
-                 **packing.unpack(frozen_l["vectors"], along(c.vectors["frozen"]))}
+        fixed = {**restored(per_tensor(frozen_l["tensors"], c.points["tensors"]["frozen"]),
+                            c.filters),
+                 **packing.unpack(frozen_l["vectors"], along(c.points["vectors"]["frozen"]))}
         tensors = trained_l["tensors"]
-        trained = {"vectors": along([c.vectors["trained"][0], state.trainable["vectors"],
-                                     c.vectors["trained"][1]]),
-                   "tensors": per_tensor(tensors,
-                                         packing.unpack(tensors, state.trainable["tensors"]))}
+        trained = {"vectors": along(ends("vectors", state.trainable["vectors"])),
+                   "tensors": per_tensor(tensors, ends("tensors", state.trainable["tensors"]))}
 
         def objective(trained):
             params = pytrees.unflatten(params_template, {
@@ -324,9 +336,11 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
                               beta=beta, loss=loss)
 
         grads, m = jax.grad(objective, has_aux=True)(trained)
-        grads = {**grads, "tensors": packing.pack(tensors, grads["tensors"])}
-        w_c = curves.weights(config.curve, t)[1]
-        grads = jax.tree.map(lambda g: w_c.astype(g.dtype) * g, grads)
+        # (in float32: a tensor that the model computes with in bfloat16 has its gradient so)
+        grads = {**grads, "tensors": packing.pack(tensors, {
+            k: grads["tensors"][k].astype(d)
+            for k, d in zip(tensors.paths, tensors.dtypes, strict=True)})}
+        grads = jax.tree.map(lambda g: w[1].astype(g.dtype) * g, grads)  # w_c(t)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"t": t, **m}
@@ -399,12 +413,10 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
     trainable = stored(trainable, filters)
     trainable = {part: packing.pack(layout, _pick(trainable, layout))
                  for part, layout in trained_layouts(p_o, frozen, filters).items()}
-    ends = [stored(pytrees.flatten(p), filters) for p in (p_o, p_p)]
-    tensors = layouts(ends[0])["tensors"]
+    frozen = stored(frozen, filters)
     consts = CurveConsts(
-        tensors=[_pick(e, tensors) for e in ends],
-        frozen=stored(frozen, filters),
-        vectors=packed_vectors(p_o, p_p, frozen),
+        frozen=frozen,
+        points=packed_points(p_o, p_p, frozen, filters),
         batch_stats=theta_o.get("batch_stats", {}),
         images=images,
         is_forget=jnp.asarray(is_forget),

@@ -400,7 +400,7 @@ def run_mcu(
 # Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
 # in the same out_dir may change them.
 _FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch_size",
-         "fold_bn", "bn_group", "pointwise")
+         "fold_bn", "bn_group", "pointwise", "combine")
 
 
 def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key,

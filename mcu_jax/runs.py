@@ -128,6 +128,8 @@ def _default(obj: Any) -> Any:
 #: not invalidate existing run folders.
 ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
+    # MCUConfig's speed setting (XLA's sums before it; the kernel's equal them up to rounding)
+    "mcu.combine": "auto",
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "mask.augment": False,  # MaskConfig (augmented mask gradients)
     "saliency_augment": False,  # MethodConfig (SalUn's augmented saliency)

@@ -192,6 +192,10 @@ def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
     ])
     args = benchmark.parse_args(["--model", "preresnet11_bench_test", "--pointwise", "fused"])
     assert benchmark.model_of(args).pointwise == "fused"
+    assert benchmark.mcu_config(args).combine == "auto"
+    xla = benchmark.parse_args(["--combine", "xla"])
+    assert benchmark.mcu_config(xla, epochs=3).combine == "xla"
+    assert benchmark.combine_text(xla) and not benchmark.combine_text(args)
     rows = out["rows"]
     assert [r["part"] for r in rows] == ["curve step", "sweep"]
     assert all("fused 1x1 kernel" in r["setting"] for r in rows)

@@ -538,13 +538,16 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
 def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel and its
     backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, and a PreResNet with it
-    with the default model (outputs, and gradients)."""
+    with the default model (outputs, and gradients), and the curve point's kernel with XLA's
+    sums."""
     check = _load("check_pointwise")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# fused 1x1 kernel (interpret; the model in float32)")
+    assert out.startswith("# fused 1x1 kernel and curve point kernel (interpret; the model in "
+                          "float32)")
     assert "1280 rows, bfloat16, residual: relative difference" in out
-    checks = 2 * (3 * len(check.SHAPES) + 3 + 1) + 2  # 3: conv1's shapes with K = 4N
+    assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
+    checks = 2 * (3 * len(check.SHAPES) + 3 + 1) + 2 + 2  # 3: conv1's shapes with K = 4N
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])

@@ -1025,3 +1025,38 @@ def test_conv_filters_are_the_kernels_that_convolutions_read(name, shape, option
               if v.ndim == 4}
     assert models.conv_filters(model, variables["params"]) == convs
     assert (convs == four_d) == ("pointwise" not in options)  # the 1x1 matrices are left out
+
+
+@pytest.mark.parametrize("name, shape, options", [
+    ("cnn_small", (8, 8, 1), {}),
+    ("resnet20", (32, 32, 3), {}),
+    ("preresnet110", (32, 32, 3), {"depth": 11}),
+    ("preresnet110", (32, 32, 3), {"depth": 11, "pointwise": "fused"}),
+    ("vgg16_bn", (32, 32, 3), {}),
+    ("vit_small", (32, 32, 3), TINY_VIT),
+])
+def test_kernel_dtypes_are_the_dtypes_the_models_compute_with(name, shape, options):
+    """``kernel_dtypes`` names the kernels and the compute dtype: a bfloat16 model given its
+    kernels in bfloat16 (as curve training forms them) computes what it computes from the
+    float32 ones, bit for bit, in train mode."""
+    model = create(name, 5, dtype="bfloat16", **options)
+    variables = models.init_variables(model, KEY, (1, *shape))
+    dtypes = models.kernel_dtypes(model, variables["params"])
+    flat = pytrees.flatten(variables["params"])
+    assert dtypes and set(dtypes) == {k for k in flat if k.endswith("/kernel")}
+    assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16)}
+    lowered = pytrees.unflatten(variables["params"],
+                                {k: v.astype(dtypes.get(k, v.dtype)) for k, v in flat.items()})
+    x = jax.random.normal(KEY, (2, *shape))
+
+    def logits(params):
+        return model.apply({**variables, "params": params}, x, train=True,
+                           mutable=["batch_stats"], rngs={"dropout": KEY})[0]
+
+    def exact(params):  # XLA may skip a float32 -> bfloat16 -> float32 rounding otherwise
+        return jax.jit(logits).lower(params).compile(
+            {"xla_allow_excess_precision": False})(params)
+
+    np.testing.assert_array_equal(exact(lowered), exact(variables["params"]))
+    assert models.kernel_dtypes(create(name, 5, **options), flat) == {
+        k: jnp.dtype(jnp.float32) for k in dtypes}

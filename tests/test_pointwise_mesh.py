@@ -1,5 +1,6 @@
 """The fused 1x1 kernels (models/pointwise.py) in data-parallel programs: each device runs
-them on its own rows, and the results equal one device's.
+them on its own rows, and the results equal one device's; curve training there with the
+curve point's kernel (combine.py) too.
 
 XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``: this file, run as a
@@ -70,8 +71,8 @@ def _kernel_part(mesh) -> dict:
 
 def _model_parts(mesh) -> dict:
     """PreResNet with the kernels in the data-parallel programs: curve training (the loop's
-    runner), the evaluation-mode gradient, evaluation, and the BatchNorm recomputation, each
-    with the mesh against the same call without it."""
+    runner, also with the curve point's kernel), the evaluation-mode gradient, evaluation,
+    and the BatchNorm recomputation, each with the mesh against the same call without it."""
     import jax
     import numpy as np
 
@@ -86,7 +87,8 @@ def _model_parts(mesh) -> dict:
                         for i in (0, 1))
     idx = np.arange(64)
     out = {}
-    config = MCUConfig(epochs=1, batch_size=16, progress=False)
+    # with the curve point's kernel (interpreted) as well
+    config = MCUConfig(epochs=1, batch_size=16, progress=False, combine="interpret")
     refs = {"train": 90.0, "val": 80.0}
     curve = [train_curve(model, theta_o, theta_p, images, idx[:48], idx[48:], refs, config,
                          jax.random.PRNGKey(2), mesh=m).theta_c for m in (mesh, None)]

@@ -631,8 +631,9 @@ def test_a_field_added_later_at_its_old_behaviour_keeps_old_folders(tmp_path):
 
 def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
     """An ablation folder made before the random mask, the data subsets, models_from,
-    fused_bn and the sweep's speed settings existed is still its own request today (those
-    fields at their old behaviour), and refuses the new behaviours."""
+    fused_bn, the sweep's speed settings and curve training's ``combine`` existed is still
+    its own request today (those fields at their old behaviour), and refuses the new
+    behaviours."""
     from mcu_jax import config
     from mcu_jax.ablation import AblationConfig
     from mcu_jax.experiment import ExperimentConfig
@@ -645,7 +646,7 @@ def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
     today = config.to_dict(AblationConfig(
         experiment=ExperimentConfig(models_from="digits_random"), kind="k", values=(0.1,)))
     old = without(today, {"train_size", "test_size", "models_from", "seed", "fused_bn",
-                          "fold_bn", "bn_group", "pointwise"})
+                          "fold_bn", "bn_group", "pointwise", "combine"})
     old["experiment"]["mask"].pop("kind")
     old["experiment"]["problem"]["seed"] = 0  # the problem's seed is no new field
     run = runs.RunDir(tmp_path / "abl")

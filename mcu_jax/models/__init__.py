@@ -67,6 +67,7 @@ __all__ = [
     "create",
     "folded",
     "init_variables",
+    "kernel_dtypes",
     "load_pretrained",
     "pointwise_impl",
     "preresnet",
@@ -155,6 +156,17 @@ def conv_filters(model: nn.Module, params: Any) -> frozenset[str]:
     flat = pytrees.flatten(params)
     matrices = matrix_kernels(model, flat) if isinstance(model, PreResNet) else frozenset()
     return frozenset(k for k, v in flat.items() if len(v.shape) == 4 and k not in matrices)
+
+
+def kernel_dtypes(model: nn.Module, params: Any) -> dict[str, jnp.dtype]:
+    """Path (``pytrees.flatten``'s) -> ``model``'s compute dtype, for each of ``params``'
+    kernels (leaves named "kernel": the weights of convolutions and dense layers, which
+    Flax's layers and PreResNet's 1x1 kernels cast to the compute dtype as they use them).
+    Curve training forms the curve point's kernels in it, so that no cast runs after them
+    (``mcu``); a layer that computed with its kernel in float32 under a lower compute dtype
+    would get it rounded."""
+    dtype = resolve_dtype(getattr(model, "dtype", jnp.float32))
+    return {k: dtype for k in pytrees.flatten(params) if k.rsplit("/", 1)[-1] == "kernel"}
 
 
 def check_variables(model: nn.Module, variables: Any, input_shape: Sequence[int],
