@@ -116,6 +116,11 @@ def model_of(args):
                   pointwise=args.pointwise)
 
 
+def combine_text(args) -> str:
+    """--combine in the step's and end-to-end's setting, where it is not the default."""
+    return ", curve point by XLA's per-tensor sums" if args.combine == "xla" else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Time mcu-jax's curve-training step, t-sweep and end-to-end MCU phase.",
@@ -133,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "+ ReLU before them and the statistics after them, and a backward kernel "
                    "(Pallas kernels on GPUs; the model's pointwise, ProblemConfig.pointwise: "
                    "step, sweep and end-to-end)")
+    w.add_argument("--combine", default="auto", choices=("auto", "xla"),
+                   help="how curve training forms the curve point's weight tensors "
+                   "(MCUConfig.combine): auto = one Pallas kernel on NVIDIA GPUs, xla = XLA's "
+                   "per-tensor sums (step and end-to-end)")
     w.add_argument("--mask", type=parse_mask, default="none",
                    metavar="{none,paper,K,K,K_R,FILE.json}",
                    help="parameter mask: none, paper (k=0.5, k_r=0.1), K (k=k_r=K), K,K_R, or "
@@ -392,11 +401,15 @@ def _row(part, setting, compile_s, time_text, throughput_text, peak, **numbers) 
 # ----------------------------------------------------------------------------- parts
 
 
+def mcu_config(args, **fields) -> MCUConfig:
+    """Curve training's config for the step and end-to-end parts: ``--batch-size``,
+    ``--steps-per-call``, ``--combine``, no progress bars, and ``fields``."""
+    return MCUConfig(batch_size=args.batch_size, steps_per_call=args.steps_per_call,
+                     combine=args.combine, progress=False, **fields)
+
+
 def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, key) -> dict:
-    config = MCUConfig(
-        batch_size=args.batch_size, lr=0.01, momentum=0.9, steps_per_call=args.steps_per_call,
-        progress=False,
-    )
+    config = mcu_config(args, lr=0.01, momentum=0.9)
     mesh = device_mesh(args)
     state, consts, runner = curve_setup(model, theta_o, theta_p, images, is_forget, mask,
                                         config, mesh, unrolled=False if args.scan else None)
@@ -436,7 +449,8 @@ def bench_step(args, model, theta_o, theta_p, images: Images, is_forget, mask, k
     step_s = elapsed / steps
     compile_s = max(first - call * step_s, 0.0)
     frac = masks.trained_fraction(mask, theta_o["params"])
-    setting = (f"{args.model} {args.dtype}{model_text(args)}, batch {args.batch_size}, "
+    setting = (f"{args.model} {args.dtype}{model_text(args)}{combine_text(args)}, "
+               f"batch {args.batch_size}, "
                f"mask {describe_mask(args.mask)} ({100 * frac:.1f}% of elements trained), "
                f"{steps} steps")
     if args.devices > 1:
@@ -514,8 +528,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
         test_forget=empty, test_retain=empty, scenario="random", forget_class=None,
         seed=args.seed,
     )
-    mcu_config = MCUConfig(epochs=args.epochs, batch_size=args.batch_size,
-                           steps_per_call=args.steps_per_call, progress=False)
+    curve_config = mcu_config(args, epochs=args.epochs)
     mask_config = (pipeline.MaskConfig(enabled=False) if args.mask is None
                    else pipeline.MaskConfig(k=args.mask[0], k_r=args.mask[1]))
     sel = pipeline.SelectionConfig(num_t=args.num_t, strategy=args.strategy,
@@ -535,7 +548,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
         with jax.profiler.TraceAnnotation("end_to_end"):
             t0 = time.perf_counter()
             out = pipeline.run_mcu(model, theta_o, theta_p, train, test, split, REFS, key,
-                                   mcu_config, mask_config, sel)
+                                   curve_config, mask_config, sel)
             total = time.perf_counter() - t0
     finally:
         pipeline.log.removeHandler(handler)
@@ -545,7 +558,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    setting = (f"{args.model} {args.dtype}{model_text(args)}, D_r {args.retain:,}, "
+    setting = (f"{args.model} {args.dtype}{model_text(args)}{combine_text(args)}, "
+               f"D_r {args.retain:,}, "
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "
                f"{args.num_t} t{', sweep compiled in the background' if args.precompile else ''}"

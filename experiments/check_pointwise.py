@@ -3,6 +3,7 @@
 ops, on the shapes of PreResNet-110's 1x1 convolutions, and a PreResNet with it against the
 default model (outputs and gradients). The default sizes fill no whole number of the
 kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is checked too.
+Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import models
+from mcu_jax import combine, curves, models, packing, pytrees
 from mcu_jax import train as train_lib
 from mcu_jax.models import pointwise as pw
 
@@ -171,6 +172,30 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
             (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad))]
 
 
+def curve_point_checks(impl: str) -> list[tuple[str, float]]:
+    """The curve point's weight tensors (``combine.weighted_sum``) of PreResNet-110, from
+    three random points at t = 0.3, in float32 and as bfloat16 kernels, against the "xla"
+    impl (the worst tensor)."""
+    shapes = pytrees.flatten(models.variable_shapes(models.create("preresnet110", 10),
+                                                    (1, 32, 32, 3))["params"])
+    layout = packing.Layout.of({k: v for k, v in shapes.items() if len(v.shape) > 1})
+    rng = np.random.default_rng(1)
+    points = [packing.pack(layout, {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+                                    for k, s in zip(layout.paths, layout.shapes,
+                                                    strict=True)})
+              for _ in range(3)]
+    weights = curves.weights("bezier", jnp.float32(0.3))
+    results = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        dtypes = {k: dtype for k in layout.paths}
+        got, want = (jax.jit(lambda *p, i=i, d=dtypes: combine.weighted_sum(
+            layout, p, weights, d, impl=i))(*points) for i in (impl, "xla"))
+        results.append((f"curve point's {len(layout.paths)} weight tensors, "
+                        f"{jnp.dtype(dtype).name}",
+                        max(_relative(got[k], want[k]) for k in layout.paths)))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=4100, help="rows (images x positions) a check")
@@ -189,7 +214,8 @@ def main(argv=None) -> int:
               for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
     checks += [(label, worst, tolerance[args.dtype]) for label, worst in
                model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
-    print(f"# fused 1x1 kernel ({impl}; the model in {args.dtype}) on "
+    checks += [(label, worst, tolerance["float32"]) for label, worst in curve_point_checks(impl)]
+    print(f"# fused 1x1 kernel and curve point kernel ({impl}; the model in {args.dtype}) on "
           f"{jax.devices()[0].device_kind}")
     failed = 0
     for label, worst, tol in checks:
