@@ -37,6 +37,10 @@ IMPLS = ("auto", "pallas", "interpret", "xla")
 #: tensor takes ``ceil(size / BLOCK)`` programs, the last one masked.
 BLOCK = 1024
 
+#: Outputs of one kernel at most (a pointer each among its parameters, which CUDA limits
+#: to 4 KB before Hopper); a model with more tensors takes a kernel per so many.
+MAX_OUTPUTS = 256
+
 
 def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array]],
                  weights: Sequence[jax.Array], dtypes: Mapping[str, np.dtype] | None = None,
@@ -75,8 +79,18 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
                          for j, dt in enumerate(out_dtypes))
 
         def kernel(ws, *vectors, shapes=shapes, out_dtypes=out_dtypes):
-            return tuple(_pallas(jnp.stack(ws), vectors, [math.prod(s) for s in shapes],
-                                 out_dtypes, interpret=impl == "interpret"))
+            sizes = [math.prod(s) for s in shapes]
+            offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+            sums = [jnp.zeros((0,), dt) for dt in out_dtypes]  # empty tensors stay so
+            filled = [j for j, size in enumerate(sizes) if size]
+            for first in range(0, len(filled), MAX_OUTPUTS):
+                chunk = filled[first:first + MAX_OUTPUTS]
+                results = _pallas(jnp.stack(ws), vectors, [offsets[j] for j in chunk],
+                                  [sizes[j] for j in chunk], [out_dtypes[j] for j in chunk],
+                                  interpret=impl == "interpret")
+                for j, result in zip(chunk, results, strict=True):
+                    sums[j] = result
+            return tuple(sums)
 
         if impl == "xla":
             sums = plain(ws, *vectors)
@@ -88,13 +102,14 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
     return {p: out[p] for p in layout.paths}
 
 
-def _pallas(ws, vectors, sizes: list[int], out_dtypes: list[np.dtype], interpret: bool):
-    """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order)
-    from every vector and writes it to that tensor's output, a (size,) vector."""
+def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[np.dtype],
+            interpret: bool):
+    """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order;
+    tensor ``j`` at ``offsets[j]`` of every vector, ``sizes[j]`` > 0 elements) from every
+    vector and writes it to that tensor's output, a (size,) vector."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
     from jax.experimental.pallas import triton as pltriton
 
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
     blocks = [pl.cdiv(size, BLOCK) for size in sizes]
     firsts = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(int).tolist()
     n = len(vectors)

@@ -83,3 +83,26 @@ def test_bad_input_is_refused():
         combine.weighted_sum(layout, [packed[0], short, packed[2]], weights)
     with pytest.raises(ValueError, match="no vector"):
         combine.weighted_sum(layout, [packed[0], {}, packed[2]], weights)
+
+
+def test_kernels_of_at_most_max_outputs_and_empty_tensors(monkeypatch):
+    """A layout with more tensors than one kernel takes (``MAX_OUTPUTS``, 2 here) is summed
+    by several kernels, and an empty tensor needs none: the same sums."""
+    monkeypatch.setattr(combine, "MAX_OUTPUTS", 2)
+    rng = np.random.default_rng(3)
+    shapes = {**SHAPES, "empty/kernel": (0, 4), "last": (3,)}
+    flats = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+             for _ in range(3)]
+    layout = packing.Layout.of(flats[0])
+    packed = [packing.pack(layout, f) for f in flats]
+    weights = curves.weights("bezier", jnp.float32(0.8))
+    calls = []
+    original = combine._pallas
+    monkeypatch.setattr(combine, "_pallas", lambda *a, **k: calls.append(a[3]) or original(
+        *a, **k))
+    got = combine.weighted_sum(layout, packed, weights, impl="interpret")
+    assert [len(sizes) for sizes in calls] == [2, 2, 2]  # 6 non-empty tensors
+    want = curves.bezier(*flats, 0.8)
+    for k, shape in shapes.items():
+        assert got[k].shape == shape
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
