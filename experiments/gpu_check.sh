@@ -5,6 +5,8 @@
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
+#                (the step forms the curve point's weight tensors in one Pallas kernel,
+#                mcu_jax/combine.py, since 2026-12-07; combine_xla times it without)
 #   profile      f32 again (compiled programs come from the persistent cache) with a
 #                jax.profiler trace of the timed regions only (50 steps, one sweep);
 #                experiments/profile_summary.py's table goes into summary.md, each timed
@@ -43,6 +45,10 @@
 #                gpu_accuracy.sh's question)
 #   e2e_fast_warm  e2e_fast again on its filled compilation cache
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
+#   combine_xla  f32's curve step with the curve point's weight tensors summed by XLA, one
+#                kernel each (--combine xla; compare with f32's step, which runs the
+#                kernel): 110 kernels more in the fused 1x1 kernel's step by the model,
+#                38 in the default step
 #   fold         sweep_map's sweep with BatchNorm folded into the convolutions for
 #                evaluation (--fold-bn; compare with sweep_map's) to decide
 #                SelectionConfig.fold_bn: compiled for an H100, folding saves bytes with dense
@@ -303,6 +309,7 @@ elif wanted e2e_fast_warm; then
   log "skip e2e_fast_warm: e2e_fast did not finish in this call, so its cache is not warm"
 fi
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
+bench combine_xla 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --combine xla
 bench fold 90 "${DENSE[@]}" --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench pointwise_step_bf16 70 "${STD[@]}" --dtype bfloat16 --mask none --skip-sweep \

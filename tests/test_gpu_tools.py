@@ -53,7 +53,7 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
              _part("pointwise_step", 7.0), _part("pointwise_step_bf16", 3.0),
-             _part("pointwise", sweep=(2.0, 240000)),
+             _part("combine_xla", 10.5), _part("pointwise", sweep=(2.0, 240000)),
              _part("pointwise_bf16", sweep=(0.5, 240000)), _part("sweep_map", sweep=(4.0, 240000),
                    args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
@@ -72,6 +72,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
             in lines["curve step <= 5 ms (float32, fused 1x1 kernel)"])
     assert "3.00 ms (33.3x the release's float32); 0.75 of the bfloat16 step with nn.Conv" in (
         lines["curve step <= 5 ms (bfloat16, fused 1x1 kernel)"])
+    assert "10.50 ms (9.5x the release's float32); 1.05 of the float32 step with the curve " \
+           "point's kernel" in lines["curve step <= 5 ms (float32, the curve point by XLA's sums)"]
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
