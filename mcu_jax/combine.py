@@ -22,7 +22,6 @@ point's tensors, which it returns, and scales the gradient by ``w_c(t)`` itself 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -37,8 +36,8 @@ IMPLS = ("auto", "pallas", "interpret", "xla")
 #: tensor takes ``ceil(size / BLOCK)`` programs, the last one masked.
 BLOCK = 1024
 
-#: Outputs of one kernel at most (a pointer each among its parameters, which CUDA limits
-#: to 4 KB before Hopper); a model with more tensors takes a kernel per so many.
+#: Outputs of one kernel at most (a pointer each among its parameters, which CUDA limited
+#: to 4 KB before CUDA 12.1); a model with more tensors takes a kernel per so many.
 MAX_OUTPUTS = 256
 
 
@@ -51,55 +50,62 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
     ``weights``: one scalar per point, cast to each vector's dtype. ``dtypes``: path -> the
     dtype of that tensor's sum (default: the layout's; the sum is formed in the points' dtype
     and then cast). ValueError for points that do not fit the layout, a number of weights
-    that is not the number of points, or an unknown ``impl`` or path.
+    that is not the number of points, a weight that is not a scalar, or an unknown ``impl``
+    or path.
     """
     if impl not in IMPLS:
         raise ValueError(f"weighted_sum: impl must be one of {IMPLS}, got {impl!r}")
     if len(weights) != len(points) or not points:
         raise ValueError(f"weighted_sum: needs one weight per point and a point; got "
                          f"{len(weights)} weights for {len(points)} points")
+    if any(np.ndim(w) for w in weights):
+        raise ValueError(f"weighted_sum: the weights must be scalars, got shapes "
+                         f"{[np.shape(w) for w in weights]}")
     dtypes = dict(dtypes or {})
     unknown = sorted(set(dtypes) - set(layout.paths))
     if unknown:
         raise ValueError(f"weighted_sum: dtypes for tensors not in the layout: {unknown[:3]}")
-    for point in points:  # the vectors' shapes and keys, checked as unpack checks them
-        packing.unpack(layout, point)
-    out = {}
-    for key, indices in layout.groups().items():
-        paths = [layout.paths[i] for i in indices]
-        shapes = [layout.shapes[i] for i in indices]
-        out_dtypes = [np.dtype(dtypes.get(layout.paths[i], layout.dtypes[i])) for i in indices]
-        vectors = [point[key] for point in points]
-        ws = [jnp.asarray(w).astype(vectors[0].dtype) for w in weights]
+    for point in points:
+        packing.check(layout, point, "weighted_sum")
+    out_dtypes = {path: np.dtype(dtypes.get(path, dtype))
+                  for path, dtype in zip(layout.paths, layout.dtypes, strict=True)}
+    # the weights in each packed vector's dtype
+    ws = {key: [jnp.asarray(w).astype(vector.dtype) for w in weights]
+          for key, vector in points[0].items() if key in layout.groups()}
 
-        def plain(ws, *vectors, shapes=shapes, out_dtypes=out_dtypes):
-            sizes = [math.prod(s) for s in shapes]
-            parts = [jnp.split(v, np.cumsum(sizes)[:-1].tolist()) for v in vectors]
-            return tuple(curves.combination(ws, [p[j] for p in parts]).astype(dt)
-                         for j, dt in enumerate(out_dtypes))
+    def plain(ws, *points):  # the curves' sums, tensor by tensor
+        tensors = [packing.unpack(layout, point) for point in points]
+        return {path: curves.combination(ws[key], [t[path] for t in tensors])
+                .astype(out_dtypes[path])
+                for key, indices in layout.groups().items()
+                for path in (layout.paths[i] for i in indices)}
 
-        def kernel(ws, *vectors, shapes=shapes, out_dtypes=out_dtypes):
-            sizes = [math.prod(s) for s in shapes]
+    def kernel(ws, *points):  # one kernel per packed vector and MAX_OUTPUTS tensors
+        sums = {}
+        for key, indices in layout.groups().items():
+            sizes = packing.sizes(layout, indices)
             offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-            sums = [jnp.zeros((0,), dt) for dt in out_dtypes]  # empty tensors stay so
-            filled = [j for j, size in enumerate(sizes) if size]
+            filled = [(i, offset, size)  # (empty tensors need no kernel)
+                      for i, offset, size in zip(indices, offsets, sizes, strict=True) if size]
             for first in range(0, len(filled), MAX_OUTPUTS):
                 chunk = filled[first:first + MAX_OUTPUTS]
-                results = _pallas(jnp.stack(ws), vectors, [offsets[j] for j in chunk],
-                                  [sizes[j] for j in chunk], [out_dtypes[j] for j in chunk],
+                results = _pallas(jnp.stack(ws[key]), [point[key] for point in points],
+                                  [offset for _, offset, _ in chunk],
+                                  [size for _, _, size in chunk],
+                                  [out_dtypes[layout.paths[i]] for i, _, _ in chunk],
                                   interpret=impl == "interpret")
-                for j, result in zip(chunk, results, strict=True):
-                    sums[j] = result
-            return tuple(sums)
+                sums.update({layout.paths[i]: r.reshape(layout.shapes[i])
+                             for (i, _, _), r in zip(chunk, results, strict=True)})
+        return {path: sums[path] if path in sums else jnp.zeros(shape, out_dtypes[path])
+                for path, shape in zip(layout.paths, layout.shapes, strict=True)}
 
-        if impl == "xla":
-            sums = plain(ws, *vectors)
-        elif impl == "auto":
-            sums = jax.lax.platform_dependent(ws, *vectors, cuda=kernel, default=plain)
-        else:
-            sums = kernel(ws, *vectors)
-        out.update({p: s.reshape(shape) for p, s, shape in zip(paths, sums, shapes, strict=True)})
-    return {p: out[p] for p in layout.paths}
+    if impl == "xla":
+        return plain(ws, *points)
+    if impl == "auto":
+        out = jax.lax.platform_dependent(ws, *points, cuda=kernel, default=plain)
+    else:
+        out = kernel(ws, *points)
+    return {path: out[path] for path in layout.paths}
 
 
 def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[np.dtype],
@@ -124,7 +130,7 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
                 start = (i - first) * BLOCK
                 inside = start + jnp.arange(BLOCK) < size
                 loaded = [pltriton.load(s.at[pl.ds(offset + start, BLOCK)], mask=inside,
-                                        other=0) for s in sources]
+                                        other=0.0) for s in sources]
                 total = curves.combination([w_ref[k] for k in range(n)], loaded)
                 pltriton.store(out.at[pl.ds(start, BLOCK)], total.astype(out.dtype),
                                mask=inside)

@@ -75,7 +75,8 @@ class MCUConfig:
     checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint_dir is given
     curve: str = "bezier"  # "bezier" (the paper's) or "polychain" through theta_c at t = 1/2
     # how a step forms the curve point's weight tensors (combine.IMPLS): "auto" one Pallas
-    # kernel on NVIDIA GPUs, XLA ops elsewhere; "xla"; "interpret" (the kernel, for tests)
+    # kernel on NVIDIA GPUs, XLA ops elsewhere; "xla"; "pallas" (the kernel, GPUs only);
+    # "interpret" (the kernel interpreted, for tests)
     combine: str = "auto"
 
     def __post_init__(self):
@@ -160,7 +161,6 @@ class CurveState(struct.PyTreeNode):
 
 
 class CurveConsts(struct.PyTreeNode):
-    frozen: dict  # path -> array: theta_c's tensors outside the mask, stored (:func:`stored`)
     # The points packed as the step combines them (:func:`packed_points`), by part:
     # {"trained": [theta_o's, theta_p's], "frozen": [theta_o's, theta_c's, theta_p's]}
     points: dict
@@ -170,6 +170,8 @@ class CurveConsts(struct.PyTreeNode):
     refs: jax.Array  # (2,) Acc_o(D_train), forget reference (Acc_o(D_v) or 0), percent
     # the paths of the convolution filters (models.conv_filters), stored in FILTER_ORDER
     filters: frozenset = struct.field(pytree_node=False)
+    # the paths of theta_c's tensors outside the mask (their values: in ``points``)
+    frozen: frozenset = struct.field(pytree_node=False, default=frozenset())
 
 
 PARTS = ("vectors", "tensors")
@@ -218,24 +220,24 @@ def layouts(flat: dict) -> dict[str, packing.Layout]:
             for name in PARTS}
 
 
-def trained_layouts(params_template, frozen: dict,
+def trained_layouts(params_template, frozen: frozenset,
                     filters: frozenset) -> dict[str, packing.Layout]:
     """Where theta_c's trained tensors (those not in ``frozen``), :func:`stored` with
     ``filters``, lie in ``CurveState.trainable`` (:func:`layouts`)."""
     return _layouts_of(params_template, frozen, filters, trained=True)
 
 
-def frozen_layouts(params_template, frozen: dict,
+def frozen_layouts(params_template, frozen: frozenset,
                    filters: frozenset) -> dict[str, packing.Layout]:
     """Where theta_c's frozen tensors, :func:`stored` with ``filters``, lie in
     ``CurveConsts.points[part]["frozen"]`` (:func:`layouts`)."""
     return _layouts_of(params_template, frozen, filters, trained=False)
 
 
-def _layouts_of(params_template, frozen: dict, filters: frozenset,
+def _layouts_of(params_template, frozen: frozenset, filters: frozenset,
                 trained: bool) -> dict[str, packing.Layout]:
-    # In the template's order: ``frozen`` itself comes back from jit with its keys sorted
-    # as strings, which differs where a name holds a character before "/" ("bn-2").
+    # In the template's order (a dict of frozen tensors comes back from jit with its keys
+    # sorted as strings, which differs where a name holds a character before "/": "bn-2")
     shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype)
               for k, v in pytrees.flatten(params_template).items() if (k in frozen) != trained}
     return layouts(stored(shapes, filters))
@@ -260,11 +262,13 @@ def packed_points(p_o, p_p, frozen: dict, filters: frozenset) -> dict:
 
 def control_point(params_template, trainable: dict, consts: CurveConsts):
     """theta_c rebuilt from its trained part (packed, ``CurveState.trainable``) and its
-    frozen part (in ``consts``), in the model's own axis order."""
-    flat = dict(consts.frozen)
-    for part, layout in trained_layouts(params_template, consts.frozen,
-                                        consts.filters).items():
-        flat.update(packing.unpack(layout, trainable[part]))
+    frozen part (packed in ``consts.points``), in the model's own axis order."""
+    flat = {}
+    for part in PARTS:
+        trained, fixed = (f(params_template, consts.frozen, consts.filters)[part]
+                          for f in (trained_layouts, frozen_layouts))
+        flat.update(packing.unpack(trained, trainable[part]))
+        flat.update(packing.unpack(fixed, consts.points[part]["frozen"][1]))
     return pytrees.unflatten(params_template, restored(flat, consts.filters))
 
 
@@ -415,13 +419,13 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
                  for part, layout in trained_layouts(p_o, frozen, filters).items()}
     frozen = stored(frozen, filters)
     consts = CurveConsts(
-        frozen=frozen,
         points=packed_points(p_o, p_p, frozen, filters),
         batch_stats=theta_o.get("batch_stats", {}),
         images=images,
         is_forget=jnp.asarray(is_forget),
         refs=jnp.asarray(refs, jnp.float32),
         filters=filters,
+        frozen=frozenset(frozen),
     )
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     state = CurveState(trainable, tx.init(trainable), jnp.float32(config.beta_init))

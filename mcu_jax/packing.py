@@ -75,19 +75,30 @@ def pack(layout: Layout, flat: dict) -> dict[str, jax.Array]:
             for key, indices in layout.groups().items()}
 
 
-def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:
-    """The flat dict of tensors that :func:`pack` made ``packed`` from (in layout order)."""
-    out = {}
+def sizes(layout: Layout, indices: list[int]) -> list[int]:
+    """The number of elements of each of the layout's tensors at ``indices``."""
+    return [math.prod(layout.shapes[i]) for i in indices]
+
+
+def check(layout: Layout, packed: dict[str, jax.Array], name: str = "unpack") -> None:
+    """ValueError unless ``packed`` holds a vector of the right size and dtype for each of
+    the layout's keys (:func:`pack`'s output for this layout); ``name`` leads the message."""
     for key, indices in layout.groups().items():
         if key not in packed:
-            raise ValueError(f"unpack: no vector {key!r} (the layout's tensors of that dtype) "
+            raise ValueError(f"{name}: no vector {key!r} (the layout's tensors of that dtype) "
                              f"among {sorted(packed)}: packed for other tensors?")
-        sizes = [math.prod(layout.shapes[i]) for i in indices]
-        vector = packed[key]
-        if vector.shape != (sum(sizes),):
-            raise ValueError(f"unpack: the vector {key!r} has shape {vector.shape}, the layout "
-                             f"needs ({sum(sizes)},)")
-        parts = jnp.split(vector, np.cumsum(sizes)[:-1].tolist())
+        vector, size = packed[key], sum(sizes(layout, indices))
+        if vector.shape != (size,) or np.dtype(vector.dtype).name != key.split(":")[0]:
+            raise ValueError(f"{name}: the vector {key!r} is {np.dtype(vector.dtype).name} "
+                             f"{vector.shape}, the layout needs ({size},)")
+
+
+def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:
+    """The flat dict of tensors that :func:`pack` made ``packed`` from (in layout order)."""
+    check(layout, packed)
+    out = {}
+    for key, indices in layout.groups().items():
+        parts = jnp.split(packed[key], np.cumsum(sizes(layout, indices))[:-1].tolist())
         out.update({layout.paths[i]: part.reshape(layout.shapes[i])
                     for i, part in zip(indices, parts, strict=True)})
     return {path: out[path] for path in layout.paths}

@@ -128,7 +128,8 @@ def _default(obj: Any) -> Any:
 #: not invalidate existing run folders.
 ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
-    # MCUConfig's speed setting (XLA's sums before it; the kernel's equal them up to rounding)
+    # MCUConfig's speed setting: XLA's sums before it, which "auto" still runs off NVIDIA
+    # GPUs; on them its kernel's sums equal XLA's up to rounding
     "mcu.combine": "auto",
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "mask.augment": False,  # MaskConfig (augmented mask gradients)

@@ -76,10 +76,12 @@ def test_bad_input_is_refused():
         combine.weighted_sum(layout, packed, weights[:2])
     with pytest.raises(ValueError, match="0 weights for 0 points"):
         combine.weighted_sum(layout, [], [])
+    with pytest.raises(ValueError, match=r"must be scalars, got shapes \[\(\), \(2,\), \(\)\]"):
+        combine.weighted_sum(layout, packed, [0.2, jnp.ones(2), 0.5])
     with pytest.raises(ValueError, match=r"tensors not in the layout: \['nope'\]"):
         combine.weighted_sum(layout, packed, weights, {"nope": jnp.bfloat16})
     short = {k: v[:-1] for k, v in packed[1].items()}
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ValueError, match=r"weighted_sum: the vector 'float32:\w+' is float32"):
         combine.weighted_sum(layout, [packed[0], short, packed[2]], weights)
     with pytest.raises(ValueError, match="no vector"):
         combine.weighted_sum(layout, [packed[0], {}, packed[2]], weights)

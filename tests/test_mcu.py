@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mcu_jax import curves, mcu, models, pytrees, runs
+from mcu_jax import curves, mcu, models, packing, pytrees, runs
 from mcu_jax.mcu import MCUConfig, adaptive_beta, split_loss
 
 REFS = {"train": 100.0, "val": 90.0}
@@ -231,8 +231,11 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, dtype, theta
     trained_tensors = mcu.trained_layouts(p_o, consts.frozen, consts.filters)["tensors"]
     assert dict(zip(trained_tensors.paths, trained_tensors.shapes,
                     strict=True))["conv1/kernel"] == (64, 3, 3, 32)
-    np.testing.assert_array_equal(consts.frozen["conv0/kernel"],
+    frozen_tensors = mcu.frozen_layouts(p_o, consts.frozen, consts.filters)["tensors"]
+    held = packing.unpack(frozen_tensors, consts.points["tensors"]["frozen"][1])  # theta_c's
+    np.testing.assert_array_equal(held["conv0/kernel"],
                                   np.transpose(theta_c["conv0"]["kernel"], (3, 0, 1, 2)))
+    assert consts.frozen == set(frozen)
     tx = optax.sgd(config.lr)
     step = jax.jit(mcu.make_curve_step(small_model, tx, config, p_o))
     mixed = jnp.asarray(np.concatenate([digits_split.retain_subset[:96],

@@ -1060,3 +1060,20 @@ def test_kernel_dtypes_are_the_dtypes_the_models_compute_with(name, shape, optio
     np.testing.assert_array_equal(exact(lowered), exact(variables["params"]))
     assert models.kernel_dtypes(create(name, 5, **options), flat) == {
         k: jnp.dtype(jnp.float32) for k in dtypes}
+
+
+def test_kernel_dtypes_of_other_models_are_left_as_they_are():
+    """A model from elsewhere (it may compute with a kernel in float32) or one without a
+    compute dtype (Flax's ``dtype=None``) gets no kernel in another dtype."""
+    from tiny_models import DenseBN
+
+    class NoDtype(nn.Module):
+        dtype: object = None
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(2, dtype=self.dtype)(x)
+
+    for model in (DenseBN(dtype=jnp.bfloat16), NoDtype()):
+        params = model.init(KEY, jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+        assert models.kernel_dtypes(model, params) == {}

@@ -556,3 +556,23 @@ def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
     for name in plain.acc:
         np.testing.assert_allclose(kernel.acc[name], plain.acc[name], atol=1e-4)
         np.testing.assert_allclose(kernel.probs[name], plain.probs[name], rtol=1e-3, atol=1e-5)
+
+
+def test_a_bfloat16_weight_takes_its_gradient_rounded():
+    """A weight given in bfloat16 (curve training forms a bfloat16 model's kernels so:
+    ``models.kernel_dtypes``) gets the kernel's float32 weight gradient rounded to bfloat16;
+    the kernel computes the same output, and every other cotangent is the same."""
+    z, mean, mul, bias, w, residual = _operands(96, 32, 64, jnp.bfloat16)
+    probe = jnp.asarray(np.random.default_rng(1).normal(size=(96, 64)), jnp.float32)
+
+    def grads(w):
+        def loss(*args):
+            out, _ = pw.bn_relu_matmul(*args, residual, impl="interpret")
+            return jnp.sum(out.astype(jnp.float32) * probe)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(z, mean, mul, bias, w)
+
+    (value32, g32), (value16, g16) = grads(w), grads(jnp.asarray(w, jnp.bfloat16))
+    assert value32 == value16 and g16[4].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(g16[4], g32[4].astype(jnp.bfloat16))
+    for a, b in zip(g32[:4], g16[:4], strict=True):
+        np.testing.assert_array_equal(a, b)

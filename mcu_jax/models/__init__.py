@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 Factory = Callable[..., nn.Module]
+# The models whose layers all cast their kernels to the compute dtype (``kernel_dtypes``)
+_OWN_MODELS = (CNNSmall, CifarResNet, PreResNet, VGG16BN, VisionTransformer)
 _REGISTRY: dict[str, Factory] = {}
 
 
@@ -161,11 +163,17 @@ def conv_filters(model: nn.Module, params: Any) -> frozenset[str]:
 def kernel_dtypes(model: nn.Module, params: Any) -> dict[str, jnp.dtype]:
     """Path (``pytrees.flatten``'s) -> ``model``'s compute dtype, for each of ``params``'
     kernels (leaves named "kernel": the weights of convolutions and dense layers, which
-    Flax's layers and PreResNet's 1x1 kernels cast to the compute dtype as they use them).
-    Curve training forms the curve point's kernels in it, so that no cast runs after them
-    (``mcu``); a layer that computed with its kernel in float32 under a lower compute dtype
-    would get it rounded."""
-    dtype = resolve_dtype(getattr(model, "dtype", jnp.float32))
+    every layer of this package's models casts to the compute dtype as it uses them; a
+    bfloat16 model computes what it computes from float32 kernels, tested). Curve training
+    forms the curve point's kernels in it, so that no cast runs after them (``mcu``); their
+    gradients then come in the compute dtype (for PreResNet's 1x1 kernels, whose backward
+    kernel sums the weight gradient in float32, that rounds it, as cuDNN's is for every
+    other convolution). Empty for other models (a registered model may compute with a
+    kernel in float32) and for a model without a compute dtype: their kernels stay float32.
+    """
+    if not isinstance(model, _OWN_MODELS) or getattr(model, "dtype", None) is None:
+        return {}
+    dtype = resolve_dtype(model.dtype)
     return {k: dtype for k in pytrees.flatten(params) if k.rsplit("/", 1)[-1] == "kernel"}
 
 
