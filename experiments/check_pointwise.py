@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=20, help="the model check's PreResNet (9n+2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="the model check's dtype (the kernel checks run in both)")
+    p.add_argument("--curve-point", action="store_true",
+                   help="only the curve point's kernel (every curve step on a GPU runs it: "
+                   "gpu_check.sh checks it first)")
     args = p.parse_args(argv)
     for name in ("rows", "batch", "depth"):
         if getattr(args, name) < 1:
@@ -211,15 +214,18 @@ def main(argv=None) -> int:
     gpu = jax.default_backend() == "gpu"
     impl, setting = ("pallas", "fused") if gpu else ("interpret", "interpret")
     tolerance = {"float32": 2e-2, "bfloat16": 5e-2}
-    checks = [(label, worst, tolerance[name]) for name in tolerance
-              for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
-    checks += [(label, worst, tolerance[args.dtype]) for label, worst in
-               model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
+    checks = []
+    if not args.curve_point:
+        checks += [(label, worst, tolerance[name]) for name in tolerance
+                   for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
+        checks += [(label, worst, tolerance[args.dtype]) for label, worst in
+                   model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
     # the curve point: the same sums, up to a fused multiply-add's rounding
     checks += [(label, worst, 1e-6 if "float32" in label else 2.0 ** -7)
                for label, worst in curve_point_checks(impl)]
-    print(f"# fused 1x1 kernel and curve point kernel ({impl}; the model in {args.dtype}) on "
-          f"{jax.devices()[0].device_kind}")
+    checked = "curve point kernel" if args.curve_point else (
+        f"fused 1x1 kernel and curve point kernel ({impl}; the model in {args.dtype})")
+    print(f"# {checked} on {jax.devices()[0].device_kind}")
     failed = 0
     for label, worst, tol in checks:
         ok = worst <= tol

@@ -2,6 +2,10 @@
 # One prepared GPU check of mcu-jax's speed, beside the authors' PyTorch release, for a session
 # with 15 minutes of device time (this script stops itself after BUDGET_S, default 540 s).
 #
+# First (unless ONLY="reference"), about 15 s: experiments/check_pointwise.py --curve-point,
+# the curve point's kernel (mcu_jax/combine.py), which every curve step on a GPU runs,
+# against XLA's sums; if it fails, every part below runs with --combine xla (summary.md says
+# so).
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
@@ -168,6 +172,20 @@ import jax; print("devices", jax.devices())'
   nvidia-smi
 } >"$OUT/env.txt" 2>&1
 grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
+
+# The curve point's kernel (mcu_jax/combine.py) runs in every curve step on a GPU: if it does
+# not build or does not sum what XLA sums on this card, every part runs with XLA's sums
+# (--combine xla) instead, so that the kernel cannot cost the call its measurements.
+if [ "$ONLY" != "reference" ]; then
+  if timeout 120 $PY experiments/check_pointwise.py --curve-point >>"$LOG" 2>&1; then
+    log "the curve point's kernel matches XLA's sums"
+  else
+    log "the curve point's kernel failed its check (log.txt): every part runs with --combine xla"
+    echo "- the curve point's kernel failed its check: every part ran with --combine xla" \
+      >>"$SUMMARY"
+    EXTRA_ARGS="${EXTRA_ARGS:-} --combine xla"
+  fi
+fi
 
 # 2. parts
 bench() {  # name, estimated seconds, benchmark arguments... (XLA_FLAGS from $FLAGS; the

@@ -553,6 +553,10 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
+    # gpu_check.sh checks the curve point's kernel alone before the parts that run it
+    assert check.main(["--curve-point"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# curve point kernel on cpu") and "2 of 2 checks passed" in out
 
 
 def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
