@@ -7,6 +7,7 @@ Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight ten
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
+                                            [--checks all|pointwise|curve-point]
 
 The kernel checks run in float32 and bfloat16, the model check in ``--dtype``.
 
@@ -14,8 +15,9 @@ Prints one line per check with its relative difference (the largest difference o
 largest value; for the model's gradient, the norm of the difference over the gradient's
 norm), and exits with status 1 if any is above the tolerance (float32: 2e-2, as both
 sides may multiply in TF32 on a GPU; bfloat16: 5e-2; the curve point: 1e-6 and 2^-7).
-``experiments/gpu_check.sh`` runs it as the part ``pointwise_check`` before timing the
-kernel: the tests run it interpreted only.
+``experiments/gpu_check.sh`` runs ``--checks curve-point`` before all its parts (every curve
+step on a GPU runs that kernel) and ``--checks pointwise`` as the part ``pointwise_check``
+before timing the 1x1 kernel: the tests run it interpreted only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import combine, curves, models, packing, pytrees
+from mcu_jax import combine, curves, mcu, models, packing, pytrees
 from mcu_jax import train as train_lib
 from mcu_jax.models import pointwise as pw
 
@@ -173,13 +175,14 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
             (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad))]
 
 
-def curve_point_checks(impl: str) -> list[tuple[str, float]]:
-    """The curve point's weight tensors (``combine.weighted_sum``) of PreResNet-110, from
-    three random points at t = 0.3, in float32 and as bfloat16 kernels, against the "xla"
-    impl (the worst tensor)."""
+def curve_point_checks(impl: str) -> list[tuple[str, float, float]]:
+    """``(label, relative difference, tolerance)`` of the curve point's weight tensors
+    (``combine.weighted_sum``) of PreResNet-110, from three random points at t = 0.3, in
+    float32 and as bfloat16 kernels, against the "xla" impl (the worst tensor): the same
+    sums, up to a fused multiply-add's rounding and then bfloat16's."""
     shapes = pytrees.flatten(models.variable_shapes(models.create("preresnet110", 10),
                                                     (1, 32, 32, 3))["params"])
-    layout = packing.Layout.of({k: v for k, v in shapes.items() if len(v.shape) > 1})
+    layout = mcu.layouts(shapes)["tensors"]
     rng = np.random.default_rng(1)
     points = [packing.pack(layout, {k: jnp.asarray(rng.normal(size=s), jnp.float32)
                                     for k, s in zip(layout.paths, layout.shapes,
@@ -193,7 +196,8 @@ def curve_point_checks(impl: str) -> list[tuple[str, float]]:
             layout, p, weights, d, impl=i))(*points) for i in (impl, "xla"))
         results.append((f"curve point's {len(layout.paths)} weight tensors, "
                         f"{jnp.dtype(dtype).name}",
-                        max(_relative(got[k], want[k]) for k in layout.paths)))
+                        max(_relative(got[k], want[k]) for k in layout.paths),
+                        1e-6 if dtype == jnp.float32 else 2.0 ** -7))
     return results
 
 
@@ -204,9 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=20, help="the model check's PreResNet (9n+2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="the model check's dtype (the kernel checks run in both)")
-    p.add_argument("--curve-point", action="store_true",
-                   help="only the curve point's kernel (every curve step on a GPU runs it: "
-                   "gpu_check.sh checks it first)")
+    p.add_argument("--checks", default="all", choices=("all", "pointwise", "curve-point"),
+                   help="pointwise: the fused 1x1 kernel's checks only; curve-point: the curve "
+                   "point's kernel's only (every curve step on a GPU runs it: gpu_check.sh "
+                   "checks it first)")
     args = p.parse_args(argv)
     for name in ("rows", "batch", "depth"):
         if getattr(args, name) < 1:
@@ -214,18 +219,17 @@ def main(argv=None) -> int:
     gpu = jax.default_backend() == "gpu"
     impl, setting = ("pallas", "fused") if gpu else ("interpret", "interpret")
     tolerance = {"float32": 2e-2, "bfloat16": 5e-2}
-    checks = []
-    if not args.curve_point:
+    checks, checked = [], []
+    if args.checks != "curve-point":
         checks += [(label, worst, tolerance[name]) for name in tolerance
                    for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
         checks += [(label, worst, tolerance[args.dtype]) for label, worst in
                    model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
-    # the curve point: the same sums, up to a fused multiply-add's rounding
-    checks += [(label, worst, 1e-6 if "float32" in label else 2.0 ** -7)
-               for label, worst in curve_point_checks(impl)]
-    checked = "curve point kernel" if args.curve_point else (
-        f"fused 1x1 kernel and curve point kernel ({impl}; the model in {args.dtype})")
-    print(f"# {checked} on {jax.devices()[0].device_kind}")
+        checked.append(f"fused 1x1 kernel ({impl}; the model in {args.dtype})")
+    if args.checks != "pointwise":
+        checks += curve_point_checks(impl)
+        checked.append(f"curve point kernel ({impl})")
+    print(f"# {' and '.join(checked)} on {jax.devices()[0].device_kind}")
     failed = 0
     for label, worst, tol in checks:
         ok = worst <= tol

@@ -2,10 +2,10 @@
 # One prepared GPU check of mcu-jax's speed, beside the authors' PyTorch release, for a session
 # with 15 minutes of device time (this script stops itself after BUDGET_S, default 540 s).
 #
-# First (unless ONLY="reference"), about 15 s: experiments/check_pointwise.py --curve-point,
-# the curve point's kernel (mcu_jax/combine.py), which every curve step on a GPU runs,
-# against XLA's sums; if it fails, every part below runs with --combine xla (summary.md says
-# so).
+# First (when a wanted part trains a curve), about 15 s: check_pointwise.py --checks
+# curve-point, the curve point's kernel (mcu_jax/combine.py), which every curve step on a
+# GPU runs, against XLA's sums; if it fails, every part below runs with --combine xla
+# (summary.md says so).
 # What it runs, most important first (each part is skipped, and logged as skipped, when the
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
@@ -21,7 +21,7 @@
 #                evaluation batches of 2,000 (dense convolutions, where vmap over t makes
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
-#   pointwise_check  experiments/check_pointwise.py: the fused 1x1 kernel's Pallas (Triton)
+#   pointwise_check  check_pointwise.py --checks pointwise: the fused 1x1 kernel's Pallas (Triton)
 #                builds, forward and backward, in float32 and bfloat16, on this card
 #                against XLA's ops, and a PreResNet with it against the default model,
 #                outputs and gradients (exit status 1 if a difference is above the
@@ -49,10 +49,10 @@
 #                gpu_accuracy.sh's question)
 #   e2e_fast_warm  e2e_fast again on its filled compilation cache
 #   f32_k01      float32, mask k = k_r = 0.1: curve step only (paper: ~75% faster epochs)
-#   combine_xla  f32's curve step with the curve point's weight tensors summed by XLA, one
-#                kernel each (--combine xla; compare with f32's step, which runs the
-#                kernel): 110 kernels more in the fused 1x1 kernel's step by the model,
-#                38 in the default step
+#   combine_xla  pointwise_step with the curve point's weight tensors summed by XLA, one
+#                kernel each (--combine xla; compare with pointwise_step, which runs the
+#                kernel): 110 kernels more by the model (skipped when the first check
+#                failed, since every part then runs so)
 #   fold         sweep_map's sweep with BatchNorm folded into the convolutions for
 #                evaluation (--fold-bn; compare with sweep_map's) to decide
 #                SelectionConfig.fold_bn: compiled for an H100, folding saves bytes with dense
@@ -176,14 +176,17 @@ grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 # The curve point's kernel (mcu_jax/combine.py) runs in every curve step on a GPU: if it does
 # not build or does not sum what XLA sums on this card, every part runs with XLA's sums
 # (--combine xla) instead, so that the kernel cannot cost the call its measurements.
-if [ "$ONLY" != "reference" ]; then
-  if timeout 120 $PY experiments/check_pointwise.py --curve-point >>"$LOG" 2>&1; then
+# (parts without a curve step need no check)
+if [ -z "$ONLY" ] || [ -n "$(printf '%s\n' $ONLY | grep -vxE \
+    'reference|sweep_map|pointwise|pointwise_bf16|fold|strategies|cost|pointwise_check')" ]; then
+  if timeout 120 $PY experiments/check_pointwise.py --checks curve-point >>"$LOG" 2>&1; then
     log "the curve point's kernel matches XLA's sums"
   else
     log "the curve point's kernel failed its check (log.txt): every part runs with --combine xla"
     echo "- the curve point's kernel failed its check: every part ran with --combine xla" \
       >>"$SUMMARY"
     EXTRA_ARGS="${EXTRA_ARGS:-} --combine xla"
+    COMBINE_FALLBACK=1
   fi
 fi
 
@@ -291,7 +294,7 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
-run_script pointwise_check 120 experiments/check_pointwise.py
+run_script pointwise_check 120 experiments/check_pointwise.py --checks pointwise
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
 bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
   --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
@@ -327,7 +330,12 @@ elif wanted e2e_fast_warm; then
   log "skip e2e_fast_warm: e2e_fast did not finish in this call, so its cache is not warm"
 fi
 bench f32_k01 80 "${STD[@]}" --dtype float32 --mask 0.1 --skip-sweep
-bench combine_xla 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --combine xla
+if [ -z "${COMBINE_FALLBACK:-}" ]; then
+  bench combine_xla 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused \
+    --combine xla
+elif wanted combine_xla; then
+  log "skip combine_xla: every part ran with --combine xla already"
+fi
 bench fold 90 "${DENSE[@]}" --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench pointwise_step_bf16 70 "${STD[@]}" --dtype bfloat16 --mask none --skip-sweep \

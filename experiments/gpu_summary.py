@@ -134,12 +134,14 @@ def summary(out: Path) -> str:
     step_base = {"fused": ("f32", "unfused float32 step"),
                  "pointwise_step": ("f32", "float32 step with nn.Conv"),
                  "pointwise_step_bf16": ("bf16", "bfloat16 step with nn.Conv"),
-                 "combine_xla": ("f32", "float32 step with the curve point's kernel")}
+                 "combine_xla": ("pointwise_step", "fused 1x1 kernel's step with the curve "
+                                 "point's kernel")}
     for name, label in (("f32", "float32"), ("fused", "float32, fused BatchNorm"),
                         ("pointwise_step", "float32, fused 1x1 kernel"),
                         ("bf16", "bfloat16"),
                         ("pointwise_step_bf16", "bfloat16, fused 1x1 kernel"),
-                        ("combine_xla", "float32, the curve point by XLA's sums"),
+                        ("combine_xla", "float32, fused 1x1 kernel, the curve point by "
+                                        "XLA's sums"),
                         ("cmdbuf", "float32, command buffers")):
         ms = _step_ms(parts, name)
         text = "-" if ms is None else f"{ms:.2f} ms"

@@ -1,20 +1,21 @@
-"""Weighted sums of packed tensors, every tensor's sum in one GPU kernel.
+"""Weighted sums of packed tensors: all of a packed vector's tensors in one GPU kernel.
 
 Curve training forms the curve point ``sum_k w_k(t) points[k]`` in every step. XLA gives
 each weight tensor's sum a kernel of its own: cuDNN, cuBLAS and the 1x1 kernels read a
 weight as a buffer of its own, so the sum cannot be fused into its consumer, and slices of
-one packed sum would be copies, a kernel each again. For PreResNet-110 that was 114 kernels
-a step (docs/benchmarks.md, "Fewer kernels: the curve point's tensors in one kernel").
+one packed sum would be copies, a kernel each again. For PreResNet-110 that was a kernel for
+each of its 113 weight tensors in every step (docs/benchmarks.md, "Fewer kernels: the curve
+point's tensors in one kernel").
 
 :func:`weighted_sum` takes the points packed (``packing.pack``: one vector per dtype, the
 same layout for every point) and returns the sum tensor by tensor, each in the dtype its
-consumer computes in (so that no cast runs after it). ``impl`` picks how: ``"auto"`` one
-Pallas kernel per packed vector (Triton backend), with an output per tensor, where the
-program is compiled for an NVIDIA GPU, and XLA ops elsewhere (``jax.lax.platform_dependent``,
-as ``models.pointwise``); ``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by
-Pallas on any backend (tests); ``"xla"`` XLA ops: the sums of ``curves``, tensor by tensor.
-Every impl returns the same values up to float rounding (the kernel may contract a product
-and a sum into one fused multiply-add).
+consumer computes in (so that no cast runs after it). ``impl`` (``kernel_impl``) picks how:
+``"auto"`` one Pallas kernel (Triton backend) per packed vector and :data:`MAX_OUTPUTS`
+tensors, with an output per tensor, where the program is compiled for an NVIDIA GPU, and XLA
+ops elsewhere; ``"pallas"`` the kernel; ``"interpret"`` the kernel interpreted by Pallas
+(tests); ``"xla"`` XLA ops: the sums of ``curves``, tensor by tensor. Every impl returns the
+same values up to float rounding (the kernel may contract a product and a sum into one fused
+multiply-add).
 
 The kernel is not differentiated: curve training differentiates the loss in the curve
 point's tensors, which it returns, and scales the gradient by ``w_c(t)`` itself (``mcu``).
@@ -28,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcu_jax import curves, packing
+from mcu_jax import curves, kernel_impl, packing
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = kernel_impl.IMPLS
 
 #: Elements each program of the kernel sums (a power of two, as Triton's blocks are): a
 #: tensor takes ``ceil(size / BLOCK)`` programs, the last one masked.
@@ -53,8 +54,7 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
     that is not the number of points, a weight that is not a scalar, or an unknown ``impl``
     or path.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"weighted_sum: impl must be one of {IMPLS}, got {impl!r}")
+    kernel_impl.check("weighted_sum", impl)
     if len(weights) != len(points) or not points:
         raise ValueError(f"weighted_sum: needs one weight per point and a point; got "
                          f"{len(weights)} weights for {len(points)} points")
@@ -67,29 +67,31 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
         raise ValueError(f"weighted_sum: dtypes for tensors not in the layout: {unknown[:3]}")
     for point in points:
         packing.check(layout, point, "weighted_sum")
+    groups = layout.groups()
     out_dtypes = {path: np.dtype(dtypes.get(path, dtype))
                   for path, dtype in zip(layout.paths, layout.dtypes, strict=True)}
     # the weights in each packed vector's dtype
-    ws = {key: [jnp.asarray(w).astype(vector.dtype) for w in weights]
-          for key, vector in points[0].items() if key in layout.groups()}
+    ws = {key: [jnp.asarray(w).astype(points[0][key].dtype) for w in weights]
+          for key in groups}
 
     def plain(ws, *points):  # the curves' sums, tensor by tensor
         tensors = [packing.unpack(layout, point) for point in points]
-        return {path: curves.combination(ws[key], [t[path] for t in tensors])
-                .astype(out_dtypes[path])
-                for key, indices in layout.groups().items()
-                for path in (layout.paths[i] for i in indices)}
+        return {layout.paths[i]: curves.combination(ws[key], [t[layout.paths[i]] for t in tensors])
+                .astype(out_dtypes[layout.paths[i]])
+                for key, indices in groups.items() for i in indices}
 
     def kernel(ws, *points):  # one kernel per packed vector and MAX_OUTPUTS tensors
         sums = {}
-        for key, indices in layout.groups().items():
+        for key, indices in groups.items():
+            # one (n,) buffer (as n (1,) buffers, XLA formed them in two more kernels)
+            stacked = jnp.stack(ws[key])
             sizes = packing.sizes(layout, indices)
             offsets = np.cumsum([0, *sizes[:-1]]).tolist()
             filled = [(i, offset, size)  # (empty tensors need no kernel)
                       for i, offset, size in zip(indices, offsets, sizes, strict=True) if size]
             for first in range(0, len(filled), MAX_OUTPUTS):
                 chunk = filled[first:first + MAX_OUTPUTS]
-                results = _pallas(jnp.stack(ws[key]), [point[key] for point in points],
+                results = _pallas(stacked, [point[key] for point in points],
                                   [offset for _, offset, _ in chunk],
                                   [size for _, _, size in chunk],
                                   [out_dtypes[layout.paths[i]] for i, _, _ in chunk],
@@ -99,12 +101,7 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
         return {path: sums[path] if path in sums else jnp.zeros(shape, out_dtypes[path])
                 for path, shape in zip(layout.paths, layout.shapes, strict=True)}
 
-    if impl == "xla":
-        return plain(ws, *points)
-    if impl == "auto":
-        out = jax.lax.platform_dependent(ws, *points, cuda=kernel, default=plain)
-    else:
-        out = kernel(ws, *points)
+    out = kernel_impl.dispatch(impl, kernel, plain, ws, *points)
     return {path: out[path] for path in layout.paths}
 
 
@@ -112,7 +109,8 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
             interpret: bool):
     """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order;
     tensor ``j`` at ``offsets[j]`` of every vector, ``sizes[j]`` > 0 elements) from every
-    vector and writes it to that tensor's output, a (size,) vector."""
+    vector, weighted by ``ws`` (one per vector, stacked), and writes it to that tensor's
+    output, a (size,) vector."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
     from jax.experimental.pallas import triton as pltriton
 
@@ -137,7 +135,6 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
 
     out_shape = [jax.ShapeDtypeStruct((size,), dt)
                  for size, dt in zip(sizes, out_dtypes, strict=True)]
-    params = None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(sum(blocks),),
-                          compiler_params=params, interpret=interpret,
-                          name="curve_point")(ws, *vectors)
+    return kernel_impl.pallas_call(kernel, ws, *vectors, interpret=interpret, num_warps=4,
+                                   num_stages=1, out_shape=out_shape, grid=(sum(blocks),),
+                                   name="curve_point")

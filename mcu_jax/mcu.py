@@ -18,8 +18,9 @@ The vectors among them (BatchNorm scales and offsets, biases) are packed apart f
 other tensors and combined with theta_o's and theta_p's, packed alike, as one vector: one
 kernel forms theta(t) for all of them instead of one kernel per vector (:func:`layouts`).
 The other tensors (convolution and dense weights) are packed alike and combined by
-``combine.weighted_sum``, on GPUs in one kernel with an output per tensor, each in the dtype
-the model computes with it (:func:`models.kernel_dtypes`).
+``combine.weighted_sum``, on GPUs in one kernel with an output per tensor (one per packed
+vector: the trained and the frozen tensors apart), each in the dtype the model computes with
+it (:func:`models.kernel_dtypes`).
 Convolution filters are held output-channel first (:data:`FILTER_ORDER`), as GPUs read
 them, so that no filter or filter gradient is transposed in a step.
 
@@ -31,9 +32,9 @@ instead (Garipov et al.'s other curve), for research on the path's shape.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -153,7 +154,7 @@ def split_loss(per_sample_loss, is_forget):
 
 
 class CurveState(struct.PyTreeNode):
-    # theta_c's masked tensors packed (:func:`trained_layouts`): {"vectors": ..., "tensors":
+    # theta_c's masked tensors packed (:func:`curve_layouts`): {"vectors": ..., "tensors":
     # ...}, each one vector per dtype, so that the optimiser's update is one kernel
     trainable: dict  # part -> "dtype:fingerprint of the tensors" -> (size,) array
     opt_state: Any
@@ -171,7 +172,7 @@ class CurveConsts(struct.PyTreeNode):
     # the paths of the convolution filters (models.conv_filters), stored in FILTER_ORDER
     filters: frozenset = struct.field(pytree_node=False)
     # the paths of theta_c's tensors outside the mask (their values: in ``points``)
-    frozen: frozenset = struct.field(pytree_node=False, default=frozenset())
+    frozen: frozenset = struct.field(pytree_node=False)
 
 
 PARTS = ("vectors", "tensors")
@@ -220,38 +221,30 @@ def layouts(flat: dict) -> dict[str, packing.Layout]:
             for name in PARTS}
 
 
-def trained_layouts(params_template, frozen: frozenset,
-                    filters: frozenset) -> dict[str, packing.Layout]:
-    """Where theta_c's trained tensors (those not in ``frozen``), :func:`stored` with
-    ``filters``, lie in ``CurveState.trainable`` (:func:`layouts`)."""
-    return _layouts_of(params_template, frozen, filters, trained=True)
-
-
-def frozen_layouts(params_template, frozen: frozenset,
-                   filters: frozenset) -> dict[str, packing.Layout]:
-    """Where theta_c's frozen tensors, :func:`stored` with ``filters``, lie in
-    ``CurveConsts.points[part]["frozen"]`` (:func:`layouts`)."""
-    return _layouts_of(params_template, frozen, filters, trained=False)
-
-
-def _layouts_of(params_template, frozen: frozenset, filters: frozenset,
-                trained: bool) -> dict[str, packing.Layout]:
-    # In the template's order (a dict of frozen tensors comes back from jit with its keys
-    # sorted as strings, which differs where a name holds a character before "/": "bn-2")
+def curve_layouts(params_template, frozen: Collection[str],
+                  filters: frozenset) -> dict[str, dict[str, packing.Layout]]:
+    """Where theta_c's tensors, :func:`stored` with ``filters``, lie, by part
+    (:func:`layouts`): "trained" (those not in ``frozen``) in ``CurveState.trainable``,
+    "frozen" in ``CurveConsts.points[part]["frozen"]``."""
+    # In the template's order, not frozen's (a set's order changes with PYTHONHASHSEED, and a
+    # dict from jit sorts its keys as strings: "bn-2/bias" before "bn/bias")
     shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype)
-              for k, v in pytrees.flatten(params_template).items() if (k in frozen) != trained}
-    return layouts(stored(shapes, filters))
+              for k, v in pytrees.flatten(params_template).items()}
+    return {group: layouts(stored({k: v for k, v in shapes.items()
+                                   if (k in frozen) == (group == "frozen")}, filters))
+            for group in ("trained", "frozen")}
 
 
 def _pick(flat: dict, layout: packing.Layout) -> dict:
     return {k: flat[k] for k in layout.paths}
 
 
-def packed_points(p_o, p_p, frozen: dict, filters: frozenset) -> dict:
+def packed_points(p_o, p_p, frozen: dict, filters: frozenset, where: dict) -> dict:
     """``CurveConsts.points``: for each part (:func:`layouts`), theta_o's and theta_p's
     trained tensors packed as ``CurveState.trainable[part]``, and theta_o's, theta_c's and
-    theta_p's frozen ones (``frozen``: theta_c's, stored), all :func:`stored`."""
-    trained, fixed = (f(p_o, frozen, filters) for f in (trained_layouts, frozen_layouts))
+    theta_p's frozen ones (``frozen``: theta_c's, stored), all :func:`stored`; ``where``:
+    :func:`curve_layouts`."""
+    trained, fixed = where["trained"], where["frozen"]
     ends = [stored(pytrees.flatten(p), filters) for p in (p_o, p_p)]
     return {part: {"trained": [packing.pack(trained[part], _pick(e, trained[part]))
                                for e in ends],
@@ -263,12 +256,11 @@ def packed_points(p_o, p_p, frozen: dict, filters: frozenset) -> dict:
 def control_point(params_template, trainable: dict, consts: CurveConsts):
     """theta_c rebuilt from its trained part (packed, ``CurveState.trainable``) and its
     frozen part (packed in ``consts.points``), in the model's own axis order."""
+    where = curve_layouts(params_template, consts.frozen, consts.filters)
     flat = {}
     for part in PARTS:
-        trained, fixed = (f(params_template, consts.frozen, consts.filters)[part]
-                          for f in (trained_layouts, frozen_layouts))
-        flat.update(packing.unpack(trained, trainable[part]))
-        flat.update(packing.unpack(fixed, consts.points[part]["frozen"][1]))
+        flat.update(packing.unpack(where["trained"][part], trainable[part]))
+        flat.update(packing.unpack(where["frozen"][part], consts.points[part]["frozen"][1]))
     return pytrees.unflatten(params_template, restored(flat, consts.filters))
 
 
@@ -294,10 +286,12 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         is_f = c.is_forget[idx]
         adaptive = config.beta_mode == "adaptive"
 
-        along = functools.partial(curves.point, config.curve, t=t)  # theta(t) of 3 points
-        trained_l = trained_layouts(params_template, c.frozen, c.filters)
-        frozen_l = frozen_layouts(params_template, c.frozen, c.filters)
-        w = curves.weights(config.curve, t)
+        w = curves.weights(config.curve, t)  # theta(t) = sum_k w[k] * points[k]
+        where = curve_layouts(params_template, c.frozen, c.filters)
+        trained_l, frozen_l = where["trained"], where["frozen"]
+
+        def along(points: list) -> dict:  # packed vectors: one sum each, sliced by consumers
+            return jax.tree.map(lambda *leaves: curves.combination(w, leaves), *points)
 
         def per_tensor(layout, points: list) -> dict:  # in the stored axis order
             return combine.weighted_sum(layout, points, w, {
@@ -353,6 +347,10 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
 
     return step
 
+
+#: MCUConfig's settings that change results only by float rounding: a curve's folder (and
+#: an MCU run's, ``pipeline``) may be resumed or rerun with other values of them.
+FREE_FIELDS = ("combine",)
 
 _SECONDS = "seconds"  # an epoch's wall-clock time in the checkpointed history
 
@@ -415,11 +413,12 @@ def setup_curve(model, theta_o: dict, theta_p: dict, theta_c, mask, images: Imag
         raise ValueError("the parameter mask selects no tensor: nothing to train")
     filters = conv_filters(model, p_o)
     trainable = stored(trainable, filters)
+    where = curve_layouts(p_o, frozen, filters)
     trainable = {part: packing.pack(layout, _pick(trainable, layout))
-                 for part, layout in trained_layouts(p_o, frozen, filters).items()}
+                 for part, layout in where["trained"].items()}
     frozen = stored(frozen, filters)
     consts = CurveConsts(
-        points=packed_points(p_o, p_p, frozen, filters),
+        points=packed_points(p_o, p_p, frozen, filters, where),
         batch_stats=theta_o.get("batch_stats", {}),
         images=images,
         is_forget=jnp.asarray(is_forget),
@@ -534,14 +533,14 @@ def train_curve(
     if checkpoint_dir is not None:
         # The folder answers only this training (runs.RunDir's run.json): a resume with other
         # end points, theta_c, mask, data, references, config or key is refused instead of
-        # continuing another curve (the speed settings may change).
+        # continuing another curve (the speed settings and FREE_FIELDS may change).
         runs.RunDir(checkpoint_dir).open({
             "mcu": dataclasses.asdict(config), "theta_c": start_point,  # "midpoint" or digest
             **{name: runs.tree_digest(tree) for name, tree in (
                 ("theta_o", theta_o), ("theta_p", theta_p), ("mask", mask))},
             "retain_subset": runs.digest(retain_subset), "forget": runs.digest(forget),
             "refs": [float(refs["train"]), ref_forget], "key": runs.key_list(key),
-        })
+        }, ignore=(*runs.IGNORED_FIELDS, *FREE_FIELDS))
     earlier = loop.earlier_seconds(checkpoint_dir)  # sessions before a resume count too
     ckpt = checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     start = time.perf_counter()

@@ -90,7 +90,7 @@ def check(layout: Layout, packed: dict[str, jax.Array], name: str = "unpack") ->
         vector, size = packed[key], sum(sizes(layout, indices))
         if vector.shape != (size,) or np.dtype(vector.dtype).name != key.split(":")[0]:
             raise ValueError(f"{name}: the vector {key!r} is {np.dtype(vector.dtype).name} "
-                             f"{vector.shape}, the layout needs ({size},)")
+                             f"{vector.shape}, the layout needs {key.split(':')[0]} ({size},)")
 
 
 def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 from mcu_jax import checkpoint, checks, curves, masks, runs, selection, sweep
 from mcu_jax.data.batching import check_indices
 from mcu_jax.data.device import Images
-from mcu_jax.mcu import MCUConfig, check_curve_data, check_refs, train_curve
+from mcu_jax.mcu import FREE_FIELDS, MCUConfig, check_curve_data, check_refs, train_curve
 from mcu_jax.models import POINTWISE, check_variables
 
 BN_SETS = ("retain", "train")
@@ -400,7 +400,7 @@ def run_mcu(
 # Settings that change how fast run_mcu runs, or its results only by float rounding: a rerun
 # in the same out_dir may change them.
 _FREE = (*runs.SPEED_FIELDS, "precompile", "strategy", "chunk_size", "eval_batch_size",
-         "fold_bn", "bn_group", "pointwise", "combine")
+         "fold_bn", "bn_group", "pointwise", *FREE_FIELDS)
 
 
 def _bind(out: Path, mcu_config, mask_config, selection_config, split, refs, key,

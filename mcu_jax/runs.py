@@ -67,6 +67,10 @@ _HELD = _Held()
 #: a request may be reopened with other values of these.
 SPEED_FIELDS = ("progress", "steps_per_call", "checkpoint_every")
 
+#: What :meth:`RunDir.open` ignores by default: the speed settings, the data folder, an
+#: experiment's rerun command and the folder it reuses models from (none changes a result).
+IGNORED_FIELDS = (*SPEED_FIELDS, "data_dir", "command", "models_from")
+
 
 def key_list(key: Any) -> list[int]:
     """A JAX PRNG key (typed or raw uint32) as a JSON-friendly list of ints; ValueError for
@@ -129,7 +133,9 @@ def _default(obj: Any) -> Any:
 ADDED_FIELDS = {
     "mcu.curve": "bezier",  # MCUConfig
     # MCUConfig's speed setting: XLA's sums before it, which "auto" still runs off NVIDIA
-    # GPUs; on them its kernel's sums equal XLA's up to rounding
+    # GPUs; on them its kernel's sums equal XLA's up to rounding. (An experiment folder made
+    # on a GPU before it keeps "auto": it refuses "xla", which it ran then; MCU and curve
+    # folders take either, mcu.FREE_FIELDS.)
     "mcu.combine": "auto",
     "mask.kind": "parameter", "mask.seed": 0,  # MaskConfig (the random mask)
     "mask.augment": False,  # MaskConfig (augmented mask gradients)
@@ -193,9 +199,7 @@ class RunDir:
         """Whether the folder is already bound to a request (its ``run.json`` exists)."""
         return self.path(_RUN_FILE).is_file()
 
-    def open(self, config: dict,
-             ignore: tuple[str, ...] = (*SPEED_FIELDS, "data_dir", "command", "models_from")
-             ) -> None:
+    def open(self, config: dict, ignore: tuple[str, ...] = IGNORED_FIELDS) -> None:
         """Binds the folder to ``config``: writes ``run.json`` the first time; afterwards
         raises :class:`RequestMismatch` (a ValueError) if the stored config differs outside
         the ``ignore``d keys (by default the speed settings, the data folder, an experiment's

@@ -7,10 +7,10 @@ import pytest
 
 from mcu_jax import combine, curves, packing
 
-# Sizes around the kernel's block (1024): under, over, a multiple, a vector; one tensor of
-# another dtype, packed in a vector of its own.
-SHAPES = {"conv/kernel": (16, 3, 3, 8), "head/kernel": (64, 10), "w/kernel": (32, 32),
-          "big": (2, 1500), "half/kernel": (7, 9)}
+# Sizes around the kernel's block (1024): under, over, a multiple; one tensor of another
+# dtype, packed in a vector of its own, between the others (the sums come in layout order).
+SHAPES = {"conv/kernel": (16, 3, 3, 8), "half/kernel": (7, 9), "head/kernel": (64, 10),
+          "w/kernel": (32, 32), "big": (2, 1500)}
 
 
 def _points(n: int, seed: int = 0) -> tuple[packing.Layout, list[dict], list[dict]]:

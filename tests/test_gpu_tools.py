@@ -72,8 +72,9 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
             in lines["curve step <= 5 ms (float32, fused 1x1 kernel)"])
     assert "3.00 ms (33.3x the release's float32); 0.75 of the bfloat16 step with nn.Conv" in (
         lines["curve step <= 5 ms (bfloat16, fused 1x1 kernel)"])
-    assert "10.50 ms (9.5x the release's float32); 1.05 of the float32 step with the curve " \
-           "point's kernel" in lines["curve step <= 5 ms (float32, the curve point by XLA's sums)"]
+    assert "10.50 ms (9.5x the release's float32); 1.50 of the fused 1x1 kernel's step with " \
+           "the curve point's kernel" in lines["curve step <= 5 ms (float32, fused 1x1 kernel, " \
+                                               "the curve point by XLA's sums)"]
     # 240,000 forwards in 8 s = 30,000/s = 10x the release's 3,000/s
     assert "8 s, 30,000 img-fwd/s (10.0x the release's float32)" in lines[
         "20-point sweep <= 1.1 s (float32)"]
@@ -545,8 +546,8 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     check = _load("check_pointwise")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# fused 1x1 kernel and curve point kernel (interpret; the model in "
-                          "float32)")
+    assert out.startswith("# fused 1x1 kernel (interpret; the model in float32) and curve "
+                          "point kernel (interpret) on cpu")
     assert "1280 rows, bfloat16, residual: relative difference" in out
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
     checks = 2 * (3 * len(check.SHAPES) + 3 + 1) + 2 + 2  # 3: conv1's shapes with K = 4N
@@ -554,9 +555,10 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
     # gpu_check.sh checks the curve point's kernel alone before the parts that run it
-    assert check.main(["--curve-point"]) == 0
+    assert check.main(["--checks", "curve-point"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# curve point kernel on cpu") and "2 of 2 checks passed" in out
+    assert out.startswith("# curve point kernel (interpret) on cpu")
+    assert "2 of 2 checks passed" in out
 
 
 def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):

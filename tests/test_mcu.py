@@ -228,10 +228,11 @@ def test_the_packed_update_is_the_gradient_through_the_curve(curve, dtype, theta
                for p in group for v in p.values())
     # Filters held output-channel first (mcu.FILTER_ORDER): here conv0 frozen, conv1 trained
     assert consts.filters == {"conv0/kernel", "conv1/kernel"}
-    trained_tensors = mcu.trained_layouts(p_o, consts.frozen, consts.filters)["tensors"]
+    where = mcu.curve_layouts(p_o, consts.frozen, consts.filters)
+    trained_tensors = where["trained"]["tensors"]
     assert dict(zip(trained_tensors.paths, trained_tensors.shapes,
                     strict=True))["conv1/kernel"] == (64, 3, 3, 32)
-    frozen_tensors = mcu.frozen_layouts(p_o, consts.frozen, consts.filters)["tensors"]
+    frozen_tensors = where["frozen"]["tensors"]
     held = packing.unpack(frozen_tensors, consts.points["tensors"]["frozen"][1])  # theta_c's
     np.testing.assert_array_equal(held["conv0/kernel"],
                                   np.transpose(theta_c["conv0"]["kernel"], (3, 0, 1, 2)))

@@ -68,9 +68,10 @@ def test_mismatches_are_refused_by_name():
         packing.pack(layout, {**flat, "b/half": jnp.ones((2, 5))})
     f32, bf16 = sorted(layout.groups(), reverse=True)
     with pytest.raises(ValueError, match=r"the vector 'float32:\w+' is float32 \(76,\), the "
-                                         r"layout needs \(77,\)"):
+                                         r"layout needs float32 \(77,\)"):
         packing.unpack(layout, {f32: jnp.ones(76), bf16: jnp.ones(10, jnp.bfloat16)})
-    with pytest.raises(ValueError, match=r"the vector 'bfloat16:\w+' is float32 \(10,\)"):
+    with pytest.raises(ValueError, match=r"the vector 'bfloat16:\w+' is float32 \(10,\), "
+                                         r"the layout needs bfloat16 \(10,\)"):
         packing.check(layout, {f32: jnp.ones(77), bf16: jnp.ones(10)}, "weighted_sum")
     # Vectors packed for other tensors of the same sizes (another mask) do not fit: the
     # keys fingerprint the paths and shapes.

@@ -98,9 +98,9 @@ def test_run_mcu_end_to_end(tmp_path, monkeypatch, theta_o, theta_p, digits_imag
 
     monkeypatch.setattr(pipeline.sweep, "sweep", recomputed)
     monkeypatch.setattr(pipeline.masks, "mask_gradients", recomputed)
-    again = pipeline.run_mcu(
+    again = pipeline.run_mcu(  # (with the curve point's sums by XLA: a free setting)
         small_model, theta_o, theta_p, train_images, test_images, digits_split, refs,
-        jax.random.PRNGKey(0), MCUConfig(epochs=2, progress=False),
+        jax.random.PRNGKey(0), MCUConfig(epochs=2, progress=False, combine="xla"),
         selection_config=pipeline.SelectionConfig(num_t=6), out_dir=tmp_path / "mcu",
     )
     assert again.t_star == pytest.approx(out.t_star)

@@ -78,8 +78,6 @@ __all__ = [
 ]
 
 Factory = Callable[..., nn.Module]
-# The models whose layers all cast their kernels to the compute dtype (``kernel_dtypes``)
-_OWN_MODELS = (CNNSmall, CifarResNet, PreResNet, VGG16BN, VisionTransformer)
 _REGISTRY: dict[str, Factory] = {}
 
 
@@ -168,10 +166,11 @@ def kernel_dtypes(model: nn.Module, params: Any) -> dict[str, jnp.dtype]:
     forms the curve point's kernels in it, so that no cast runs after them (``mcu``); their
     gradients then come in the compute dtype (for PreResNet's 1x1 kernels, whose backward
     kernel sums the weight gradient in float32, that rounds it, as cuDNN's is for every
-    other convolution). Empty for other models (a registered model may compute with a
-    kernel in float32) and for a model without a compute dtype: their kernels stay float32.
+    other convolution). Empty for a model whose class does not declare ``casts_kernels =
+    True`` (a ``ClassVar``: this package's models do; a registered model may compute with a
+    kernel in float32) or that has no compute dtype: their kernels stay float32.
     """
-    if not isinstance(model, _OWN_MODELS) or getattr(model, "dtype", None) is None:
+    if not getattr(type(model), "casts_kernels", False) or getattr(model, "dtype", None) is None:
         return {}
     dtype = resolve_dtype(model.dtype)
     return {k: dtype for k in pytrees.flatten(params) if k.rsplit("/", 1)[-1] == "kernel"}

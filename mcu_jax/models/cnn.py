@@ -9,7 +9,7 @@ which matters for 8x8 digits (global pooling loses ~10 points at two epochs).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -19,6 +19,8 @@ from mcu_jax.models.layers import batch_norm, conv, conv_bn, dense, resolve_dtyp
 
 class CNNSmall(nn.Module):
     """conv-BN-ReLU layers of ``widths``/``strides`` followed by flatten and a linear head."""
+
+    casts_kernels: ClassVar[bool] = True  # every layer casts its kernel to dtype
 
     num_classes: int
     dtype: Any = jnp.float32

@@ -35,10 +35,11 @@ moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md, "T
 1x1 kernel in training", "Fewer passes: a block's output cotangent summed in the backward
 kernel" and "Fewer passes: the BatchNorm after the kernel in the backward kernel").
 
-``impl`` picks how it runs: ``"auto"`` the kernels where the program is compiled for an
-NVIDIA GPU (a card, or a deviceless compilation for one; for the channel counts they take,
-:func:`kernel_fits`) and the plain computation elsewhere (``jax.lax.platform_dependent``:
-the choice follows the platform the program is lowered for, not the default backend);
+``impl`` (``kernel_impl``) picks how it runs: ``"auto"`` the kernels where the program is
+compiled for an NVIDIA GPU (a card, or a deviceless compilation for one; for the channel
+counts they take, :func:`kernel_fits`) and the plain computation elsewhere
+(``jax.lax.platform_dependent``: the choice follows the platform the program is lowered
+for, not the default backend);
 ``"pallas"`` the kernels; ``"interpret"`` the kernels interpreted by Pallas on any backend
 (tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`,
 differentiated by autodiff). Every impl returns the same values and derivatives up to float
@@ -62,9 +63,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from mcu_jax import kernel_impl
 from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums_side_by_side
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = kernel_impl.IMPLS
 
 
 def blocks(k: int, n: int) -> tuple[int, int]:
@@ -150,17 +152,6 @@ def _pad_rows(pad: int, *arrays):
     return tuple(None if a is None else jnp.pad(a, ((0, pad), (0, 0))) for a in arrays)
 
 
-def _call(kernel, *args, interpret: bool, num_warps: int, **options):
-    """``pl.pallas_call(kernel, **options)(*args)``: Triton's compiler parameters, or
-    Pallas's interpreter."""
-    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
-    from jax.experimental.pallas import triton as pltriton
-
-    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
-    return pl.pallas_call(kernel, compiler_params=params, interpret=interpret,
-                          **options)(*args)
-
-
 def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bool,
             interpret: bool):
     """The Pallas kernel; arguments and results as :func:`reference`."""
@@ -209,9 +200,9 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     if stats:  # partial sums for each block of rows, added up below in one reduction
         out_specs.append(pl.BlockSpec((None, 2, block_n), lambda i, j: (i, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32))
-    results = _call(kernel, *args, interpret=interpret, num_warps=4, grid=grid,
-                    in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                    name="bn_relu_matmul")
+    results = kernel_impl.pallas_call(kernel, *args, interpret=interpret, num_warps=4,
+                                      grid=grid, in_specs=in_specs, out_specs=out_specs,
+                                      out_shape=out_shape, name="bn_relu_matmul")
     out = results[0][:m] if pad else results[0]
     if not stats:
         return out, None
@@ -403,9 +394,9 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     if with_g:
         out_specs.append(rows_n)
         out_shape.append(jax.ShapeDtypeStruct((m + pad, n), dt))
-    results = list(_call(kernel, *args, interpret=interpret, num_warps=8, grid=grid,
-                         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                         name="bn_relu_matmul_backward"))
+    results = list(kernel_impl.pallas_call(
+        kernel, *args, interpret=interpret, num_warps=8, grid=grid, in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward"))
     g = results.pop()[:m] if with_g else None
     dz = results.pop(0)[:m] if with_dz else None
     partial = [results[-1].reshape(grid[0], 2 * k)]
@@ -568,8 +559,7 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     elsewhere (a residual block's shortcut): the backward kernel then adds that use's
     cotangent to z's as it writes it, where XLA would add the two in a pass of its own.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    kernel_impl.check("bn_relu_matmul", impl)
     lead = z.shape[:-1]
     if residual is not None and residual.shape != (*lead, w.shape[-1]):
         raise ValueError(f"bn_relu_matmul: residual must be {(*lead, w.shape[-1])} (z "
@@ -584,11 +574,7 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     def kernel(*args, interpret=impl == "interpret"):
         return _kernel(*args, stats, out_relu, interpret, return_input)
 
-    def compute(*args):
-        if impl == "auto":
-            return jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
-        return kernel(*args)
-
+    compute = functools.partial(kernel_impl.dispatch, impl, kernel, plain)
     args = (flat, mean, mul, bias, w, res, out_bias)
     if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)):
         results = plain(*args)
@@ -726,8 +712,7 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
     kernel"). In a data-parallel program (``_row_axes``) and without the kernel,
     :func:`bn_relu_matmul` and the BatchNorm in XLA ops, differentiated as composed.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    kernel_impl.check("bn_relu_matmul_bn", impl)
     flat = z.reshape(-1, z.shape[-1])
     n = w.shape[-1]
     if scale.shape != (n,) or offset.shape != (n,):
@@ -747,9 +732,8 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
         results = composed(*args)
     else:
         _check(*args[:5], None)
-        results = (jax.lax.platform_dependent(*args, cuda=kernel,
-                                              default=functools.partial(composed, impl="xla"))
-                   if impl == "auto" else kernel(*args))
+        results = kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"),
+                                       *args)
     a, stats = results[0].reshape(*z.shape[:-1], n), results[1]
     return (a, stats, results[2].reshape(z.shape)) if return_input else (a, stats)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -144,6 +144,8 @@ class PreActBottleneck(nn.Module):
 
 class PreResNet(nn.Module):
     """PreResNet-(9n+2) with bottleneck blocks; ``depth=110`` is the MCU CIFAR model."""
+
+    casts_kernels: ClassVar[bool] = True  # every layer casts its kernel to dtype
 
     num_classes: int
     dtype: Any = jnp.float32

@@ -12,7 +12,7 @@ paper). ``shortcut="B"`` uses a strided 1x1 conv + BN projection instead (272,47
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -55,6 +55,8 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs; ``depth=20`` is ResNet-20."""
+
+    casts_kernels: ClassVar[bool] = True  # every layer casts its kernel to dtype
 
     num_classes: int
     dtype: Any = jnp.float32

@@ -13,7 +13,7 @@ classes (14,714,688 conv weights and biases, the standard VGG-16 feature extract
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 51
 
 class VGG16BN(nn.Module):
     """VGG-16-BN; dropout in the classifier uses the "dropout" rng in train mode."""
+
+    casts_kernels: ClassVar[bool] = True  # every layer casts its kernel to dtype
 
     num_classes: int
     dtype: Any = jnp.float32

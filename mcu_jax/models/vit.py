@@ -22,7 +22,7 @@ The position-embedding length is fixed by the input size at initialisation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -125,6 +125,8 @@ class Transformer(nn.Module):
 
 class VisionTransformer(nn.Module):
     """ViT classifier on the class token; defaults are ViT-B/16."""
+
+    casts_kernels: ClassVar[bool] = True  # every layer casts its kernel to dtype
 
     num_classes: int
     dtype: Any = jnp.float32

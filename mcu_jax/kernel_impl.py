@@ -1,0 +1,48 @@
+"""What the library's Pallas kernels share: how a call picks the kernel or its XLA twin.
+
+Each kernel (``models.pointwise``, ``combine``) has a plain twin in XLA ops that computes the
+same up to float rounding, and takes ``impl``, one of :data:`IMPLS`: ``"auto"`` the kernel
+where the program is compiled for an NVIDIA GPU (a card, or a deviceless compilation for
+one) and the twin elsewhere (``jax.lax.platform_dependent``: the choice follows the platform
+the program is lowered for, not the default backend); ``"pallas"`` the kernel (Triton
+backend: NVIDIA GPUs only); ``"interpret"`` the kernel interpreted by Pallas on any backend
+(tests); ``"xla"`` the twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+
+
+def check(name: str, impl: str) -> None:
+    """ValueError, led by ``name``, unless ``impl`` is one of :data:`IMPLS`."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def dispatch(impl: str, kernel: Callable, plain: Callable, *args):
+    """``plain(*args)`` for "xla"; for "auto" ``kernel(*args)`` where the program is
+    compiled for an NVIDIA GPU and ``plain(*args)`` elsewhere (both must return the same
+    structure); else ``kernel(*args)`` (which reads "interpret" from ``impl`` itself)."""
+    if impl == "xla":
+        return plain(*args)
+    if impl == "auto":
+        return jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
+    return kernel(*args)
+
+
+def pallas_call(kernel, *args, interpret: bool, num_warps: int, num_stages: int = 2,
+                **options):
+    """``pl.pallas_call(kernel, **options)(*args)``: with Triton's compiler parameters, or
+    interpreted by Pallas."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+    from jax.experimental.pallas import triton as pltriton
+
+    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps,
+                                                            num_stages=num_stages)
+    return pl.pallas_call(kernel, compiler_params=params, interpret=interpret,
+                          **options)(*args)
