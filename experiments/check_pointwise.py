@@ -15,9 +15,9 @@ Prints one line per check with its relative difference (the largest difference o
 largest value; for the model's gradient, the norm of the difference over the gradient's
 norm), and exits with status 1 if any is above the tolerance (float32: 2e-2, as both
 sides may multiply in TF32 on a GPU; bfloat16: 5e-2; the curve point: 1e-6 and 2^-7).
-``experiments/gpu_check.sh`` runs ``--checks curve-point`` before all its parts (every curve
-step on a GPU runs that kernel) and ``--checks pointwise`` as the part ``pointwise_check``
-before timing the 1x1 kernel: the tests run it interpreted only.
+``experiments/gpu_check.sh`` runs ``--checks curve-point`` before its first part when a part
+trains a curve (every curve step on a GPU runs that kernel) and ``--checks pointwise`` as the
+part ``pointwise_check`` before timing the 1x1 kernel: the tests run it interpreted only.
 """
 
 from __future__ import annotations

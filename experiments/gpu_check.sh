@@ -10,7 +10,8 @@
 # time left is below its estimate; ONLY="name name" runs just the named parts):
 #   f32          float32, no mask: curve step (200 steps) + 20-point sweep over 6,000 images
 #                (the step forms the curve point's weight tensors in one Pallas kernel,
-#                mcu_jax/combine.py, since 2026-12-07; combine_xla times it without)
+#                mcu_jax/combine.py, since 2026-12-07; combine_xla times the kernel's
+#                effect on pointwise_step)
 #   profile      f32 again (compiled programs come from the persistent cache) with a
 #                jax.profiler trace of the timed regions only (50 steps, one sweep);
 #                experiments/profile_summary.py's table goes into summary.md, each timed
@@ -111,6 +112,7 @@ PY=${PY:-python3}
 PY_REF=${PY_REF:-$PY}
 RELEASE=${RELEASE:-reference_release}
 ONLY=${ONLY:-}
+COMBINE_FALLBACK=  # set when the curve point's kernel fails its check (below)
 PEER_ARGS=${PEER_ARGS:-steps=100 nt=3}
 CMDBUF_FLAGS=${CMDBUF_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1}
 mkdir -p "$OUT"
@@ -176,7 +178,8 @@ grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 # The curve point's kernel (mcu_jax/combine.py) runs in every curve step on a GPU: if it does
 # not build or does not sum what XLA sums on this card, every part runs with XLA's sums
 # (--combine xla) instead, so that the kernel cannot cost the call its measurements.
-# (parts without a curve step need no check)
+# (parts without a curve step need no check; cost compiles one, but only to count it: its
+# script takes no --combine, so the fallback could not reach it anyway)
 if [ -z "$ONLY" ] || [ -n "$(printf '%s\n' $ONLY | grep -vxE \
     'reference|sweep_map|pointwise|pointwise_bf16|fold|strategies|cost|pointwise_check')" ]; then
   if timeout 120 $PY experiments/check_pointwise.py --checks curve-point >>"$LOG" 2>&1; then

@@ -291,7 +291,8 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         trained_l, frozen_l = where["trained"], where["frozen"]
 
         def along(points: list) -> dict:  # packed vectors: one sum each, sliced by consumers
-            return jax.tree.map(lambda *leaves: curves.combination(w, leaves), *points)
+            return jax.tree.map(lambda *leaves: curves.combination(
+                [x.astype(leaves[0].dtype) for x in w], leaves), *points)  # as curves.point
 
         def per_tensor(layout, points: list) -> dict:  # in the stored axis order
             return combine.weighted_sum(layout, points, w, {
