@@ -86,9 +86,9 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
             # one (n,) buffer (as n (1,) buffers, XLA formed them in two more kernels)
             stacked = jnp.stack(ws[key])
             sizes = packing.sizes(layout, indices)
-            offsets = np.cumsum([0, *sizes[:-1]]).tolist()
             filled = [(i, offset, size)  # (empty tensors need no kernel)
-                      for i, offset, size in zip(indices, offsets, sizes, strict=True) if size]
+                      for i, offset, size in zip(indices, _starts(sizes), sizes, strict=True)
+                      if size]
             for first in range(0, len(filled), MAX_OUTPUTS):
                 chunk = filled[first:first + MAX_OUTPUTS]
                 results = _pallas(stacked, [point[key] for point in points],
@@ -105,6 +105,12 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
     return {path: out[path] for path in layout.paths}
 
 
+def _starts(counts: list[int]) -> list[int]:
+    """Where each of ``counts`` consecutive runs starts: 0, counts[0], counts[0] + counts[1],
+    ..."""
+    return np.cumsum([0, *counts[:-1]]).astype(int).tolist()
+
+
 def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[np.dtype],
             interpret: bool):
     """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order;
@@ -115,7 +121,7 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
     from jax.experimental.pallas import triton as pltriton
 
     blocks = [pl.cdiv(size, BLOCK) for size in sizes]
-    firsts = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(int).tolist()
+    firsts = _starts(blocks)
     n = len(vectors)
 
     def kernel(w_ref, *refs):

@@ -32,6 +32,7 @@ instead (Garipov et al.'s other curve), for research on the path's shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Collection
@@ -290,9 +291,8 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         where = curve_layouts(params_template, c.frozen, c.filters)
         trained_l, frozen_l = where["trained"], where["frozen"]
 
-        def along(points: list) -> dict:  # packed vectors: one sum each, sliced by consumers
-            return jax.tree.map(lambda *leaves: curves.combination(
-                [x.astype(leaves[0].dtype) for x in w], leaves), *points)  # as curves.point
+        # packed vectors: one sum each, which their consumers read as slices
+        along = functools.partial(curves.point, config.curve, t=t)
 
         def per_tensor(layout, points: list) -> dict:  # in the stored axis order
             return combine.weighted_sum(layout, points, w, {

@@ -205,9 +205,7 @@ def test_the_returned_input_takes_its_cotangent_into_the_kernel(dtype):
                                    rtol=tol, atol=tol * scale)
     program = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
                                       argnums=argnums))(*args)
-    backward_call = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
-                     and e.params["name"] == "bn_relu_matmul_backward"]
-    (call,) = backward_call
+    (call,) = _backward_calls(program)
     # z, mean, mul, shift, w, d_out; out; the returned input's cotangent; d_sum, d_squares
     assert len(call.invars) == 10
     assert len(call.outvars) == 4  # d_z, d_w's and the sums' partial sums, the residual's
@@ -268,8 +266,7 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
                                        rtol=tol, atol=tol * scale_h, err_msg=name)
     program = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                       argnums=argnums))(*args)
-    (call,) = [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
-               and e.params["name"] == "bn_relu_matmul_backward"]
+    (call,) = _backward_calls(program)
     # z, mean, mul, shift, w, bn2's output cotangent; out, the returned input's cotangent,
     # bn2's mul and shift; and what the kernel derives the sums' cotangents from: the
     # product's sums, bn2's two gradient sums (each pair one array) and mul; no d_sum or
@@ -278,18 +275,15 @@ def test_the_following_batchnorm_is_derived_in_the_kernel(dtype):
     assert shapes == [(512, n), (512, k), (n,), (n,), (2, n), (2 * n,), (n,)]  # padded rows
     with_statistics = jax.make_jaxpr(jax.grad(
         functools.partial(loss, "interpret", ("output", "mean", "var")), argnums=argnums))(*args)
-    (call,) = [e for e in _equations(with_statistics.jaxpr) if e.primitive.name
-               == "pallas_call" and e.params["name"] == "bn_relu_matmul_backward"]
+    (call,) = _backward_calls(with_statistics)
     assert [tuple(v.aval.shape) for v in call.invars[13:]] == [(n,), (n,)]  # mean's, var's
     only_w = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                      argnums=4))(*args)
-    (call,) = [e for e in _equations(only_w.jaxpr) if e.primitive.name == "pallas_call"
-               and e.params["name"] == "bn_relu_matmul_backward"]
+    (call,) = _backward_calls(only_w)
     assert len(call.outvars) == 2  # d_w's and the sums' partial sums: no d_z
     only_bn = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret", ("output",)),
                                       argnums=(5, 6)))(*args)
-    assert not [e for e in _equations(only_bn.jaxpr) if e.primitive.name == "pallas_call"
-                and e.params["name"] == "bn_relu_matmul_backward"]
+    assert not _backward_calls(only_bn)
 
 
 def test_the_sums_cotangents_are_the_coefficients_derivative():
@@ -365,6 +359,12 @@ def test_the_following_batchnorm_on_the_model_path():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"scale and offset must be \(32,\)"):
         pw.bn_relu_matmul_bn(z, mean, mul, bias, w, scale[:16], offset, 1e-5, impl="xla")
+
+
+def _backward_calls(program) -> list:
+    """The backward kernel's calls in a closed jaxpr (at any depth)."""
+    return [e for e in _equations(program.jaxpr) if e.primitive.name == "pallas_call"
+            and e.params["name"] == "bn_relu_matmul_backward"]
 
 
 def _equations(jaxpr):
