@@ -116,6 +116,11 @@ def model_of(args):
                   pointwise=args.pointwise)
 
 
+def conv3x3_text(args) -> str:
+    """--conv3x3 in the sweep's and end-to-end's setting, where it is not the default."""
+    return ", fused 3x3 kernel in the sweep" if args.conv3x3 == "fused" else ""
+
+
 def combine_text(args) -> str:
     """--combine in the step's and end-to-end's setting, where it is not the default."""
     return ", curve point by XLA's per-tensor sums" if args.combine == "xla" else ""
@@ -138,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "+ ReLU before them and the statistics after them, and a backward kernel "
                    "(Pallas kernels on GPUs; the model's pointwise, ProblemConfig.pointwise: "
                    "step, sweep and end-to-end)")
+    w.add_argument("--conv3x3", default="conv", choices=("conv", "fused"),
+                   help="fused (needs --pointwise fused): PreResNet's stride-1 3x3 "
+                   "convolutions in the sweep as one forward kernel with bn2 + ReLU before them "
+                   "and bn3's statistics after them (a Pallas kernel on GPUs; sweep.sweep's "
+                   "conv3x3, SelectionConfig.conv3x3: sweep and end-to-end)")
     w.add_argument("--combine", default="auto", choices=("auto", "xla"),
                    help="how curve training forms the curve point's weight tensors "
                    "(MCUConfig.combine): auto = one Pallas kernel on NVIDIA GPUs, xla = XLA's "
@@ -227,6 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         options = (f"{' --fused-bn' if args.fused_bn else ''}"
                    f"{f' --pointwise {args.pointwise}' if args.pointwise != 'conv' else ''}")
         parser.error(f"--model {args.model}{options}: {e}")
+    if args.conv3x3 != "conv" and args.pointwise == "conv":
+        parser.error(f"--conv3x3 {args.conv3x3} needs --pointwise fused (the 3x3 kernel reads "
+                     "the 1x1 kernel's output)")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")
@@ -473,7 +486,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
             strategy=strategy, chunk_size=chunk, mesh=mesh, fold_bn=args.fold_bn,
-            bn_group=args.bn_group,
+            bn_group=args.bn_group, conv3x3=args.conv3x3,
         )
 
     mesh = device_mesh(args)
@@ -503,7 +516,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
     if args.bn_group > 1:
         passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
         setting += f", BN pass: {passes}"
-    setting += model_text(args)
+    setting += model_text(args) + conv3x3_text(args)
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),
@@ -536,7 +549,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
                                    precompile=args.precompile, fold_bn=args.fold_bn,
-                                   bn_group=args.bn_group)
+                                   bn_group=args.bn_group, pointwise=args.pointwise,
+                                   conv3x3=args.conv3x3)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
@@ -558,7 +572,8 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    setting = (f"{args.model} {args.dtype}{model_text(args)}{combine_text(args)}, "
+    setting = (f"{args.model} {args.dtype}{model_text(args)}{conv3x3_text(args)}"
+               f"{combine_text(args)}, "
                f"D_r {args.retain:,}, "
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "
                f"mask {describe_mask(args.mask)}, "

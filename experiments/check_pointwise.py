@@ -3,7 +3,9 @@
 ops, on the shapes of PreResNet-110's 1x1 convolutions, and a PreResNet with it against the
 default model (outputs and gradients). The default sizes fill no whole number of the
 kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is checked too.
-Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors.
+With them, the fused 3x3 kernel (mcu_jax/models/conv3x3.py) on PreResNet-110's stride-1 3x3
+shapes, and the model with it too (outputs). Also the curve point's kernel
+(mcu_jax/combine.py) on PreResNet-110's weight tensors.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
@@ -32,6 +34,7 @@ import numpy as np
 
 from mcu_jax import combine, curves, mcu, models, packing, pytrees
 from mcu_jax import train as train_lib
+from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
 
 #: (K, N) of PreResNet-110's 1x1 convolutions, planes 16, 32, 64: conv1 (4 planes ->
@@ -41,6 +44,8 @@ from mcu_jax.models import pointwise as pw
 CONV1 = ((16, 16), (64, 16), (64, 32), (128, 32), (128, 64), (256, 64))
 CONV3 = ((16, 64), (32, 128), (64, 256))
 SHAPES = CONV1 + CONV3
+#: (image side, channels) of PreResNet-110's stride-1 3x3 convolutions (K = N = planes).
+CONV2 = ((32, 16), (16, 32), (8, 64))
 
 
 def _relative(a, b) -> float:
@@ -134,6 +139,26 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     return results
 
 
+def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
+    """``(label, relative difference)`` of the 3x3 kernel's output and channel sums against
+    the "xla" impl on ``batch`` images of each shape in :data:`CONV2` (63 by default: its
+    last block of pixels part empty where a block is not a whole number of images)."""
+    rng = np.random.default_rng(2)
+    results = []
+    for side, c in CONV2:
+        z = jnp.asarray(rng.normal(size=(batch, side, side, c)), dtype)
+        mean, bias = (jnp.asarray(rng.normal(size=c), jnp.float32) for _ in range(2))
+        mul = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(3, 3, c, c)) / np.sqrt(9 * c), jnp.float32)
+        got, (g1, g2) = jax.jit(functools.partial(c3.bn_relu_conv3x3, stats=True,
+                                                  impl=impl))(z, mean, mul, bias, w)
+        want, (w1, w2) = c3.bn_relu_conv3x3(z, mean, mul, bias, w, stats=True, impl="xla")
+        results.append((f"3x3 kernel K=N={c}, {batch} x {side} x {side}, "
+                        f"{jnp.dtype(dtype).name}",
+                        max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))))
+    return results
+
+
 def _global(a, b) -> float:
     """The norm of the difference of two pytrees over the norm of ``b``: gradients of a deep
     model at initialisation have leaves near zero, where any rounding is large relative to
@@ -159,20 +184,29 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     def loss(m, params):  # the training objective (mean cross-entropy)
         return train_lib.cross_entropy_loss(train(m, params)[0], labels, None, None)[0]
 
+    def forward(m, variables):
+        return (train(m, variables["params"]), m.apply(variables, x, train=False),
+                models.folded(m).apply(variables, x, train=False))
+
     @jax.jit
     def run(variables):
         kernel = models.with_pointwise(base, pointwise)
-        return [((train(m, variables["params"]), m.apply(variables, x, train=False),
-                  f.apply(variables, x, train=False)),
-                 jax.grad(functools.partial(loss, m))(variables["params"]))
-                for m, f in ((kernel, models.folded(kernel)), (base, base))]
+        return ([(forward(m, variables), jax.grad(functools.partial(loss, m))(
+            variables["params"])) for m in (kernel, base)],
+            forward(models.with_conv3x3(kernel, pointwise), variables))
 
-    (got, got_grad), (want, want_grad) = run(v)
+    ((got, got_grad), (want, want_grad)), got3 = run(v)
     name = f"PreResNet-{depth} pointwise={pointwise!r} against the default model"
-    return [(f"{name}: logits and batch statistics",
-             max(_relative(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
-                                                 strict=True))),
-            (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad))]
+
+    def worst(a, b):
+        return max(_relative(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                   strict=True))
+
+    return [(f"{name}: logits and batch statistics", worst(got, want)),
+            (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad)),
+            (f"{name.replace(' against', f', conv3x3={pointwise!r} against')}: logits "
+             "and batch statistics",
+             worst(got3, want))]
 
 
 def curve_point_checks(impl: str) -> list[tuple[str, float, float]]:
@@ -209,9 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="the model check's dtype (the kernel checks run in both)")
     p.add_argument("--checks", default="all", choices=("all", "pointwise", "curve-point"),
-                   help="pointwise: the fused 1x1 kernel's checks only; curve-point: the curve "
-                   "point's kernel's only (every curve step on a GPU runs it: gpu_check.sh "
-                   "checks it first)")
+                   help="pointwise: the fused 1x1 and 3x3 kernels' checks only; curve-point: "
+                   "the curve point's kernel's only (every curve step on a GPU runs it: "
+                   "gpu_check.sh checks it first)")
     args = p.parse_args(argv)
     for name in ("rows", "batch", "depth"):
         if getattr(args, name) < 1:
@@ -222,10 +256,11 @@ def main(argv=None) -> int:
     checks, checked = [], []
     if args.checks != "curve-point":
         checks += [(label, worst, tolerance[name]) for name in tolerance
-                   for label, worst in kernel_checks(args.rows, jnp.dtype(name), impl)]
+                   for label, worst in (kernel_checks(args.rows, jnp.dtype(name), impl)
+                                        + conv3x3_checks(args.batch, jnp.dtype(name), impl))]
         checks += [(label, worst, tolerance[args.dtype]) for label, worst in
                    model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
-        checked.append(f"fused 1x1 kernel ({impl}; the model in {args.dtype})")
+        checked.append(f"fused 1x1 and 3x3 kernels ({impl}; the model in {args.dtype})")
     if args.checks != "pointwise":
         checks += curve_point_checks(impl)
         checked.append(f"curve point kernel ({impl})")

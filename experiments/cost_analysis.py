@@ -30,7 +30,8 @@ compiles the step with that mask, whose frozen tensors get no weight gradient (a
 compiles the sweep's own program (``sweep.chunk_program``) for ``--num-t`` t over
 ``--sweep-images`` images with that strategy (vmap or map over t), ``bn_group`` and
 evaluation batch (BatchNorm batches of ``--batch-size``, as the step's; ``:fold``: BatchNorm
-folded for evaluation; ``:pointwise``: PreResNet's fused 1x1 kernel in both passes), and
+folded for evaluation; ``:pointwise``: PreResNet's fused 1x1 kernel in both passes;
+``:conv3x3``: with it, the fused 3x3 kernel of ``models/conv3x3.py``), and
 estimates its time by two terms: the bytes at ``--bytes-per-s`` and ``--kernel-us`` microseconds a
 kernel. Prints a Markdown table.
 
@@ -392,28 +393,30 @@ def sweep_row(rows: list[dict], num_t: int, images: int) -> dict:
             "bytes": count * (train_fwd["bytes"] + eval_fwd["bytes"]), "per": "sweep"}
 
 
-SWEEP_FLAGS = ("fold", "pointwise")
+SWEEP_FLAGS = ("fold", "pointwise", "conv3x3")
 
 
-def parse_sweep_program(spec: str) -> tuple[str, int, int, bool, bool]:
-    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise]"`` (e.g. ``vmap:1:500``, the GPU
-    default; ``map:16:2000:fold`` with BatchNorm folded for evaluation; ``map:16:2000:pointwise``
-    with PreResNet's fused 1x1 kernel in both passes; both flags in either order) ->
-    ``(strategy, bn_group, eval_batch, fold_bn, pointwise)``."""
+def parse_sweep_program(spec: str) -> tuple[str, int, int, bool, bool, bool]:
+    """``"STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise][:conv3x3]"`` (e.g. ``vmap:1:500``,
+    the GPU default; ``map:16:2000:fold`` with BatchNorm folded for evaluation;
+    ``map:16:2000:pointwise`` with PreResNet's fused 1x1 kernel in both passes;
+    ``...:pointwise:conv3x3`` with its fused 3x3 kernel too; flags in any order) ->
+    ``(strategy, bn_group, eval_batch, fold_bn, pointwise, conv3x3)``."""
     parts = spec.split(":")
     flags = parts[3:]
     try:
         strategy, group, eval_batch = parts[0], int(parts[1]), int(parts[2])
         ok = (strategy in ("vmap", "map") and min(group, eval_batch) >= 1
-              and len(set(flags)) == len(flags) and set(flags) <= set(SWEEP_FLAGS))
+              and len(set(flags)) == len(flags) and set(flags) <= set(SWEEP_FLAGS)
+              and ("conv3x3" not in flags or "pointwise" in flags))
     except (IndexError, ValueError):
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(
-            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise] "
-            "with STRATEGY vmap or map and positive integers, e.g. map:16:2000 or "
-            "map:16:2000:fold")
-    return strategy, group, eval_batch, "fold" in flags, "pointwise" in flags
+            f"--sweep-program {spec!r}: expected STRATEGY:BN_GROUP:EVAL_BATCH[:fold]"
+            "[:pointwise][:conv3x3] with STRATEGY vmap or map, positive integers and conv3x3 "
+            "only with pointwise, e.g. map:16:2000 or map:16:2000:fold")
+    return (strategy, group, eval_batch, *(name in flags for name in SWEEP_FLAGS))
 
 
 def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tuple,
@@ -421,12 +424,12 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
                       device=None) -> dict:
     """The sweep's own program (``sweep.chunk_program``, as ``sweep.sweep`` and benchmark.py
     run it: ``num_t`` t, BatchNorm statistics over ``images`` images and accuracy on the
-    same) for ``program = (strategy, bn_group, eval_batch, fold_bn, pointwise)``
+    same) for ``program = (strategy, bn_group, eval_batch, fold_bn, pointwise, conv3x3)``
     (:func:`parse_sweep_program`). Its bytes are the kernels' (:func:`hlo_kernels`, a loop's
     once per iteration) on every backend; the note counts the convolutions that ``vmap`` over
     t made grouped (one group per t) and gives the two-term estimate: the bytes at
     ``bytes_per_s`` plus ``kernel_s`` per kernel."""
-    strategy, group, eval_batch, fold, pointwise = program
+    strategy, group, eval_batch, fold, pointwise, conv3x3 = program
     model, theta, data = _workload(model_name, dtype, images)
     if pointwise and "pointwise" not in model.__dataclass_fields__:
         raise SystemExit(f"--sweep-program ...:pointwise: model {model_name} has no pointwise "
@@ -436,7 +439,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
         model, [theta["params"]] * 3, np.linspace(0.0, 1.0, num_t), theta["batch_stats"],
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
         eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold,
-        pointwise="fused" if pointwise else "conv")
+        pointwise="fused" if pointwise else "conv", conv3x3="fused" if conv3x3 else "conv")
     compiled = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)
@@ -448,6 +451,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
     return {"program": f"sweep program: {strategy} over t, BN {batches}, eval batch {eval_batch}"
                        f"{', BN folded' if fold else ''}"
                        f"{', fused 1x1 kernel' if pointwise else ''}"
+                       f"{', fused 3x3 kernel' if conv3x3 else ''}"
                        f" ({num_t} t x ({images:,} BN + {images:,} eval images))",
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
@@ -486,7 +490,8 @@ def main(argv=None) -> str:
     p.add_argument("--bytes-per-s", type=float, default=3e12)
     p.add_argument("--mask", metavar="FILE", default=None,
                    help="also the step with this saved mask (masks.save / mcu-jax mask)")
-    p.add_argument("--sweep-program", metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise]",
+    p.add_argument("--sweep-program",
+                   metavar="STRATEGY:BN_GROUP:EVAL_BATCH[:fold][:pointwise][:conv3x3]",
                    action="append",
                    type=parse_sweep_program, default=[],
                    help="also the sweep's own program with these settings, for --num-t t "

@@ -1,9 +1,11 @@
-"""Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py) on a GPU that
-is not here: each kernel, forward and backward, is compiled for a GPU target config without
-the card (as ``cost_analysis.py --gpu-target`` does), XLA writes the PTX, and ``ptxas -v``
-reports the registers each thread uses and the bytes it spills to local memory. A spilling
+"""Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py) and the fused
+3x3 kernel (mcu_jax/models/conv3x3.py) on a GPU that is not here: each kernel, forward and
+backward, is compiled for a GPU target config without the card (as ``cost_analysis.py
+--gpu-target`` does), XLA writes the PTX, and ``ptxas -v`` reports the registers each thread
+uses and the bytes it spills to local memory. A spilling
 kernel reads and writes memory the byte counts do not show, so the block-size rules
-(``pointwise.blocks``, ``pointwise.backward_blocks``) are chosen to spill nothing.
+(``pointwise.blocks``, ``pointwise.backward_blocks``, ``conv3x3.block_rows``) are chosen to
+spill nothing.
 
 usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targets/h100.pbtxt]
                                               [--dtype float32] [--rows 8192] [--arch sm_90a]
@@ -13,7 +15,9 @@ nvidia-cuda-nvcc wheel the plugin installs, or ``PTXAS=path``); no GPU. Prints a
 table: one row per PreResNet-110 1x1 convolution's shape in its use (:data:`VARIANTS`:
 conv1, with the next BatchNorm + ReLU after it and its input returned for the shortcut, or
 conv3, which adds the residual; each compiles kernels of its own) and kernel, for the
-gradient of a loss of its outputs (so both kernels are compiled).
+gradient of a loss of its outputs (so both kernels are compiled); then one row per stride-1
+3x3 convolution's shape (conv2: the forward kernel with statistics, on ``--rows`` pixels
+of its image side).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def kernel_ptx(dump: Path) -> dict[str, Path]:
     """The PTX file of each Pallas kernel XLA wrote into ``dump``, by kernel name."""
     found = {}
     for path in sorted(dump.glob("*.ptx")):
-        entry = re.search(r"\.entry (bn_relu_matmul\w*)\(", path.read_text())
+        entry = re.search(r"\.entry (bn_relu_(?:matmul|conv3x3)\w*)\(", path.read_text())
         if entry:
             found[entry.group(1)] = path
     return found
@@ -83,9 +87,10 @@ def main(argv=None) -> str:
     ptxas = find_ptxas()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from check_pointwise import CONV1, CONV3
+        from check_pointwise import CONV1, CONV2, CONV3
 
-        for variant, shapes in zip(VARIANTS, (CONV1, CONV3), strict=True):
+        conv2 = tuple((c, c) for _, c in CONV2)  # K = N; the image side follows from K
+        for variant, shapes in zip(VARIANTS, (CONV1, CONV3, conv2), strict=True):
             for k, n in shapes:
                 dump = Path(tmp) / f"{k}x{n}-{variant}"
                 # XLA reads its flags once per process: one child process per shape and use
@@ -110,8 +115,9 @@ def main(argv=None) -> str:
 #: shapes (``check_pointwise.CONV1``, ``CONV3``): "conv1" (``bn_relu_matmul_bn``: the next
 #: BatchNorm + ReLU after it, whose derivative the backward kernel applies, and its input
 #: returned for the shortcut, whose cotangent the backward kernel adds) and "conv3" (adds the
-#: residual, whose cotangent the backward kernel writes).
-VARIANTS = ("conv1", "conv3")
+#: residual, whose cotangent the backward kernel writes), then "conv2" (the 3x3 kernel of
+#: ``conv3x3``, forward only, with its statistics).
+VARIANTS = ("conv1", "conv3", "conv2")
 
 
 def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -> None:
@@ -129,6 +135,16 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     def shape(*dims, dt=jnp.float32):
         return jax.ShapeDtypeStruct(dims, dt, sharding=place)
 
+    if variant == "conv2":  # (rows // side**2) images of the side whose planes are k
+        from check_pointwise import CONV2
+
+        from mcu_jax.models import conv3x3
+
+        side = dict((c, s) for s, c in CONV2)[k]
+        z = shape(max(1, rows // side ** 2), side, side, k, dt=jnp.dtype(dtype))
+        jax.jit(lambda *a: conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas")).lower(
+            z, shape(k), shape(k), shape(k), shape(3, 3, k, n)).compile()
+        return
     conv1 = variant == "conv1"
 
     def loss(*a):

@@ -100,7 +100,7 @@ def tree_digest(tree: Any) -> str:
 
 #: Model fields added after run folders may have been made -> the value that behaves as
 #: before; at that value the field is left out of :func:`model_identity`, as in older records.
-ADDED_MODEL_FIELDS = {"fused_bn": False, "pointwise": "conv"}
+ADDED_MODEL_FIELDS = {"fused_bn": False, "pointwise": "conv", "conv3x3": "conv"}
 
 
 def model_identity(model: Any) -> str:
@@ -146,6 +146,7 @@ ADDED_FIELDS = {
     "selection.interpolation": "cubic",  # SelectionConfig
     # SelectionConfig's speed settings (the same results up to float rounding)
     "selection.fold_bn": False, "selection.bn_group": 1, "selection.pointwise": "conv",
+    "selection.conv3x3": "conv",
 }
 
 

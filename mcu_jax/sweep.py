@@ -34,7 +34,13 @@ from mcu_jax.data.batching import check_batch_size, check_indices
 from mcu_jax.data.device import Images
 from mcu_jax.data.transforms import normalize
 from mcu_jax.evaluation import per_sample_outputs
-from mcu_jax.models import folded, pointwise_impl, variable_shapes, with_pointwise
+from mcu_jax.models import (
+    folded,
+    pointwise_impl,
+    variable_shapes,
+    with_conv3x3,
+    with_pointwise,
+)
 
 CURVES = curves.KINDS
 STRATEGIES = ("auto", "vmap", "map")
@@ -151,6 +157,7 @@ def sweep(
     fold_bn: bool = False,
     bn_group: int = 1,
     pointwise: str = "conv",
+    conv3x3: str = "conv",
 ) -> SweepResult:
     """Evaluates the curve at every t in ``ts``.
 
@@ -189,12 +196,17 @@ def sweep(
         same accuracies up to float rounding, about 0.6 of the bytes when compiled for an
         H100 (not yet timed on a card); other models are unchanged. With ``fold_bn`` the
         evaluation pass also folds the BatchNorms after the kernel and the 3x3 convolution.
+      conv3x3: "fused" also runs PreResNet's stride-1 3x3 convolutions as one kernel with
+        bn2 + ReLU before them and bn3's statistics after them (``models.with_conv3x3``,
+        ``models/conv3x3.py``; a Pallas kernel on GPUs), in the BatchNorm pass and, unless
+        ``fold_bn`` folds bn3 into them, the evaluation pass; the same accuracies up to
+        float rounding. It needs the 1x1 kernel (``pointwise``, here or the model's own).
     """
     plan = _plan(model, points, ts, template, bn_set, eval_sets, curve=curve,
                  bn_batch_size=bn_batch_size, eval_batch_size=eval_batch_size,
                  return_probs=return_probs, return_stats=return_stats, strategy=strategy,
                  chunk_size=chunk_size, mesh=mesh, fold_bn=fold_bn, bn_group=bn_group,
-                 pointwise=pointwise)
+                 pointwise=pointwise, conv3x3=conv3x3)
     ts = plan.ts
     outs = []
     for lo in range(0, ts.size, plan.chunk):
@@ -240,7 +252,7 @@ class _Plan:
 
 def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_size,
           eval_batch_size, return_probs, return_stats, strategy, chunk_size, mesh,
-          fold_bn=False, bn_group=1, pointwise="conv") -> _Plan:
+          fold_bn=False, bn_group=1, pointwise="conv", conv3x3="conv") -> _Plan:
     try:
         ts = np.asarray(ts, np.float32)
     except (TypeError, ValueError):
@@ -259,6 +271,8 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     bn_group = check_batch_size("bn_group", bn_group)
     if pointwise_impl(pointwise) != "conv":  # checked; "conv" leaves the model's own setting
         model = with_pointwise(model, pointwise)
+    if pointwise_impl(conv3x3, "conv3x3") != "conv":
+        model = with_conv3x3(model, conv3x3)
     chunk = checks.optional_integer("chunk_size", chunk_size, 1) or ts.size
     if mesh is not None:
         n_dev = sharding.num_shards(mesh)

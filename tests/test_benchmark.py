@@ -179,7 +179,7 @@ def test_trained_models_and_a_mask_file(benchmark, tmp_path, capsys):
 def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
     """--pointwise fused is the model's setting, so the step and the sweep both run the model
     with it (on the CPU as XLA's ops, differentiated by autodiff: the kernels themselves are
-    tested in test_pointwise.py)."""
+    tested in test_pointwise.py); --conv3x3 fused adds the 3x3 kernel to the sweep only."""
     import functools
 
     from mcu_jax import models
@@ -189,6 +189,7 @@ def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
     out = benchmark.main(TINY + [
         "--model", "preresnet11_bench_test", "--image-size", "8", "--steps", "2",
         "--warmup", "0", "--steps-per-call", "1", "--num-t", "2", "--pointwise", "fused",
+        "--conv3x3", "fused",
     ])
     args = benchmark.parse_args(["--model", "preresnet11_bench_test", "--pointwise", "fused"])
     assert benchmark.model_of(args).pointwise == "fused"
@@ -199,5 +200,9 @@ def test_the_fused_1x1_kernel_in_every_part(benchmark, monkeypatch, capsys):
     rows = out["rows"]
     assert [r["part"] for r in rows] == ["curve step", "sweep"]
     assert all("fused 1x1 kernel" in r["setting"] for r in rows)
+    assert ["fused 3x3 kernel" in r["setting"] for r in rows] == [False, True]
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--conv3x3", "fused"])
+    assert "needs --pointwise fused" in capsys.readouterr().err
     assert rows[0]["numbers"]["step_ms"] > 0
     capsys.readouterr()

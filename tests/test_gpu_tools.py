@@ -288,7 +288,7 @@ def test_cost_analysis_of_the_sweep_programs():
         "BN folded (3 t x (64 BN + 64 eval images))"]
     vmap_note, map_note, _ = (r.split("|")[8].strip() for r in rows)
     assert not vmap_note.startswith("0 of ") and map_note.startswith("0 of ")
-    dense = ("map", 2, 64, False, False)
+    dense = ("map", 2, 64, False, False, False)
     row = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 64, 2e-6, 1e12)
     assert row["note"].endswith(f"{row['bytes'] / 1e12 + row['kernels'] * 2e-6:.3g} s")
     twice = cost.sweep_program_row("cnn_small", "float32", 16, dense, 3, 128, 2e-6,
@@ -296,14 +296,17 @@ def test_cost_analysis_of_the_sweep_programs():
     assert 1.5 * row["bytes"] < twice["bytes"] < 2.5 * row["bytes"]
     assert twice["kernels"] > row["kernels"]
     # The label says what runs: 8 batches of 16 and a remainder, 3 at once padded to 9.
-    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64, False, False), 3, 140,
-                                 2e-6, 1e12)
+    odd = cost.sweep_program_row("cnn_small", "float32", 16, ("map", 3, 64, False, False, False),
+                                 3, 140, 2e-6, 1e12)
     assert "BN 8 batches of 16 + 12, 3 at once in 3 steps" in odd["program"]
-    assert cost.parse_sweep_program("map:16:2000:pointwise") == ("map", 16, 2000, False, True)
-    assert cost.parse_sweep_program("vmap:1:500:fold") == ("vmap", 1, 500, True, False)
-    assert cost.parse_sweep_program("map:1:5:pointwise:fold") == ("map", 1, 5, True, True)
+    assert cost.parse_sweep_program("map:16:2000:pointwise") == ("map", 16, 2000, False, True,
+                                                                 False)
+    assert cost.parse_sweep_program("vmap:1:500:fold") == ("vmap", 1, 500, True, False, False)
+    assert cost.parse_sweep_program("map:1:5:pointwise:fold") == ("map", 1, 5, True, True, False)
+    assert cost.parse_sweep_program("map:1:5:conv3x3:pointwise") == ("map", 1, 5, False, True,
+                                                                     True)
     for bad in ("pmap:1:500", "vmap:0:500", "vmap:1", "map:x:5", "map:1:5:folded",
-                "map:1:5:fold:x", "map:1:5:fold:fold"):
+                "map:1:5:fold:x", "map:1:5:fold:fold", "map:1:5:conv3x3"):
         with pytest.raises(SystemExit):
             cost.main(["--model", "cnn_small", "--sweep-program", bad])
 
@@ -540,17 +543,20 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
 
 def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel and its
-    backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, and a PreResNet with it
-    with the default model (outputs, and gradients), and the curve point's kernel with XLA's
-    sums."""
+    backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, the 3x3 kernel on its
+    stride-1 3x3 shapes, and a PreResNet with them with the default model (outputs, and
+    gradients with the 1x1 kernel), and the curve point's kernel with XLA's sums."""
     check = _load("check_pointwise")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# fused 1x1 kernel (interpret; the model in float32) and curve "
-                          "point kernel (interpret) on cpu")
+    assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
+                          "curve point kernel (interpret) on cpu")
+    assert "3x3 kernel K=N=64, 2 x 8 x 8, bfloat16: relative difference" in out
+    assert "conv3x3='interpret' against the default model: logits" in out
     assert "1280 rows, bfloat16, residual: relative difference" in out
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
-    checks = 2 * (3 * len(check.SHAPES) + 3 + 1) + 2 + 2  # 3: conv1's shapes with K = 4N
+    # 3: conv1's shapes with K = 4N; the model: 3 checks; the curve point: 2
+    checks = 2 * (3 * len(check.SHAPES) + 3 + 1 + len(check.CONV2)) + 3 + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
@@ -567,7 +573,9 @@ def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
     regs = _load("kernel_registers")
     (tmp_path / "module_1.ptx").write_text(".visible .entry bn_relu_matmul_backward(\n")
     (tmp_path / "module_2.ptx").write_text(".visible .entry other(\n")
-    assert regs.kernel_ptx(tmp_path) == {"bn_relu_matmul_backward": tmp_path / "module_1.ptx"}
+    (tmp_path / "module_3.ptx").write_text(".visible .entry bn_relu_conv3x3(\n")
+    assert regs.kernel_ptx(tmp_path) == {"bn_relu_matmul_backward": tmp_path / "module_1.ptx",
+                                         "bn_relu_conv3x3": tmp_path / "module_3.ptx"}
     fake = tmp_path / "ptxas"
     fake.write_text("#!/bin/sh\necho 'ptxas info    : Used 200 registers, used 1 barriers' >&2\n"
                     "echo '    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads'"
@@ -581,10 +589,10 @@ def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
 def test_kernel_registers_of_every_shape_for_the_h100():
     """Where JAX's CUDA plugin (and its ptxas) is installed, kernel_registers.py compiles
     both kernels of every PreResNet-110 1x1 shape, as its block uses it (conv1 or conv3),
-    for the H100 without it, and the block rules leave no kernel spilling more than a few
-    bytes."""
+    and the 3x3 kernel of each stride-1 3x3 shape, for the H100 without it, and the block
+    rules leave no kernel spilling more than a few bytes."""
     pytest.importorskip("jax_plugins.xla_cuda13", reason="JAX's CUDA 13 plugin is not "
                         "installed (pip install -e '.[cuda13]'); no GPU is needed")
     text = _load("kernel_registers").main(["--rows", "1024"])
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| K=")]
-    assert len(rows) == 2 * 9 and all(int(r[5]) <= 64 for r in rows)
+    assert len(rows) == 2 * 9 + 3 and all(int(r[5]) <= 64 for r in rows)

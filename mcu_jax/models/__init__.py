@@ -11,7 +11,9 @@ BatchNorm + ReLU with a hand-written backward pass that moves fewer bytes, ``bat
 off until measured on a GPU; the same function either way, rounded differently).
 PreResNet also has ``pointwise`` (its 1x1 convolutions as one kernel with the BatchNorm +
 ReLU before them and the statistics after them, and a backward kernel, ``pointwise.py``;
-:func:`with_pointwise` sets it where it exists; for training and the sweep).
+:func:`with_pointwise` sets it where it exists; for training and the sweep), and with it
+``conv3x3`` (its stride-1 3x3 convolutions as one forward kernel with bn2 + ReLU before them
+and bn3's statistics after them, ``conv3x3.py``; :func:`with_conv3x3`; for the sweep).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
@@ -74,6 +76,7 @@ __all__ = [
     "register",
     "save_npz",
     "variable_shapes",
+    "with_conv3x3",
     "with_pointwise",
 ]
 
@@ -250,6 +253,23 @@ def with_pointwise(model, pointwise: str):
     ``pointwise.bn_relu_matmul``; one of :data:`POINTWISE`, checked); a model without that
     field is returned as it is."""
     pointwise_impl(pointwise)
-    if "pointwise" in getattr(model, "__dataclass_fields__", {}):
-        return model.clone(pointwise=pointwise)
+    return _with_field(model, "pointwise", pointwise)
+
+
+def with_conv3x3(model, conv3x3: str):
+    """``model`` with its ``conv3x3`` field set (PreResNet's stride-1 3x3 convolutions as
+    ``conv3x3.bn_relu_conv3x3``, for forward passes; one of :data:`POINTWISE`, checked); a
+    model without that field is returned as it is. ValueError where the model's
+    ``pointwise`` is "conv": the kernel reads the 1x1 kernel's output."""
+    if (pointwise_impl(conv3x3, "conv3x3") != "conv"
+            and getattr(model, "pointwise", None) == "conv"):
+        raise ValueError(f"conv3x3={conv3x3!r} needs the model's pointwise 'fused' or "
+                         "'interpret' (the kernel reads the 1x1 kernel's output), got 'conv'")
+    return _with_field(model, "conv3x3", conv3x3)
+
+
+def _with_field(model, name: str, value):
+    """``model.clone(**{name: value})`` where the model has that field, else ``model``."""
+    if name in getattr(model, "__dataclass_fields__", {}):
+        return model.clone(**{name: value})
     return model

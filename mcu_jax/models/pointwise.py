@@ -51,7 +51,7 @@ the card), not tuned for speed: no GPU has timed these kernels yet. XLA's SPMD p
 cannot split a custom kernel (it would gather the rows and run the kernel whole on every
 device), so in a data-parallel program, which traces under its mesh
 (``sharding.data_parallel``), each device runs the kernels on its own rows
-(:func:`_on_own_rows`); docs/benchmarks.md, "Multiple devices".
+(:func:`on_own_rows`); docs/benchmarks.md, "Multiple devices".
 """
 
 from __future__ import annotations
@@ -579,8 +579,10 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)):
         results = plain(*args)
     else:
-        axes = _row_axes(flat.shape[0])
-        results = (_on_own_rows(compute, axes, return_input) if axes else compute)(*args)
+        axes = row_axes(flat.shape[0])
+        split = (True, False, False, False, False, True, False)  # z and the residual
+        results = (on_own_rows(compute, axes, split, return_input) if axes
+                   else compute)(*args)
     out, sums = results[0].reshape(*lead, w.shape[-1]), results[1]
     return (out, sums, results[2].reshape(z.shape)) if return_input else (out, sums)
 
@@ -709,7 +711,7 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
     computes it: the masks may differ where a value lies within rounding of zero).
     Composed, XLA writes the cotangent of ``out`` in passes of its own first
     (docs/benchmarks.md, "Fewer passes: the BatchNorm after the kernel in the backward
-    kernel"). In a data-parallel program (``_row_axes``) and without the kernel,
+    kernel"). In a data-parallel program (``row_axes``) and without the kernel,
     :func:`bn_relu_matmul` and the BatchNorm in XLA ops, differentiated as composed.
     """
     kernel_impl.check("bn_relu_matmul_bn", impl)
@@ -728,7 +730,7 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
     def kernel(*operands):
         return _kernel_bn(*operands, epsilon, impl == "interpret", return_input)
 
-    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or _row_axes(len(flat)):
+    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or row_axes(len(flat)):
         results = composed(*args)
     else:
         _check(*args[:5], None)
@@ -738,7 +740,7 @@ def bn_relu_matmul_bn(z, mean, mul, bias, w, scale, offset, epsilon: float, *,
     return (a, stats, results[2].reshape(z.shape)) if return_input else (a, stats)
 
 
-def _row_axes(m: int) -> tuple[str, ...]:
+def row_axes(m: int) -> tuple[str, ...]:
     """The axes of JAX's context mesh that a data-parallel program splits its batch over (its
     automatic axes; ``sharding.data_parallel`` traces under the mesh), when they split ``m``
     rows evenly over more than one device; else ()."""
@@ -751,12 +753,14 @@ def _row_axes(m: int) -> tuple[str, ...]:
     return axes if devices > 1 and m % devices == 0 else ()
 
 
-def _on_own_rows(compute, axes: tuple[str, ...], return_input: bool = False):
-    """``compute`` on each device's own rows (``shard_map`` over ``axes``): ``z`` and the
-    residual split by rows, the other operands whole, the statistics summed over the devices.
-    XLA's SPMD partitioner cannot split a custom kernel: without this it gathers the rows
-    and runs the kernel on the whole batch on every device. The derivative follows:
-    shard_map's transpose sums the weight and BatchNorm gradients over the devices.
+def on_own_rows(compute, axes: tuple[str, ...], split: tuple[bool, ...],
+                return_input: bool = False):
+    """``compute`` on each device's own rows (``shard_map`` over ``axes``): the operands
+    marked in ``split`` split by their first axis (rows, or images), the others whole, and
+    ``compute``'s results ``(out, sums or None[, z])`` with the statistics summed over the
+    devices. XLA's SPMD partitioner cannot split a custom kernel: without this it gathers
+    the rows and runs the kernel on the whole batch on every device. The derivative
+    follows: shard_map's transpose sums the weight and BatchNorm gradients over the devices.
     ``check_vma=False``: Pallas kernels do not declare how their outputs vary over the
     mesh. With ``return_input`` the returned ``z`` is split by rows too."""
     rows, whole = P(axes), P()
@@ -766,6 +770,6 @@ def _on_own_rows(compute, axes: tuple[str, ...], return_input: bool = False):
         return out, None if sums is None else jax.lax.psum(sums, axes), *z
 
     return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(rows, whole, whole, whole, whole, rows, whole),
+                         in_specs=tuple(rows if s else whole for s in split),
                          out_specs=(rows, whole, rows)[:3 if return_input else 2],
                          check_vma=False)

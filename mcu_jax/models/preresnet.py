@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mcu_jax import checks
+from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients
 from mcu_jax.models.layers import (
@@ -52,24 +53,27 @@ EXPANSION = 4
 POINTWISE = ("conv", "fused", "interpret")
 
 
-def pointwise_impl(pointwise: str) -> str:
-    """The ``pointwise.bn_relu_matmul`` impl that a ``pointwise`` setting other than "conv"
-    runs (checked: ValueError for a value not in :data:`POINTWISE`)."""
-    checks.choice("pointwise", pointwise, POINTWISE)
+def pointwise_impl(pointwise: str, name: str = "pointwise") -> str:
+    """The kernel impl (``kernel_impl``) that a ``pointwise`` (or ``conv3x3``, named by
+    ``name``) setting other than "conv" runs (checked: ValueError for a value not in
+    :data:`POINTWISE`)."""
+    checks.choice(name, pointwise, POINTWISE)
     return "auto" if pointwise == "fused" else pointwise
 
 
-class _Kernel1x1(nn.Module):
-    """The variables of a bias-free 1x1 ``nn.Conv`` (``kernel``, (1, 1, K, N), the same
-    initial values), returned as the (K, N) matrix."""
+class _ConvKernel(nn.Module):
+    """The variables of a bias-free ``nn.Conv`` (``kernel``, (size, size, K, N), the same
+    initial values), returned for a kernel of this package: a 1x1 one as the (K, N) matrix,
+    a 3x3 one as it is (HWIO)."""
 
     features: int
+    size: int = 1
 
     @nn.compact
     def __call__(self, in_features: int):
-        kernel = self.param("kernel", conv_init, (1, 1, in_features, self.features),
-                            jnp.float32)
-        return kernel.reshape(in_features, self.features)
+        kernel = self.param("kernel", conv_init, (self.size, self.size, in_features,
+                                                   self.features), jnp.float32)
+        return kernel.reshape(in_features, self.features) if self.size == 1 else kernel
 
 
 class PreActBottleneck(nn.Module):
@@ -85,6 +89,7 @@ class PreActBottleneck(nn.Module):
     fold: bool = False
     fused: bool = False  # BatchNorm + ReLU with the hand-written backward pass (batchnorm.py)
     pointwise: str = "conv"  # POINTWISE; not "conv": returns (out, its sums or None)
+    conv3x3: str = "conv"  # POINTWISE; not "conv" (needs pointwise): conv2 as conv3x3.py's
 
     @nn.compact
     def __call__(self, x, train: bool, sums=None):
@@ -109,16 +114,26 @@ class PreActBottleneck(nn.Module):
         ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. In
         train mode conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU after it (its
         derivative taken in the backward kernel). With ``fold`` (evaluation) bn2 is applied
-        on conv1's way out and bn3 folded into conv2."""
+        on conv1's way out and bn3 folded into conv2. With ``conv3x3`` (stride 1, not
+        folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2 applied on its way in, bn3's sums
+        on its way out."""
         dt, impl = self.dtype, pointwise_impl(self.pointwise)
         coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
                                          BN_EPSILON)
         bn1 = coefficients(name="bn1")(x, sums)
-        w1 = _Kernel1x1(self.planes, name="conv1")(x.shape[-1])
-        conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
-        w3 = _Kernel1x1(self.planes * EXPANSION, name="conv3")(self.planes)
+        w1 = _ConvKernel(self.planes, name="conv1")(x.shape[-1])
+        w3 = _ConvKernel(self.planes * EXPANSION, name="conv3")(self.planes)
         shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
                         name="shortcut") if self.project else (lambda v: v)
+        if self.conv3x3 != "conv" and self.stride == 1 and not self.fold:
+            w2 = _ConvKernel(self.planes, 3, name="conv2")(self.planes)
+            z1, sums1, x = pw.bn_relu_matmul(x, *bn1, w1, stats=train, return_input=True,
+                                             impl=impl)
+            z2, sums2 = c3.bn_relu_conv3x3(z1, *coefficients(name="bn2")(z1, sums1), w2,
+                                           stats=train, impl=pointwise_impl(self.conv3x3))
+            return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2, sums2), w3,
+                                     shortcut(x), stats=train, impl=impl)
+        conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
         if self.fold:  # running statistics: only the channel count of bn2's and bn3's input
             channels = jax.ShapeDtypeStruct((self.planes,), dt)
             mean2, mul2, bias2 = coefficients(name="bn2")(channels)  # applied by conv1
@@ -160,12 +175,20 @@ class PreResNet(nn.Module):
     # With fold_bn, evaluation folds bn2 and bn3 into the kernel's output and conv2. fused_bn
     # has no effect with it, in either mode (no BatchNorm of its kind is left).
     pointwise: str = "conv"
+    # With pointwise: the stride-1 blocks' 3x3 convolutions as one kernel with bn2 + ReLU
+    # before them and bn3's statistics after them (POINTWISE, conv3x3.py), except where
+    # fold_bn folds bn3 into them. A forward kernel: its derivative is XLA's, so it is for
+    # the sweep (its passes run forward only), not for training.
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool):
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
         pointwise_impl(self.pointwise)  # checked before anything is built
+        if pointwise_impl(self.conv3x3, "conv3x3") != "conv" and self.pointwise == "conv":
+            raise ValueError(f"conv3x3={self.conv3x3!r} needs pointwise 'fused' or "
+                             "'interpret' (the kernel reads conv1's kernel's output)")
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
@@ -185,6 +208,7 @@ class PreResNet(nn.Module):
                     fold,
                     self.fused_bn,
                     self.pointwise,
+                    self.conv3x3,
                     name=f"stage{s + 1}_block{b}",
                 )
                 if self.pointwise == "conv":
@@ -202,14 +226,14 @@ class PreResNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-#: The paths (``pytrees.flatten``'s) of the blocks' 1x1 kernels that ``_Kernel1x1`` makes.
+#: The paths (``pytrees.flatten``'s) of the blocks' 1x1 kernels that ``_ConvKernel`` makes.
 _MATRIX_PATH = re.compile(r"stage\d+_block\d+/conv[13]/kernel")
 
 
 def matrix_kernels(model: PreResNet, paths: Iterable[str]) -> frozenset[str]:
     """The paths among ``paths`` of the 4-d kernels that ``model`` reads as (K, N) matrices,
     not as convolution filters: its blocks' conv1 and conv3 where ``pointwise`` is not
-    "conv" (``_Kernel1x1``); none otherwise."""
+    "conv" (``_ConvKernel``); none otherwise."""
     if model.pointwise == "conv":
         return frozenset()
     return frozenset(p for p in paths if _MATRIX_PATH.fullmatch(p))
