@@ -23,10 +23,10 @@
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
 #   pointwise_check  check_pointwise.py --checks pointwise: the fused 1x1 kernel's Pallas (Triton)
-#                builds, forward and backward, in float32 and bfloat16, on this card
-#                against XLA's ops, and a PreResNet with it against the default model,
-#                outputs and gradients (exit status 1 if a difference is above the
-#                tolerance)
+#                builds, forward and backward, and the fused 3x3 kernel's, in float32 and
+#                bfloat16, on this card against XLA's ops, and a PreResNet with them against
+#                the default model, outputs and gradients (exit status 1 if a difference is
+#                above the tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
 #                compiled for an H100, 12.3 GB in 1,331 kernels against 18.0 GB in 2,017
@@ -34,6 +34,10 @@
 #                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
 #                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
 #                (1.12 s estimated, against the 1.1 s target; compare with bf16's sweep)
+#   conv3x3_bf16  pointwise_bf16 with the fused 3x3 kernel too (--conv3x3 fused: the stride-1
+#                3x3 convolutions with bn2 + ReLU before them and bn3's statistics after
+#                them, mcu_jax/models/conv3x3.py; 1.03 s estimated; compare with
+#                pointwise_bf16's) to decide SelectionConfig.conv3x3
 #   pointwise    sweep_map's sweep with PreResNet's 1x1 convolutions as the fused kernel
 #                (--pointwise fused; compare with sweep_map's) to decide
 #                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
@@ -99,8 +103,8 @@
 #   --train-images 1437 --steps 20 --num-t 4 --sweep-images 256 --retain 1293 --forget 144 \
 #   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
 #   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
-# (with --model cnn_small the benchmark parts pointwise, pointwise_bf16, pointwise_step and
-# pointwise_step_bf16, and e2e_fast with FAST_OPTIONS="--pointwise fused", stop at the
+# (with --model cnn_small the benchmark parts pointwise, pointwise_bf16, conv3x3_bf16,
+# pointwise_step and pointwise_step_bf16, and e2e_fast with FAST_OPTIONS="--pointwise fused", stop at the
 # benchmark's argument check: the kernel is PreResNet's)
 set -u -o pipefail
 
@@ -181,7 +185,7 @@ grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 # (parts without a curve step need no check; cost compiles one, but only to count it: its
 # script takes no --combine, so the fallback could not reach it anyway)
 if [ -z "$ONLY" ] || [ -n "$(printf '%s\n' $ONLY | grep -vxE \
-    'reference|sweep_map|pointwise|pointwise_bf16|fold|strategies|cost|pointwise_check')" ]; then
+    'reference|sweep_map|pointwise|pointwise_bf16|conv3x3_bf16|fold|strategies|cost|pointwise_check')" ]; then
   if timeout 120 $PY experiments/check_pointwise.py --checks curve-point >>"$LOG" 2>&1; then
     log "the curve point's kernel matches XLA's sums"
   else
@@ -299,9 +303,12 @@ DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-image
 bench sweep_map 70 "${DENSE[@]}"
 run_script pointwise_check 120 experiments/check_pointwise.py --checks pointwise
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
-bench pointwise_bf16 70 --model preresnet110 --dtype bfloat16 --skip-step --num-t 20 \
-  --sweep-images 6000 --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn \
-  --pointwise fused
+BEST_SWEEP=(--model preresnet110 --dtype bfloat16 --skip-step --num-t 20 --sweep-images 6000
+  --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn --pointwise fused)
+bench pointwise_bf16 70 "${BEST_SWEEP[@]}"
+# the same with the fused 3x3 kernel in the BatchNorm pass (1.03 s by the estimate, against
+# pointwise_bf16's 1.12 s): its ratio needs pointwise_bf16 in the same call
+bench conv3x3_bf16 70 "${BEST_SWEEP[@]}" --conv3x3 fused
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what

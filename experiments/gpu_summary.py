@@ -102,15 +102,17 @@ def _verdict(ok: bool | None) -> str:
 
 
 def _dense_label(parts: dict, name: str, dtype: str, group: int, eval_batch: int,
-                 fold_bn: bool = False, pointwise: str = "conv") -> str:
+                 fold_bn: bool = False, pointwise: str = "conv", conv3x3: str = "conv") -> str:
     """The sweep settings of part ``name`` in words: those it ran with (its benchmark
     arguments), or where it did not run gpu_check.sh's (the other arguments)."""
     args = {"dtype": dtype, "strategy": "map", "bn_group": group, "eval_batch_size": eval_batch,
-            "fold_bn": fold_bn, "pointwise": pointwise, **parts.get(name, {}).get("args", {})}
+            "fold_bn": fold_bn, "pointwise": pointwise, "conv3x3": conv3x3,
+            **parts.get(name, {}).get("args", {})}
     return (f"{args['dtype']}, {args['strategy']} over t, {args['bn_group']} BN batches at "
             f"once, eval batch {args['eval_batch_size']}"
             f"{', BN folded for evaluation' if args['fold_bn'] else ''}"
-            f"{', fused 1x1 kernel' if args['pointwise'] == 'fused' else ''}")
+            f"{', fused 1x1 kernel' if args['pointwise'] == 'fused' else ''}"
+            f"{', fused 3x3 kernel' if args['conv3x3'] == 'fused' else ''}")
 
 
 def summary(out: Path) -> str:
@@ -153,10 +155,12 @@ def summary(out: Path) -> str:
         lines.append(f"| curve step <= {STEP_TARGET_MS:g} ms ({label}) | {text} | "
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
     # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise
-    # against sweep_map's (gpu_check.sh runs them on the dense settings)
+    # against sweep_map's (gpu_check.sh runs them on the dense settings), conv3x3_bf16
+    # against pointwise_bf16's
     base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
             "pointwise": ("sweep_map", "sweep with nn.Conv"),
-            "pointwise_bf16": ("bf16", "bfloat16 sweep")}
+            "pointwise_bf16": ("bf16", "bfloat16 sweep"),
+            "conv3x3_bf16": ("pointwise_bf16", "sweep with cuDNN's 3x3 convolutions")}
     for name, label in (
             ("f32", "float32"),
             ("sweep_map", _dense_label(parts, "sweep_map", "float32", 16, 2000)),
@@ -165,7 +169,9 @@ def summary(out: Path) -> str:
                                        pointwise="fused")),
             ("bf16", "bfloat16"),
             ("pointwise_bf16", _dense_label(parts, "pointwise_bf16", "bfloat16", 46, 6000,
-                                            fold_bn=True, pointwise="fused"))):
+                                            fold_bn=True, pointwise="fused")),
+            ("conv3x3_bf16", _dense_label(parts, "conv3x3_bf16", "bfloat16", 46, 6000,
+                                          fold_bn=True, pointwise="fused", conv3x3="fused"))):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:
