@@ -1,6 +1,7 @@
 """The fused 1x1 kernels (models/pointwise.py) in data-parallel programs: each device runs
 them on its own rows, and the results equal one device's; curve training there with the
-curve point's kernel (combine.py) too.
+curve point's kernel (combine.py) too, and the BatchNorm pass with the 3x3 kernel
+(models/conv3x3.py).
 
 XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``: this file, run as a
@@ -111,6 +112,12 @@ def _model_parts(mesh) -> dict:
                                  for m in (mesh, None)])
     out["bn"] = _max_diff(*[bn.recompute(model, theta_o, images, idx, 32, mesh=m)["batch_stats"]
                             for m in (mesh, None)])
+    # the 3x3 kernel (the sweep's BatchNorm pass) on each device's images, against one
+    # device without it
+    out["bn_conv3x3"] = _max_diff(*[
+        bn.recompute(m, theta_o, images, idx, 32, mesh=mesh_or_none)["batch_stats"]
+        for m, mesh_or_none in ((models.with_conv3x3(model, "interpret"), mesh),
+                                (model, None))])
     return out
 
 
@@ -141,7 +148,7 @@ def test_kernels_run_on_each_devices_rows():
     # Each device runs the kernels on its own rows (no gather of the whole batch); the
     # statistics and the replicated operands' gradients are summed across the devices.
     assert kernel["per_device_rows"] and not kernel["all_gather"] and kernel["all_reduce"]
-    for part in ("curve", "gradient", "outputs", "bn"):
+    for part in ("curve", "gradient", "outputs", "bn", "bn_conv3x3"):
         assert out[part]["allclose"], (part, out[part])
     assert out["gradient"]["all_gathers"] == 0
     assert out["curve"]["moved"] > 1e-4, "curve training did not change theta_c"
