@@ -141,19 +141,20 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
 
 def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
     """``(label, relative difference)`` of the 3x3 kernel's output and channel sums against
-    the "xla" impl on ``batch`` images of each shape in :data:`CONV2` (63 by default: its
-    last block of pixels part empty where a block is not a whole number of images)."""
+    the "xla" impl on ``batch`` images of each shape in :data:`CONV2`, whose images fill
+    whole blocks of pixels, and on 5 images of 7 x 7 pixels with K=16, N=32: programs that
+    span two images and a last block part empty."""
     rng = np.random.default_rng(2)
     results = []
-    for side, c in CONV2:
-        z = jnp.asarray(rng.normal(size=(batch, side, side, c)), dtype)
-        mean, bias = (jnp.asarray(rng.normal(size=c), jnp.float32) for _ in range(2))
-        mul = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(3, 3, c, c)) / np.sqrt(9 * c), jnp.float32)
+    for b, side, k, n in [(batch, side, c, c) for side, c in CONV2] + [(5, 7, 16, 32)]:
+        z = jnp.asarray(rng.normal(size=(b, side, side, k)), dtype)
+        mean, bias = (jnp.asarray(rng.normal(size=k), jnp.float32) for _ in range(2))
+        mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(3, 3, k, n)) / np.sqrt(9 * k), jnp.float32)
         got, (g1, g2) = jax.jit(functools.partial(c3.bn_relu_conv3x3, stats=True,
                                                   impl=impl))(z, mean, mul, bias, w)
         want, (w1, w2) = c3.bn_relu_conv3x3(z, mean, mul, bias, w, stats=True, impl="xla")
-        results.append((f"3x3 kernel K=N={c}, {batch} x {side} x {side}, "
+        results.append((f"3x3 kernel K={k} N={n}, {b} x {side} x {side}, "
                         f"{jnp.dtype(dtype).name}",
                         max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))))
     return results
@@ -184,16 +185,17 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     def loss(m, params):  # the training objective (mean cross-entropy)
         return train_lib.cross_entropy_loss(train(m, params)[0], labels, None, None)[0]
 
-    def forward(m, variables):
+    def forward(m, variables, fold=True):
         return (train(m, variables["params"]), m.apply(variables, x, train=False),
-                models.folded(m).apply(variables, x, train=False))
+                *[models.folded(m).apply(variables, x, train=False)] * fold)
 
     @jax.jit
     def run(variables):
         kernel = models.with_pointwise(base, pointwise)
+        # the 3x3 kernel: train mode and evaluation (folded, conv2 stays cuDNN's)
         return ([(forward(m, variables), jax.grad(functools.partial(loss, m))(
             variables["params"])) for m in (kernel, base)],
-            forward(models.with_conv3x3(kernel, pointwise), variables))
+            forward(models.with_conv3x3(kernel, pointwise), variables, fold=False))
 
     ((got, got_grad), (want, want_grad)), got3 = run(v)
     name = f"PreResNet-{depth} pointwise={pointwise!r} against the default model"
@@ -205,8 +207,7 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     return [(f"{name}: logits and batch statistics", worst(got, want)),
             (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad)),
             (f"{name.replace(' against', f', conv3x3={pointwise!r} against')}: logits "
-             "and batch statistics",
-             worst(got3, want))]
+             "and batch statistics", worst(got3, want[:2]))]
 
 
 def curve_point_checks(impl: str) -> list[tuple[str, float, float]]:

@@ -77,7 +77,8 @@ class SelectionConfig:
     # "conv" keeps the model's own setting: a model made with ProblemConfig.pointwise="fused"
     # sweeps with the kernel either way.
     pointwise: str = "conv"
-    # With pointwise="fused": PreResNet's stride-1 3x3 convolutions in the sweep as one kernel
+    # With the 1x1 kernel (here or the model's own, ProblemConfig.pointwise; run_mcu checks):
+    # PreResNet's stride-1 3x3 convolutions in the sweep as one kernel
     # with bn2 + ReLU before them and bn3's statistics after them (models/conv3x3.py;
     # sweep.sweep's conv3x3): the same accuracies up to float rounding, 0.92 of the bytes of
     # the bfloat16 sweep with every other option, compiled for an H100; "conv" until timed.
@@ -99,9 +100,7 @@ class SelectionConfig:
         checks.integer("eval_batch_size", self.eval_batch_size, 1)
         checks.optional_integer("chunk_size", self.chunk_size, 1)
         checks.choice("pointwise", self.pointwise, POINTWISE)
-        if checks.choice("conv3x3", self.conv3x3, POINTWISE) != "conv" and self.pointwise == "conv":
-            raise ValueError(f"conv3x3={self.conv3x3!r} needs pointwise='fused' (the 3x3 kernel "
-                             "reads the 1x1 kernel's output), got pointwise='conv'")
+        checks.choice("conv3x3", self.conv3x3, POINTWISE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +297,7 @@ def run_mcu(
     checks.key("key", key)
     check_variables(model, theta_o, train.x.shape[1:], "theta_o")
     check_variables(model, theta_p, train.x.shape[1:], "theta_p")
+    sweep.sweep_model(model, selection_config.pointwise, selection_config.conv3x3)  # checked
     check_refs(refs)
     check_curve_data(split.forget, split.retain_subset, train.num_examples)
     # Every set the mask, the BatchNorm passes and the sweep read, so that a bad index is

@@ -269,10 +269,7 @@ def _plan(model, points, ts, template, bn_set, eval_sets, *, curve, bn_batch_siz
     _check_model_variables(model, points, template, bn_images.x.shape[1:])
     strategy = resolve_strategy(strategy)
     bn_group = check_batch_size("bn_group", bn_group)
-    if pointwise_impl(pointwise) != "conv":  # checked; "conv" leaves the model's own setting
-        model = with_pointwise(model, pointwise)
-    if pointwise_impl(conv3x3, "conv3x3") != "conv":
-        model = with_conv3x3(model, conv3x3)
+    model = sweep_model(model, pointwise, conv3x3)
     chunk = checks.optional_integer("chunk_size", chunk_size, 1) or ts.size
     if mesh is not None:
         n_dev = sharding.num_shards(mesh)
@@ -323,6 +320,17 @@ def _check_model_variables(model, points: Sequence[Any], template: Any,
         pytrees.check_finite(f"points[{i}]", p)
     pytrees.check_compatible(**{f"{model_name}'s batch_stats": expected["batch_stats"],
                                 "template": jax.eval_shape(lambda t: t, template)})
+
+
+def sweep_model(model, pointwise: str = "conv", conv3x3: str = "conv"):
+    """The model :func:`sweep` runs for its ``pointwise`` and ``conv3x3`` (both checked;
+    "conv" leaves the model's own setting): ValueError for a ``conv3x3`` kernel on a model
+    whose 1x1 convolutions, as set, are not the kernel that it reads from."""
+    if pointwise_impl(pointwise) != "conv":
+        model = with_pointwise(model, pointwise)
+    if pointwise_impl(conv3x3, "conv3x3") != "conv":
+        model = with_conv3x3(model, conv3x3)
+    return model
 
 
 def chunk_program(model, points: Sequence[Any], ts, template: Any,

@@ -1,6 +1,8 @@
 """The fused 3x3 convolution (models/conv3x3.py): the kernel (interpreted by Pallas on the
 CPU) against an independent float64 computation, its derivative, vmap and bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,15 +66,17 @@ def test_every_impl_gives_the_same_values_in_both_dtypes():
         np.testing.assert_allclose(s2, r2, rtol=2 * tol, atol=tol * scale ** 2 * 128)
 
 
-def test_the_derivative_is_the_plain_computations():
-    """Gradients of a loss of the output and its sums through the kernel equal those of the
-    plain computation (no backward kernel: autodiff of XLA's ops), in every operand."""
+@pytest.mark.parametrize("stats", [True, False])
+def test_the_derivative_is_the_plain_computations(stats):
+    """Gradients of a loss of the output (and its sums) through the kernel equal those of
+    the plain computation (no backward kernel: autodiff of XLA's ops), in every operand."""
     z, mean, mul, bias, w = _operands(2, 6, 6, 16, 16, seed=2)
 
     def loss(impl):
         def f(*args):
-            out, (s1, s2) = conv3x3.bn_relu_conv3x3(*args, stats=True, impl=impl)
-            return jnp.sum(jnp.sin(out)) + jnp.sum(s1 * 0.1) + jnp.sum(s2 * 0.01)
+            out, sums = conv3x3.bn_relu_conv3x3(*args, stats=stats, impl=impl)
+            extra = 0.0 if sums is None else jnp.sum(sums[0] * 0.1) + jnp.sum(sums[1] * 0.01)
+            return jnp.sum(jnp.sin(out)) + extra
         return f
 
     got = jax.grad(loss("interpret"), argnums=tuple(range(5)))(z, mean, mul, bias, w)
@@ -139,18 +143,25 @@ def test_the_model_with_the_kernel_computes_the_same():
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  run(kernel), run(base))
+    # the kernel runs in stage 1's block, in train mode and in evaluation, not where bn3 is
+    # folded into conv2 (cuDNN's convolution with its bias and ReLU)
+    for m, train, calls in ((kernel, True, 1), (kernel, False, 1),
+                            (models.folded(kernel), False, 0), (base, True, 0)):
+        text = str(jax.make_jaxpr(lambda v, m=m, t=train: m.apply(
+            v, x, train=t, mutable=["batch_stats"] if t else False))(v))
+        assert len(re.findall(r"\bname=bn_relu_conv3x3\b", text)) == calls, (m.conv3x3, train)
 
 
 def test_the_kernel_needs_the_1x1_kernel():
     base = models.create("preresnet110", 10, depth=11)
-    with pytest.raises(ValueError, match="conv3x3='fused' needs the model's pointwise"):
+    with pytest.raises(ValueError, match="conv3x3='fused' needs pointwise"):
         models.with_conv3x3(base, "fused")
     with pytest.raises(ValueError, match="conv3x3='fused' needs pointwise"):
         models.init_variables(base.clone(conv3x3="fused"), jax.random.PRNGKey(0),
                               (1, 8, 8, 3))
-    with pytest.raises(ValueError, match="conv3x3"):
+    with pytest.raises(ValueError, match="conv3x3 must be one of"):
         models.with_conv3x3(base, "cudnn")
-    assert models.with_conv3x3(base, "conv") is not None  # "conv": nothing to need
+    assert models.with_conv3x3(base, "conv").conv3x3 == "conv"  # nothing to need
     cnn = models.create("cnn_small", 10)
     assert models.with_conv3x3(cnn, "fused") is cnn  # no such field: unchanged
 
@@ -166,7 +177,7 @@ def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
     template = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))["batch_stats"]
     args = (model, points, np.array([0.0, 0.6]), template,
             (train_images, digits_split.retain[:300]),
-            {"f": (train_images, digits_split.forget), "t": (test_images, digits_split.test)})
+            {"t": (test_images, digits_split.test)})
     options = dict(return_probs=True, return_stats=True, bn_batch_size=128, strategy="vmap",
                    bn_group=2, pointwise="interpret")
     plain = sweep.sweep(*args, **options)
@@ -177,5 +188,5 @@ def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
                                    atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  kernel.batch_stats, plain.batch_stats)
-    with pytest.raises(ValueError, match="needs the model's pointwise"):
+    with pytest.raises(ValueError, match="needs pointwise"):
         sweep.sweep(*args, **{**options, "pointwise": "conv"}, conv3x3="fused")

@@ -555,12 +555,13 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys):
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
                           "curve point kernel (interpret) on cpu")
-    assert "3x3 kernel K=N=64, 2 x 8 x 8, bfloat16: relative difference" in out
+    assert "3x3 kernel K=64 N=64, 2 x 8 x 8, bfloat16: relative difference" in out
+    assert "3x3 kernel K=16 N=32, 5 x 7 x 7, float32: relative difference" in out
     assert "conv3x3='interpret' against the default model: logits" in out
     assert "1280 rows, bfloat16, residual: relative difference" in out
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
     # 3: conv1's shapes with K = 4N; the model: 3 checks; the curve point: 2
-    checks = 2 * (3 * len(check.SHAPES) + 3 + 1 + len(check.CONV2)) + 3 + 2
+    checks = 2 * (3 * len(check.SHAPES) + 3 + 1 + len(check.CONV2) + 1) + 3 + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])

@@ -303,6 +303,12 @@ def test_inputs_of_another_model_are_refused_up_front(monkeypatch, theta_o, thet
     with pytest.raises(ValueError, match="look like fractions"):
         pipeline.run_mcu(small_model, theta_o, theta_p, train_images, test_images,
                          digits_split, {"train": 0.98, "val": 0.97}, jax.random.PRNGKey(0))
+    # the sweep's 3x3 kernel needs the 1x1 kernel, the sweep's or the model's own
+    pre = create("preresnet110", 10, depth=11)
+    v = init_variables(pre, jax.random.PRNGKey(0), (8, 8, 1))
+    with pytest.raises(ValueError, match="conv3x3='fused' needs pointwise"):
+        pipeline.run_mcu(pre, v, v, *args,
+                         selection_config=pipeline.SelectionConfig(conv3x3="fused"))
     data = methods.MethodData(train_images, test_images, digits_split, (8, 8, 1))
     monkeypatch.setattr(methods.registry, "run", no_work)
     with pytest.raises(ValueError, match="theta_o"):

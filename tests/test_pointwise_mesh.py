@@ -1,7 +1,6 @@
 """The fused 1x1 kernels (models/pointwise.py) in data-parallel programs: each device runs
 them on its own rows, and the results equal one device's; curve training there with the
-curve point's kernel (combine.py) too, and the BatchNorm pass with the 3x3 kernel
-(models/conv3x3.py).
+curve point's kernel (combine.py) too; and the 3x3 kernel (models/conv3x3.py).
 
 XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``: this file, run as a
@@ -112,13 +111,40 @@ def _model_parts(mesh) -> dict:
                                  for m in (mesh, None)])
     out["bn"] = _max_diff(*[bn.recompute(model, theta_o, images, idx, 32, mesh=m)["batch_stats"]
                             for m in (mesh, None)])
-    # the 3x3 kernel (the sweep's BatchNorm pass) on each device's images, against one
-    # device without it
-    out["bn_conv3x3"] = _max_diff(*[
-        bn.recompute(m, theta_o, images, idx, 32, mesh=mesh_or_none)["batch_stats"]
-        for m, mesh_or_none in ((models.with_conv3x3(model, "interpret"), mesh),
-                                (model, None))])
     return out
+
+
+def _conv3x3_part(mesh) -> dict:
+    """The 3x3 kernel (models/conv3x3.py) in a data-parallel program on images split over the
+    mesh: its output and statistics against XLA's ops on one device."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mcu_jax import sharding
+    from mcu_jax.models import conv3x3
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2 * DEVICES, 4, 4, 16)).astype(np.float32)
+    mean, bias = rng.normal(size=(2, 16)).astype(np.float32)
+    mul = rng.uniform(0.5, 2.0, size=16).astype(np.float32)
+    w = (rng.normal(size=(3, 3, 16, 32)) / 12).astype(np.float32)
+
+    def f(impl):
+        def run(*args):
+            out, sums = conv3x3.bn_relu_conv3x3(*args, stats=True, impl=impl)
+            return jnp.sum(jnp.sin(out)), sums
+        return run
+
+    want = jax.jit(f("xla"))(z, mean, mul, bias, w)
+    program = sharding.data_parallel(f("interpret"), mesh)
+    rep = sharding.replicated(mesh)
+    placed = [sharding.place(z, sharding.batch_sharding(mesh, ndim=4)),
+              *(sharding.place(a, rep) for a in (mean, mul, bias, w))]
+    hlo = program.lower(*placed).compile().as_text()
+    return {**_max_diff(program(*placed), want, atol=1e-4),
+            "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo,
+            "per_device_rows": "f32[32,16]" in hlo}  # 2 images of 4 x 4 a device
 
 
 def main() -> None:
@@ -127,7 +153,8 @@ def main() -> None:
     from mcu_jax import sharding
 
     mesh = sharding.make_mesh(DEVICES)
-    out = {"devices": len(jax.devices()), "kernel": _kernel_part(mesh), **_model_parts(mesh)}
+    out = {"devices": len(jax.devices()), "kernel": _kernel_part(mesh),
+           "conv3x3": _conv3x3_part(mesh), **_model_parts(mesh)}
     print("POINTWISE-MESH-JSON " + json.dumps(out), flush=True)
 
 
@@ -143,12 +170,12 @@ def test_kernels_run_on_each_devices_rows():
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("POINTWISE-MESH-JSON "))
     out = json.loads(line.removeprefix("POINTWISE-MESH-JSON "))
     assert out["devices"] == DEVICES
-    kernel = out["kernel"]
-    assert kernel["allclose"], kernel
-    # Each device runs the kernels on its own rows (no gather of the whole batch); the
-    # statistics and the replicated operands' gradients are summed across the devices.
-    assert kernel["per_device_rows"] and not kernel["all_gather"] and kernel["all_reduce"]
-    for part in ("curve", "gradient", "outputs", "bn", "bn_conv3x3"):
+    for kernel in (out["kernel"], out["conv3x3"]):
+        assert kernel["allclose"], kernel
+        # Each device runs the kernels on its own rows (no gather of the whole batch); the
+        # statistics (and the replicated operands' gradients) are summed across the devices.
+        assert kernel["per_device_rows"] and not kernel["all_gather"] and kernel["all_reduce"]
+    for part in ("curve", "gradient", "outputs", "bn"):
         assert out[part]["allclose"], (part, out[part])
     assert out["gradient"]["all_gathers"] == 0
     assert out["curve"]["moved"] > 1e-4, "curve training did not change theta_c"

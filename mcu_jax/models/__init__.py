@@ -45,6 +45,7 @@ from mcu_jax.models.layers import COMPUTE_DTYPES, resolve_dtype
 from mcu_jax.models.preresnet import (
     POINTWISE,
     PreResNet,
+    check_conv3x3,
     matrix_kernels,
     pointwise_impl,
     preresnet,
@@ -243,9 +244,7 @@ def folded(model):
     """``model`` evaluating with every foldable BatchNorm folded into its convolution (the
     built-in models' ``fold_bn`` field, ``models.layers.conv_bn``); a model without that
     field (no BatchNorm, or a user model) is returned as it is."""
-    if "fold_bn" in getattr(model, "__dataclass_fields__", {}):
-        return model.clone(fold_bn=True)
-    return model
+    return _with_field(model, "fold_bn", True)
 
 
 def with_pointwise(model, pointwise: str):
@@ -261,10 +260,9 @@ def with_conv3x3(model, conv3x3: str):
     ``conv3x3.bn_relu_conv3x3``, for forward passes; one of :data:`POINTWISE`, checked); a
     model without that field is returned as it is. ValueError where the model's
     ``pointwise`` is "conv": the kernel reads the 1x1 kernel's output."""
-    if (pointwise_impl(conv3x3, "conv3x3") != "conv"
-            and getattr(model, "pointwise", None) == "conv"):
-        raise ValueError(f"conv3x3={conv3x3!r} needs the model's pointwise 'fused' or "
-                         "'interpret' (the kernel reads the 1x1 kernel's output), got 'conv'")
+    pointwise_impl(conv3x3, "conv3x3")
+    if "conv3x3" in getattr(model, "__dataclass_fields__", {}):
+        check_conv3x3(model.pointwise, conv3x3)
     return _with_field(model, "conv3x3", conv3x3)
 
 

@@ -48,10 +48,11 @@ TAPS = 9
 
 
 def block_rows(k: int, n: int) -> int:
-    """Output pixels a program computes: at most 128, and the float32 accumulator (rows x n)
-    and each gathered input tile (rows x k) within 4,096 values (64 rows for K = N = 64,
-    where 128 rows spilled registers in float32; ``experiments/kernel_registers.py``)."""
-    return max(16, min(128, 4096 // max(k, n)))
+    """Output pixels a program computes, for channel counts that :func:`kernel_fits`: at
+    most 128, and the float32 accumulator (rows x n) and each gathered input tile (rows x
+    k) within 4,096 values (64 rows for K = N = 64, where 128 rows spilled registers in
+    float32; ``experiments/kernel_registers.py``)."""
+    return min(128, 4096 // max(k, n))
 
 
 def kernel_fits(k: int, n: int) -> bool:

@@ -61,6 +61,15 @@ def pointwise_impl(pointwise: str, name: str = "pointwise") -> str:
     return "auto" if pointwise == "fused" else pointwise
 
 
+def check_conv3x3(pointwise: str, conv3x3: str) -> None:
+    """ValueError unless ``conv3x3`` and ``pointwise`` are settings of :data:`POINTWISE` and
+    the 3x3 kernel, where on, has the 1x1 kernel's output to read (``pointwise`` not
+    "conv")."""
+    if pointwise_impl(conv3x3, "conv3x3") != "conv" and pointwise_impl(pointwise) == "conv":
+        raise ValueError(f"conv3x3={conv3x3!r} needs pointwise 'fused' or 'interpret' (the "
+                         "3x3 kernel reads the 1x1 kernel's output), got pointwise='conv'")
+
+
 class _ConvKernel(nn.Module):
     """The variables of a bias-free ``nn.Conv`` (``kernel``, (size, size, K, N), the same
     initial values), returned for a kernel of this package: a 1x1 one as the (K, N) matrix,
@@ -89,7 +98,8 @@ class PreActBottleneck(nn.Module):
     fold: bool = False
     fused: bool = False  # BatchNorm + ReLU with the hand-written backward pass (batchnorm.py)
     pointwise: str = "conv"  # POINTWISE; not "conv": returns (out, its sums or None)
-    conv3x3: str = "conv"  # POINTWISE; not "conv" (needs pointwise): conv2 as conv3x3.py's
+    # POINTWISE; not "conv" (needs pointwise): a stride-1 conv2 as conv3x3.py's kernel
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool, sums=None):
@@ -185,10 +195,7 @@ class PreResNet(nn.Module):
     def __call__(self, x, train: bool):
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"depth: got {self.depth}, expected 9n+2 with n >= 1 (11, 110, ...)")
-        pointwise_impl(self.pointwise)  # checked before anything is built
-        if pointwise_impl(self.conv3x3, "conv3x3") != "conv" and self.pointwise == "conv":
-            raise ValueError(f"conv3x3={self.conv3x3!r} needs pointwise 'fused' or "
-                             "'interpret' (the kernel reads conv1's kernel's output)")
+        check_conv3x3(self.pointwise, self.conv3x3)  # checked before anything is built
         n = (self.depth - 2) // 9
         dt = resolve_dtype(self.dtype)
         fold = self.fold_bn and not train and not self.is_initializing()
