@@ -646,7 +646,7 @@ def test_folders_of_older_versions_answer_the_fields_added_since(tmp_path):
     today = config.to_dict(AblationConfig(
         experiment=ExperimentConfig(models_from="digits_random"), kind="k", values=(0.1,)))
     old = without(today, {"train_size", "test_size", "models_from", "seed", "fused_bn",
-                          "fold_bn", "bn_group", "pointwise", "combine"})
+                          "fold_bn", "bn_group", "pointwise", "conv3x3", "combine"})
     old["experiment"]["mask"].pop("kind")
     old["experiment"]["problem"]["seed"] = 0  # the problem's seed is no new field
     run = runs.RunDir(tmp_path / "abl")
