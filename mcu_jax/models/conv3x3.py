@@ -20,10 +20,11 @@ neighbour lies outside the image masked to zero), so no padded copy of ``z`` is 
 Stride 1 and padding 1 only (the stride-2 blocks keep cuDNN).
 
 There is no backward kernel: the derivative is that of the plain computation
-(:func:`reference`, autodiff in XLA ops), so training with this kernel computes the same as
-without it, with no saving in the backward pass. The curve step keeps cuDNN (its backward
-pass takes bn2's derivative inside conv1's backward kernel, ``pointwise.bn_relu_matmul_bn``);
-the sweep, which runs forward passes only, is what this kernel is for.
+(:func:`reference`, autodiff in XLA ops, which recomputes the activated input), so training
+with this kernel computes the same as without it, but more slowly by the estimate. The curve
+step keeps cuDNN (its backward pass takes bn2's derivative inside conv1's backward kernel,
+``pointwise.bn_relu_matmul_bn``); the sweep, which runs forward passes only, is what this
+kernel is for.
 
 ``impl`` (``kernel_impl``): "auto" the kernel where the program is compiled for an NVIDIA GPU
 and the channel counts fit (:func:`kernel_fits`), the plain computation elsewhere; "pallas",
