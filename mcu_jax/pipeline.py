@@ -78,10 +78,10 @@ class SelectionConfig:
     # sweeps with the kernel either way.
     pointwise: str = "conv"
     # With the 1x1 kernel (here or the model's own, ProblemConfig.pointwise; run_mcu checks):
-    # PreResNet's stride-1 3x3 convolutions in the sweep as one kernel
-    # with bn2 + ReLU before them and bn3's statistics after them (models/conv3x3.py;
-    # sweep.sweep's conv3x3): the same accuracies up to float rounding, 0.92 of the bytes of
-    # the bfloat16 sweep with every other option, compiled for an H100; "conv" until timed.
+    # PreResNet's stride-1 3x3 convolutions in the sweep as one kernel with bn2 + ReLU before
+    # them and bn3's statistics after them (models/conv3x3.py; sweep.sweep's conv3x3): the
+    # same accuracies up to float rounding, 0.92 of the bytes of the bfloat16 sweep with
+    # every other option, compiled for an H100; "conv" until timed on a card.
     conv3x3: str = "conv"
 
     def __post_init__(self):
