@@ -185,9 +185,9 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     def loss(m, params):  # the training objective (mean cross-entropy)
         return train_lib.cross_entropy_loss(train(m, params)[0], labels, None, None)[0]
 
-    def forward(m, variables, fold=True):
-        return (train(m, variables["params"]), m.apply(variables, x, train=False),
-                *[models.folded(m).apply(variables, x, train=False)] * fold)
+    def forward(m, variables, fold=True):  # train mode, evaluation (and folded)
+        out = (train(m, variables["params"]), m.apply(variables, x, train=False))
+        return (*out, models.folded(m).apply(variables, x, train=False)) if fold else out
 
     @jax.jit
     def run(variables):

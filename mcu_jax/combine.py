@@ -87,7 +87,7 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
             stacked = jnp.stack(ws[key])
             sizes = packing.sizes(layout, indices)
             filled = [(i, offset, size)  # (empty tensors need no kernel)
-                      for i, offset, size in zip(indices, _starts(sizes), sizes, strict=True)
+                      for i, offset, size in zip(indices, packing.starts(sizes), sizes, strict=True)
                       if size]
             for first in range(0, len(filled), MAX_OUTPUTS):
                 chunk = filled[first:first + MAX_OUTPUTS]
@@ -105,12 +105,6 @@ def weighted_sum(layout: packing.Layout, points: Sequence[Mapping[str, jax.Array
     return {path: out[path] for path in layout.paths}
 
 
-def _starts(counts: list[int]) -> list[int]:
-    """Where each of ``counts`` consecutive runs starts: 0, counts[0], counts[0] + counts[1],
-    ..."""
-    return np.cumsum([0, *counts[:-1]]).astype(int).tolist()
-
-
 def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[np.dtype],
             interpret: bool):
     """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order;
@@ -121,7 +115,7 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
     from jax.experimental.pallas import triton as pltriton
 
     blocks = [pl.cdiv(size, BLOCK) for size in sizes]
-    firsts = _starts(blocks)
+    firsts = packing.starts(blocks)
     n = len(vectors)
 
     def kernel(w_ref, *refs):

@@ -80,6 +80,12 @@ def sizes(layout: Layout, indices: list[int]) -> list[int]:
     return [math.prod(layout.shapes[i]) for i in indices]
 
 
+def starts(counts: list[int]) -> list[int]:
+    """Where each of ``counts`` consecutive runs starts: 0, counts[0], counts[0] +
+    counts[1], ... (for :func:`sizes`, each tensor's offset in its packed vector)."""
+    return np.cumsum([0, *counts[:-1]]).astype(int).tolist()
+
+
 def check(layout: Layout, packed: dict[str, jax.Array], name: str = "unpack") -> None:
     """ValueError unless ``packed`` holds a vector of the right size and dtype for each of
     the layout's keys (:func:`pack`'s output for this layout); ``name`` leads the message."""
@@ -98,7 +104,7 @@ def unpack(layout: Layout, packed: dict[str, jax.Array]) -> dict:
     check(layout, packed)
     out = {}
     for key, indices in layout.groups().items():
-        parts = jnp.split(packed[key], np.cumsum(sizes(layout, indices))[:-1].tolist())
+        parts = jnp.split(packed[key], starts(sizes(layout, indices))[1:])
         out.update({layout.paths[i]: part.reshape(layout.shapes[i])
                     for i, part in zip(indices, parts, strict=True)})
     return {path: out[path] for path in layout.paths}

@@ -261,9 +261,10 @@ def with_conv3x3(model, conv3x3: str):
     model without that field is returned as it is. ValueError where the model's
     ``pointwise`` is "conv": the kernel reads the 1x1 kernel's output."""
     pointwise_impl(conv3x3, "conv3x3")
-    if "conv3x3" in getattr(model, "__dataclass_fields__", {}):
-        check_conv3x3(model.pointwise, conv3x3)
-    return _with_field(model, "conv3x3", conv3x3)
+    if "conv3x3" not in getattr(model, "__dataclass_fields__", {}):
+        return model
+    check_conv3x3(model.pointwise, conv3x3)
+    return model.clone(conv3x3=conv3x3)
 
 
 def _with_field(model, name: str, value):

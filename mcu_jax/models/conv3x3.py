@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
 from mcu_jax.models import pointwise as pw
+from mcu_jax.models.batchnorm import statistics_sums
 
 IMPLS = kernel_impl.IMPLS
 TAPS = 9
@@ -74,20 +75,16 @@ def _check(z, mean, mul, bias, w) -> None:
                          f"bias {bias.shape}")
 
 
-def _sums(out):
-    o = out.astype(jnp.float32)
-    return jnp.sum(o, (0, 1, 2)), jnp.sum(o * o, (0, 1, 2))
-
-
 def reference(z, mean, mul, bias, w, stats: bool = False):
     """The computation in XLA ops: ``(out (B, H, W, N) in z's dtype, (sum, sum of squares) of
     its channels in float32, or None)``, the convolution as ``nn.Conv`` (``layers.conv``)
-    computes it; see :func:`bn_relu_conv3x3`."""
+    computes it and the sums as bn3 takes them without the kernel
+    (``batchnorm.statistics_sums``); see :func:`bn_relu_conv3x3`."""
     _check(z, mean, mul, bias, w)
     a = pw.bn_relu(z, mean, mul, bias)
     out = jax.lax.conv_general_dilated(a, w.astype(z.dtype), (1, 1), ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out, _sums(out) if stats else None
+    return out, statistics_sums(out) if stats else None
 
 
 def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
@@ -119,9 +116,7 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         out = acc.astype(dt)
         out_ref[...] = out
         if sums_ref:
-            o = jnp.where((p < m)[:, None], out.astype(jnp.float32), 0.0)
-            sums_ref[0][0, :] = jnp.sum(o, axis=0)
-            sums_ref[0][1, :] = jnp.sum(o * o, axis=0)
+            pw.write_row_sums(sums_ref[0], out, p < m)
 
     def whole(*shape):
         return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
@@ -136,11 +131,8 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         w.reshape(TAPS, k, n).astype(dt), interpret=interpret, num_warps=4, grid=grid,
         in_specs=[whole(m, k), whole(k), whole(k), whole(TAPS, k, n)], out_specs=out_specs,
         out_shape=out_shape, name="bn_relu_conv3x3")
-    out = results[0][:m].reshape(b, h, width, n)
-    if not stats:
-        return out, None
-    sums = jnp.sum(results[1], 0)
-    return out, (sums[0], sums[1])
+    return (results[0][:m].reshape(b, h, width, n),
+            pw.total_row_sums(results[1]) if stats else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -177,13 +177,9 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         out = _epilogue(c, None if ob_ref is None else ob_ref[...],
                         None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
-        if sums_ref:
-            o = out.astype(jnp.float32)
-            if pad:  # the padding rows past m are left out of the sums
-                rows = pl.program_id(0) * block_m + jnp.arange(block_m)
-                o = jnp.where((rows < m)[:, None], o, 0.0)
-            sums_ref[0][0, :] = jnp.sum(o, axis=0)
-            sums_ref[0][1, :] = jnp.sum(o * o, axis=0)
+        if sums_ref:  # the padding rows past m are left out of the sums
+            valid = (pl.program_id(0) * block_m + jnp.arange(block_m) < m) if pad else None
+            write_row_sums(sums_ref[0], out, valid)
 
     vector = pl.BlockSpec((k,), lambda i, j: (0,))
     tile = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
@@ -204,10 +200,26 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
                                       grid=grid, in_specs=in_specs, out_specs=out_specs,
                                       out_shape=out_shape, name="bn_relu_matmul")
     out = results[0][:m] if pad else results[0]
-    if not stats:
-        return out, None
-    sums = jnp.sum(results[1], 0)
-    return out, (sums[0], sums[1])
+    return out, total_row_sums(results[1]) if stats else None
+
+
+def write_row_sums(ref, out, valid=None) -> None:
+    """A kernel program's share of its output's statistics: into ``ref`` (2, N) the sum and
+    the sum of squares, in float32, of its output tile ``out`` (rows, N) over the rows;
+    ``valid`` (rows,): the rows to count (the others lie past the array), or None for all.
+    :func:`total_row_sums` adds up the programs' shares."""
+    o = out.astype(jnp.float32)
+    if valid is not None:
+        o = jnp.where(valid[:, None], o, 0.0)
+    ref[0, :] = jnp.sum(o, axis=0)
+    ref[1, :] = jnp.sum(o * o, axis=0)
+
+
+def total_row_sums(partials) -> tuple[jax.Array, jax.Array]:
+    """``(sum, sum of squares)``, each (N,), from the programs' shares (P, 2, N) that
+    :func:`write_row_sums` wrote, in one reduction."""
+    sums = jnp.sum(partials, 0)
+    return sums[0], sums[1]
 
 
 def backward_blocks(m: int, k: int, n: int, wide: bool = False) -> tuple[int, int, int]:
