@@ -102,23 +102,18 @@ def parse_mask(text: str) -> tuple[float, float] | Path | None:
 
 
 def model_text(args) -> str:
-    """--fused-bn and --pointwise (the model's options) in a row's setting; with the fused
-    1x1 kernel, --fused-bn changes nothing and is not named."""
+    """--fused-bn, --pointwise and --conv3x3 (the model's options) in a row's setting; with
+    the fused 1x1 kernel, --fused-bn changes nothing and is not named."""
     if args.pointwise == "fused":
-        return ", fused 1x1 kernel"
+        return ", fused 1x1 kernel" + (", fused 3x3 kernel" if args.conv3x3 == "fused" else "")
     return ", fused BatchNorm" if args.fused_bn else ""
 
 
 def model_of(args):
     """The benchmarked model (``--model``, ``--classes``, ``--dtype``, ``--fused-bn``,
-    ``--pointwise``; ValueError for a model without the option)."""
+    ``--pointwise``, ``--conv3x3``; ValueError for a model without the option)."""
     return create(args.model, args.classes, dtype=args.dtype, fused_bn=args.fused_bn,
-                  pointwise=args.pointwise)
-
-
-def conv3x3_text(args) -> str:
-    """--conv3x3 in the sweep's and end-to-end's setting, where it is not the default."""
-    return ", fused 3x3 kernel in the sweep" if args.conv3x3 == "fused" else ""
+                  pointwise=args.pointwise, conv3x3=args.conv3x3)
 
 
 def combine_text(args) -> str:
@@ -145,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "step, sweep and end-to-end)")
     w.add_argument("--conv3x3", default="conv", choices=("conv", "fused"),
                    help="fused (needs --pointwise fused): PreResNet's stride-1 3x3 "
-                   "convolutions in the sweep as one forward kernel with bn2 + ReLU before them "
-                   "and bn3's statistics after them (a Pallas kernel on GPUs; sweep.sweep's "
-                   "conv3x3, SelectionConfig.conv3x3: sweep and end-to-end)")
+                   "convolutions as one kernel with bn2 + ReLU before them and bn3's "
+                   "statistics after them, and a backward kernel (Pallas kernels on GPUs; the "
+                   "model's conv3x3, ProblemConfig.conv3x3: step, sweep and end-to-end)")
     w.add_argument("--combine", default="auto", choices=("auto", "xla"),
                    help="how curve training forms the curve point's weight tensors "
                    "(MCUConfig.combine): auto = one Pallas kernel on NVIDIA GPUs, xla = XLA's "
@@ -231,15 +226,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.conv3x3 != "conv" and args.pointwise == "conv":
+        parser.error(f"--conv3x3 {args.conv3x3} needs --pointwise fused (the 3x3 kernel reads "
+                     "the 1x1 kernel's output)")
     try:
         model_of(args)
     except ValueError as e:
         options = (f"{' --fused-bn' if args.fused_bn else ''}"
-                   f"{f' --pointwise {args.pointwise}' if args.pointwise != 'conv' else ''}")
+                   f"{f' --pointwise {args.pointwise}' if args.pointwise != 'conv' else ''}"
+                   f"{f' --conv3x3 {args.conv3x3}' if args.conv3x3 != 'conv' else ''}")
         parser.error(f"--model {args.model}{options}: {e}")
-    if args.conv3x3 != "conv" and args.pointwise == "conv":
-        parser.error(f"--conv3x3 {args.conv3x3} needs --pointwise fused (the 3x3 kernel reads "
-                     "the 1x1 kernel's output)")
     if isinstance(args.mask, Path):
         if not args.mask.is_file():
             parser.error(f"--mask: no mask file at {str(args.mask)!r}")
@@ -486,7 +482,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
             model, points, ts, template, (images, idx), {"eval": (images, idx)},
             bn_batch_size=args.bn_batch_size, eval_batch_size=args.eval_batch_size,
             strategy=strategy, chunk_size=chunk, mesh=mesh, fold_bn=args.fold_bn,
-            bn_group=args.bn_group, conv3x3=args.conv3x3,
+            bn_group=args.bn_group,
         )
 
     mesh = device_mesh(args)
@@ -516,7 +512,7 @@ def bench_sweep(args, model, points, template, images: Images, strategy, chunk) 
     if args.bn_group > 1:
         passes = bn.describe_pass(args.sweep_images, args.bn_batch_size, args.bn_group)
         setting += f", BN pass: {passes}"
-    setting += model_text(args) + conv3x3_text(args)
+    setting += model_text(args)
     return _row(
         "sweep", setting, max(first - best, 0.0), f"{best:.3g} s",
         f"{_fmt(forwards / best)} img-fwd/s", peak_mib(),
@@ -549,8 +545,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
                                    precompile=args.precompile, fold_bn=args.fold_bn,
-                                   bn_group=args.bn_group, pointwise=args.pointwise,
-                                   conv3x3=args.conv3x3)
+                                   bn_group=args.bn_group, pointwise=args.pointwise)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))
@@ -572,7 +567,7 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     pool = subset.size + forget.size
     steps = args.epochs * (pool // args.batch_size if pool >= args.batch_size
                            else math.ceil(pool / args.batch_size))
-    setting = (f"{args.model} {args.dtype}{model_text(args)}{conv3x3_text(args)}"
+    setting = (f"{args.model} {args.dtype}{model_text(args)}"
                f"{combine_text(args)}, "
                f"D_r {args.retain:,}, "
                f"D_f {args.forget:,}, test {args.test:,}, {args.epochs} epochs ({steps} steps), "

@@ -16,8 +16,8 @@ table: one row per PreResNet-110 1x1 convolution's shape in its use (:data:`VARI
 conv1, with the next BatchNorm + ReLU after it and its input returned for the shortcut, or
 conv3, which adds the residual; each compiles kernels of its own) and kernel, for the
 gradient of a loss of its outputs (so both kernels are compiled); then one row per stride-1
-3x3 convolution's shape (conv2: the forward kernel with statistics, on ``--rows`` pixels
-of its image side).
+3x3 convolution's shape and kernel (conv2: the gradient of a loss of the kernel's output
+and statistics, on ``--rows`` pixels of its image side).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def main(argv=None) -> str:
 #: shapes (``check_pointwise.CONV1``, ``CONV3``): "conv1" (``bn_relu_matmul_bn``: the next
 #: BatchNorm + ReLU after it, whose derivative the backward kernel applies, and its input
 #: returned for the shortcut, whose cotangent the backward kernel adds) and "conv3" (adds the
-#: residual, whose cotangent the backward kernel writes), then "conv2" (the 3x3 kernel of
-#: ``conv3x3``, forward only, with its statistics).
+#: residual, whose cotangent the backward kernel writes), then "conv2" (the 3x3 kernels of
+#: ``conv3x3``, forward with its statistics and backward).
 VARIANTS = ("conv1", "conv3", "conv2")
 
 
@@ -142,7 +142,11 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
 
         side = dict((c, s) for s, c in CONV2)[k]
         z = shape(max(1, rows // side ** 2), side, side, k, dt=jnp.dtype(dtype))
-        jax.jit(lambda *a: conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas")).lower(
+        def loss3x3(*a):
+            out, (s1, s2) = conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas")
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+
+        jax.jit(jax.grad(loss3x3, argnums=tuple(range(5)))).lower(
             z, shape(k), shape(k), shape(k), shape(3, 3, k, n)).compile()
         return
     conv1 = variant == "conv1"

@@ -81,7 +81,8 @@ class SelectionConfig:
     # PreResNet's stride-1 3x3 convolutions in the sweep as one kernel with bn2 + ReLU before
     # them and bn3's statistics after them (models/conv3x3.py; sweep.sweep's conv3x3): the
     # same accuracies up to float rounding, 0.92 of the bytes of the bfloat16 sweep with
-    # every other option, compiled for an H100; "conv" until timed on a card.
+    # every other option, compiled for an H100; "conv" until timed on a card. "conv" keeps
+    # the model's own setting (ProblemConfig.conv3x3).
     conv3x3: str = "conv"
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ from typing import Any
 from mcu_jax import checks, models
 from mcu_jax.data import Images, Split, load_dataset, make_split, subsample
 from mcu_jax.data.splits import check_request
-from mcu_jax.models import create
+from mcu_jax.models import check_conv3x3, create
 from mcu_jax.models.layers import resolve_dtype
 
 
@@ -33,6 +33,11 @@ class ProblemConfig:
     # On several devices each runs the kernels on its own rows (sharding.data_parallel).
     # The sweep then uses the kernel too, whatever SelectionConfig.pointwise says.
     pointwise: str = "conv"
+    # With pointwise "fused": PreResNet's stride-1 3x3 convolutions as one kernel with bn2 +
+    # ReLU before them and bn3's statistics after them, and a backward kernel
+    # (models/conv3x3.py; the model's conv3x3): "conv" (default) or "fused". The same
+    # function, rounded differently; off until measured. The sweep then uses it too.
+    conv3x3: str = "conv"
     # Local .npz of initial weights for theta_o and RT; PRETRAINED_REQUIRED in a setting that
     # fine-tunes pretrained weights (ImageNet-100's ViT): refused until a file is given
     pretrained: str | None = None
@@ -61,10 +66,13 @@ class ProblemConfig:
             except ValueError as e:
                 raise ValueError(f"fused_bn: model {self.model!r} has no fused BatchNorm "
                                  f"(only the BatchNorm models do): {e}") from e
-        if checks.choice("pointwise", self.pointwise, ("conv", "fused")) != "conv" and (
-                self.model in models.MODELS):
-            try:  # refused now for a model without the field, as fused_bn
-                create(self.model, 2, dtype=self.dtype, pointwise=self.pointwise)
+        checks.choice("conv3x3", self.conv3x3, ("conv", "fused"))
+        check_conv3x3(checks.choice("pointwise", self.pointwise, ("conv", "fused")),
+                      self.conv3x3)
+        if self.pointwise != "conv" and self.model in models.MODELS:
+            try:  # refused now for a model without the fields, as fused_bn
+                create(self.model, 2, dtype=self.dtype, pointwise=self.pointwise,
+                       conv3x3=self.conv3x3)
             except ValueError as e:
                 raise ValueError(f"pointwise: model {self.model!r} has no fused 1x1 kernel "
                                  f"(only PreResNet does): {e}") from e
@@ -118,7 +126,8 @@ def _parts(config: ProblemConfig) -> tuple[Any, Split, Any]:
         seed=config.seed,
     )
     return dataset, split, create(config.model, dataset.num_classes, dtype=config.dtype,
-                                  fused_bn=config.fused_bn, pointwise=config.pointwise)
+                                  fused_bn=config.fused_bn, pointwise=config.pointwise,
+                                  conv3x3=config.conv3x3)
 
 
 def build(config: ProblemConfig) -> Problem:

@@ -142,6 +142,7 @@ ADDED_FIELDS = {
     "saliency_augment": False,  # MethodConfig (SalUn's augmented saliency)
     "problem.train_size": None, "problem.test_size": None,  # ProblemConfig (subsets)
     "problem.fused_bn": False, "problem.pointwise": "conv",  # ProblemConfig
+    "problem.conv3x3": "conv",
     "fixed_betas": [],  # ExperimentConfig (MCU's beta search)
     "selection.interpolation": "cubic",  # SelectionConfig
     # SelectionConfig's speed settings (the same results up to float rounding)

@@ -66,23 +66,73 @@ def test_every_impl_gives_the_same_values_in_both_dtypes():
         np.testing.assert_allclose(s2, r2, rtol=2 * tol, atol=tol * scale ** 2 * 128)
 
 
-@pytest.mark.parametrize("stats", [True, False])
-def test_the_derivative_is_the_plain_computations(stats):
-    """Gradients of a loss of the output (and its sums) through the kernel equal those of
-    the plain computation (no backward kernel: autodiff of XLA's ops), in every operand."""
-    z, mean, mul, bias, w = _operands(2, 6, 6, 16, 16, seed=2)
+def _kernel_outputs(jaxpr, name: str) -> list[int]:
+    """How many arrays each Pallas kernel called ``name`` in ``jaxpr`` (and the jaxprs it
+    calls) writes."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found += [len(eqn.outvars)] if eqn.params.get("name") == name else []
+            continue
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _kernel_outputs(inner, name)
+    return found
 
-    def loss(impl):
-        def f(*args):
-            out, sums = conv3x3.bn_relu_conv3x3(*args, stats=stats, impl=impl)
-            extra = 0.0 if sums is None else jnp.sum(sums[0] * 0.1) + jnp.sum(sums[1] * 0.01)
-            return jnp.sum(jnp.sin(out)) + extra
-        return f
 
-    got = jax.grad(loss("interpret"), argnums=tuple(range(5)))(z, mean, mul, bias, w)
-    want = jax.grad(loss("xla"), argnums=tuple(range(5)))(z, mean, mul, bias, w)
+def _loss(impl, stats, use=(0.1, 0.01)):
+    """A loss of the kernel's output and, with ``stats``, of its sums (weights ``use``: a
+    zero weight leaves that sum out, so its cotangent is a symbolic zero)."""
+    def f(*args):
+        out, sums = conv3x3.bn_relu_conv3x3(*args, stats=stats, impl=impl)
+        extra = sum(jnp.sum(s * u) for s, u in zip(sums or (), use, strict=False) if u)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))) + extra
+    return f
+
+
+@pytest.mark.parametrize("shape,stats,use", [
+    ((2, 6, 6, 16, 16), True, (0.1, 0.01)), ((2, 6, 6, 16, 16), False, ()),
+    # several programs of rows (432 pixels, 256 a program) and two blocks of input channels
+    # (16 a program for N = 64), one image spanning two programs
+    ((3, 12, 12, 32, 64), True, (0.1, 0.01)),
+    ((2, 5, 7, 16, 32), True, (0.0, 0.01)), ((2, 5, 7, 16, 32), True, (0.1, 0.0))])
+def test_the_backward_kernel_is_autodiffs_derivative(shape, stats, use):
+    """Gradients of a loss of the output (and its sums, or one of them) through the backward
+    kernel equal autodiff of the plain computation's (XLA's ops), in every operand."""
+    args = _operands(*shape, seed=2)
+    got = jax.grad(_loss("interpret", stats, use), argnums=tuple(range(5)))(*args)
+    want = jax.grad(_loss("xla", stats, use), argnums=tuple(range(5)))(*args)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    assert conv3x3.backward_blocks(432, 32, 64) == (16, 16, 256)
+
+
+def test_the_backward_kernel_in_bfloat16():
+    """In bfloat16 the kernel's gradients equal autodiff's up to bfloat16 rounding (each
+    rounds the output's cotangent and z's once, in other places)."""
+    args = _operands(2, 6, 6, 16, 32, dtype=jnp.bfloat16, seed=4)
+    got = jax.grad(_loss("interpret", True), argnums=tuple(range(5)))(*args)
+    want = jax.grad(_loss("xla", True), argnums=tuple(range(5)))(*args)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype
+        scale = float(jnp.max(jnp.abs(r.astype(jnp.float32))))
+        np.testing.assert_allclose(np.float32(g), np.float32(r), atol=2 ** -6 * scale)
+
+
+def test_the_backward_kernel_computes_only_what_is_differentiated():
+    """Differentiated in z alone, the backward kernel writes no weight gradient; in w alone
+    (a frozen input), no input cotangent; either way the values are autodiff's."""
+    args = _operands(2, 4, 4, 16, 16, seed=5)
+    for argnums, outputs in (((0,), 2), ((4,), 2), ((0, 4), 3)):
+        f = jax.grad(_loss("interpret", True), argnums=argnums)
+        assert _kernel_outputs(jax.make_jaxpr(f)(*args).jaxpr,
+                               "bn_relu_conv3x3_backward") == [outputs], argnums
+        got = f(*args)
+        want = jax.grad(_loss("xla", True), argnums=argnums)(*args)
+        for g, r in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_vmap_over_weights_equals_a_loop():
@@ -126,10 +176,10 @@ def test_block_rows_keep_tiles_small():
 
 def test_the_model_with_the_kernel_computes_the_same():
     """PreResNet with ``conv3x3`` has the same variables (names, shapes, initial values) and
-    computes the same train-mode logits and batch statistics, eval-mode logits (also with
-    BatchNorm folded: bn3 then folded into a cuDNN conv2 instead) as with the 1x1 kernel
-    alone, up to float rounding (depth 11: stage 1's block takes the kernel, the strided
-    first blocks of stages 2 and 3 keep cuDNN)."""
+    computes the same train-mode logits, batch statistics and gradients, eval-mode logits
+    (also with BatchNorm folded: bn3 then folded into a cuDNN conv2 instead) as with the 1x1
+    kernel alone, up to float rounding (depth 11: stage 1's block takes the kernels, the
+    strided first blocks of stages 2 and 3 keep cuDNN)."""
     base = models.create("preresnet110", 10, depth=11, pointwise="interpret")
     kernel = models.with_conv3x3(base, "interpret")
     v = models.init_variables(base, jax.random.PRNGKey(0), (1, 16, 16, 3))
@@ -137,9 +187,14 @@ def test_the_model_with_the_kernel_computes_the_same():
     jax.tree.map(np.testing.assert_array_equal, same, v)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
 
+    def train_loss(params, m):
+        logits, _ = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits ** 2)
+
     def run(m):
         trained = m.apply(v, x, train=True, mutable=["batch_stats"])
-        return trained, m.apply(v, x, train=False), models.folded(m).apply(v, x, train=False)
+        return (trained, m.apply(v, x, train=False), models.folded(m).apply(v, x, train=False),
+                jax.grad(train_loss)(v["params"], m))
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  run(kernel), run(base))
@@ -150,6 +205,10 @@ def test_the_model_with_the_kernel_computes_the_same():
         text = str(jax.make_jaxpr(lambda v, m=m, t=train: m.apply(
             v, x, train=t, mutable=["batch_stats"] if t else False))(v))
         assert len(re.findall(r"\bname=bn_relu_conv3x3\b", text)) == calls, (m.conv3x3, train)
+    # and its backward kernel in the gradient
+    for m, calls in ((kernel, [3]), (base, [])):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p, m=m: train_loss(p, m)))(v["params"]).jaxpr
+        assert _kernel_outputs(jaxpr, "bn_relu_conv3x3_backward") == calls
 
 
 def test_the_kernel_needs_the_1x1_kernel():
@@ -190,3 +249,71 @@ def test_sweep_with_the_kernel_measures_the_same(digits_images, digits_split):
                  kernel.batch_stats, plain.batch_stats)
     with pytest.raises(ValueError, match="needs pointwise"):
         sweep.sweep(*args, **{**options, "pointwise": "conv"}, conv3x3="fused")
+
+
+def test_the_kernels_in_the_problem_and_the_run_records():
+    """ProblemConfig.conv3x3 builds the model with the kernels (with the 1x1 kernel, PreResNet
+    only; refused otherwise before any data is loaded); every model accepts "conv"; a
+    record made before the field existed still matches the default. Curve training keeps
+    the stride-1 blocks' 3x3 filters in Flax's order then (the kernels read them so)."""
+    from mcu_jax import runs
+    from mcu_jax.problem import ProblemConfig, _parts
+
+    assert models.create("cnn_small", 5, conv3x3="conv") == models.create("cnn_small", 5)
+    with pytest.raises(ValueError, match="conv3x3='fused' needs pointwise"):
+        ProblemConfig(model="preresnet110", conv3x3="fused")
+    with pytest.raises(ValueError, match="conv3x3 must be one of .* got 'interpret'"):
+        ProblemConfig(model="preresnet110", pointwise="fused", conv3x3="interpret")
+    with pytest.raises(ValueError, match="model 'cnn_small' has no fused 1x1"):
+        ProblemConfig(model="cnn_small", pointwise="fused", conv3x3="fused")
+    with pytest.raises(ValueError, match="conv3x3='fused' needs pointwise"):
+        models.create("preresnet110", 5, conv3x3="fused")
+    model = _parts(ProblemConfig(model="preresnet110", pointwise="fused", conv3x3="fused"))[2]
+    assert (model.pointwise, model.conv3x3) == ("fused", "fused")
+    assert "conv3x3" not in runs.model_identity(models.with_conv3x3(model, "conv"))
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "conv3x3": "conv"}}) is None
+    assert runs.first_difference({"problem": {"dtype": "float32"}},
+                                 {"problem": {"dtype": "float32", "conv3x3": "fused"}})
+    params = models.init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 3))["params"]
+    filters = models.conv_filters(model, params)
+    both = models.conv_filters(models.with_conv3x3(model, "conv"), params)
+    assert both - filters == {f"stage1_block{b}/conv2/kernel" for b in range(12)} | {
+        f"stage{s}_block{b}/conv2/kernel" for s in (2, 3) for b in range(1, 12)}
+    assert filters == {"stem/kernel", *(f"stage{s}_block0/{n}/kernel" for s in (1, 2, 3)
+                                        for n in ("shortcut", "conv2") if (s, n) != (1, "conv2"))}
+
+
+def test_a_curve_step_with_the_kernels_is_the_same_step(digits_images):
+    """One curve-training step of PreResNet with the 3x3 kernels (interpreted, with the
+    stride-1 3x3 filters packed in Flax's order) gives the same loss and the same new
+    control point as the step with cuDNN's convolutions, up to float rounding."""
+    import optax
+
+    from mcu_jax import mcu
+    from mcu_jax.mcu import MCUConfig
+
+    train_images, _ = digits_images
+    base = models.create("preresnet110", 10, depth=11, pointwise="interpret")
+    theta_o = models.init_variables(base, jax.random.PRNGKey(0), (8, 8, 1))
+    theta_p = models.init_variables(base, jax.random.PRNGKey(1), (8, 8, 1))
+    theta_c = jax.tree.map(lambda a, b: 0.5 * (a + b) + 0.01, theta_o["params"],
+                           theta_p["params"])
+    mask = jax.tree.map(lambda _: True, theta_o["params"])
+    is_forget = np.arange(train_images.num_examples) % 7 == 0
+    config = MCUConfig(progress=False, batch_size=16)
+    idx = jnp.arange(16, dtype=jnp.int32)
+    results = []
+    for model in (base, models.with_conv3x3(base, "interpret")):
+        state, consts, _ = mcu.setup_curve(model, theta_o, theta_p, theta_c, mask,
+                                           train_images, is_forget, (99.0, 95.0), config)
+        step = jax.jit(mcu.make_curve_step(model, optax.sgd(config.lr), config,
+                                           theta_o["params"]))
+        state, metrics = step(state, consts, idx, jax.random.PRNGKey(3))
+        results.append((float(metrics["loss"]),
+                        mcu.control_point(theta_o["params"], state.trainable, consts)))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    moved = results[1][1]["stage1_block0"]["conv2"]["kernel"]
+    assert not np.allclose(moved, theta_c["stage1_block0"]["conv2"]["kernel"])  # it trained
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 results[1][1], results[0][1])

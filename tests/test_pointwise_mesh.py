@@ -115,8 +115,9 @@ def _model_parts(mesh) -> dict:
 
 
 def _conv3x3_part(mesh) -> dict:
-    """The 3x3 kernel (models/conv3x3.py) in a data-parallel program on images split over the
-    mesh: its output and statistics against XLA's ops on one device."""
+    """The 3x3 kernels (models/conv3x3.py) in a data-parallel program on images split over
+    the mesh: a loss of the output, the statistics and the loss's gradient (the backward
+    kernel) against XLA's ops on one device."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -129,11 +130,19 @@ def _conv3x3_part(mesh) -> dict:
     mean, bias = rng.normal(size=(2, 16)).astype(np.float32)
     mul = rng.uniform(0.5, 2.0, size=16).astype(np.float32)
     w = (rng.normal(size=(3, 3, 16, 32)) / 12).astype(np.float32)
+    probe = rng.normal(size=z.shape).astype(np.float32)
 
     def f(impl):
-        def run(*args):
+        def loss(*args):
             out, sums = conv3x3.bn_relu_conv3x3(*args, stats=True, impl=impl)
-            return jnp.sum(jnp.sin(out)), sums
+            return jnp.sum(jnp.sin(out)) + 0.01 * jnp.sum(sums[1]), sums
+
+        def run(*args):
+            """The loss, the sums and the gradients, z's as a dot product with ``probe``:
+            every output is replicated, so gathering rows would show in the program."""
+            (value, sums), (dz, *others) = jax.value_and_grad(
+                loss, argnums=tuple(range(5)), has_aux=True)(*args)
+            return value, sums, jnp.sum(dz * probe), others
         return run
 
     want = jax.jit(f("xla"))(z, mean, mul, bias, w)

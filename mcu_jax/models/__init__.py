@@ -46,7 +46,7 @@ from mcu_jax.models.preresnet import (
     POINTWISE,
     PreResNet,
     check_conv3x3,
-    matrix_kernels,
+    flax_order_kernels,
     pointwise_impl,
     preresnet,
 )
@@ -118,10 +118,11 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     ``jnp.bfloat16``; the strings "float32"/"bfloat16" work too) and ``bn_momentum`` (float in
     [0, 1], default 0.9). Other options are fields of the model (e.g. ``depth`` for ViTs,
     ``shortcut`` for ``resnet20``, ``fused_bn`` (a bool) for the BatchNorm models,
-    ``pointwise`` for PreResNet; ``fused_bn=False`` and ``pointwise="conv"``, every model's
-    behaviour, are accepted by all). Raises ValueError for an unknown name (listing the known
-    ones), a bad ``num_classes``/``dtype``/``bn_momentum``/``fused_bn``/``pointwise`` or an
-    unknown option.
+    ``pointwise`` and ``conv3x3`` for PreResNet; ``fused_bn=False``, ``pointwise="conv"``
+    and ``conv3x3="conv"``, every model's behaviour, are accepted by all). Raises ValueError
+    for an unknown name (listing the known ones), a bad ``num_classes``/``dtype``/
+    ``bn_momentum``/``fused_bn``/``pointwise``/``conv3x3``, a ``conv3x3`` kernel without the
+    1x1 kernel, or an unknown option.
     """
     if name not in _REGISTRY:
         raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
@@ -137,10 +138,12 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     if "fused_bn" in options:  # a bool, or older run records' model text would not match
         if not checks.flag("fused_bn", options["fused_bn"]):
             del options["fused_bn"]  # the default, and what models without BatchNorm do
-    if "pointwise" in options:  # "conv", the default, is what models without the field do
-        pointwise_impl(options["pointwise"])
-        if options["pointwise"] == "conv":
-            del options["pointwise"]
+    for field in ("pointwise", "conv3x3"):  # "conv", the default, is what models without
+        if field in options:  # the field do
+            pointwise_impl(options[field], field)
+            if options[field] == "conv":
+                del options[field]
+    check_conv3x3(options.get("pointwise", "conv"), options.get("conv3x3", "conv"))
     try:
         return _REGISTRY[name](num_classes=num_classes, **options)
     except TypeError as e:
@@ -154,12 +157,13 @@ def count_params(params: Any) -> int:
 
 def conv_filters(model: nn.Module, params: Any) -> frozenset[str]:
     """The paths (``pytrees.flatten``'s) of ``params``' tensors that ``model`` runs as
-    convolution filters (Flax's HWIO): its 4-d tensors, except PreResNet's 1x1 kernels that
-    its ``pointwise`` setting reads as (K, N) matrices. Curve training stores the filters in
-    the order GPUs read them (``mcu.FILTER_ORDER``)."""
+    convolution filters (Flax's HWIO): its 4-d tensors, except PreResNet's kernels that its
+    ``pointwise`` and ``conv3x3`` settings read in Flax's order
+    (``preresnet.flax_order_kernels``). Curve training stores the filters in the order GPUs
+    read them (``mcu.FILTER_ORDER``)."""
     flat = pytrees.flatten(params)
-    matrices = matrix_kernels(model, flat) if isinstance(model, PreResNet) else frozenset()
-    return frozenset(k for k, v in flat.items() if len(v.shape) == 4 and k not in matrices)
+    kept = flax_order_kernels(model, flat) if isinstance(model, PreResNet) else frozenset()
+    return frozenset(k for k, v in flat.items() if len(v.shape) == 4 and k not in kept)
 
 
 def kernel_dtypes(model: nn.Module, params: Any) -> dict[str, jnp.dtype]:
@@ -257,7 +261,7 @@ def with_pointwise(model, pointwise: str):
 
 def with_conv3x3(model, conv3x3: str):
     """``model`` with its ``conv3x3`` field set (PreResNet's stride-1 3x3 convolutions as
-    ``conv3x3.bn_relu_conv3x3``, for forward passes; one of :data:`POINTWISE`, checked); a
+    ``conv3x3.bn_relu_conv3x3``; one of :data:`POINTWISE`, checked); a
     model without that field is returned as it is. ValueError where the model's
     ``pointwise`` is "conv": the kernel reads the 1x1 kernel's output."""
     pointwise_impl(conv3x3, "conv3x3")

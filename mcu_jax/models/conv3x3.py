@@ -1,17 +1,21 @@
 """A 3x3 convolution with the BatchNorm + ReLU before it and the statistics after it, as one
-GPU kernel (Pallas, Triton backend), for forward passes.
+GPU kernel (Pallas, Triton backend), with a backward kernel.
 
 In PreResNet-110's bottleneck blocks the 3x3 convolution sits between the two 1x1 kernels of
-``pointwise``. In the sweep's train-mode pass (BatchNorm statistics over many images, for
-each t) XLA composes it of three passes over memory: bn2's normalise + ReLU reads conv1's
-output ``z`` and writes the activated copy, cuDNN reads that and writes the convolution's
-output, and bn3's statistics read the output again. Here one kernel reads ``z`` (B, H, W,
-K), normalises and activates it in registers (``relu(z * mul + shift)``, as the 1x1 kernel
-does, ``pointwise.bn_relu_shifted``), zero-pads it after the activation (as the
-convolution's padding pads the activated input), convolves it with ``w`` (3, 3, K, N) as
-nine products of shifted rows, writes the output once and, with ``stats``, returns the
-channels' sum and sum of squares from the same pass (docs/benchmarks.md, "A fused kernel for
-the 3x3 convolutions").
+``pointwise``. XLA composes it of three passes over memory: bn2's normalise + ReLU reads
+conv1's output ``z`` and writes the activated copy, cuDNN reads that and writes the
+convolution's output, and bn3's statistics read the output again; its derivative takes four
+more (bn3's part of the output's cotangent, cuDNN's two backward convolutions, bn2's
+reduction). Here one kernel reads ``z`` (B, H, W, K), normalises and activates it in
+registers (``relu(z * mul + shift)``, as the 1x1 kernel does,
+``pointwise.bn_relu_shifted``), zero-pads it after the activation (as the convolution's
+padding pads the activated input), convolves it with ``w`` (3, 3, K, N) as nine products of
+shifted rows, writes the output once and, with ``stats``, returns the channels' sum and sum
+of squares from the same pass (docs/benchmarks.md, "A fused kernel for the 3x3
+convolutions"). Its backward kernel (:func:`_pallas_backward`) reads the output's cotangent,
+``z`` and, for the sum of squares' part, the output, and writes ``z``'s cotangent once, with
+the weight gradient and bn2's gradient sums as partial sums (docs/benchmarks.md, "A backward
+kernel for the 3x3 convolutions").
 
 Each program computes a block of output pixels (rows of the (B*H*W, N) output) for all N
 channels; for each of the nine taps it gathers the input rows its pixels read (``z``'s rows
@@ -19,24 +23,23 @@ shifted by ``(dy - 1) * W + (dx - 1)``, clamped to the array, with the pixels wh
 neighbour lies outside the image masked to zero), so no padded copy of ``z`` is made.
 Stride 1 and padding 1 only (the stride-2 blocks keep cuDNN).
 
-There is no backward kernel: the derivative is that of the plain computation
-(:func:`reference`, autodiff in XLA ops, which recomputes the activated input), so training
-with this kernel computes the same as without it, but more slowly by the estimate. The curve
-step keeps cuDNN (its backward pass takes bn2's derivative inside conv1's backward kernel,
-``pointwise.bn_relu_matmul_bn``); the sweep, which runs forward passes only, is what this
-kernel is for.
+Training with the kernels (``ProblemConfig.conv3x3``, the model's ``conv3x3``) computes
+the same function as without them, rounded differently; the backward kernel recomputes the
+ReLU's mask in the kernels' form (``bn_relu_shifted``), so it may differ where a value lies
+within rounding of zero, as for the 1x1 kernels.
 
 ``impl`` (``kernel_impl``): "auto" the kernel where the program is compiled for an NVIDIA GPU
 and the channel counts fit (:func:`kernel_fits`), the plain computation elsewhere; "pallas",
 "interpret" (tests) and "xla" as in ``pointwise``. In a data-parallel program each device
 runs the kernel on its own images (``pointwise.on_own_rows``). Block sizes follow a rule
-(:func:`block_rows`) under which ptxas for the H100 finds no spills; untuned, and not yet
-timed on a card.
+(:func:`block_rows`, :func:`backward_blocks`) under which ptxas for the H100 finds no
+spills beyond a word; untuned, and not yet timed on a card.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -135,22 +138,178 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
             pw.total_row_sums(results[1]) if stats else None)
 
 
+def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
+    program computes (its nine taps' weight gradients, 9 x ``block_k`` x n, accumulate in
+    at most about 36 KB of float32: 16 channels for PreResNet's), ``block_m`` rows a loop
+    step (the gathered cotangent tile, ``block_m`` x n, within 2,048 values) and ``rows``
+    per program, a power-of-two multiple of ``block_m``: about 256 programs share the rows
+    and channel blocks, each with at least 256 rows, so that its partial weight gradients
+    stay small beside what it reads. Untuned."""
+    block_k = max(16, min(k, 2 ** int(math.log2(8192 // (TAPS * n)))))
+    block_m = max(16, min(128, 1024 // n))
+    chunks = max(1, 256 // (k // block_k))
+    rows = max(block_m, 256)
+    while rows * chunks < m:
+        rows *= 2
+    return block_m, block_k, rows
+
+
+def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
+                     with_dw: bool, interpret: bool):
+    """The derivative of :func:`reference` as one Pallas kernel: ``(d_z (B, H, W, K) in z's
+    dtype or None without ``with_dz``, d_w (3, 3, K, N) float32 or None without
+    ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32)``, ``d_x`` being the
+    cotangent of bn2's affine map's output, from the output's cotangent ``d_out`` and the
+    sums' ``d_sums = (d_sum, d_squares)`` (either None: zero; ``out``, the forward pass's
+    output, is read for the sum of squares' part).
+
+    Each program takes a block of pixels and of input channels and loops over its pixels
+    in steps. A step forms the output's cotangent ``g`` (with the statistics' part,
+    rounded to z's dtype, as ``pointwise.backward`` does) at the nine shifted rows that
+    read its pixels (masked where that output pixel lies outside the image) and adds
+    their products with the taps' transposed filters: ``d_x``, through the ReLU's mask
+    recomputed from ``z``, times ``mul``, is ``d_z``. It also recomputes the activated
+    input at the nine rows its own pixels read (zero outside the image, as the forward
+    pass pads it) and adds each one's product with its own ``g`` to that tap's weight
+    gradient. The programs' partial weight gradients and sums are added up here, in one
+    reduction. No activated input, padded copy or full cotangent is written."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+
+    b, h, width, k = z.shape
+    n = w.shape[-1]
+    m, dt, f32 = b * h * width, z.dtype, jnp.float32
+    block_m, block_k, rows = backward_blocks(m, k, n)
+    grid = (pl.cdiv(m, rows), k // block_k)
+    d_sum, d_squares = d_sums
+    given = [(name, v) for name, v in (("out", out if d_squares is not None else None),
+                                        ("d_sum", d_sum), ("d_squares", d_squares))
+             if v is not None]
+
+    def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
+        refs = list(refs)  # the optional inputs, then the outputs
+        ins = {name: refs.pop(0) for name, _ in given}
+        dz_ref = refs.pop(0) if with_dz else None
+        dw_ref = refs.pop(0) if with_dw else None
+        sums_ref = refs.pop(0)
+        mean_, mul_, shift = mean_ref[...], mul_ref[...], shift_ref[...]
+        base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
+
+        def cotangent(source, keep):
+            """The output's cotangent at rows ``source``, zero where not ``keep``."""
+            g = g_ref[source, :].astype(f32)
+            if "d_sum" in ins:
+                g = g + ins["d_sum"][...]
+            if "d_squares" in ins:
+                g = g + 2.0 * ins["out"][source, :].astype(f32) * ins["d_squares"][...]
+            return jnp.where(keep[:, None], g, 0.0).astype(dt)
+
+        def step(j, carry):
+            p = base + j * block_m + jnp.arange(block_m)  # this step's pixels
+            col, row = p % width, (p // width) % h
+            valid = p < m
+            own = jnp.clip(p, 0, m - 1)
+            g_own = cotangent(own, valid) if with_dw else None
+            d_x = jnp.zeros((block_m, block_k), f32)
+            d_w = list(carry[2:])
+            for tap in range(TAPS):
+                dy, dx = divmod(tap, 3)
+                offset = (dy - 1) * width + dx - 1
+                # the output pixel that reads this pixel at this tap: p - offset
+                r, c = row - dy + 1, col - dx + 1
+                reads = valid & (r >= 0) & (r < h) & (c >= 0) & (c < width)
+                g = cotangent(jnp.clip(p - offset, 0, m - 1), reads)
+                d_x += jax.lax.dot_general(g, w_ref[tap], (((1,), (1,)), ((), ())),
+                                           preferred_element_type=f32)
+                if with_dw:  # the input this pixel reads at this tap: p + offset
+                    r, c = row + dy - 1, col + dx - 1
+                    inside = valid & (r >= 0) & (r < h) & (c >= 0) & (c < width)
+                    a = pw.bn_relu_shifted(z_ref[jnp.clip(p + offset, 0, m - 1), :], mul_,
+                                           shift)
+                    a = jnp.where(inside[:, None], a, jnp.zeros((), dt))
+                    d_w[tap] += jax.lax.dot_general(a, g_own, (((0,), (0,)), ((), ())),
+                                                    preferred_element_type=f32)
+            z_own = z_ref[own, :]
+            d_x = jnp.where(pw.bn_relu_shifted(z_own, mul_, shift) > 0, d_x, 0.0)
+            if with_dz:
+                dz_ref[pl.ds(j * block_m, block_m), :] = (d_x * mul_).astype(dt)
+            return (carry[0] + jnp.sum(d_x, axis=0),
+                    carry[1] + jnp.sum(d_x * (z_own.astype(f32) - mean_), axis=0), *d_w)
+
+        zeros = jnp.zeros((block_k,), f32)
+        init = (zeros, zeros, *([jnp.zeros((block_k, n), f32)] * TAPS if with_dw else []))
+        carry = jax.lax.fori_loop(0, rows // block_m, step, init)
+        sums_ref[0, :] = carry[0]
+        sums_ref[1, :] = carry[1]
+        for tap in range(TAPS if with_dw else 0):
+            dw_ref[tap, :, :] = carry[2 + tap]
+
+    vector = pl.BlockSpec((block_k,), lambda i, j: (j,))
+    whole_n = pl.BlockSpec((m, n), lambda i, j: (0, 0))
+    spec = {"out": whole_n, "d_sum": pl.BlockSpec((n,), lambda i, j: (0,))}
+    spec["d_squares"] = spec["d_sum"]
+    in_specs = [pl.BlockSpec((m, block_k), lambda i, j: (0, j)), vector, vector, vector,
+                pl.BlockSpec((TAPS, block_k, n), lambda i, j: (0, j, 0)), whole_n,
+                *(spec[name] for name, _ in given)]
+    args = [z.reshape(m, k), mean, mul, pw.shift_of(mean, mul, bias),
+            w.reshape(TAPS, k, n).astype(dt), d_out.reshape(m, n).astype(dt),
+            *(v.reshape(m, n) if name == "out" else v for name, v in given)]
+    out_specs, out_shape = [], []
+    if with_dz:
+        out_specs.append(pl.BlockSpec((rows, block_k), lambda i, j: (i, j)))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0] * rows, k), dt))
+    if with_dw:
+        out_specs.append(pl.BlockSpec((None, TAPS, block_k, n), lambda i, j: (i, 0, j, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0], TAPS, k, n), f32))
+    out_specs.append(pl.BlockSpec((None, 2, block_k), lambda i, j: (i, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, k), f32))
+    results = list(kernel_impl.pallas_call(
+        kernel, *args, interpret=interpret, num_warps=8, num_stages=1, grid=grid,
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        name="bn_relu_conv3x3_backward"))
+    dz = results.pop(0)[:m].reshape(b, h, width, k) if with_dz else None
+    partial = [results[-1].reshape(grid[0], 2 * k)]
+    if with_dw:  # both partial sums side by side: one reduction
+        partial.append(results[0].reshape(grid[0], TAPS * k * n))
+    total = jnp.sum(jnp.concatenate(partial, axis=1), 0)
+    d_w = total[2 * k:].reshape(3, 3, k, n) if with_dw else None
+    return dz, d_w, (total[:k], total[k:2 * k])
+
+
+#: The operands of the kernel's derivative, in order.
+OPERANDS = ("z", "mean", "mul", "bias", "w")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _kernel(z, mean, mul, bias, w, stats, interpret):
     return _pallas(z, mean, mul, bias, w, stats, interpret)
 
 
 def _kernel_fwd(z, mean, mul, bias, w, stats, interpret):
-    return _pallas(z, mean, mul, bias, w, stats, interpret), (z, mean, mul, bias, w)
+    """With symbolic zeros (``pointwise._kernel_fwd``): the perturbed operands' names travel
+    to the backward pass."""
+    primals = (z, mean, mul, bias, w)
+    values = [p.value for p in primals]
+    out, sums = _pallas(*values, stats, interpret)
+    return (out, sums), (*values, out if stats else None, pw.perturbed(OPERANDS, primals))
 
 
 def _kernel_bwd(stats, interpret, saved, cotangents):
-    """The derivative of the plain computation (no backward kernel)."""
-    _, pullback = jax.vjp(functools.partial(reference, stats=stats), *saved)
-    return pullback(cotangents)
+    """The backward kernel (:func:`_pallas_backward`); no z or w cotangent is computed that
+    is not wanted."""
+    z, mean, mul, bias, w, out, wanted = saved
+    d_out, d_sums = cotangents
+    d_sums = (None, None) if d_sums is None else tuple(pw.or_none(d) for d in d_sums)
+    d_z, d_w, (d_bias, d_mul) = _pallas_backward(
+        z, mean, mul, bias, w, pw.dense(d_out), out, d_sums, "z" in wanted, "w" in wanted,
+        interpret)
+    result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
+              d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype))
+    return tuple(c if name in wanted else None for name, c in zip(OPERANDS, result,
+                                                                   strict=True))
 
 
-_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+_kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
 
 
 def bn_relu_conv3x3(z, mean, mul, bias, w, *, stats: bool = False, impl: str = "auto"):

@@ -514,27 +514,27 @@ def _kernel_fwd(*args):
     dict (static, in the residuals' structure)."""
     primals, flags = args[:7], args[7:]
     values = [None if p is None else p.value for p in primals]
-    wanted = _perturbed(OPERANDS, primals)
+    wanted = perturbed(OPERANDS, primals)
     out, sums = _pallas(*values, *flags[:3])
     results = (out, sums, values[0]) if flags[3] else (out, sums)
     return results, (*values, out, wanted)
 
 
-def _perturbed(names, primals) -> dict:
+def perturbed(names, primals) -> dict:
     """The names of the perturbed ``CustomVJPPrimal``s among ``primals`` (None: an absent
     operand), as the keys of an empty dict: static, in the residuals' structure."""
     return {name: None for name, p in zip(names, primals, strict=True)
             if p is not None and p.perturbed}
 
 
-def _dense(cotangent):
+def dense(cotangent):
     """A symbolic zero cotangent as zeros; any other as it is."""
     if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
         return jnp.zeros(cotangent.shape, cotangent.dtype)
     return cotangent
 
 
-def _or_none(cotangent):
+def or_none(cotangent):
     """A symbolic zero cotangent as None; any other as it is."""
     return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
 
@@ -543,10 +543,10 @@ def _kernel_bwd(stats, out_relu, interpret, return_input, saved, cotangents):
     """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's, and
     the returned input's)."""
     d_out, d_sums, *d_input = cotangents
-    d_out = _dense(d_out)
+    d_out = dense(d_out)
     if d_sums is not None:
-        d_sums = tuple(_or_none(d) for d in d_sums)
-    d_input = _or_none(d_input[0]) if d_input else None
+        d_sums = tuple(or_none(d) for d in d_sums)
+    d_input = or_none(d_input[0]) if d_input else None
     *operands, out, wanted = saved
     return backward(*operands, out, (d_out, d_sums), stats, out_relu,
                     impl="interpret" if interpret else "pallas", wanted=tuple(wanted),
@@ -666,7 +666,7 @@ def _kernel_bn_fwd(*args):
     primals, flags = args[:7], args[7:]
     values = [p.value for p in primals]
     results, out, sums = _bn_forward(values, *flags)
-    return results, (*values, out, sums, _perturbed(BN_OPERANDS, primals))
+    return results, (*values, out, sums, perturbed(BN_OPERANDS, primals))
 
 
 def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
@@ -677,8 +677,8 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     *operands, out, sums, wanted = saved
     scale, offset = operands[5:]
     d_a, d_stats, *d_input = cotangents
-    d_a = _dense(d_a)
-    d_input = _or_none(d_input[0]) if d_input else None
+    d_a = dense(d_a)
+    d_input = or_none(d_input[0]) if d_input else None
     (mean, var, mul), coefficients_vjp = jax.vjp(
         functools.partial(batch_coefficients, n=out.shape[0], epsilon=epsilon), *sums, scale)
     shift = shift_of(mean, mul, offset)  # not offset, a slice of a packed vector in training
@@ -688,7 +688,7 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     d_offset, d_mul = pair[:len(mean)], pair[len(mean):]
     # the scale reaches the result through the multiplier alone
     d_scale = coefficients_vjp((jnp.zeros_like(mean), jnp.zeros_like(var), d_mul))[2]
-    d_mean, d_var = (_or_none(d) for d in d_stats)
+    d_mean, d_var = (or_none(d) for d in d_stats)
 
     # the sums side by side as the forward kernel's reduction wrote them: a whole buffer
     derive = (functools.partial(_derived_sums_cotangents, d_mean is not None,

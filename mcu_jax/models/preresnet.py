@@ -186,9 +186,8 @@ class PreResNet(nn.Module):
     # has no effect with it, in either mode (no BatchNorm of its kind is left).
     pointwise: str = "conv"
     # With pointwise: the stride-1 blocks' 3x3 convolutions as one kernel with bn2 + ReLU
-    # before them and bn3's statistics after them (POINTWISE, conv3x3.py), except where
-    # fold_bn folds bn3 into them. A forward kernel: its derivative is XLA's, so it is for
-    # the sweep (its passes run forward only), not for training.
+    # before them and bn3's statistics after them, and a backward kernel (POINTWISE,
+    # conv3x3.py), except where fold_bn folds bn3 into them. The same variables and function.
     conv3x3: str = "conv"
 
     @nn.compact
@@ -235,15 +234,20 @@ class PreResNet(nn.Module):
 
 #: The paths (``pytrees.flatten``'s) of the blocks' 1x1 kernels that ``_ConvKernel`` makes.
 _MATRIX_PATH = re.compile(r"stage\d+_block\d+/conv[13]/kernel")
+#: Those of the 3x3 kernels of the stride-1 blocks (all but each later stage's first).
+_TAPS_PATH = re.compile(r"stage(?:1_block\d+|\d+_block(?:[1-9]|\d\d+))/conv2/kernel")
 
 
-def matrix_kernels(model: PreResNet, paths: Iterable[str]) -> frozenset[str]:
-    """The paths among ``paths`` of the 4-d kernels that ``model`` reads as (K, N) matrices,
-    not as convolution filters: its blocks' conv1 and conv3 where ``pointwise`` is not
-    "conv" (``_ConvKernel``); none otherwise."""
+def flax_order_kernels(model: PreResNet, paths: Iterable[str]) -> frozenset[str]:
+    """The paths among ``paths`` of the 4-d kernels that ``model``'s Pallas kernels read in
+    Flax's order: its blocks' conv1 and conv3 as (K, N) matrices where ``pointwise`` is not
+    "conv" (``_ConvKernel``), and its stride-1 blocks' conv2 as nine (K, N) taps where
+    ``conv3x3`` is not "conv" either; none otherwise."""
     if model.pointwise == "conv":
         return frozenset()
-    return frozenset(p for p in paths if _MATRIX_PATH.fullmatch(p))
+    taps = model.conv3x3 != "conv"
+    return frozenset(p for p in paths
+                     if _MATRIX_PATH.fullmatch(p) or (taps and _TAPS_PATH.fullmatch(p)))
 
 
 def preresnet(depth: int, num_classes: int, **options: Any) -> PreResNet:
