@@ -3,9 +3,9 @@
 ops, on the shapes of PreResNet-110's 1x1 convolutions, and a PreResNet with it against the
 default model (outputs and gradients). The default sizes fill no whole number of the
 kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is checked too.
-With them, the fused 3x3 kernel (mcu_jax/models/conv3x3.py) on PreResNet-110's stride-1 3x3
-shapes, and the model with it too (outputs). Also the curve point's kernel
-(mcu_jax/combine.py) on PreResNet-110's weight tensors.
+With them, the fused 3x3 kernel (mcu_jax/models/conv3x3.py) and its backward kernel on
+PreResNet-110's stride-1 3x3 shapes, and the model with them too (outputs and gradients).
+Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
@@ -140,10 +140,11 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
 
 
 def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
-    """``(label, relative difference)`` of the 3x3 kernel's output and channel sums against
-    the "xla" impl on ``batch`` images of each shape in :data:`CONV2`, whose images fill
-    whole blocks of pixels, and on 5 images of 7 x 7 pixels with K=16, N=32: programs that
-    span two images and a last block part empty."""
+    """``(label, relative difference)`` of the 3x3 kernel's output and channel sums, and of
+    the backward kernel's cotangents of every operand (for a loss of the output and both
+    sums), against the "xla" impl (autodiff of XLA's ops) on ``batch`` images of each shape
+    in :data:`CONV2`, whose images fill whole blocks of pixels, and on 5 images of 7 x 7
+    pixels with K=16, N=32: programs that span two images and a last block part empty."""
     rng = np.random.default_rng(2)
     results = []
     for b, side, k, n in [(batch, side, c, c) for side, c in CONV2] + [(5, 7, 16, 32)]:
@@ -151,12 +152,24 @@ def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
         mean, bias = (jnp.asarray(rng.normal(size=k), jnp.float32) for _ in range(2))
         mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
         w = jnp.asarray(rng.normal(size=(3, 3, k, n)) / np.sqrt(9 * k), jnp.float32)
-        got, (g1, g2) = jax.jit(functools.partial(c3.bn_relu_conv3x3, stats=True,
-                                                  impl=impl))(z, mean, mul, bias, w)
-        want, (w1, w2) = c3.bn_relu_conv3x3(z, mean, mul, bias, w, stats=True, impl="xla")
-        results.append((f"3x3 kernel K={k} N={n}, {b} x {side} x {side}, "
-                        f"{jnp.dtype(dtype).name}",
-                        max(_relative(got, want), _relative(g1, w1), _relative(g2, w2))))
+        cotangents = (jnp.asarray(rng.normal(size=(b, side, side, n)), jnp.float32),
+                      *jnp.asarray(rng.normal(size=(2, n)) / (b * side * side), jnp.float32))
+
+        def run(impl, *operands, c=cotangents):
+            def loss(*a):
+                out, (s1, s2) = c3.bn_relu_conv3x3(*a, stats=True, impl=impl)
+                return (jnp.sum(out.astype(jnp.float32) * c[0]) + jnp.sum(s1 * c[1])
+                        + jnp.sum(s2 * c[2]))
+            return (c3.bn_relu_conv3x3(*operands, stats=True, impl=impl),
+                    jax.grad(loss, argnums=tuple(range(5)))(*operands))
+
+        label = f"3x3 kernel K={k} N={n}, {b} x {side} x {side}, {jnp.dtype(dtype).name}"
+        got, want = (jax.jit(functools.partial(run, i))(z, mean, mul, bias, w)
+                     for i in (impl, "xla"))
+        results += [(label, max(_relative(u, v) for u, v in zip(
+                        jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True))),
+                    (f"{label}: backward kernel",
+                     max(_relative(u, v) for u, v in zip(got[1], want[1], strict=True)))]
     return results
 
 
@@ -192,13 +205,17 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     @jax.jit
     def run(variables):
         kernel = models.with_pointwise(base, pointwise)
-        # the 3x3 kernel: train mode and evaluation (folded, conv2 stays cuDNN's)
+        # the 3x3 kernels: train mode, its gradient and evaluation (folded, conv2 stays
+        # cuDNN's)
+        both = models.with_conv3x3(kernel, pointwise)
         return ([(forward(m, variables), jax.grad(functools.partial(loss, m))(
             variables["params"])) for m in (kernel, base)],
-            forward(models.with_conv3x3(kernel, pointwise), variables, fold=False))
+            (forward(both, variables, fold=False),
+             jax.grad(functools.partial(loss, both))(variables["params"])))
 
-    ((got, got_grad), (want, want_grad)), got3 = run(v)
+    ((got, got_grad), (want, want_grad)), (got3, got3_grad) = run(v)
     name = f"PreResNet-{depth} pointwise={pointwise!r} against the default model"
+    name3 = name.replace(" against", f", conv3x3={pointwise!r} against")
 
     def worst(a, b):
         return max(_relative(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b),
@@ -206,8 +223,8 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
 
     return [(f"{name}: logits and batch statistics", worst(got, want)),
             (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad)),
-            (f"{name.replace(' against', f', conv3x3={pointwise!r} against')}: logits "
-             "and batch statistics", worst(got3, want[:2]))]
+            (f"{name3}: logits and batch statistics", worst(got3, want[:2])),
+            (f"{name3}: gradient of the loss (in norm)", _global(got3_grad, want_grad))]
 
 
 def curve_point_checks(impl: str) -> list[tuple[str, float, float]]:

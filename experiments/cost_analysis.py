@@ -23,10 +23,11 @@ decides the bytes); on CPU they estimate a GPU's. For a model with BatchNorm it 
 compiles the step and the train-mode pass with the models' ``fused_bn`` (BatchNorm + ReLU
 with a hand-written backward pass, ``models/batchnorm.py``), and for PreResNet the step and
 both forward passes with its 1x1 convolutions as the fused kernel of ``models/pointwise.py``
-(its Pallas kernels, forward and backward, when compiled for a GPU). With ``--mask`` (a mask
-saved by ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also
+(its Pallas kernels, forward and backward, when compiled for a GPU), then the step with
+its stride-1 3x3 convolutions as the kernels of ``models/conv3x3.py`` too. With ``--mask`` (a
+mask saved by ``masks.save``, e.g. ``mcu-jax mask`` or an MCU run's ``mask.json``) it also
 compiles the step with that mask, whose frozen tensors get no weight gradient (also with
-``fused_bn`` and with the fused 1x1 kernel). With ``--sweep-program`` (repeatable) it also
+``fused_bn`` and with the fused kernels). With ``--sweep-program`` (repeatable) it also
 compiles the sweep's own program (``sweep.chunk_program``) for ``--num-t`` t over
 ``--sweep-images`` images with that strategy (vmap or map over t), ``bn_group`` and
 evaluation batch (BatchNorm batches of ``--batch-size``, as the step's; ``:fold``: BatchNorm
@@ -70,7 +71,7 @@ import optax
 
 from mcu_jax import bn, curves, masks, mcu, sharding, sweep
 from mcu_jax.mcu import MCUConfig
-from mcu_jax.models import create, folded, init_variables, with_pointwise
+from mcu_jax.models import create, folded, init_variables, with_conv3x3, with_pointwise
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling benchmark.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -295,11 +296,12 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     evaluation passes and the comparisons) of the four programs (step, train-mode pass,
     eval-mode pass, eval-mode pass with BatchNorm folded); for a model with ``fused_bn``
     then the step and the train-mode pass with it; for a model with ``pointwise``
-    (PreResNet) then the step and both forward passes with its fused 1x1 kernel; with
-    ``mask_file`` then the masked step (and the masked step with ``fused_bn`` and with the
-    kernel). Compiled for ``device`` (:func:`target_device`) when given. With a ``mesh`` the
-    step rows are the data-parallel step on its devices (batch ``batch_size`` in all; bytes
-    and kernels per device, the collectives in the note)."""
+    (PreResNet) then the step and both forward passes with its fused 1x1 kernel, and the
+    step with the 3x3 kernels too; with ``mask_file`` then the masked step (and the masked
+    step with ``fused_bn`` and with the kernels). Compiled for ``device``
+    (:func:`target_device`) when given. With a ``mesh`` the step rows are the data-parallel
+    step on its devices (batch ``batch_size`` in all; bytes and kernels per device, the
+    collectives in the note)."""
     n = max(batch_size, eval_batch)
     model, theta_o, images = _workload(model_name, dtype, n)
     h, w, c = images.x.shape[1:]
@@ -369,6 +371,13 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         evaluation["note"] += "; " + _share(evaluation, rows[2], "the default pass's")
         rows += [forward, evaluation]
         variants.append((kernel_model, step, "fused 1x1 kernel", "the unmasked kernel step's"))
+        # and the 3x3 kernels (forward and backward) in training too
+        both = with_conv3x3(kernel_model, "fused")
+        step3 = step_row(every, ", fused 1x1 and 3x3 kernels", both)
+        step3["note"] = _share(step3, step, "the 1x1 kernel step's")
+        rows.append(step3)
+        variants.append((both, step3, "fused 1x1 and 3x3 kernels",
+                         "the unmasked 1x1 and 3x3 kernel step's"))
     if mask_file is not None:
         mask = masks.load(mask_file, theta_o["params"])
         share = 100.0 * masks.trained_fraction(mask, theta_o["params"])

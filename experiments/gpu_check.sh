@@ -30,6 +30,10 @@
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
 #                compiled for an H100, 12.3 GB in 1,331 kernels against 18.0 GB in 2,017
+#   conv3x3_step  pointwise_step with the stride-1 3x3 convolutions as the fused 3x3 kernel
+#                and its backward kernel too (--conv3x3 fused; compare with pointwise_step's)
+#                to decide ProblemConfig.conv3x3: compiled for an H100, 5.73 ms by the
+#                two-term estimate against pointwise_step's 6.54 ms
 #   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
 #                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
 #                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
@@ -64,6 +68,8 @@
 #                convolutions only (under vmap over t the program moves the same bytes)
 #   bf16         bfloat16, no mask: curve step + sweep
 #   pointwise_step_bf16  pointwise_step in bfloat16 (compare with bf16's step)
+#   conv3x3_step_bf16  conv3x3_step in bfloat16 (compare with pointwise_step_bf16's; 4.22 ms
+#                estimated against 4.84 ms)
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
@@ -104,7 +110,7 @@
 #   --test 360 --epochs 1 --scan" PEER_ARGS="n_train=300 batch=16 steps=3 n_eval=64 nt=2" \
 #   PY_REF=/path/to/python-with-torch bash experiments/gpu_check.sh
 # (with --model cnn_small the benchmark parts pointwise, pointwise_bf16, conv3x3_bf16,
-# pointwise_step and pointwise_step_bf16, and e2e_fast with FAST_OPTIONS="--pointwise fused", stop at the
+# pointwise_step, pointwise_step_bf16, conv3x3_step and conv3x3_step_bf16, and e2e_fast with FAST_OPTIONS="--pointwise fused", stop at the
 # benchmark's argument check: the kernel is PreResNet's)
 set -u -o pipefail
 
@@ -303,6 +309,8 @@ DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-image
 bench sweep_map 70 "${DENSE[@]}"
 run_script pointwise_check 135 experiments/check_pointwise.py --checks pointwise
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
+bench conv3x3_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused \
+  --conv3x3 fused
 BEST_SWEEP=(--model preresnet110 --dtype bfloat16 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn --pointwise fused)
 bench pointwise_bf16 70 "${BEST_SWEEP[@]}"
@@ -350,6 +358,8 @@ bench fold 90 "${DENSE[@]}" --fold-bn
 bench bf16 140 "${STD[@]}" --dtype bfloat16 --mask none --num-t 20 --sweep-images 6000
 bench pointwise_step_bf16 70 "${STD[@]}" --dtype bfloat16 --mask none --skip-sweep \
   --pointwise fused
+bench conv3x3_step_bf16 70 "${STD[@]}" --dtype bfloat16 --mask none --skip-sweep \
+  --pointwise fused --conv3x3 fused
 bench strategies 150 --model preresnet110 --dtype float32 --skip-step --num-t 20 \
   --sweep-images 6000 --compare-strategies --chunk-size 5
 bench bf16_k01 80 "${STD[@]}" --dtype bfloat16 --mask 0.1 --skip-sweep

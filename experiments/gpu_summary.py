@@ -136,12 +136,18 @@ def summary(out: Path) -> str:
     step_base = {"fused": ("f32", "unfused float32 step"),
                  "pointwise_step": ("f32", "float32 step with nn.Conv"),
                  "pointwise_step_bf16": ("bf16", "bfloat16 step with nn.Conv"),
+                 "conv3x3_step": ("pointwise_step", "fused 1x1 kernel's step with cuDNN's 3x3 "
+                                  "convolutions"),
+                 "conv3x3_step_bf16": ("pointwise_step_bf16", "bfloat16 fused 1x1 kernel's "
+                                       "step with cuDNN's 3x3 convolutions"),
                  "combine_xla": ("pointwise_step", "fused 1x1 kernel's step with the curve "
                                  "point's kernel")}
     for name, label in (("f32", "float32"), ("fused", "float32, fused BatchNorm"),
                         ("pointwise_step", "float32, fused 1x1 kernel"),
                         ("bf16", "bfloat16"),
                         ("pointwise_step_bf16", "bfloat16, fused 1x1 kernel"),
+                        ("conv3x3_step", "float32, fused 1x1 and 3x3 kernels"),
+                        ("conv3x3_step_bf16", "bfloat16, fused 1x1 and 3x3 kernels"),
                         ("combine_xla", "float32, fused 1x1 kernel, the curve point by "
                                         "XLA's sums"),
                         ("cmdbuf", "float32, command buffers")):

@@ -103,8 +103,8 @@ def main(argv=None) -> str:
                     registers, spills = ptxas_report(ptxas, ptx, args.arch)
                     rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | "
                                 f"{spills} |")
-    text = "\n".join([f"# Fused 1x1 kernels: registers and spills ({args.dtype}, {args.rows} "
-                      f"rows, ptxas -arch={args.arch})", "",
+    text = "\n".join([f"# Fused 1x1 and 3x3 kernels: registers and spills ({args.dtype}, "
+                      f"{args.rows} rows, ptxas -arch={args.arch})", "",
                       "| shape | as | kernel | registers | spill bytes |",
                       "|---|---|---|---|---|", *rows])
     print(text)

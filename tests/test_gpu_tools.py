@@ -53,6 +53,7 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     parts = [_part("f32", 10.0, (8.0, 240000)), _part("bf16", 4.0, (1.0, 240000)),
              _part("f32_k01", 6.0), _part("fold", sweep=(6.0, 240000)), _part("fused", 8.0),
              _part("pointwise_step", 7.0), _part("pointwise_step_bf16", 3.0),
+             _part("conv3x3_step", 5.6), _part("conv3x3_step_bf16", 2.7),
              _part("combine_xla", 10.5), _part("pointwise", sweep=(2.0, 240000)),
              _part("pointwise_bf16", sweep=(0.5, 240000)),
              _part("conv3x3_bf16", sweep=(0.4, 240000)), _part("sweep_map", sweep=(4.0, 240000),
@@ -73,6 +74,12 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
             in lines["curve step <= 5 ms (float32, fused 1x1 kernel)"])
     assert "3.00 ms (33.3x the release's float32); 0.75 of the bfloat16 step with nn.Conv" in (
         lines["curve step <= 5 ms (bfloat16, fused 1x1 kernel)"])
+    assert "5.60 ms (17.9x the release's float32); 0.80 of the fused 1x1 kernel's step with " \
+           "cuDNN's 3x3 convolutions | NOT met" in lines[
+               "curve step <= 5 ms (float32, fused 1x1 and 3x3 kernels)"]
+    assert "2.70 ms (37.0x the release's float32); 0.90 of the bfloat16 fused 1x1 kernel's " \
+           "step with cuDNN's 3x3 convolutions | met" in lines[
+               "curve step <= 5 ms (bfloat16, fused 1x1 and 3x3 kernels)"]
     assert "10.50 ms (9.5x the release's float32); 1.50 of the fused 1x1 kernel's step with " \
            "the curve point's kernel" in lines["curve step <= 5 ms (float32, fused 1x1 kernel, " \
                                                "the curve point by XLA's sums)"]
@@ -517,7 +524,8 @@ def test_dtype_eval_evaluates_every_model_of_a_seed_folder(tmp_path, theta_o, th
 def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
     """For PreResNet the step (also masked) and both forward passes are compiled again with
     the fused 1x1 kernel (models/pointwise.py; XLA's own ops on the CPU, the Pallas kernels
-    for a GPU target) and compared with the default ones; ``:pointwise`` sweeps with it."""
+    for a GPU target) and compared with the default ones, and the step (also masked) with
+    the 3x3 kernels too; ``:pointwise`` sweeps with it."""
     import jax
 
     from mcu_jax import masks, pytrees
@@ -537,8 +545,12 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
     rows = {r.split("|")[1].strip(): r.split("|")[8].strip()
             for r in text.splitlines() if r.startswith("| ")}
     assert "of the default step's FLOPs" in rows["curve step (batch 8, fused 1x1 kernel)"]
+    assert "of the 1x1 kernel step's FLOPs" in rows[
+        "curve step (batch 8, fused 1x1 and 3x3 kernels)"]
     masked = [name for name in rows if "mask from" in name and "fused 1x1 kernel" in name]
     assert len(masked) == 1 and "of the unmasked kernel step's FLOPs" in rows[masked[0]]
+    masked = [name for name in rows if "mask from" in name and "3x3 kernels" in name]
+    assert len(masked) == 1 and "of the unmasked 1x1 and 3x3 kernel step's" in rows[masked[0]]
     assert "of the default pass's FLOPs" in rows["train-mode forward (batch 8, fused 1x1 kernel)"]
     assert "of the default pass's FLOPs" in rows["eval-mode forward (batch 8, fused 1x1 kernel)"]
     assert any(name.startswith("sweep program: map over t") and "fused 1x1 kernel" in name
@@ -547,26 +559,30 @@ def test_cost_analysis_of_the_fused_1x1_kernel(monkeypatch, tmp_path):
 
 def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel and its
-    backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, the 3x3 kernel on its
-    stride-1 3x3 shapes, and a PreResNet with them with the default model (outputs, and
-    gradients with the 1x1 kernel), and the curve point's kernel with XLA's sums. Here on
-    one conv1 and one conv3 shape of the nine (the kernels' own tests cover the shapes;
-    interpreted, each costs seconds)."""
+    backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, the 3x3 kernels on its
+    stride-1 3x3 shapes, and a PreResNet with them with the default model (outputs and
+    gradients), and the curve point's kernel with XLA's sums. Here on one conv1, one conv3
+    and one conv2 shape (the kernels' own tests cover the shapes; interpreted, each costs
+    seconds)."""
     check = _load("check_pointwise")
     monkeypatch.setattr(check, "CONV1", ((64, 16),))
     monkeypatch.setattr(check, "CONV3", ((16, 64),))
     monkeypatch.setattr(check, "SHAPES", ((64, 16), (16, 64)))
+    monkeypatch.setattr(check, "CONV2", ((8, 64),))
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
                           "curve point kernel (interpret) on cpu")
     assert "3x3 kernel K=64 N=64, 2 x 8 x 8, bfloat16: relative difference" in out
     assert "3x3 kernel K=16 N=32, 5 x 7 x 7, float32: relative difference" in out
+    assert "3x3 kernel K=16 N=32, 5 x 7 x 7, float32: backward kernel: relative" in out
     assert "conv3x3='interpret' against the default model: logits" in out
+    assert "conv3x3='interpret' against the default model: gradient of the loss" in out
     assert "1280 rows, bfloat16, residual: relative difference" in out
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
-    # 1: conv1's shapes with K = 4N; the model: 3 checks; the curve point: 2
-    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + len(check.CONV2) + 1) + 3 + 2
+    # 1: conv1's shapes with K = 4N; the 3x3 kernels: 2 a shape; the model: 4 checks; the
+    # curve point: 2
+    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + 2 * (len(check.CONV2) + 1)) + 4 + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
