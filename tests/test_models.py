@@ -1002,11 +1002,14 @@ def test_conv_init_is_he_normal_fan_out():
     *((name, shape, {"depth": 11} if name == "preresnet110" else options)
       for name, (shape, options) in INPUTS.items()),
     ("preresnet110", (32, 32, 3), {"depth": 11, "pointwise": "fused"}),
+    # two blocks a stage: stride-1 3x3 convolutions in every stage
+    ("preresnet110", (32, 32, 3), {"depth": 20, "pointwise": "fused", "conv3x3": "fused"}),
 ])
 def test_conv_filters_are_the_kernels_that_convolutions_read(name, shape, options):
     """``conv_filters`` (what curve training stores output-channel first) names exactly the
     kernels of the ``nn.Conv`` modules that a train-mode call runs, recorded here by
-    intercepting the calls: with ``pointwise`` not the 1x1 kernels read as matrices."""
+    intercepting the calls: with ``pointwise`` not the 1x1 kernels read as matrices, with
+    ``conv3x3`` not the stride-1 3x3 kernels read as taps either."""
     model = create(name, 5, **options)
     variables = models.variable_shapes(model, shape)
     convs = set()

@@ -12,8 +12,9 @@ off until measured on a GPU; the same function either way, rounded differently).
 PreResNet also has ``pointwise`` (its 1x1 convolutions as one kernel with the BatchNorm +
 ReLU before them and the statistics after them, and a backward kernel, ``pointwise.py``;
 :func:`with_pointwise` sets it where it exists; for training and the sweep), and with it
-``conv3x3`` (its stride-1 3x3 convolutions as one forward kernel with bn2 + ReLU before them
-and bn3's statistics after them, ``conv3x3.py``; :func:`with_conv3x3`; for the sweep).
+``conv3x3`` (its stride-1 3x3 convolutions as one kernel with bn2 + ReLU before them and
+bn3's statistics after them, and a backward kernel, ``conv3x3.py``; :func:`with_conv3x3`;
+for training and the sweep).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
@@ -138,8 +139,9 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     if "fused_bn" in options:  # a bool, or older run records' model text would not match
         if not checks.flag("fused_bn", options["fused_bn"]):
             del options["fused_bn"]  # the default, and what models without BatchNorm do
-    for field in ("pointwise", "conv3x3"):  # "conv", the default, is what models without
-        if field in options:  # the field do
+    # "conv", the default, is what models without the field do
+    for field in ("pointwise", "conv3x3"):
+        if field in options:
             pointwise_impl(options[field], field)
             if options[field] == "conv":
                 del options[field]

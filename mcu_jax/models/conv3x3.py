@@ -60,6 +60,11 @@ def block_rows(k: int, n: int) -> int:
     return min(128, 4096 // max(k, n))
 
 
+def _inside(row, col, h: int, width: int):
+    """Whether pixel coordinates ``(row, col)`` (arrays) lie inside an h x width image."""
+    return (row >= 0) & (row < h) & (col >= 0) & (col < width)
+
+
 def kernel_fits(k: int, n: int) -> bool:
     """Whether the kernel takes ``k`` input and ``n`` output channels: powers of two from 16
     (Triton's products) to 64 (PreResNet's widest 3x3 convolution; wider tiles are not
@@ -110,8 +115,7 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         acc = jnp.zeros((rows, n), jnp.float32)
         for tap in range(TAPS):
             dy, dx = divmod(tap, 3)
-            r, c = row + dy - 1, col + dx - 1
-            inside = (p < m) & (r >= 0) & (r < h) & (c >= 0) & (c < width)
+            inside = (p < m) & _inside(row + dy - 1, col + dx - 1, h, width)
             source = jnp.clip(p + (dy - 1) * width + dx - 1, 0, m - 1)
             a = pw.bn_relu_shifted(z_ref[source, :], mul_, shift)
             a = jnp.where(inside[:, None], a, jnp.zeros((), dt))  # padding after the ReLU
@@ -142,10 +146,11 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     """``(block_m, block_k, rows)`` of the backward kernel: ``block_k`` input channels a
     program computes (its nine taps' weight gradients, 9 x ``block_k`` x n, accumulate in
     at most about 36 KB of float32: 16 channels for PreResNet's), ``block_m`` rows a loop
-    step (the gathered cotangent tile, ``block_m`` x n, within 2,048 values) and ``rows``
-    per program, a power-of-two multiple of ``block_m``: about 256 programs share the rows
-    and channel blocks, each with at least 256 rows, so that its partial weight gradients
-    stay small beside what it reads. Untuned."""
+    step (the gathered cotangent tile, ``block_m`` x n, within 1,024 values; larger steps
+    spilled registers, ``experiments/kernel_registers.py``) and ``rows`` per program, a
+    power-of-two multiple of ``block_m``: about 256 programs share the rows and channel
+    blocks, each with at least 256 rows (at batch 128 the partial weight gradients are 2.4
+    MB in stage 1 against z's 8.4 MB, 4.7 MB in stage 3 against 2.1 MB). Untuned."""
     block_k = max(16, min(k, 2 ** int(math.log2(8192 // (TAPS * n)))))
     block_m = max(16, min(128, 1024 // n))
     chunks = max(1, 256 // (k // block_k))
@@ -196,12 +201,11 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
 
         def cotangent(source, keep):
-            """The output's cotangent at rows ``source``, zero where not ``keep``."""
-            g = g_ref[source, :].astype(f32)
-            if "d_sum" in ins:
-                g = g + ins["d_sum"][...]
-            if "d_squares" in ins:
-                g = g + 2.0 * ins["out"][source, :].astype(f32) * ins["d_squares"][...]
+            """The output's cotangent at rows ``source`` with the statistics' part, zero
+            where not ``keep``, in z's dtype."""
+            g = pw.with_statistics(
+                g_ref[source, :].astype(f32), ins["out"][source, :] if "out" in ins else None,
+                *(ins[name][...] if name in ins else None for name in ("d_sum", "d_squares")))
             return jnp.where(keep[:, None], g, 0.0).astype(dt)
 
         def step(j, carry):
@@ -215,15 +219,15 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
             for tap in range(TAPS):
                 dy, dx = divmod(tap, 3)
                 offset = (dy - 1) * width + dx - 1
-                # the output pixel that reads this pixel at this tap: p - offset
-                r, c = row - dy + 1, col - dx + 1
-                reads = valid & (r >= 0) & (r < h) & (c >= 0) & (c < width)
-                g = cotangent(jnp.clip(p - offset, 0, m - 1), reads)
+                # the output pixel that reads this pixel at this tap: p - offset (the
+                # centre tap's is the pixel itself)
+                reads = valid & _inside(row - dy + 1, col - dx + 1, h, width)
+                g = (g_own if offset == 0 and g_own is not None
+                     else cotangent(jnp.clip(p - offset, 0, m - 1), reads))
                 d_x += jax.lax.dot_general(g, w_ref[tap], (((1,), (1,)), ((), ())),
                                            preferred_element_type=f32)
                 if with_dw:  # the input this pixel reads at this tap: p + offset
-                    r, c = row + dy - 1, col + dx - 1
-                    inside = valid & (r >= 0) & (r < h) & (c >= 0) & (c < width)
+                    inside = valid & _inside(row + dy - 1, col + dx - 1, h, width)
                     a = pw.bn_relu_shifted(z_ref[jnp.clip(p + offset, 0, m - 1), :], mul_,
                                            shift)
                     a = jnp.where(inside[:, None], a, jnp.zeros((), dt))
@@ -268,12 +272,8 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         name="bn_relu_conv3x3_backward"))
     dz = results.pop(0)[:m].reshape(b, h, width, k) if with_dz else None
-    partial = [results[-1].reshape(grid[0], 2 * k)]
-    if with_dw:  # both partial sums side by side: one reduction
-        partial.append(results[0].reshape(grid[0], TAPS * k * n))
-    total = jnp.sum(jnp.concatenate(partial, axis=1), 0)
-    d_w = total[2 * k:].reshape(3, 3, k, n) if with_dw else None
-    return dz, d_w, (total[:k], total[k:2 * k])
+    d_w, sums = pw.total_partials(results[-1], results[0] if with_dw else None)
+    return dz, None if d_w is None else d_w.reshape(3, 3, k, n), sums
 
 
 #: The operands of the kernel's derivative, in order.
@@ -300,11 +300,11 @@ def _kernel_bwd(stats, interpret, saved, cotangents):
     z, mean, mul, bias, w, out, wanted = saved
     d_out, d_sums = cotangents
     d_sums = (None, None) if d_sums is None else tuple(pw.or_none(d) for d in d_sums)
-    d_z, d_w, (d_bias, d_mul) = _pallas_backward(
+    d_z, d_w, sums = _pallas_backward(
         z, mean, mul, bias, w, pw.dense(d_out), out, d_sums, "z" in wanted, "w" in wanted,
         interpret)
-    result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
-              d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype))
+    result = (d_z, *pw.affine_cotangents(mean, mul, bias, sums),
+              None if d_w is None else d_w.astype(w.dtype))
     return tuple(c if name in wanted else None for name, c in zip(OPERANDS, result,
                                                                    strict=True))
 

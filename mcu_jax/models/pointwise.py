@@ -254,7 +254,7 @@ def _backward_rows(z, g, mean, mul, shift, w, with_dw: bool = True):
             jnp.sum(d_x * (z.astype(f32) - mean), axis=0))
 
 
-def _with_statistics(g, out, d_sum, d_squares):
+def with_statistics(g, out, d_sum, d_squares):
     """The output's cotangent ``g`` (float32) with the statistics' part added: d(sum o)/do
     = 1 and d(sum o^2)/do = 2 o (``d_sum``, ``d_squares``: (N,), either may be None). The
     XLA path and the backward kernel add it alike."""
@@ -304,7 +304,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     ``a[...]``, ``a[0, :]``; here fn is given their refs), in each loop step: the sums'
     cotangents as given (:func:`_given_sums`) or derived from what they are made of where
     XLA would derive them in a kernel of its own. The kernel adds their part to ``gd`` as
-    it reads it (:func:`_with_statistics`, rounded to z's dtype as :func:`backward`
+    it reads it (:func:`with_statistics`, rounded to z's dtype as :func:`backward`
     rounds it) instead of XLA in a pass of its own; ``with_g`` also writes that sum (the
     residual's cotangent).
     ``out`` (M, N): the forward pass's output, for the sum of squares' part and
@@ -357,7 +357,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
                               else derive[0](*(ins[name] for name, _ in derived)))
                 o = ins["out"][here, :] if "out" in ins else None
                 after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
-                total = _with_statistics(_output_cotangent(g, o, after), o, *statistics)
+                total = with_statistics(_output_cotangent(g, o, after), o, *statistics)
                 if pad:  # d_sum would make the padding rows' cotangent nonzero
                     row = base + j * block_m + jax.lax.broadcasted_iota(jnp.int32,
                                                                         (block_m, 1), 0)
@@ -411,12 +411,28 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
         out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward"))
     g = results.pop()[:m] if with_g else None
     dz = results.pop(0)[:m] if with_dz else None
-    partial = [results[-1].reshape(grid[0], 2 * k)]
-    if with_dw:  # both partial sums side by side: one reduction
-        partial.append(results[0].reshape(grid[0], k * n))
-    total = jnp.sum(jnp.concatenate(partial, axis=1), 0)
-    d_w = total[2 * k:].reshape(k, n) if with_dw else None
-    return dz, d_w, (total[:k], total[k:2 * k]), g
+    d_w, sums = total_partials(results[-1], results[0] if with_dw else None)
+    return dz, d_w, sums, g
+
+
+def total_partials(sums, d_w=None):
+    """``(d_w or None, (sum d_x, sum d_x * (z - mean)))`` from a backward kernel's
+    programs' partial sums: ``sums`` (P, 2, K) and the weight gradient's shares ``d_w`` (P,
+    ...) or None, added up side by side in one reduction; d_w keeps its shape past P."""
+    p, _, k = sums.shape
+    parts = [sums.reshape(p, 2 * k)] + ([] if d_w is None else [d_w.reshape(p, -1)])
+    total = jnp.sum(jnp.concatenate(parts, axis=1), 0)
+    return (None if d_w is None else total[2 * k:].reshape(d_w.shape[1:]),
+            (total[:k], total[k:2 * k]))
+
+
+def affine_cotangents(mean, mul, bias, sums) -> tuple:
+    """The cotangents of a BatchNorm's ``(mean, mul, bias)`` (in their dtypes) from a
+    backward kernel's ``sums = (sum d_x, sum d_x * (z - mean))``, d_x being the cotangent of
+    ``(z - mean) * mul + bias``."""
+    d_bias, d_mul = sums
+    return ((-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
+            d_bias.astype(bias.dtype))
 
 
 #: The operands of :func:`backward`'s result, in order.
@@ -472,7 +488,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
     else:  # formed here: the kernel, if it runs, adds nothing
         d_sums = (None, None) if derive is None else derive[0](*derive[1])
-        g = _with_statistics(_output_cotangent(d_out, out, through), out, *d_sums)
+        g = with_statistics(_output_cotangent(d_out, out, through), out, *d_sums)
         if out_relu:
             g = jnp.where(out > 0, g, 0.0)
         gd, derive, through = g.astype(dt), None, None
@@ -490,9 +506,8 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
             d_input=d_input, with_g=with_g)
         if with_g:
             gd = g_kernel
-    d_bias, d_mul = sums
-    result = (d_z, (-mul * d_bias).astype(mean.dtype), d_mul.astype(mul.dtype),
-              d_bias.astype(bias.dtype), None if d_w is None else d_w.astype(w.dtype),
+    result = (d_z, *affine_cotangents(mean, mul, bias, sums),
+              None if d_w is None else d_w.astype(w.dtype),
               None if not wants_residual else (gd if residual.dtype == dt
                                                 else g.astype(residual.dtype)),
               None if out_bias is None or "out_bias" not in wanted

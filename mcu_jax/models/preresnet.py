@@ -235,7 +235,7 @@ class PreResNet(nn.Module):
 #: The paths (``pytrees.flatten``'s) of the blocks' 1x1 kernels that ``_ConvKernel`` makes.
 _MATRIX_PATH = re.compile(r"stage\d+_block\d+/conv[13]/kernel")
 #: Those of the 3x3 kernels of the stride-1 blocks (all but each later stage's first).
-_TAPS_PATH = re.compile(r"stage(?:1_block\d+|\d+_block(?:[1-9]|\d\d+))/conv2/kernel")
+_TAPS_PATH = re.compile(r"stage(?:1_block\d+|\d+_block[1-9]\d*)/conv2/kernel")
 
 
 def flax_order_kernels(model: PreResNet, paths: Iterable[str]) -> frozenset[str]:
