@@ -317,3 +317,34 @@ def test_a_curve_step_with_the_kernels_is_the_same_step(digits_images):
     assert not np.allclose(moved, theta_c["stage1_block0"]["conv2"]["kernel"])  # it trained
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  results[1][1], results[0][1])
+
+
+def test_blocks_of_one_shape_build_the_kernels_once(monkeypatch):
+    """The kernels are jitted functions: in a trace, the blocks whose 3x3 convolutions have
+    the same shapes share one build of each kernel (traced and lowered once, not once a
+    block), here 3 shapes for 4 stride-1 blocks (depth 20), forward and backward."""
+    from mcu_jax import kernel_impl
+
+    built = []
+    real = kernel_impl.pallas_call
+
+    def counting(kernel, *args, **options):
+        built.append(options["name"])
+        return real(kernel, *args, **options)
+
+    monkeypatch.setattr(kernel_impl, "pallas_call", counting)
+    model = models.create("preresnet110", 10, depth=20, pointwise="interpret",
+                          conv3x3="interpret")
+    v = models.init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 3))
+    x = jnp.zeros((2, 8, 8, 3))
+
+    def loss(params):
+        logits, _ = model.apply({**v, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits ** 2)
+
+    for fn, name in ((loss, "bn_relu_conv3x3"), (jax.grad(loss), "bn_relu_conv3x3_backward")):
+        jax.clear_caches()  # builds from earlier traces would hide this one's
+        built.clear()
+        jax.make_jaxpr(fn)(v["params"])
+        assert built.count(name) == 3, built

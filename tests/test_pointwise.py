@@ -319,8 +319,9 @@ def test_the_sums_cotangents_are_the_coefficients_derivative():
     given = pw._sums_cotangents(stats, pair, mul, 0.0, 0.0, n, 1e-5)
     want = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, given), True,
                        False, impl="xla")
-    derive = (functools.partial(pw._derived_sums_cotangents, False, False, n, 1e-5),
+    derive = (pw.StaticPartial(pw._derived_sums_cotangents, (False, False, n, 1e-5)),
               (stats, pair, mul))
+    assert derive[0] == pw.StaticPartial(pw._derived_sums_cotangents, (False, False, n, 1e-5))
     for impl in ("xla", "interpret"):
         got = pw.backward(z, mean1, mul1, bias1, w1, None, None, out, (d_out, None), True,
                           False, impl=impl, derive=derive)

@@ -31,7 +31,8 @@ within rounding of zero, as for the 1x1 kernels.
 ``impl`` (``kernel_impl``): "auto" the kernel where the program is compiled for an NVIDIA GPU
 and the channel counts fit (:func:`kernel_fits`), the plain computation elsewhere; "pallas",
 "interpret" (tests) and "xla" as in ``pointwise``. In a data-parallel program each device
-runs the kernel on its own images (``pointwise.on_own_rows``). Block sizes follow a rule
+runs the kernel on its own images (``pointwise.on_own_rows``). Both kernels are jitted
+functions, built once per shape in a trace, as ``pointwise``'s. Block sizes follow a rule
 (:func:`block_rows`, :func:`backward_blocks`) under which ptxas for the H100 finds no
 spills beyond a word; untuned, and not yet timed on a card.
 """
@@ -95,6 +96,7 @@ def reference(z, mean, mul, bias, w, stats: bool = False):
     return out, statistics_sums(out) if stats else None
 
 
+@functools.partial(jax.jit, static_argnames=("stats", "interpret"))
 def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
     """The Pallas kernel; arguments and results as :func:`reference`."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
@@ -160,6 +162,7 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     return block_m, block_k, rows
 
 
+@functools.partial(jax.jit, static_argnames=("with_dz", "with_dw", "interpret"))
 def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
                      with_dw: bool, interpret: bool):
     """The derivative of :func:`reference` as one Pallas kernel: ``(d_z (B, H, W, K) in z's

@@ -51,13 +51,17 @@ the card), not tuned for speed: no GPU has timed these kernels yet. XLA's SPMD p
 cannot split a custom kernel (it would gather the rows and run the kernel whole on every
 device), so in a data-parallel program, which traces under its mesh
 (``sharding.data_parallel``), each device runs the kernels on its own rows
-(:func:`on_own_rows`); docs/benchmarks.md, "Multiple devices".
+(:func:`on_own_rows`); docs/benchmarks.md, "Multiple devices". The kernels are jitted
+functions (their flags static), so that a model's calls of one shape share one trace and
+one lowering instead of one a block (PreResNet-110 calls each kernel 36 times).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +156,7 @@ def _pad_rows(pad: int, *arrays):
     return tuple(None if a is None else jnp.pad(a, ((0, pad), (0, 0))) for a in arrays)
 
 
+@functools.partial(jax.jit, static_argnames=("stats", "out_relu", "interpret"))
 def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bool,
             interpret: bool):
     """The Pallas kernel; arguments and results as :func:`reference`."""
@@ -287,9 +292,11 @@ def _output_cotangent(d_out, out, through):
     return _through_bn_relu(d_out, out, *through) * through[0]
 
 
+@functools.partial(jax.jit, static_argnames=("interpret", "with_dz", "with_dw", "derive_fn",
+                                             "with_g"))
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
-                     with_dw: bool = True, *, out=None, derive=None, through=None,
-                     d_input=None, with_g: bool = False):
+                     with_dw: bool = True, *, out=None, derive_fn=None, derive_operands=(),
+                     through=None, d_input=None, with_g: bool = False):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -299,11 +306,11 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     of d_x's sums for its rows, added up here. What is not wanted is neither computed nor
     written (XLA cannot drop a kernel's unused outputs).
 
-    ``derive``: ``(fn, operands)``: ``fn`` gives the sums' cotangents ``(d_sum,
-    d_squares)``, each (N,) or None, from ``operands`` (small arrays, read by indexing:
-    ``a[...]``, ``a[0, :]``; here fn is given their refs), in each loop step: the sums'
-    cotangents as given (:func:`_given_sums`) or derived from what they are made of where
-    XLA would derive them in a kernel of its own. The kernel adds their part to ``gd`` as
+    ``derive_fn`` (a :class:`StaticPartial`, or None) gives the sums' cotangents ``(d_sum,
+    d_squares)``, each (N,) or None, from ``derive_operands`` (small arrays, read by
+    indexing: ``a[...]``, ``a[0, :]``; here fn is given their refs), in each loop step: the
+    sums' cotangents as given (:func:`_given_sums`) or derived from what they are made of
+    where XLA would derive them in a kernel of its own. The kernel adds their part to ``gd`` as
     it reads it (:func:`with_statistics`, rounded to z's dtype as :func:`backward`
     rounds it) instead of XLA in a pass of its own; ``with_g`` also writes that sum (the
     residual's cotangent).
@@ -319,7 +326,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
 
     m, k = z.shape
     n = w.shape[1]
-    adds = derive is not None or through is not None  # to the output's cotangent
+    adds = derive_fn is not None or through is not None  # to the output's cotangent
     wide = z.dtype.itemsize == 4 and adds and d_input is not None
     block_m, block_k, rows = backward_blocks(m, k, n, wide)
     grid = (pl.cdiv(m, rows), k // block_k)
@@ -330,7 +337,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
     mul2, shift2 = through if through is not None else (None, None)
-    derived = [] if derive is None else [(f"derive{i}", a) for i, a in enumerate(derive[1])]
+    derived = [(f"derive{i}", a) for i, a in enumerate(derive_operands)]
     optional = [(name, value) for name, value in (("out", out), ("d_input", d_input),
                                                   ("mul2", mul2), ("shift2", shift2),
                                                   *derived)
@@ -353,8 +360,8 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
             if adds:
                 # the sums' cotangents from derive's operands (fn indexes their refs, as it
                 # indexes arrays on the XLA path), in the loop: held across it, they spill
-                statistics = ((None, None) if derive is None
-                              else derive[0](*(ins[name] for name, _ in derived)))
+                statistics = ((None, None) if derive_fn is None
+                              else derive_fn(*(ins[name] for name, _ in derived)))
                 o = ins["out"][here, :] if "out" in ins else None
                 after = None if through is None else (ins["mul2"][...], ins["shift2"][...])
                 total = with_statistics(_output_cotangent(g, o, after), o, *statistics)
@@ -482,7 +489,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     # the output is read for the sum of squares' part and the ReLU's mask
     reads_out = d_squares is not None or derive is not None or through is not None
     if derive is None and (d_sum is not None or d_squares is not None):
-        derive = (functools.partial(_given_sums, d_sum is not None, d_squares is not None),
+        derive = (StaticPartial(_given_sums, (d_sum is not None, d_squares is not None)),
                   tuple(d for d in (d_sum, d_squares) if d is not None))
     if in_kernel:
         g, gd = None, d_out.astype(dt)  # the statistics' part is added by the kernel
@@ -502,7 +509,9 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         with_g = wants_residual and adds
         d_z, d_w, sums, g_kernel = _pallas_backward(
             z, mean, mul, bias, w, gd, impl == "interpret", "z" in wanted, "w" in wanted,
-            out=out if adds and reads_out else None, derive=derive, through=through,
+            out=out if adds and reads_out else None,
+            derive_fn=None if derive is None else derive[0],
+            derive_operands=() if derive is None else tuple(derive[1]), through=through,
             d_input=d_input, with_g=with_g)
         if with_g:
             gd = g_kernel
@@ -642,6 +651,20 @@ def _sums_cotangents(stats, pair, mul, d_mean, d_var, n: int, epsilon: float):
     return (d_mean - multiplier * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
 
 
+@dataclasses.dataclass(frozen=True)
+class StaticPartial:
+    """``func`` with its first arguments ``args`` bound (as ``functools.partial``), equal to
+    another of the same function and arguments: a static argument of the jitted backward
+    kernel (``derive_fn``), so that its calls with the same shapes share one trace and one
+    lowering (PreResNet-110 calls it 72 times)."""
+
+    func: Callable
+    args: tuple
+
+    def __call__(self, *rest):
+        return self.func(*self.args, *rest)
+
+
 def _given_sums(has_sum: bool, has_squares: bool, *given):
     """``backward``'s ``derive`` for sums' cotangents that are given: ``(d_sum,
     d_squares)`` from ``given`` (each read by indexing; None where not given)."""
@@ -706,8 +729,8 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     d_mean, d_var = (or_none(d) for d in d_stats)
 
     # the sums side by side as the forward kernel's reduction wrote them: a whole buffer
-    derive = (functools.partial(_derived_sums_cotangents, d_mean is not None,
-                                d_var is not None, out.shape[0], epsilon),
+    derive = (StaticPartial(_derived_sums_cotangents, (d_mean is not None, d_var is not None,
+                                                       out.shape[0], epsilon)),
               (jnp.stack(sums), pair, mul, *(d for d in (d_mean, d_var) if d is not None)))
     grads = (None,) * 5
     if any(name in wanted for name in OPERANDS[:5]):  # else no backward kernel is needed
