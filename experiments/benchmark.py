@@ -540,12 +540,13 @@ def bench_end_to_end(args, model, theta_o, theta_p, shape, key) -> dict:
     curve_config = mcu_config(args, epochs=args.epochs)
     mask_config = (pipeline.MaskConfig(enabled=False) if args.mask is None
                    else pipeline.MaskConfig(k=args.mask[0], k_r=args.mask[1]))
+    # --pointwise and --conv3x3 are the model's settings (model_of), which the sweep keeps
     sel = pipeline.SelectionConfig(num_t=args.num_t, strategy=args.strategy,
                                    chunk_size=args.chunk_size,
                                    bn_batch_size=args.bn_batch_size,
                                    eval_batch_size=args.eval_batch_size,
                                    precompile=args.precompile, fold_bn=args.fold_bn,
-                                   bn_group=args.bn_group, pointwise=args.pointwise)
+                                   bn_group=args.bn_group)
     # run_mcu logs each finished phase: a run stopped by a time limit still shows them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[benchmark] end-to-end: %(message)s"))

@@ -156,12 +156,9 @@ def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
                       *jnp.asarray(rng.normal(size=(2, n)) / (b * side * side), jnp.float32))
 
         def run(impl, *operands, c=cotangents):
-            def loss(*a):
-                out, (s1, s2) = c3.bn_relu_conv3x3(*a, stats=True, impl=impl)
-                return (jnp.sum(out.astype(jnp.float32) * c[0]) + jnp.sum(s1 * c[1])
-                        + jnp.sum(s2 * c[2]))
-            return (c3.bn_relu_conv3x3(*operands, stats=True, impl=impl),
-                    jax.grad(loss, argnums=tuple(range(5)))(*operands))
+            out, pullback = jax.vjp(functools.partial(c3.bn_relu_conv3x3, stats=True,
+                                                      impl=impl), *operands)
+            return out, pullback((c[0].astype(out[0].dtype), (c[1], c[2])))
 
         label = f"3x3 kernel K={k} N={n}, {b} x {side} x {side}, {jnp.dtype(dtype).name}"
         got, want = (jax.jit(functools.partial(run, i))(z, mean, mul, bias, w)

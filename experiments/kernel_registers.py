@@ -4,8 +4,9 @@ backward, is compiled for a GPU target config without the card (as ``cost_analys
 --gpu-target`` does), XLA writes the PTX, and ``ptxas -v`` reports the registers each thread
 uses and the bytes it spills to local memory. A spilling
 kernel reads and writes memory the byte counts do not show, so the block-size rules
-(``pointwise.blocks``, ``pointwise.backward_blocks``, ``conv3x3.block_rows``) are chosen to
-spill nothing.
+(``pointwise.blocks``, ``pointwise.backward_blocks``, ``conv3x3.block_rows``,
+``conv3x3.backward_blocks``) are chosen to spill nothing (but a word: 8 bytes, the 3x3
+backward kernel in bfloat16 at K = 32; docs/benchmarks.md).
 
 usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targets/h100.pbtxt]
                                               [--dtype float32] [--rows 8192] [--arch sm_90a]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import kernel_calls
 
 from mcu_jax import models, sweep
 from mcu_jax.models import conv3x3
@@ -67,46 +68,37 @@ def test_every_impl_gives_the_same_values_in_both_dtypes():
 
 
 def _kernel_outputs(jaxpr, name: str) -> list[int]:
-    """How many arrays each Pallas kernel called ``name`` in ``jaxpr`` (and the jaxprs it
-    calls) writes."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found += [len(eqn.outvars)] if eqn.params.get("name") == name else []
-            continue
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found += _kernel_outputs(inner, name)
-    return found
+    """How many arrays each call of the Pallas kernel ``name`` in ``jaxpr`` writes."""
+    return [len(e.outvars) for e in kernel_calls(jaxpr, name)]
 
 
-def _loss(impl, stats, use=(0.1, 0.01)):
-    """A loss of the kernel's output and, with ``stats``, of its sums (weights ``use``: a
-    zero weight leaves that sum out, so its cotangent is a symbolic zero)."""
+def _loss(impl, stats, use=(0.1, 0.01), output=True):
+    """A loss of the kernel's output (unless not ``output``: its cotangent is then a
+    symbolic zero) and, with ``stats``, of its sums (weights ``use``: a zero weight leaves
+    that sum out, so its cotangent is a symbolic zero)."""
     def f(*args):
         out, sums = conv3x3.bn_relu_conv3x3(*args, stats=stats, impl=impl)
         extra = sum(jnp.sum(s * u) for s, u in zip(sums or (), use, strict=False) if u)
-        return jnp.sum(jnp.sin(out.astype(jnp.float32))) + extra
+        return (jnp.sum(jnp.sin(out.astype(jnp.float32))) if output else 0.0) + extra
     return f
 
 
-@pytest.mark.parametrize("shape,stats,use", [
-    ((2, 6, 6, 16, 16), True, (0.1, 0.01)), ((2, 6, 6, 16, 16), False, ()),
+@pytest.mark.parametrize("shape,stats,use,output", [
+    ((2, 6, 6, 16, 16), True, (0.1, 0.01), True), ((2, 6, 6, 16, 16), False, (), True),
     # several programs of rows (432 pixels, 256 a program) and two blocks of input channels
     # (16 a program for N = 64), one image spanning two programs
-    ((3, 12, 12, 32, 64), True, (0.1, 0.01)),
-    ((2, 5, 7, 16, 32), True, (0.0, 0.01)), ((2, 5, 7, 16, 32), True, (0.1, 0.0))])
-def test_the_backward_kernel_is_autodiffs_derivative(shape, stats, use):
-    """Gradients of a loss of the output (and its sums, or one of them) through the backward
-    kernel equal autodiff of the plain computation's (XLA's ops), in every operand."""
+    ((3, 12, 12, 32, 64), True, (0.1, 0.01), True),
+    ((2, 5, 7, 16, 32), True, (0.0, 0.01), True), ((2, 5, 7, 16, 32), True, (0.1, 0.0), True),
+    ((2, 5, 7, 16, 32), True, (0.1, 0.01), False)])  # the sums alone
+def test_the_backward_kernel_is_autodiffs_derivative(shape, stats, use, output):
+    """Gradients of a loss of the output and its sums (or one of them, or the sums alone)
+    through the backward kernel equal autodiff of the plain computation's (XLA's ops), in
+    every operand."""
     args = _operands(*shape, seed=2)
-    got = jax.grad(_loss("interpret", stats, use), argnums=tuple(range(5)))(*args)
-    want = jax.grad(_loss("xla", stats, use), argnums=tuple(range(5)))(*args)
+    got = jax.grad(_loss("interpret", stats, use, output), argnums=tuple(range(5)))(*args)
+    want = jax.grad(_loss("xla", stats, use, output), argnums=tuple(range(5)))(*args)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
-    assert conv3x3.backward_blocks(432, 32, 64) == (16, 16, 256)
 
 
 def test_the_backward_kernel_in_bfloat16():
@@ -171,6 +163,12 @@ def test_bad_input_is_refused_early():
 
 def test_block_rows_keep_tiles_small():
     assert [conv3x3.block_rows(c, c) for c in (16, 32, 64)] == [128, 128, 64]
+    # the backward kernel: (pixels a step, input channels a program, pixels a program) for
+    # PreResNet-110's three shapes at batch 128, and the test's two programs of 256 pixels
+    assert [conv3x3.backward_blocks(b * s * s, c, c) for b, s, c in (
+        (128, 32, 16), (128, 16, 32), (128, 8, 64))] == [(64, 16, 512), (32, 16, 256),
+                                                        (16, 16, 256)]
+    assert conv3x3.backward_blocks(432, 32, 64) == (16, 16, 256)
     assert conv3x3.kernel_fits(16, 64) and not conv3x3.kernel_fits(128, 128)
 
 
@@ -320,9 +318,11 @@ def test_a_curve_step_with_the_kernels_is_the_same_step(digits_images):
 
 
 def test_blocks_of_one_shape_build_the_kernels_once(monkeypatch):
-    """The kernels are jitted functions: in a trace, the blocks whose 3x3 convolutions have
-    the same shapes share one build of each kernel (traced and lowered once, not once a
-    block), here 3 shapes for 4 stride-1 blocks (depth 20), forward and backward."""
+    """The kernels are jitted functions: in a trace, the blocks whose convolutions have the
+    same shapes share one build of each kernel (traced and lowered once, not once a call),
+    here the 3x3 kernels' 3 shapes for 4 stride-1 blocks (depth 20), forward and
+    backward; and fewer builds of the 1x1 kernels than their 12 calls (their backward
+    kernel's derive function compares by value, ``pointwise.StaticPartial``)."""
     from mcu_jax import kernel_impl
 
     built = []
@@ -346,5 +346,7 @@ def test_blocks_of_one_shape_build_the_kernels_once(monkeypatch):
     for fn, name in ((loss, "bn_relu_conv3x3"), (jax.grad(loss), "bn_relu_conv3x3_backward")):
         jax.clear_caches()  # builds from earlier traces would hide this one's
         built.clear()
-        jax.make_jaxpr(fn)(v["params"])
-        assert built.count(name) == 3, built
+        jaxpr = jax.make_jaxpr(fn)(v["params"]).jaxpr
+        assert built.count(name) == 3 and len(kernel_calls(jaxpr, name)) == 4, built
+    for name in ("bn_relu_matmul", "bn_relu_matmul_backward"):  # in the gradient's trace
+        assert 0 < built.count(name) < len(kernel_calls(jaxpr, name)) == 12, (name, built)

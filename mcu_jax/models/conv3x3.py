@@ -66,6 +66,19 @@ def _inside(row, col, h: int, width: int):
     return (row >= 0) & (row < h) & (col >= 0) & (col < width)
 
 
+def _tap_input(z_ref, p, row, col, tap: int, valid, mul, shift, h: int, width: int):
+    """In a kernel: the activated input (rows, K) that output pixels ``p`` (rows; at image
+    ``row``, ``col``) read at ``tap``: ``relu(z * mul + shift)`` of z's row shifted by the
+    tap (clamped to the array), zero where that neighbour lies outside the image (the
+    convolution's padding, after the ReLU) or where not ``valid``."""
+    dy, dx = divmod(tap, 3)
+    inside = valid & _inside(row + dy - 1, col + dx - 1, h, width)
+    m = z_ref.shape[0]
+    a = pw.bn_relu_shifted(z_ref[jnp.clip(p + (dy - 1) * width + dx - 1, 0, m - 1), :], mul,
+                           shift)
+    return jnp.where(inside[:, None], a, jnp.zeros((), a.dtype))
+
+
 def kernel_fits(k: int, n: int) -> bool:
     """Whether the kernel takes ``k`` input and ``n`` output channels: powers of two from 16
     (Triton's products) to 64 (PreResNet's widest 3x3 convolution; wider tiles are not
@@ -116,11 +129,7 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         mul_, shift = mul_ref[...], shift_ref[...]
         acc = jnp.zeros((rows, n), jnp.float32)
         for tap in range(TAPS):
-            dy, dx = divmod(tap, 3)
-            inside = (p < m) & _inside(row + dy - 1, col + dx - 1, h, width)
-            source = jnp.clip(p + (dy - 1) * width + dx - 1, 0, m - 1)
-            a = pw.bn_relu_shifted(z_ref[source, :], mul_, shift)
-            a = jnp.where(inside[:, None], a, jnp.zeros((), dt))  # padding after the ReLU
+            a = _tap_input(z_ref, p, row, col, tap, p < m, mul_, shift, h, width)
             acc += jnp.dot(a, w_ref[tap], preferred_element_type=jnp.float32)
         out = acc.astype(dt)
         out_ref[...] = out
@@ -149,17 +158,12 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     program computes (its nine taps' weight gradients, 9 x ``block_k`` x n, accumulate in
     at most about 36 KB of float32: 16 channels for PreResNet's), ``block_m`` rows a loop
     step (the gathered cotangent tile, ``block_m`` x n, within 1,024 values; larger steps
-    spilled registers, ``experiments/kernel_registers.py``) and ``rows`` per program, a
-    power-of-two multiple of ``block_m``: about 256 programs share the rows and channel
-    blocks, each with at least 256 rows (at batch 128 the partial weight gradients are 2.4
-    MB in stage 1 against z's 8.4 MB, 4.7 MB in stage 3 against 2.1 MB). Untuned."""
+    spilled registers, ``experiments/kernel_registers.py``) and ``rows`` per program as
+    ``pointwise.program_rows`` (at batch 128 the partial weight gradients are 2.4 MB in
+    stage 1 against z's 8.4 MB, 4.7 MB in stage 3 against 2.1 MB). Untuned."""
     block_k = max(16, min(k, 2 ** int(math.log2(8192 // (TAPS * n)))))
     block_m = max(16, min(128, 1024 // n))
-    chunks = max(1, 256 // (k // block_k))
-    rows = max(block_m, 256)
-    while rows * chunks < m:
-        rows *= 2
-    return block_m, block_k, rows
+    return block_m, block_k, pw.program_rows(m, block_m, k // block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("with_dz", "with_dw", "interpret"))
@@ -203,41 +207,43 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
         mean_, mul_, shift = mean_ref[...], mul_ref[...], shift_ref[...]
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
 
-        def cotangent(source, keep):
-            """The output's cotangent at rows ``source`` with the statistics' part, zero
-            where not ``keep``, in z's dtype."""
-            g = pw.with_statistics(
-                g_ref[source, :].astype(f32), ins["out"][source, :] if "out" in ins else None,
-                *(ins[name][...] if name in ins else None for name in ("d_sum", "d_squares")))
-            return jnp.where(keep[:, None], g, 0.0).astype(dt)
-
         def step(j, carry):
             p = base + j * block_m + jnp.arange(block_m)  # this step's pixels
             col, row = p % width, (p // width) % h
             valid = p < m
             own = jnp.clip(p, 0, m - 1)
-            g_own = cotangent(own, valid) if with_dw else None
+            d_sums_ = tuple(ins[name][...] if name in ins else None
+                            for name in ("d_sum", "d_squares"))
+
+            def cotangent(source, keep):
+                """The output's cotangent at rows ``source`` with the statistics' part,
+                zero where not ``keep``, in z's dtype."""
+                o = ins["out"][source, :] if "out" in ins else None
+                g = pw.with_statistics(g_ref[source, :].astype(f32), o, *d_sums_)
+                return jnp.where(keep[:, None], g, 0.0).astype(dt)
+
+            z_own = z_ref[own, :]
+            a_own = pw.bn_relu_shifted(z_own, mul_, shift)
+            g_own = cotangent(own, valid)
             d_x = jnp.zeros((block_m, block_k), f32)
             d_w = list(carry[2:])
             for tap in range(TAPS):
                 dy, dx = divmod(tap, 3)
                 offset = (dy - 1) * width + dx - 1
-                # the output pixel that reads this pixel at this tap: p - offset (the
-                # centre tap's is the pixel itself)
-                reads = valid & _inside(row - dy + 1, col - dx + 1, h, width)
-                g = (g_own if offset == 0 and g_own is not None
-                     else cotangent(jnp.clip(p - offset, 0, m - 1), reads))
+                if offset == 0:  # the centre tap: the pixel's own cotangent and input
+                    g, a = g_own, jnp.where(valid[:, None], a_own, jnp.zeros((), dt))
+                else:  # the output pixel that reads this pixel at this tap, p - offset,
+                    # and the input this pixel reads at it, p + offset
+                    reads = valid & _inside(row - dy + 1, col - dx + 1, h, width)
+                    g = cotangent(jnp.clip(p - offset, 0, m - 1), reads)
+                    a = (_tap_input(z_ref, p, row, col, tap, valid, mul_, shift, h, width)
+                         if with_dw else None)
                 d_x += jax.lax.dot_general(g, w_ref[tap], (((1,), (1,)), ((), ())),
                                            preferred_element_type=f32)
-                if with_dw:  # the input this pixel reads at this tap: p + offset
-                    inside = valid & _inside(row + dy - 1, col + dx - 1, h, width)
-                    a = pw.bn_relu_shifted(z_ref[jnp.clip(p + offset, 0, m - 1), :], mul_,
-                                           shift)
-                    a = jnp.where(inside[:, None], a, jnp.zeros((), dt))
+                if with_dw:
                     d_w[tap] += jax.lax.dot_general(a, g_own, (((0,), (0,)), ((), ())),
                                                     preferred_element_type=f32)
-            z_own = z_ref[own, :]
-            d_x = jnp.where(pw.bn_relu_shifted(z_own, mul_, shift) > 0, d_x, 0.0)
+            d_x = jnp.where(a_own > 0, d_x, 0.0)
             if with_dz:
                 dz_ref[pl.ds(j * block_m, block_m), :] = (d_x * mul_).astype(dt)
             return (carry[0] + jnp.sum(d_x, axis=0),

@@ -53,7 +53,7 @@ device), so in a data-parallel program, which traces under its mesh
 (``sharding.data_parallel``), each device runs the kernels on its own rows
 (:func:`on_own_rows`); docs/benchmarks.md, "Multiple devices". The kernels are jitted
 functions (their flags static), so that a model's calls of one shape share one trace and
-one lowering instead of one a block (PreResNet-110 calls each kernel 36 times).
+one lowering instead of one a call (PreResNet-110 calls the forward kernel 72 times).
 """
 
 from __future__ import annotations
@@ -238,11 +238,18 @@ def backward_blocks(m: int, k: int, n: int, wide: bool = False) -> tuple[int, in
     stay small beside what it reads. Untuned."""
     block_k = max(16, min(k, 8192 // n))
     block_m = max(16, min(128, (2048 if wide else 4096) // max(n, block_k)))
-    chunks = max(1, 256 // (k // block_k))
+    return block_m, block_k, program_rows(m, block_m, k // block_k)
+
+
+def program_rows(m: int, block_m: int, channel_blocks: int) -> int:
+    """Rows a backward kernel's program takes: a power-of-two multiple of ``block_m``, at
+    least 256, so that about 256 programs share the ``m`` rows and ``channel_blocks``
+    blocks of input channels."""
+    chunks = max(1, 256 // channel_blocks)
     rows = max(block_m, 256)
     while rows * chunks < m:
         rows *= 2
-    return block_m, block_k, rows
+    return rows
 
 
 def _backward_rows(z, g, mean, mul, shift, w, with_dw: bool = True):
@@ -308,7 +315,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
 
     ``derive_fn`` (a :class:`StaticPartial`, or None) gives the sums' cotangents ``(d_sum,
     d_squares)``, each (N,) or None, from ``derive_operands`` (small arrays, read by
-    indexing: ``a[...]``, ``a[0, :]``; here fn is given their refs), in each loop step: the
+    indexing: ``a[...]``, ``a[0, :]``; here it is given their refs), in each loop step: the
     sums' cotangents as given (:func:`_given_sums`) or derived from what they are made of
     where XLA would derive them in a kernel of its own. The kernel adds their part to ``gd`` as
     it reads it (:func:`with_statistics`, rounded to z's dtype as :func:`backward`
@@ -474,13 +481,18 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     ``cotangents``' (which must then be None; small arrays), which the backward kernel
     computes itself (:func:`_pallas_backward`, which takes given sums the same way).
     ``fn`` is called on the operands' refs in the kernel and on the arrays elsewhere, so
-    it must read them by indexing (``a[...]``, ``a[0, :]``, ``a[:c]``)."""
+    it must read them by indexing (``a[...]``, ``a[0, :]``, ``a[:c]``); it is a static
+    argument of the jitted backward kernel, so it must be a :class:`StaticPartial` (equal
+    for equal function and arguments: the calls of one shape then share one build)."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
     d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
     if derive is not None and (d_sum is not None or d_squares is not None):
         raise ValueError("backward: derive computes the sums' cotangents; got them too")
+    if derive is not None and not isinstance(derive[0], StaticPartial):
+        raise ValueError(f"backward: derive's function must be a pointwise.StaticPartial, got "
+                         f"{type(derive[0]).__name__}")
     if not stats:
         d_sum = d_squares = derive = None
     wants_residual = residual is not None and "residual" in wanted
