@@ -39,7 +39,10 @@ kernel. Prints a Markdown table.
 Every row also counts the program's kernels: the instructions of its compiled program that
 launch work (fusions, library calls, copies; a loop's once per iteration), and how many of
 them touch under 1 MB each. On a GPU each costs a launch and a few microseconds however
-little it does.
+little it does. Each program compiled on its own (not the data-parallel step) also shows its
+build time on this host, from cleared caches as a new process pays it: tracing + lowering
+(jax, Pallas' kernels to Triton's IR) and XLA's compilation (for a GPU target, without
+autotuning).
 
 ``--devices N`` compiles the step rows as the data-parallel step of ``mcu.train_curve(...,
 mesh=)`` on N devices (the batch split over them; bytes and kernels per device, and the
@@ -62,6 +65,7 @@ import functools
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -236,12 +240,20 @@ def _shaped(tree, place):
         weak_type=getattr(a, "weak_type", False)), tree)
 
 
-def _compile(fn, *args, device=None):
-    """``jax.jit(fn)`` compiled for ``args``: for their device, or for ``device`` (e.g.
-    :func:`target_device`) from their shapes alone."""
+def _compile(fn, *args, device=None) -> tuple:
+    """``(compiled, {"build": (trace + lower seconds, compile seconds)})``: ``jax.jit(fn)``
+    compiled for ``args``, for their device or for ``device`` (e.g. :func:`target_device`)
+    from their shapes alone, with jax's caches cleared first, so that the times are what a
+    new process pays for this program (a row's kernels are not reused from an earlier
+    row's)."""
     if device is not None:
         args = _shaped(args, jax.sharding.SingleDeviceSharding(device))
-    return jax.jit(fn).lower(*args).compile()
+    jax.clear_caches()
+    start = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, {"build": (lowered_at - start, time.perf_counter() - lowered_at)}
 
 
 def _compile_data_parallel(step, mesh, state, consts, idx, key):
@@ -318,7 +330,7 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
         step = mcu.make_curve_step(model, tx, config, theta_o["params"])
         key = jax.random.PRNGKey(0)
         if mesh is None:
-            compiled, extra = _compile(step, state, consts, idx, key, device=device), {}
+            compiled, extra = _compile(step, state, consts, idx, key, device=device)
         else:
             compiled = _compile_data_parallel(step, mesh, state, consts, idx, key)
             extra = {"collectives": _collectives(compiled.as_text(), mesh.size)}
@@ -330,22 +342,22 @@ def analyse(model_name: str, batch_size: int, dtype: str, eval_batch: int,
     xb = jnp.zeros((batch_size, h, w, c), jnp.float32)
 
     def train_forward_row(name: str, model=model) -> dict:
-        compiled = _compile(lambda v, x: model.apply(v, x, train=True,
-                                                     mutable=["batch_stats"]),
-                            theta_o, xb, device=device)
+        compiled, build = _compile(lambda v, x: model.apply(v, x, train=True,
+                                                            mutable=["batch_stats"]),
+                                   theta_o, xb, device=device)
         return {"program": f"train-mode forward (batch {batch_size}{name})",
-                **_per_image(_cost(compiled), batch_size)}
+                **_per_image(_cost(compiled), batch_size), **build}
 
     rows.append(train_forward_row(""))
     xe = jnp.zeros((eval_batch, h, w, c), jnp.float32)
 
     def eval_forward_row(name: str, m) -> dict:
-        compiled = _compile(lambda v, x: m.apply(v, x, train=False), theta_o, xe,
-                            device=device)
+        compiled, build = _compile(lambda v, x: m.apply(v, x, train=False), theta_o, xe,
+                                   device=device)
         kernels = hlo_kernels(compiled.as_text())  # once for the cost and the note
         return {"program": f"eval-mode forward (batch {eval_batch}{name})",
                 **_per_image(_cost(compiled, kernels), eval_batch),
-                "note": _conv_calls(kernels)}
+                "note": _conv_calls(kernels), **build}
 
     rows += [eval_forward_row("", model), eval_forward_row(", BN folded", folded(model))]
     # the step variants a mask is applied to as well: (model, unmasked row, label, its name)
@@ -449,7 +461,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
         (data, every), {"eval": (data, every)}, bn_batch_size=batch_size,
         eval_batch_size=eval_batch, strategy=strategy, bn_group=group, fold_bn=fold,
         pointwise="fused" if pointwise else "conv", conv3x3="fused" if conv3x3 else "conv")
-    compiled = _compile(functools.partial(fn, **statics), *args, device=device)
+    compiled, build = _compile(functools.partial(fn, **statics), *args, device=device)
     hlo = compiled.as_text()
     kernels = hlo_kernels(hlo)
     nbytes = float(sum(b for _, b in kernels))
@@ -465,7 +477,7 @@ def sweep_program_row(model_name: str, dtype: str, batch_size: int, program: tup
             "flops": math.nan, "bytes": nbytes, "kernels": len(kernels),
             "tiny": sum(b < TINY_BYTES for _, b in kernels), "per": "sweep",
             "note": f"{grouped} of {convs} convolutions in the program grouped; bytes + "
-                    f"{1e6 * kernel_s:.3g} us a kernel: {estimate:.3g} s"}
+                    f"{1e6 * kernel_s:.3g} us a kernel: {estimate:.3g} s", **build}
 
 
 def _time(seconds: float) -> str:
@@ -474,15 +486,17 @@ def _time(seconds: float) -> str:
 
 def table(rows: list[dict], flops_per_s: float, bytes_per_s: float) -> str:
     lines = ["| program | per | FLOPs | bytes accessed | arithmetic time | memory time | "
-             "kernels (under 1 MB) | note |", "|---|---|---|---|---|---|---|---|"]
+             "kernels (under 1 MB) | note | build: trace + lower, compile (this host) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flops = ("-", "-") if math.isnan(r["flops"]) else (
             f"{r['flops']:.3g}", _time(r["flops"] / flops_per_s))
         kernels = f"{r['kernels']} ({r['tiny']})" if "kernels" in r else "-"
         note = "; ".join(r[k] for k in ("collectives", "note") if r.get(k))
+        build = "-" if "build" not in r else f"{r['build'][0]:.1f} s, {r['build'][1]:.1f} s"
         lines.append(
             f"| {r['program']} | {r['per']} | {flops[0]} | {r['bytes']:.3g} | {flops[1]} | "
-            f"{_time(r['bytes'] / bytes_per_s)} | {kernels} | {note} |"
+            f"{_time(r['bytes'] / bytes_per_s)} | {kernels} | {note} | {build} |"
         )
     return "\n".join(lines)
 

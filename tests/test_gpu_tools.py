@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,12 @@ def test_cost_analysis_counts_the_programs(capsys):
     # Kernel counts: the step launches more kernels than a forward pass.
     assert step[0]["kernels"] > step[1]["kernels"] > 0
     assert rows[0].split("|")[7].strip() == f"{step[0]['kernels']} ({step[0]['tiny']})"
+    # each compiled program's build times (trace + lower, compile) from a cleared cache; the
+    # sweep row is a sum of two programs' costs, compiled for no build of its own
+    trace_lower, compile_s = step[0]["build"]
+    assert trace_lower > 0 and compile_s > 0
+    assert re.fullmatch(r"\d+\.\d s, \d+\.\d s", rows[0].split("|")[9].strip())
+    assert rows[4].split("|")[9].strip() == "-"
     assert step[3]["flops"] == pytest.approx(step[2]["flops"], rel=0.05)  # the same work
     # A backward pass costs more than the forward passes of the same batch.
     assert step[0]["flops"] > 16 * step[1]["flops"]
@@ -423,7 +430,7 @@ def test_cost_analysis_of_the_data_parallel_step(capsys):
     assert "collectives" not in rows[1]  # the forward passes stay single-device programs
     table = cost.table(rows[:1], 1e12, 1e12)
     assert table.splitlines()[-1].endswith("| 1 devices, per device: 0 all-gathers, 0 "
-                                           "all-reduces (counted as kernels) |")
+                                           "all-reduces (counted as kernels) | - |")
     hlo = "%a = f32[8] all-gather-start(%x)\n%b = f32[] all-reduce(%y)\n%c = all-reduce-done(%b)"
     assert cost._collectives(hlo, 2).startswith("2 devices, per device: 1 all-gathers, "
                                                 "1 all-reduces")
