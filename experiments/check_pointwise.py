@@ -53,6 +53,12 @@ def _relative(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _worst(a, b) -> float:
+    """The largest :func:`_relative` difference over two pytrees' leaves."""
+    return max(_relative(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                               strict=True))
+
+
 def _derivative(impl: str, cotangents, *args):
     """The cotangents of ``bn_relu_matmul(*args, stats=True, return_input=True,
     impl=impl)``'s operands (z's with the returned input's cotangent added): every operand
@@ -163,10 +169,8 @@ def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
         label = f"3x3 kernel K={k} N={n}, {b} x {side} x {side}, {jnp.dtype(dtype).name}"
         got, want = (jax.jit(functools.partial(run, i))(z, mean, mul, bias, w)
                      for i in (impl, "xla"))
-        results += [(label, max(_relative(u, v) for u, v in zip(
-                        jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True))),
-                    (f"{label}: backward kernel",
-                     max(_relative(u, v) for u, v in zip(got[1], want[1], strict=True)))]
+        results += [(label, _worst(got[0], want[0])),
+                    (f"{label}: backward kernel", _worst(got[1], want[1]))]
     return results
 
 
@@ -214,13 +218,9 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
     name = f"PreResNet-{depth} pointwise={pointwise!r} against the default model"
     name3 = name.replace(" against", f", conv3x3={pointwise!r} against")
 
-    def worst(a, b):
-        return max(_relative(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                   strict=True))
-
-    return [(f"{name}: logits and batch statistics", worst(got, want)),
+    return [(f"{name}: logits and batch statistics", _worst(got, want)),
             (f"{name}: gradient of the loss (in norm)", _global(got_grad, want_grad)),
-            (f"{name3}: logits and batch statistics", worst(got3, want[:2])),
+            (f"{name3}: logits and batch statistics", _worst(got3, want[:2])),
             (f"{name3}: gradient of the loss (in norm)", _global(got3_grad, want_grad))]
 
 

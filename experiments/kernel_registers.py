@@ -136,6 +136,9 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     def shape(*dims, dt=jnp.float32):
         return jax.ShapeDtypeStruct(dims, dt, sharding=place)
 
+    def with_statistics(out, sums):  # a loss of a kernel's output and both its sums
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(sums[0]) + jnp.sum(sums[1])
+
     if variant == "conv2":  # (rows // side**2) images of the side whose planes are k
         from check_pointwise import CONV2
 
@@ -143,9 +146,9 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
 
         side = dict((c, s) for s, c in CONV2)[k]
         z = shape(max(1, rows // side ** 2), side, side, k, dt=jnp.dtype(dtype))
+
         def loss3x3(*a):
-            out, (s1, s2) = conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas")
-            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+            return with_statistics(*conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas"))
 
         jax.jit(jax.grad(loss3x3, argnums=tuple(range(5)))).lower(
             z, shape(k), shape(k), shape(k), shape(3, 3, k, n)).compile()
@@ -156,8 +159,7 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
         if conv1:
             out, _, same = pw.bn_relu_matmul_bn(*a, 1e-5, return_input=True, impl="pallas")
             return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(same.astype(jnp.float32) ** 2)
-        out, (s1, s2) = pw.bn_relu_matmul(*a, stats=True, impl="pallas")
-        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(s1) + jnp.sum(s2)
+        return with_statistics(*pw.bn_relu_matmul(*a, stats=True, impl="pallas"))
 
     args = [shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n)]
     args += [shape(n), shape(n)] if conv1 else [shape(rows, n, dt=jnp.dtype(dtype))]

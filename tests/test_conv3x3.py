@@ -83,6 +83,13 @@ def _loss(impl, stats, use=(0.1, 0.01), output=True):
     return f
 
 
+def _gradients(args, stats, use=(0.1, 0.01), output=True, argnums=tuple(range(5))):
+    """``(through the interpreted kernels, by autodiff of XLA's ops)``: the gradients of
+    :func:`_loss` in ``argnums``."""
+    return tuple(jax.grad(_loss(impl, stats, use, output), argnums=argnums)(*args)
+                 for impl in ("interpret", "xla"))
+
+
 @pytest.mark.parametrize("shape,stats,use,output", [
     ((2, 6, 6, 16, 16), True, (0.1, 0.01), True), ((2, 6, 6, 16, 16), False, (), True),
     # several programs of rows (432 pixels, 256 a program) and two blocks of input channels
@@ -94,9 +101,7 @@ def test_the_backward_kernel_is_autodiffs_derivative(shape, stats, use, output):
     """Gradients of a loss of the output and its sums (or one of them, or the sums alone)
     through the backward kernel equal autodiff of the plain computation's (XLA's ops), in
     every operand."""
-    args = _operands(*shape, seed=2)
-    got = jax.grad(_loss("interpret", stats, use, output), argnums=tuple(range(5)))(*args)
-    want = jax.grad(_loss("xla", stats, use, output), argnums=tuple(range(5)))(*args)
+    got, want = _gradients(_operands(*shape, seed=2), stats, use, output)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
@@ -104,9 +109,7 @@ def test_the_backward_kernel_is_autodiffs_derivative(shape, stats, use, output):
 def test_the_backward_kernel_in_bfloat16():
     """In bfloat16 the kernel's gradients equal autodiff's up to bfloat16 rounding (each
     rounds the output's cotangent and z's once, in other places)."""
-    args = _operands(2, 6, 6, 16, 32, dtype=jnp.bfloat16, seed=4)
-    got = jax.grad(_loss("interpret", True), argnums=tuple(range(5)))(*args)
-    want = jax.grad(_loss("xla", True), argnums=tuple(range(5)))(*args)
+    got, want = _gradients(_operands(2, 6, 6, 16, 32, dtype=jnp.bfloat16, seed=4), True)
     for g, r in zip(got, want, strict=True):
         assert g.dtype == r.dtype
         scale = float(jnp.max(jnp.abs(r.astype(jnp.float32))))
@@ -121,8 +124,7 @@ def test_the_backward_kernel_computes_only_what_is_differentiated():
         f = jax.grad(_loss("interpret", True), argnums=argnums)
         assert _kernel_outputs(jax.make_jaxpr(f)(*args).jaxpr,
                                "bn_relu_conv3x3_backward") == [outputs], argnums
-        got = f(*args)
-        want = jax.grad(_loss("xla", True), argnums=argnums)(*args)
+        got, want = _gradients(args, True, argnums=argnums)
         for g, r in zip(got, want, strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 

@@ -199,11 +199,9 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
              if v is not None]
 
     def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
-        refs = list(refs)  # the optional inputs, then the outputs
-        ins = {name: refs.pop(0) for name, _ in given}
-        dz_ref = refs.pop(0) if with_dz else None
-        dw_ref = refs.pop(0) if with_dw else None
-        sums_ref = refs.pop(0)
+        ins = pw.named_refs(refs, [*(name for name, _ in given),
+                                   *pw.backward_outputs(with_dz, with_dw)])
+        dz_ref, dw_ref, sums_ref = (ins.get(k) for k in ("dz", "dw", "sums"))
         mean_, mul_, shift = mean_ref[...], mul_ref[...], shift_ref[...]
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
 
@@ -308,10 +306,9 @@ def _kernel_bwd(stats, interpret, saved, cotangents):
     is not wanted."""
     z, mean, mul, bias, w, out, wanted = saved
     d_out, d_sums = cotangents
-    d_sums = (None, None) if d_sums is None else tuple(pw.or_none(d) for d in d_sums)
     d_z, d_w, sums = _pallas_backward(
-        z, mean, mul, bias, w, pw.dense(d_out), out, d_sums, "z" in wanted, "w" in wanted,
-        interpret)
+        z, mean, mul, bias, w, pw.dense(d_out), out, pw.sums_or_none(d_sums), "z" in wanted,
+        "w" in wanted, interpret)
     result = (d_z, *pw.affine_cotangents(mean, mul, bias, sums),
               None if d_w is None else d_w.astype(w.dtype))
     return tuple(c if name in wanted else None for name, c in zip(OPERANDS, result,

@@ -351,12 +351,9 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
                 if value is not None]
 
     def kernel(z_ref, mean_ref, mul_ref, shift_ref, w_ref, g_ref, *refs):
-        refs = list(refs)  # the optional inputs, then the outputs
-        ins = {name: refs.pop(0) for name, _ in optional}
-        dz_ref = refs.pop(0) if with_dz else None
-        dw_ref = refs.pop(0) if with_dw else None
-        sums_ref = refs.pop(0)
-        g_out_ref = refs.pop(0) if with_g else None
+        ins = named_refs(refs, [*(name for name, _ in optional), *backward_outputs(
+            with_dz, with_dw), "g" if with_g else None])
+        dz_ref, dw_ref, sums_ref, g_out_ref = (ins.get(k) for k in ("dz", "dw", "sums", "g"))
         coefficients = mean_ref[...], mul_ref[...], shift_ref[...]
         first = pl.program_id(1) == 0  # one block of input channels writes the cotangent
         base = pl.program_id(0) * rows  # (program ids are read here, outside the loop)
@@ -427,6 +424,20 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     dz = results.pop(0)[:m] if with_dz else None
     d_w, sums = total_partials(results[-1], results[0] if with_dw else None)
     return dz, d_w, sums, g
+
+
+def named_refs(refs, names) -> dict:
+    """In a kernel: its refs after the fixed operands, by name; ``names`` in the order the
+    refs come (the optional inputs, then the outputs), None for one not passed."""
+    refs = iter(refs)
+    return {name: next(refs) for name in names if name is not None}
+
+
+def backward_outputs(with_dz: bool, with_dw: bool) -> tuple:
+    """The names (:func:`named_refs`) of a backward kernel's outputs, in order: the input's
+    cotangent "dz" and the weight gradient's shares "dw" where wanted, the partial sums
+    "sums"."""
+    return ("dz" if with_dz else None, "dw" if with_dw else None, "sums")
 
 
 def total_partials(sums, d_w=None):
@@ -575,13 +586,18 @@ def or_none(cotangent):
     return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
 
 
+def sums_or_none(cotangents) -> tuple:
+    """A pair of cotangents (a kernel's sums, or its batch statistics) with symbolic zeros as
+    None; ``(None, None)`` for None (no such output)."""
+    return (None, None) if cotangents is None else tuple(or_none(d) for d in cotangents)
+
+
 def _kernel_bwd(stats, out_relu, interpret, return_input, saved, cotangents):
     """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's, and
     the returned input's)."""
     d_out, d_sums, *d_input = cotangents
     d_out = dense(d_out)
-    if d_sums is not None:
-        d_sums = tuple(or_none(d) for d in d_sums)
+    d_sums = sums_or_none(d_sums)
     d_input = or_none(d_input[0]) if d_input else None
     *operands, out, wanted = saved
     return backward(*operands, out, (d_out, d_sums), stats, out_relu,
@@ -738,7 +754,7 @@ def _kernel_bn_bwd(epsilon, interpret, return_input, saved, cotangents):
     d_offset, d_mul = pair[:len(mean)], pair[len(mean):]
     # the scale reaches the result through the multiplier alone
     d_scale = coefficients_vjp((jnp.zeros_like(mean), jnp.zeros_like(var), d_mul))[2]
-    d_mean, d_var = (or_none(d) for d in d_stats)
+    d_mean, d_var = sums_or_none(d_stats)
 
     # the sums side by side as the forward kernel's reduction wrote them: a whole buffer
     derive = (StaticPartial(_derived_sums_cotangents, (d_mean is not None, d_var is not None,
