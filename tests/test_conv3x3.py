@@ -176,7 +176,8 @@ def test_block_rows_keep_tiles_small():
 
 def test_the_model_with_the_kernel_computes_the_same():
     """PreResNet with ``conv3x3`` has the same variables (names, shapes, initial values) and
-    computes the same train-mode logits, batch statistics and gradients, eval-mode logits
+    computes the same train-mode logits, batch statistics (running statistics updated from
+    the sums the kernels' ops take, ``BatchNormSums``) and gradients, eval-mode logits
     (also with BatchNorm folded: bn3 then folded into a cuDNN conv2 instead) as with the 1x1
     kernel alone, up to float rounding (depth 11: stage 1's block takes the kernels, the
     strided first blocks of stages 2 and 3 keep cuDNN)."""
@@ -205,10 +206,13 @@ def test_the_model_with_the_kernel_computes_the_same():
         text = str(jax.make_jaxpr(lambda v, m=m, t=train: m.apply(
             v, x, train=t, mutable=["batch_stats"] if t else False))(v))
         assert len(re.findall(r"\bname=bn_relu_conv3x3\b", text)) == calls, (m.conv3x3, train)
-    # and its backward kernel in the gradient
-    for m, calls in ((kernel, [3]), (base, [])):
+    # and its backward kernel in the gradient; the BatchNorms the kernels apply in train
+    # mode (bn1, bn2, bn3 in stage 1, bn3 in the strided blocks; bn3 alone without the 3x3
+    # kernel) take their derivative in one finishing kernel each (bn_input)
+    for m, calls, finishing in ((kernel, [3], 5), (base, [], 3)):
         jaxpr = jax.make_jaxpr(jax.grad(lambda p, m=m: train_loss(p, m)))(v["params"]).jaxpr
         assert _kernel_outputs(jaxpr, "bn_relu_conv3x3_backward") == calls
+        assert len(kernel_calls(jaxpr, "bn_finish")) == finishing
 
 
 def test_the_kernel_needs_the_1x1_kernel():

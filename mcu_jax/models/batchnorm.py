@@ -286,6 +286,26 @@ class BatchNormCoefficients(nn.Module):
         return mean, mul, bias
 
 
+class BatchNormSums(nn.Module):
+    """``nn.BatchNorm``'s variables (the same names, shapes and initial values) for a
+    train-mode BatchNorm that a kernel forms from its input's sums itself
+    (``pointwise.bn_relu_matmul_from_sums``): returns ``(sums, scale, bias)``, ``sums`` the
+    channels' sum and sum of squares over ``n`` values (given, or from ``x`` as
+    :class:`BatchNormCoefficients` takes them), after updating the running statistics as
+    ``nn.BatchNorm`` does."""
+
+    momentum: float
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x, sums=None):
+        c = x.shape[-1]
+        ra_mean, ra_var, scale, bias = _variables(self, c)
+        sums = statistics_sums(x) if sums is None else sums
+        _update(self, ra_mean, ra_var, *moments(*sums, x.size // c))
+        return sums, scale, bias
+
+
 class BatchNormApplied(nn.Module):
     """``nn.BatchNorm``'s variables (the same names, shapes and initial values) for a
     train-mode BatchNorm that a function applies: ``apply(scale, bias, epsilon)`` returns

@@ -23,6 +23,10 @@ shifted by ``(dy - 1) * W + (dx - 1)``, clamped to the array, with the pixels wh
 neighbour lies outside the image masked to zero), so no padded copy of ``z`` is made.
 Stride 1 and padding 1 only (the stride-2 blocks keep cuDNN).
 
+In train mode the model calls :func:`bn_relu_conv3x3_from_sums`, which takes bn2 as its
+input's sums, scale and bias and forms its derivative beside the backward kernel's partial
+sums in one kernel (``bn_input``).
+
 Training with the kernels (``ProblemConfig.conv3x3``, the model's ``conv3x3``) computes
 the same function as without them, rounded differently; the backward kernel recomputes the
 ReLU's mask in the kernels' form (``bn_relu_shifted``), so it may differ where a value lies
@@ -46,8 +50,9 @@ import jax
 import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
+from mcu_jax.models import bn_input
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import statistics_sums
+from mcu_jax.models.batchnorm import batch_coefficients, statistics_sums
 
 IMPLS = kernel_impl.IMPLS
 TAPS = 9
@@ -166,9 +171,9 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
     return block_m, block_k, pw.program_rows(m, block_m, k // block_k)
 
 
-@functools.partial(jax.jit, static_argnames=("with_dz", "with_dw", "interpret"))
+@functools.partial(jax.jit, static_argnames=("with_dz", "with_dw", "interpret", "partials"))
 def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
-                     with_dw: bool, interpret: bool):
+                     with_dw: bool, interpret: bool, partials: bool = False):
     """The derivative of :func:`reference` as one Pallas kernel: ``(d_z (B, H, W, K) in z's
     dtype or None without ``with_dz``, d_w (3, 3, K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32)``, ``d_x`` being the
@@ -185,7 +190,9 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
     input at the nine rows its own pixels read (zero outside the image, as the forward
     pass pads it) and adds each one's product with its own ``g`` to that tap's weight
     gradient. The programs' partial weight gradients and sums are added up here, in one
-    reduction. No activated input, padded copy or full cotangent is written."""
+    reduction (with ``partials`` they are returned as they are, d_w (P, 3, 3, K, N) and the
+    sums (P, 2, K), for ``bn_input.finish``). No activated input, padded copy or full
+    cotangent is written."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     b, h, width, k = z.shape
@@ -279,6 +286,8 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         name="bn_relu_conv3x3_backward"))
     dz = results.pop(0)[:m].reshape(b, h, width, k) if with_dz else None
+    if partials:
+        return dz, results[0].reshape(-1, 3, 3, k, n) if with_dw else None, results[-1]
     d_w, sums = pw.total_partials(results[-1], results[0] if with_dw else None)
     return dz, None if d_w is None else d_w.reshape(3, 3, k, n), sums
 
@@ -316,6 +325,57 @@ def _kernel_bwd(stats, interpret, saved, cotangents):
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
+
+
+class _FromSums:
+    """The kernel as ``bn_input.apply``'s ``op``; ``flags``: ``(stats, interpret)``."""
+
+    names = ("w",)
+
+    @staticmethod
+    def forward(flags, z, mean, mul, bias, w):
+        out, sums = _pallas(z, mean, mul, bias, w, *flags)
+        return (out, sums), (z, mean, mul, bias, w, out if flags[0] else None)
+
+    @staticmethod
+    def backward(flags, residuals, cotangents, wanted):
+        d_out, d_sums = cotangents
+        d_z, d_w, sums = _pallas_backward(
+            *residuals[:5], pw.dense(d_out), residuals[5], pw.sums_or_none(d_sums),
+            "z" in wanted, "w" in wanted, flags[1], partials=True)
+        return d_z, (None,), sums, d_w
+
+    @staticmethod
+    def finish_impl(flags):
+        return "interpret" if flags[1] else "pallas"
+
+
+def bn_relu_conv3x3_from_sums(z, sums, scale, bias, w, *, epsilon: float,
+                              stats: bool = False, impl: str = "auto"):
+    """:func:`bn_relu_conv3x3` with its BatchNorm in train mode, given as ``sums`` (z's
+    channels' sum and sum of squares over all its pixels, float32), ``scale``, ``bias``
+    (K,) and ``epsilon``, as ``pointwise.bn_relu_matmul_from_sums``: with the kernels, the
+    BatchNorm's derivative beside the backward kernel's partial sums in one kernel
+    (``bn_input.apply``); without them (and in a data-parallel program), composed."""
+    kernel_impl.check("bn_relu_conv3x3_from_sums", impl)
+    _check(z, *sums, bias, w)  # sums, bias (K,)
+    if scale.shape != bias.shape:
+        raise ValueError(f"bn_relu_conv3x3_from_sums: scale must be {bias.shape}, got "
+                         f"{scale.shape}")
+    args = (z, tuple(sums), scale, bias, w)
+
+    def composed(z_, sums_, scale_, bias_, w_, impl=impl):
+        count = z_.size // z_.shape[-1]
+        mean, _, mul = batch_coefficients(*sums_, scale_, count, epsilon)
+        return bn_relu_conv3x3(z_, mean, mul, bias_, w_, stats=stats, impl=impl)
+
+    def kernel(*operands):
+        return bn_input.apply(_FromSums, (stats, impl == "interpret"), epsilon, *operands)
+
+    if (impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape[2:]))
+            or pw.row_axes(z.shape[0])):
+        return composed(*args)
+    return kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"), *args)
 
 
 def bn_relu_conv3x3(z, mean, mul, bias, w, *, stats: bool = False, impl: str = "auto"):

@@ -30,10 +30,14 @@ backward kernel, which adds it to ``z``'s as it writes it: XLA would otherwise a
 block's two output cotangents and the statistics' part in a pass of its own. And
 :func:`bn_relu_matmul_bn` is the kernel followed by the next BatchNorm + ReLU in train mode,
 whose derivative the backward kernel applies to its output's cotangent as it reads it,
-after one XLA reduction for the BatchNorm's gradients. So a training step with the kernels
+after one XLA reduction for the BatchNorm's gradients; :func:`bn_relu_matmul_from_sums` is
+the kernel with its own BatchNorm given as its input's sums, scale and bias, whose
+derivative is formed beside the backward kernel's partial sums in one kernel
+(``bn_input``). So a training step with the kernels
 moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md, "The fused
 1x1 kernel in training", "Fewer passes: a block's output cotangent summed in the backward
-kernel" and "Fewer passes: the BatchNorm after the kernel in the backward kernel").
+kernel", "Fewer passes: the BatchNorm after the kernel in the backward kernel" and "Fewer
+kernels: the BatchNorm's derivative beside the partial sums").
 
 ``impl`` (``kernel_impl``) picks how it runs: ``"auto"`` the kernels where the program is
 compiled for an NVIDIA GPU (a card, or a deviceless compilation for one; for the channel
@@ -68,6 +72,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mcu_jax import kernel_impl
+from mcu_jax.models import bn_input
 from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums_side_by_side
 
 IMPLS = kernel_impl.IMPLS
@@ -300,10 +305,10 @@ def _output_cotangent(d_out, out, through):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "with_dz", "with_dw", "derive_fn",
-                                             "with_g"))
+                                             "with_g", "partials"))
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
                      with_dw: bool = True, *, out=None, derive_fn=None, derive_operands=(),
-                     through=None, d_input=None, with_g: bool = False):
+                     through=None, d_input=None, with_g: bool = False, partials: bool = False):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -328,7 +333,9 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     *through)``, which the kernel takes back to the output's as it reads it
     (:func:`_output_cotangent`) instead of XLA in passes of its own.
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
-    ``return_input``), added to ``d_z`` as it is written."""
+    ``return_input``), added to ``d_z`` as it is written. With ``partials`` d_w and the
+    sums are the programs' shares, (P, K, N) and (P, 2, K), not added up (for
+    ``bn_input.finish``)."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
@@ -422,6 +429,8 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
         out_specs=out_specs, out_shape=out_shape, name="bn_relu_matmul_backward"))
     g = results.pop()[:m] if with_g else None
     dz = results.pop(0)[:m] if with_dz else None
+    if partials:
+        return dz, results[0] if with_dw else None, results[-1], g
     d_w, sums = total_partials(results[-1], results[0] if with_dw else None)
     return dz, d_w, sums, g
 
@@ -466,7 +475,7 @@ OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
              out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None, through=None,
-             derive=None):
+             derive=None, partials: bool = False):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
@@ -494,7 +503,11 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     ``fn`` is called on the operands' refs in the kernel and on the arrays elsewhere, so
     it must read them by indexing (``a[...]``, ``a[0, :]``, ``a[:c]``); it is a static
     argument of the jitted backward kernel, so it must be a :class:`StaticPartial` (equal
-    for equal function and arguments: the calls of one shape then share one build)."""
+    for equal function and arguments: the calls of one shape then share one build).
+    With ``partials`` it returns ``(cotangents, (sums (P, 2, K), d_w (P, K, N) or None))``:
+    the kernel's partial sums of ``(sum d_x, sum d_x * (z - mean))`` and of the weight
+    gradient, not added up (P = 1 for "xla"), for ``bn_input.finish``; mean's, mul's,
+    bias's and w's cotangents are then None."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
@@ -528,6 +541,8 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
                                          w.astype(dt))
         if d_input is not None:
             d_z = _plus(d_z, d_input)
+        if partials:
+            sums, d_w = jnp.stack(sums)[None], d_w[None]
     else:
         with_g = wants_residual and adds
         d_z, d_w, sums, g_kernel = _pallas_backward(
@@ -535,17 +550,21 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
             out=out if adds and reads_out else None,
             derive_fn=None if derive is None else derive[0],
             derive_operands=() if derive is None else tuple(derive[1]), through=through,
-            d_input=d_input, with_g=with_g)
+            d_input=d_input, with_g=with_g, partials=partials)
         if with_g:
             gd = g_kernel
-    result = (d_z, *affine_cotangents(mean, mul, bias, sums),
-              None if d_w is None else d_w.astype(w.dtype),
+    affine = (None,) * 3 if partials else affine_cotangents(mean, mul, bias, sums)
+    result = (d_z, *affine,
+              None if d_w is None or partials else d_w.astype(w.dtype),
               None if not wants_residual else (gd if residual.dtype == dt
                                                 else g.astype(residual.dtype)),
               None if out_bias is None or "out_bias" not in wanted
               else jnp.sum(g, 0).astype(out_bias.dtype))
-    return tuple(c if name in wanted else None
-                 for name, c in zip(OPERANDS, result, strict=True))
+    result = tuple(c if name in wanted else None
+                   for name, c in zip(OPERANDS, result, strict=True))
+    if partials:
+        return result, (sums, d_w if "w" in wanted else None)
+    return result
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -651,6 +670,75 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
     return (out, sums, results[2].reshape(z.shape)) if return_input else (out, sums)
 
 
+class _FromSums:
+    """:func:`bn_relu_matmul` as ``bn_input.apply``'s ``op``; ``flags``: ``(stats,
+    return_input, interpret)``."""
+
+    names = ("w", "residual")
+
+    @staticmethod
+    def forward(flags, z, mean, mul, bias, w, residual):
+        stats, return_input, interpret = flags
+        out, sums = _pallas(z, mean, mul, bias, w, residual, None, stats, False, interpret)
+        return ((out, sums, z) if return_input else (out, sums)), (z, mean, mul, bias, w,
+                                                                    residual, out)
+
+    @staticmethod
+    def backward(flags, residuals, cotangents, wanted):
+        stats, _, interpret = flags
+        d_out, d_sums, *d_input = cotangents
+        grads, (sums, d_w) = backward(
+            *residuals[:6], None, residuals[6], (dense(d_out), sums_or_none(d_sums)), stats,
+            False, impl="interpret" if interpret else "pallas",
+            wanted=tuple(name for name in ("z", "w", "residual") if name in wanted),
+            d_input=or_none(d_input[0]) if d_input else None, partials=True)
+        return grads[0], (None, grads[5]), sums, d_w
+
+    @staticmethod
+    def finish_impl(flags):
+        return "interpret" if flags[2] else "pallas"
+
+
+def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon: float,
+                             stats: bool = False, return_input: bool = False,
+                             impl: str = "auto"):
+    """:func:`bn_relu_matmul` with its BatchNorm in train mode, given as ``sums`` (z's
+    channels' sum and sum of squares over all its rows, float32), ``scale`` and ``bias``
+    (K,) and ``epsilon``: ``mean`` and ``mul`` as ``batchnorm.batch_coefficients`` forms
+    them. With the kernel, the BatchNorm's derivative and the backward kernel's partial sums
+    are added up in one kernel (``bn_input.apply``), where autodiff of the coefficients
+    takes two; without it (and in a data-parallel program, ``row_axes``), the coefficients
+    in XLA ops and :func:`bn_relu_matmul`, differentiated as composed."""
+    kernel_impl.check("bn_relu_matmul_from_sums", impl)
+    flat = z.reshape(-1, z.shape[-1])
+    res = None if residual is None else residual.reshape(flat.shape[0], -1)
+    n = w.shape[-1]
+
+    def composed(*operands, impl=impl):
+        z_, sums_, scale_, bias_, w_, res_ = operands
+        mean, _, mul = batch_coefficients(*sums_, scale_, len(z_), epsilon)
+        return bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
+                              return_input=return_input, impl=impl)
+
+    def kernel(*operands):
+        return bn_input.apply(_FromSums, (stats, return_input, impl == "interpret"), epsilon,
+                              *operands)
+
+    args = (flat, tuple(sums), scale, bias, w, res)
+    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or row_axes(len(flat)):
+        results = composed(*args)
+    else:
+        _check(flat, *sums, bias, w, res)  # sums, bias (K,)
+        if scale.shape != bias.shape:
+            raise ValueError(f"bn_relu_matmul_from_sums: scale must be {bias.shape}, got "
+                             f"{scale.shape}")
+        results = kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"),
+                                       *args)
+    out = results[0].reshape(*z.shape[:-1], n)
+    return (out, results[1], results[2].reshape(z.shape)) if return_input else (out,
+                                                                                 results[1])
+
+
 def _after(out, sums, scale, offset, epsilon: float):
     """The BatchNorm + ReLU that follows the kernel, in train mode and XLA ops: ``(bn_relu(out,
     mean, mul, offset), (mean, var))``, the statistics those of ``out``'s rows (``sums``)."""
@@ -663,20 +751,13 @@ def _sums_cotangents(stats, pair, mul, d_mean, d_var, n: int, epsilon: float):
     sum and sum of squares over ``n`` values) from those of its offset and multiplier
     (``pair[:N]``, ``pair[N:]``: the sums of ``d_pre`` and ``d_pre * (x - mean)``,
     ``d_pre`` the cotangent of its pre-activation) and of the batch mean and variance it
-    returns (``d_mean``, ``d_var``): :func:`batchnorm.batch_coefficients`' derivative,
-    written with ``mul`` (``mul[...]``) in place of the scale (d mul / d var = -mul / (2 (var
-    + eps))), the clip at zero variance as ``jnp.maximum``'s (half at a tie). Reads its
-    operands by indexing, so that the backward kernel can give it refs."""
-    f32 = jnp.float32
+    returns (``d_mean``, ``d_var``): ``bn_input.moments_cotangents``, reading its operands
+    by indexing, so that the backward kernel can give it refs (``mul[...]``)."""
     mean = stats[0, :] / n
-    raw = stats[1, :] / n - mean * mean
-    var = jnp.maximum(0.0, raw)
     channels = mean.shape[0]
-    multiplier = mul[...]
-    d_offset, d_mul = pair[:channels], pair[channels:2 * channels]
-    d_raw = (d_var - 0.5 * d_mul * multiplier / (var + epsilon)) * jnp.where(
-        raw > 0, f32(1.0), jnp.where(raw == 0, f32(0.5), f32(0.0)))
-    return (d_mean - multiplier * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
+    return bn_input.moments_cotangents(mean, stats[1, :] / n - mean * mean, mul[...],
+                                       pair[:channels], pair[channels:2 * channels], n,
+                                       epsilon, d_mean, d_var)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from mcu_jax import checks
 from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients
+from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients, BatchNormSums
 from mcu_jax.models.layers import (
     BN_EPSILON,
     batch_norm,
@@ -123,26 +123,51 @@ class PreActBottleneck(nn.Module):
         on their way in, the residual add and the next BatchNorm's sums on their way out):
         ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. In
         train mode conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU after it (its
-        derivative taken in the backward kernel). With ``fold`` (evaluation) bn2 is applied
-        on conv1's way out and bn3 folded into conv2. With ``conv3x3`` (stride 1, not
-        folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2 applied on its way in, bn3's sums
-        on its way out."""
+        derivative taken in the backward kernel), and conv3 takes bn3 as its input's sums
+        (``pointwise.bn_relu_matmul_from_sums``: the BatchNorm's derivative and the backward
+        kernel's partial sums added up in one kernel, ``bn_input``). With ``fold``
+        (evaluation) bn2 is applied on conv1's way out and bn3 folded into conv2. With
+        ``conv3x3`` (stride 1, not folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2
+        applied on its way in, bn3's sums on its way out; in train mode all three
+        BatchNorms are then taken as sums by the kernels' ops."""
         dt, impl = self.dtype, pointwise_impl(self.pointwise)
         coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
                                          BN_EPSILON)
-        bn1 = coefficients(name="bn1")(x, sums)
         w1 = _ConvKernel(self.planes, name="conv1")(x.shape[-1])
         w3 = _ConvKernel(self.planes * EXPANSION, name="conv3")(self.planes)
         shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
                         name="shortcut") if self.project else (lambda v: v)
+
+        def conv3(z2, sums2, residual):
+            """conv3 with bn3 + ReLU before it: in train mode bn3 formed from its sums by
+            the kernel's op (``bn_relu_matmul_from_sums``: its derivative beside the
+            backward kernel's partial sums in one kernel)."""
+            if not train:
+                return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, residual,
+                                         impl=impl)
+            return pw.bn_relu_matmul_from_sums(
+                z2, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn3")(z2, sums2), w3,
+                residual, epsilon=BN_EPSILON, stats=True, impl=impl)
+
         if self.conv3x3 != "conv" and self.stride == 1 and not self.fold:
             w2 = _ConvKernel(self.planes, 3, name="conv2")(self.planes)
-            z1, sums1, x = pw.bn_relu_matmul(x, *bn1, w1, stats=train, return_input=True,
-                                             impl=impl)
-            z2, sums2 = c3.bn_relu_conv3x3(z1, *coefficients(name="bn2")(z1, sums1), w2,
-                                           stats=train, impl=pointwise_impl(self.conv3x3))
-            return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2, sums2), w3,
-                                     shortcut(x), stats=train, impl=impl)
+            if train:  # bn1 formed by conv1's op from x's sums, as bn3 by conv3's
+                z1, sums1, x = pw.bn_relu_matmul_from_sums(
+                    x, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn1")(x, sums), w1,
+                    epsilon=BN_EPSILON, stats=True, return_input=True, impl=impl)
+            else:
+                z1, sums1, x = pw.bn_relu_matmul(x, *coefficients(name="bn1")(x), w1,
+                                                 return_input=True, impl=impl)
+            impl3 = pointwise_impl(self.conv3x3)
+            if train:
+                z2, sums2 = c3.bn_relu_conv3x3_from_sums(
+                    z1, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn2")(z1, sums1),
+                    w2, epsilon=BN_EPSILON, stats=True, impl=impl3)
+            else:
+                z2, sums2 = c3.bn_relu_conv3x3(z1, *coefficients(name="bn2")(z1), w2,
+                                               impl=impl3)
+            return conv3(z2, sums2, shortcut(x))
+        bn1 = coefficients(name="bn1")(x, sums)
         conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
         if self.fold:  # running statistics: only the channel count of bn2's and bn3's input
             channels = jax.ShapeDtypeStruct((self.planes,), dt)
@@ -162,9 +187,7 @@ class PreActBottleneck(nn.Module):
         else:
             z1, _, x = pw.bn_relu_matmul(x, *bn1, w1, return_input=True, impl=impl)
             a2 = pw.bn_relu(z1, *coefficients(name="bn2")(z1))
-        z2 = conv2(a2)
-        return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, shortcut(x),
-                                 stats=train, impl=impl)
+        return conv3(conv2(a2), None, shortcut(x))
 
 
 class PreResNet(nn.Module):

@@ -1,0 +1,210 @@
+"""A train-mode BatchNorm that a kernel applies on its way in, given its input's sums: the
+derivative of its coefficients and the kernel's partial sums in one kernel.
+
+``pointwise`` and ``conv3x3`` kernels apply a BatchNorm + ReLU to their input ``z`` as
+``relu((z - mean) * mul + bias)``, with ``(mean, mul, bias)`` formed by XLA from the
+channels' sums (``batchnorm.batch_coefficients``) and differentiated by autodiff. In a
+training step each such BatchNorm then took two kernels of its own in the backward pass:
+one reduction that adds up the backward kernel's partial sums (its weight gradient's and
+``sum d_x``, ``sum d_x * (z - mean)``, ``d_x`` the cotangent of the affine map's output)
+and one elementwise kernel, the coefficients' derivative, for the sums' cotangents, which
+the kernel that wrote ``z`` reads (a custom kernel reads whole buffers: XLA cannot fuse
+into it, and gives no reduction an elementwise epilogue).
+
+:func:`apply` is such a kernel with its BatchNorm given as ``(sum, sum of squares, scale,
+bias)``: one ``custom_vjp`` whose backward pass runs the kernel's backward kernel and then
+:func:`finish`, one Pallas kernel that adds up the partial sums and forms the sums'
+cotangents (:func:`moments_cotangents`) as buffers of their own. The scale's and bias's
+gradients are the totals themselves and one product, which XLA fuses into their consumer.
+docs/benchmarks.md, "Fewer kernels: the BatchNorm's derivative beside the partial sums".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mcu_jax import kernel_impl
+from mcu_jax.models.batchnorm import batch_coefficients
+
+
+def moments_cotangents(mean, raw, mul, d_offset, d_mul, n: int, epsilon: float,
+                       d_mean=0.0, d_var=0.0):
+    """The cotangents ``(d_sum, d_squares)`` of a train-mode BatchNorm's statistics sums (over
+    ``n`` values; ``mean`` and ``raw``, the variance before its clip at zero, come from
+    them) from those of its affine map's offset and multiplier (``d_offset = sum d_pre``,
+    ``d_mul = sum d_pre * (x - mean)``, ``d_pre`` the cotangent of its pre-activation) and
+    of the batch mean and variance (``d_mean``, ``d_var``): ``batch_coefficients``'
+    derivative, written with ``mul`` in place of the scale (d mul / d var = -mul / (2 (var +
+    eps))), the clip as ``jnp.maximum``'s (half at a tie). Elementwise on (C,) values, so
+    that kernels can compute it."""
+    f32 = jnp.float32
+    var = jnp.maximum(0.0, raw)
+    d_raw = (d_var - 0.5 * d_mul * mul / (var + epsilon)) * jnp.where(
+        raw > 0, f32(1.0), jnp.where(raw == 0, f32(0.5), f32(0.0)))
+    return (d_mean - mul * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
+
+
+def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str):
+    """A backward kernel's partial sums added up and taken through its BatchNorm:
+    ``(d_sum, d_squares, pair, d_w)``: the statistics sums' cotangents (each (K,), a buffer
+    of its own), ``pair`` (2, K) the totals ``(sum d_x, sum d_x * (z - mean))`` and the
+    weight gradient ``d_w`` (summed over the first axis, or None). ``sums`` (P, 2, K) and
+    ``d_w`` (P, ...): the programs' shares; ``mean``, ``raw``, ``mul`` (K,): the forward
+    pass's (:func:`moments_cotangents`). ``impl``: "xla" (XLA's reductions), "pallas" (one
+    kernel, :func:`_pallas_finish`) or "interpret"."""
+    if impl not in ("xla", "pallas", "interpret"):
+        raise ValueError(f"finish: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
+    p, _, k = sums.shape
+    if impl == "xla":
+        pair = jnp.sum(sums, 0)
+        return (*moments_cotangents(mean, raw, mul, pair[0], pair[1], n, epsilon), pair,
+                None if d_w is None else jnp.sum(d_w, 0))
+    flat = None if d_w is None else d_w.reshape(p, -1)
+    d_sum, d_squares, pair, total = _pallas_finish(
+        sums.reshape(p, 2 * k), flat, mean, raw, mul, n, epsilon, impl == "interpret")
+    return (d_sum, d_squares, pair.reshape(2, k),
+            None if d_w is None else total.reshape(d_w.shape[1:]))
+
+
+def finish_blocks(p: int, width: int) -> tuple[int, int]:
+    """``(block, chunk)`` of :func:`_pallas_finish` for ``p`` rows of partial sums
+    ``width`` wide: ``block`` columns a program adds up (a power of two dividing ``width``,
+    at most 1,024, and ``p`` x ``block`` within 16,384 values, about 64 KB a program to
+    read) in steps of ``chunk`` rows (a power of two dividing ``p``, ``chunk`` x ``block``
+    within 4,096 values). Untuned."""
+    block = min(width & -width, 1024, max(16, 16384 // p))
+    chunk = min(p & -p, max(1, 4096 // block))
+    return block, chunk
+
+@functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
+def _pallas_finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, interpret: bool):
+    """:func:`finish` as one Pallas kernel, ``sums`` (P, 2K) and ``d_w`` (P, X) or None:
+    program 0 adds up ``sums`` and forms the sums' cotangents, each other program adds up
+    one block of ``d_w``'s columns (:func:`finish_blocks`)."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+
+    p, k = sums.shape[0], sums.shape[1] // 2
+    f32 = jnp.float32
+    width = 0 if d_w is None else d_w.shape[1]
+    block, chunk = finish_blocks(p, width) if width else (0, 0)
+    sums_chunk = min(p & -p, max(1, 4096 // k))
+
+    def added(ref, columns, size, rows):
+        """``ref``'s rows added up in steps of ``rows``, over ``columns``, in float32."""
+        def step(j, acc):
+            return acc + jnp.sum(ref[pl.ds(j * rows, rows), columns].astype(f32), axis=0)
+
+        return jax.lax.fori_loop(0, p // rows, step, jnp.zeros((size,), f32))
+
+    def kernel(sums_ref, *refs):
+        dw_ref, refs = (refs[0], refs[1:]) if width else (None, refs)
+        mean_ref, raw_ref, mul_ref, d_sum_ref, d_squares_ref, pair_ref, *total_ref = refs
+        first = pl.program_id(0) == 0
+
+        @pl.when(first)
+        def _():
+            d_offset = added(sums_ref, pl.ds(0, k), k, sums_chunk)
+            d_mul = added(sums_ref, pl.ds(k, k), k, sums_chunk)
+            pair_ref[pl.ds(0, k)] = d_offset
+            pair_ref[pl.ds(k, k)] = d_mul
+            d_sum_ref[...], d_squares_ref[...] = moments_cotangents(
+                mean_ref[...], raw_ref[...], mul_ref[...], d_offset, d_mul, n, epsilon)
+
+        if width:
+            @pl.when(jnp.logical_not(first))
+            def _():
+                total_ref[0][...] = added(dw_ref, slice(None), block, chunk)
+
+    def whole(*shape):
+        return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+    def columns(i):  # program i > 0 adds up block i - 1 (program 0 maps to block 0 unread)
+        return jnp.maximum(i - 1, 0)
+
+    in_specs = [whole(p, 2 * k)]
+    args = [sums]
+    if width:
+        in_specs.append(pl.BlockSpec((p, block), lambda i: (0, columns(i))))
+        args.append(d_w)
+    in_specs += [whole(k)] * 3
+    args += [mean, raw, mul]
+    out_specs = [whole(k), whole(k), whole(2 * k)]
+    out_shape = [jax.ShapeDtypeStruct((k,), f32)] * 2 + [jax.ShapeDtypeStruct((2 * k,), f32)]
+    if width:
+        out_specs.append(pl.BlockSpec((block,), lambda i: (columns(i),)))
+        out_shape.append(jax.ShapeDtypeStruct((width,), f32))
+    results = kernel_impl.pallas_call(
+        kernel, *args, interpret=interpret, num_warps=4, grid=(1 + width // max(block, 1),),
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name="bn_finish")
+    return (*results[:3], results[3] if width else None)
+
+
+def coefficients(total, total_sq, scale, n: int, epsilon: float):
+    """``(mean, var, mul, raw)``: ``batch_coefficients``' and the variance before its clip at
+    zero (for the clip's derivative)."""
+    mean, var, mul = batch_coefficients(total, total_sq, scale, n, epsilon)
+    return mean, var, mul, total_sq / n - mean * mean
+
+
+#: The differentiable operands of :func:`apply` before the kernel's own, in order.
+OPERANDS = ("z", "total", "total_sq", "scale", "bias")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _apply(op, flags, epsilon, z, total, total_sq, scale, bias, *rest):
+    n = z.size // z.shape[-1]
+    mean, _, mul, _ = coefficients(total, total_sq, scale, n, epsilon)
+    return op.forward(flags, z, mean, mul, bias, *rest)[0]
+
+
+def _apply_fwd(op, flags, epsilon, *primals):
+    """With symbolic zeros: the names of the perturbed operands travel to the backward pass
+    (``pointwise.perturbed``)."""
+    values = [p.value if p is not None else None for p in primals]
+    z, total, total_sq, scale, bias, *rest = values
+    n = z.size // z.shape[-1]
+    mean, var, mul, raw = coefficients(total, total_sq, scale, n, epsilon)
+    outputs, residuals = op.forward(flags, z, mean, mul, bias, *rest)
+    names = (*OPERANDS, *op.names)
+    wanted = {name: None for name, p in zip(names, primals, strict=True)
+              if p is not None and p.perturbed}
+    return outputs, (residuals, mean, var, mul, raw, wanted)
+
+
+def _apply_bwd(op, flags, epsilon, saved, cotangents):
+    """The kernel's backward kernel (``op.backward``, its partial sums unreduced), then
+    :func:`finish`: the sums' cotangents, the bias's gradient (``sum d_x``), the scale's
+    (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient."""
+    residuals, mean, var, mul, raw, wanted = saved
+    d_z, d_rest, sums, d_w = op.backward(flags, residuals, cotangents, tuple(wanted))
+    n = residuals[0].size // residuals[0].shape[-1]
+    d_total, d_total_sq, pair, d_w = finish(sums, d_w, mean, raw, mul, n, epsilon,
+                                            op.finish_impl(flags))
+    d_scale = pair[1] * jax.lax.rsqrt(var + epsilon)
+    grads = (d_z, d_total, d_total_sq, d_scale, pair[0],
+             *(d_w if name == "w" else d for name, d in zip(op.names, d_rest, strict=True)))
+    return tuple(g if name in wanted else None
+                 for name, g in zip((*OPERANDS, *op.names), grads, strict=True))
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd, symbolic_zeros=True)
+
+
+def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
+    """``op``'s kernel with its BatchNorm's coefficients formed from ``sums`` (the sum and
+    sum of squares of ``z``'s channels over all its rows, float32), ``scale`` and ``bias``
+    (K,): the batch mean and ``mul = scale / sqrt(var + epsilon)`` as
+    ``batch_coefficients`` forms them (fast variance, clipped at 0). Differentiated in every
+    operand, with the partial sums of ``op``'s backward kernel added up and taken through
+    the coefficients in one kernel (:func:`finish`).
+
+    ``op``: a class with ``names`` (its operands after ``bias``, among them "w", whose
+    gradient its backward kernel returns as partial sums), ``forward(flags, z, mean, mul,
+    bias, *rest) -> (outputs, residuals)`` (``residuals[0]`` is ``z``), ``backward(flags,
+    residuals, cotangents, wanted) -> (d_z, d_rest, sums (P, 2, K), d_w (P, ...) or
+    None)`` (``d_rest`` in ``names``' order, None for "w" and for operands not in
+    ``wanted``) and ``finish_impl(flags)``; ``flags``: hashable, static."""
+    return _apply(op, flags, epsilon, z, *sums, scale, bias, *rest)

@@ -1,0 +1,146 @@
+"""A train-mode BatchNorm formed from its input's sums by a kernel's op (models/bn_input.py):
+the finishing kernel (interpreted by Pallas on the CPU) against plain sums and autodiff, and
+the 1x1 and 3x3 kernels' ops against autodiff of the composed computation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxprs import kernel_calls
+
+from mcu_jax.models import batchnorm, bn_input, conv3x3
+from mcu_jax.models import pointwise as pw
+
+
+@pytest.mark.parametrize("p,shape", [(8, (16, 32)), (6, (3, 3, 16, 16)), (1, None), (5, (16,))])
+def test_finish_adds_up_the_shares_and_takes_them_through_the_coefficients(p, shape):
+    """The kernel's totals equal numpy's sums of the programs' shares (P a power of two or
+    not, one row, a weight gradient of the 3x3 kernel's shape, none), and its sums'
+    cotangents equal autodiff of ``batch_coefficients`` (through mean and mul, the offset's
+    cotangent entering as ``-mul d_offset`` on the mean), as XLA's path computes them."""
+    rng = np.random.default_rng(0)
+    k, n, eps = 16, 50, 1e-5
+    sums = rng.normal(size=(p, 2, k)).astype(np.float32)
+    d_w = None if shape is None else rng.normal(size=(p, *shape)).astype(np.float32)
+    x = rng.normal(size=(n, k)).astype(np.float32)
+    total, total_sq = x.sum(0), (x * x).sum(0)
+    scale = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    mean, var, mul, raw = bn_input.coefficients(total, total_sq, scale, n, eps)
+    (_, _, mul_), vjp = jax.vjp(lambda s, q: batchnorm.batch_coefficients(s, q, scale, n, eps),
+                                total, total_sq)
+    pair = sums.sum(0)
+    want = vjp((-mul_ * pair[0], jnp.zeros(k), pair[1]))
+    for impl in ("xla", "interpret"):
+        d_sum, d_sq, got_pair, got_w = bn_input.finish(jnp.asarray(sums), d_w, mean, raw,
+                                                       mul, n, eps, impl)
+        np.testing.assert_allclose(got_pair, pair, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(d_sum, want[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(d_sq, want[1], rtol=1e-4, atol=1e-6)
+        if d_w is None:
+            assert got_w is None
+        else:
+            assert got_w.shape == shape
+            np.testing.assert_allclose(got_w, d_w.sum(0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="impl must be"):
+        bn_input.finish(jnp.asarray(sums), d_w, mean, raw, mul, n, eps, "cuda")
+
+
+def test_finish_blocks_divide_the_widths_and_rows():
+    """Each program's columns divide the width and its rows' steps divide P, within the
+    sizes the docstring names."""
+    for p in (1, 6, 32, 256, 1024):
+        for width in (16, 1024, 9 * 256, 64 * 256):
+            block, chunk = bn_input.finish_blocks(p, width)
+            assert width % block == 0 and p % chunk == 0
+            assert block <= 1024 and chunk * block <= 4096
+            assert p * block <= 16384 or block == 16
+
+
+def _bn_operands(m, k, seed):
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(m, k)) * 2 + 1).astype(np.float32)
+    return (jnp.asarray(z), jnp.asarray(rng.uniform(0.5, 2.0, k).astype(np.float32)),
+            jnp.asarray(rng.normal(size=k).astype(np.float32)))
+
+
+def _gradients(loss, args, argnums):
+    """The gradients of ``loss(impl, *args)`` in ``argnums`` for XLA's ops and the
+    interpreted kernels."""
+    return {impl: jax.grad(functools.partial(loss, impl), argnums=argnums)(*args)
+            for impl in ("xla", "interpret")}
+
+
+def _close(grads, rtol=2e-4):
+    for got, want in zip(grads["interpret"], grads["xla"], strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def test_the_1x1_op_from_sums_has_autodiffs_gradients():
+    """``bn_relu_matmul_from_sums`` with the kernels: the same values as composed and the
+    gradients of every operand (z through its sums too, the scale, the bias, the weight, the
+    residual, the returned input), all at once or a few at a time, equal autodiff of the
+    coefficients and XLA's ops; the backward pass runs the finishing kernel once and no
+    other reduction of the backward kernel's shares."""
+    z, scale, bias = _bn_operands(300, 32, seed=1)
+    rng = np.random.default_rng(2)
+    w = jnp.asarray((rng.normal(size=(32, 16)) / 6).astype(np.float32))
+    res = jnp.asarray(rng.normal(size=(300, 16)).astype(np.float32))
+
+    def loss(impl, z, scale, bias, w, res):
+        out, sums, z_back = pw.bn_relu_matmul_from_sums(
+            z, batchnorm.statistics_sums(z), scale, bias, w, res, epsilon=1e-5, stats=True,
+            return_input=True, impl=impl)
+        return (jnp.sum(out ** 2) + 0.3 * jnp.sum(sums[0]) + 0.01 * jnp.sum(sums[1])
+                + 0.5 * jnp.sum(z_back))
+
+    args = (z, scale, bias, w, res)
+    np.testing.assert_allclose(loss("interpret", *args), loss("xla", *args), rtol=1e-5)
+    for argnums in ((0, 1, 2, 3, 4), (1, 2), (3,), (0,)):
+        _close(_gradients(loss, args, argnums))
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
+                                    argnums=(0, 1, 2, 3, 4)))(*args)
+    assert len(kernel_calls(jaxpr, "bn_finish")) == 1
+    (backward,) = kernel_calls(jaxpr, "bn_relu_matmul_backward")
+    assert [tuple(v.aval.shape)[1:] for v in backward.outvars[1:3]] == [(32, 16), (2, 32)]
+
+
+def test_the_3x3_op_from_sums_has_autodiffs_gradients():
+    """``bn_relu_conv3x3_from_sums`` with the kernels, as the 1x1 op: values, gradients of
+    every operand and of a few, one finishing kernel in the backward pass (adding up the
+    nine taps' weight gradients beside bn2's sums)."""
+    z, scale, bias = _bn_operands(2 * 8 * 8, 16, seed=3)
+    z = z.reshape(2, 8, 8, 16)
+    w = jnp.asarray((np.random.default_rng(4).normal(size=(3, 3, 16, 16)) / 12)
+                    .astype(np.float32))
+
+    def loss(impl, z, scale, bias, w):
+        out, sums = conv3x3.bn_relu_conv3x3_from_sums(
+            z, batchnorm.statistics_sums(z), scale, bias, w, epsilon=1e-5, stats=True,
+            impl=impl)
+        return jnp.sum(out ** 2) + 0.3 * jnp.sum(sums[0]) + 0.01 * jnp.sum(sums[1])
+
+    args = (z, scale, bias, w)
+    np.testing.assert_allclose(loss("interpret", *args), loss("xla", *args), rtol=1e-5)
+    for argnums in ((0, 1, 2, 3), (1,), (3,)):
+        _close(_gradients(loss, args, argnums))
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
+                                    argnums=(0, 1, 2, 3)))(*args)
+    (finish,) = kernel_calls(jaxpr, "bn_finish")
+    assert tuple(finish.outvars[3].aval.shape) == (9 * 16 * 16,)
+
+
+def test_ops_from_sums_refuse_bad_input():
+    """A scale of another shape than the bias, or an unknown impl, is refused up front."""
+    z, scale, bias = _bn_operands(64, 16, seed=5)
+    w = jnp.zeros((16, 16))
+    sums = batchnorm.statistics_sums(z)
+    with pytest.raises(ValueError, match="scale must be"):
+        pw.bn_relu_matmul_from_sums(z, sums, scale[:8], bias, w, epsilon=1e-5)
+    with pytest.raises(ValueError, match="impl must be"):
+        pw.bn_relu_matmul_from_sums(z, sums, scale, bias, w, epsilon=1e-5, impl="cuda")
+    with pytest.raises(ValueError, match="scale must be"):
+        conv3x3.bn_relu_conv3x3_from_sums(z.reshape(1, 8, 8, 16), sums, scale[:8], bias,
+                                          jnp.zeros((3, 3, 16, 16)), epsilon=1e-5)
