@@ -32,7 +32,6 @@ instead (Garipov et al.'s other curve), for research on the path's shape.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Collection
@@ -212,11 +211,12 @@ def _permuted(flat: dict, filters: frozenset, order: tuple[int, ...]) -> dict:
 
 def layouts(flat: dict) -> dict[str, packing.Layout]:
     """The tensors of ``flat`` in two packing layouts (each in ``flat``'s order, possibly
-    empty): "vectors", those of at most one axis (BatchNorm scales and offsets, biases), which
-    the step combines along the curve as one packed vector, since XLA's own kernels read them
-    (slices of a vector cost no kernel); and "tensors", the others (convolution and dense
-    weights), combined tensor by tensor (in one kernel on GPUs: ``combine``), since library
-    calls (cuDNN, cuBLAS) and the 1x1 kernels read each as a buffer of its own."""
+    empty): "vectors", those of at most one axis (BatchNorm scales and offsets, biases), and
+    "tensors", the others (convolution and dense weights). The step combines both tensor by
+    tensor (in one kernel per layout on GPUs: ``combine``), since library calls (cuDNN,
+    cuBLAS) and the Pallas kernels read each as a buffer of its own (a slice of a packed
+    vector given to them is a copy, a kernel of its own); the two are packed apart so that
+    each part's kernel has fewer outputs."""
     part = {k: PARTS[np.ndim(v) > 1] for k, v in flat.items()}
     return {name: packing.Layout.of({k: v for k, v in flat.items() if part[k] == name})
             for name in PARTS}
@@ -268,8 +268,8 @@ def control_point(params_template, trainable: dict, consts: CurveConsts):
 def make_curve_step(model, tx, config: MCUConfig, params_template):
     """The jit-able per-batch MCU step ``(state, consts, idx, key) -> (state, metrics)``.
 
-    The loss is differentiated in the curve point's trained tensors (its vectors as one
-    packed vector, :func:`layouts`), and their gradients are packed (one vector per dtype and
+    The loss is differentiated in the curve point's trained tensors (formed tensor by tensor,
+    :func:`layouts`), and their gradients are packed (one vector per dtype and
     part) before they are scaled by the control point's weight ``w_c(t)`` (the chain rule
     through the curve: ``d theta(t) / d theta_c = w_c(t)``), so that the scaling, the
     momentum and the update are one kernel (``packing``).
@@ -291,9 +291,6 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         where = curve_layouts(params_template, c.frozen, c.filters)
         trained_l, frozen_l = where["trained"], where["frozen"]
 
-        # packed vectors: one sum each, which their consumers read as slices
-        along = functools.partial(curves.point, config.curve, t=t)
-
         def per_tensor(layout, points: list) -> dict:  # in the stored axis order
             return combine.weighted_sum(layout, points, w, {
                 k: dtypes[k] for k in layout.paths if k in dtypes}, impl=config.combine)
@@ -305,15 +302,13 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
         # theta(t)'s tensors outside the mask, and the trained ones, which are differentiated
         fixed = {**restored(per_tensor(frozen_l["tensors"], c.points["tensors"]["frozen"]),
                             c.filters),
-                 **packing.unpack(frozen_l["vectors"], along(c.points["vectors"]["frozen"]))}
-        tensors = trained_l["tensors"]
-        trained = {"vectors": along(ends("vectors", state.trainable["vectors"])),
-                   "tensors": per_tensor(tensors, ends("tensors", state.trainable["tensors"]))}
+                 **per_tensor(frozen_l["vectors"], c.points["vectors"]["frozen"])}
+        trained = {part: per_tensor(trained_l[part], ends(part, state.trainable[part]))
+                   for part in PARTS}
 
         def objective(trained):
             params = pytrees.unflatten(params_template, {
-                **fixed, **packing.unpack(trained_l["vectors"], trained["vectors"]),
-                **restored(trained["tensors"], c.filters)})
+                **fixed, **trained["vectors"], **restored(trained["tensors"], c.filters)})
             logits, _ = model.apply(
                 {"params": params, "batch_stats": c.batch_stats},
                 x,
@@ -336,9 +331,10 @@ def make_curve_step(model, tx, config: MCUConfig, params_template):
 
         grads, m = jax.grad(objective, has_aux=True)(trained)
         # (in float32: a tensor that the model computes with in bfloat16 has its gradient so)
-        grads = {**grads, "tensors": packing.pack(tensors, {
-            k: grads["tensors"][k].astype(d)
-            for k, d in zip(tensors.paths, tensors.dtypes, strict=True)})}
+        grads = {part: packing.pack(trained_l[part], {
+            k: grads[part][k].astype(d)
+            for k, d in zip(trained_l[part].paths, trained_l[part].dtypes, strict=True)})
+            for part in PARTS}
         grads = jax.tree.map(lambda g: w[1].astype(g.dtype) * g, grads)  # w_c(t)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
