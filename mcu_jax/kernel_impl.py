@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
@@ -46,3 +47,21 @@ def pallas_call(kernel, *args, interpret: bool, num_warps: int, num_stages: int 
                                                             num_stages=num_stages)
     return pl.pallas_call(kernel, compiler_params=params, interpret=interpret,
                           **options)(*args)
+
+
+def dense(cotangent):
+    """A symbolic zero cotangent as zeros; any other as it is."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(cotangent.shape, cotangent.dtype)
+    return cotangent
+
+
+def or_none(cotangent):
+    """A symbolic zero cotangent as None; any other as it is."""
+    return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
+
+
+def sums_or_none(cotangents) -> tuple:
+    """A pair of cotangents (a kernel's sums, or its batch statistics) with symbolic zeros as
+    None; ``(None, None)`` for None (no such output)."""
+    return (None, None) if cotangents is None else tuple(or_none(d) for d in cotangents)

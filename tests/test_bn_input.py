@@ -72,6 +72,10 @@ def _gradients(loss, args, argnums):
             for impl in ("xla", "interpret")}
 
 
+def _with_use(loss, use, impl, *args):
+    return loss(impl, *args, use=use)
+
+
 def _close(grads, rtol=2e-4):
     for got, want in zip(grads["interpret"], grads["xla"], strict=True):
         scale = float(jnp.max(jnp.abs(want)))
@@ -81,7 +85,8 @@ def _close(grads, rtol=2e-4):
 def test_the_1x1_op_from_sums_has_autodiffs_gradients():
     """``bn_relu_matmul_from_sums`` with the kernels: the same values as composed and the
     gradients of every operand (z through its sums too, the scale, the bias, the weight, the
-    residual, the returned input), all at once or a few at a time, equal autodiff of the
+    residual, the returned input; with and without a loss of the batch statistics it
+    returns), all at once or a few at a time, equal autodiff of the
     coefficients and XLA's ops; the backward pass runs the finishing kernel once and no
     other reduction of the backward kernel's shares."""
     z, scale, bias = _bn_operands(300, 32, seed=1)
@@ -89,17 +94,19 @@ def test_the_1x1_op_from_sums_has_autodiffs_gradients():
     w = jnp.asarray((rng.normal(size=(32, 16)) / 6).astype(np.float32))
     res = jnp.asarray(rng.normal(size=(300, 16)).astype(np.float32))
 
-    def loss(impl, z, scale, bias, w, res):
-        out, sums, z_back = pw.bn_relu_matmul_from_sums(
+    def loss(impl, z, scale, bias, w, res, use=(0.0, 0.0)):
+        out, (mean, var), sums, z_back = pw.bn_relu_matmul_from_sums(
             z, batchnorm.statistics_sums(z), scale, bias, w, res, epsilon=1e-5, stats=True,
             return_input=True, impl=impl)
         return (jnp.sum(out ** 2) + 0.3 * jnp.sum(sums[0]) + 0.01 * jnp.sum(sums[1])
-                + 0.5 * jnp.sum(z_back))
+                + 0.5 * jnp.sum(z_back) + use[0] * jnp.sum(mean) + use[1] * jnp.sum(var))
 
     args = (z, scale, bias, w, res)
-    np.testing.assert_allclose(loss("interpret", *args), loss("xla", *args), rtol=1e-5)
-    for argnums in ((0, 1, 2, 3, 4), (1, 2), (3,), (0,)):
-        _close(_gradients(loss, args, argnums))
+    for use in ((0.0, 0.0), (0.2, 0.1)):  # the batch statistics' cotangents zero or not
+        of = functools.partial(_with_use, loss, use)
+        np.testing.assert_allclose(of("interpret", *args), of("xla", *args), rtol=1e-5)
+        for argnums in ((0, 1, 2, 3, 4), (1, 2), (3,), (0,)):
+            _close(_gradients(of, args, argnums))
     jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
                                     argnums=(0, 1, 2, 3, 4)))(*args)
     assert len(kernel_calls(jaxpr, "bn_finish")) == 1
@@ -117,10 +124,11 @@ def test_the_3x3_op_from_sums_has_autodiffs_gradients():
                     .astype(np.float32))
 
     def loss(impl, z, scale, bias, w):
-        out, sums = conv3x3.bn_relu_conv3x3_from_sums(
+        out, (mean, var), sums = conv3x3.bn_relu_conv3x3_from_sums(
             z, batchnorm.statistics_sums(z), scale, bias, w, epsilon=1e-5, stats=True,
             impl=impl)
-        return jnp.sum(out ** 2) + 0.3 * jnp.sum(sums[0]) + 0.01 * jnp.sum(sums[1])
+        return (jnp.sum(out ** 2) + 0.3 * jnp.sum(sums[0]) + 0.01 * jnp.sum(sums[1])
+                + 0.2 * jnp.sum(mean) + 0.1 * jnp.sum(var))
 
     args = (z, scale, bias, w)
     np.testing.assert_allclose(loss("interpret", *args), loss("xla", *args), rtol=1e-5)

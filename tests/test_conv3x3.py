@@ -176,8 +176,8 @@ def test_block_rows_keep_tiles_small():
 
 def test_the_model_with_the_kernel_computes_the_same():
     """PreResNet with ``conv3x3`` has the same variables (names, shapes, initial values) and
-    computes the same train-mode logits, batch statistics (running statistics updated from
-    the sums the kernels' ops take, ``BatchNormSums``) and gradients, eval-mode logits
+    computes the same train-mode logits, batch statistics (the running ones updated from
+    those the kernels' ops return) and gradients, eval-mode logits
     (also with BatchNorm folded: bn3 then folded into a cuDNN conv2 instead) as with the 1x1
     kernel alone, up to float rounding (depth 11: stage 1's block takes the kernels, the
     strided first blocks of stages 2 and 3 keep cuDNN)."""

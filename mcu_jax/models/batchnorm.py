@@ -286,32 +286,13 @@ class BatchNormCoefficients(nn.Module):
         return mean, mul, bias
 
 
-class BatchNormSums(nn.Module):
-    """``nn.BatchNorm``'s variables (the same names, shapes and initial values) for a
-    train-mode BatchNorm that a kernel forms from its input's sums itself
-    (``pointwise.bn_relu_matmul_from_sums``): returns ``(sums, scale, bias)``, ``sums`` the
-    channels' sum and sum of squares over ``n`` values (given, or from ``x`` as
-    :class:`BatchNormCoefficients` takes them), after updating the running statistics as
-    ``nn.BatchNorm`` does."""
-
-    momentum: float
-    epsilon: float
-
-    @nn.compact
-    def __call__(self, x, sums=None):
-        c = x.shape[-1]
-        ra_mean, ra_var, scale, bias = _variables(self, c)
-        sums = statistics_sums(x) if sums is None else sums
-        _update(self, ra_mean, ra_var, *moments(*sums, x.size // c))
-        return sums, scale, bias
-
-
 class BatchNormApplied(nn.Module):
     """``nn.BatchNorm``'s variables (the same names, shapes and initial values) for a
     train-mode BatchNorm that a function applies: ``apply(scale, bias, epsilon)`` returns
     ``(y, (mean, var), *rest)`` with the batch statistics it used, and this returns ``(y,
     *rest)`` after updating the running statistics as ``nn.BatchNorm`` does. For a kernel
-    that applies it on its way out (``pointwise.bn_relu_matmul_bn``)."""
+    that applies it on its way out (``pointwise.bn_relu_matmul_bn``) or on its way in
+    (``pointwise.bn_relu_matmul_from_sums``, ``conv3x3.bn_relu_conv3x3_from_sums``)."""
 
     momentum: float
     epsilon: float

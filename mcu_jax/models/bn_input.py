@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
+from mcu_jax.kernel_impl import sums_or_none
 from mcu_jax.models.batchnorm import batch_coefficients
 
 
@@ -47,24 +48,28 @@ def moments_cotangents(mean, raw, mul, d_offset, d_mul, n: int, epsilon: float,
     return (d_mean - mul * d_offset - 2.0 * mean * d_raw) / n, d_raw / n
 
 
-def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str):
+def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str, d_mean=None,
+           d_var=None):
     """A backward kernel's partial sums added up and taken through its BatchNorm:
     ``(d_sum, d_squares, pair, d_w)``: the statistics sums' cotangents (each (K,), a buffer
     of its own), ``pair`` (2, K) the totals ``(sum d_x, sum d_x * (z - mean))`` and the
     weight gradient ``d_w`` (summed over the first axis, or None). ``sums`` (P, 2, K) and
     ``d_w`` (P, ...): the programs' shares; ``mean``, ``raw``, ``mul`` (K,): the forward
-    pass's (:func:`moments_cotangents`). ``impl``: "xla" (XLA's reductions), "pallas" (one
-    kernel, :func:`_pallas_finish`) or "interpret"."""
+    pass's (:func:`moments_cotangents`); ``d_mean``, ``d_var`` (K,): the cotangents of the
+    batch mean and variance the BatchNorm returned, or None (zero). ``impl``: "xla" (XLA's
+    reductions), "pallas" (one kernel, :func:`_pallas_finish`) or "interpret"."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"finish: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     p, _, k = sums.shape
     if impl == "xla":
         pair = jnp.sum(sums, 0)
-        return (*moments_cotangents(mean, raw, mul, pair[0], pair[1], n, epsilon), pair,
-                None if d_w is None else jnp.sum(d_w, 0))
+        given = (0.0 if d_mean is None else d_mean, 0.0 if d_var is None else d_var)
+        return (*moments_cotangents(mean, raw, mul, pair[0], pair[1], n, epsilon, *given),
+                pair, None if d_w is None else jnp.sum(d_w, 0))
     flat = None if d_w is None else d_w.reshape(p, -1)
     d_sum, d_squares, pair, total = _pallas_finish(
-        sums.reshape(p, 2 * k), flat, mean, raw, mul, n, epsilon, impl == "interpret")
+        sums.reshape(p, 2 * k), flat, mean, raw, mul, d_mean, d_var, n, epsilon,
+        impl == "interpret")
     return (d_sum, d_squares, pair.reshape(2, k),
             None if d_w is None else total.reshape(d_w.shape[1:]))
 
@@ -80,7 +85,8 @@ def finish_blocks(p: int, width: int) -> tuple[int, int]:
     return block, chunk
 
 @functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
-def _pallas_finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, interpret: bool):
+def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: float,
+                   interpret: bool):
     """:func:`finish` as one Pallas kernel, ``sums`` (P, 2K) and ``d_w`` (P, X) or None:
     program 0 adds up ``sums`` and forms the sums' cotangents, each other program adds up
     one block of ``d_w``'s columns (:func:`finish_blocks`)."""
@@ -99,9 +105,13 @@ def _pallas_finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, interpret:
 
         return jax.lax.fori_loop(0, p // rows, step, jnp.zeros((size,), f32))
 
+    given = [(name, v) for name, v in (("d_mean", d_mean), ("d_var", d_var)) if v is not None]
+
     def kernel(sums_ref, *refs):
         dw_ref, refs = (refs[0], refs[1:]) if width else (None, refs)
-        mean_ref, raw_ref, mul_ref, d_sum_ref, d_squares_ref, pair_ref, *total_ref = refs
+        mean_ref, raw_ref, mul_ref, *refs = refs
+        ins = dict(zip((name for name, _ in given), refs[:len(given)], strict=False))
+        d_sum_ref, d_squares_ref, pair_ref, *total_ref = refs[len(given):]
         first = pl.program_id(0) == 0
 
         @pl.when(first)
@@ -111,7 +121,8 @@ def _pallas_finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, interpret:
             pair_ref[pl.ds(0, k)] = d_offset
             pair_ref[pl.ds(k, k)] = d_mul
             d_sum_ref[...], d_squares_ref[...] = moments_cotangents(
-                mean_ref[...], raw_ref[...], mul_ref[...], d_offset, d_mul, n, epsilon)
+                mean_ref[...], raw_ref[...], mul_ref[...], d_offset, d_mul, n, epsilon,
+                *(ins[name][...] if name in ins else 0.0 for name in ("d_mean", "d_var")))
 
         if width:
             @pl.when(jnp.logical_not(first))
@@ -129,8 +140,8 @@ def _pallas_finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, interpret:
     if width:
         in_specs.append(pl.BlockSpec((p, block), lambda i: (0, columns(i))))
         args.append(d_w)
-    in_specs += [whole(k)] * 3
-    args += [mean, raw, mul]
+    in_specs += [whole(k)] * (3 + len(given))
+    args += [mean, raw, mul, *(v for _, v in given)]
     out_specs = [whole(k), whole(k), whole(2 * k)]
     out_shape = [jax.ShapeDtypeStruct((k,), f32)] * 2 + [jax.ShapeDtypeStruct((2 * k,), f32)]
     if width:
@@ -153,25 +164,30 @@ def coefficients(total, total_sq, scale, n: int, epsilon: float):
 OPERANDS = ("z", "total", "total_sq", "scale", "bias")
 
 
+def _with_statistics(outputs, mean, var):
+    """``op``'s outputs with the batch statistics ``(mean, var)`` second, as ``apply``
+    returns them."""
+    return (outputs[0], (mean, var), *outputs[1:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _apply(op, flags, epsilon, z, total, total_sq, scale, bias, *rest):
     n = z.size // z.shape[-1]
-    mean, _, mul, _ = coefficients(total, total_sq, scale, n, epsilon)
-    return op.forward(flags, z, mean, mul, bias, *rest)[0]
+    mean, var, mul, _ = coefficients(total, total_sq, scale, n, epsilon)
+    return _with_statistics(op.forward(flags, z, mean, mul, bias, *rest)[0], mean, var)
 
 
 def _apply_fwd(op, flags, epsilon, *primals):
     """With symbolic zeros: the names of the perturbed operands travel to the backward pass
-    (``pointwise.perturbed``)."""
+    (as ``pointwise.perturbed``'s)."""
     values = [p.value if p is not None else None for p in primals]
     z, total, total_sq, scale, bias, *rest = values
     n = z.size // z.shape[-1]
     mean, var, mul, raw = coefficients(total, total_sq, scale, n, epsilon)
     outputs, residuals = op.forward(flags, z, mean, mul, bias, *rest)
-    names = (*OPERANDS, *op.names)
-    wanted = {name: None for name, p in zip(names, primals, strict=True)
+    wanted = {name: None for name, p in zip((*OPERANDS, *op.names), primals, strict=True)
               if p is not None and p.perturbed}
-    return outputs, (residuals, mean, var, mul, raw, wanted)
+    return _with_statistics(outputs, mean, var), (residuals, mean, var, mul, raw, wanted)
 
 
 def _apply_bwd(op, flags, epsilon, saved, cotangents):
@@ -179,10 +195,12 @@ def _apply_bwd(op, flags, epsilon, saved, cotangents):
     :func:`finish`: the sums' cotangents, the bias's gradient (``sum d_x``), the scale's
     (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient."""
     residuals, mean, var, mul, raw, wanted = saved
-    d_z, d_rest, sums, d_w = op.backward(flags, residuals, cotangents, tuple(wanted))
+    d_out, d_statistics, *rest = cotangents
+    d_z, d_rest, sums, d_w = op.backward(flags, residuals, (d_out, *rest), tuple(wanted))
     n = residuals[0].size // residuals[0].shape[-1]
     d_total, d_total_sq, pair, d_w = finish(sums, d_w, mean, raw, mul, n, epsilon,
-                                            op.finish_impl(flags))
+                                            op.finish_impl(flags),
+                                            *sums_or_none(d_statistics))
     d_scale = pair[1] * jax.lax.rsqrt(var + epsilon)
     grads = (d_z, d_total, d_total_sq, d_scale, pair[0],
              *(d_w if name == "w" else d for name, d in zip(op.names, d_rest, strict=True)))
@@ -197,9 +215,11 @@ def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
     """``op``'s kernel with its BatchNorm's coefficients formed from ``sums`` (the sum and
     sum of squares of ``z``'s channels over all its rows, float32), ``scale`` and ``bias``
     (K,): the batch mean and ``mul = scale / sqrt(var + epsilon)`` as
-    ``batch_coefficients`` forms them (fast variance, clipped at 0). Differentiated in every
-    operand, with the partial sums of ``op``'s backward kernel added up and taken through
-    the coefficients in one kernel (:func:`finish`).
+    ``batch_coefficients`` forms them (fast variance, clipped at 0). Returns ``op``'s
+    outputs with the batch statistics ``(mean, var)`` second (for the running statistics:
+    ``batchnorm.BatchNormApplied``). Differentiated in every operand, with the partial sums
+    of ``op``'s backward kernel added up and taken through the coefficients in one kernel
+    (:func:`finish`).
 
     ``op``: a class with ``names`` (its operands after ``bias``, among them "w", whose
     gradient its backward kernel returns as partial sums), ``forward(flags, z, mean, mul,

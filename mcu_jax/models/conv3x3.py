@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
+from mcu_jax.kernel_impl import dense, sums_or_none
 from mcu_jax.models import bn_input
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import batch_coefficients, statistics_sums
@@ -316,7 +317,7 @@ def _kernel_bwd(stats, interpret, saved, cotangents):
     z, mean, mul, bias, w, out, wanted = saved
     d_out, d_sums = cotangents
     d_z, d_w, sums = _pallas_backward(
-        z, mean, mul, bias, w, pw.dense(d_out), out, pw.sums_or_none(d_sums), "z" in wanted,
+        z, mean, mul, bias, w, dense(d_out), out, sums_or_none(d_sums), "z" in wanted,
         "w" in wanted, interpret)
     result = (d_z, *pw.affine_cotangents(mean, mul, bias, sums),
               None if d_w is None else d_w.astype(w.dtype))
@@ -341,7 +342,7 @@ class _FromSums:
     def backward(flags, residuals, cotangents, wanted):
         d_out, d_sums = cotangents
         d_z, d_w, sums = _pallas_backward(
-            *residuals[:5], pw.dense(d_out), residuals[5], pw.sums_or_none(d_sums),
+            *residuals[:5], dense(d_out), residuals[5], sums_or_none(d_sums),
             "z" in wanted, "w" in wanted, flags[1], partials=True)
         return d_z, (None,), sums, d_w
 
@@ -354,20 +355,20 @@ def bn_relu_conv3x3_from_sums(z, sums, scale, bias, w, *, epsilon: float,
                               stats: bool = False, impl: str = "auto"):
     """:func:`bn_relu_conv3x3` with its BatchNorm in train mode, given as ``sums`` (z's
     channels' sum and sum of squares over all its pixels, float32), ``scale``, ``bias``
-    (K,) and ``epsilon``, as ``pointwise.bn_relu_matmul_from_sums``: with the kernels, the
-    BatchNorm's derivative beside the backward kernel's partial sums in one kernel
-    (``bn_input.apply``); without them (and in a data-parallel program), composed."""
+    (K,) and ``epsilon``, as ``pointwise.bn_relu_matmul_from_sums``: returns ``(out, (mean,
+    var), out's sums or None)``; with the kernels, the BatchNorm's derivative beside the
+    backward kernel's partial sums in one kernel (``bn_input.apply``); without them (and in
+    a data-parallel program), composed."""
     kernel_impl.check("bn_relu_conv3x3_from_sums", impl)
     _check(z, *sums, bias, w)  # sums, bias (K,)
-    if scale.shape != bias.shape:
-        raise ValueError(f"bn_relu_conv3x3_from_sums: scale must be {bias.shape}, got "
-                         f"{scale.shape}")
+    pw.check_scale("bn_relu_conv3x3_from_sums", scale, bias)
     args = (z, tuple(sums), scale, bias, w)
 
     def composed(z_, sums_, scale_, bias_, w_, impl=impl):
         count = z_.size // z_.shape[-1]
-        mean, _, mul = batch_coefficients(*sums_, scale_, count, epsilon)
-        return bn_relu_conv3x3(z_, mean, mul, bias_, w_, stats=stats, impl=impl)
+        mean, var, mul = batch_coefficients(*sums_, scale_, count, epsilon)
+        out, out_sums = bn_relu_conv3x3(z_, mean, mul, bias_, w_, stats=stats, impl=impl)
+        return out, (mean, var), out_sums
 
     def kernel(*operands):
         return bn_input.apply(_FromSums, (stats, impl == "interpret"), epsilon, *operands)

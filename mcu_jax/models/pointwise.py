@@ -72,6 +72,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mcu_jax import kernel_impl
+from mcu_jax.kernel_impl import dense, or_none, sums_or_none
 from mcu_jax.models import bn_input
 from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums_side_by_side
 
@@ -593,24 +594,6 @@ def perturbed(names, primals) -> dict:
             if p is not None and p.perturbed}
 
 
-def dense(cotangent):
-    """A symbolic zero cotangent as zeros; any other as it is."""
-    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
-        return jnp.zeros(cotangent.shape, cotangent.dtype)
-    return cotangent
-
-
-def or_none(cotangent):
-    """A symbolic zero cotangent as None; any other as it is."""
-    return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
-
-
-def sums_or_none(cotangents) -> tuple:
-    """A pair of cotangents (a kernel's sums, or its batch statistics) with symbolic zeros as
-    None; ``(None, None)`` for None (no such output)."""
-    return (None, None) if cotangents is None else tuple(or_none(d) for d in cotangents)
-
-
 def _kernel_bwd(stats, out_relu, interpret, return_input, saved, cotangents):
     """Symbolic zeros in the cotangents become zeros (the output's) or None (each sum's, and
     the returned input's)."""
@@ -705,20 +688,23 @@ def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon:
     """:func:`bn_relu_matmul` with its BatchNorm in train mode, given as ``sums`` (z's
     channels' sum and sum of squares over all its rows, float32), ``scale`` and ``bias``
     (K,) and ``epsilon``: ``mean`` and ``mul`` as ``batchnorm.batch_coefficients`` forms
-    them. With the kernel, the BatchNorm's derivative and the backward kernel's partial sums
-    are added up in one kernel (``bn_input.apply``), where autodiff of the coefficients
-    takes two; without it (and in a data-parallel program, ``row_axes``), the coefficients
-    in XLA ops and :func:`bn_relu_matmul`, differentiated as composed."""
+    them. Returns ``(out, (mean, var), out's sums or None[, z])``: the batch statistics for
+    the running ones (``batchnorm.BatchNormApplied``). With the kernel, the BatchNorm's
+    derivative and the backward kernel's partial sums are added up in one kernel
+    (``bn_input.apply``), where autodiff of the coefficients takes two; without it (and in
+    a data-parallel program, ``row_axes``), the coefficients in XLA ops and
+    :func:`bn_relu_matmul`, differentiated as composed."""
     kernel_impl.check("bn_relu_matmul_from_sums", impl)
     flat = z.reshape(-1, z.shape[-1])
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
-    n = w.shape[-1]
+    _check(flat, *sums, bias, w, res)  # sums, bias (K,)
+    check_scale("bn_relu_matmul_from_sums", scale, bias)
 
-    def composed(*operands, impl=impl):
-        z_, sums_, scale_, bias_, w_, res_ = operands
-        mean, _, mul = batch_coefficients(*sums_, scale_, len(z_), epsilon)
-        return bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
-                              return_input=return_input, impl=impl)
+    def composed(z_, sums_, scale_, bias_, w_, res_, impl=impl):
+        mean, var, mul = batch_coefficients(*sums_, scale_, len(z_), epsilon)
+        out, *rest = bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
+                                    return_input=return_input, impl=impl)
+        return (out, (mean, var), *rest)
 
     def kernel(*operands):
         return bn_input.apply(_FromSums, (stats, return_input, impl == "interpret"), epsilon,
@@ -728,15 +714,16 @@ def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon:
     if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or row_axes(len(flat)):
         results = composed(*args)
     else:
-        _check(flat, *sums, bias, w, res)  # sums, bias (K,)
-        if scale.shape != bias.shape:
-            raise ValueError(f"bn_relu_matmul_from_sums: scale must be {bias.shape}, got "
-                             f"{scale.shape}")
         results = kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"),
                                        *args)
-    out = results[0].reshape(*z.shape[:-1], n)
-    return (out, results[1], results[2].reshape(z.shape)) if return_input else (out,
-                                                                                 results[1])
+    out = results[0].reshape(*z.shape[:-1], w.shape[-1])
+    return (out, *results[1:3], *(r.reshape(z.shape) for r in results[3:]))
+
+
+def check_scale(name: str, scale, bias) -> None:
+    """ValueError, led by ``name``, unless a BatchNorm's ``scale`` has its ``bias``'s shape."""
+    if scale.shape != bias.shape:
+        raise ValueError(f"{name}: scale must be {bias.shape} as the bias, got {scale.shape}")
 
 
 def _after(out, sums, scale, offset, epsilon: float):

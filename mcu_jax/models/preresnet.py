@@ -31,7 +31,11 @@ import jax.numpy as jnp
 from mcu_jax import checks
 from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import BatchNormApplied, BatchNormCoefficients, BatchNormSums
+from mcu_jax.models.batchnorm import (
+    BatchNormApplied,
+    BatchNormCoefficients,
+    statistics_sums,
+)
 from mcu_jax.models.layers import (
     BN_EPSILON,
     batch_norm,
@@ -138,6 +142,15 @@ class PreActBottleneck(nn.Module):
         shortcut = conv(self.planes * EXPANSION, 1, self.stride, dtype=dt,
                         name="shortcut") if self.project else (lambda v: v)
 
+        def from_sums(name, op, v, v_sums, *args, **options):
+            """``op`` (a ``*_from_sums`` op: the BatchNorm ``name`` formed from ``v``'s sums,
+            ``statistics_sums(v)`` where not given) with that BatchNorm's variables, its
+            running statistics updated from the batch statistics ``op`` returns."""
+            v_sums = statistics_sums(v) if v_sums is None else v_sums
+            return BatchNormApplied(self.bn_momentum, BN_EPSILON, name=name)(
+                v.shape[-1], lambda scale, bias, eps: op(v, v_sums, scale, bias, *args,
+                                                         epsilon=eps, **options))
+
         def conv3(z2, sums2, residual):
             """conv3 with bn3 + ReLU before it: in train mode bn3 formed from its sums by
             the kernel's op (``bn_relu_matmul_from_sums``: its derivative beside the
@@ -145,27 +158,21 @@ class PreActBottleneck(nn.Module):
             if not train:
                 return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, residual,
                                          impl=impl)
-            return pw.bn_relu_matmul_from_sums(
-                z2, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn3")(z2, sums2), w3,
-                residual, epsilon=BN_EPSILON, stats=True, impl=impl)
+            return from_sums("bn3", pw.bn_relu_matmul_from_sums, z2, sums2, w3, residual,
+                             stats=True, impl=impl)
 
         if self.conv3x3 != "conv" and self.stride == 1 and not self.fold:
             w2 = _ConvKernel(self.planes, 3, name="conv2")(self.planes)
-            if train:  # bn1 formed by conv1's op from x's sums, as bn3 by conv3's
-                z1, sums1, x = pw.bn_relu_matmul_from_sums(
-                    x, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn1")(x, sums), w1,
-                    epsilon=BN_EPSILON, stats=True, return_input=True, impl=impl)
+            if train:  # bn1 and bn2 formed by the kernels' ops from sums, as bn3 by conv3's
+                z1, sums1, x = from_sums("bn1", pw.bn_relu_matmul_from_sums, x, sums, w1,
+                                         stats=True, return_input=True, impl=impl)
+                z2, sums2 = from_sums("bn2", c3.bn_relu_conv3x3_from_sums, z1, sums1, w2,
+                                      stats=True, impl=pointwise_impl(self.conv3x3))
             else:
-                z1, sums1, x = pw.bn_relu_matmul(x, *coefficients(name="bn1")(x), w1,
-                                                 return_input=True, impl=impl)
-            impl3 = pointwise_impl(self.conv3x3)
-            if train:
-                z2, sums2 = c3.bn_relu_conv3x3_from_sums(
-                    z1, *BatchNormSums(self.bn_momentum, BN_EPSILON, name="bn2")(z1, sums1),
-                    w2, epsilon=BN_EPSILON, stats=True, impl=impl3)
-            else:
+                z1, _, x = pw.bn_relu_matmul(x, *coefficients(name="bn1")(x), w1,
+                                             return_input=True, impl=impl)
                 z2, sums2 = c3.bn_relu_conv3x3(z1, *coefficients(name="bn2")(z1), w2,
-                                               impl=impl3)
+                                               impl=pointwise_impl(self.conv3x3))
             return conv3(z2, sums2, shortcut(x))
         bn1 = coefficients(name="bn1")(x, sums)
         conv2 = conv(self.planes, 3, self.stride, dtype=dt, name="conv2")
