@@ -5,7 +5,10 @@ default model (outputs and gradients). The default sizes fill no whole number of
 kernel's blocks of rows (4,100 rows; 63 images), so its padded last block is checked too.
 With them, the fused 3x3 kernel (mcu_jax/models/conv3x3.py) and its backward kernel on
 PreResNet-110's stride-1 3x3 shapes, and the model with them too (outputs and gradients).
-Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors.
+Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors, and
+the kernels of a BatchNorm given as its input's sums (mcu_jax/models/bn_input.py: its
+coefficients from a kernel's shares, its derivative from a backward kernel's) on the sizes
+PreResNet-110's blocks give them.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
@@ -34,6 +37,7 @@ import numpy as np
 
 from mcu_jax import combine, curves, mcu, models, packing, pytrees
 from mcu_jax import train as train_lib
+from mcu_jax.models import bn_input
 from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
 
@@ -174,6 +178,45 @@ def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
     return results
 
 
+#: ``(P, K, weight gradient's shape)`` of ``bn_input``'s kernels at batch 128: conv3's and
+#: conv1's backward shares in stages 1 and 3, the 3x3 kernel's in stage 1, and a P that is
+#: not a power of two; the forward shares of the same K (``coefficients_of``) have P up to
+#: 1,024 (the 1x1 kernel's programs over stage 1's 131,072 rows).
+BN_INPUT = ((256, 16, (16, 64)), (32, 64, (64, 256)), (256, 64, (64, 16)),
+            (256, 16, (3, 3, 16, 16)), (6, 32, (32, 128)))
+#: ``(P, K)`` of ``bn_input.coefficients_of``'s checks.
+BN_COEFFICIENTS = ((1024, 64), (256, 16), (6, 32))
+
+
+def bn_input_checks(impl: str) -> list[tuple[str, float]]:
+    """``(label, relative difference)`` of ``bn_input.finish`` (the sums' cotangents, the
+    scale's and bias's gradients and the weight gradient from a backward kernel's shares)
+    and ``bn_input.coefficients_of`` (a BatchNorm's coefficients from a forward kernel's
+    shares) against their "xla" impl, on the sizes of :data:`BN_INPUT` and
+    :data:`BN_COEFFICIENTS`."""
+    rng = np.random.default_rng(3)
+    results = []
+    for p, k, shape in BN_INPUT:
+        sums = jnp.asarray(rng.normal(size=(p, 2, k)), jnp.float32)
+        d_w = jnp.asarray(rng.normal(size=(p, *shape)), jnp.float32)
+        mean, raw = (jnp.asarray(rng.normal(size=k), jnp.float32) for _ in range(2))
+        mul = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
+        got, want = (jax.jit(functools.partial(bn_input.finish, n=100_000, epsilon=1e-5,
+                                               impl=i))(sums, d_w, mean, raw, mul)
+                     for i in (impl, "xla"))
+        results.append((f"BatchNorm derivative from {p} shares of K={k}, weight gradient "
+                        f"{shape}", _worst(got, want)))
+    for p, k in BN_COEFFICIENTS:
+        shares = np.abs(rng.normal(size=(p, 2, k))).astype(np.float32)
+        scale, bias = (jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
+                       for _ in range(2))
+        got, want = (jax.jit(functools.partial(bn_input.coefficients_of, n=100_000,
+                                               epsilon=1e-5, impl=i))(shares, scale, bias)
+                     for i in (impl, "xla"))
+        results.append((f"BatchNorm coefficients from {p} shares of K={k}", _worst(got, want)))
+    return results
+
+
 def _global(a, b) -> float:
     """The norm of the difference of two pytrees over the norm of ``b``: gradients of a deep
     model at initialisation have leaves near zero, where any rounding is large relative to
@@ -273,6 +316,8 @@ def main(argv=None) -> int:
         checks += [(label, worst, tolerance[name]) for name in tolerance
                    for label, worst in (kernel_checks(args.rows, jnp.dtype(name), impl)
                                         + conv3x3_checks(args.batch, jnp.dtype(name), impl))]
+        checks += [(label, worst, tolerance["float32"])
+                   for label, worst in bn_input_checks(impl)]
         checks += [(label, worst, tolerance[args.dtype]) for label, worst in
                    model_checks(args.batch, args.depth, jnp.dtype(args.dtype), setting)]
         checked.append(f"fused 1x1 and 3x3 kernels ({impl}; the model in {args.dtype})")

@@ -1,5 +1,6 @@
-"""Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py) and the fused
-3x3 kernel (mcu_jax/models/conv3x3.py) on a GPU that is not here: each kernel, forward and
+"""Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py), the fused
+3x3 kernel (mcu_jax/models/conv3x3.py) and the kernels of a BatchNorm given as its input's
+sums (mcu_jax/models/bn_input.py) on a GPU that is not here: each kernel, forward and
 backward, is compiled for a GPU target config without the card (as ``cost_analysis.py
 --gpu-target`` does), XLA writes the PTX, and ``ptxas -v`` reports the registers each thread
 uses and the bytes it spills to local memory. A spilling
@@ -116,9 +117,15 @@ def main(argv=None) -> str:
 #: shapes (``check_pointwise.CONV1``, ``CONV3``): "conv1" (``bn_relu_matmul_bn``: the next
 #: BatchNorm + ReLU after it, whose derivative the backward kernel applies, and its input
 #: returned for the shortcut, whose cotangent the backward kernel adds) and "conv3" (adds the
-#: residual, whose cotangent the backward kernel writes), then "conv2" (the 3x3 kernels of
-#: ``conv3x3``, forward with its statistics and backward).
+#: residual, whose cotangent the backward kernel writes; ``bn_relu_matmul_from_sums``, so
+#: ``bn_input``'s kernels for bn3's coefficients and derivative too), then "conv2" (the 3x3
+#: kernels of ``conv3x3``, forward with its statistics and backward, with ``bn_input``'s
+#: for bn2).
 VARIANTS = ("conv1", "conv3", "conv2")
+
+#: Rows of the input's shares that "conv3" and "conv2" form their BatchNorm from (the 1x1
+#: kernel's programs over 131,072 rows, stage 1 at batch 128).
+SHARES = 1024
 
 
 def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -> None:
@@ -130,6 +137,7 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     from cost_analysis import target_device
 
     from mcu_jax.models import pointwise as pw
+    from mcu_jax.models.batchnorm import Sums
 
     place = jax.sharding.SingleDeviceSharding(target_device(target))
 
@@ -139,6 +147,12 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     def with_statistics(out, sums):  # a loss of a kernel's output and both its sums
         return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(sums[0]) + jnp.sum(sums[1])
 
+    def from_shares(shares):
+        """Input sums as the previous kernel hands them on (``bn_input``'s kernels form
+        the BatchNorm's coefficients from them and its derivative)."""
+        zero = jnp.zeros(shares.shape[2], jnp.float32)
+        return Sums(zero, zero, shares)
+
     if variant == "conv2":  # (rows // side**2) images of the side whose planes are k
         from check_pointwise import CONV2
 
@@ -147,11 +161,13 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
         side = dict((c, s) for s, c in CONV2)[k]
         z = shape(max(1, rows // side ** 2), side, side, k, dt=jnp.dtype(dtype))
 
-        def loss3x3(*a):
-            return with_statistics(*conv3x3.bn_relu_conv3x3(*a, stats=True, impl="pallas"))
+        def loss3x3(z, shares, *a):
+            out, _, sums = conv3x3.bn_relu_conv3x3_from_sums(
+                z, from_shares(shares), *a, epsilon=1e-5, stats=True, impl="pallas")
+            return with_statistics(out, sums)
 
-        jax.jit(jax.grad(loss3x3, argnums=tuple(range(5)))).lower(
-            z, shape(k), shape(k), shape(k), shape(3, 3, k, n)).compile()
+        jax.jit(jax.grad(loss3x3, argnums=(0, 2, 3, 4))).lower(
+            z, shape(SHARES, 2, k), shape(k), shape(k), shape(3, 3, k, n)).compile()
         return
     conv1 = variant == "conv1"
 
@@ -159,11 +175,19 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
         if conv1:
             out, _, same = pw.bn_relu_matmul_bn(*a, 1e-5, return_input=True, impl="pallas")
             return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(same.astype(jnp.float32) ** 2)
-        return with_statistics(*pw.bn_relu_matmul(*a, stats=True, impl="pallas"))
+        z, shares, scale, bias, w, residual = a
+        out, _, sums = pw.bn_relu_matmul_from_sums(z, from_shares(shares), scale, bias, w,
+                                                   residual, epsilon=1e-5, stats=True,
+                                                   impl="pallas")
+        return with_statistics(out, sums)
 
-    args = [shape(rows, k, dt=jnp.dtype(dtype)), shape(k), shape(k), shape(k), shape(k, n)]
-    args += [shape(n), shape(n)] if conv1 else [shape(rows, n, dt=jnp.dtype(dtype))]
-    argnums = (0, 4, 5, 6) if conv1 else (0, 4, 5)
+    z = shape(rows, k, dt=jnp.dtype(dtype))
+    if conv1:
+        args = [z, shape(k), shape(k), shape(k), shape(k, n), shape(n), shape(n)]
+    else:
+        args = [z, shape(SHARES, 2, k), shape(k), shape(k), shape(k, n),
+                shape(rows, n, dt=jnp.dtype(dtype))]
+    argnums = (0, 4, 5, 6) if conv1 else (0, 2, 3, 4, 5)
     jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile()
 
 

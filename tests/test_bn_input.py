@@ -17,9 +17,10 @@ from mcu_jax.models import pointwise as pw
 @pytest.mark.parametrize("p,shape", [(8, (16, 32)), (6, (3, 3, 16, 16)), (1, None), (5, (16,))])
 def test_finish_adds_up_the_shares_and_takes_them_through_the_coefficients(p, shape):
     """The kernel's totals equal numpy's sums of the programs' shares (P a power of two or
-    not, one row, a weight gradient of the 3x3 kernel's shape, none), and its sums'
-    cotangents equal autodiff of ``batch_coefficients`` (through mean and mul, the offset's
-    cotangent entering as ``-mul d_offset`` on the mean), as XLA's path computes them."""
+    not, one row, a weight gradient of the 3x3 kernel's shape, none), and its sums' and
+    scale's cotangents equal autodiff of ``batch_coefficients`` (through mean and mul, the
+    offset's cotangent entering as ``-mul d_offset`` on the mean), as XLA's path computes
+    them."""
     rng = np.random.default_rng(0)
     k, n, eps = 16, 50, 1e-5
     sums = rng.normal(size=(p, 2, k)).astype(np.float32)
@@ -32,10 +33,13 @@ def test_finish_adds_up_the_shares_and_takes_them_through_the_coefficients(p, sh
                                 total, total_sq)
     pair = sums.sum(0)
     want = vjp((-mul_ * pair[0], jnp.zeros(k), pair[1]))
+    d_scale = jax.vjp(lambda s: batchnorm.batch_coefficients(total, total_sq, s, n, eps)[2],
+                      scale)[1](pair[1] * np.ones(k, np.float32))[0]
     for impl in ("xla", "interpret"):
-        d_sum, d_sq, got_pair, got_w = bn_input.finish(jnp.asarray(sums), d_w, mean, raw,
-                                                       mul, n, eps, impl)
-        np.testing.assert_allclose(got_pair, pair, rtol=1e-5, atol=1e-5)
+        d_sum, d_sq, d_bias, got_scale, got_w = bn_input.finish(
+            jnp.asarray(sums), d_w, mean, raw, mul, n, eps, impl)
+        np.testing.assert_allclose(d_bias, pair[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_scale, d_scale, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(d_sum, want[0], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(d_sq, want[1], rtol=1e-4, atol=1e-6)
         if d_w is None:
@@ -137,7 +141,7 @@ def test_the_3x3_op_from_sums_has_autodiffs_gradients():
     jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, "interpret"),
                                     argnums=(0, 1, 2, 3)))(*args)
     (finish,) = kernel_calls(jaxpr, "bn_finish")
-    assert tuple(finish.outvars[3].aval.shape) == (9 * 16 * 16,)
+    assert tuple(finish.outvars[4].aval.shape) == (9 * 16 * 16,)
 
 
 def test_ops_from_sums_refuse_bad_input():
@@ -152,3 +156,81 @@ def test_ops_from_sums_refuse_bad_input():
     with pytest.raises(ValueError, match="scale must be"):
         conv3x3.bn_relu_conv3x3_from_sums(z.reshape(1, 8, 8, 16), sums, scale[:8], bias,
                                           jnp.zeros((3, 3, 16, 16)), epsilon=1e-5)
+
+
+def test_coefficients_of_the_shares_are_batch_coefficients():
+    """The kernel adds up the shares (P not a power of two, channels in several programs)
+    and forms what XLA's path and ``batch_coefficients`` form, with the shift the kernels
+    apply."""
+    rng = np.random.default_rng(6)
+    p, k, n, eps = 12, 64, 500, 1e-5
+    partials = rng.normal(size=(p, 2, k)).astype(np.float32)
+    partials[:, 1] = np.abs(partials[:, 1]) * 5  # sums of squares: a positive variance
+    partials[:, 1, 3] = 0.0  # a variance clipped at zero
+    scale = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    bias = rng.normal(size=k).astype(np.float32)
+    mean, var, mul = batchnorm.batch_coefficients(*partials.sum(0), scale, n, eps)
+    for impl in ("xla", "interpret"):
+        got = bn_input.coefficients_of(jnp.asarray(partials), scale, bias, n, eps, impl)
+        want = (mean, var, mul, bias - mean * mul,
+                partials.sum(0)[1] / n - (partials.sum(0)[0] / n) ** 2)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="impl must be"):
+        bn_input.coefficients_of(jnp.asarray(partials), scale, bias, n, eps, "cuda")
+    for block, chunk in (bn_input.coefficient_blocks(q, c) for q in (1, 6, 1024)
+                         for c in (16, 64, 256)):
+        assert block >= 16 and chunk * block <= 4096
+
+
+def test_sums_as_shares_carry_the_derivative():
+    """``Sums``: ``totals`` adds up the shares and is differentiated through ``total`` and
+    ``total_sq`` alone; ``as_partials`` puts whole sums into that form (the same totals
+    and derivative)."""
+    total, total_sq = jnp.arange(4.0), jnp.arange(4.0) ** 2 + 1
+    sums = bn_input.as_partials(total, total_sq, 3)
+    assert sums.partials.shape == (3, 2, 4)
+    np.testing.assert_array_equal(sums.total, 0.0)
+    for got, want in zip(batchnorm.totals(sums), (total, total_sq), strict=True):
+        np.testing.assert_array_equal(got, want)
+    grads = jax.grad(lambda s, q: jnp.sum(jnp.stack(batchnorm.totals(
+        bn_input.as_partials(s, q, 3))) * jnp.array([[1.0], [2.0]])), argnums=(0, 1))(
+        total, total_sq)
+    np.testing.assert_array_equal(grads[0], 1.0)
+    np.testing.assert_array_equal(grads[1], 2.0)
+    assert batchnorm.totals((total, total_sq)) == (total, total_sq)
+
+
+def test_a_block_of_kernels_hands_on_the_shares():
+    """conv1's op hands its output's sums to the 3x3 op as its programs' shares, and that op
+    to conv3's (``shares``): each forms its coefficients in one kernel that adds them up
+    (``bn_coefficients``), and the chain has the values and gradients of XLA's ops, with
+    "auto" on the CPU (XLA's ops, the sums in the shares' form) too."""
+    rng = np.random.default_rng(7)
+    z, s1, b1 = _bn_operands(2 * 8 * 8, 64, seed=8)
+    w1 = jnp.asarray((rng.normal(size=(64, 16)) / 8).astype(np.float32))
+    w2 = jnp.asarray((rng.normal(size=(3, 3, 16, 16)) / 12).astype(np.float32))
+    w3 = jnp.asarray((rng.normal(size=(16, 64)) / 4).astype(np.float32))
+    s2, b2, s3, b3 = (jnp.asarray(v) for v in rng.uniform(0.5, 1.5, (4, 16)).astype(np.float32))
+
+    def loss(impl, z, s1, b1, w1, s2, b2, w2, s3, b3, w3):
+        out1, _, sums1, z_back = pw.bn_relu_matmul_from_sums(
+            z, batchnorm.statistics_sums(z), s1, b1, w1, epsilon=1e-5, stats=True,
+            return_input=True, shares=True, impl=impl)
+        out2, _, sums2 = conv3x3.bn_relu_conv3x3_from_sums(
+            out1.reshape(2, 8, 8, 16), sums1, s2, b2, w2, epsilon=1e-5, stats=True,
+            shares=True, impl=impl)
+        out3, _, sums3 = pw.bn_relu_matmul_from_sums(
+            out2.reshape(-1, 16), sums2, s3, b3, w3, z_back, epsilon=1e-5, stats=True,
+            shares=True, impl=impl)
+        total, total_sq = batchnorm.totals(sums3)
+        return jnp.sum(out3 ** 2) + 0.1 * jnp.sum(total) + 0.01 * jnp.sum(total_sq)
+
+    args = (z, s1, b1, w1, s2, b2, w2, s3, b3, w3)
+    grads = {impl: jax.grad(functools.partial(loss, impl), argnums=tuple(range(10)))(*args)
+             for impl in ("xla", "interpret", "auto")}
+    np.testing.assert_allclose(loss("interpret", *args), loss("xla", *args), rtol=1e-5)
+    _close(grads, rtol=5e-4)
+    _close({"interpret": grads["auto"], "xla": grads["xla"]}, rtol=1e-5)
+    jaxpr = jax.make_jaxpr(functools.partial(loss, "interpret"))(*args)
+    assert len(kernel_calls(jaxpr, "bn_coefficients")) == 2  # bn2's and bn3's

@@ -568,14 +568,17 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     """check_pointwise.py (gpu_check.sh's part pointwise_check) compares the kernel and its
     backward kernel with XLA's ops on PreResNet-110's 1x1 shapes, the 3x3 kernels on its
     stride-1 3x3 shapes, and a PreResNet with them with the default model (outputs and
-    gradients), and the curve point's kernel with XLA's sums. Here on one conv1, one conv3
-    and one conv2 shape (the kernels' own tests cover the shapes; interpreted, each costs
+    gradients), ``bn_input``'s kernels with their XLA twins, and the curve point's kernel
+    with XLA's sums. Here on one conv1, one conv3 and one conv2 shape and one size of each
+    ``bn_input`` kernel (the kernels' own tests cover the shapes; interpreted, each costs
     seconds)."""
     check = _load("check_pointwise")
     monkeypatch.setattr(check, "CONV1", ((64, 16),))
     monkeypatch.setattr(check, "CONV3", ((16, 64),))
     monkeypatch.setattr(check, "SHAPES", ((64, 16), (16, 64)))
     monkeypatch.setattr(check, "CONV2", ((8, 64),))
+    monkeypatch.setattr(check, "BN_INPUT", ((6, 16, (3, 3, 16, 16)),))
+    monkeypatch.setattr(check, "BN_COEFFICIENTS", ((12, 32),))
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
@@ -587,9 +590,11 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     assert "conv3x3='interpret' against the default model: gradient of the loss" in out
     assert "1280 rows, bfloat16, residual: relative difference" in out
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
-    # 1: conv1's shapes with K = 4N; the 3x3 kernels: 2 a shape; the model: 4 checks; the
-    # curve point: 2
-    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + 2 * (len(check.CONV2) + 1)) + 4 + 2
+    assert "BatchNorm derivative from 6 shares of K=16, weight gradient (3, 3, 16, 16)" in out
+    assert "BatchNorm coefficients from 12 shares of K=32: relative difference" in out
+    # 1: conv1's shapes with K = 4N; the 3x3 kernels: 2 a shape; bn_input's: 2; the model:
+    # 4 checks; the curve point: 2
+    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + 2 * (len(check.CONV2) + 1)) + 2 + 4 + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])

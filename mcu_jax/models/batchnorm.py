@@ -28,6 +28,7 @@ GPU) and evaluation mode are ``nn.BatchNorm`` itself.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,31 @@ def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
         return a, b
     zero = jnp.zeros((), jnp.float32)
     return jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
+
+
+class Sums(NamedTuple):
+    """A BatchNorm input's channel sums as a kernel hands them on: the sums are
+    ``sum(partials, 0) + (total, total_sq)``. ``partials`` (P, 2, C) float32: the shares of
+    the kernel's programs (or None: ``total`` and ``total_sq`` are the sums), never
+    differentiated; where they are given, ``total`` and ``total_sq`` (C,) are zero and carry
+    the sums' derivative (their cotangents are the sums'). So the next kernel can add up the
+    shares and form its BatchNorm's coefficients in one kernel of its own
+    (``bn_input.coefficients_of``), where XLA takes two. :func:`totals` gives the sums."""
+
+    total: Any
+    total_sq: Any
+    partials: Any = None
+
+
+def totals(sums) -> tuple[jax.Array, jax.Array]:
+    """The channels' ``(sum, sum of squares)`` of ``sums``: a pair, or :class:`Sums` (its
+    shares added up, differentiated through ``total`` and ``total_sq`` alone)."""
+    if not isinstance(sums, Sums):
+        return tuple(sums)
+    if sums.partials is None:
+        return sums.total, sums.total_sq
+    shares = jnp.sum(jax.lax.stop_gradient(sums.partials), 0)
+    return shares[0] + sums.total, shares[1] + sums.total_sq
 
 
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -280,8 +306,9 @@ class BatchNormCoefficients(nn.Module):
         ra_mean, ra_var, scale, bias = _variables(self, c)
         if self.use_running_average:
             return ra_mean.value, multiplier(ra_var.value, scale, self.epsilon), bias
-        mean, var, mul = batch_coefficients(*(statistics_sums(x) if sums is None else sums),
-                                            scale, x.size // c, self.epsilon)
+        mean, var, mul = batch_coefficients(*(statistics_sums(x) if sums is None
+                                              else totals(sums)), scale, x.size // c,
+                                            self.epsilon)
         _update(self, ra_mean, ra_var, mean, var)
         return mean, mul, bias
 

@@ -22,13 +22,14 @@ docs/benchmarks.md, "Fewer kernels: the BatchNorm's derivative beside the partia
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import sums_or_none
-from mcu_jax.models.batchnorm import batch_coefficients
+from mcu_jax.models.batchnorm import Sums, batch_coefficients
 
 
 def moments_cotangents(mean, raw, mul, d_offset, d_mul, n: int, epsilon: float,
@@ -51,9 +52,11 @@ def moments_cotangents(mean, raw, mul, d_offset, d_mul, n: int, epsilon: float,
 def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str, d_mean=None,
            d_var=None):
     """A backward kernel's partial sums added up and taken through its BatchNorm:
-    ``(d_sum, d_squares, pair, d_w)``: the statistics sums' cotangents (each (K,), a buffer
-    of its own), ``pair`` (2, K) the totals ``(sum d_x, sum d_x * (z - mean))`` and the
-    weight gradient ``d_w`` (summed over the first axis, or None). ``sums`` (P, 2, K) and
+    ``(d_sum, d_squares, d_bias, d_scale, d_w)``, each a buffer of its own: the statistics
+    sums' cotangents (:func:`moments_cotangents`), the bias's and scale's gradients (``sum
+    d_x`` and ``sum d_x * (z - mean) / sqrt(var + eps)``, ``d_x`` the cotangent of the
+    affine map's output; each (K,)) and the weight gradient ``d_w`` (summed over the first
+    axis, or None). ``sums`` (P, 2, K) and
     ``d_w`` (P, ...): the programs' shares; ``mean``, ``raw``, ``mul`` (K,): the forward
     pass's (:func:`moments_cotangents`); ``d_mean``, ``d_var`` (K,): the cotangents of the
     batch mean and variance the BatchNorm returned, or None (zero). ``impl``: "xla" (XLA's
@@ -62,16 +65,22 @@ def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str, d_mean=
         raise ValueError(f"finish: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     p, _, k = sums.shape
     if impl == "xla":
-        pair = jnp.sum(sums, 0)
+        d_bias, d_mul = jnp.sum(sums, 0)
         given = (0.0 if d_mean is None else d_mean, 0.0 if d_var is None else d_var)
-        return (*moments_cotangents(mean, raw, mul, pair[0], pair[1], n, epsilon, *given),
-                pair, None if d_w is None else jnp.sum(d_w, 0))
+        return (*_cotangents(mean, raw, mul, d_bias, d_mul, n, epsilon, *given),
+                None if d_w is None else jnp.sum(d_w, 0))
     flat = None if d_w is None else d_w.reshape(p, -1)
-    d_sum, d_squares, pair, total = _pallas_finish(
-        sums.reshape(p, 2 * k), flat, mean, raw, mul, d_mean, d_var, n, epsilon,
-        impl == "interpret")
-    return (d_sum, d_squares, pair.reshape(2, k),
-            None if d_w is None else total.reshape(d_w.shape[1:]))
+    *results, total = _pallas_finish(sums.reshape(p, 2 * k), flat, mean, raw, mul, d_mean,
+                                     d_var, n, epsilon, impl == "interpret")
+    return (*results, None if d_w is None else total.reshape(d_w.shape[1:]))
+
+
+def _cotangents(mean, raw, mul, d_bias, d_mul, n: int, epsilon: float, d_mean, d_var):
+    """:func:`finish`'s ``(d_sum, d_squares, d_bias, d_scale)`` from the totals ``d_bias =
+    sum d_x`` and ``d_mul = sum d_x * (z - mean)``."""
+    d_scale = d_mul * jax.lax.rsqrt(jnp.maximum(0.0, raw) + epsilon)
+    return (*moments_cotangents(mean, raw, mul, d_bias, d_mul, n, epsilon, d_mean, d_var),
+            d_bias, d_scale)
 
 
 def finish_blocks(p: int, width: int) -> tuple[int, int]:
@@ -111,17 +120,16 @@ def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: fl
         dw_ref, refs = (refs[0], refs[1:]) if width else (None, refs)
         mean_ref, raw_ref, mul_ref, *refs = refs
         ins = dict(zip((name for name, _ in given), refs[:len(given)], strict=False))
-        d_sum_ref, d_squares_ref, pair_ref, *total_ref = refs[len(given):]
+        d_sum_ref, d_squares_ref, d_bias_ref, d_scale_ref, *total_ref = refs[len(given):]
         first = pl.program_id(0) == 0
 
         @pl.when(first)
         def _():
-            d_offset = added(sums_ref, pl.ds(0, k), k, sums_chunk)
-            d_mul = added(sums_ref, pl.ds(k, k), k, sums_chunk)
-            pair_ref[pl.ds(0, k)] = d_offset
-            pair_ref[pl.ds(k, k)] = d_mul
-            d_sum_ref[...], d_squares_ref[...] = moments_cotangents(
-                mean_ref[...], raw_ref[...], mul_ref[...], d_offset, d_mul, n, epsilon,
+            (d_sum_ref[...], d_squares_ref[...], d_bias_ref[...],
+             d_scale_ref[...]) = _cotangents(
+                mean_ref[...], raw_ref[...], mul_ref[...],
+                added(sums_ref, pl.ds(0, k), k, sums_chunk),
+                added(sums_ref, pl.ds(k, k), k, sums_chunk), n, epsilon,
                 *(ins[name][...] if name in ins else 0.0 for name in ("d_mean", "d_var")))
 
         if width:
@@ -142,15 +150,15 @@ def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: fl
         args.append(d_w)
     in_specs += [whole(k)] * (3 + len(given))
     args += [mean, raw, mul, *(v for _, v in given)]
-    out_specs = [whole(k), whole(k), whole(2 * k)]
-    out_shape = [jax.ShapeDtypeStruct((k,), f32)] * 2 + [jax.ShapeDtypeStruct((2 * k,), f32)]
+    out_specs = [whole(k)] * 4
+    out_shape = [jax.ShapeDtypeStruct((k,), f32)] * 4
     if width:
         out_specs.append(pl.BlockSpec((block,), lambda i: (columns(i),)))
         out_shape.append(jax.ShapeDtypeStruct((width,), f32))
     results = kernel_impl.pallas_call(
         kernel, *args, interpret=interpret, num_warps=4, grid=(1 + width // max(block, 1),),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name="bn_finish")
-    return (*results[:3], results[3] if width else None)
+    return (*results[:4], results[4] if width else None)
 
 
 def coefficients(total, total_sq, scale, n: int, epsilon: float):
@@ -160,8 +168,82 @@ def coefficients(total, total_sq, scale, n: int, epsilon: float):
     return mean, var, mul, total_sq / n - mean * mean
 
 
-#: The differentiable operands of :func:`apply` before the kernel's own, in order.
-OPERANDS = ("z", "total", "total_sq", "scale", "bias")
+def coefficients_of(partials, scale, bias, n: int, epsilon: float, impl: str):
+    """``(mean, var, mul, shift, raw)`` (each (K,) float32, a buffer of its own) of a
+    train-mode BatchNorm over ``n`` values from a kernel's programs' shares of its input's
+    sums, ``partials`` (P, 2, K): :func:`coefficients` and ``shift = bias - mean * mul``
+    (the affine map as the kernels apply it, ``pointwise.shift_of``), with the shares added
+    up in the same kernel ("pallas", "interpret": :func:`_pallas_coefficients`) or by XLA
+    ("xla")."""
+    if impl not in ("xla", "pallas", "interpret"):
+        raise ValueError(f"coefficients_of: impl must be 'xla', 'pallas' or 'interpret', "
+                         f"got {impl!r}")
+    if impl == "xla":
+        total, total_sq = jnp.sum(partials, 0)
+        mean, var, mul, raw = coefficients(total, total_sq, scale, n, epsilon)
+        return mean, var, mul, bias - mean * mul, raw
+    p, _, k = partials.shape
+    return _pallas_coefficients(partials.reshape(p, 2 * k), scale, bias, n, epsilon,
+                                impl == "interpret")
+
+
+def coefficient_blocks(p: int, k: int) -> tuple[int, int]:
+    """``(block, chunk)`` of :func:`_pallas_coefficients` for ``p`` rows of shares of ``k``
+    channels: ``block`` channels a program takes (a power of two dividing ``k``, from 16,
+    and ``p`` x 2 ``block`` within 32,768 values where it can, about 128 KB a program to
+    read), in steps of ``chunk`` rows (a power of two dividing ``p``, ``chunk`` x
+    ``block`` within 4,096 values). Untuned."""
+    block = min(k, max(16, 2 ** int(math.log2(max(1, 16384 // p)))))
+    return block, min(p & -p, max(1, 4096 // block))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
+def _pallas_coefficients(partials, scale, bias, n: int, epsilon: float, interpret: bool):
+    """:func:`coefficients_of` as one Pallas kernel, ``partials`` (P, 2K): each program adds
+    up one block of channels' shares (:func:`coefficient_blocks`) and forms their
+    coefficients."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+
+    p, k = partials.shape[0], partials.shape[1] // 2
+    f32 = jnp.float32
+    block, chunk = coefficient_blocks(p, k)
+
+    def kernel(partials_ref, scale_ref, bias_ref, mean_ref, var_ref, mul_ref, shift_ref,
+               raw_ref):
+        start = pl.program_id(0) * block
+
+        def step(j, acc):
+            rows = pl.ds(j * chunk, chunk)
+            return (acc[0] + jnp.sum(partials_ref[rows, pl.ds(start, block)], axis=0),
+                    acc[1] + jnp.sum(partials_ref[rows, pl.ds(k + start, block)], axis=0))
+
+        zeros = jnp.zeros((block,), f32)
+        total, total_sq = jax.lax.fori_loop(0, p // chunk, step, (zeros, zeros))
+        mean, var, mul, raw = coefficients(total, total_sq, scale_ref[...], n, epsilon)
+        mean_ref[...], var_ref[...], mul_ref[...], raw_ref[...] = mean, var, mul, raw
+        shift_ref[...] = bias_ref[...] - mean * mul
+
+    channels = pl.BlockSpec((block,), lambda i: (i,))
+    return tuple(kernel_impl.pallas_call(
+        kernel, partials, scale, bias, interpret=interpret, num_warps=4, grid=(k // block,),
+        in_specs=[pl.BlockSpec((p, 2 * k), lambda i: (0, 0)), channels, channels],
+        out_specs=[channels] * 5, out_shape=[jax.ShapeDtypeStruct((k,), f32)] * 5,
+        name="bn_coefficients"))
+
+
+def as_partials(total, total_sq, p: int) -> Sums:
+    """Sums given whole as :class:`Sums` with ``p`` rows of shares (the first row the sums,
+    the others zero; ``total`` and ``total_sq`` then zero, carrying the derivative): the
+    structure a kernel's shares have, for a computation that must return what the kernel
+    returns (``kernel_impl.dispatch``'s two branches)."""
+    stacked = jax.lax.stop_gradient(jnp.stack([total, total_sq]))
+    partials = jnp.zeros((p, *stacked.shape), stacked.dtype).at[0].set(stacked)
+    return Sums(total - jax.lax.stop_gradient(total),
+                total_sq - jax.lax.stop_gradient(total_sq), partials)
+
+
+#: The operands of :func:`apply` before the kernel's own, in order.
+OPERANDS = ("z", "total", "total_sq", "partials", "scale", "bias")
 
 
 def _with_statistics(outputs, mean, var):
@@ -170,39 +252,48 @@ def _with_statistics(outputs, mean, var):
     return (outputs[0], (mean, var), *outputs[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _apply(op, flags, epsilon, z, total, total_sq, scale, bias, *rest):
+def _forward(op, flags, epsilon, z, total, total_sq, partials, scale, bias, *rest):
+    """``(outputs, residuals, (mean, mul, raw))``: the coefficients from the sums (by
+    XLA, ``op``'s kernel forming the shift) or their shares (:func:`coefficients_of`), then
+    ``op``'s forward pass."""
     n = z.size // z.shape[-1]
-    mean, var, mul, _ = coefficients(total, total_sq, scale, n, epsilon)
-    return _with_statistics(op.forward(flags, z, mean, mul, bias, *rest)[0], mean, var)
+    if partials is None:
+        (mean, var, mul, raw), shift = coefficients(total, total_sq, scale, n, epsilon), None
+    else:
+        mean, var, mul, shift, raw = coefficients_of(partials, scale, bias, n, epsilon,
+                                                     op.finish_impl(flags))
+    outputs, residuals = op.forward(flags, z, mean, mul, bias, *rest, shift=shift)
+    return _with_statistics(outputs, mean, var), residuals, (mean, mul, raw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _apply(op, flags, epsilon, *operands):
+    return _forward(op, flags, epsilon, *operands)[0]
 
 
 def _apply_fwd(op, flags, epsilon, *primals):
     """With symbolic zeros: the names of the perturbed operands travel to the backward pass
     (as ``pointwise.perturbed``'s)."""
     values = [p.value if p is not None else None for p in primals]
-    z, total, total_sq, scale, bias, *rest = values
-    n = z.size // z.shape[-1]
-    mean, var, mul, raw = coefficients(total, total_sq, scale, n, epsilon)
-    outputs, residuals = op.forward(flags, z, mean, mul, bias, *rest)
+    outputs, residuals, moments = _forward(op, flags, epsilon, *values)
     wanted = {name: None for name, p in zip((*OPERANDS, *op.names), primals, strict=True)
               if p is not None and p.perturbed}
-    return _with_statistics(outputs, mean, var), (residuals, mean, var, mul, raw, wanted)
+    return outputs, (residuals, *moments, wanted)
 
 
 def _apply_bwd(op, flags, epsilon, saved, cotangents):
     """The kernel's backward kernel (``op.backward``, its partial sums unreduced), then
     :func:`finish`: the sums' cotangents, the bias's gradient (``sum d_x``), the scale's
-    (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient."""
-    residuals, mean, var, mul, raw, wanted = saved
+    (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient. The shares of
+    the sums, if given, get none."""
+    residuals, mean, mul, raw, wanted = saved
     d_out, d_statistics, *rest = cotangents
     d_z, d_rest, sums, d_w = op.backward(flags, residuals, (d_out, *rest), tuple(wanted))
     n = residuals[0].size // residuals[0].shape[-1]
-    d_total, d_total_sq, pair, d_w = finish(sums, d_w, mean, raw, mul, n, epsilon,
-                                            op.finish_impl(flags),
-                                            *sums_or_none(d_statistics))
-    d_scale = pair[1] * jax.lax.rsqrt(var + epsilon)
-    grads = (d_z, d_total, d_total_sq, d_scale, pair[0],
+    d_total, d_total_sq, d_bias, d_scale, d_w = finish(
+        sums, d_w, mean, raw, mul, n, epsilon, op.finish_impl(flags),
+        *sums_or_none(d_statistics))
+    grads = (d_z, d_total, d_total_sq, None, d_scale, d_bias,
              *(d_w if name == "w" else d for name, d in zip(op.names, d_rest, strict=True)))
     return tuple(g if name in wanted else None
                  for name, g in zip((*OPERANDS, *op.names), grads, strict=True))
@@ -212,19 +303,23 @@ _apply.defvjp(_apply_fwd, _apply_bwd, symbolic_zeros=True)
 
 
 def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
-    """``op``'s kernel with its BatchNorm's coefficients formed from ``sums`` (the sum and
-    sum of squares of ``z``'s channels over all its rows, float32), ``scale`` and ``bias``
-    (K,): the batch mean and ``mul = scale / sqrt(var + epsilon)`` as
-    ``batch_coefficients`` forms them (fast variance, clipped at 0). Returns ``op``'s
-    outputs with the batch statistics ``(mean, var)`` second (for the running statistics:
-    ``batchnorm.BatchNormApplied``). Differentiated in every operand, with the partial sums
-    of ``op``'s backward kernel added up and taken through the coefficients in one kernel
+    """``op``'s kernel with its BatchNorm's coefficients formed from ``sums`` (z's channels'
+    sum and sum of squares over all its rows, float32: a pair or ``batchnorm.Sums``; given
+    as the shares of the kernel that wrote ``z``, the coefficients are formed in one kernel
+    that adds them up, :func:`coefficients_of`), ``scale`` and ``bias`` (K,): the batch mean
+    and ``mul = scale / sqrt(var + epsilon)`` as ``batch_coefficients`` forms them (fast
+    variance, clipped at 0). Returns ``op``'s outputs with the batch statistics ``(mean,
+    var)`` second (for the running statistics: ``batchnorm.BatchNormApplied``).
+    Differentiated in every operand but the shares, with the partial sums of ``op``'s
+    backward kernel added up and taken through the coefficients in one kernel
     (:func:`finish`).
 
     ``op``: a class with ``names`` (its operands after ``bias``, among them "w", whose
     gradient its backward kernel returns as partial sums), ``forward(flags, z, mean, mul,
-    bias, *rest) -> (outputs, residuals)`` (``residuals[0]`` is ``z``), ``backward(flags,
-    residuals, cotangents, wanted) -> (d_z, d_rest, sums (P, 2, K), d_w (P, ...) or
-    None)`` (``d_rest`` in ``names``' order, None for "w" and for operands not in
-    ``wanted``) and ``finish_impl(flags)``; ``flags``: hashable, static."""
+    bias, *rest, shift) -> (outputs, residuals)`` (``residuals[0]`` is ``z``; ``shift``:
+    ``bias - mean * mul`` or None, for the kernel to form), ``backward(flags, residuals,
+    cotangents, wanted) -> (d_z, d_rest, sums (P, 2, K), d_w (P, ...) or None)``
+    (``d_rest`` in ``names``' order, None for "w" and for operands not in ``wanted``) and
+    ``finish_impl(flags)``; ``flags``: hashable, static."""
+    sums = sums if isinstance(sums, Sums) else Sums(*sums)
     return _apply(op, flags, epsilon, z, *sums, scale, bias, *rest)

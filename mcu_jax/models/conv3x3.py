@@ -53,7 +53,7 @@ from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import dense, sums_or_none
 from mcu_jax.models import bn_input
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import batch_coefficients, statistics_sums
+from mcu_jax.models.batchnorm import Sums, batch_coefficients, statistics_sums, totals
 
 IMPLS = kernel_impl.IMPLS
 TAPS = 9
@@ -115,9 +115,11 @@ def reference(z, mean, mul, bias, w, stats: bool = False):
     return out, statistics_sums(out) if stats else None
 
 
-@functools.partial(jax.jit, static_argnames=("stats", "interpret"))
-def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
-    """The Pallas kernel; arguments and results as :func:`reference`."""
+@functools.partial(jax.jit, static_argnames=("stats", "interpret", "partials"))
+def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool, shift=None,
+            partials: bool = False):
+    """The Pallas kernel; arguments and results as :func:`reference`, but ``shift`` and
+    ``partials`` as ``pointwise._pallas``'s (:func:`partial_rows` shares)."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     _check(z, mean, mul, bias, w)
@@ -127,7 +129,7 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         raise ValueError(f"bn_relu_conv3x3: the Pallas kernel needs K and N powers of two "
                          f"from 16 to 64; got K={k}, N={n} (impl='xla' takes any)")
     m, dt, rows = b * h * width, z.dtype, block_rows(k, n)
-    grid = (pl.cdiv(m, rows),)
+    grid = (partial_rows(m, k, n),)
 
     def kernel(z_ref, mul_ref, shift_ref, w_ref, out_ref, *sums_ref):
         p = pl.program_id(0) * rows + jnp.arange(rows)  # this program's output pixels
@@ -151,12 +153,20 @@ def _pallas(z, mean, mul, bias, w, stats: bool, interpret: bool):
         out_specs.append(pl.BlockSpec((None, 2, n), lambda i: (i, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32))
     results = kernel_impl.pallas_call(
-        kernel, z.reshape(m, k), mul, pw.shift_of(mean, mul, bias),
+        kernel, z.reshape(m, k), mul, pw.shift_of(mean, mul, bias) if shift is None else shift,
         w.reshape(TAPS, k, n).astype(dt), interpret=interpret, num_warps=4, grid=grid,
         in_specs=[whole(m, k), whole(k), whole(k), whole(TAPS, k, n)], out_specs=out_specs,
         out_shape=out_shape, name="bn_relu_conv3x3")
-    return (results[0][:m].reshape(b, h, width, n),
-            pw.total_row_sums(results[1]) if stats else None)
+    out = results[0][:m].reshape(b, h, width, n)
+    if not stats:
+        return out, None
+    return out, results[1] if partials else pw.total_row_sums(results[1])
+
+
+def partial_rows(m: int, k: int, n: int) -> int:
+    """How many programs' shares of its output's sums the forward kernel writes for ``m``
+    pixels, ``k`` input and ``n`` output channels (:func:`block_rows`)."""
+    return -(-m // block_rows(k, n))
 
 
 def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
@@ -174,7 +184,7 @@ def backward_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
 
 @functools.partial(jax.jit, static_argnames=("with_dz", "with_dw", "interpret", "partials"))
 def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
-                     with_dw: bool, interpret: bool, partials: bool = False):
+                     with_dw: bool, interpret: bool, partials: bool = False, shift=None):
     """The derivative of :func:`reference` as one Pallas kernel: ``(d_z (B, H, W, K) in z's
     dtype or None without ``with_dz``, d_w (3, 3, K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32)``, ``d_x`` being the
@@ -192,8 +202,8 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
     pass pads it) and adds each one's product with its own ``g`` to that tap's weight
     gradient. The programs' partial weight gradients and sums are added up here, in one
     reduction (with ``partials`` they are returned as they are, d_w (P, 3, 3, K, N) and the
-    sums (P, 2, K), for ``bn_input.finish``). No activated input, padded copy or full
-    cotangent is written."""
+    sums (P, 2, K), for ``bn_input.finish``; ``shift`` as :func:`_pallas`'s). No activated
+    input, padded copy or full cotangent is written."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     b, h, width, k = z.shape
@@ -270,7 +280,7 @@ def _pallas_backward(z, mean, mul, bias, w, d_out, out, d_sums, with_dz: bool,
     in_specs = [pl.BlockSpec((m, block_k), lambda i, j: (0, j)), vector, vector, vector,
                 pl.BlockSpec((TAPS, block_k, n), lambda i, j: (0, j, 0)), whole_n,
                 *(spec[name] for name, _ in given)]
-    args = [z.reshape(m, k), mean, mul, pw.shift_of(mean, mul, bias),
+    args = [z.reshape(m, k), mean, mul, pw.shift_of(mean, mul, bias) if shift is None else shift,
             w.reshape(TAPS, k, n).astype(dt), d_out.reshape(m, n).astype(dt),
             *(v.reshape(m, n) if name == "out" else v for name, v in given)]
     out_specs, out_shape = [], []
@@ -329,21 +339,26 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
 
 
 class _FromSums:
-    """The kernel as ``bn_input.apply``'s ``op``; ``flags``: ``(stats, interpret)``."""
+    """The kernel as ``bn_input.apply``'s ``op``; ``flags``: ``(stats, interpret, shares)``,
+    as ``pointwise``'s."""
 
     names = ("w",)
 
     @staticmethod
-    def forward(flags, z, mean, mul, bias, w):
-        out, sums = _pallas(z, mean, mul, bias, w, *flags)
-        return (out, sums), (z, mean, mul, bias, w, out if flags[0] else None)
+    def forward(flags, z, mean, mul, bias, w, shift=None):
+        stats, interpret, shares = flags
+        out, sums = _pallas(z, mean, mul, bias, w, stats, interpret, shift, shares)
+        if sums is not None and shares:
+            zero = jnp.zeros(sums.shape[2], jnp.float32)
+            sums = Sums(zero, zero, sums)
+        return (out, sums), (z, mean, mul, bias, w, out if stats else None, shift)
 
     @staticmethod
     def backward(flags, residuals, cotangents, wanted):
         d_out, d_sums = cotangents
         d_z, d_w, sums = _pallas_backward(
-            *residuals[:5], dense(d_out), residuals[5], sums_or_none(d_sums),
-            "z" in wanted, "w" in wanted, flags[1], partials=True)
+            *residuals[:5], dense(d_out), residuals[5], pw.sums_cotangents_of(d_sums),
+            "z" in wanted, "w" in wanted, flags[1], partials=True, shift=residuals[6])
         return d_z, (None,), sums, d_w
 
     @staticmethod
@@ -352,31 +367,38 @@ class _FromSums:
 
 
 def bn_relu_conv3x3_from_sums(z, sums, scale, bias, w, *, epsilon: float,
-                              stats: bool = False, impl: str = "auto"):
+                              stats: bool = False, shares: bool = False, impl: str = "auto"):
     """:func:`bn_relu_conv3x3` with its BatchNorm in train mode, given as ``sums`` (z's
     channels' sum and sum of squares over all its pixels, float32), ``scale``, ``bias``
     (K,) and ``epsilon``, as ``pointwise.bn_relu_matmul_from_sums``: returns ``(out, (mean,
     var), out's sums or None)``; with the kernels, the BatchNorm's derivative beside the
     backward kernel's partial sums in one kernel (``bn_input.apply``); without them (and in
-    a data-parallel program), composed."""
+    a data-parallel program), composed. ``sums`` and ``shares`` as that op's."""
     kernel_impl.check("bn_relu_conv3x3_from_sums", impl)
-    _check(z, *sums, bias, w)  # sums, bias (K,)
+    _check(z, sums[0], sums[1], bias, w)  # the sums (or Sums' zeros), bias (K,)
     pw.check_scale("bn_relu_conv3x3_from_sums", scale, bias)
-    args = (z, tuple(sums), scale, bias, w)
+    shares = shares and stats
+    args = (z, sums if isinstance(sums, Sums) else tuple(sums), scale, bias, w)
 
-    def composed(z_, sums_, scale_, bias_, w_, impl=impl):
+    def composed(z_, sums_, scale_, bias_, w_, impl=impl, rows=None):
+        """Without the kernels; with ``rows``, the sums as the kernel's ``rows`` shares."""
         count = z_.size // z_.shape[-1]
-        mean, var, mul = batch_coefficients(*sums_, scale_, count, epsilon)
+        mean, var, mul = batch_coefficients(*totals(sums_), scale_, count, epsilon)
         out, out_sums = bn_relu_conv3x3(z_, mean, mul, bias_, w_, stats=stats, impl=impl)
+        if rows is not None and out_sums is not None:
+            out_sums = bn_input.as_partials(*out_sums, rows)
         return out, (mean, var), out_sums
 
     def kernel(*operands):
-        return bn_input.apply(_FromSums, (stats, impl == "interpret"), epsilon, *operands)
+        return bn_input.apply(_FromSums, (stats, impl == "interpret", shares), epsilon,
+                              *operands)
 
     if (impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape[2:]))
             or pw.row_axes(z.shape[0])):
         return composed(*args)
-    return kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"), *args)
+    rows = partial_rows(z.size // z.shape[-1], *w.shape[2:]) if shares else None
+    return kernel_impl.dispatch(
+        impl, kernel, functools.partial(composed, impl="xla", rows=rows), *args)
 
 
 def bn_relu_conv3x3(z, mean, mul, bias, w, *, stats: bool = False, impl: str = "auto"):

@@ -74,7 +74,13 @@ from jax.sharding import PartitionSpec as P
 from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import dense, or_none, sums_or_none
 from mcu_jax.models import bn_input
-from mcu_jax.models.batchnorm import affine, batch_coefficients, channel_sums_side_by_side
+from mcu_jax.models.batchnorm import (
+    Sums,
+    affine,
+    batch_coefficients,
+    channel_sums_side_by_side,
+    totals,
+)
 
 IMPLS = kernel_impl.IMPLS
 
@@ -162,10 +168,13 @@ def _pad_rows(pad: int, *arrays):
     return tuple(None if a is None else jnp.pad(a, ((0, pad), (0, 0))) for a in arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("stats", "out_relu", "interpret"))
+@functools.partial(jax.jit, static_argnames=("stats", "out_relu", "interpret", "partials"))
 def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bool,
-            interpret: bool):
-    """The Pallas kernel; arguments and results as :func:`reference`."""
+            interpret: bool, shift=None, partials: bool = False):
+    """The Pallas kernel; arguments and results as :func:`reference`, but ``shift``: the
+    affine map's offset as the kernel applies it (:func:`shift_of`, formed here if None)
+    and, with ``partials``, the sums as the programs' shares (P, 2, N), not added up
+    (:func:`partial_rows` rows)."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k, n = _check(z, mean, mul, bias, w, residual, out_bias)
@@ -174,7 +183,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
                          f"from 16 to 512; got K={k}, N={n} (impl='xla' takes any)")
     dt = z.dtype
     block_m, block_n = blocks(k, n)
-    grid = (pl.cdiv(m, block_m), n // block_n)
+    grid = (partial_rows(m, k, n), n // block_n)
     pad = grid[0] * block_m - m
     z, residual = _pad_rows(pad, z, residual)
 
@@ -196,7 +205,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     tile = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
     in_specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), vector, vector,
                 pl.BlockSpec((k, block_n), lambda i, j: (0, j))]
-    args = [z, mul, shift_of(mean, mul, bias), w.astype(dt)]
+    args = [z, mul, shift_of(mean, mul, bias) if shift is None else shift, w.astype(dt)]
     if out_bias is not None:
         in_specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
         args.append(out_bias)
@@ -211,7 +220,15 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
                                       grid=grid, in_specs=in_specs, out_specs=out_specs,
                                       out_shape=out_shape, name="bn_relu_matmul")
     out = results[0][:m] if pad else results[0]
-    return out, total_row_sums(results[1]) if stats else None
+    if not stats:
+        return out, None
+    return out, results[1] if partials else total_row_sums(results[1])
+
+
+def partial_rows(m: int, k: int, n: int) -> int:
+    """How many programs' shares of its output's sums the forward kernel writes for ``m``
+    rows, ``k`` input and ``n`` output channels (:func:`blocks`)."""
+    return -(-m // blocks(k, n)[0])
 
 
 def write_row_sums(ref, out, valid=None) -> None:
@@ -309,7 +326,8 @@ def _output_cotangent(d_out, out, through):
                                              "with_g", "partials"))
 def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool = True,
                      with_dw: bool = True, *, out=None, derive_fn=None, derive_operands=(),
-                     through=None, d_input=None, with_g: bool = False, partials: bool = False):
+                     through=None, d_input=None, with_g: bool = False, partials: bool = False,
+                     shift=None):
     """:func:`_backward_rows` on all rows as one Pallas kernel, with ``w`` in z's dtype:
     ``(d_z (M, K) or None without ``with_dz``, d_w (K, N) float32 or None without
     ``with_dw``, (sum d_x, sum d_x * (z - mean)), each (K,) float32, the output's cotangent
@@ -336,7 +354,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     ``d_input``: (M, K), another cotangent of ``z`` (that of :func:`bn_relu_matmul`'s
     ``return_input``), added to ``d_z`` as it is written. With ``partials`` d_w and the
     sums are the programs' shares, (P, K, N) and (P, 2, K), not added up (for
-    ``bn_input.finish``)."""
+    ``bn_input.finish``). ``shift``: as :func:`_pallas`'s."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k = z.shape
@@ -407,7 +425,8 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     whole = pl.BlockSpec((n,), lambda i, j: (0,))
     in_specs = [rows_k, vector, vector, vector, pl.BlockSpec((block_k, n), lambda i, j: (j, 0)),
                 rows_n]
-    args = [z, mean, mul, shift_of(mean, mul, bias), w.astype(dt), gd]
+    args = [z, mean, mul, shift_of(mean, mul, bias) if shift is None else shift,
+            w.astype(dt), gd]
     spec = {"out": rows_n, "d_input": rows_k, "mul2": whole, "shift2": whole,
             **{name: pl.BlockSpec(a.shape, lambda i, j, d=a.ndim: (0,) * d)
                for name, a in derived}}
@@ -476,7 +495,7 @@ OPERANDS = ("z", "mean", "mul", "bias", "w", "residual", "out_bias")
 
 def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: bool,
              out_relu: bool, impl: str = "xla", wanted=OPERANDS, d_input=None, through=None,
-             derive=None, partials: bool = False):
+             derive=None, partials: bool = False, shift=None):
     """The derivative of :func:`reference`, written out: the cotangents of ``(z, mean, mul,
     bias, w, residual, out_bias)`` from those of ``(out, sums)``, given the forward pass's
     ``out``; None for an operand not in ``wanted`` (names from :data:`OPERANDS`) or None.
@@ -508,7 +527,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     With ``partials`` it returns ``(cotangents, (sums (P, 2, K), d_w (P, K, N) or None))``:
     the kernel's partial sums of ``(sum d_x, sum d_x * (z - mean))`` and of the weight
     gradient, not added up (P = 1 for "xla"), for ``bn_input.finish``; mean's, mul's,
-    bias's and w's cotangents are then None."""
+    bias's and w's cotangents are then None. ``shift``: as :func:`_pallas`'s."""
     if impl not in ("xla", "pallas", "interpret"):
         raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
     dt = z.dtype
@@ -538,8 +557,8 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
         gd, derive, through = g.astype(dt), None, None
     adds = derive is not None or through is not None  # in the kernel, to gd
     if impl == "xla":
-        d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias),
-                                         w.astype(dt))
+        d_z, d_w, *sums = _backward_rows(z, gd, mean, mul, shift_of(mean, mul, bias)
+                                         if shift is None else shift, w.astype(dt))
         if d_input is not None:
             d_z = _plus(d_z, d_input)
         if partials:
@@ -551,7 +570,7 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
             out=out if adds and reads_out else None,
             derive_fn=None if derive is None else derive[0],
             derive_operands=() if derive is None else tuple(derive[1]), through=through,
-            d_input=d_input, with_g=with_g, partials=partials)
+            d_input=d_input, with_g=with_g, partials=partials, shift=shift)
         if with_g:
             gd = g_kernel
     affine = (None,) * 3 if partials else affine_cotangents(mean, mul, bias, sums)
@@ -655,26 +674,32 @@ def bn_relu_matmul(z, mean, mul, bias, w, residual=None, *, out_bias=None,
 
 class _FromSums:
     """:func:`bn_relu_matmul` as ``bn_input.apply``'s ``op``; ``flags``: ``(stats,
-    return_input, interpret)``."""
+    return_input, interpret, shares)``: with ``shares`` the output's sums as
+    ``batchnorm.Sums`` of the programs' shares."""
 
     names = ("w", "residual")
 
     @staticmethod
-    def forward(flags, z, mean, mul, bias, w, residual):
-        stats, return_input, interpret = flags
-        out, sums = _pallas(z, mean, mul, bias, w, residual, None, stats, False, interpret)
+    def forward(flags, z, mean, mul, bias, w, residual, shift=None):
+        stats, return_input, interpret, shares = flags
+        out, sums = _pallas(z, mean, mul, bias, w, residual, None, stats, False, interpret,
+                            shift, shares)
+        if sums is not None and shares:
+            zero = jnp.zeros(sums.shape[2], jnp.float32)
+            sums = Sums(zero, zero, sums)
         return ((out, sums, z) if return_input else (out, sums)), (z, mean, mul, bias, w,
-                                                                    residual, out)
+                                                                    residual, out, shift)
 
     @staticmethod
     def backward(flags, residuals, cotangents, wanted):
-        stats, _, interpret = flags
+        stats, _, interpret, _ = flags
         d_out, d_sums, *d_input = cotangents
         grads, (sums, d_w) = backward(
-            *residuals[:6], None, residuals[6], (dense(d_out), sums_or_none(d_sums)), stats,
-            False, impl="interpret" if interpret else "pallas",
+            *residuals[:6], None, residuals[6], (dense(d_out), sums_cotangents_of(d_sums)),
+            stats, False, impl="interpret" if interpret else "pallas",
             wanted=tuple(name for name in ("z", "w", "residual") if name in wanted),
-            d_input=or_none(d_input[0]) if d_input else None, partials=True)
+            d_input=or_none(d_input[0]) if d_input else None, partials=True,
+            shift=residuals[7])
         return grads[0], (None, grads[5]), sums, d_w
 
     @staticmethod
@@ -682,9 +707,15 @@ class _FromSums:
         return "interpret" if flags[2] else "pallas"
 
 
+def sums_cotangents_of(d_sums) -> tuple:
+    """The cotangents of a kernel's sums, a pair or ``Sums`` (whose shares get none), as
+    ``(d_sum, d_squares)`` with symbolic zeros as None."""
+    return sums_or_none(None if d_sums is None else tuple(d_sums)[:2])
+
+
 def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon: float,
                              stats: bool = False, return_input: bool = False,
-                             impl: str = "auto"):
+                             shares: bool = False, impl: str = "auto"):
     """:func:`bn_relu_matmul` with its BatchNorm in train mode, given as ``sums`` (z's
     channels' sum and sum of squares over all its rows, float32), ``scale`` and ``bias``
     (K,) and ``epsilon``: ``mean`` and ``mul`` as ``batchnorm.batch_coefficients`` forms
@@ -693,29 +724,37 @@ def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon:
     derivative and the backward kernel's partial sums are added up in one kernel
     (``bn_input.apply``), where autodiff of the coefficients takes two; without it (and in
     a data-parallel program, ``row_axes``), the coefficients in XLA ops and
-    :func:`bn_relu_matmul`, differentiated as composed."""
+    :func:`bn_relu_matmul`, differentiated as composed. ``sums`` may be ``batchnorm.Sums``;
+    with ``shares`` (and ``stats``) the output's sums are too, the forward kernel's
+    programs' shares where it runs, for the next kernel's op to add up with its
+    coefficients in one kernel."""
     kernel_impl.check("bn_relu_matmul_from_sums", impl)
     flat = z.reshape(-1, z.shape[-1])
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
-    _check(flat, *sums, bias, w, res)  # sums, bias (K,)
+    _check(flat, sums[0], sums[1], bias, w, res)  # the sums (or Sums' zeros), bias (K,)
     check_scale("bn_relu_matmul_from_sums", scale, bias)
+    shares = shares and stats
 
-    def composed(z_, sums_, scale_, bias_, w_, res_, impl=impl):
-        mean, var, mul = batch_coefficients(*sums_, scale_, len(z_), epsilon)
-        out, *rest = bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
-                                    return_input=return_input, impl=impl)
-        return (out, (mean, var), *rest)
+    def composed(z_, sums_, scale_, bias_, w_, res_, impl=impl, rows=None):
+        """Without the kernels; with ``rows``, the sums as the kernel's ``rows`` shares."""
+        mean, var, mul = batch_coefficients(*totals(sums_), scale_, len(z_), epsilon)
+        out, out_sums, *rest = bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
+                                              return_input=return_input, impl=impl)
+        if rows is not None and out_sums is not None:
+            out_sums = bn_input.as_partials(*out_sums, rows)
+        return (out, (mean, var), out_sums, *rest)
 
     def kernel(*operands):
-        return bn_input.apply(_FromSums, (stats, return_input, impl == "interpret"), epsilon,
-                              *operands)
+        return bn_input.apply(_FromSums, (stats, return_input, impl == "interpret", shares),
+                              epsilon, *operands)
 
-    args = (flat, tuple(sums), scale, bias, w, res)
+    args = (flat, sums if isinstance(sums, Sums) else tuple(sums), scale, bias, w, res)
     if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or row_axes(len(flat)):
         results = composed(*args)
     else:
-        results = kernel_impl.dispatch(impl, kernel, functools.partial(composed, impl="xla"),
-                                       *args)
+        rows = partial_rows(len(flat), *w.shape) if shares else None
+        results = kernel_impl.dispatch(
+            impl, kernel, functools.partial(composed, impl="xla", rows=rows), *args)
     out = results[0].reshape(*z.shape[:-1], w.shape[-1])
     return (out, *results[1:3], *(r.reshape(z.shape) for r in results[3:]))
 

@@ -159,15 +159,17 @@ class PreActBottleneck(nn.Module):
                 return pw.bn_relu_matmul(z2, *coefficients(name="bn3")(z2), w3, residual,
                                          impl=impl)
             return from_sums("bn3", pw.bn_relu_matmul_from_sums, z2, sums2, w3, residual,
-                             stats=True, impl=impl)
+                             stats=True, shares=True, impl=impl)
 
         if self.conv3x3 != "conv" and self.stride == 1 and not self.fold:
             w2 = _ConvKernel(self.planes, 3, name="conv2")(self.planes)
             if train:  # bn1 and bn2 formed by the kernels' ops from sums, as bn3 by conv3's
                 z1, sums1, x = from_sums("bn1", pw.bn_relu_matmul_from_sums, x, sums, w1,
-                                         stats=True, return_input=True, impl=impl)
+                                         stats=True, return_input=True, shares=True,
+                                         impl=impl)
                 z2, sums2 = from_sums("bn2", c3.bn_relu_conv3x3_from_sums, z1, sums1, w2,
-                                      stats=True, impl=pointwise_impl(self.conv3x3))
+                                      stats=True, shares=True,
+                                      impl=pointwise_impl(self.conv3x3))
             else:
                 z1, _, x = pw.bn_relu_matmul(x, *coefficients(name="bn1")(x), w1,
                                              return_input=True, impl=impl)
