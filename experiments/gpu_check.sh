@@ -29,11 +29,11 @@
 #                above the tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
 #                and its backward kernel (--pointwise fused; compare with f32's step):
-#                compiled for an H100, 10.9 GB in 830 kernels against 18.0 GB in 1,661
+#                compiled for an H100, 10.9 GB in 806 kernels against 18.0 GB in 1,661
 #   conv3x3_step  pointwise_step with the stride-1 3x3 convolutions as the fused 3x3 kernel
 #                and its backward kernel too (--conv3x3 fused; compare with pointwise_step's)
-#                to decide ProblemConfig.conv3x3: compiled for an H100, 5.73 ms by the
-#                two-term estimate against pointwise_step's 6.54 ms
+#                to decide ProblemConfig.conv3x3: compiled for an H100, 5.01 ms by the
+#                two-term estimate against pointwise_step's 6.45 ms
 #   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
 #                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
 #                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
@@ -68,8 +68,8 @@
 #                convolutions only (under vmap over t the program moves the same bytes)
 #   bf16         bfloat16, no mask: curve step + sweep
 #   pointwise_step_bf16  pointwise_step in bfloat16 (compare with bf16's step)
-#   conv3x3_step_bf16  conv3x3_step in bfloat16 (compare with pointwise_step_bf16's; 4.22 ms
-#                estimated against 4.84 ms)
+#   conv3x3_step_bf16  conv3x3_step in bfloat16 (compare with pointwise_step_bf16's; 3.50 ms
+#                estimated against 4.72 ms)
 #   strategies   the sweep under map, vmap and vmap in chunks of 5 (checks resolve_strategy)
 #   bf16_k01     bfloat16, mask k = k_r = 0.1: curve step only
 #   f32_paper    float32, paper mask k=0.5, k_r=0.1: curve step only
