@@ -14,7 +14,8 @@ from mcu_jax.models import batchnorm, bn_input, conv3x3
 from mcu_jax.models import pointwise as pw
 
 
-@pytest.mark.parametrize("p,shape", [(8, (16, 32)), (6, (3, 3, 16, 16)), (1, None), (5, (16,))])
+@pytest.mark.parametrize("p,shape", [(8, (16, 32)), (6, (3, 3, 16, 16)), (1, None), (5, (16,)),
+                                     (100, (16, 64))])
 def test_finish_adds_up_the_shares_and_takes_them_through_the_coefficients(p, shape):
     """The kernel's totals equal numpy's sums of the programs' shares (P a power of two or
     not, one row, a weight gradient of the 3x3 kernel's shape, none), and its sums' and
@@ -54,10 +55,10 @@ def test_finish_adds_up_the_shares_and_takes_them_through_the_coefficients(p, sh
 def test_finish_blocks_divide_the_widths_and_rows():
     """Each program's columns divide the width and its rows' steps divide P, within the
     sizes the docstring names."""
-    for p in (1, 6, 32, 256, 1024):
+    for p in (1, 6, 32, 100, 256, 1024, 40000):
         for width in (16, 1024, 9 * 256, 64 * 256):
             block, chunk = bn_input.finish_blocks(p, width)
-            assert width % block == 0 and p % chunk == 0
+            assert width % block == 0 and p % chunk == 0 and block & (block - 1) == 0
             assert block <= 1024 and chunk * block <= 4096
             assert p * block <= 16384 or block == 16
 
@@ -178,9 +179,9 @@ def test_coefficients_of_the_shares_are_batch_coefficients():
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="impl must be"):
         bn_input.coefficients_of(jnp.asarray(partials), scale, bias, n, eps, "cuda")
-    for block, chunk in (bn_input.coefficient_blocks(q, c) for q in (1, 6, 1024)
-                         for c in (16, 64, 256)):
-        assert block >= 16 and chunk * block <= 4096
+    for q, c in ((q, c) for q in (1, 6, 100, 1024, 40000) for c in (16, 64, 256)):
+        block, chunk = bn_input.coefficient_blocks(q, c)
+        assert c % block == 0 and q % chunk == 0 and block >= 16 and chunk * block <= 4096
 
 
 def test_sums_as_shares_carry_the_derivative():

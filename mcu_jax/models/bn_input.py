@@ -89,9 +89,13 @@ def finish_blocks(p: int, width: int) -> tuple[int, int]:
     at most 1,024, and ``p`` x ``block`` within 16,384 values, about 64 KB a program to
     read) in steps of ``chunk`` rows (a power of two dividing ``p``, ``chunk`` x ``block``
     within 4,096 values). Untuned."""
-    block = min(width & -width, 1024, max(16, 16384 // p))
-    chunk = min(p & -p, max(1, 4096 // block))
-    return block, chunk
+    block = min(width & -width, 1024, max(16, _power_of_two(16384 // p)))
+    return block, min(p & -p, max(1, 4096 // block))
+
+
+def _power_of_two(v: int) -> int:
+    """The largest power of two at most ``v`` (1 for ``v`` under 2)."""
+    return 2 ** int(math.log2(max(1, v)))
 
 @functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
 def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: float,
@@ -193,7 +197,7 @@ def coefficient_blocks(p: int, k: int) -> tuple[int, int]:
     and ``p`` x 2 ``block`` within 32,768 values where it can, about 128 KB a program to
     read), in steps of ``chunk`` rows (a power of two dividing ``p``, ``chunk`` x
     ``block`` within 4,096 values). Untuned."""
-    block = min(k, max(16, 2 ** int(math.log2(max(1, 16384 // p)))))
+    block = min(k, max(16, _power_of_two(16384 // p)))
     return block, min(p & -p, max(1, 4096 // block))
 
 
