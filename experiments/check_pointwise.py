@@ -179,13 +179,13 @@ def conv3x3_checks(batch: int, dtype, impl: str) -> list[tuple[str, float]]:
 
 
 #: ``(P, K, weight gradient's shape)`` of ``bn_input``'s kernels at batch 128: conv3's and
-#: conv1's backward shares in stages 1 and 3, the 3x3 kernel's in stage 1, and a P that is
-#: not a power of two; the forward shares of the same K (``coefficients_of``) have P up to
-#: 1,024 (the 1x1 kernel's programs over stage 1's 131,072 rows).
+#: conv1's backward shares in stages 1 and 3, the 3x3 kernel's in stage 1, and Ps that are
+#: not powers of two (252: the model check's 63 images).
 BN_INPUT = ((256, 16, (16, 64)), (32, 64, (64, 256)), (256, 64, (64, 16)),
-            (256, 16, (3, 3, 16, 16)), (6, 32, (32, 128)))
-#: ``(P, K)`` of ``bn_input.coefficients_of``'s checks.
-BN_COEFFICIENTS = ((1024, 64), (256, 16), (6, 32))
+            (256, 16, (3, 3, 16, 16)), (6, 32, (32, 128)), (252, 16, (16, 64)))
+#: ``(P, K)`` of ``bn_input.coefficients_of``'s checks: forward shares, up to 1,024 (the 1x1
+#: kernel's programs over stage 1's 131,072 rows; 504 over the model check's 63 images).
+BN_COEFFICIENTS = ((1024, 64), (256, 16), (6, 32), (504, 64))
 
 
 def bn_input_checks(impl: str) -> list[tuple[str, float]]:

@@ -136,8 +136,8 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     import jax.numpy as jnp
     from cost_analysis import target_device
 
+    from mcu_jax.models import bn_input
     from mcu_jax.models import pointwise as pw
-    from mcu_jax.models.batchnorm import Sums
 
     place = jax.sharding.SingleDeviceSharding(target_device(target))
 
@@ -147,11 +147,6 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
     def with_statistics(out, sums):  # a loss of a kernel's output and both its sums
         return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(sums[0]) + jnp.sum(sums[1])
 
-    def from_shares(shares):
-        """Input sums as the previous kernel hands them on (``bn_input``'s kernels form
-        the BatchNorm's coefficients from them and its derivative)."""
-        zero = jnp.zeros(shares.shape[2], jnp.float32)
-        return Sums(zero, zero, shares)
 
     if variant == "conv2":  # (rows // side**2) images of the side whose planes are k
         from check_pointwise import CONV2
@@ -163,7 +158,7 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
 
         def loss3x3(z, shares, *a):
             out, _, sums = conv3x3.bn_relu_conv3x3_from_sums(
-                z, from_shares(shares), *a, epsilon=1e-5, stats=True, impl="pallas")
+                z, bn_input.shares_of(shares), *a, epsilon=1e-5, stats=True, impl="pallas")
             return with_statistics(out, sums)
 
         jax.jit(jax.grad(loss3x3, argnums=(0, 2, 3, 4))).lower(
@@ -176,7 +171,7 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
             out, _, same = pw.bn_relu_matmul_bn(*a, 1e-5, return_input=True, impl="pallas")
             return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(same.astype(jnp.float32) ** 2)
         z, shares, scale, bias, w, residual = a
-        out, _, sums = pw.bn_relu_matmul_from_sums(z, from_shares(shares), scale, bias, w,
+        out, _, sums = pw.bn_relu_matmul_from_sums(z, bn_input.shares_of(shares), scale, bias, w,
                                                    residual, epsilon=1e-5, stats=True,
                                                    impl="pallas")
         return with_statistics(out, sums)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxprs import kernel_calls
+from jaxprs import equations, kernel_calls
 
 from mcu_jax.models import batchnorm, bn_input, conv3x3
 from mcu_jax.models import pointwise as pw
@@ -93,7 +93,8 @@ def test_the_1x1_op_from_sums_has_autodiffs_gradients():
     residual, the returned input; with and without a loss of the batch statistics it
     returns), all at once or a few at a time, equal autodiff of the
     coefficients and XLA's ops; the backward pass runs the finishing kernel once and no
-    other reduction of the backward kernel's shares."""
+    other reduction of the backward kernel's shares (its weight gradient's and sums' shares
+    go to it unreduced)."""
     z, scale, bias = _bn_operands(300, 32, seed=1)
     rng = np.random.default_rng(2)
     w = jnp.asarray((rng.normal(size=(32, 16)) / 6).astype(np.float32))
@@ -116,7 +117,11 @@ def test_the_1x1_op_from_sums_has_autodiffs_gradients():
                                     argnums=(0, 1, 2, 3, 4)))(*args)
     assert len(kernel_calls(jaxpr, "bn_finish")) == 1
     (backward,) = kernel_calls(jaxpr, "bn_relu_matmul_backward")
-    assert [tuple(v.aval.shape)[1:] for v in backward.outvars[1:3]] == [(32, 16), (2, 32)]
+    (finish,) = kernel_calls(jaxpr, "bn_finish")
+    shares = backward.outvars[1:3]
+    assert [tuple(v.aval.shape)[1:] for v in shares] == [(32, 16), (2, 32)]
+    readers = [e for e in equations(jaxpr.jaxpr) if set(map(id, e.invars)) & set(map(id, shares))]
+    assert all(e.primitive.name in ("reshape", "pjit") for e in readers), readers
 
 
 def test_the_3x3_op_from_sums_has_autodiffs_gradients():
@@ -164,7 +169,7 @@ def test_coefficients_of_the_shares_are_batch_coefficients():
     and forms what XLA's path and ``batch_coefficients`` form, with the shift the kernels
     apply."""
     rng = np.random.default_rng(6)
-    p, k, n, eps = 12, 64, 500, 1e-5
+    p, k, n, eps = 600, 64, 500, 1e-5  # 4 programs of 16 channels
     partials = rng.normal(size=(p, 2, k)).astype(np.float32)
     partials[:, 1] = np.abs(partials[:, 1]) * 5  # sums of squares: a positive variance
     partials[:, 1, 3] = 0.0  # a variance clipped at zero

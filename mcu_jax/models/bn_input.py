@@ -1,22 +1,24 @@
-"""A train-mode BatchNorm that a kernel applies on its way in, given its input's sums: the
-derivative of its coefficients and the kernel's partial sums in one kernel.
+"""A train-mode BatchNorm that a kernel applies on its way in, given its input's sums: its
+coefficients formed in one kernel, and its derivative with the kernel's partial sums in one.
 
 ``pointwise`` and ``conv3x3`` kernels apply a BatchNorm + ReLU to their input ``z`` as
-``relu((z - mean) * mul + bias)``, with ``(mean, mul, bias)`` formed by XLA from the
-channels' sums (``batchnorm.batch_coefficients``) and differentiated by autodiff. In a
-training step each such BatchNorm then took two kernels of its own in the backward pass:
-one reduction that adds up the backward kernel's partial sums (its weight gradient's and
-``sum d_x``, ``sum d_x * (z - mean)``, ``d_x`` the cotangent of the affine map's output)
-and one elementwise kernel, the coefficients' derivative, for the sums' cotangents, which
-the kernel that wrote ``z`` reads (a custom kernel reads whole buffers: XLA cannot fuse
-into it, and gives no reduction an elementwise epilogue).
+``relu((z - mean) * mul + bias)``. With ``(mean, mul, bias)`` formed by XLA from the
+channels' sums (``batchnorm.batch_coefficients``) and differentiated by autodiff, each such
+BatchNorm took four small kernels of its own in a training step: the reduction of the
+partial sums that the kernel writing ``z`` returns and the coefficients; in the backward
+pass the reduction of the backward kernel's partial sums (its weight gradient's and ``sum
+d_x``, ``sum d_x * (z - mean)``, ``d_x`` the cotangent of the affine map's output) and the
+coefficients' derivative. A custom kernel reads whole buffers, so XLA fuses into it
+nothing, and it gives no reduction an elementwise epilogue.
 
-:func:`apply` is such a kernel with its BatchNorm given as ``(sum, sum of squares, scale,
-bias)``: one ``custom_vjp`` whose backward pass runs the kernel's backward kernel and then
-:func:`finish`, one Pallas kernel that adds up the partial sums and forms the sums'
-cotangents (:func:`moments_cotangents`) as buffers of their own. The scale's and bias's
-gradients are the totals themselves and one product, which XLA fuses into their consumer.
-docs/benchmarks.md, "Fewer kernels: the BatchNorm's derivative beside the partial sums".
+:func:`apply` is such a kernel with its BatchNorm given as its input's sums, scale and bias:
+one ``custom_vjp``. Where the kernel that wrote ``z`` hands on its programs' shares of the
+sums (``batchnorm.Sums``, :func:`shares_of`), one Pallas kernel adds them up and forms the
+coefficients (:func:`coefficients_of`). The backward pass runs the kernel's backward kernel
+and then :func:`finish`, one Pallas kernel that adds up its partial sums and forms the
+sums' cotangents (:func:`moments_cotangents`), the scale's and bias's gradients and the
+weight gradient, each a buffer of its own. docs/benchmarks.md, "Fewer kernels: each
+BatchNorm's coefficients and derivative in one kernel".
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import sums_or_none
-from mcu_jax.models.batchnorm import Sums, batch_coefficients
+from mcu_jax.models.batchnorm import Sums, batch_coefficients, totals
 
 
 def moments_cotangents(mean, raw, mul, d_offset, d_mul, n: int, epsilon: float,
@@ -97,6 +99,17 @@ def _power_of_two(v: int) -> int:
     """The largest power of two at most ``v`` (1 for ``v`` under 2)."""
     return 2 ** int(math.log2(max(1, v)))
 
+
+def _row_sums(ref, p: int, rows: int, columns, size: int):
+    """In a kernel: the ``p`` rows of ``ref`` added up over ``columns`` (``size`` wide), in
+    float32 and in steps of ``rows`` rows (a divisor of ``p``)."""
+    from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
+
+    def step(j, acc):
+        return acc + jnp.sum(ref[pl.ds(j * rows, rows), columns].astype(jnp.float32), axis=0)
+
+    return jax.lax.fori_loop(0, p // rows, step, jnp.zeros((size,), jnp.float32))
+
 @functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
 def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: float,
                    interpret: bool):
@@ -110,14 +123,6 @@ def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: fl
     width = 0 if d_w is None else d_w.shape[1]
     block, chunk = finish_blocks(p, width) if width else (0, 0)
     sums_chunk = min(p & -p, max(1, 4096 // k))
-
-    def added(ref, columns, size, rows):
-        """``ref``'s rows added up in steps of ``rows``, over ``columns``, in float32."""
-        def step(j, acc):
-            return acc + jnp.sum(ref[pl.ds(j * rows, rows), columns].astype(f32), axis=0)
-
-        return jax.lax.fori_loop(0, p // rows, step, jnp.zeros((size,), f32))
-
     given = [(name, v) for name, v in (("d_mean", d_mean), ("d_var", d_var)) if v is not None]
 
     def kernel(sums_ref, *refs):
@@ -132,14 +137,14 @@ def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: fl
             (d_sum_ref[...], d_squares_ref[...], d_bias_ref[...],
              d_scale_ref[...]) = _cotangents(
                 mean_ref[...], raw_ref[...], mul_ref[...],
-                added(sums_ref, pl.ds(0, k), k, sums_chunk),
-                added(sums_ref, pl.ds(k, k), k, sums_chunk), n, epsilon,
+                _row_sums(sums_ref, p, sums_chunk, pl.ds(0, k), k),
+                _row_sums(sums_ref, p, sums_chunk, pl.ds(k, k), k), n, epsilon,
                 *(ins[name][...] if name in ins else 0.0 for name in ("d_mean", "d_var")))
 
         if width:
             @pl.when(jnp.logical_not(first))
             def _():
-                total_ref[0][...] = added(dw_ref, slice(None), block, chunk)
+                total_ref[0][...] = _row_sums(dw_ref, p, chunk, slice(None), block)
 
     def whole(*shape):
         return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
@@ -215,14 +220,8 @@ def _pallas_coefficients(partials, scale, bias, n: int, epsilon: float, interpre
     def kernel(partials_ref, scale_ref, bias_ref, mean_ref, var_ref, mul_ref, shift_ref,
                raw_ref):
         start = pl.program_id(0) * block
-
-        def step(j, acc):
-            rows = pl.ds(j * chunk, chunk)
-            return (acc[0] + jnp.sum(partials_ref[rows, pl.ds(start, block)], axis=0),
-                    acc[1] + jnp.sum(partials_ref[rows, pl.ds(k + start, block)], axis=0))
-
-        zeros = jnp.zeros((block,), f32)
-        total, total_sq = jax.lax.fori_loop(0, p // chunk, step, (zeros, zeros))
+        total, total_sq = (_row_sums(partials_ref, p, chunk, pl.ds(at, block), block)
+                           for at in (start, k + start))
         mean, var, mul, raw = coefficients(total, total_sq, scale_ref[...], n, epsilon)
         mean_ref[...], var_ref[...], mul_ref[...], raw_ref[...] = mean, var, mul, raw
         shift_ref[...] = bias_ref[...] - mean * mul
@@ -233,6 +232,13 @@ def _pallas_coefficients(partials, scale, bias, n: int, epsilon: float, interpre
         in_specs=[pl.BlockSpec((p, 2 * k), lambda i: (0, 0)), channels, channels],
         out_specs=[channels] * 5, out_shape=[jax.ShapeDtypeStruct((k,), f32)] * 5,
         name="bn_coefficients"))
+
+
+def shares_of(partials) -> Sums:
+    """A kernel's programs' shares of its output's sums, ``partials`` (P, 2, N), as it hands
+    them on (:class:`Sums`: the totals zero, carrying the sums' derivative)."""
+    zero = jnp.zeros(partials.shape[2], jnp.float32)
+    return Sums(zero, zero, partials)
 
 
 def as_partials(total, total_sq, p: int) -> Sums:
@@ -280,7 +286,10 @@ def _apply_fwd(op, flags, epsilon, *primals):
     (as ``pointwise.perturbed``'s)."""
     values = [p.value if p is not None else None for p in primals]
     outputs, residuals, moments = _forward(op, flags, epsilon, *values)
-    wanted = {name: None for name, p in zip((*OPERANDS, *op.names), primals, strict=True)
+    # the perturbed operands' names and dtypes, as the keys of an empty dict: static, in the
+    # residuals' structure
+    wanted = {(name, p.value.dtype): None for name, p in zip((*OPERANDS, *op.names),
+                                                             primals, strict=True)
               if p is not None and p.perturbed}
     return outputs, (residuals, *moments, wanted)
 
@@ -291,15 +300,16 @@ def _apply_bwd(op, flags, epsilon, saved, cotangents):
     (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient. The shares of
     the sums, if given, get none."""
     residuals, mean, mul, raw, wanted = saved
+    dtypes = dict(wanted.keys())
     d_out, d_statistics, *rest = cotangents
-    d_z, d_rest, sums, d_w = op.backward(flags, residuals, (d_out, *rest), tuple(wanted))
+    d_z, d_rest, sums, d_w = op.backward(flags, residuals, (d_out, *rest), tuple(dtypes))
     n = residuals[0].size // residuals[0].shape[-1]
     d_total, d_total_sq, d_bias, d_scale, d_w = finish(
         sums, d_w, mean, raw, mul, n, epsilon, op.finish_impl(flags),
         *sums_or_none(d_statistics))
     grads = (d_z, d_total, d_total_sq, None, d_scale, d_bias,
              *(d_w if name == "w" else d for name, d in zip(op.names, d_rest, strict=True)))
-    return tuple(g if name in wanted else None
+    return tuple(None if g is None or name not in dtypes else g.astype(dtypes[name])
                  for name, g in zip((*OPERANDS, *op.names), grads, strict=True))
 
 
@@ -324,6 +334,36 @@ def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
     ``bias - mean * mul`` or None, for the kernel to form), ``backward(flags, residuals,
     cotangents, wanted) -> (d_z, d_rest, sums (P, 2, K), d_w (P, ...) or None)``
     (``d_rest`` in ``names``' order, None for "w" and for operands not in ``wanted``) and
-    ``finish_impl(flags)``; ``flags``: hashable, static."""
+    ``finish_impl(flags)``; ``flags``: hashable, static.
+
+    ``Sums`` with shares must have zero ``total`` and ``total_sq`` (as :func:`shares_of` and
+    :func:`as_partials` make them): the coefficients are formed from the shares alone."""
     sums = sums if isinstance(sums, Sums) else Sums(*sums)
     return _apply(op, flags, epsilon, z, *sums, scale, bias, *rest)
+
+
+def from_sums(op, flags, epsilon: float, plain, impl: str, composed: bool, rows, z, sums,
+              scale, bias, *rest):
+    """A kernel's op with its BatchNorm given as sums (``pointwise.bn_relu_matmul_from_sums``,
+    ``conv3x3.bn_relu_conv3x3_from_sums``): :func:`apply` where the kernels run, else the
+    coefficients by ``batch_coefficients`` and ``plain(z, mean, mul, bias, *rest, impl=)``,
+    the op's computation from given coefficients, which returns ``(out, out's sums or None,
+    *more)``; either way ``(out, (mean, var), out's sums, *more)``. ``composed``: run the
+    latter alone (XLA's ops, kernels that do not fit, a data-parallel program); else
+    ``kernel_impl.dispatch`` picks by ``impl``, its XLA branch handing on the output's sums
+    as ``rows`` shares (:func:`as_partials`; None: as they are) so that both branches return
+    one structure."""
+    args = (z, sums if isinstance(sums, Sums) else tuple(sums), scale, bias, *rest)
+
+    def xla(z, sums, scale, bias, *rest, impl=impl, rows=None):
+        mean, var, mul = batch_coefficients(*totals(sums), scale, z.size // z.shape[-1],
+                                            epsilon)
+        out, out_sums, *more = plain(z, mean, mul, bias, *rest, impl=impl)
+        if rows is not None and out_sums is not None:
+            out_sums = as_partials(*out_sums, rows)
+        return (out, (mean, var), out_sums, *more)
+
+    if composed:
+        return xla(*args)
+    return kernel_impl.dispatch(impl, functools.partial(apply, op, flags, epsilon),
+                                functools.partial(xla, impl="xla", rows=rows), *args)

@@ -53,7 +53,7 @@ from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import dense, sums_or_none
 from mcu_jax.models import bn_input
 from mcu_jax.models import pointwise as pw
-from mcu_jax.models.batchnorm import Sums, batch_coefficients, statistics_sums, totals
+from mcu_jax.models.batchnorm import statistics_sums
 
 IMPLS = kernel_impl.IMPLS
 TAPS = 9
@@ -349,8 +349,7 @@ class _FromSums:
         stats, interpret, shares = flags
         out, sums = _pallas(z, mean, mul, bias, w, stats, interpret, shift, shares)
         if sums is not None and shares:
-            zero = jnp.zeros(sums.shape[2], jnp.float32)
-            sums = Sums(zero, zero, sums)
+            sums = bn_input.shares_of(sums)
         return (out, sums), (z, mean, mul, bias, w, out if stats else None, shift)
 
     @staticmethod
@@ -378,27 +377,15 @@ def bn_relu_conv3x3_from_sums(z, sums, scale, bias, w, *, epsilon: float,
     _check(z, sums[0], sums[1], bias, w)  # the sums (or Sums' zeros), bias (K,)
     pw.check_scale("bn_relu_conv3x3_from_sums", scale, bias)
     shares = shares and stats
-    args = (z, sums if isinstance(sums, Sums) else tuple(sums), scale, bias, w)
 
-    def composed(z_, sums_, scale_, bias_, w_, impl=impl, rows=None):
-        """Without the kernels; with ``rows``, the sums as the kernel's ``rows`` shares."""
-        count = z_.size // z_.shape[-1]
-        mean, var, mul = batch_coefficients(*totals(sums_), scale_, count, epsilon)
-        out, out_sums = bn_relu_conv3x3(z_, mean, mul, bias_, w_, stats=stats, impl=impl)
-        if rows is not None and out_sums is not None:
-            out_sums = bn_input.as_partials(*out_sums, rows)
-        return out, (mean, var), out_sums
+    def plain(*operands, impl):
+        return bn_relu_conv3x3(*operands, stats=stats, impl=impl)
 
-    def kernel(*operands):
-        return bn_input.apply(_FromSums, (stats, impl == "interpret", shares), epsilon,
-                              *operands)
-
-    if (impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape[2:]))
-            or pw.row_axes(z.shape[0])):
-        return composed(*args)
+    composed = (impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape[2:]))
+                or bool(pw.row_axes(z.shape[0])))
     rows = partial_rows(z.size // z.shape[-1], *w.shape[2:]) if shares else None
-    return kernel_impl.dispatch(
-        impl, kernel, functools.partial(composed, impl="xla", rows=rows), *args)
+    return bn_input.from_sums(_FromSums, (stats, impl == "interpret", shares), epsilon, plain,
+                              impl, composed, rows, z, sums, scale, bias, w)
 
 
 def bn_relu_conv3x3(z, mean, mul, bias, w, *, stats: bool = False, impl: str = "auto"):

@@ -75,11 +75,9 @@ from mcu_jax import kernel_impl
 from mcu_jax.kernel_impl import dense, or_none, sums_or_none
 from mcu_jax.models import bn_input
 from mcu_jax.models.batchnorm import (
-    Sums,
     affine,
     batch_coefficients,
     channel_sums_side_by_side,
-    totals,
 )
 
 IMPLS = kernel_impl.IMPLS
@@ -685,10 +683,9 @@ class _FromSums:
         out, sums = _pallas(z, mean, mul, bias, w, residual, None, stats, False, interpret,
                             shift, shares)
         if sums is not None and shares:
-            zero = jnp.zeros(sums.shape[2], jnp.float32)
-            sums = Sums(zero, zero, sums)
-        return ((out, sums, z) if return_input else (out, sums)), (z, mean, mul, bias, w,
-                                                                    residual, out, shift)
+            sums = bn_input.shares_of(sums)
+        return ((out, sums, z) if return_input else (out, sums)), (
+            z, mean, mul, bias, w, residual, out if stats else None, shift)
 
     @staticmethod
     def backward(flags, residuals, cotangents, wanted):
@@ -735,26 +732,15 @@ def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon:
     check_scale("bn_relu_matmul_from_sums", scale, bias)
     shares = shares and stats
 
-    def composed(z_, sums_, scale_, bias_, w_, res_, impl=impl, rows=None):
-        """Without the kernels; with ``rows``, the sums as the kernel's ``rows`` shares."""
-        mean, var, mul = batch_coefficients(*totals(sums_), scale_, len(z_), epsilon)
-        out, out_sums, *rest = bn_relu_matmul(z_, mean, mul, bias_, w_, res_, stats=stats,
-                                              return_input=return_input, impl=impl)
-        if rows is not None and out_sums is not None:
-            out_sums = bn_input.as_partials(*out_sums, rows)
-        return (out, (mean, var), out_sums, *rest)
+    def plain(*operands, impl):
+        return bn_relu_matmul(*operands, stats=stats, return_input=return_input, impl=impl)
 
-    def kernel(*operands):
-        return bn_input.apply(_FromSums, (stats, return_input, impl == "interpret", shares),
-                              epsilon, *operands)
-
-    args = (flat, sums if isinstance(sums, Sums) else tuple(sums), scale, bias, w, res)
-    if impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or row_axes(len(flat)):
-        results = composed(*args)
-    else:
-        rows = partial_rows(len(flat), *w.shape) if shares else None
-        results = kernel_impl.dispatch(
-            impl, kernel, functools.partial(composed, impl="xla", rows=rows), *args)
+    composed = impl == "xla" or (impl == "auto" and not kernel_fits(*w.shape)) or bool(
+        row_axes(len(flat)))
+    results = bn_input.from_sums(
+        _FromSums, (stats, return_input, impl == "interpret", shares), epsilon, plain, impl,
+        composed, partial_rows(len(flat), *w.shape) if shares else None, flat, sums, scale,
+        bias, w, res)
     out = results[0].reshape(*z.shape[:-1], w.shape[-1])
     return (out, *results[1:3], *(r.reshape(z.shape) for r in results[3:]))
 

@@ -125,15 +125,16 @@ class PreActBottleneck(nn.Module):
     def _pointwise(self, x, train: bool, sums):
         """The block with conv1 and conv3 as ``pointwise.bn_relu_matmul`` (bn1 and bn3 applied
         on their way in, the residual add and the next BatchNorm's sums on their way out):
-        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known. In
-        train mode conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU after it (its
-        derivative taken in the backward kernel), and conv3 takes bn3 as its input's sums
-        (``pointwise.bn_relu_matmul_from_sums``: the BatchNorm's derivative and the backward
-        kernel's partial sums added up in one kernel, ``bn_input``). With ``fold``
-        (evaluation) bn2 is applied on conv1's way out and bn3 folded into conv2. With
-        ``conv3x3`` (stride 1, not folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2
-        applied on its way in, bn3's sums on its way out; in train mode all three
-        BatchNorms are then taken as sums by the kernels' ops."""
+        ``(out, out's channel sums in train mode, else None)``. ``sums``: x's, if known (a
+        pair or ``batchnorm.Sums``). In train mode conv3 takes bn3 as its input's sums
+        (``pointwise.bn_relu_matmul_from_sums``: its coefficients and derivative in one
+        kernel each, ``bn_input``) and hands on its output's sums as its programs' shares;
+        without the 3x3 kernel conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU
+        after it (its derivative taken in the backward kernel). With ``fold`` (evaluation)
+        bn2 is applied on conv1's way out and bn3 folded into conv2. With ``conv3x3``
+        (stride 1, not folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2 applied on its way
+        in, bn3's sums on its way out; in train mode conv1 and conv2 then take bn1 and bn2
+        as sums too (``*_from_sums``)."""
         dt, impl = self.dtype, pointwise_impl(self.pointwise)
         coefficients = functools.partial(BatchNormCoefficients, not train, self.bn_momentum,
                                          BN_EPSILON)
