@@ -23,9 +23,9 @@ shifted by ``(dy - 1) * W + (dx - 1)``, clamped to the array, with the pixels wh
 neighbour lies outside the image masked to zero), so no padded copy of ``z`` is made.
 Stride 1 and padding 1 only (the stride-2 blocks keep cuDNN).
 
-In train mode the model calls :func:`bn_relu_conv3x3_from_sums`, which takes bn2 as its
-input's sums, scale and bias and forms its derivative beside the backward kernel's partial
-sums in one kernel (``bn_input``).
+In train mode the model calls :func:`bn_relu_conv3x3_from_sums`, which takes bn2 as conv1's
+programs' shares of its input's sums, scale and bias, forms its coefficients in one kernel
+and its derivative beside the backward kernel's partial sums in one more (``bn_input``).
 
 Training with the kernels (``ProblemConfig.conv3x3``, the model's ``conv3x3``) computes
 the same function as without them, rounded differently; the backward kernel recomputes the

@@ -31,13 +31,14 @@ block's two output cotangents and the statistics' part in a pass of its own. And
 :func:`bn_relu_matmul_bn` is the kernel followed by the next BatchNorm + ReLU in train mode,
 whose derivative the backward kernel applies to its output's cotangent as it reads it,
 after one XLA reduction for the BatchNorm's gradients; :func:`bn_relu_matmul_from_sums` is
-the kernel with its own BatchNorm given as its input's sums, scale and bias, whose
-derivative is formed beside the backward kernel's partial sums in one kernel
-(``bn_input``). So a training step with the kernels
+the kernel with its own BatchNorm given as its input's sums (or the previous kernel's
+programs' shares of them), scale and bias, whose coefficients are formed in one kernel and
+whose derivative beside the backward kernel's partial sums in one more (``bn_input``). So
+a training step with the kernels
 moves fewer bytes in fewer kernels than one without them (docs/benchmarks.md, "The fused
 1x1 kernel in training", "Fewer passes: a block's output cotangent summed in the backward
 kernel", "Fewer passes: the BatchNorm after the kernel in the backward kernel" and "Fewer
-kernels: the BatchNorm's derivative beside the partial sums").
+kernels: each BatchNorm's coefficients and derivative in one kernel").
 
 ``impl`` (``kernel_impl``) picks how it runs: ``"auto"`` the kernels where the program is
 compiled for an NVIDIA GPU (a card, or a deviceless compilation for one; for the channel
@@ -719,7 +720,8 @@ def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon:
     them. Returns ``(out, (mean, var), out's sums or None[, z])``: the batch statistics for
     the running ones (``batchnorm.BatchNormApplied``). With the kernel, the BatchNorm's
     derivative and the backward kernel's partial sums are added up in one kernel
-    (``bn_input.apply``), where autodiff of the coefficients takes two; without it (and in
+    (``bn_input.apply``), where autodiff of the coefficients takes two, and given shares
+    its coefficients are formed in one more; without it (and in
     a data-parallel program, ``row_axes``), the coefficients in XLA ops and
     :func:`bn_relu_matmul`, differentiated as composed. ``sums`` may be ``batchnorm.Sums``;
     with ``shares`` (and ``stats``) the output's sums are too, the forward kernel's
