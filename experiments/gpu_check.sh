@@ -307,7 +307,7 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
-run_script pointwise_check 165 experiments/check_pointwise.py --checks pointwise
+run_script pointwise_check 180 experiments/check_pointwise.py --checks pointwise
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
 bench conv3x3_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused \
   --conv3x3 fused
