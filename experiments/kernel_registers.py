@@ -71,7 +71,8 @@ def kernel_ptx(dump: Path) -> dict[str, Path]:
     """The PTX file of each Pallas kernel XLA wrote into ``dump``, by kernel name."""
     found = {}
     for path in sorted(dump.glob("*.ptx")):
-        entry = re.search(r"\.entry (bn_relu_(?:matmul|conv3x3)\w*)\(", path.read_text())
+        entry = re.search(r"\.entry (bn_relu_(?:matmul|conv3x3)\w*|bn_finish|bn_coefficients)\(",
+                          path.read_text())
         if entry:
             found[entry.group(1)] = path
     return found
@@ -105,7 +106,8 @@ def main(argv=None) -> str:
                     registers, spills = ptxas_report(ptxas, ptx, args.arch)
                     rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | "
                                 f"{spills} |")
-    text = "\n".join([f"# Fused 1x1 and 3x3 kernels: registers and spills ({args.dtype}, "
+    text = "\n".join([f"# Fused 1x1 and 3x3 kernels and bn_input's: registers and spills "
+                      f"({args.dtype}, "
                       f"{args.rows} rows, ptxas -arch={args.arch})", "",
                       "| shape | as | kernel | registers | spill bytes |",
                       "|---|---|---|---|---|", *rows])
