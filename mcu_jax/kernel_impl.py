@@ -25,6 +25,13 @@ def check(name: str, impl: str) -> None:
         raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
 
 
+def check_explicit(name: str, impl: str) -> None:
+    """ValueError, led by ``name``, unless ``impl`` is "xla", "pallas" or "interpret" (a
+    choice already made: no "auto")."""
+    if impl not in IMPLS[1:]:
+        raise ValueError(f"{name}: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
+
+
 def dispatch(impl: str, kernel: Callable, plain: Callable, *args):
     """``plain(*args)`` for "xla"; for "auto" ``kernel(*args)`` where the program is
     compiled for an NVIDIA GPU and ``plain(*args)`` elsewhere (both must return the same
@@ -62,6 +69,9 @@ def or_none(cotangent):
 
 
 def sums_or_none(cotangents) -> tuple:
-    """A pair of cotangents (a kernel's sums, or its batch statistics) with symbolic zeros as
-    None; ``(None, None)`` for None (no such output)."""
-    return (None, None) if cotangents is None else tuple(or_none(d) for d in cotangents)
+    """A pair of cotangents (a kernel's sums, or its batch statistics; of a
+    ``batchnorm.Sums``, its first two, the shares getting none) with symbolic zeros as None;
+    ``(None, None)`` for None (no such output)."""
+    if cotangents is None:
+        return None, None
+    return tuple(or_none(d) for d in tuple(cotangents)[:2])

@@ -151,7 +151,8 @@ def test_the_3x3_op_from_sums_has_autodiffs_gradients():
 
 
 def test_ops_from_sums_refuse_bad_input():
-    """A scale of another shape than the bias, or an unknown impl, is refused up front."""
+    """A scale of another shape than the bias, an unknown impl, the XLA backward asked for
+    kernel shares, or ``apply`` asked to choose its impl, is refused up front."""
     z, scale, bias = _bn_operands(64, 16, seed=5)
     w = jnp.zeros((16, 16))
     sums = batchnorm.statistics_sums(z)
@@ -159,6 +160,11 @@ def test_ops_from_sums_refuse_bad_input():
         pw.bn_relu_matmul_from_sums(z, sums, scale[:8], bias, w, epsilon=1e-5)
     with pytest.raises(ValueError, match="impl must be"):
         pw.bn_relu_matmul_from_sums(z, sums, scale, bias, w, epsilon=1e-5, impl="cuda")
+    with pytest.raises(ValueError, match="impl 'xla' has none"):
+        pw.backward(z, *sums, bias, w, None, None, z @ w, (z @ w, None), False, False,
+                    impl="xla", partials=True)
+    with pytest.raises(ValueError, match="impl must be 'xla', 'pallas' or 'interpret'"):
+        bn_input.apply(None, (), 1e-5, z, sums, scale, bias, impl="auto")
     with pytest.raises(ValueError, match="scale must be"):
         conv3x3.bn_relu_conv3x3_from_sums(z.reshape(1, 8, 8, 16), sums, scale[:8], bias,
                                           jnp.zeros((3, 3, 16, 16)), epsilon=1e-5)

@@ -63,8 +63,7 @@ def finish(sums, d_w, mean, raw, mul, n: int, epsilon: float, impl: str, d_mean=
     pass's (:func:`moments_cotangents`); ``d_mean``, ``d_var`` (K,): the cotangents of the
     batch mean and variance the BatchNorm returned, or None (zero). ``impl``: "xla" (XLA's
     reductions), "pallas" (one kernel, :func:`_pallas_finish`) or "interpret"."""
-    if impl not in ("xla", "pallas", "interpret"):
-        raise ValueError(f"finish: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
+    kernel_impl.check_explicit("finish", impl)
     p, _, k = sums.shape
     if impl == "xla":
         d_bias, d_mul = jnp.sum(sums, 0)
@@ -184,9 +183,7 @@ def coefficients_of(partials, scale, bias, n: int, epsilon: float, impl: str):
     (the affine map as the kernels apply it, ``pointwise.shift_of``), with the shares added
     up in the same kernel ("pallas", "interpret": :func:`_pallas_coefficients`) or by XLA
     ("xla")."""
-    if impl not in ("xla", "pallas", "interpret"):
-        raise ValueError(f"coefficients_of: impl must be 'xla', 'pallas' or 'interpret', "
-                         f"got {impl!r}")
+    kernel_impl.check_explicit("coefficients_of", impl)
     if impl == "xla":
         total, total_sq = jnp.sum(partials, 0)
         mean, var, mul, raw = coefficients(total, total_sq, scale, n, epsilon)
@@ -262,7 +259,7 @@ def _with_statistics(outputs, mean, var):
     return (outputs[0], (mean, var), *outputs[1:])
 
 
-def _forward(op, flags, epsilon, z, total, total_sq, partials, scale, bias, *rest):
+def _forward(op, flags, impl, epsilon, z, total, total_sq, partials, scale, bias, *rest):
     """``(outputs, residuals, (mean, mul, raw))``: the coefficients from the sums (by
     XLA, ``op``'s kernel forming the shift) or their shares (:func:`coefficients_of`), then
     ``op``'s forward pass."""
@@ -270,22 +267,21 @@ def _forward(op, flags, epsilon, z, total, total_sq, partials, scale, bias, *res
     if partials is None:
         (mean, var, mul, raw), shift = coefficients(total, total_sq, scale, n, epsilon), None
     else:
-        mean, var, mul, shift, raw = coefficients_of(partials, scale, bias, n, epsilon,
-                                                     op.finish_impl(flags))
+        mean, var, mul, shift, raw = coefficients_of(partials, scale, bias, n, epsilon, impl)
     outputs, residuals = op.forward(flags, z, mean, mul, bias, *rest, shift=shift)
     return _with_statistics(outputs, mean, var), residuals, (mean, mul, raw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _apply(op, flags, epsilon, *operands):
-    return _forward(op, flags, epsilon, *operands)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _apply(op, flags, impl, epsilon, *operands):
+    return _forward(op, flags, impl, epsilon, *operands)[0]
 
 
-def _apply_fwd(op, flags, epsilon, *primals):
+def _apply_fwd(op, flags, impl, epsilon, *primals):
     """With symbolic zeros: the names of the perturbed operands travel to the backward pass
     (as ``pointwise.perturbed``'s)."""
     values = [p.value if p is not None else None for p in primals]
-    outputs, residuals, moments = _forward(op, flags, epsilon, *values)
+    outputs, residuals, moments = _forward(op, flags, impl, epsilon, *values)
     # the perturbed operands' names and dtypes, as the keys of an empty dict: static, in the
     # residuals' structure
     wanted = {(name, p.value.dtype): None for name, p in zip((*OPERANDS, *op.names),
@@ -294,7 +290,7 @@ def _apply_fwd(op, flags, epsilon, *primals):
     return outputs, (residuals, *moments, wanted)
 
 
-def _apply_bwd(op, flags, epsilon, saved, cotangents):
+def _apply_bwd(op, flags, impl, epsilon, saved, cotangents):
     """The kernel's backward kernel (``op.backward``, its partial sums unreduced), then
     :func:`finish`: the sums' cotangents, the bias's gradient (``sum d_x``), the scale's
     (``sum d_x * (z - mean) / sqrt(var + eps)``) and the weight gradient. The shares of
@@ -305,8 +301,7 @@ def _apply_bwd(op, flags, epsilon, saved, cotangents):
     d_z, d_rest, sums, d_w = op.backward(flags, residuals, (d_out, *rest), tuple(dtypes))
     n = residuals[0].size // residuals[0].shape[-1]
     d_total, d_total_sq, d_bias, d_scale, d_w = finish(
-        sums, d_w, mean, raw, mul, n, epsilon, op.finish_impl(flags),
-        *sums_or_none(d_statistics))
+        sums, d_w, mean, raw, mul, n, epsilon, impl, *sums_or_none(d_statistics))
     grads = (d_z, d_total, d_total_sq, None, d_scale, d_bias,
              *(d_w if name == "w" else d for name, d in zip(op.names, d_rest, strict=True)))
     return tuple(None if g is None or name not in dtypes else g.astype(dtypes[name])
@@ -316,7 +311,7 @@ def _apply_bwd(op, flags, epsilon, saved, cotangents):
 _apply.defvjp(_apply_fwd, _apply_bwd, symbolic_zeros=True)
 
 
-def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
+def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest, impl: str = "pallas"):
     """``op``'s kernel with its BatchNorm's coefficients formed from ``sums`` (z's channels'
     sum and sum of squares over all its rows, float32: a pair or ``batchnorm.Sums``; given
     as the shares of the kernel that wrote ``z``, the coefficients are formed in one kernel
@@ -333,13 +328,15 @@ def apply(op, flags, epsilon: float, z, sums, scale, bias, *rest):
     bias, *rest, shift) -> (outputs, residuals)`` (``residuals[0]`` is ``z``; ``shift``:
     ``bias - mean * mul`` or None, for the kernel to form), ``backward(flags, residuals,
     cotangents, wanted) -> (d_z, d_rest, sums (P, 2, K), d_w (P, ...) or None)``
-    (``d_rest`` in ``names``' order, None for "w" and for operands not in ``wanted``) and
-    ``finish_impl(flags)``; ``flags``: hashable, static.
+    (``d_rest`` in ``names``' order, None for "w" and for operands not in ``wanted``);
+    ``flags``: hashable, static. ``impl``: this module's kernels' ("pallas" or
+    "interpret").
 
     ``Sums`` with shares must have zero ``total`` and ``total_sq`` (as :func:`shares_of` and
     :func:`as_partials` make them): the coefficients are formed from the shares alone."""
+    kernel_impl.check_explicit("apply", impl)
     sums = sums if isinstance(sums, Sums) else Sums(*sums)
-    return _apply(op, flags, epsilon, z, *sums, scale, bias, *rest)
+    return _apply(op, flags, impl, epsilon, z, *sums, scale, bias, *rest)
 
 
 def from_sums(op, flags, epsilon: float, plain, impl: str, composed: bool, rows, z, sums,
@@ -365,5 +362,7 @@ def from_sums(op, flags, epsilon: float, plain, impl: str, composed: bool, rows,
 
     if composed:
         return xla(*args)
-    return kernel_impl.dispatch(impl, functools.partial(apply, op, flags, epsilon),
-                                functools.partial(xla, impl="xla", rows=rows), *args)
+    kernel = functools.partial(apply, op, flags, epsilon,
+                               impl="interpret" if impl == "interpret" else "pallas")
+    return kernel_impl.dispatch(impl, kernel, functools.partial(xla, impl="xla", rows=rows),
+                                *args)

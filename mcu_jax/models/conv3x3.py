@@ -356,13 +356,9 @@ class _FromSums:
     def backward(flags, residuals, cotangents, wanted):
         d_out, d_sums = cotangents
         d_z, d_w, sums = _pallas_backward(
-            *residuals[:5], dense(d_out), residuals[5], pw.sums_cotangents_of(d_sums),
+            *residuals[:5], dense(d_out), residuals[5], sums_or_none(d_sums),
             "z" in wanted, "w" in wanted, flags[1], partials=True, shift=residuals[6])
         return d_z, (None,), sums, d_w
-
-    @staticmethod
-    def finish_impl(flags):
-        return "interpret" if flags[1] else "pallas"
 
 
 def bn_relu_conv3x3_from_sums(z, sums, scale, bias, w, *, epsilon: float,

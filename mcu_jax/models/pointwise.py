@@ -525,10 +525,11 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
     for equal function and arguments: the calls of one shape then share one build).
     With ``partials`` it returns ``(cotangents, (sums (P, 2, K), d_w (P, K, N) or None))``:
     the kernel's partial sums of ``(sum d_x, sum d_x * (z - mean))`` and of the weight
-    gradient, not added up (P = 1 for "xla"), for ``bn_input.finish``; mean's, mul's,
-    bias's and w's cotangents are then None. ``shift``: as :func:`_pallas`'s."""
-    if impl not in ("xla", "pallas", "interpret"):
-        raise ValueError(f"backward: impl must be 'xla', 'pallas' or 'interpret', got {impl!r}")
+    gradient, not added up (the kernels' impls only), for ``bn_input.finish``; mean's,
+    mul's, bias's and w's cotangents are then None. ``shift``: as :func:`_pallas`'s."""
+    kernel_impl.check_explicit("backward", impl)
+    if partials and impl == "xla":
+        raise ValueError("backward: partials are the backward kernel's; impl 'xla' has none")
     dt = z.dtype
     d_out, (d_sum, d_squares) = cotangents[0], cotangents[1] or (None, None)
     if derive is not None and (d_sum is not None or d_squares is not None):
@@ -560,8 +561,6 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
                                          if shift is None else shift, w.astype(dt))
         if d_input is not None:
             d_z = _plus(d_z, d_input)
-        if partials:
-            sums, d_w = jnp.stack(sums)[None], d_w[None]
     else:
         with_g = wants_residual and adds
         d_z, d_w, sums, g_kernel = _pallas_backward(
@@ -693,22 +692,13 @@ class _FromSums:
         stats, _, interpret, _ = flags
         d_out, d_sums, *d_input = cotangents
         grads, (sums, d_w) = backward(
-            *residuals[:6], None, residuals[6], (dense(d_out), sums_cotangents_of(d_sums)),
+            *residuals[:6], None, residuals[6], (dense(d_out), sums_or_none(d_sums)),
             stats, False, impl="interpret" if interpret else "pallas",
             wanted=tuple(name for name in ("z", "w", "residual") if name in wanted),
             d_input=or_none(d_input[0]) if d_input else None, partials=True,
             shift=residuals[7])
         return grads[0], (None, grads[5]), sums, d_w
 
-    @staticmethod
-    def finish_impl(flags):
-        return "interpret" if flags[2] else "pallas"
-
-
-def sums_cotangents_of(d_sums) -> tuple:
-    """The cotangents of a kernel's sums, a pair or ``Sums`` (whose shares get none), as
-    ``(d_sum, d_squares)`` with symbolic zeros as None."""
-    return sums_or_none(None if d_sums is None else tuple(d_sums)[:2])
 
 
 def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon: float,
