@@ -8,7 +8,8 @@ PreResNet-110's stride-1 3x3 shapes, and the model with them too (outputs and gr
 Also the curve point's kernel (mcu_jax/combine.py) on PreResNet-110's weight tensors, and
 the kernels of a BatchNorm given as its input's sums (mcu_jax/models/bn_input.py: its
 coefficients from a kernel's shares, its derivative from a backward kernel's) on the sizes
-PreResNet-110's blocks give them.
+PreResNet-110's blocks give them, and the kernel that chains a block's conv3 and the next
+block's conv1 in folded evaluation (mcu_jax/models/chain.py) on PreResNet-110's pairs.
 
 usage: python experiments/check_pointwise.py [--rows 4100] [--batch 63] [--depth 20]
                                             [--dtype float32]
@@ -37,7 +38,7 @@ import numpy as np
 
 from mcu_jax import combine, curves, mcu, models, packing, pytrees
 from mcu_jax import train as train_lib
-from mcu_jax.models import bn_input
+from mcu_jax.models import bn_input, chain
 from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
 
@@ -50,6 +51,10 @@ CONV3 = ((16, 64), (32, 128), (64, 256))
 SHAPES = CONV1 + CONV3
 #: (image side, channels) of PreResNet-110's stride-1 3x3 convolutions (K = N = planes).
 CONV2 = ((32, 16), (16, 32), (8, 64))
+#: (K, N, N2) of the chain kernel (mcu_jax/models/chain.py) in PreResNet-110's folded
+#: evaluation: a block's conv3 (planes -> 4 planes) and the next block's conv1 (-> its planes,
+#: the next stage's at a stage's end).
+CHAIN = ((16, 64, 16), (16, 64, 32), (32, 128, 32), (32, 128, 64), (64, 256, 64))
 
 
 def _relative(a, b) -> float:
@@ -146,6 +151,27 @@ def kernel_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
     k, n = SHAPES[1]
     results.append((f"backward kernel K={k} N={n}, {32 * rows} rows, {name}, residual",
                     _backward_check(rng, _operands(rng, 32 * rows, k, n, dtype), impl)))
+    return results
+
+
+def chain_checks(rows: int, dtype, impl: str) -> list[tuple[str, float]]:
+    """``(label, relative difference)`` of the chain kernel's two outputs against the "xla"
+    impl (the two 1x1 kernels' computation), for every pair in :data:`CHAIN`."""
+    rng = np.random.default_rng(1)
+    name = jnp.dtype(dtype).name
+    results = []
+    for k, n, n_next in CHAIN:
+        a = jnp.asarray(np.maximum(rng.normal(size=(rows, k)), 0), dtype)
+        mean, bias = (jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(2))
+        mul = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+        args = (a, jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.float32),
+                jnp.asarray(rng.normal(size=(rows, n)), dtype), mean, mul, bias,
+                jnp.asarray(rng.normal(size=(n, n_next)) / np.sqrt(n), jnp.float32),
+                jnp.asarray(rng.normal(size=n_next), jnp.float32))
+        got = jax.jit(functools.partial(chain.matmul_chain, impl=impl))(*args)
+        want = chain.matmul_chain(*args, impl="xla")
+        results.append((f"chain kernel K={k} N={n} N2={n_next}, {rows} rows, {name}",
+                        max(_relative(g, w) for g, w in zip(got, want, strict=True))))
     return results
 
 
@@ -315,7 +341,8 @@ def main(argv=None) -> int:
     if args.checks != "curve-point":
         checks += [(label, worst, tolerance[name]) for name in tolerance
                    for label, worst in (kernel_checks(args.rows, jnp.dtype(name), impl)
-                                        + conv3x3_checks(args.batch, jnp.dtype(name), impl))]
+                                        + conv3x3_checks(args.batch, jnp.dtype(name), impl)
+                                        + chain_checks(args.rows, jnp.dtype(name), impl))]
         checks += [(label, worst, tolerance["float32"])
                    for label, worst in bn_input_checks(impl)]
         checks += [(label, worst, tolerance[args.dtype]) for label, worst in

@@ -1,13 +1,14 @@
 """Registers and spills of the fused 1x1 kernels (mcu_jax/models/pointwise.py), the fused
-3x3 kernel (mcu_jax/models/conv3x3.py) and the kernels of a BatchNorm given as its input's
-sums (mcu_jax/models/bn_input.py) on a GPU that is not here: each kernel, forward and
+3x3 kernel (mcu_jax/models/conv3x3.py), the kernels of a BatchNorm given as its input's
+sums (mcu_jax/models/bn_input.py) and the chain kernel of folded evaluation
+(mcu_jax/models/chain.py) on a GPU that is not here: each kernel, forward and
 backward, is compiled for a GPU target config without the card (as ``cost_analysis.py
 --gpu-target`` does), XLA writes the PTX, and ``ptxas -v`` reports the registers each thread
 uses and the bytes it spills to local memory. A spilling
 kernel reads and writes memory the byte counts do not show, so the block-size rules
 (``pointwise.blocks``, ``pointwise.backward_blocks``, ``conv3x3.block_rows``,
-``conv3x3.backward_blocks``) are chosen to spill nothing (but a word: 8 bytes, the 3x3
-backward kernel in bfloat16 at K = 32; docs/benchmarks.md).
+``conv3x3.backward_blocks``, ``chain.chain_blocks``) are chosen to spill nothing (but a
+word: 8 bytes, the 3x3 backward kernel in bfloat16 at K = 32; docs/benchmarks.md).
 
 usage: python experiments/kernel_registers.py [--gpu-target experiments/gpu_targets/h100.pbtxt]
                                               [--dtype float32] [--rows 8192] [--arch sm_90a]
@@ -19,12 +20,14 @@ conv1, with the next BatchNorm + ReLU after it and its input returned for the sh
 conv3, which adds the residual; each compiles kernels of its own) and kernel, for the
 gradient of a loss of its outputs (so both kernels are compiled); then one row per stride-1
 3x3 convolution's shape and kernel (conv2: the gradient of a loss of the kernel's output
-and statistics, on ``--rows`` pixels of its image side).
+and statistics, on ``--rows`` pixels of its image side); then one row per pair of 1x1
+shapes the chain kernel takes (its forward kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -71,8 +74,8 @@ def kernel_ptx(dump: Path) -> dict[str, Path]:
     """The PTX file of each Pallas kernel XLA wrote into ``dump``, by kernel name."""
     found = {}
     for path in sorted(dump.glob("*.ptx")):
-        entry = re.search(r"\.entry (bn_relu_(?:matmul|conv3x3)\w*|bn_finish|bn_coefficients)\(",
-                          path.read_text())
+        entry = re.search(r"\.entry (bn_relu_(?:matmul|conv3x3)\w*|bn_finish|bn_coefficients"
+                          r"|matmul_chain)\(", path.read_text())
         if entry:
             found[entry.group(1)] = path
     return found
@@ -90,22 +93,23 @@ def main(argv=None) -> str:
     ptxas = find_ptxas()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from check_pointwise import CONV1, CONV2, CONV3
+        from check_pointwise import CHAIN, CONV1, CONV2, CONV3
 
         conv2 = tuple((c, c) for _, c in CONV2)  # K = N; the image side follows from K
-        for variant, shapes in zip(VARIANTS, (CONV1, CONV3, conv2), strict=True):
-            for k, n in shapes:
-                dump = Path(tmp) / f"{k}x{n}-{variant}"
+        for variant, shapes in zip(VARIANTS, (CONV1, CONV3, conv2, CHAIN), strict=True):
+            for k, n, *n_next in shapes:
+                label = f"K={k} N={n}" + "".join(f" N2={v}" for v in n_next)
+                dump = Path(tmp) / f"{label.replace(' ', '-')}-{variant}"
                 # XLA reads its flags once per process: one child process per shape and use
                 subprocess.run([sys.executable, __file__, "--compile", args.gpu_target,
-                                args.dtype, str(args.rows), str(k), str(n), variant],
+                                args.dtype, str(args.rows), str(k), str(n), variant,
+                                *map(str, n_next)],
                                check=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                                 "XLA_FLAGS": f"--xla_dump_to={dump} "
                                                              "--xla_dump_hlo_pass_re=NONE"})
                 for name, ptx in sorted(kernel_ptx(dump).items()):
                     registers, spills = ptxas_report(ptxas, ptx, args.arch)
-                    rows.append(f"| K={k} N={n} | {variant} | {name} | {registers} | "
-                                f"{spills} |")
+                    rows.append(f"| {label} | {variant} | {name} | {registers} | {spills} |")
     text = "\n".join([f"# Fused 1x1 and 3x3 kernels and bn_input's: registers and spills "
                       f"({args.dtype}, "
                       f"{args.rows} rows, ptxas -arch={args.arch})", "",
@@ -122,18 +126,21 @@ def main(argv=None) -> str:
 #: residual, whose cotangent the backward kernel writes; ``bn_relu_matmul_from_sums``, so
 #: ``bn_input``'s kernels for bn3's coefficients and derivative too), then "conv2" (the 3x3
 #: kernels of ``conv3x3``, forward with its statistics and backward, with ``bn_input``'s
-#: for bn2).
-VARIANTS = ("conv1", "conv3", "conv2")
+#: for bn2), and "chain" (``chain.matmul_chain``, folded evaluation: a block's conv3 and
+#: the next block's conv1, forward only, ``check_pointwise.CHAIN``'s (K, N, N2)).
+VARIANTS = ("conv1", "conv3", "conv2", "chain")
 
 #: Rows of the input's shares that "conv3" and "conv2" form their BatchNorm from (the 1x1
 #: kernel's programs over 131,072 rows, stage 1 at batch 128).
 SHARES = 1024
 
 
-def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -> None:
+def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str,
+             n_next: int = 0) -> None:
     """Compiles the gradient of a loss of the kernel's output and statistics (both kernels),
-    used as ``variant`` (:data:`VARIANTS`), for ``target`` without the GPU; XLA_FLAGS (set
-    by :func:`main`) dumps the PTX."""
+    used as ``variant`` (:data:`VARIANTS`; "chain": its forward kernel, to ``n_next``
+    channels), for ``target`` without the GPU; XLA_FLAGS (set by :func:`main`) dumps the
+    PTX."""
     import jax
     import jax.numpy as jnp
     from cost_analysis import target_device
@@ -150,6 +157,14 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
         return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(sums[0]) + jnp.sum(sums[1])
 
 
+    if variant == "chain":
+        from mcu_jax.models import chain
+
+        dt = jnp.dtype(dtype)
+        jax.jit(functools.partial(chain.matmul_chain, impl="pallas")).lower(
+            shape(rows, k, dt=dt), shape(k, n), shape(rows, n, dt=dt), shape(n), shape(n),
+            shape(n), shape(n, n_next), shape(n_next)).compile()
+        return
     if variant == "conv2":  # (rows // side**2) images of the side whose planes are k
         from check_pointwise import CONV2
 
@@ -190,6 +205,7 @@ def _compile(target: str, dtype: str, rows: int, k: int, n: int, variant: str) -
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--compile":
-        _compile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), sys.argv[7])
+        _compile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), sys.argv[7],
+                 *map(int, sys.argv[8:]))
     else:
         main()

@@ -579,6 +579,7 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     monkeypatch.setattr(check, "CONV2", ((8, 64),))
     monkeypatch.setattr(check, "BN_INPUT", ((6, 16, (3, 3, 16, 16)),))
     monkeypatch.setattr(check, "BN_COEFFICIENTS", ((12, 32),))
+    monkeypatch.setattr(check, "CHAIN", ((16, 64, 32),))
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
@@ -592,9 +593,10 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
     assert "BatchNorm derivative from 6 shares of K=16, weight gradient (3, 3, 16, 16)" in out
     assert "BatchNorm coefficients from 12 shares of K=32: relative difference" in out
-    # 1: conv1's shapes with K = 4N; the 3x3 kernels: 2 a shape; bn_input's: 2; the model:
-    # 4 checks; the curve point: 2
-    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + 2 * (len(check.CONV2) + 1)) + 2 + 4 + 2
+    assert "chain kernel K=16 N=64 N2=32, 40 rows, bfloat16: relative difference" in out
+    # 1: conv1's shapes with K = 4N; the 3x3 kernels: 2 a shape; the chain: 1 a shape;
+    # bn_input's: 2; the model: 4 checks; the curve point: 2
+    checks = 2 * (3 * len(check.SHAPES) + 1 + 1 + 2 * (len(check.CONV2) + 1) + 1) + 2 + 4 + 2
     assert f"{checks} of {checks} checks passed" in out
     with pytest.raises(SystemExit):
         check.main(["--rows", "0"])
@@ -629,10 +631,13 @@ def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
 def test_kernel_registers_of_every_shape_for_the_h100():
     """Where JAX's CUDA plugin (and its ptxas) is installed, kernel_registers.py compiles
     both kernels of every PreResNet-110 1x1 shape, as its block uses it (conv1 or conv3),
-    and the 3x3 kernel of each stride-1 3x3 shape, for the H100 without it, and the block
-    rules leave no kernel spilling more than a few bytes."""
+    the 3x3 kernel of each stride-1 3x3 shape and the chain kernel of each pair of 1x1
+    shapes it chains, for the H100 without it, and the block rules leave no kernel spilling
+    more than a few bytes."""
     pytest.importorskip("jax_plugins.xla_cuda13", reason="JAX's CUDA 13 plugin is not "
                         "installed (pip install -e '.[cuda13]'); no GPU is needed")
     text = _load("kernel_registers").main(["--rows", "1024"])
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| K=")]
-    assert len(rows) == 2 * 9 + 3 and all(int(r[5]) <= 64 for r in rows)
+    # conv1: 2 kernels for each of 6 shapes; conv3 and conv2: 4 (with bn_input's) for each
+    # of 3; the chain: 1 for each of 5
+    assert len(rows) == 2 * 6 + 4 * 3 + 4 * 3 + 5 and all(int(r[5]) <= 64 for r in rows)

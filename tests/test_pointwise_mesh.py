@@ -1,6 +1,7 @@
 """The fused 1x1 kernels (models/pointwise.py) in data-parallel programs: each device runs
 them on its own rows, and the results equal one device's; curve training there with the
-curve point's kernel (combine.py) too; and the 3x3 kernel (models/conv3x3.py).
+curve point's kernel (combine.py) too; the 3x3 kernel (models/conv3x3.py); and the chain
+kernel of folded evaluation (models/chain.py).
 
 XLA fixes the number of host devices when jax is first imported, so the comparisons run in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``: this file, run as a
@@ -156,6 +157,47 @@ def _conv3x3_part(mesh) -> dict:
             "per_device_rows": "f32[32,16]" in hlo}  # 2 images of 4 x 4 a device
 
 
+def _chain_part(mesh) -> dict:
+    """The chain kernel (models/chain.py) in a data-parallel program on rows split over the
+    mesh, against XLA's ops on one device: each device computes its own rows' two
+    outputs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mcu_jax import sharding
+    from mcu_jax.models import chain
+
+    rng = np.random.default_rng(2)
+    m, k, n, n_next = DEVICES * 40, 16, 64, 32
+    args = (np.maximum(rng.normal(size=(m, k)), 0).astype(np.float32),
+            (rng.normal(size=(k, n)) / 4).astype(np.float32),
+            rng.normal(size=(m, n)).astype(np.float32),
+            rng.normal(size=n).astype(np.float32),
+            rng.uniform(0.5, 2.0, size=n).astype(np.float32),
+            rng.normal(size=n).astype(np.float32),
+            (rng.normal(size=(n, n_next)) / 8).astype(np.float32),
+            rng.normal(size=n_next).astype(np.float32))
+    probe = rng.normal(size=(m, n_next)).astype(np.float32)
+
+    def f(impl):
+        """Both outputs reduced (each as a dot product with a probe): every output is
+        replicated, so gathering rows would show in the program."""
+        def run(*a):
+            out, following = chain.matmul_chain(*a, impl=impl)
+            return jnp.sum(jnp.sin(out)), jnp.sum(following * probe)
+        return run
+
+    want = jax.jit(f("xla"))(*args)
+    program = sharding.data_parallel(f("interpret"), mesh)
+    rows, rep = sharding.batch_sharding(mesh, ndim=1), sharding.replicated(mesh)
+    placed = [sharding.place(a, rows if a.shape[0] == m else rep) for a in args]
+    hlo = program.lower(*placed).compile().as_text()
+    return {**_max_diff(program(*placed), want, atol=1e-4),
+            "all_gather": "all-gather" in hlo,
+            "per_device_rows": f"f32[{m // DEVICES},{k}]" in hlo}
+
+
 def main() -> None:
     import jax
 
@@ -163,7 +205,7 @@ def main() -> None:
 
     mesh = sharding.make_mesh(DEVICES)
     out = {"devices": len(jax.devices()), "kernel": _kernel_part(mesh),
-           "conv3x3": _conv3x3_part(mesh), **_model_parts(mesh)}
+           "conv3x3": _conv3x3_part(mesh), "chain": _chain_part(mesh), **_model_parts(mesh)}
     print("POINTWISE-MESH-JSON " + json.dumps(out), flush=True)
 
 
@@ -184,6 +226,8 @@ def test_kernels_run_on_each_devices_rows():
         # Each device runs the kernels on its own rows (no gather of the whole batch); the
         # statistics (and the replicated operands' gradients) are summed across the devices.
         assert kernel["per_device_rows"] and not kernel["all_gather"] and kernel["all_reduce"]
+    assert out["chain"]["allclose"] and out["chain"]["per_device_rows"], out["chain"]
+    assert not out["chain"]["all_gather"], out["chain"]
     for part in ("curve", "gradient", "outputs", "bn"):
         assert out[part]["allclose"], (part, out[part])
     assert out["gradient"]["all_gathers"] == 0

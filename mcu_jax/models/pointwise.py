@@ -134,7 +134,7 @@ def _check(z, mean, mul, bias, w, residual, out_bias=None) -> tuple[int, int, in
     return m, k, n
 
 
-def _epilogue(c, out_bias, residual, out_relu: bool, dt):
+def epilogue(c, out_bias, residual, out_relu: bool, dt):
     """The float32 product ``c`` plus ``out_bias`` and ``residual`` (either may be None), cast
     to ``dt``, then the ReLU if ``out_relu``."""
     if out_bias is not None:
@@ -152,14 +152,14 @@ def reference(z, mean, mul, bias, w, residual=None, out_bias=None, stats: bool =
     _check(z, mean, mul, bias, w, residual, out_bias)
     dt = z.dtype
     c = jnp.dot(bn_relu(z, mean, mul, bias), w.astype(dt), preferred_element_type=jnp.float32)
-    out = _epilogue(c, out_bias, residual, out_relu, dt)
+    out = epilogue(c, out_bias, residual, out_relu, dt)
     if not stats:
         return out, None
     o = out.astype(jnp.float32)
     return out, (jnp.sum(o, 0), jnp.sum(o * o, 0))
 
 
-def _pad_rows(pad: int, *arrays):
+def pad_rows(pad: int, *arrays):
     """``arrays`` (None stays None) with ``pad`` rows of zeros appended: Triton's block loads
     and stores are not bounded, so the kernels take whole blocks of rows only."""
     if not pad:
@@ -184,7 +184,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
     block_m, block_n = blocks(k, n)
     grid = (partial_rows(m, k, n), n // block_n)
     pad = grid[0] * block_m - m
-    z, residual = _pad_rows(pad, z, residual)
+    z, residual = pad_rows(pad, z, residual)
 
     def kernel(z_ref, mul_ref, shift_ref, w_ref, *refs):
         refs = list(refs)  # the optional inputs, then the outputs
@@ -193,7 +193,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         out_ref, *sums_ref = refs
         a = bn_relu_shifted(z_ref[...], mul_ref[...], shift_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
-        out = _epilogue(c, None if ob_ref is None else ob_ref[...],
+        out = epilogue(c, None if ob_ref is None else ob_ref[...],
                         None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
         if sums_ref:  # the padding rows past m are left out of the sums
@@ -366,7 +366,7 @@ def _pallas_backward(z, mean, mul, bias, w, gd, interpret: bool, with_dz: bool =
     if through is not None and out is None:
         raise ValueError("_pallas_backward: through needs out")
     # zero cotangent rows add nothing to any sum (but d_sum's part: masked in the kernel)
-    z, gd, out, d_input = _pad_rows(pad, z, gd, out, d_input)
+    z, gd, out, d_input = pad_rows(pad, z, gd, out, d_input)
     dt, f32 = z.dtype, jnp.float32
     mul2, shift2 = through if through is not None else (None, None)
     derived = [(f"derive{i}", a) for i, a in enumerate(derive_operands)]

@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mcu_jax import checks
+from mcu_jax.models import chain
 from mcu_jax.models import conv3x3 as c3
 from mcu_jax.models import pointwise as pw
 from mcu_jax.models.batchnorm import (
@@ -89,6 +90,34 @@ class _ConvKernel(nn.Module):
         return kernel.reshape(in_features, self.features) if self.size == 1 else kernel
 
 
+class Pending(NamedTuple):
+    """A block's output not yet computed (evaluation with BatchNorm folded and the kernels):
+    conv3's activated input ``a``, its (K, N) filter ``w`` and the shortcut's output. The
+    next block computes it in its conv1's kernel (``chain.matmul_chain``), the model's head
+    with conv3's kernel alone (:func:`resolved`)."""
+
+    a: jax.Array
+    w: jax.Array
+    residual: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.a.shape[:-1], self.w.shape[-1])
+
+
+def _identity(channels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``(mean, mul, bias)`` of an identity BatchNorm map: for a kernel whose input is
+    normalised and activated already."""
+    return jnp.zeros(channels), jnp.ones(channels), jnp.zeros(channels)
+
+
+def resolved(x, impl: str):
+    """``x``, or a :class:`Pending` block output computed by conv3's kernel."""
+    if not isinstance(x, Pending):
+        return x
+    return pw.bn_relu_matmul(x.a, *_identity(x.a.shape[-1]), x.w, x.residual, impl=impl)[0]
+
+
 class PreActBottleneck(nn.Module):
     """BN-ReLU-1x1, BN-ReLU-3x3 (strided), BN-ReLU-1x1 (x4), plus identity or 1x1 projection."""
 
@@ -131,7 +160,9 @@ class PreActBottleneck(nn.Module):
         kernel each, ``bn_input``) and hands on its output's sums as its programs' shares;
         without the 3x3 kernel conv1 is ``pointwise.bn_relu_matmul_bn``, with bn2 + ReLU
         after it (its derivative taken in the backward kernel). With ``fold`` (evaluation)
-        bn2 is applied on conv1's way out and bn3 folded into conv2. With ``conv3x3``
+        bn2 is applied on conv1's way out and bn3 folded into conv2, and ``out`` is a
+        :class:`Pending` conv3: the next block's conv1 computes it in its own kernel
+        (``chain.matmul_chain``), and ``x`` may be such a one. With ``conv3x3``
         (stride 1, not folded) conv2 is ``conv3x3.bn_relu_conv3x3``: bn2 applied on its way
         in, bn3's sums on its way out; in train mode conv1 and conv2 then take bn1 and bn2
         as sums too (``*_from_sums``)."""
@@ -183,11 +214,15 @@ class PreActBottleneck(nn.Module):
             channels = jax.ShapeDtypeStruct((self.planes,), dt)
             mean2, mul2, bias2 = coefficients(name="bn2")(channels)  # applied by conv1
             w1, b1 = fold_affine(w1, 0.0, mean2, mul2, bias2)
-            a2, _ = pw.bn_relu_matmul(x, *bn1, w1, out_bias=b1, out_relu=True, impl=impl)
+            if isinstance(x, Pending):  # the last block's conv3 in this conv1's kernel
+                x, a2 = chain.matmul_chain(*x, *bn1, w1, b1, impl=impl)
+            else:
+                a2, _ = pw.bn_relu_matmul(x, *bn1, w1, out_bias=b1, out_relu=True,
+                                          impl=impl)
             a3 = conv_folded(conv2, a2, *coefficients(name="bn3")(channels), relu=True)
-            # a3 is normalised and activated already: the kernel's own map is the identity
-            identity = (jnp.zeros(self.planes), jnp.ones(self.planes), jnp.zeros(self.planes))
-            return pw.bn_relu_matmul(a3, *identity, w3, shortcut(x), impl=impl)
+            # a3 is normalised and activated already (conv3's map is the identity); conv3
+            # runs in the next block's conv1 kernel, or at the head
+            return Pending(a3, w3, shortcut(x)), None
         # the shortcut reads the x that conv1's kernel returns, so that the backward kernel
         # adds the shortcut's cotangent to x's (return_input)
         if train:  # bn2 applied after conv1's kernel, its derivative in the backward kernel
@@ -258,6 +293,7 @@ class PreResNet(nn.Module):
             x = batch_norm(train, self.bn_momentum, dtype=dt, relu=True, fused=self.fused_bn,
                            name="final_bn")(x)
         else:
+            x = resolved(x, pointwise_impl(self.pointwise))
             x = pw.bn_relu(x, *BatchNormCoefficients(not train, self.bn_momentum, BN_EPSILON,
                                                      name="final_bn")(x, sums))
         x = jnp.mean(x, axis=(1, 2))
