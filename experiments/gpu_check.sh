@@ -37,11 +37,16 @@
 #   pointwise_bf16  the sweep in bfloat16 with every sweep option that the two-term model
 #                favours: the fused 1x1 kernel, BatchNorm folded for evaluation, lax.map over
 #                t with all 46 BatchNorm batches at once and evaluation batches of 6,000
-#                (1.12 s estimated, against the 1.1 s target; compare with bf16's sweep)
+#                (1.01 s estimated, against the 1.1 s target; compare with bf16's sweep);
+#                folded, each block's conv3 and the next block's conv1 run as one kernel
+#                (mcu_jax/models/chain.py)
 #   conv3x3_bf16  pointwise_bf16 with the fused 3x3 kernel too (--conv3x3 fused: the stride-1
 #                3x3 convolutions with bn2 + ReLU before them and bn3's statistics after
-#                them, mcu_jax/models/conv3x3.py; 1.03 s estimated; compare with
+#                them, mcu_jax/models/conv3x3.py; 0.93 s estimated; compare with
 #                pointwise_bf16's) to decide SelectionConfig.conv3x3
+#   unfolded_bf16  conv3x3_bf16 without --fold-bn, so without the chain kernel (1.04 s
+#                estimated; compare with conv3x3_bf16's) to decide SelectionConfig.fold_bn
+#                with the kernels
 #   pointwise    sweep_map's sweep with PreResNet's 1x1 convolutions as the fused kernel
 #                (--pointwise fused; compare with sweep_map's) to decide
 #                SelectionConfig.pointwise: compiled for an H100, 0.58 of the BatchNorm pass's
@@ -191,7 +196,7 @@ grep -E "^(jax|flax|torch|devices) " "$OUT/env.txt" | tee -a "$LOG"
 # (parts without a curve step need no check; cost compiles one, but only to count it: its
 # script takes no --combine, so the fallback could not reach it anyway)
 if [ -z "$ONLY" ] || [ -n "$(printf '%s\n' $ONLY | grep -vxE \
-    'reference|sweep_map|pointwise|pointwise_bf16|conv3x3_bf16|fold|strategies|cost|pointwise_check')" ]; then
+    'reference|sweep_map|pointwise|pointwise_bf16|conv3x3_bf16|unfolded_bf16|fold|strategies|cost|pointwise_check')" ]; then
   if timeout 120 $PY experiments/check_pointwise.py --checks curve-point >>"$LOG" 2>&1; then
     log "the curve point's kernel matches XLA's sums"
   else
@@ -312,11 +317,14 @@ bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --p
 bench conv3x3_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused \
   --conv3x3 fused
 BEST_SWEEP=(--model preresnet110 --dtype bfloat16 --skip-step --num-t 20 --sweep-images 6000
-  --strategy map --bn-group 46 --eval-batch-size 6000 --fold-bn --pointwise fused)
-bench pointwise_bf16 70 "${BEST_SWEEP[@]}"
-# the same with the fused 3x3 kernel in the BatchNorm pass (1.03 s by the estimate, against
-# pointwise_bf16's 1.12 s): its ratio needs pointwise_bf16 in the same call
-bench conv3x3_bf16 70 "${BEST_SWEEP[@]}" --conv3x3 fused
+  --strategy map --bn-group 46 --eval-batch-size 6000 --pointwise fused)
+bench pointwise_bf16 70 "${BEST_SWEEP[@]}" --fold-bn
+# the same with the fused 3x3 kernel in the BatchNorm pass (0.93 s by the estimate, against
+# pointwise_bf16's 1.01 s): its ratio needs pointwise_bf16 in the same call
+bench conv3x3_bf16 70 "${BEST_SWEEP[@]}" --fold-bn --conv3x3 fused
+# conv3x3_bf16 unfolded: no chain kernel (1.04 s by the estimate); its ratio needs
+# conv3x3_bf16 in the same call
+bench unfolded_bf16 70 "${BEST_SWEEP[@]}" --conv3x3 fused
 bench pointwise 70 "${DENSE[@]}" --pointwise fused
 reference
 # Each end-to-end part compiles from an empty cache of its own: compilation is part of what

@@ -162,11 +162,12 @@ def summary(out: Path) -> str:
                      f"{_judged(None if ms is None else ms <= STEP_TARGET_MS, parts, name)} |")
     # each variant against the sweep it changes: sweep_map against f32's, fold and pointwise
     # against sweep_map's (gpu_check.sh runs them on the dense settings), conv3x3_bf16
-    # against pointwise_bf16's
+    # against pointwise_bf16's, unfolded_bf16 against conv3x3_bf16's
     base = {"sweep_map": ("f32", "float32 sweep"), "fold": ("sweep_map", "unfolded sweep"),
             "pointwise": ("sweep_map", "sweep with nn.Conv"),
             "pointwise_bf16": ("bf16", "bfloat16 sweep"),
-            "conv3x3_bf16": ("pointwise_bf16", "sweep with cuDNN's 3x3 convolutions")}
+            "conv3x3_bf16": ("pointwise_bf16", "sweep with cuDNN's 3x3 convolutions"),
+            "unfolded_bf16": ("conv3x3_bf16", "folded sweep (with the chain kernel)")}
     for name, label in (
             ("f32", "float32"),
             ("sweep_map", _dense_label(parts, "sweep_map", "float32", 16, 2000)),
@@ -177,7 +178,9 @@ def summary(out: Path) -> str:
             ("pointwise_bf16", _dense_label(parts, "pointwise_bf16", "bfloat16", 46, 6000,
                                             fold_bn=True, pointwise="fused")),
             ("conv3x3_bf16", _dense_label(parts, "conv3x3_bf16", "bfloat16", 46, 6000,
-                                          fold_bn=True, pointwise="fused", conv3x3="fused"))):
+                                          fold_bn=True, pointwise="fused", conv3x3="fused")),
+            ("unfolded_bf16", _dense_label(parts, "unfolded_bf16", "bfloat16", 46, 6000,
+                                           pointwise="fused", conv3x3="fused"))):
         sw = _sweep(parts, name)
         text = "-"
         if sw is not None:

@@ -57,7 +57,8 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
              _part("conv3x3_step", 5.6), _part("conv3x3_step_bf16", 2.7),
              _part("combine_xla", 10.5), _part("pointwise", sweep=(2.0, 240000)),
              _part("pointwise_bf16", sweep=(0.5, 240000)),
-             _part("conv3x3_bf16", sweep=(0.4, 240000)), _part("sweep_map", sweep=(4.0, 240000),
+             _part("conv3x3_bf16", sweep=(0.4, 240000)),
+             _part("unfolded_bf16", sweep=(0.44, 240000)), _part("sweep_map", sweep=(4.0, 240000),
                    args={**STANDARD, "bn_group": 16, "eval_batch_size": 2000})]
     (tmp_path / "parts.jsonl").write_text("\n".join(json.dumps(p) for p in parts) + "\n")
     ref = {"step_ms": 100.0, "sweep_img_fwd_per_s": 3000.0, "sweep_t": 3, "sweep_s": 12.0,
@@ -101,6 +102,9 @@ def test_gpu_summary_targets_and_ratios(gpu_summary, tmp_path):
     assert "0.80 of the sweep with cuDNN's 3x3 convolutions | met |" in lines[
         "20-point sweep <= 1.1 s (bfloat16, map over t, 46 BN batches at once, eval batch 6000, "
         "BN folded for evaluation, fused 1x1 kernel, fused 3x3 kernel)"]
+    assert "1.10 of the folded sweep (with the chain kernel) | met |" in lines[
+        "20-point sweep <= 1.1 s (bfloat16, map over t, 46 BN batches at once, eval batch 6000, "
+        "fused 1x1 kernel, fused 3x3 kernel)"]
     assert "4 s, 60,000 img-fwd/s (20.0x the release's float32); 0.50 of the float32 sweep" in (
         lines["20-point sweep <= 1.1 s (float32, map over t, 16 BN batches at once, eval "
               "batch 2000)"])

@@ -14,7 +14,8 @@ ReLU before them and the statistics after them, and a backward kernel, ``pointwi
 :func:`with_pointwise` sets it where it exists; for training and the sweep), and with it
 ``conv3x3`` (its stride-1 3x3 convolutions as one kernel with bn2 + ReLU before them and
 bn3's statistics after them, and a backward kernel, ``conv3x3.py``; :func:`with_conv3x3`;
-for training and the sweep).
+for training and the sweep). With ``pointwise`` and ``fold_bn``, evaluation runs each
+block's last 1x1 convolution and the next block's first as one kernel (``chain.py``).
 Train-mode calls that use dropout need ``rngs={"dropout": key}``.
 
 Built-in models (see each module's docstring):
