@@ -56,6 +56,19 @@ def test_the_chain_computes_both_products(shape, dtype):
                                    rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
+def test_vmap_over_the_weights_is_a_loop():
+    """The sweep's vmap over t batches the filters and BatchNorm maps (each t its own):
+    the batched kernel computes what it computes for each t alone."""
+    ops = _operands(40, 16, 64, 16, jnp.float32)
+    stacked = [jnp.stack([v, 0.5 * v + 0.1]) for v in ops[1:]]
+    batched = jax.vmap(lambda *xs: chain.matmul_chain(ops[0], *xs, impl="interpret"))(
+        *stacked)
+    for i in range(2):
+        alone = chain.matmul_chain(ops[0], *(v[i] for v in stacked), impl="interpret")
+        for b, x in zip(batched, alone, strict=True):
+            np.testing.assert_allclose(b[i], x, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_shapes_and_impls_are_refused():
     ops = _operands(32, 16, 64, 16, jnp.float32)
     with pytest.raises(ValueError, match=r"residual must be \(32, 64\)"):
