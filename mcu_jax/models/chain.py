@@ -66,9 +66,7 @@ def reference(a, w, residual, mean, mul, bias, w_next, bias_next):
     two calls of ``pointwise.bn_relu_matmul`` compute them (conv3's input map the identity:
     ``a`` is activated already)."""
     _check(a, w, residual, mean, mul, bias, w_next, bias_next)
-    k = a.shape[-1]
-    out, _ = pw.bn_relu_matmul(a, jnp.zeros(k), jnp.ones(k), jnp.zeros(k), w, residual,
-                               impl="xla")
+    out, _ = pw.bn_relu_matmul(a, *pw.identity(a.shape[-1]), w, residual, impl="xla")
     following, _ = pw.bn_relu_matmul(out, mean, mul, bias, w_next, out_bias=bias_next,
                                      out_relu=True, impl="xla")
     return out, following

@@ -100,6 +100,12 @@ def bn_relu(z, mean, mul, bias):
     return jax.nn.relu(affine(z, mean, mul, bias).astype(z.dtype))
 
 
+def identity(channels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``(mean, mul, bias)`` of an identity BatchNorm map: for a kernel whose input is
+    normalised and activated already (its ReLU then changes nothing)."""
+    return jnp.zeros(channels), jnp.ones(channels), jnp.zeros(channels)
+
+
 def shift_of(mean, mul, bias):
     """``bias - mean * mul``: the affine map as ``x * mul + shift``, the form the kernels apply
     (one operand fewer than ``(mean, mul, bias)``, and computed by XLA beside ``mul``)."""

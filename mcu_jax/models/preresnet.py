@@ -105,17 +105,11 @@ class Pending(NamedTuple):
         return (*self.a.shape[:-1], self.w.shape[-1])
 
 
-def _identity(channels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The ``(mean, mul, bias)`` of an identity BatchNorm map: for a kernel whose input is
-    normalised and activated already."""
-    return jnp.zeros(channels), jnp.ones(channels), jnp.zeros(channels)
-
-
 def resolved(x, impl: str):
     """``x``, or a :class:`Pending` block output computed by conv3's kernel."""
     if not isinstance(x, Pending):
         return x
-    return pw.bn_relu_matmul(x.a, *_identity(x.a.shape[-1]), x.w, x.residual, impl=impl)[0]
+    return pw.bn_relu_matmul(x.a, *pw.identity(x.a.shape[-1]), x.w, x.residual, impl=impl)[0]
 
 
 class PreActBottleneck(nn.Module):
