@@ -293,12 +293,16 @@ def model_checks(batch: int, depth: int, dtype, pointwise: str) -> list[tuple[st
             (f"{name3}: gradient of the loss (in norm)", _global(got3_grad, want_grad))]
 
 
+#: The model whose weight tensors :func:`curve_point_checks` forms (a registered name).
+CURVE_MODEL = "preresnet110"
+
+
 def curve_point_checks(impl: str) -> list[tuple[str, float, float]]:
     """``(label, relative difference, tolerance)`` of the curve point's weight tensors
-    (``combine.weighted_sum``) of PreResNet-110, from three random points at t = 0.3, in
-    float32 and as bfloat16 kernels, against the "xla" impl (the worst tensor): the same
-    sums, up to a fused multiply-add's rounding and then bfloat16's."""
-    shapes = pytrees.flatten(models.variable_shapes(models.create("preresnet110", 10),
+    (``combine.weighted_sum``) of :data:`CURVE_MODEL` (PreResNet-110), from three random
+    points at t = 0.3, in float32 and as bfloat16 kernels, against the "xla" impl (the worst
+    tensor): the same sums, up to a fused multiply-add's rounding and then bfloat16's."""
+    shapes = pytrees.flatten(models.variable_shapes(models.create(CURVE_MODEL, 10),
                                                     (1, 32, 32, 3))["params"])
     layout = mcu.layouts(shapes)["tensors"]
     rng = np.random.default_rng(1)

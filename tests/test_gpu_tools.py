@@ -584,6 +584,10 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     monkeypatch.setattr(check, "BN_INPUT", ((6, 16, (3, 3, 16, 16)),))
     monkeypatch.setattr(check, "BN_COEFFICIENTS", ((12, 32),))
     monkeypatch.setattr(check, "CHAIN", ((16, 64, 32),))
+    # the curve point of a depth-11 PreResNet (14 weight tensors) instead of PreResNet-110's
+    monkeypatch.setitem(models._REGISTRY, "preresnet11_check_test",
+                        functools.partial(models.PreResNet, depth=11))
+    monkeypatch.setattr(check, "CURVE_MODEL", "preresnet11_check_test")
     assert check.main(["--rows", "40", "--batch", "2", "--depth", "11"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fused 1x1 and 3x3 kernels (interpret; the model in float32) and "
@@ -594,7 +598,7 @@ def test_check_pointwise_passes_on_the_interpreted_kernel(capsys, monkeypatch):
     assert "conv3x3='interpret' against the default model: logits" in out
     assert "conv3x3='interpret' against the default model: gradient of the loss" in out
     assert "1280 rows, bfloat16, residual: relative difference" in out
-    assert "curve point's 113 weight tensors, bfloat16: relative difference 0.00e+00" in out
+    assert "curve point's 14 weight tensors, bfloat16: relative difference 0.00e+00" in out
     assert "BatchNorm derivative from 6 shares of K=16, weight gradient (3, 3, 16, 16)" in out
     assert "BatchNorm coefficients from 12 shares of K=32: relative difference" in out
     assert "chain kernel K=16 N=64 N2=32, 40 rows, bfloat16: relative difference" in out
