@@ -2,6 +2,8 @@
 Pallas on the CPU, against numpy and the two plain kernels' computation; and the folded
 PreResNet's evaluation runs it between its blocks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from mcu_jax.models import chain
 
 
 def _operands(m, k, n, n_next, dtype, seed=0):
+    """The chain's operands; ``a`` has negative values too (the kernel applies its ReLU, as
+    the 1x1 kernel applies an identity map's)."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    return (jax.nn.relu(jax.random.normal(ks[0], (m, k))).astype(dtype),
+    return (jax.random.normal(ks[0], (m, k)).astype(dtype),
             jax.random.normal(ks[1], (k, n)) / k ** 0.5,
             jax.random.normal(ks[2], (m, n)).astype(dtype),
             jax.random.normal(ks[3], (n,)),
@@ -33,7 +37,7 @@ def test_the_chain_computes_both_products(shape, dtype):
     "auto" runs on the CPU) to the dtype's rounding; its gradient is theirs."""
     ops = _operands(*shape, dtype)
     a, w, r, mean, mul, bias, w_next, b_next = (np.asarray(v, np.float64) for v in ops)
-    out = a @ w + r
+    out = np.maximum(a, 0) @ w + r
     want = (out, np.maximum(np.maximum((out - mean) * mul + bias, 0) @ w_next + b_next, 0))
     tol = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     got = chain.matmul_chain(*ops, impl="interpret")
@@ -57,14 +61,13 @@ def test_the_chain_computes_both_products(shape, dtype):
 
 
 def test_vmap_over_the_weights_is_a_loop():
-    """The sweep's vmap over t batches the filters and BatchNorm maps (each t its own):
-    the batched kernel computes what it computes for each t alone."""
+    """The sweep's vmap over t batches the activations, filters and BatchNorm maps (each t
+    its own): the batched kernel computes what it computes for each t alone."""
     ops = _operands(40, 16, 64, 16, jnp.float32)
-    stacked = [jnp.stack([v, 0.5 * v + 0.1]) for v in ops[1:]]
-    batched = jax.vmap(lambda *xs: chain.matmul_chain(ops[0], *xs, impl="interpret"))(
-        *stacked)
+    stacked = [jnp.stack([v, 0.5 * v + 0.1]) for v in ops]
+    batched = jax.vmap(functools.partial(chain.matmul_chain, impl="interpret"))(*stacked)
     for i in range(2):
-        alone = chain.matmul_chain(ops[0], *(v[i] for v in stacked), impl="interpret")
+        alone = chain.matmul_chain(*(v[i] for v in stacked), impl="interpret")
         for b, x in zip(batched, alone, strict=True):
             np.testing.assert_allclose(b[i], x, rtol=1e-5, atol=1e-5)
 
@@ -77,7 +80,12 @@ def test_bad_shapes_and_impls_are_refused():
         chain.matmul_chain(*ops[:6], ops[6][:32], ops[7], impl="interpret")
     with pytest.raises(ValueError, match="impl must be"):
         chain.matmul_chain(*ops, impl="cuda")
-    # channel counts the kernel does not take: "auto" runs the plain computation
+    with pytest.raises(ValueError, match=r"w_next \(N, N2\)"):  # not a matrix
+        chain.matmul_chain(*ops[:6], ops[6][None], ops[7])
+    # channel counts the kernel does not take (not powers of two; K or N2 over the checked
+    # 64): "auto" runs the plain computation
+    assert chain.chain_fits(64, 256, 64) and not chain.chain_fits(128, 256, 64)
+    assert not chain.chain_fits(16, 64, 128) and not chain.chain_fits(16, 48, 16)
     odd = _operands(8, 16, 48, 16, jnp.float32)
     with pytest.raises(ValueError, match="powers of two"):
         chain.matmul_chain(*odd, impl="interpret")

@@ -12,12 +12,12 @@ block's output is read once (by the next residual add) instead of twice: 12 of a
 "Two 1x1 convolutions in one kernel for evaluation"). In train mode the next BatchNorm
 needs the whole batch's statistics of the output first, so no such kernel can exist there.
 
-:func:`matmul_chain` computes what ``pointwise.bn_relu_matmul`` computes called twice:
-``out = a @ w + residual`` (``a`` is activated already: conv3's BatchNorm is folded into the
-convolution before it), then ``relu(relu((out - mean) * mul + bias) @ w_next + bias_next)``
-(bn1 with running statistics, bn2 folded into ``w_next`` and ``bias_next``). ``impl``
-(``kernel_impl``) as there: "auto" the kernel where the program is compiled for an NVIDIA
-GPU and the channel counts fit (``pointwise.kernel_fits`` for both products), the two XLA
+:func:`matmul_chain` computes what ``pointwise.bn_relu_matmul`` computes called twice: ``out
+= relu(a) @ w + residual`` (``a`` is activated already: conv3's BatchNorm is folded into the
+convolution before it, so the ReLU changes nothing), then ``relu(relu((out - mean) * mul +
+bias) @ w_next + bias_next)`` (bn1 with running statistics, bn2 folded into ``w_next`` and
+``bias_next``). ``impl`` (``kernel_impl``) as there: "auto" the kernel where the program is
+compiled for an NVIDIA GPU and the channel counts fit (:func:`chain_fits`), the two XLA
 computations elsewhere (the same ops as before this kernel, so CPU results are unchanged);
 "pallas", "interpret" (tests) and "xla". Its derivative is that of the plain computation
 (``custom_vjp``): evaluation is not trained, but stays differentiable. Block sizes follow a
@@ -36,12 +36,22 @@ from mcu_jax import kernel_impl
 from mcu_jax.models import pointwise as pw
 
 
+def chain_fits(k: int, n: int, n_next: int) -> bool:
+    """Whether the kernel takes ``k``, ``n`` and ``n_next`` channels: the 1x1 kernel's
+    (``pointwise.kernel_fits``) for both products, with ``k`` and ``n_next`` at most 64,
+    the sizes whose registers were checked (``experiments/kernel_registers.py``:
+    PreResNet-110's pairs, whose input tile stays in registers through the loop); "auto"
+    runs the plain computation otherwise."""
+    return pw.kernel_fits(k, n) and pw.kernel_fits(n, n_next) and max(k, n_next) <= 64
+
+
 def chain_blocks(k: int, n: int, n_next: int) -> tuple[int, int]:
     """``(block_m, block_n)``: rows a program computes and the output channels it takes at a
     time (the first product in column chunks of ``block_n``, each added into the second
     product as soon as it is written): the chunk's tiles (``block_m`` x ``block_n``, ``k`` x
     ``block_n``, ``block_n`` x ``n_next``) and the second product's accumulator (``block_m``
-    x ``n_next``) within 4,096 values each."""
+    x ``n_next``) within 4,096 values each, for the channel counts of :func:`chain_fits`
+    (64 rows for each of PreResNet-110's pairs)."""
     block_n = min(n, 64)
     return max(16, min(128, 4096 // max(k, block_n, n_next))), block_n
 
@@ -63,8 +73,8 @@ def _check(a, w, residual, mean, mul, bias, w_next, bias_next) -> tuple[int, int
 
 def reference(a, w, residual, mean, mul, bias, w_next, bias_next):
     """The computation in jax.numpy: ``(out (M, N), next (M, N2))``, both in a's dtype, as
-    two calls of ``pointwise.bn_relu_matmul`` compute them (conv3's input map the identity:
-    ``a`` is activated already)."""
+    two calls of ``pointwise.bn_relu_matmul`` compute them (conv3's input map the identity,
+    then its ReLU)."""
     _check(a, w, residual, mean, mul, bias, w_next, bias_next)
     out, _ = pw.bn_relu_matmul(a, *pw.identity(a.shape[-1]), w, residual, impl="xla")
     following, _ = pw.bn_relu_matmul(out, mean, mul, bias, w_next, out_bias=bias_next,
@@ -78,10 +88,10 @@ def _pallas(a, w, residual, mean, mul, bias, w_next, bias_next, interpret: bool)
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
 
     m, k, n, n_next = _check(a, w, residual, mean, mul, bias, w_next, bias_next)
-    if not (pw.kernel_fits(k, n) and pw.kernel_fits(n, n_next)):
+    if not chain_fits(k, n, n_next):
         raise ValueError(f"matmul_chain: the Pallas kernel needs K, N and N2 powers of two "
-                         f"from 16 to 512; got K={k}, N={n}, N2={n_next} (impl='xla' takes "
-                         "any)")
+                         f"from 16 to 512, K and N2 at most 64; got K={k}, N={n}, "
+                         f"N2={n_next} (impl='xla' takes any)")
     dt = a.dtype
     block_m, block_n = chain_blocks(k, n, n_next)
     programs = -(-m // block_m)
@@ -89,7 +99,7 @@ def _pallas(a, w, residual, mean, mul, bias, w_next, bias_next, interpret: bool)
     a, residual = pw.pad_rows(pad, a, residual)
 
     def kernel(a_ref, w_ref, r_ref, mul_ref, shift_ref, wn_ref, bn_ref, out_ref, next_ref):
-        x = a_ref[...]
+        x = jax.nn.relu(a_ref[...])  # conv3's BatchNorm map, the identity, and its ReLU
         acc = jnp.zeros((block_m, n_next), jnp.float32)
         for j in range(n // block_n):  # the output in column chunks, each used at once
             cols = slice(j * block_n, (j + 1) * block_n)
@@ -133,12 +143,14 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 def matmul_chain(a, w, residual, mean, mul, bias, w_next, bias_next, *,
                  impl: str = "auto"):
-    """``(out, next)``: ``out = a @ w + residual`` and ``next = relu(relu((out - mean) * mul
-    + bias) @ w_next + bias_next)`` over the last axis of ``a`` (any leading axes: NHWC
-    activations), in ``a``'s dtype, as one kernel (module docstring). ``a`` (..., K)
-    activated; ``w`` (K, N); ``residual`` (..., N); ``mean``, ``mul``, ``bias``: (N,)
-    float32, the next BatchNorm's map (``mul = scale / sqrt(var + eps)``); ``w_next`` (N,
-    N2); ``bias_next`` (N2,) float32. ValueError for shapes that do not fit."""
+    """``(out, next)``: ``out = relu(a) @ w + residual`` and ``next = relu(relu((out - mean)
+    * mul + bias) @ w_next + bias_next)`` over the last axis of ``a`` (any leading axes:
+    NHWC activations), in ``a``'s dtype, as one kernel (module docstring). ``a`` (..., K):
+    in the model activated already (conv3's BatchNorm folded before it), so its ReLU, which
+    the 1x1 kernel applies with an identity map, changes nothing; ``w`` (K, N);
+    ``residual`` (..., N); ``mean``, ``mul``, ``bias``: (N,) float32, the next BatchNorm's
+    map (``mul = scale / sqrt(var + eps)``); ``w_next`` (N, N2); ``bias_next`` (N2,)
+    float32. ValueError for shapes that do not fit."""
     kernel_impl.check("matmul_chain", impl)
     lead, n = a.shape[:-1], w.shape[-1]
     if residual.shape != (*lead, n):
@@ -146,8 +158,8 @@ def matmul_chain(a, w, residual, mean, mul, bias, w_next, bias_next, *,
                          f"w {w.shape}), got {residual.shape}")
     args = (a.reshape(-1, a.shape[-1]), w, residual.reshape(-1, n), mean, mul, bias, w_next,
             bias_next)
-    fits = pw.kernel_fits(*w.shape) and pw.kernel_fits(*w_next.shape)
-    if impl == "xla" or (impl == "auto" and not fits):
+    shape = _check(*args)
+    if impl == "xla" or (impl == "auto" and not chain_fits(*shape[1:])):
         out, following = reference(*args)
     else:
         compute = functools.partial(

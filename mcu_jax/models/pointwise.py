@@ -931,7 +931,8 @@ def on_own_rows(compute, axes: tuple[str, ...], split: tuple[bool, ...],
     the rows and runs the kernel on the whole batch on every device. The derivative
     follows: shard_map's transpose sums the weight and BatchNorm gradients over the devices.
     ``check_vma=False``: Pallas kernels do not declare how their outputs vary over the
-    mesh. With ``return_input`` the returned ``z`` is split by rows too."""
+    mesh. With ``return_input`` the returned ``z`` (a third result of rows: ``chain``'s
+    second output uses it too) is split by rows too."""
     rows, whole = P(axes), P()
 
     def local(*args):
