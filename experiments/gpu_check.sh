@@ -23,8 +23,9 @@
 #                them grouped; compare with f32's sweep) to decide resolve_strategy and the
 #                default bn_group on GPUs
 #   pointwise_check  check_pointwise.py --checks pointwise: the fused 1x1 kernel's Pallas (Triton)
-#                builds, forward and backward, and the fused 3x3 kernel's, in float32 and
-#                bfloat16, on this card against XLA's ops, and a PreResNet with them against
+#                builds, forward and backward, the fused 3x3 kernel's, bn_input's and the
+#                chain kernel's, in float32 and bfloat16, on this card against XLA's ops,
+#                and a PreResNet with them against
 #                the default model, outputs and gradients (exit status 1 if a difference is
 #                above the tolerance)
 #   pointwise_step  f32's curve step with PreResNet's 1x1 convolutions as the fused kernel
@@ -312,7 +313,7 @@ bench fused 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --fused-bn
 DENSE=(--model preresnet110 --dtype float32 --skip-step --num-t 20 --sweep-images 6000
   --strategy map --bn-group 16 --eval-batch-size 2000)
 bench sweep_map 70 "${DENSE[@]}"
-run_script pointwise_check 180 experiments/check_pointwise.py --checks pointwise
+run_script pointwise_check 190 experiments/check_pointwise.py --checks pointwise
 bench pointwise_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused
 bench conv3x3_step 70 "${STD[@]}" --dtype float32 --mask none --skip-sweep --pointwise fused \
   --conv3x3 fused
