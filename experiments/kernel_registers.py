@@ -110,7 +110,8 @@ def main(argv=None) -> str:
                 for name, ptx in sorted(kernel_ptx(dump).items()):
                     registers, spills = ptxas_report(ptxas, ptx, args.arch)
                     rows.append(f"| {label} | {variant} | {name} | {registers} | {spills} |")
-    text = "\n".join([f"# Fused 1x1 and 3x3 kernels and bn_input's: registers and spills "
+    text = "\n".join([f"# Fused 1x1 and 3x3 kernels, bn_input's and the chain kernel: "
+                      f"registers and spills "
                       f"({args.dtype}, "
                       f"{args.rows} rows, ptxas -arch={args.arch})", "",
                       "| shape | as | kernel | registers | spill bytes |",

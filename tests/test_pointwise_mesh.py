@@ -164,21 +164,14 @@ def _chain_part(mesh) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from test_chain import _operands
 
     from mcu_jax import sharding
     from mcu_jax.models import chain
 
-    rng = np.random.default_rng(2)
     m, k, n, n_next = DEVICES * 40, 16, 64, 32
-    args = (np.maximum(rng.normal(size=(m, k)), 0).astype(np.float32),
-            (rng.normal(size=(k, n)) / 4).astype(np.float32),
-            rng.normal(size=(m, n)).astype(np.float32),
-            rng.normal(size=n).astype(np.float32),
-            rng.uniform(0.5, 2.0, size=n).astype(np.float32),
-            rng.normal(size=n).astype(np.float32),
-            (rng.normal(size=(n, n_next)) / 8).astype(np.float32),
-            rng.normal(size=n_next).astype(np.float32))
-    probe = rng.normal(size=(m, n_next)).astype(np.float32)
+    args = _operands(m, k, n, n_next, jnp.float32, seed=2)
+    probe = np.random.default_rng(2).normal(size=(m, n_next)).astype(np.float32)
 
     def f(impl):
         """Both outputs reduced (each as a dot product with a probe): every output is
