@@ -623,9 +623,11 @@ def test_kernel_registers_reads_ptx_and_ptxas(tmp_path, monkeypatch):
     (tmp_path / "module_2.ptx").write_text(".visible .entry other(\n")
     (tmp_path / "module_3.ptx").write_text(".visible .entry bn_relu_conv3x3(\n")
     (tmp_path / "module_4.ptx").write_text(".visible .entry bn_finish(\n")
+    (tmp_path / "module_5.ptx").write_text(".visible .entry matmul_chain(\n")
     assert regs.kernel_ptx(tmp_path) == {"bn_relu_matmul_backward": tmp_path / "module_1.ptx",
                                          "bn_relu_conv3x3": tmp_path / "module_3.ptx",
-                                         "bn_finish": tmp_path / "module_4.ptx"}
+                                         "bn_finish": tmp_path / "module_4.ptx",
+                                         "matmul_chain": tmp_path / "module_5.ptx"}
     fake = tmp_path / "ptxas"
     fake.write_text("#!/bin/sh\necho 'ptxas info    : Used 200 registers, used 1 barriers' >&2\n"
                     "echo '    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads'"

@@ -109,6 +109,7 @@ def _row_sums(ref, p: int, rows: int, columns, size: int):
 
     return jax.lax.fori_loop(0, p // rows, step, jnp.zeros((size,), jnp.float32))
 
+
 @functools.partial(jax.jit, static_argnames=("n", "epsilon", "interpret"))
 def _pallas_finish(sums, d_w, mean, raw, mul, d_mean, d_var, n: int, epsilon: float,
                    interpret: bool):

@@ -200,7 +200,7 @@ def _pallas(z, mean, mul, bias, w, residual, out_bias, stats: bool, out_relu: bo
         a = bn_relu_shifted(z_ref[...], mul_ref[...], shift_ref[...])
         c = jnp.dot(a, w_ref[...], preferred_element_type=jnp.float32)
         out = epilogue(c, None if ob_ref is None else ob_ref[...],
-                        None if r_ref is None else r_ref[...], out_relu, dt)
+                       None if r_ref is None else r_ref[...], out_relu, dt)
         out_ref[...] = out
         if sums_ref:  # the padding rows past m are left out of the sums
             valid = (pl.program_id(0) * block_m + jnp.arange(block_m) < m) if pad else None
@@ -577,8 +577,8 @@ def backward(z, mean, mul, bias, w, residual, out_bias, out, cotangents, stats: 
             d_input=d_input, with_g=with_g, partials=partials, shift=shift)
         if with_g:
             gd = g_kernel
-    affine = (None,) * 3 if partials else affine_cotangents(mean, mul, bias, sums)
-    result = (d_z, *affine,
+    affine_grads = (None,) * 3 if partials else affine_cotangents(mean, mul, bias, sums)
+    result = (d_z, *affine_grads,
               None if d_w is None or partials else d_w.astype(w.dtype),
               None if not wants_residual else (gd if residual.dtype == dt
                                                 else g.astype(residual.dtype)),
@@ -704,7 +704,6 @@ class _FromSums:
             d_input=or_none(d_input[0]) if d_input else None, partials=True,
             shift=residuals[7])
         return grads[0], (None, grads[5]), sums, d_w
-
 
 
 def bn_relu_matmul_from_sums(z, sums, scale, bias, w, residual=None, *, epsilon: float,
