@@ -245,12 +245,14 @@ def _compile(fn, *args, device=None) -> tuple:
     compiled for ``args``, for their device or for ``device`` (e.g. :func:`target_device`)
     from their shapes alone, with jax's caches cleared first, so that the times are what a
     new process pays for this program (a row's kernels are not reused from an earlier
-    row's)."""
+    row's). Traced under ``jax.default_device(device)``, as on that GPU's host
+    (``kernel_impl.traced_for_nvidia``)."""
     if device is not None:
         args = _shaped(args, jax.sharding.SingleDeviceSharding(device))
     jax.clear_caches()
     start = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
+    with jax.default_device(device):
+        lowered = jax.jit(fn).lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     return compiled, {"build": (lowered_at - start, time.perf_counter() - lowered_at)}
@@ -259,11 +261,14 @@ def _compile(fn, *args, device=None) -> tuple:
 def _compile_data_parallel(step, mesh, state, consts, idx, key):
     """The curve step as ``mcu.train_curve(..., mesh=mesh)`` compiles it (a
     ``sharding.data_parallel`` program: state, constants and key replicated, the index batch
-    split over the devices), from the arguments' shapes alone."""
+    split over the devices), from the arguments' shapes alone, traced as on their host
+    (:func:`_compile`)."""
     rep = sharding.replicated(mesh)
-    return sharding.data_parallel(step, mesh).lower(
-        _shaped(state, rep), _shaped(consts, rep),
-        _shaped(idx, sharding.batch_sharding(mesh, ndim=1)), _shaped(key, rep)).compile()
+    with jax.default_device(mesh.devices.flat[0]):
+        lowered = sharding.data_parallel(step, mesh).lower(
+            _shaped(state, rep), _shaped(consts, rep),
+            _shaped(idx, sharding.batch_sharding(mesh, ndim=1)), _shaped(key, rep))
+    return lowered.compile()
 
 
 def _collectives(hlo: str, devices: int) -> str:

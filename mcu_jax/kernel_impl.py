@@ -3,10 +3,15 @@
 Each kernel (``models.pointwise``, ``combine``) has a plain twin in XLA ops that computes the
 same up to float rounding, and takes ``impl``, one of :data:`IMPLS`: ``"auto"`` the kernel
 where the program is compiled for an NVIDIA GPU (a card, or a deviceless compilation for
-one) and the twin elsewhere (``jax.lax.platform_dependent``: the choice follows the platform
-the program is lowered for, not the default backend); ``"pallas"`` the kernel (Triton
-backend: NVIDIA GPUs only); ``"interpret"`` the kernel interpreted by Pallas on any backend
-(tests); ``"xla"`` the twin.
+one) and the twin elsewhere; ``"pallas"`` the kernel (Triton backend: NVIDIA GPUs only);
+``"interpret"`` the kernel interpreted by Pallas on any backend (tests); ``"xla"`` the twin.
+
+"auto" picks as the program is traced where JAX's default device is an NVIDIA GPU
+(:func:`traced_for_nvidia`); elsewhere ``jax.lax.platform_dependent`` picks when it is
+lowered (so a deviceless compilation for a GPU from a CPU host still gets the kernel).
+``platform_dependent`` traces both branches, and under autodiff linearizes both, which
+made a PreResNet-110 kernel step's trace 2.5 times as long (docs/benchmarks.md, "Tracing
+each kernel once").
 """
 
 from __future__ import annotations
@@ -39,8 +44,30 @@ def dispatch(impl: str, kernel: Callable, plain: Callable, *args):
     if impl == "xla":
         return plain(*args)
     if impl == "auto":
+        if traced_for_nvidia():
+            return kernel(*args)
         return jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
     return kernel(*args)
+
+
+def traced_for_nvidia() -> bool:
+    """Whether the programs traced now are for an NVIDIA GPU: JAX's default device
+    (``jax.default_device``'s, else the default backend's first) is one (:func:`is_nvidia`).
+    On such a machine a program with "auto" kernels cannot be lowered for its CPU unless
+    traced under ``jax.default_device`` of a CPU device."""
+    device = jax.config.jax_default_device
+    if device is None or isinstance(device, str):
+        device = jax.devices(device)[0]
+    return is_nvidia(device)
+
+
+def is_nvidia(device) -> bool:
+    """Whether ``device`` (a ``jax.Device``) is an NVIDIA GPU: a GPU whose client names CUDA
+    (a card) or NVIDIA (a deviceless target: its platform version is the card's name)."""
+    if device.platform not in ("gpu", "cuda"):
+        return False
+    names = f"{device.client.platform_version} {device.device_kind}".lower()
+    return "cuda" in names or "nvidia" in names
 
 
 def pallas_call(kernel, *args, interpret: bool, num_warps: int, num_stages: int = 2,

@@ -1,0 +1,100 @@
+"""kernel_impl: where "auto" picks a Pallas kernel or its XLA twin."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxprs import equations
+
+from mcu_jax import kernel_impl, models
+
+
+def _device(platform: str, version: str, kind: str):
+    return types.SimpleNamespace(platform=platform, device_kind=kind,
+                                 client=types.SimpleNamespace(platform_version=version))
+
+
+@pytest.mark.parametrize("device, nvidia", [
+    (_device("gpu", "PJRT C API\ncuda 13000", "NVIDIA H100 80GB HBM3"), True),
+    (_device("gpu", "PJRT C API\ncuda 12030", "Tesla V100-SXM2-16GB"), True),
+    # a deviceless target (jax.experimental.topologies): the version names the card
+    (_device("gpu", "PJRT C API\nNVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"), True),
+    (_device("gpu", "PJRT C API\nrocm 60342", "AMD Instinct MI300X"), False),
+    (_device("cpu", "cpu", "cpu"), False),
+    (_device("tpu", "PJRT C API\nlibtpu", "TPU v5 lite"), False),
+])
+def test_is_nvidia(device, nvidia):
+    assert kernel_impl.is_nvidia(device) is nvidia
+
+
+def test_traced_for_nvidia_reads_the_default_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernel_impl, "is_nvidia", lambda d: seen.append(d) or False)
+    assert kernel_impl.traced_for_nvidia() is False
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        kernel_impl.traced_for_nvidia()
+    with jax.default_device("cpu"):
+        kernel_impl.traced_for_nvidia()
+    assert seen == [jax.devices()[0], cpu, cpu]
+    monkeypatch.undo()
+    assert kernel_impl.traced_for_nvidia() is (jax.default_backend() == "gpu")
+
+
+def _traced(impl: str):
+    """The jaxpr of ``dispatch(impl, ...)`` and which branches were traced."""
+    traced = []
+
+    def kernel(x):
+        traced.append("kernel")
+        return x * 2.0
+
+    def plain(x):
+        traced.append("plain")
+        return x + x
+
+    jaxpr = jax.make_jaxpr(lambda x: kernel_impl.dispatch(impl, kernel, plain, x))(
+        jnp.ones(3))
+    return jaxpr, traced
+
+
+def _has_platform_choice(jaxpr) -> bool:
+    return any(e.primitive.name == "platform_index" for e in equations(jaxpr.jaxpr))
+
+
+def test_auto_picks_the_kernel_while_tracing_for_an_nvidia_gpu(monkeypatch):
+    jaxpr, traced = _traced("auto")  # this host: the choice left to the lowering
+    assert sorted(traced) == ["kernel", "plain"] and _has_platform_choice(jaxpr)
+    assert jax.jit(lambda x: kernel_impl.dispatch(
+        "auto", lambda v: v * 2.0, lambda v: v + v, x))(jnp.ones(2)).tolist() == [2.0, 2.0]
+    monkeypatch.setattr(kernel_impl, "traced_for_nvidia", lambda: True)
+    jaxpr, traced = _traced("auto")
+    assert traced == ["kernel"] and not _has_platform_choice(jaxpr)
+    for impl, branch in (("xla", "plain"), ("interpret", "kernel"), ("pallas", "kernel")):
+        jaxpr, traced = _traced(impl)
+        assert traced == [branch] and not _has_platform_choice(jaxpr), impl
+
+
+def test_a_kernel_step_traced_for_an_nvidia_gpu_has_only_the_kernels(monkeypatch):
+    """A PreResNet with the 1x1 and 3x3 kernels ("fused"), differentiated as curve training
+    does, traced as on an NVIDIA GPU: its kernels are called without a platform choice
+    around them (traced only: this host cannot lower a Triton kernel)."""
+    monkeypatch.setattr(kernel_impl, "traced_for_nvidia", lambda: True)
+    model = models.with_conv3x3(models.with_pointwise(models.PreResNet(
+        num_classes=10, depth=11), "fused"), "fused")
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"])
+    assert not _has_platform_choice(jaxpr)
+    names = {e.params["name"] for e in equations(jaxpr.jaxpr)
+             if e.primitive.name == "pallas_call"}
+    assert names >= {"bn_relu_matmul", "bn_relu_matmul_backward", "bn_relu_conv3x3",
+                     "bn_relu_conv3x3_backward", "bn_coefficients", "bn_finish"}, names
