@@ -1,5 +1,7 @@
 """kernel_impl: where "auto" picks a Pallas kernel or its XLA twin."""
 
+import importlib
+import sys
 import types
 
 import jax
@@ -98,3 +100,31 @@ def test_a_kernel_step_traced_for_an_nvidia_gpu_has_only_the_kernels(monkeypatch
              if e.primitive.name == "pallas_call"}
     assert names >= {"bn_relu_matmul", "bn_relu_matmul_backward", "bn_relu_conv3x3",
                      "bn_relu_conv3x3_backward", "bn_coefficients", "bn_finish"}, names
+
+
+def test_mark_absent_marks_only_modules_that_do_not_exist(monkeypatch):
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+    for name in ("mcu_jax_no_such_package.tt", "mcu_jax.no_such_module"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    marked = kernel_impl.mark_absent(["json.tool", "mcu_jax_no_such_package.tt",
+                                      "mcu_jax.no_such_module", "jax"])
+    assert marked == ("mcu_jax_no_such_package.tt", "mcu_jax.no_such_module")
+    for name in marked:
+        assert sys.modules[name] is None
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(name)
+        monkeypatch.delitem(sys.modules, name)
+    assert importlib.import_module("json.tool").__name__ == "json.tool"
+
+
+def test_the_triton_dialects_missing_modules_are_marked_absent():
+    """What the kernels' first call marks: ``<prefix>.tt`` for MLIR's search prefixes, where
+    absent (none of them exists in the jaxlib this was written for)."""
+    from jaxlib.mlir._mlir_libs import _mlir
+
+    marked = kernel_impl.skip_missing_dialect_modules()
+    names = [f"{p}.tt" for p in _mlir.globals.dialect_search_modules]
+    assert set(marked) <= set(names)
+    for name in names:
+        assert (sys.modules.get(name, "") is None) == (name in marked)
+    assert kernel_impl.skip_missing_dialect_modules() is marked  # once per process
