@@ -43,8 +43,8 @@ kernels: each BatchNorm's coefficients and derivative in one kernel").
 ``impl`` (``kernel_impl``) picks how it runs: ``"auto"`` the kernels where the program is
 compiled for an NVIDIA GPU (a card, or a deviceless compilation for one; for the channel
 counts they take, :func:`kernel_fits`) and the plain computation elsewhere
-(``jax.lax.platform_dependent``: the choice follows the platform the program is lowered
-for, not the default backend);
+(``kernel_impl.dispatch``: picked while tracing where JAX's default device is an NVIDIA
+GPU, else by the platform the program is lowered for);
 ``"pallas"`` the kernels; ``"interpret"`` the kernels interpreted by Pallas on any backend
 (tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`,
 differentiated by autodiff). Every impl returns the same values and derivatives up to float
