@@ -110,31 +110,42 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
     """The kernel: program ``i`` sums one block of one tensor (the tensors' blocks in order;
     tensor ``j`` at ``offsets[j]`` of every vector, ``sizes[j]`` > 0 elements) from every
     vector, weighted by ``ws`` (one per vector, stacked), and writes it to that tensor's
-    output, a (size,) vector."""
+    output, a (size,) vector. Where a program's block starts in the vectors and how many of
+    its elements are its tensor's come from two tables, so that only the store depends on
+    which output is the program's: a branch per tensor with the loads and the sum in it
+    took several times as long to trace and lower (docs/benchmarks.md, "Building the
+    kernels' programs faster")."""
     from jax.experimental import pallas as pl  # imported when used: tests and GPUs only
     from jax.experimental.pallas import triton as pltriton
 
     blocks = [pl.cdiv(size, BLOCK) for size in sizes]
     firsts = packing.starts(blocks)
     n = len(vectors)
+    # per program: its block's first element in the vectors, and its tensor's elements in it
+    at = np.concatenate([offset + BLOCK * np.arange(count)
+                         for offset, count in zip(offsets, blocks, strict=True)])
+    valid = np.concatenate([np.minimum(BLOCK, size - BLOCK * np.arange(count))
+                            for size, count in zip(sizes, blocks, strict=True)])
 
-    def kernel(w_ref, *refs):
+    def kernel(w_ref, at_ref, valid_ref, *refs):
         sources, outs = refs[:n], refs[n:]
         i = pl.program_id(0)
-        for out, offset, size, first, count in zip(outs, offsets, sizes, firsts, blocks,
-                                                    strict=True):
+        inside = jnp.arange(BLOCK) < valid_ref[i]
+        start = at_ref[i]
+        loaded = [pltriton.load(s.at[pl.ds(start, BLOCK)], mask=inside, other=0.0)
+                  for s in sources]
+        total = curves.combination([w_ref[k] for k in range(n)], loaded)
+        cast = {dt: total.astype(dt) for dt in set(out_dtypes)}
+        for out, first, count in zip(outs, firsts, blocks, strict=True):
             @pl.when((i >= first) & (i < first + count))
-            def _(out=out, offset=offset, size=size, first=first):
-                start = (i - first) * BLOCK
-                inside = start + jnp.arange(BLOCK) < size
-                loaded = [pltriton.load(s.at[pl.ds(offset + start, BLOCK)], mask=inside,
-                                        other=0.0) for s in sources]
-                total = curves.combination([w_ref[k] for k in range(n)], loaded)
-                pltriton.store(out.at[pl.ds(start, BLOCK)], total.astype(out.dtype),
-                               mask=inside)
+            def _(out=out, first=first):
+                pltriton.store(out.at[pl.ds((i - first) * BLOCK, BLOCK)],
+                               cast[np.dtype(out.dtype)], mask=inside)
 
     out_shape = [jax.ShapeDtypeStruct((size,), dt)
                  for size, dt in zip(sizes, out_dtypes, strict=True)]
-    return kernel_impl.pallas_call(kernel, ws, *vectors, interpret=interpret, num_warps=4,
-                                   num_stages=1, out_shape=out_shape, grid=(sum(blocks),),
+    return kernel_impl.pallas_call(kernel, ws, jnp.asarray(at, jnp.int32),
+                                   jnp.asarray(valid, jnp.int32), *vectors,
+                                   interpret=interpret, num_warps=4, num_stages=1,
+                                   out_shape=out_shape, grid=(sum(blocks),),
                                    name="curve_point")
