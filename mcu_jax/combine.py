@@ -135,7 +135,8 @@ def _pallas(ws, vectors, offsets: list[int], sizes: list[int], out_dtypes: list[
         loaded = [pltriton.load(s.at[pl.ds(start, BLOCK)], mask=inside, other=0.0)
                   for s in sources]
         total = curves.combination([w_ref[k] for k in range(n)], loaded)
-        cast = {dt: total.astype(dt) for dt in set(out_dtypes)}
+        # in a fixed order (a set's would vary with the hash seed, and so the program)
+        cast = {dt: total.astype(dt) for dt in dict.fromkeys(map(np.dtype, out_dtypes))}
         for out, first, count in zip(outs, firsts, blocks, strict=True):
             @pl.when((i >= first) & (i < first + count))
             def _(out=out, first=first):

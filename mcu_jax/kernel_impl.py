@@ -7,11 +7,13 @@ one) and the twin elsewhere; ``"pallas"`` the kernel (Triton backend: NVIDIA GPU
 ``"interpret"`` the kernel interpreted by Pallas on any backend (tests); ``"xla"`` the twin.
 
 "auto" picks as the program is traced where JAX's default device is an NVIDIA GPU
-(:func:`traced_for_nvidia`); elsewhere ``jax.lax.platform_dependent`` picks when it is
-lowered (so a deviceless compilation for a GPU from a CPU host still gets the kernel).
+(:func:`default_device_is_nvidia`); elsewhere ``jax.lax.platform_dependent`` picks when it
+is lowered (so a deviceless compilation for a GPU from a CPU host still gets the kernel).
 ``platform_dependent`` traces both branches, and under autodiff linearizes both, which
-made a PreResNet-110 kernel step's trace 2.5 times as long (docs/benchmarks.md, "Tracing
-each kernel once").
+made a PreResNet-110 kernel step's trace 2.5 times as long (docs/benchmarks.md, "Building
+the kernels' programs faster"). So on an NVIDIA machine a program with "auto" kernels is
+traced for its GPU: to lower one for its CPU (CPU arrays, a CPU mesh, an export for
+several platforms), trace it under ``jax.default_device`` of a CPU device.
 """
 
 from __future__ import annotations
@@ -47,20 +49,18 @@ def dispatch(impl: str, kernel: Callable, plain: Callable, *args):
     if impl == "xla":
         return plain(*args)
     if impl == "auto":
-        if traced_for_nvidia():
+        if default_device_is_nvidia():
             return kernel(*args)
         return jax.lax.platform_dependent(*args, cuda=kernel, default=plain)
     return kernel(*args)
 
 
-def traced_for_nvidia() -> bool:
-    """Whether the programs traced now are for an NVIDIA GPU: JAX's default device
-    (``jax.default_device``'s, else the default backend's first) is one (:func:`is_nvidia`).
-    On such a machine a program with "auto" kernels cannot be lowered for its CPU unless
-    traced under ``jax.default_device`` of a CPU device."""
+def default_device_is_nvidia() -> bool:
+    """Whether JAX's default device (``jax.default_device``'s, else the default backend's
+    first local one), for which programs are traced, is an NVIDIA GPU (:func:`is_nvidia`)."""
     device = jax.config.jax_default_device
     if device is None or isinstance(device, str):
-        device = jax.devices(device)[0]
+        device = jax.local_devices(backend=device)[0]
     return is_nvidia(device)
 
 
@@ -110,15 +110,17 @@ def mark_absent(names) -> tuple[str, ...]:
     """Of ``names`` (full module names), those that no finder finds (their package missing,
     or they in it), each given a ``sys.modules`` entry of None, so that importing them
     fails at once with ModuleNotFoundError; a name already imported, or that exists, is left
-    alone."""
+    alone, and so is one whose package fails to import for another reason."""
     marked = []
     for name in names:
         if name in sys.modules:
             continue
         try:
             found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
+        except ModuleNotFoundError:  # its package is missing
             found = False
+        except Exception:  # noqa: BLE001 - a package that fails otherwise: left alone
+            found = True
         if not found:
             sys.modules[name] = None
             marked.append(name)

@@ -31,18 +31,21 @@ def test_is_nvidia(device, nvidia):
     assert kernel_impl.is_nvidia(device) is nvidia
 
 
-def test_traced_for_nvidia_reads_the_default_device(monkeypatch):
+def test_default_device_is_nvidia_reads_the_default_device(monkeypatch):
     seen = []
     monkeypatch.setattr(kernel_impl, "is_nvidia", lambda d: seen.append(d) or False)
-    assert kernel_impl.traced_for_nvidia() is False
+    kernel_impl.default_device_is_nvidia()
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        kernel_impl.traced_for_nvidia()
+        kernel_impl.default_device_is_nvidia()
     with jax.default_device("cpu"):
-        kernel_impl.traced_for_nvidia()
-    assert seen == [jax.devices()[0], cpu, cpu]
+        kernel_impl.default_device_is_nvidia()
+    assert seen == [jax.local_devices()[0], cpu, cpu]
     monkeypatch.undo()
-    assert kernel_impl.traced_for_nvidia() is (jax.default_backend() == "gpu")
+    assert kernel_impl.default_device_is_nvidia() is kernel_impl.is_nvidia(
+        jax.local_devices()[0])
+    with jax.default_device(cpu):
+        assert kernel_impl.default_device_is_nvidia() is False
 
 
 def _traced(impl: str):
@@ -71,7 +74,7 @@ def test_auto_picks_the_kernel_while_tracing_for_an_nvidia_gpu(monkeypatch):
     assert sorted(traced) == ["kernel", "plain"] and _has_platform_choice(jaxpr)
     assert jax.jit(lambda x: kernel_impl.dispatch(
         "auto", lambda v: v * 2.0, lambda v: v + v, x))(jnp.ones(2)).tolist() == [2.0, 2.0]
-    monkeypatch.setattr(kernel_impl, "traced_for_nvidia", lambda: True)
+    monkeypatch.setattr(kernel_impl, "default_device_is_nvidia", lambda: True)
     jaxpr, traced = _traced("auto")
     assert traced == ["kernel"] and not _has_platform_choice(jaxpr)
     for impl, branch in (("xla", "plain"), ("interpret", "kernel"), ("pallas", "kernel")):
@@ -83,7 +86,7 @@ def test_a_kernel_step_traced_for_an_nvidia_gpu_has_only_the_kernels(monkeypatch
     """A PreResNet with the 1x1 and 3x3 kernels ("fused"), differentiated as curve training
     does, traced as on an NVIDIA GPU: its kernels are called without a platform choice
     around them (traced only: this host cannot lower a Triton kernel)."""
-    monkeypatch.setattr(kernel_impl, "traced_for_nvidia", lambda: True)
+    monkeypatch.setattr(kernel_impl, "default_device_is_nvidia", lambda: True)
     model = models.with_conv3x3(models.with_pointwise(models.PreResNet(
         num_classes=10, depth=11), "fused"), "fused")
     variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))

@@ -498,9 +498,10 @@ def test_pointwise_in_the_problem_and_the_run_records():
 
 
 def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
-    """"fused" (impl "auto") lowers to the Triton kernel, and its gradient to the backward
-    kernel, for an NVIDIA GPU, whatever the default backend, and to XLA's own ops for the
-    CPU."""
+    """"fused" (impl "auto") traced for a CPU (``jax.default_device``; on an NVIDIA GPU's
+    host "auto" picks the kernel while tracing, ``kernel_impl``) lowers to the Triton
+    kernel, and its gradient to the backward kernel, for an NVIDIA GPU, and to XLA's own
+    ops for the CPU."""
     args = _operands(256, 16, 16)[:5]
 
     def f(*a):
@@ -511,11 +512,13 @@ def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
         return jnp.sum(out ** 2) + jnp.sum(s1) + jnp.sum(s2)
 
     for platform, kernel in (("cuda", True), ("cpu", False)):
-        text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        with jax.default_device(jax.devices("cpu")[0]):
+            traced = jax.jit(f).trace(*args)
+            # and its gradient to the backward kernel
+            traced_grad = jax.jit(jax.grad(loss, argnums=(0, 4))).trace(*args)
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert ("bn_relu_matmul" in text and "triton" in text) == kernel, platform
-        # and its gradient to the backward kernel
-        text = jax.jit(jax.grad(loss, argnums=(0, 4))).trace(*args).lower(
-            lowering_platforms=(platform,)).as_text()
+        text = traced_grad.lower(lowering_platforms=(platform,)).as_text()
         assert ("bn_relu_matmul_backward" in text) == kernel, platform
 
 

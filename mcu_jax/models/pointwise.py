@@ -44,7 +44,8 @@ kernels: each BatchNorm's coefficients and derivative in one kernel").
 compiled for an NVIDIA GPU (a card, or a deviceless compilation for one; for the channel
 counts they take, :func:`kernel_fits`) and the plain computation elsewhere
 (``kernel_impl.dispatch``: picked while tracing where JAX's default device is an NVIDIA
-GPU, else by the platform the program is lowered for);
+GPU, else by the platform the program is lowered for; on an NVIDIA GPU's host, a program
+to lower for its CPU is traced under ``jax.default_device`` of a CPU device);
 ``"pallas"`` the kernels; ``"interpret"`` the kernels interpreted by Pallas on any backend
 (tests); ``"xla"`` the same computation in plain jax.numpy (:func:`reference`,
 differentiated by autodiff). Every impl returns the same values and derivatives up to float
