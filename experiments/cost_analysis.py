@@ -245,8 +245,8 @@ def _compile(fn, *args, device=None) -> tuple:
     compiled for ``args``, for their device or for ``device`` (e.g. :func:`target_device`)
     from their shapes alone, with jax's caches cleared first, so that the times are what a
     new process pays for this program (a row's kernels are not reused from an earlier
-    row's). Traced under ``jax.default_device(device)``, as on that GPU's host
-    (``kernel_impl.default_device_is_nvidia``)."""
+    row's). With ``device``, traced under ``jax.default_device(device)``, as on that GPU's
+    host (``kernel_impl.default_device_is_nvidia``)."""
     if device is not None:
         args = _shaped(args, jax.sharding.SingleDeviceSharding(device))
     jax.clear_caches()

@@ -511,11 +511,11 @@ def test_fused_runs_the_kernel_where_the_program_is_compiled_for_a_gpu():
         out, (s1, s2) = f(*a)
         return jnp.sum(out ** 2) + jnp.sum(s1) + jnp.sum(s2)
 
+    with jax.default_device(jax.devices("cpu")[0]):
+        traced = jax.jit(f).trace(*args)
+        # and its gradient to the backward kernel
+        traced_grad = jax.jit(jax.grad(loss, argnums=(0, 4))).trace(*args)
     for platform, kernel in (("cuda", True), ("cpu", False)):
-        with jax.default_device(jax.devices("cpu")[0]):
-            traced = jax.jit(f).trace(*args)
-            # and its gradient to the backward kernel
-            traced_grad = jax.jit(jax.grad(loss, argnums=(0, 4))).trace(*args)
         text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert ("bn_relu_matmul" in text and "triton" in text) == kernel, platform
         text = traced_grad.lower(lowering_platforms=(platform,)).as_text()
