@@ -61,6 +61,7 @@ compiled HLO, and its FLOPs are not given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import re
@@ -251,7 +252,7 @@ def _compile(fn, *args, device=None) -> tuple:
         args = _shaped(args, jax.sharding.SingleDeviceSharding(device))
     jax.clear_caches()
     start = time.perf_counter()
-    with jax.default_device(device):
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
         lowered = jax.jit(fn).lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
